@@ -1,0 +1,221 @@
+//! Bodies of the HTTP API under `/v1`, shared by the daemon (which serves them),
+//! `agentctl` (which prints them) and the tests. Secrets never enter these types:
+//! specs in them are always `DepartmentSpec::redacted()`.
+
+use crate::spec::{DepartmentSpec, FieldError};
+use serde::{Deserialize, Serialize};
+
+/// The department state machine; `docs/architecture.md` draws its transitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeptState {
+    Pending,
+    Pulling,
+    Starting,
+    Running,
+    Backoff,
+    CrashLooping,
+    Updating,
+    RollingBack,
+    Stopped,
+    Failed,
+}
+
+impl DeptState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeptState::Pending => "pending",
+            DeptState::Pulling => "pulling",
+            DeptState::Starting => "starting",
+            DeptState::Running => "running",
+            DeptState::Backoff => "backoff",
+            DeptState::CrashLooping => "crash_looping",
+            DeptState::Updating => "updating",
+            DeptState::RollingBack => "rolling_back",
+            DeptState::Stopped => "stopped",
+            DeptState::Failed => "failed",
+        }
+    }
+
+    pub const ALL: [DeptState; 10] = [
+        DeptState::Pending,
+        DeptState::Pulling,
+        DeptState::Starting,
+        DeptState::Running,
+        DeptState::Backoff,
+        DeptState::CrashLooping,
+        DeptState::Updating,
+        DeptState::RollingBack,
+        DeptState::Stopped,
+        DeptState::Failed,
+    ];
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// No probe result yet, or inside `start_period`.
+    Unknown,
+    Healthy,
+    Unhealthy,
+    /// Probing is off for this department.
+    Disabled,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+            Health::Disabled => "disabled",
+        }
+    }
+}
+
+/// One row of `agentctl status` / `GET /v1/departments`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DepartmentSummary {
+    pub id: String,
+    pub name: Option<String>,
+    pub state: DeptState,
+    pub health: Health,
+    pub host_port: Option<u16>,
+    pub image: String,
+    pub restarts: u64,
+    /// Unix seconds the current container started, if running.
+    pub started_at: Option<i64>,
+    pub uptime_seconds: Option<u64>,
+    pub container_id: Option<String>,
+    pub spec_hash: Option<String>,
+    /// Why the department is in its state (exit code, unhealthy, crash loop, ...).
+    pub reason: Option<String>,
+    /// Whether an operator stopped it; a stopped department is not restarted.
+    pub desired_running: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeRecord {
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    pub ok: bool,
+    pub latency_ms: Option<f64>,
+    pub status: Option<u16>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestartRecord {
+    pub at: i64,
+    pub reason: String,
+    pub exit_code: Option<i64>,
+}
+
+/// `agentctl show <id>` / `GET /v1/departments/{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DepartmentDetail {
+    #[serde(flatten)]
+    pub summary: DepartmentSummary,
+    pub spec: DepartmentSpec,
+    pub previous_spec: Option<DepartmentSpec>,
+    pub probes: Vec<ProbeRecord>,
+    pub events: Vec<Event>,
+    pub restart_history: Vec<RestartRecord>,
+    pub postgres_check: Option<ProbeRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: i64,
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    pub department: Option<String>,
+    pub kind: String,
+    pub reason: Option<String>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventPage {
+    pub events: Vec<Event>,
+    /// Pass as `after` to get what comes next.
+    pub next: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PortLease {
+    pub port: u16,
+    pub department: Option<String>,
+    /// `leased`, `free`, or `busy` (held by another process).
+    pub status: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node_id: String,
+    pub version: String,
+    pub uptime_seconds: u64,
+    pub mode: String,
+    pub docker_reachable: bool,
+    pub departments: usize,
+    pub max_departments: usize,
+    pub memory_limit_bytes: u64,
+    pub memory_committed_bytes: u64,
+    pub host: HostResources,
+    pub applied_revision: Option<i64>,
+    pub coordinator: Option<CoordinatorStatus>,
+    pub states: std::collections::BTreeMap<String, usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct HostResources {
+    pub cpus: usize,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    pub load_average_1m: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct CoordinatorStatus {
+    pub url: String,
+    pub last_success_at: Option<i64>,
+    pub last_attempt_at: Option<i64>,
+    pub last_error: Option<String>,
+    pub stale: bool,
+    pub consecutive_failures: u64,
+}
+
+/// Every error body of the API: one sentence, plus the fields at fault.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<FieldError>,
+}
+
+/// `PUT /v1/departments` (apply a set) answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApplyReport {
+    pub created: Vec<String>,
+    pub updated: Vec<String>,
+    pub unchanged: Vec<String>,
+    pub deleted: Vec<String>,
+}
+
+/// The coordinator's desired state for one node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DesiredState {
+    pub revision: i64,
+    pub departments: Vec<DepartmentSpec>,
+}
+
+/// `POST /v1/departments/apply` body from `agentctl apply`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyRequest {
+    pub departments: Vec<DepartmentSpec>,
+    /// Replace the whole set: departments not listed are deleted.
+    #[serde(default)]
+    pub prune: bool,
+}

@@ -1,0 +1,613 @@
+//! `agent.toml`: parsed strictly (unknown keys are errors), then validated into a
+//! `Config` with every problem reported at once. With no file at all the daemon
+//! runs on `Config::embedded_default()`.
+
+use crate::size::ByteSize;
+use crate::spec::{join_fields, FieldError};
+use serde::{Deserialize, Serialize};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const SYSTEM_CONFIG_PATH: &str = "/etc/fleet-agent/agent.toml";
+pub const SYSTEM_SOCKET_PATH: &str = "/run/fleet-agent/agentctl.sock";
+pub const CONFIG_ENV: &str = "FLEET_AGENT_CONFIG";
+pub const SOCKET_ENV: &str = "FLEET_AGENT_SOCKET";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Defaults to the hostname.
+    #[serde(default)]
+    pub node_id: Option<String>,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    #[serde(default = "default_departments_dir")]
+    pub departments_dir: PathBuf,
+    #[serde(default = "default_max_departments")]
+    pub max_departments: usize,
+    #[serde(default = "default_reserved_memory")]
+    pub reserved_memory: ByteSize,
+    /// Full list-and-compare against Docker, beside the event stream.
+    #[serde(default = "default_resync_interval", with = "humantime_serde")]
+    pub resync_interval: Duration,
+    /// How many departments start at once after a boot.
+    #[serde(default = "default_start_concurrency")]
+    pub start_concurrency: usize,
+    /// Unix group (besides root) allowed full use of the local socket.
+    #[serde(default = "default_admin_group")]
+    pub admin_group: String,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub ports: PortsConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
+    pub docker: DockerConfig,
+    #[serde(default)]
+    pub coordinator: Option<CoordinatorConfig>,
+    #[serde(default)]
+    pub wal: Option<WalConfig>,
+}
+
+fn default_state_dir() -> PathBuf {
+    "/var/lib/fleet-agent".into()
+}
+fn default_socket() -> PathBuf {
+    SYSTEM_SOCKET_PATH.into()
+}
+fn default_departments_dir() -> PathBuf {
+    "/etc/fleet-agent/departments.d".into()
+}
+fn default_max_departments() -> usize {
+    10
+}
+fn default_reserved_memory() -> ByteSize {
+    ByteSize::gib(2)
+}
+fn default_resync_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_start_concurrency() -> usize {
+    2
+}
+fn default_admin_group() -> String {
+    "fleet-agent".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    /// `auto` (journald when present, else text on stderr), `text`, `json`, `journald`.
+    #[serde(default = "default_log_format")]
+    pub format: String,
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_log_format() -> String {
+    "auto".into()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: default_log_level(),
+            format: default_log_format(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortsConfig {
+    #[serde(default = "default_port_range")]
+    pub range: String,
+    #[serde(default = "default_bind")]
+    pub bind: IpAddr,
+}
+
+fn default_port_range() -> String {
+    "8001-8010".into()
+}
+fn default_bind() -> IpAddr {
+    IpAddr::from([127, 0, 0, 1])
+}
+
+impl Default for PortsConfig {
+    fn default() -> Self {
+        Self {
+            range: default_port_range(),
+            bind: default_bind(),
+        }
+    }
+}
+
+impl PortsConfig {
+    /// The pool as an inclusive range; `validate` has already checked it parses.
+    pub fn parsed_range(&self) -> Result<(u16, u16), String> {
+        let (low, high) = self
+            .range
+            .split_once('-')
+            .ok_or_else(|| format!("`{}` is not a range; write it like \"8001-8010\"", self.range))?;
+        let low: u16 = low
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{low}` is not a port number"))?;
+        let high: u16 = high
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{high}` is not a port number"))?;
+        if low == 0 || high < low {
+            return Err(format!(
+                "`{}` must go from a low port to a higher one, such as \"8001-8010\"",
+                self.range
+            ));
+        }
+        Ok((low, high))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Read-only API and `/metrics`; empty string turns the TCP listener off.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// PEM bundle of CAs whose client certificates are required.
+    #[serde(default)]
+    pub tls_client_ca: Option<PathBuf>,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_requests_per_second")]
+    pub requests_per_second: u32,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:7070".into()
+}
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_requests_per_second() -> u32 {
+    200
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            token_file: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            max_connections: default_max_connections(),
+            requests_per_second: default_requests_per_second(),
+        }
+    }
+}
+
+impl ApiConfig {
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>, String> {
+        if self.listen.trim().is_empty() {
+            return Ok(None);
+        }
+        self.listen.parse().map(Some).map_err(|_| {
+            format!(
+                "`{}` is not an address; write it like \"127.0.0.1:7070\"",
+                self.listen
+            )
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerConfig {
+    #[serde(default = "default_docker_socket")]
+    pub socket: PathBuf,
+    /// JSON file in Docker's `config.json` shape (`{"auths": {...}}`) for pulls.
+    #[serde(default)]
+    pub registry_auth_file: Option<PathBuf>,
+    #[serde(default = "default_pull_timeout", with = "humantime_serde")]
+    pub pull_timeout: Duration,
+}
+
+fn default_docker_socket() -> PathBuf {
+    "/var/run/docker.sock".into()
+}
+fn default_pull_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        Self {
+            socket: default_docker_socket(),
+            registry_auth_file: None,
+            pull_timeout: default_pull_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    pub url: String,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Cap of the backoff while the coordinator is unreachable.
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub backoff_max: Duration,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// `[wal]`: where this host's PostgreSQL WAL goes. Owned by the `fleet-wal` crate's
+/// feature set; kept here so the whole config parses in one place.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WalConfig {
+    /// `file:///path` or `s3://bucket/prefix`.
+    pub target: String,
+    /// libpq key/value string used for base backups and monitoring.
+    #[serde(default)]
+    pub postgres: Option<String>,
+    /// Unix user of the PostgreSQL server, allowed WAL push/fetch on the socket.
+    #[serde(default = "default_postgres_user")]
+    pub postgres_user: String,
+    #[serde(default)]
+    pub s3: Option<S3Config>,
+    #[serde(default = "default_recovery_window", with = "humantime_serde")]
+    pub recovery_window: Duration,
+    #[serde(default = "default_parallel")]
+    pub parallel_uploads: usize,
+    /// `pg_wal` directory whose `archive_status/*.ready` the daemon pushes ahead.
+    #[serde(default)]
+    pub pg_wal_dir: Option<PathBuf>,
+    /// Base backup schedule: a period such as "24h"; absent means by hand only.
+    #[serde(default, with = "humantime_serde::option")]
+    pub backup_interval: Option<Duration>,
+    /// The protective valve: acknowledge segments unarchived past this backlog.
+    #[serde(default)]
+    pub valve_backlog: Option<ByteSize>,
+    #[serde(default = "default_compression_level")]
+    pub compression_level: i32,
+}
+
+fn default_postgres_user() -> String {
+    "postgres".into()
+}
+fn default_recovery_window() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn default_parallel() -> usize {
+    4
+}
+fn default_compression_level() -> i32 {
+    3
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// File with `access_key_id` and `secret_access_key` lines (`key = value`).
+    pub credentials_file: Option<PathBuf>,
+    #[serde(default = "default_true")]
+    pub path_style: bool,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {}", join_fields(.problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<FieldError>,
+    },
+}
+
+/// Where the config came from, for messages and `check-config`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    File(PathBuf),
+    EmbeddedDefault,
+}
+
+impl Config {
+    /// The config a new user gets with no file: everything under one local
+    /// directory, standalone mode, API on loopback.
+    pub fn embedded_default() -> Self {
+        let state_dir = embedded_state_dir();
+        let mut config: Config = match toml::from_str("") {
+            Ok(c) => c,
+            Err(_) => unreachable_default(),
+        };
+        config.socket = state_dir.join("agentctl.sock");
+        config.departments_dir = state_dir.join("departments.d");
+        config.state_dir = state_dir;
+        config
+    }
+
+    pub fn from_toml_str(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        config.validate().map_err(|problems| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems,
+        })?;
+        Ok(config)
+    }
+
+    pub fn load_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml_str(path, &text)
+    }
+
+    /// `--config`, then `FLEET_AGENT_CONFIG`, then the system path if it exists,
+    /// then the embedded default.
+    pub fn locate(explicit: Option<&Path>) -> Result<(Self, ConfigSource), ConfigError> {
+        if let Some(path) = explicit {
+            return Ok((Self::load_file(path)?, ConfigSource::File(path.into())));
+        }
+        if let Some(path) = std::env::var_os(CONFIG_ENV).filter(|v| !v.is_empty()) {
+            let path = PathBuf::from(path);
+            return Ok((Self::load_file(&path)?, ConfigSource::File(path)));
+        }
+        let system = Path::new(SYSTEM_CONFIG_PATH);
+        if system.exists() {
+            return Ok((Self::load_file(system)?, ConfigSource::File(system.into())));
+        }
+        Ok((Self::embedded_default(), ConfigSource::EmbeddedDefault))
+    }
+
+    pub fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let mut problems = Vec::new();
+        if let Some(node_id) = &self.node_id {
+            if node_id.is_empty()
+                || node_id.len() > 64
+                || !node_id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            {
+                problems.push(FieldError::new(
+                    "node_id",
+                    "must be 1-64 characters of letters, digits, '-', '_' and '.'",
+                ));
+            }
+        }
+        if self.max_departments == 0 || self.max_departments > 1000 {
+            problems.push(FieldError::new("max_departments", "must be 1-1000"));
+        }
+        if self.resync_interval < Duration::from_millis(500) {
+            problems.push(FieldError::new("resync_interval", "must be at least 500ms"));
+        }
+        if self.start_concurrency == 0 {
+            problems.push(FieldError::new("start_concurrency", "must be at least 1"));
+        }
+        if !["trace", "debug", "info", "warn", "error"].contains(&self.log.level.as_str()) {
+            problems.push(FieldError::new(
+                "log.level",
+                "must be one of trace, debug, info, warn, error",
+            ));
+        }
+        if !["auto", "text", "json", "journald"].contains(&self.log.format.as_str()) {
+            problems.push(FieldError::new(
+                "log.format",
+                "must be one of auto, text, json, journald",
+            ));
+        }
+        if let Err(message) = self.ports.parsed_range() {
+            problems.push(FieldError::new("ports.range", message));
+        }
+        match self.api.listen_addr() {
+            Err(message) => problems.push(FieldError::new("api.listen", message)),
+            Ok(Some(addr)) if !addr.ip().is_loopback() && self.api.token_file.is_none() => {
+                problems.push(FieldError::new(
+                    "api.token_file",
+                    format!(
+                        "is required because api.listen ({addr}) is not a loopback address; create a token file (mode 0600) and name it here"
+                    ),
+                ));
+            }
+            Ok(_) => {}
+        }
+        if self.api.tls_cert.is_some() != self.api.tls_key.is_some() {
+            problems.push(FieldError::new(
+                "api.tls_key",
+                "api.tls_cert and api.tls_key must be set together",
+            ));
+        }
+        if self.api.tls_client_ca.is_some() && self.api.tls_cert.is_none() {
+            problems.push(FieldError::new(
+                "api.tls_client_ca",
+                "needs api.tls_cert and api.tls_key",
+            ));
+        }
+        if self.api.max_connections == 0 {
+            problems.push(FieldError::new("api.max_connections", "must be at least 1"));
+        }
+        if let Some(coordinator) = &self.coordinator {
+            if !(coordinator.url.starts_with("http://") || coordinator.url.starts_with("https://")) {
+                problems.push(FieldError::new(
+                    "coordinator.url",
+                    "must start with https:// (or http:// on a trusted network)",
+                ));
+            }
+            if coordinator.poll_interval < Duration::from_millis(100) {
+                problems.push(FieldError::new(
+                    "coordinator.poll_interval",
+                    "must be at least 100ms",
+                ));
+            }
+        }
+        if let Some(wal) = &self.wal {
+            if !(wal.target.starts_with("file:///") || wal.target.starts_with("s3://")) {
+                problems.push(FieldError::new(
+                    "wal.target",
+                    "must be file:///absolute/path or s3://bucket/prefix",
+                ));
+            }
+            if wal.target.starts_with("s3://") && wal.s3.is_none() {
+                problems.push(FieldError::new(
+                    "wal.s3",
+                    "is required for an s3:// target (endpoint, region, credentials_file)",
+                ));
+            }
+            if wal.parallel_uploads == 0 || wal.parallel_uploads > 64 {
+                problems.push(FieldError::new("wal.parallel_uploads", "must be 1-64"));
+            }
+            if !(1..=22).contains(&wal.compression_level) {
+                problems.push(FieldError::new("wal.compression_level", "must be 1-22"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    pub fn node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(hostname)
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.state_dir.join("state.db")
+    }
+}
+
+fn unreachable_default() -> Config {
+    // Every field has a serde default, so parsing "" cannot fail; this keeps
+    // that promise without a panic path.
+    Config {
+        node_id: None,
+        state_dir: default_state_dir(),
+        socket: default_socket(),
+        departments_dir: default_departments_dir(),
+        max_departments: default_max_departments(),
+        reserved_memory: default_reserved_memory(),
+        resync_interval: default_resync_interval(),
+        start_concurrency: default_start_concurrency(),
+        admin_group: default_admin_group(),
+        log: LogConfig::default(),
+        ports: PortsConfig::default(),
+        api: ApiConfig::default(),
+        docker: DockerConfig::default(),
+        coordinator: None,
+        wal: None,
+    }
+}
+
+/// `$XDG_STATE_HOME/fleet-agent`, else `~/.local/state/fleet-agent`, else
+/// `./.fleet-agent`: a place any user can write without setup.
+pub fn embedded_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir).join("fleet-agent");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(home).join(".local/state/fleet-agent");
+    }
+    PathBuf::from(".fleet-agent")
+}
+
+/// The socket `agentctl` talks to when not told: the system one if a daemon made
+/// it, else the embedded default's.
+pub fn default_client_socket() -> PathBuf {
+    if let Some(path) = std::env::var_os(SOCKET_ENV).filter(|v| !v.is_empty()) {
+        return PathBuf::from(path);
+    }
+    let system = Path::new(SYSTEM_SOCKET_PATH);
+    if system.exists() {
+        return system.into();
+    }
+    embedded_state_dir().join("agentctl.sock")
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_documented_default() {
+        let c = Config::from_toml_str(Path::new("t"), "").unwrap();
+        assert_eq!(c.max_departments, 10);
+        assert_eq!(c.ports.parsed_range().unwrap(), (8001, 8010));
+        assert_eq!(c.reserved_memory, ByteSize::gib(2));
+        assert!(c.coordinator.is_none());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = "max_departments = 0\n[ports]\nrange = \"9-1\"\n[api]\nlisten = \"0.0.0.0:7070\"\n";
+        let err = Config::from_toml_str(Path::new("t"), text).unwrap_err();
+        let ConfigError::Invalid { problems, .. } = err else {
+            panic!("{err}")
+        };
+        let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["max_departments", "ports.range", "api.token_file"]);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = Config::from_toml_str(Path::new("t"), "max_deparments = 3\n").unwrap_err();
+        assert!(err.to_string().contains("max_deparments"), "{err}");
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        Config::embedded_default().validate().unwrap();
+    }
+}

@@ -1,0 +1,32 @@
+//! Types shared by `fleet-agentd`, `agentctl` and the tests, so the daemon and its
+//! CLI can never drift apart. Pure data and validation: no I/O beyond reading a file
+//! the caller names, no async, no Docker.
+
+pub mod api;
+pub mod config;
+pub mod size;
+pub mod spec;
+
+pub use config::{Config, ConfigError};
+pub use spec::{DepartmentSpec, FieldError, SpecError};
+
+/// Label keys that make Docker the source of truth about what runs.
+pub mod labels {
+    pub const MANAGED: &str = "fleet-agent.managed";
+    pub const DEPARTMENT: &str = "fleet-agent.department";
+    pub const SPEC_HASH: &str = "fleet-agent.spec-hash";
+    pub const HOST_PORT: &str = "fleet-agent.host-port";
+    /// `primary` for the serving container, `candidate` for an update under trial.
+    pub const ROLE: &str = "fleet-agent.role";
+    pub const NODE: &str = "fleet-agent.node";
+}
+
+/// The container name the seed's playbook used, kept so hosts migrate with no rename.
+pub fn container_name(department_id: &str) -> String {
+    format!("aio-{department_id}")
+}
+
+/// Name of the short-lived container that proves an update healthy before the swap.
+pub fn candidate_container_name(department_id: &str) -> String {
+    format!("aio-{department_id}-next")
+}

@@ -1,0 +1,616 @@
+//! The department spec: what one department container should be, as written in
+//! `departments.d/*.toml`, sent by `agentctl apply` or by the coordinator as JSON.
+//! Validation collects every problem at once and names the field of each.
+
+use crate::size::ByteSize;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+pub const DEFAULT_CONTAINER_PORT: u16 = 8080;
+/// What a secret looks like anywhere it is shown.
+pub const MASK: &str = "********";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DepartmentSpec {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub image: String,
+    #[serde(default = "default_container_port")]
+    pub container_port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
+    #[serde(default)]
+    pub resources: Resources,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub secrets: BTreeMap<String, Secret>,
+    #[serde(default)]
+    pub health: HealthSpec,
+    #[serde(default)]
+    pub restart: RestartSpec,
+    /// Optional database reachability check reported beside the probe; it never
+    /// restarts the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres_check: Option<PostgresCheck>,
+}
+
+fn default_container_port() -> u16 {
+    DEFAULT_CONTAINER_PORT
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ByteSize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSpec {
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    #[serde(default = "default_start_period", with = "humantime_serde")]
+    pub start_period: Duration,
+    /// A probe-less department is judged only by whether its process runs.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+fn default_health_path() -> String {
+    "/health".into()
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_retries() -> u32 {
+    3
+}
+fn default_start_period() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Default for HealthSpec {
+    fn default() -> Self {
+        Self {
+            path: default_health_path(),
+            interval: default_interval(),
+            timeout: default_timeout(),
+            retries: default_retries(),
+            start_period: default_start_period(),
+            enabled: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    Always,
+    OnFailure,
+    Never,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartSpec {
+    #[serde(default = "default_policy")]
+    pub policy: RestartPolicy,
+    #[serde(default = "default_retries")]
+    pub max_retries: u32,
+    #[serde(default = "default_window", with = "humantime_serde")]
+    pub window: Duration,
+    #[serde(default = "default_backoff", with = "humantime_serde")]
+    pub backoff: Duration,
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub backoff_max: Duration,
+    #[serde(default = "default_stop_timeout", with = "humantime_serde")]
+    pub stop_timeout: Duration,
+    /// How long an update candidate may take to become healthy before the
+    /// department rolls back to its previous spec.
+    #[serde(default = "default_update_deadline", with = "humantime_serde")]
+    pub update_deadline: Duration,
+}
+
+fn default_policy() -> RestartPolicy {
+    RestartPolicy::OnFailure
+}
+fn default_window() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_backoff() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_stop_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_update_deadline() -> Duration {
+    Duration::from_secs(120)
+}
+
+impl Default for RestartSpec {
+    fn default() -> Self {
+        Self {
+            policy: default_policy(),
+            max_retries: default_retries(),
+            window: default_window(),
+            backoff: default_backoff(),
+            backoff_max: default_backoff_max(),
+            stop_timeout: default_stop_timeout(),
+            update_deadline: default_update_deadline(),
+        }
+    }
+}
+
+/// `SELECT 1` against the department's database, with credentials taken from the
+/// department's own env and secrets by name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresCheck {
+    /// Name of the env or secret key holding a libpq URL or key/value string.
+    pub url_from: String,
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+/// A secret value: kept in the spec so the container gets it, never shown.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The only way to read the value: for the container's environment.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(MASK)
+    }
+}
+
+/// One problem with a spec or config, named by its dotted field path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("{source_name}: {message}")]
+    Parse {
+        source_name: String,
+        message: String,
+    },
+    #[error("{}", join_fields(.0))]
+    Invalid(Vec<FieldError>),
+}
+
+impl SpecError {
+    pub fn fields(&self) -> Vec<FieldError> {
+        match self {
+            SpecError::Parse { message, .. } => vec![FieldError::new(
+                field_from_parse_message(message),
+                message.clone(),
+            )],
+            SpecError::Invalid(f) => f.clone(),
+        }
+    }
+}
+
+/// serde names the key in its message; pull it out so the API can report a field.
+fn field_from_parse_message(message: &str) -> String {
+    if let Some(rest) = message.split("unknown field `").nth(1) {
+        if let Some(name) = rest.split('`').next() {
+            return name.to_string();
+        }
+    }
+    if let Some(rest) = message.split("missing field `").nth(1) {
+        if let Some(name) = rest.split('`').next() {
+            return name.to_string();
+        }
+    }
+    "document".to_string()
+}
+
+pub fn join_fields(fields: &[FieldError]) -> String {
+    fields
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl DepartmentSpec {
+    pub fn from_toml(source_name: &str, text: &str) -> Result<Self, SpecError> {
+        let spec: DepartmentSpec = toml::from_str(text).map_err(|e| SpecError::Parse {
+            source_name: source_name.to_string(),
+            message: e.message().to_string(),
+        })?;
+        spec.validate().map_err(SpecError::Invalid)?;
+        Ok(spec)
+    }
+
+    pub fn from_json(source_name: &str, text: &str) -> Result<Self, SpecError> {
+        let spec: DepartmentSpec = serde_json::from_str(text).map_err(|e| SpecError::Parse {
+            source_name: source_name.to_string(),
+            message: e.to_string(),
+        })?;
+        spec.validate().map_err(SpecError::Invalid)?;
+        Ok(spec)
+    }
+
+    /// Every problem of this spec on its own; node-wide limits (capacity, ports in
+    /// use) are checked by the daemon against the whole desired state.
+    pub fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let mut errors = Vec::new();
+        if !valid_id(&self.id) {
+            errors.push(FieldError::new(
+                "id",
+                format!(
+                    "`{}` is not a valid department id; use 2-32 characters of a-z, 0-9 and '-', starting with a letter and not ending with '-'",
+                    self.id.escape_debug()
+                ),
+            ));
+        }
+        if let Some(name) = &self.name {
+            if name.len() > 200 || name.chars().any(char::is_control) {
+                errors.push(FieldError::new(
+                    "name",
+                    "must be at most 200 characters with no control characters",
+                ));
+            }
+        }
+        if let Err(message) = validate_image(&self.image) {
+            errors.push(FieldError::new("image", message));
+        }
+        if self.container_port == 0 {
+            errors.push(FieldError::new("container_port", "must be 1-65535"));
+        }
+        if self.host_port == Some(0) {
+            errors.push(FieldError::new(
+                "host_port",
+                "must be 1-65535, or left out to allocate one from the pool",
+            ));
+        }
+        if let Some(cpus) = self.resources.cpus {
+            if !(cpus.is_finite() && cpus > 0.0 && cpus <= 1024.0) {
+                errors.push(FieldError::new(
+                    "resources.cpus",
+                    "must be a positive number of CPUs such as 0.5 or 2",
+                ));
+            }
+        }
+        if let Some(memory) = self.resources.memory {
+            if memory < ByteSize::mib(6) {
+                errors.push(FieldError::new(
+                    "resources.memory",
+                    "must be at least 6MiB (Docker's minimum)",
+                ));
+            }
+        }
+        for key in self.env.keys() {
+            if !valid_env_name(key) {
+                errors.push(FieldError::new(
+                    format!("env.{key}"),
+                    "is not a valid environment variable name (A-Z, a-z, 0-9, '_', not starting with a digit)",
+                ));
+            }
+        }
+        for (key, value) in &self.env {
+            if value.contains('\0') {
+                errors.push(FieldError::new(
+                    format!("env.{key}"),
+                    "must not contain a NUL byte",
+                ));
+            }
+        }
+        for (key, value) in &self.secrets {
+            if !valid_env_name(key) {
+                errors.push(FieldError::new(
+                    format!("secrets.{key}"),
+                    "is not a valid environment variable name (A-Z, a-z, 0-9, '_', not starting with a digit)",
+                ));
+            }
+            if self.env.contains_key(key) {
+                errors.push(FieldError::new(
+                    format!("secrets.{key}"),
+                    "is also set in [env]; set it in one place",
+                ));
+            }
+            if value.expose().contains('\0') {
+                errors.push(FieldError::new(
+                    format!("secrets.{key}"),
+                    "must not contain a NUL byte",
+                ));
+            }
+        }
+        if let Err(message) = validate_probe_path(&self.health.path) {
+            errors.push(FieldError::new("health.path", message));
+        }
+        let h = &self.health;
+        if h.interval < Duration::from_millis(100) {
+            errors.push(FieldError::new("health.interval", "must be at least 100ms"));
+        }
+        if h.timeout < Duration::from_millis(10) || h.timeout > h.interval.max(Duration::from_millis(100)) {
+            errors.push(FieldError::new(
+                "health.timeout",
+                "must be at least 10ms and no longer than health.interval",
+            ));
+        }
+        if h.retries == 0 || h.retries > 100 {
+            errors.push(FieldError::new("health.retries", "must be 1-100"));
+        }
+        let r = &self.restart;
+        if r.window.is_zero() {
+            errors.push(FieldError::new("restart.window", "must be longer than 0s"));
+        }
+        if r.backoff.is_zero() {
+            errors.push(FieldError::new("restart.backoff", "must be longer than 0s"));
+        }
+        if r.backoff_max < r.backoff {
+            errors.push(FieldError::new(
+                "restart.backoff_max",
+                "must be at least restart.backoff",
+            ));
+        }
+        if r.stop_timeout > Duration::from_secs(3600) {
+            errors.push(FieldError::new("restart.stop_timeout", "must be at most 1h"));
+        }
+        if r.update_deadline.is_zero() {
+            errors.push(FieldError::new(
+                "restart.update_deadline",
+                "must be longer than 0s",
+            ));
+        }
+        if let Some(check) = &self.postgres_check {
+            if !self.env.contains_key(&check.url_from) && !self.secrets.contains_key(&check.url_from) {
+                errors.push(FieldError::new(
+                    "postgres_check.url_from",
+                    format!("names `{}`, which is neither in [env] nor in [secrets]", check.url_from),
+                ));
+            }
+            if check.interval < Duration::from_secs(1) {
+                errors.push(FieldError::new("postgres_check.interval", "must be at least 1s"));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// A copy safe to show: every secret value replaced by the mask.
+    pub fn redacted(&self) -> Self {
+        let mut copy = self.clone();
+        for value in copy.secrets.values_mut() {
+            *value = Secret::new(MASK);
+        }
+        copy
+    }
+
+    /// Hash of what defines the container (not probe or restart settings, which
+    /// change without a new container), with the host port actually assigned.
+    /// Secrets are part of it so a rotated secret replaces the container; only the
+    /// digest is ever shown.
+    pub fn container_hash(&self, host_port: u16) -> String {
+        #[derive(Serialize)]
+        struct Defining<'a> {
+            image: &'a str,
+            container_port: u16,
+            host_port: u16,
+            cpus: Option<f64>,
+            memory: Option<u64>,
+            env: &'a BTreeMap<String, String>,
+            secrets: BTreeMap<&'a str, &'a str>,
+        }
+        let defining = Defining {
+            image: &self.image,
+            container_port: self.container_port,
+            host_port,
+            cpus: self.resources.cpus,
+            memory: self.resources.memory.map(ByteSize::bytes),
+            env: &self.env,
+            secrets: self
+                .secrets
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.expose()))
+                .collect(),
+        };
+        // BTreeMaps keep the serialisation canonical.
+        let bytes = serde_json::to_vec(&defining).unwrap_or_default();
+        let digest = Sha256::digest(&bytes);
+        hex::encode(&digest[..12])
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.resources.memory.map(ByteSize::bytes).unwrap_or(0)
+    }
+}
+
+pub fn valid_id(id: &str) -> bool {
+    let bytes = id.as_bytes();
+    if bytes.len() < 2 || bytes.len() > 32 {
+        return false;
+    }
+    let first_ok = bytes[0].is_ascii_lowercase();
+    let last = bytes[bytes.len() - 1];
+    let last_ok = last.is_ascii_lowercase() || last.is_ascii_digit();
+    first_ok
+        && last_ok
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+}
+
+fn valid_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    match chars.next() {
+        Some(c) if c.is_ascii_alphabetic() || c == '_' => {}
+        _ => return false,
+    }
+    name.len() <= 256 && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn validate_image(image: &str) -> Result<(), String> {
+    if image.is_empty() {
+        return Err("must name an image, such as \"registry.example.com/aio-agent:1.4.2\"".into());
+    }
+    if image.len() > 512 || image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "`{}` is not an image reference (no spaces or control characters, at most 512 characters)",
+            image.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
+/// The probe always targets the department's own port on loopback, so the path
+/// must be a plain absolute path: no scheme, no authority, nothing that could
+/// turn it into a request to another host or smuggle a header.
+pub fn validate_probe_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!(
+            "`{}` must be an absolute path such as \"/health\"; the probe always targets the department's own port",
+            path.escape_debug()
+        ));
+    }
+    if path.starts_with("//") {
+        return Err("must not start with \"//\" (that names another host)".into());
+    }
+    if path.contains("://") {
+        return Err("must be a path, not a URL".into());
+    }
+    if path.len() > 1024 {
+        return Err("must be at most 1024 characters".into());
+    }
+    if let Some(bad) = path
+        .chars()
+        .find(|c| c.is_control() || c.is_whitespace() || *c == '\\' || *c == '#')
+    {
+        return Err(format!(
+            "contains {:?}, which a probe path may not contain",
+            bad
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> DepartmentSpec {
+        DepartmentSpec::from_toml("t", "id = \"hr\"\nimage = \"aio:1\"\n").unwrap()
+    }
+
+    #[test]
+    fn defaults_follow_the_seed() {
+        let spec = minimal();
+        assert_eq!(spec.container_port, 8080);
+        assert_eq!(spec.health.path, "/health");
+        assert_eq!(spec.health.interval, Duration::from_secs(30));
+        assert_eq!(spec.health.retries, 3);
+        assert_eq!(spec.restart.policy, RestartPolicy::OnFailure);
+        assert_eq!(spec.restart.backoff, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn bad_ids_are_refused_by_field() {
+        for id in ["../x", "A", "x", "-ab", "ab-", "a_b", "abcdefghijabcdefghijabcdefghijabc"] {
+            let text = format!("id = {id:?}\nimage = \"aio:1\"\n");
+            let err = DepartmentSpec::from_toml("t", &text).unwrap_err();
+            assert_eq!(err.fields()[0].field, "id", "{id}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key() {
+        let err = DepartmentSpec::from_toml("t", "id = \"hr\"\nimage = \"a\"\ncolour = 1\n")
+            .unwrap_err();
+        assert_eq!(err.fields()[0].field, "colour");
+    }
+
+    #[test]
+    fn probe_paths_cannot_leave_the_department() {
+        for bad in ["http://169.254.169.254/", "//evil/", "/a\r\nHost: x", "health", "/a b"] {
+            assert!(validate_probe_path(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_probe_path("/health?full=1").is_ok());
+    }
+
+    #[test]
+    fn secrets_never_print_and_redact() {
+        let mut spec = minimal();
+        spec.secrets.insert("DB_PASSWORD".into(), Secret::new("canary-123"));
+        assert!(!format!("{spec:?}").contains("canary-123"));
+        let shown = serde_json::to_string(&spec.redacted()).unwrap();
+        assert!(!shown.contains("canary-123"));
+        assert!(shown.contains(MASK));
+    }
+
+    #[test]
+    fn hash_ignores_probe_settings_but_not_env() {
+        let a = minimal();
+        let mut b = a.clone();
+        b.health.interval = Duration::from_secs(5);
+        assert_eq!(a.container_hash(8001), b.container_hash(8001));
+        b.env.insert("X".into(), "1".into());
+        assert_ne!(a.container_hash(8001), b.container_hash(8001));
+        assert_ne!(a.container_hash(8001), a.container_hash(8002));
+    }
+
+    #[test]
+    fn json_round_trip_keeps_durations_readable() {
+        let spec = minimal();
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(json.contains("\"30s\""));
+        let back = DepartmentSpec::from_json("t", &json).unwrap();
+        assert_eq!(back, spec);
+    }
+}

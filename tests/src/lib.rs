@@ -1,0 +1,1 @@
+//! Test harness: isolated daemons on temp dirs, the test-agent image, Docker helpers.

@@ -1,0 +1,1 @@
+//! WAL archiving (filled in by the WAL work).
