@@ -788,3 +788,49 @@ stop_timeout = "5s"
 "#
     )
 }
+
+/// A container the test runs itself (not through the daemon), labelled with
+/// `fleet-agent.node=<node>` so a `DockerEvents` for that node sees it; removed on drop.
+pub struct TestContainer {
+    pub name: String,
+    pub id: String,
+}
+
+impl TestContainer {
+    /// `docker run -d --name <name> --label fleet-agent.node=<node> <args...>`;
+    /// `args` end with the image (and its command, if any).
+    pub fn run(node: &str, name: &str, args: &[&str]) -> Self {
+        let label = format!("fleet-agent.node={node}");
+        let mut all = vec!["run", "-d", "--name", name, "--label", &label];
+        all.extend_from_slice(args);
+        let id = docker_ok(&all);
+        TestContainer {
+            name: name.to_string(),
+            id,
+        }
+    }
+
+    pub fn inspect(&self) -> Value {
+        inspect(&self.id).unwrap_or_else(|| panic!("container {} is gone", self.name))
+    }
+
+    /// The host port `container_port/tcp` is published on (publish it as
+    /// `-p 127.0.0.1::8080` to let Docker choose a free one).
+    pub fn host_port(&self, container_port: u16) -> u16 {
+        published(&self.inspect(), container_port)
+            .first()
+            .map(|(_, port)| *port)
+            .unwrap_or_else(|| panic!("{} publishes no {container_port}/tcp", self.name))
+    }
+}
+
+impl Drop for TestContainer {
+    fn drop(&mut self) {
+        let _ = docker(&["rm", "-f", "-v", &self.id]);
+    }
+}
+
+/// A name unique to this process and run, for things the test creates itself.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}-{}", unique_suffix())
+}
