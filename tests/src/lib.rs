@@ -17,7 +17,7 @@
 
 use serde_json::Value;
 use std::fs::{self, OpenOptions};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -279,9 +279,7 @@ level = "{level}"
     /// the daemon needs more than `timeout`. Returns the exit status.
     pub fn stop(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("the daemon is not running");
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
+        sigterm(child.id());
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -461,23 +459,56 @@ fn run(mut cmd: Command, what: &str) -> Output {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let child = cmd
+    let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run `{what}`: {e}"));
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(COMMAND_TIMEOUT) {
-        Ok(output) => output.unwrap_or_else(|e| panic!("`{what}` failed to run: {e}")),
-        Err(_) => {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
+    // Drain both pipes on their own threads so a chatty command cannot block.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
             panic!("`{what}` did not finish within {COMMAND_TIMEOUT:?}");
         }
+        thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
     }
+}
+
+/// Sends SIGTERM through the shell's `kill` builtin (the tests forbid `unsafe`,
+/// and a minimal Debian has no `/usr/bin/kill`).
+pub fn sigterm(pid: u32) {
+    let _ = Command::new("sh")
+        .args(["-c", &format!("kill -TERM {pid}")])
+        .status();
 }
 
 /// Polls `check` every 200 ms until it is true; panics naming `what` otherwise.
