@@ -102,11 +102,11 @@ impl RestartTracker {
         now: Instant,
         jitter: f64,
     ) -> Decision {
-        let restart = match (spec.policy, reason) {
-            (RestartPolicy::Never, _) => false,
-            (RestartPolicy::OnFailure, FailureReason::Exited { code: 0 }) => false,
-            _ => true,
-        };
+        let restart = !matches!(
+            (spec.policy, reason),
+            (RestartPolicy::Never, _)
+                | (RestartPolicy::OnFailure, FailureReason::Exited { code: 0 })
+        );
         if !restart {
             return Decision::LeaveStopped;
         }

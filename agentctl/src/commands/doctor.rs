@@ -145,8 +145,8 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
 fn disk_space(path: &std::path::Path) -> (u64, u64) {
     match nix::sys::statvfs::statvfs(path) {
         Ok(s) => (
-            s.blocks_available() as u64 * s.fragment_size() as u64,
-            s.blocks() as u64 * s.fragment_size() as u64,
+            s.blocks_available() * s.fragment_size(),
+            s.blocks() * s.fragment_size(),
         ),
         Err(_) => (0, 0),
     }

@@ -53,6 +53,9 @@ pub struct SyncStatus {
     pub coordinator: Option<CoordinatorStatus>,
 }
 
+/// A subsystem's contribution to `/metrics` (WAL, coordinator): appends its lines.
+pub type MetricsSource = Arc<dyn Fn(&mut String) + Send + Sync>;
+
 #[derive(Clone)]
 pub struct ApiState {
     pub supervisor: Supervisor,
@@ -61,7 +64,7 @@ pub struct ApiState {
     pub coordinator_url: Option<String>,
     pub sync: Arc<RwLock<SyncStatus>>,
     pub host: crate::host::HostSampler,
-    pub extra_metrics: Arc<RwLock<Vec<Arc<dyn Fn(&mut String) + Send + Sync>>>>,
+    pub extra_metrics: Arc<RwLock<Vec<MetricsSource>>>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -163,6 +163,17 @@ impl DeptActor {
 
     async fn run(mut self, mut rx: mpsc::Receiver<DeptMsg>) {
         self.publish();
+        // An update candidate left by a daemon that died mid-update.
+        if let Ok(Some(stale)) = self
+            .shared
+            .runtime
+            .inspect(&candidate_container_name(&self.id))
+            .await
+        {
+            if stale.department == self.id {
+                let _ = self.shared.runtime.remove(&stale.id).await;
+            }
+        }
         self.converge().await;
         self.publish();
         loop {
@@ -296,9 +307,9 @@ impl DeptActor {
                     self.set_state(DeptState::Stopped, Some("stopped by operator".into()));
                 } else if self.tracker.parked() {
                     self.set_state(DeptState::CrashLooping, self.reason.clone());
-                } else if self.restart_at.is_some() {
-                } else if self.next_pull_attempt.is_some_and(|t| Instant::now() < t) {
-                } else {
+                } else if self.restart_at.is_none()
+                    && self.next_pull_attempt.is_none_or(|t| Instant::now() >= t)
+                {
                     self.create_and_start(false).await;
                 }
             }

@@ -83,10 +83,15 @@ struct Registry {
     departments: BTreeMap<String, Handle>,
 }
 
+/// Department id -> its task's mailbox, for the event loop and the resync, which
+/// must not wait behind a long apply holding the registry lock.
+type Routes = Arc<std::sync::RwLock<BTreeMap<String, tokio::sync::mpsc::Sender<DeptMsg>>>>;
+
 #[derive(Clone)]
 pub struct Supervisor {
     pub shared: Arc<Shared>,
     registry: Arc<Mutex<Registry>>,
+    routes: Routes,
 }
 
 impl Supervisor {
@@ -168,9 +173,17 @@ impl Supervisor {
                 },
             );
         }
+        let routes: Routes = Arc::new(std::sync::RwLock::new(
+            registry
+                .departments
+                .iter()
+                .map(|(id, h)| (id.clone(), h.tx.clone()))
+                .collect(),
+        ));
         Ok(Self {
             shared,
             registry: Arc::new(Mutex::new(registry)),
+            routes,
         })
     }
 
@@ -385,6 +398,10 @@ impl Supervisor {
         if let Some(handle) = registry.departments.remove(id) {
             handle.task.abort();
         }
+        self.routes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         registry.pool.release(id);
         self.shared.store.delete_department(id)?;
         self.shared.board.remove(id);
@@ -432,14 +449,11 @@ impl Supervisor {
         self.shared.shutdown.store(true, Ordering::Relaxed);
     }
 
-    async fn senders(&self) -> BTreeMap<String, tokio::sync::mpsc::Sender<DeptMsg>> {
-        self.registry
-            .lock()
-            .await
-            .departments
-            .iter()
-            .map(|(id, h)| (id.clone(), h.tx.clone()))
-            .collect()
+    fn senders(&self) -> BTreeMap<String, tokio::sync::mpsc::Sender<DeptMsg>> {
+        self.routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// React to Docker events at once; reconnect with backoff when the engine
@@ -586,7 +600,7 @@ impl Supervisor {
                 return;
             }
         }
-        for tx in self.senders().await.into_values() {
+        for tx in self.senders().into_values() {
             // A busy department (mid-update) skips this round rather than block the loop.
             let _ = tx.try_send(DeptMsg::Resync);
         }
