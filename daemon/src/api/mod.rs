@@ -27,6 +27,9 @@ use sha2::{Digest, Sha256};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+/// The longest `/v1/events` long-poll; a longer `wait` is shortened to it.
+pub const MAX_EVENT_WAIT: Duration = Duration::from_secs(120);
+
 /// Who is calling, decided once per connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Caller {
@@ -194,10 +197,18 @@ fn tagged_json<T: Serialize>(headers: &HeaderMap, value: &T) -> Response {
     };
     let digest = Sha256::digest(&body);
     let etag = format!("\"{}\"", hex::encode(&digest[..16]));
+    tagged_body(headers, body, etag)
+}
+
+/// `body` under a given ETag (strong `"..."` or weak `W/"..."`).
+fn tagged_body(headers: &HeaderMap, body: Vec<u8>, etag: String) -> Response {
+    // If-None-Match compares weakly (RFC 9110 13.1.2): `W/` is ignored.
+    let opaque = |t: &str| t.trim().trim_start_matches("W/").to_string();
+    let ours = opaque(&etag);
     let matches = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+        .is_some_and(|v| v.split(',').any(|t| opaque(t) == ours || t.trim() == "*"));
     let etag_value = HeaderValue::from_str(&etag).unwrap_or(HeaderValue::from_static("\"\""));
     if matches {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response();
@@ -271,11 +282,22 @@ pub fn node_status(state: &ApiState) -> NodeStatus {
 }
 
 async fn node(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    let mut status = node_status(&state);
-    // Uptime changes every second; leave it out of the ETag's reach by
-    // rounding, so an unchanged node can still answer 304 within a minute.
-    status.uptime_seconds -= status.uptime_seconds % 60;
-    tagged_json(&headers, &status)
+    let status = node_status(&state);
+    let body = match serde_json::to_vec(&status) {
+        Ok(b) => b,
+        Err(e) => return ApiError::Internal(e.to_string()).into_response(),
+    };
+    // Uptime and the host sample drift every few seconds; a weak ETag over
+    // everything else lets a poller get `304` until something it acts on
+    // (departments, capacity, revision, coordinator sync) changes.
+    let mut stable = status;
+    stable.uptime_seconds = 0;
+    stable.host = Default::default();
+    let digest = match serde_json::to_vec(&stable) {
+        Ok(b) => Sha256::digest(&b),
+        Err(e) => return ApiError::Internal(e.to_string()).into_response(),
+    };
+    tagged_body(&headers, body, format!("W/\"{}\"", hex::encode(&digest[..16])))
 }
 
 async fn departments(State(state): State<ApiState>, headers: HeaderMap) -> Response {
@@ -339,7 +361,7 @@ async fn events(
             .map_err(|_| {
                 ApiError::BadRequest(format!("wait: `{w}` is not a duration such as \"30s\""))
             })?
-            .min(Duration::from_secs(120)),
+            .min(MAX_EVENT_WAIT),
         None => Duration::ZERO,
     };
     let mut rx = log.subscribe();
