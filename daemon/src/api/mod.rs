@@ -139,6 +139,32 @@ pub fn read_routes() -> Router<ApiState> {
         .route("/v1/events", get(events))
         .route("/v1/ports", get(ports))
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::map_response(json_rejections))
+}
+
+/// axum answers a bad query or path in plain text; every error of this API is
+/// an `ErrorBody`, so rewrite those.
+async fn json_rejections(response: Response) -> Response {
+    let plain = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/plain"));
+    if !(response.status().is_client_error() && plain) {
+        return response;
+    }
+    let status = response.status();
+    let text = match axum::body::to_bytes(response.into_body(), 16 * 1024).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_string(),
+        Err(_) => "bad request".to_string(),
+    };
+    (
+        status,
+        Json(ErrorBody {
+            error: text,
+            fields: vec![],
+        }),
+    )
+        .into_response()
 }
 
 /// Routes that change something or may reveal more: unix socket only.
@@ -151,6 +177,7 @@ pub fn admin_routes() -> Router<ApiState> {
         )
         .route("/v1/departments/{id}/logs", get(logs))
         .route("/v1/departments/{id}/{action}", post(command))
+        .layer(axum::middleware::map_response(json_rejections))
 }
 
 /// Paths the WAL caller may use; everything else is refused to it.
@@ -355,6 +382,11 @@ async fn events(
     Query(q): Query<EventsQuery>,
 ) -> Result<Response, ApiError> {
     let log = &state.supervisor.shared.events;
+    if q.after < 0 {
+        return Err(ApiError::BadRequest(
+            "after: must be 0 or a sequence number from `next`".into(),
+        ));
+    }
     let limit = q.limit.unwrap_or(500).clamp(1, 5000);
     let wait = match &q.wait {
         Some(w) => humantime::parse_duration(w)
