@@ -24,6 +24,10 @@ pub enum RunError {
     Socket(#[from] api::unix::SocketError),
     #[error(transparent)]
     Token(#[from] api::tcp::TokenError),
+    #[error(transparent)]
+    Tls(#[from] api::tcp::TlsError),
+    #[error("coordinator: {0}")]
+    Coordinator(#[from] crate::coordinator::SyncError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -48,6 +52,9 @@ pub fn check_config(config: &Config, source: &ConfigSource) -> Result<Vec<String
         if let Err(e) = api::tcp::Tokens::load(token) {
             problems.push(format!("api.token_file: {e}"));
         }
+    }
+    if let Err(e) = api::tcp::tls_acceptor(&config.api) {
+        problems.push(format!("api.tls: {e}"));
     }
     if let Some(path) = &config.docker.registry_auth_file {
         if let Err(e) = load_registry_auth(path) {
@@ -120,6 +127,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
             )));
         }
     }
+    let tls = api::tcp::tls_acceptor(&config.api)?;
 
     let store = Arc::new(Store::open(&config.state_dir)?);
     let events = EventLog::new(store.clone());
@@ -166,6 +174,12 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
     if mode == Mode::Standalone {
         load_departments_dir(&supervisor, &config).await;
     }
+    let mut coordinator_task = None;
+    if let Some(coordinator) = &config.coordinator {
+        coordinator_task = Some(
+            crate::coordinator::start(coordinator.clone(), node_id.clone(), state.clone()).await?,
+        );
+    }
 
     let unix_router: Router = api::read_routes()
         .merge(api::admin_routes())
@@ -190,16 +204,23 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
                 addr: addr.to_string(),
                 source,
             })?;
-        let tcp_router: Router = api::read_routes().with_state(state.clone()).layer(
-            axum::middleware::from_fn_with_state(tokens.clone(), api::tcp::require_token),
+        let limits = api::tcp::Limits::from_config(&config.api);
+        let tcp_router: Router = api::tcp::harden(
+            api::read_routes().with_state(state.clone()),
+            tokens.clone(),
+            limits,
         );
-        tracing::info!(listen = %addr, token = tokens.required(), "API listening.");
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, tcp_router).await {
-                tracing::error!(error = %e, "TCP API stopped.");
-            }
-        }));
+        api::tcp::raise_fd_limit();
+        tracing::info!(
+            listen = %addr,
+            token = tokens.required(),
+            tls = tls.is_some(),
+            client_certificates = config.api.tls_client_ca.is_some(),
+            "API listening."
+        );
+        tasks.push(tokio::spawn(api::tcp::serve(listener, tcp_router, limits, tls)));
     }
+    tasks.extend(coordinator_task);
 
     crate::systemd::ready(&format!(
         "supervising {} departments",

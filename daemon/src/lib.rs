@@ -2,6 +2,7 @@
 //! desired state. `run` wires the pieces; each module's header says what it owns.
 
 pub mod api;
+pub mod coordinator;
 pub mod desired;
 pub mod events;
 pub mod host;

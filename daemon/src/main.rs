@@ -97,7 +97,9 @@ fn main() -> ExitCode {
                     tracing::error!(error = %e, "fleet-agentd stopped.");
                     eprintln!("fleet-agentd: {e}");
                     match e {
-                        fleet_agentd::RunError::Config(_) | fleet_agentd::RunError::Token(_) => {
+                        fleet_agentd::RunError::Config(_)
+                        | fleet_agentd::RunError::Token(_)
+                        | fleet_agentd::RunError::Tls(_) => {
                             ExitCode::from(EXIT_CONFIG)
                         }
                         _ => ExitCode::FAILURE,

@@ -219,3 +219,61 @@ pub struct ApplyRequest {
     #[serde(default)]
     pub prune: bool,
 }
+
+/// Body of `POST {coordinator}/v1/nodes/{node_id}/sync`: the node's status
+/// summary, sent on every poll. No secrets: states and ids only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncReport {
+    pub node_id: String,
+    pub agent_version: String,
+    /// Revision of the desired state in force on this node (`null`: none yet).
+    pub applied_revision: Option<i64>,
+    /// ETag of that document, as the coordinator sent it.
+    pub applied_etag: Option<String>,
+    /// Unix seconds when this report was made.
+    pub reported_at: i64,
+    pub docker_reachable: bool,
+    pub capacity: SyncCapacity,
+    pub departments: Vec<SyncDepartment>,
+    /// The last document this node refused, until a later one is applied or
+    /// the coordinator answers `304`.
+    pub last_refusal: Option<SyncRefusal>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncCapacity {
+    pub departments: usize,
+    pub max_departments: usize,
+    pub memory_limit_bytes: u64,
+    pub memory_committed_bytes: u64,
+}
+
+/// One department as reported to the coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncDepartment {
+    pub id: String,
+    pub state: DeptState,
+    pub health: Health,
+    pub restarts: u64,
+    pub host_port: Option<u16>,
+    pub image: String,
+    pub spec_hash: Option<String>,
+    /// False when an operator stopped it on the node (`agentctl stop`).
+    pub desired_running: bool,
+    pub reason: Option<String>,
+}
+
+/// Why a desired-state document was refused. Nothing of it was applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncRefusal {
+    /// Unix seconds.
+    pub at: i64,
+    /// The refused document's ETag, if the coordinator sent one.
+    pub etag: Option<String>,
+    /// Its revision, if the document got far enough to have one.
+    pub revision: Option<i64>,
+    /// One sentence.
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<FieldError>,
+}

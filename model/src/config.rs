@@ -174,8 +174,16 @@ pub struct ApiConfig {
     pub tls_client_ca: Option<PathBuf>,
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Per client address; `0` turns the limit off (benchmarks only).
     #[serde(default = "default_requests_per_second")]
     pub requests_per_second: u32,
+    /// A client must send a whole request head within this; it is also how long
+    /// an idle keep-alive connection may stay open.
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A handler must answer within this (long-polls get their `wait` on top).
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
 }
 
 fn default_listen() -> String {
@@ -186,6 +194,12 @@ fn default_max_connections() -> usize {
 }
 fn default_requests_per_second() -> u32 {
     200
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 impl Default for ApiConfig {
@@ -198,6 +212,8 @@ impl Default for ApiConfig {
             tls_client_ca: None,
             max_connections: default_max_connections(),
             requests_per_second: default_requests_per_second(),
+            header_timeout: default_header_timeout(),
+            request_timeout: default_request_timeout(),
         }
     }
 }
@@ -248,14 +264,22 @@ impl Default for DockerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorConfig {
+    /// Base URL; the daemon calls `POST {url}/v1/nodes/{node_id}/sync`.
     pub url: String,
+    /// The name the coordinator knows this node by; defaults to the top-level `node_id`.
+    #[serde(default)]
+    pub node_id: Option<String>,
+    /// Bearer token the daemon presents to the coordinator (file, mode 0600).
     #[serde(default)]
     pub token_file: Option<PathBuf>,
     #[serde(default = "default_poll_interval", with = "humantime_serde")]
     pub poll_interval: Duration,
-    /// Cap of the backoff while the coordinator is unreachable.
-    #[serde(default = "default_backoff_max", with = "humantime_serde")]
-    pub backoff_max: Duration,
+    /// Cap of the backoff while the coordinator is unreachable. Defaults to
+    /// `poll_interval`, so a returning coordinator is reached within one poll
+    /// interval; raise it to spare a struggling coordinator at that cost.
+    #[serde(default, with = "humantime_serde::option")]
+    pub backoff_max: Option<Duration>,
+    /// Extra CA bundle (PEM) to trust for the coordinator's certificate.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
 }
@@ -263,8 +287,11 @@ pub struct CoordinatorConfig {
 fn default_poll_interval() -> Duration {
     Duration::from_secs(15)
 }
-fn default_backoff_max() -> Duration {
-    Duration::from_secs(300)
+
+impl CoordinatorConfig {
+    pub fn backoff_max(&self) -> Duration {
+        self.backoff_max.unwrap_or(self.poll_interval)
+    }
 }
 
 /// `[wal]`: where this host's PostgreSQL WAL goes. Owned by the `fleet-wal` crate's
@@ -410,12 +437,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), Vec<FieldError>> {
         let mut problems = Vec::new();
         if let Some(node_id) = &self.node_id {
-            if node_id.is_empty()
-                || node_id.len() > 64
-                || !node_id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-            {
+            if !valid_node_id(node_id) {
                 problems.push(FieldError::new(
                     "node_id",
                     "must be 1-64 characters of letters, digits, '-', '_' and '.'",
@@ -470,8 +492,14 @@ impl Config {
                 "needs api.tls_cert and api.tls_key",
             ));
         }
-        if self.api.max_connections == 0 {
-            problems.push(FieldError::new("api.max_connections", "must be at least 1"));
+        if self.api.max_connections == 0 || self.api.max_connections > 100_000 {
+            problems.push(FieldError::new("api.max_connections", "must be 1-100000"));
+        }
+        if self.api.header_timeout < Duration::from_millis(100) {
+            problems.push(FieldError::new("api.header_timeout", "must be at least 100ms"));
+        }
+        if self.api.request_timeout < Duration::from_millis(100) {
+            problems.push(FieldError::new("api.request_timeout", "must be at least 100ms"));
         }
         if let Some(coordinator) = &self.coordinator {
             if !(coordinator.url.starts_with("http://") || coordinator.url.starts_with("https://"))
@@ -486,6 +514,20 @@ impl Config {
                     "coordinator.poll_interval",
                     "must be at least 100ms",
                 ));
+            }
+            if coordinator.backoff_max() < coordinator.poll_interval.min(Duration::from_secs(1)) {
+                problems.push(FieldError::new(
+                    "coordinator.backoff_max",
+                    "must be at least poll_interval or 1s, whichever is smaller",
+                ));
+            }
+            if let Some(id) = &coordinator.node_id {
+                if !valid_node_id(id) {
+                    problems.push(FieldError::new(
+                        "coordinator.node_id",
+                        "must be 1-64 characters of letters, digits, '-', '_' and '.'",
+                    ));
+                }
             }
         }
         if let Some(wal) = &self.wal {
@@ -522,6 +564,15 @@ impl Config {
     pub fn store_path(&self) -> PathBuf {
         self.state_dir.join("state.db")
     }
+}
+
+/// Node ids go into URL paths and labels: keep them to URL-safe characters.
+fn valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
 }
 
 fn unreachable_default() -> Config {
@@ -608,6 +659,51 @@ mod tests {
     fn unknown_keys_are_errors() {
         let err = Config::from_toml_str(Path::new("t"), "max_deparments = 3\n").unwrap_err();
         assert!(err.to_string().contains("max_deparments"), "{err}");
+    }
+
+    #[test]
+    fn coordinator_section_defaults_and_checks() {
+        let c = Config::from_toml_str(
+            Path::new("t"),
+            "[coordinator]\nurl = \"https://c.example\"\npoll_interval = \"20s\"\n",
+        )
+        .unwrap();
+        let coordinator = c.coordinator.unwrap();
+        assert_eq!(coordinator.backoff_max(), Duration::from_secs(20));
+        let err = Config::from_toml_str(
+            Path::new("t"),
+            "[coordinator]\nurl = \"ftp://c\"\nnode_id = \"a/b\"\nbackoff_max = \"10ms\"\n",
+        )
+        .unwrap_err();
+        let ConfigError::Invalid { problems, .. } = err else {
+            panic!("{err}")
+        };
+        let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "coordinator.url",
+                "coordinator.backoff_max",
+                "coordinator.node_id"
+            ]
+        );
+    }
+
+    #[test]
+    fn api_limits_are_checked() {
+        let err = Config::from_toml_str(
+            Path::new("t"),
+            "[api]\nmax_connections = 0\nheader_timeout = \"1ms\"\ntls_client_ca = \"/ca.pem\"\n",
+        )
+        .unwrap_err();
+        let ConfigError::Invalid { problems, .. } = err else {
+            panic!("{err}")
+        };
+        let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["api.tls_client_ca", "api.max_connections", "api.header_timeout"]
+        );
     }
 
     #[test]

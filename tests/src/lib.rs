@@ -27,6 +27,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use serde_json;
 
+pub mod coordinator;
+
 /// The test images built by `tests/images/build.sh`.
 pub const IMAGE_V1: &str = "fleet-test-agent:1";
 pub const IMAGE_V2: &str = "fleet-test-agent:2";
@@ -95,6 +97,8 @@ pub struct TestOptions {
     pub extra_toml: String,
     /// `[log] level`.
     pub log_level: &'static str,
+    /// Extra lines of the `[api]` table (`token_file = "..."`, limits, TLS).
+    pub api_toml: String,
 }
 
 impl Default for TestOptions {
@@ -104,6 +108,7 @@ impl Default for TestOptions {
             port_range: (42090, 42099),
             extra_toml: String::new(),
             log_level: "info",
+            api_toml: String::new(),
         }
     }
 }
@@ -163,6 +168,7 @@ bind = "127.0.0.1"
 
 [api]
 listen = "{api_addr}"
+{api_extra}
 
 [log]
 format = "json"
@@ -172,6 +178,7 @@ level = "{level}"
             socket = socket.display(),
             departments_dir = departments_dir.display(),
             extra = options.extra_toml,
+            api_extra = options.api_toml,
             level = options.log_level,
         );
         let config_path = root.join("agent.toml");

@@ -27,6 +27,9 @@ use sha2::{Digest, Sha256};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+/// The longest `/v1/events` long-poll; a longer `wait` is shortened to it.
+pub const MAX_EVENT_WAIT: Duration = Duration::from_secs(120);
+
 /// Who is calling, decided once per connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Caller {
@@ -139,6 +142,32 @@ pub fn read_routes() -> Router<ApiState> {
         .route("/v1/events", get(events))
         .route("/v1/ports", get(ports))
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::map_response(json_rejections))
+}
+
+/// axum answers a bad query or path in plain text; every error of this API is
+/// an `ErrorBody`, so rewrite those.
+async fn json_rejections(response: Response) -> Response {
+    let plain = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/plain"));
+    if !(response.status().is_client_error() && plain) {
+        return response;
+    }
+    let status = response.status();
+    let text = match axum::body::to_bytes(response.into_body(), 16 * 1024).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_string(),
+        Err(_) => "bad request".to_string(),
+    };
+    (
+        status,
+        Json(ErrorBody {
+            error: text,
+            fields: vec![],
+        }),
+    )
+        .into_response()
 }
 
 /// Routes that change something or may reveal more: unix socket only.
@@ -151,6 +180,7 @@ pub fn admin_routes() -> Router<ApiState> {
         )
         .route("/v1/departments/{id}/logs", get(logs))
         .route("/v1/departments/{id}/{action}", post(command))
+        .layer(axum::middleware::map_response(json_rejections))
 }
 
 /// Paths the WAL caller may use; everything else is refused to it.
@@ -197,10 +227,18 @@ fn tagged_json<T: Serialize>(headers: &HeaderMap, value: &T) -> Response {
     };
     let digest = Sha256::digest(&body);
     let etag = format!("\"{}\"", hex::encode(&digest[..16]));
+    tagged_body(headers, body, etag)
+}
+
+/// `body` under a given ETag (strong `"..."` or weak `W/"..."`).
+fn tagged_body(headers: &HeaderMap, body: Vec<u8>, etag: String) -> Response {
+    // If-None-Match compares weakly (RFC 9110 13.1.2): `W/` is ignored.
+    let opaque = |t: &str| t.trim().trim_start_matches("W/").to_string();
+    let ours = opaque(&etag);
     let matches = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+        .is_some_and(|v| v.split(',').any(|t| opaque(t) == ours || t.trim() == "*"));
     let etag_value = HeaderValue::from_str(&etag).unwrap_or(HeaderValue::from_static("\"\""));
     if matches {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response();
@@ -274,11 +312,22 @@ pub fn node_status(state: &ApiState) -> NodeStatus {
 }
 
 async fn node(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    let mut status = node_status(&state);
-    // Uptime changes every second; leave it out of the ETag's reach by
-    // rounding, so an unchanged node can still answer 304 within a minute.
-    status.uptime_seconds -= status.uptime_seconds % 60;
-    tagged_json(&headers, &status)
+    let status = node_status(&state);
+    let body = match serde_json::to_vec(&status) {
+        Ok(b) => b,
+        Err(e) => return ApiError::Internal(e.to_string()).into_response(),
+    };
+    // Uptime and the host sample drift every few seconds; a weak ETag over
+    // everything else lets a poller get `304` until something it acts on
+    // (departments, capacity, revision, coordinator sync) changes.
+    let mut stable = status;
+    stable.uptime_seconds = 0;
+    stable.host = Default::default();
+    let digest = match serde_json::to_vec(&stable) {
+        Ok(b) => Sha256::digest(&b),
+        Err(e) => return ApiError::Internal(e.to_string()).into_response(),
+    };
+    tagged_body(&headers, body, format!("W/\"{}\"", hex::encode(&digest[..16])))
 }
 
 async fn departments(State(state): State<ApiState>, headers: HeaderMap) -> Response {
@@ -336,13 +385,18 @@ async fn events(
     Query(q): Query<EventsQuery>,
 ) -> Result<Response, ApiError> {
     let log = &state.supervisor.shared.events;
+    if q.after < 0 {
+        return Err(ApiError::BadRequest(
+            "after: must be 0 or a sequence number from `next`".into(),
+        ));
+    }
     let limit = q.limit.unwrap_or(500).clamp(1, 5000);
     let wait = match &q.wait {
         Some(w) => humantime::parse_duration(w)
             .map_err(|_| {
                 ApiError::BadRequest(format!("wait: `{w}` is not a duration such as \"30s\""))
             })?
-            .min(Duration::from_secs(120)),
+            .min(MAX_EVENT_WAIT),
         None => Duration::ZERO,
     };
     let mut rx = log.subscribe();
