@@ -7,7 +7,7 @@ use super::JsonFlag;
 use crate::client::Client;
 use crate::output;
 use anyhow::{bail, Context};
-use fleet_model::api::{ApplyReport, ApplyRequest, DepartmentDetail, DeptState, Health};
+use fleet_model::api::{ApplyReport, ApplyRequest, DepartmentDetail, DeptState, EventPage, Health};
 use fleet_model::DepartmentSpec;
 use hyper::Method;
 use std::collections::BTreeMap;
@@ -82,6 +82,13 @@ fn show_paths(paths: &[PathBuf]) -> String {
 
 pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
     let specs = read_specs(&args.files)?;
+    // Events already logged are not this apply's; remember where each ends.
+    let mut cursors = BTreeMap::new();
+    if args.wait {
+        for spec in &specs {
+            cursors.insert(spec.id.clone(), last_event(client, &spec.id).await?);
+        }
+    }
     let request = ApplyRequest {
         departments: specs.clone(),
         prune: args.prune,
@@ -101,7 +108,7 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
         }
     }
     if args.wait {
-        wait(client, &specs, args.wait_timeout).await?;
+        wait(client, &specs, cursors, args.wait_timeout).await?;
     }
     if args.json.json {
         return output::json(&report);
@@ -146,16 +153,44 @@ fn judge(detail: &DepartmentDetail, applied: &DepartmentSpec, saw_new: &mut bool
     }
 }
 
+/// The sequence number of the department's latest event (0 if none).
+async fn last_event(client: &Client, id: &str) -> anyhow::Result<i64> {
+    let mut after = 0;
+    loop {
+        let page: EventPage = client
+            .get(&format!(
+                "/v1/events?after={after}&department={id}&limit=5000"
+            ))
+            .await?;
+        if page.events.is_empty() {
+            return Ok(after);
+        }
+        after = page.next;
+    }
+}
+
+/// Prints the department's events logged since `cursor` (pull started, pulled,
+/// update failed, ...): steps too quick for the status poll are not missed.
+async fn print_new_events(client: &Client, id: &str, cursor: &mut i64) -> anyhow::Result<()> {
+    let page: EventPage = client
+        .get(&format!("/v1/events?after={cursor}&department={id}"))
+        .await?;
+    for e in &page.events {
+        say!("{id}: event {}: {}", e.kind, e.message);
+    }
+    *cursor = page.next.max(*cursor);
+    Ok(())
+}
+
 async fn wait(
     client: &Client,
     specs: &[DepartmentSpec],
+    mut cursors: BTreeMap<String, i64>,
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
-    let mut pending: BTreeMap<String, (&DepartmentSpec, bool)> = specs
-        .iter()
-        .map(|s| (s.id.clone(), (s, false)))
-        .collect();
+    let mut pending: BTreeMap<String, (&DepartmentSpec, bool)> =
+        specs.iter().map(|s| (s.id.clone(), (s, false))).collect();
     let mut last_line: BTreeMap<String, String> = BTreeMap::new();
     let mut failed = Vec::new();
     // The first look may still show the old spec: the department task takes
@@ -164,6 +199,8 @@ async fn wait(
     while !pending.is_empty() {
         let mut finished = Vec::new();
         for (id, (spec, saw_new)) in pending.iter_mut() {
+            let cursor = cursors.entry(id.clone()).or_default();
+            print_new_events(client, id, cursor).await?;
             let detail: DepartmentDetail = client.get(&format!("/v1/departments/{id}")).await?;
             let row = &detail.summary;
             let line = format!(

@@ -109,6 +109,10 @@ pub struct DeptActor {
     /// The exited run (container id, start time) already judged, so a resync
     /// does not count the same exit twice.
     judged_run: Option<(String, Option<i64>)>,
+    /// The container Docker sent an `oom` event for: Docker sets `OOMKilled`
+    /// from that event, which can be handled after the exit, so inspect alone
+    /// may report a plain exit 137 for an OOM kill.
+    oom_seen: Option<String>,
     self_tx: mpsc::Sender<DeptMsg>,
 }
 
@@ -155,6 +159,7 @@ impl DeptActor {
             pull_progress: None,
             next_pull_attempt: None,
             judged_run: None,
+            oom_seen: None,
             self_tx: tx.clone(),
         };
         let handle = tokio::spawn(actor.run(rx));
@@ -353,7 +358,7 @@ impl DeptActor {
                 } else if self.judged_run.as_ref() == Some(&(c.id.clone(), c.started_at)) {
                     // Already judged (exit 0 under on-failure, or policy never).
                 } else {
-                    let reason = failure_of(&c);
+                    let reason = self.exit_reason(c).await;
                     self.on_failure(reason).await;
                 }
             }
@@ -383,12 +388,14 @@ impl DeptActor {
                     Ok(Some(c)) => {
                         self.container = Some(c.clone());
                         self.stop_probe();
-                        self.on_failure(failure_of(&c)).await;
+                        let reason = self.exit_reason(c).await;
+                        self.on_failure(reason).await;
                     }
                     Ok(None) => self.converge().await,
                     Err(e) => self.reason = Some(format!("cannot inspect container: {e}")),
                 }
             }
+            "oom" => self.oom_seen = Some(container_id.to_string()),
             "destroy" => {
                 self.container = None;
                 self.stop_probe();
@@ -440,7 +447,29 @@ impl DeptActor {
                         humantime::format_duration(round_ms(delay))
                     )),
                 );
+                let unhealthy = reason == FailureReason::Unhealthy;
                 self.pending_failure = Some(reason);
+                if unhealthy {
+                    // Stop it now rather than when the backoff ends: it serves
+                    // nothing useful, and the stop (up to stop_timeout) then
+                    // overlaps the backoff instead of adding to it. Its `die`
+                    // is ours, ignored because a restart is scheduled.
+                    self.stop_probe();
+                    self.publish();
+                    if let Some(c) = self.container.clone().filter(|c| c.running) {
+                        if let Err(e) = self
+                            .shared
+                            .runtime
+                            .stop(&c.id, self.spec.restart.stop_timeout)
+                            .await
+                        {
+                            tracing::warn!(department = %self.id, error = %e, "Could not stop the unhealthy container.");
+                        }
+                        if let Ok(Some(now)) = self.shared.runtime.inspect(&c.id).await {
+                            self.container = Some(now);
+                        }
+                    }
+                }
             }
             Decision::Park => {
                 self.stop_probe();
@@ -476,6 +505,28 @@ impl DeptActor {
                 );
             }
         }
+    }
+
+    /// Why a stopped run ended. An exit 137 without Docker's OOM flag is looked
+    /// at once more a moment later, since Docker may set the flag just after
+    /// reporting the exit.
+    async fn exit_reason(&mut self, c: ObservedContainer) -> FailureReason {
+        let oom = |c: &ObservedContainer, seen: &Option<String>| {
+            c.oom_killed || seen.as_deref() == Some(c.id.as_str())
+        };
+        if oom(&c, &self.oom_seen) {
+            return FailureReason::Oom;
+        }
+        if c.exit_code == Some(137) {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if let Ok(Some(again)) = self.shared.runtime.inspect(&c.id).await {
+                if again.started_at == c.started_at && oom(&again, &self.oom_seen) {
+                    self.container = Some(again);
+                    return FailureReason::Oom;
+                }
+            }
+        }
+        failure_of(&c)
     }
 
     async fn restart_now(&mut self) {
@@ -521,6 +572,7 @@ impl DeptActor {
         };
         self.set_state(DeptState::Starting, None);
         self.run_started_nano = now_nanos();
+        self.oom_seen = None;
         let permit = self.shared.start_gate.clone().acquire_owned().await.ok();
         let result = self.shared.runtime.start(&c.id).await;
         drop(permit);
@@ -543,7 +595,8 @@ impl DeptActor {
                     self.start_probe();
                     self.set_state(DeptState::Running, None);
                 } else {
-                    self.on_failure(failure_of(&c)).await;
+                    let reason = self.exit_reason(c).await;
+                    self.on_failure(reason).await;
                 }
             }
             Ok(None) => self.start_failed(RuntimeError::NotFound(id.into())).await,
