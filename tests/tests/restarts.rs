@@ -699,7 +699,9 @@ fn serial_docker_engine_restart_is_survived_with_one_container_per_department() 
     for id in &ids {
         d.wait_running(id, UP);
     }
+    let live_restore = docker_ok(&["info", "--format", "{{.LiveRestoreEnabled}}"]) == "true";
     let guard = DockerdGuard::new();
+    let stopped_at_ms = now_ms();
     guard.stop();
     wait_until(
         Duration::from_secs(30),
@@ -728,6 +730,30 @@ fn serial_docker_engine_restart_is_survived_with_one_container_per_department() 
         let row = d.summary(id).unwrap();
         let port = row["host_port"].as_u64().unwrap() as u16;
         assert_eq!(http_get(port, "/health").map(|r| r.status), Ok(200));
+    }
+    if !live_restore {
+        // The engine stopped the containers on its way down; the daemon, not
+        // Docker (restart policy "no"), started them again.
+        for id in &ids {
+            let c = inspect(&container(id)).unwrap();
+            assert_eq!(c["HostConfig"]["RestartPolicy"]["Name"], "no");
+            let started = c["State"]["StartedAt"].as_str().unwrap_or_default();
+            let started_ms = humantime::parse_rfc3339_weak(&started[..19])
+                .map(|t| t.duration_since(UNIX_EPOCH).unwrap().as_millis() as i64)
+                .unwrap_or(0);
+            assert!(
+                started_ms + 1000 >= stopped_at_ms,
+                "{id} was not started again after the engine restart (StartedAt {started})"
+            );
+            let log = dept_events(&d, id);
+            eprintln!("{id}:\n{}", describe_events(&log));
+            assert!(
+                log.iter()
+                    .any(|e| e["kind"] == "recovering" || e["kind"] == "restarting"),
+                "no restart of {id} in the events:\n{}",
+                describe_events(&log)
+            );
+        }
     }
     let log = d.agentctl_json(&["events"])["events"]
         .as_array()

@@ -12,6 +12,7 @@ use crate::runtime::{CreateRequest, ObservedContainer, RuntimeError};
 use fleet_model::api::{DeptState, Health, ProbeRecord};
 use fleet_model::{candidate_container_name, container_name, labels, DepartmentSpec};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -113,6 +114,10 @@ pub struct DeptActor {
     /// from that event, which can be handled after the exit, so inspect alone
     /// may report a plain exit 137 for an OOM kill.
     oom_seen: Option<String>,
+    /// The container this task last saw running, and the engine epoch then.
+    /// An exit it did not watch happen (the daemon, the host or Docker was
+    /// restarting) is not judged like a crash; see `converge`.
+    watched: Option<(String, u64)>,
     self_tx: mpsc::Sender<DeptMsg>,
 }
 
@@ -160,6 +165,7 @@ impl DeptActor {
             next_pull_attempt: None,
             judged_run: None,
             oom_seen: None,
+            watched: None,
             self_tx: tx.clone(),
         };
         let handle = tokio::spawn(actor.run(rx));
@@ -314,6 +320,7 @@ impl DeptActor {
                 self.update(c).await;
             }
             Some(c) if c.running => {
+                self.watch(&c);
                 let adopted = self.container.as_ref().map(|k| k.id.as_str()) != Some(c.id.as_str());
                 if adopted {
                     self.event(
@@ -356,7 +363,23 @@ impl DeptActor {
                 } else if status == "created" {
                     self.start_existing().await;
                 } else if self.judged_run.as_ref() == Some(&(c.id.clone(), c.started_at)) {
-                    // Already judged (exit 0 under on-failure, or policy never).
+                    // Already judged (exit 0 under on-failure, or policy never),
+                    // unless a start we meant to make never happened because
+                    // Docker was unreachable.
+                    if self.state == DeptState::Starting {
+                        self.start_existing().await;
+                    }
+                } else if self.unwatched(&c) && c.exit_code == Some(0) && !c.oom_killed {
+                    // It stopped while nobody watched: a host reboot or a Docker
+                    // restart stops containers cleanly, and that is no reason
+                    // for a department meant to run to stay down. Not a failure.
+                    self.judged_run = Some((c.id.clone(), c.started_at));
+                    self.event(
+                        "recovering",
+                        Some("engine"),
+                        "container was stopped while the daemon or Docker was down; starting it again",
+                    );
+                    self.start_existing().await;
                 } else {
                     let reason = self.exit_reason(c).await;
                     self.on_failure(reason).await;
@@ -507,6 +530,21 @@ impl DeptActor {
         }
     }
 
+    fn watch(&mut self, c: &ObservedContainer) {
+        let epoch = self.shared.engine_epoch.load(Ordering::Relaxed);
+        self.watched = Some((c.id.clone(), epoch));
+    }
+
+    /// True when the run of `c` ended out of this task's sight: it never saw
+    /// the container running, or Docker went away and came back since.
+    fn unwatched(&self, c: &ObservedContainer) -> bool {
+        let epoch = self.shared.engine_epoch.load(Ordering::Relaxed);
+        match &self.watched {
+            Some((id, seen_epoch)) => *id != c.id || *seen_epoch != epoch,
+            None => true,
+        }
+    }
+
     /// Why a stopped run ended. An exit 137 without Docker's OOM flag is looked
     /// at once more a moment later, since Docker may set the flag just after
     /// reporting the exit.
@@ -592,6 +630,7 @@ impl DeptActor {
                 let running = c.running;
                 self.container = Some(c.clone());
                 if running {
+                    self.watch(&c);
                     self.start_probe();
                     self.set_state(DeptState::Running, None);
                 } else {
