@@ -94,7 +94,7 @@ impl RestartTracker {
     }
 
     /// Decides what to do about a failure at `now`; `jitter` in [0, 1) spreads
-    /// restarts of many departments apart (up to +20% of the delay).
+    /// restarts of many departments apart (up to 20% shorter than the nominal delay).
     pub fn on_failure(
         &mut self,
         spec: &RestartSpec,
@@ -121,7 +121,13 @@ impl RestartTracker {
     }
 }
 
-/// `backoff * 2^exponent`, capped at `backoff_max`, plus up to 20% jitter (still capped).
+/// `backoff * 2^exponent`, capped at `backoff_max`, minus up to 20% jitter.
+///
+/// The jitter only ever shortens the delay, so `backoff` and `backoff_max` are
+/// upper bounds an operator can compute with (the unhealthy-restart bound of
+/// issue 3 is `interval x retries + timeout + backoff`), and delays still grow:
+/// the shortest delay of attempt n+1 (1.6 x nominal n) is longer than the
+/// longest of attempt n.
 pub fn delay(spec: &RestartSpec, exponent: u32, jitter: f64) -> Duration {
     let base = spec
         .backoff
@@ -129,8 +135,7 @@ pub fn delay(spec: &RestartSpec, exponent: u32, jitter: f64) -> Duration {
         .unwrap_or(spec.backoff_max)
         .min(spec.backoff_max);
     let jitter = jitter.clamp(0.0, 1.0) * 0.2;
-    base.mul_f64(1.0 + jitter)
-        .min(spec.backoff_max.max(spec.backoff))
+    base.mul_f64(1.0 - jitter)
 }
 
 #[cfg(test)]
@@ -207,8 +212,22 @@ mod tests {
         let mut spec = spec();
         spec.backoff_max = Duration::from_secs(5);
         assert_eq!(delay(&spec, 10, 0.0), Duration::from_secs(5));
-        assert_eq!(delay(&spec, 10, 0.99), Duration::from_secs(5));
-        assert!(delay(&spec, 0, 0.5) > Duration::from_secs(1));
+        assert!(delay(&spec, 10, 0.99) < Duration::from_secs(5));
+        assert!(delay(&spec, 10, 0.99) >= Duration::from_secs(4));
+        assert!(delay(&spec, 0, 0.5) < Duration::from_secs(1));
+        assert_eq!(delay(&spec, 0, 0.5), Duration::from_millis(900));
         assert_eq!(delay(&spec, 40, 0.0), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn jittered_delays_still_grow() {
+        let mut spec = spec();
+        spec.backoff_max = Duration::from_secs(3600);
+        for n in 0..10 {
+            assert!(
+                delay(&spec, n + 1, 1.0) > delay(&spec, n, 0.0),
+                "attempt {n}"
+            );
+        }
     }
 }

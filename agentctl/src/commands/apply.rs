@@ -1,14 +1,18 @@
-//! `agentctl apply -f <file|dir>`: read TOML specs, validate them here (so a bad
-//! file is named before anything is sent), and apply them as one set.
+//! `agentctl apply -f <file|dir> [--wait]`: read TOML specs, validate them here
+//! (so a bad file is named before anything is sent), and apply them as one set;
+//! with `--wait`, follow each department (pull progress, state, reason) until it
+//! runs the applied spec healthy, or fails, or rolls back.
 
 use super::JsonFlag;
 use crate::client::Client;
 use crate::output;
 use anyhow::{bail, Context};
-use fleet_model::api::{ApplyReport, ApplyRequest};
+use fleet_model::api::{ApplyReport, ApplyRequest, DepartmentDetail, DeptState, EventPage, Health};
 use fleet_model::DepartmentSpec;
 use hyper::Method;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -18,6 +22,13 @@ pub struct Args {
     /// Delete departments that are not in the given specs.
     #[arg(long)]
     prune: bool,
+    /// Follow the applied departments (pull progress, state, reason) until each
+    /// runs its new spec healthy; fail if one fails or rolls back.
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this long.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    wait_timeout: Duration,
     #[command(flatten)]
     json: JsonFlag,
 }
@@ -71,12 +82,19 @@ fn show_paths(paths: &[PathBuf]) -> String {
 
 pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
     let specs = read_specs(&args.files)?;
+    // Events already logged are not this apply's; remember where each ends.
+    let mut cursors = BTreeMap::new();
+    if args.wait {
+        for spec in &specs {
+            cursors.insert(spec.id.clone(), last_event(client, &spec.id).await?);
+        }
+    }
     let request = ApplyRequest {
-        departments: specs,
+        departments: specs.clone(),
         prune: args.prune,
     };
     let report: ApplyReport = client.post(Method::POST, "/v1/apply", &request).await?;
-    if args.json.json {
+    if args.json.json && !args.wait {
         return output::json(&report);
     }
     for (verb, ids) in [
@@ -88,6 +106,145 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
         for id in ids {
             say!("{id} {verb}");
         }
+    }
+    if args.wait {
+        wait(client, &specs, cursors, args.wait_timeout).await?;
+    }
+    if args.json.json {
+        return output::json(&report);
+    }
+    Ok(())
+}
+
+/// Where one department stands against the spec just applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Waiting,
+    Done,
+    Failed,
+}
+
+/// Judges a department against the spec just applied. `saw_new` remembers
+/// whether it ever took the new spec: if it did and then went back, the update
+/// was rolled back. A rollback finished before the first look shows as the
+/// applied spec sitting in `previous_spec` with a "rolled back" reason.
+fn judge(detail: &DepartmentDetail, applied: &DepartmentSpec, saw_new: &mut bool) -> Outcome {
+    let row = &detail.summary;
+    let expected_hash = applied.container_hash(row.host_port.unwrap_or_default());
+    let on_new = row.spec_hash.as_deref() == Some(expected_hash.as_str());
+    if on_new {
+        *saw_new = true;
+        let healthy = matches!(row.health, Health::Healthy | Health::Disabled);
+        return match row.state {
+            DeptState::Running if healthy => Outcome::Done,
+            DeptState::Failed | DeptState::CrashLooping | DeptState::Stopped => Outcome::Failed,
+            _ => Outcome::Waiting,
+        };
+    }
+    let rolled_back = row
+        .reason
+        .as_deref()
+        .is_some_and(|r| r.contains("rolled back"));
+    let applied_is_previous = detail.previous_spec.as_ref() == Some(&applied.redacted());
+    if *saw_new || rolled_back && applied_is_previous {
+        Outcome::Failed
+    } else {
+        Outcome::Waiting
+    }
+}
+
+/// The sequence number of the department's latest event (0 if none).
+async fn last_event(client: &Client, id: &str) -> anyhow::Result<i64> {
+    let mut after = 0;
+    loop {
+        let page: EventPage = client
+            .get(&format!(
+                "/v1/events?after={after}&department={id}&limit=5000"
+            ))
+            .await?;
+        if page.events.is_empty() {
+            return Ok(after);
+        }
+        after = page.next;
+    }
+}
+
+/// Prints the department's events logged since `cursor` (pull started, pulled,
+/// update failed, ...): steps too quick for the status poll are not missed.
+async fn print_new_events(client: &Client, id: &str, cursor: &mut i64) -> anyhow::Result<()> {
+    let page: EventPage = client
+        .get(&format!("/v1/events?after={cursor}&department={id}"))
+        .await?;
+    for e in &page.events {
+        say!("{id}: event {}: {}", e.kind, e.message);
+    }
+    *cursor = page.next.max(*cursor);
+    Ok(())
+}
+
+async fn wait(
+    client: &Client,
+    specs: &[DepartmentSpec],
+    mut cursors: BTreeMap<String, i64>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut pending: BTreeMap<String, (&DepartmentSpec, bool)> =
+        specs.iter().map(|s| (s.id.clone(), (s, false))).collect();
+    let mut last_line: BTreeMap<String, String> = BTreeMap::new();
+    let mut failed = Vec::new();
+    // The first look may still show the old spec: the department task takes
+    // the new one a moment after the apply returns, so a rollback is only
+    // believed once the new hash has been seen or the reason says so.
+    while !pending.is_empty() {
+        let mut finished = Vec::new();
+        for (id, (spec, saw_new)) in pending.iter_mut() {
+            let cursor = cursors.entry(id.clone()).or_default();
+            print_new_events(client, id, cursor).await?;
+            let detail: DepartmentDetail = client.get(&format!("/v1/departments/{id}")).await?;
+            let row = &detail.summary;
+            let line = format!(
+                "{id}: {} ({}){}",
+                row.state.as_str(),
+                row.health.as_str(),
+                row.reason
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            );
+            if last_line.get(id) != Some(&line) {
+                say!("{line}");
+                last_line.insert(id.clone(), line.clone());
+            }
+            match judge(&detail, spec, saw_new) {
+                Outcome::Waiting => {}
+                Outcome::Done => finished.push(id.clone()),
+                Outcome::Failed => {
+                    finished.push(id.clone());
+                    failed.push(line);
+                }
+            }
+        }
+        for id in finished {
+            pending.remove(&id);
+        }
+        if pending.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "gave up waiting after {} for {}; follow it with `agentctl status` or `agentctl show <id>`",
+                humantime::format_duration(timeout),
+                pending.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if !failed.is_empty() {
+        bail!(
+            "not every department runs its new spec: {}; see `agentctl show <id>`",
+            failed.join("; ")
+        );
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ use crate::runtime::{CreateRequest, ObservedContainer, RuntimeError};
 use fleet_model::api::{DeptState, Health, ProbeRecord};
 use fleet_model::{candidate_container_name, container_name, labels, DepartmentSpec};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -109,6 +110,14 @@ pub struct DeptActor {
     /// The exited run (container id, start time) already judged, so a resync
     /// does not count the same exit twice.
     judged_run: Option<(String, Option<i64>)>,
+    /// The container Docker sent an `oom` event for: Docker sets `OOMKilled`
+    /// from that event, which can be handled after the exit, so inspect alone
+    /// may report a plain exit 137 for an OOM kill.
+    oom_seen: Option<String>,
+    /// The container this task last saw running, and the engine epoch then.
+    /// An exit it did not watch happen (the daemon, the host or Docker was
+    /// restarting) is not judged like a crash; see `converge`.
+    watched: Option<(String, u64)>,
     self_tx: mpsc::Sender<DeptMsg>,
 }
 
@@ -155,6 +164,8 @@ impl DeptActor {
             pull_progress: None,
             next_pull_attempt: None,
             judged_run: None,
+            oom_seen: None,
+            watched: None,
             self_tx: tx.clone(),
         };
         let handle = tokio::spawn(actor.run(rx));
@@ -320,6 +331,7 @@ impl DeptActor {
                 self.update(c).await;
             }
             Some(c) if c.running => {
+                self.watch(&c);
                 let adopted = self.container.as_ref().map(|k| k.id.as_str()) != Some(c.id.as_str());
                 if adopted {
                     self.event(
@@ -362,9 +374,25 @@ impl DeptActor {
                 } else if status == "created" {
                     self.start_existing().await;
                 } else if self.judged_run.as_ref() == Some(&(c.id.clone(), c.started_at)) {
-                    // Already judged (exit 0 under on-failure, or policy never).
+                    // Already judged (exit 0 under on-failure, or policy never),
+                    // unless a start we meant to make never happened because
+                    // Docker was unreachable.
+                    if self.state == DeptState::Starting {
+                        self.start_existing().await;
+                    }
+                } else if self.unwatched(&c) && c.exit_code == Some(0) && !c.oom_killed {
+                    // It stopped while nobody watched: a host reboot or a Docker
+                    // restart stops containers cleanly, and that is no reason
+                    // for a department meant to run to stay down. Not a failure.
+                    self.judged_run = Some((c.id.clone(), c.started_at));
+                    self.event(
+                        "recovering",
+                        Some("engine"),
+                        "container was stopped while the daemon or Docker was down; starting it again",
+                    );
+                    self.start_existing().await;
                 } else {
-                    let reason = failure_of(&c);
+                    let reason = self.exit_reason(c).await;
                     self.on_failure(reason).await;
                 }
             }
@@ -394,12 +422,14 @@ impl DeptActor {
                     Ok(Some(c)) => {
                         self.container = Some(c.clone());
                         self.stop_probe();
-                        self.on_failure(failure_of(&c)).await;
+                        let reason = self.exit_reason(c).await;
+                        self.on_failure(reason).await;
                     }
                     Ok(None) => self.converge().await,
                     Err(e) => self.reason = Some(format!("cannot inspect container: {e}")),
                 }
             }
+            "oom" => self.oom_seen = Some(container_id.to_string()),
             "destroy" => {
                 self.container = None;
                 self.stop_probe();
@@ -451,7 +481,29 @@ impl DeptActor {
                         humantime::format_duration(round_ms(delay))
                     )),
                 );
+                let unhealthy = reason == FailureReason::Unhealthy;
                 self.pending_failure = Some(reason);
+                if unhealthy {
+                    // Stop it now rather than when the backoff ends: it serves
+                    // nothing useful, and the stop (up to stop_timeout) then
+                    // overlaps the backoff instead of adding to it. Its `die`
+                    // is ours, ignored because a restart is scheduled.
+                    self.stop_probe();
+                    self.publish();
+                    if let Some(c) = self.container.clone().filter(|c| c.running) {
+                        if let Err(e) = self
+                            .shared
+                            .runtime
+                            .stop(&c.id, self.spec.restart.stop_timeout)
+                            .await
+                        {
+                            tracing::warn!(department = %self.id, error = %e, "Could not stop the unhealthy container.");
+                        }
+                        if let Ok(Some(now)) = self.shared.runtime.inspect(&c.id).await {
+                            self.container = Some(now);
+                        }
+                    }
+                }
             }
             Decision::Park => {
                 self.stop_probe();
@@ -487,6 +539,43 @@ impl DeptActor {
                 );
             }
         }
+    }
+
+    fn watch(&mut self, c: &ObservedContainer) {
+        let epoch = self.shared.engine_epoch.load(Ordering::Relaxed);
+        self.watched = Some((c.id.clone(), epoch));
+    }
+
+    /// True when the run of `c` ended out of this task's sight: it never saw
+    /// the container running, or Docker went away and came back since.
+    fn unwatched(&self, c: &ObservedContainer) -> bool {
+        let epoch = self.shared.engine_epoch.load(Ordering::Relaxed);
+        match &self.watched {
+            Some((id, seen_epoch)) => *id != c.id || *seen_epoch != epoch,
+            None => true,
+        }
+    }
+
+    /// Why a stopped run ended. An exit 137 without Docker's OOM flag is looked
+    /// at once more a moment later, since Docker may set the flag just after
+    /// reporting the exit.
+    async fn exit_reason(&mut self, c: ObservedContainer) -> FailureReason {
+        let oom = |c: &ObservedContainer, seen: &Option<String>| {
+            c.oom_killed || seen.as_deref() == Some(c.id.as_str())
+        };
+        if oom(&c, &self.oom_seen) {
+            return FailureReason::Oom;
+        }
+        if c.exit_code == Some(137) {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if let Ok(Some(again)) = self.shared.runtime.inspect(&c.id).await {
+                if again.started_at == c.started_at && oom(&again, &self.oom_seen) {
+                    self.container = Some(again);
+                    return FailureReason::Oom;
+                }
+            }
+        }
+        failure_of(&c)
     }
 
     async fn restart_now(&mut self) {
@@ -532,6 +621,7 @@ impl DeptActor {
         };
         self.set_state(DeptState::Starting, None);
         self.run_started_nano = now_nanos();
+        self.oom_seen = None;
         let permit = self.shared.start_gate.clone().acquire_owned().await.ok();
         let result = self.shared.runtime.start(&c.id).await;
         drop(permit);
@@ -551,10 +641,12 @@ impl DeptActor {
                 let running = c.running;
                 self.container = Some(c.clone());
                 if running {
+                    self.watch(&c);
                     self.start_probe();
                     self.set_state(DeptState::Running, None);
                 } else {
-                    self.on_failure(failure_of(&c)).await;
+                    let reason = self.exit_reason(c).await;
+                    self.on_failure(reason).await;
                 }
             }
             Ok(None) => self.start_failed(RuntimeError::NotFound(id.into())).await,

@@ -38,6 +38,9 @@ pub struct Shared {
     /// Limits how many departments start at once (after a reboot, all would).
     pub start_gate: Arc<Semaphore>,
     pub docker_up: AtomicBool,
+    /// Counts the times Docker came (back) up: a container last seen running
+    /// in an older epoch may have been stopped by the engine, not by itself.
+    pub engine_epoch: AtomicU64,
     pub shutdown: AtomicBool,
     pub counters: Counters,
     pub host_memory_bytes: u64,
@@ -119,6 +122,7 @@ impl Supervisor {
             http: probe::client(),
             start_gate: Arc::new(Semaphore::new(config.start_concurrency)),
             docker_up: AtomicBool::new(false),
+            engine_epoch: AtomicU64::new(0),
             shutdown: AtomicBool::new(false),
             counters: Counters::default(),
             host_memory_bytes,
@@ -528,6 +532,7 @@ impl Supervisor {
         let was = self.shared.docker_up.swap(up, Ordering::Relaxed);
         if was != up {
             if up {
+                self.shared.engine_epoch.fetch_add(1, Ordering::Relaxed);
                 self.shared
                     .events
                     .record(None, "docker_up", None, "Docker engine reachable");
