@@ -68,7 +68,7 @@ changes=$(
     cd "$OVL_DIR/upper"
     find . -mindepth 1 | sort | while read -r p; do
         lower="$PKGTEST_BASE/${p#./}"
-        if [ -c "$p" ] && [ "$(stat -c %t%T "$p")" = 00 ]; then
+        if [ -c "$p" ] && [ ! -L "$p" ] && [ "$(stat -c %t%T "$p")" = 00 ]; then
             echo "deleted ${p#.}"
         elif [ -d "$p" ] && [ ! -L "$p" ]; then
             [ -d "$lower" ] || echo "new dir ${p#.}"

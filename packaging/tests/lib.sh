@@ -10,6 +10,8 @@
 # Each test works on an overlay of the base, so the base itself stays clean.
 
 set -euo pipefail
+# Failures inside $(...) must stop the test too.
+shopt -s inherit_errexit
 
 PKGTEST_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 PKGTEST_TARGET=${CARGO_TARGET_DIR:-$PKGTEST_ROOT/target}
@@ -121,11 +123,13 @@ overlay_up() {
     OVL="$OVL_DIR/merged"
     mount -t proc proc "$OVL/proc"
     mount --bind /dev "$OVL/dev"
+    mount --bind /dev/pts "$OVL/dev/pts"
 }
 
 overlay_down() {
     [ -n "${OVL_DIR:-}" ] || return 0
     umount "$OVL/proc" 2>/dev/null || true
+    umount "$OVL/dev/pts" 2>/dev/null || true
     umount "$OVL/dev" 2>/dev/null || true
     umount "$OVL" 2>/dev/null || umount -l "$OVL" 2>/dev/null || true
     rm -rf "$OVL_DIR"
@@ -138,7 +142,7 @@ in_root() { chroot "$OVL" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8
 root_install() {
     local deb=$1
     cp "$deb" "$OVL/tmp/"
-    in_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-download \
+    in_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
         "/tmp/$(basename "$deb")" </dev/null
 }
 
@@ -187,6 +191,7 @@ remove_node_containers() {
 
 # assert_mode PATH MODE OWNER:GROUP (inside the overlay root)
 assert_mode() {
-    local got; got=$(stat -c '%a %U:%G' "$OVL$1" 2>/dev/null) || fail "$1 does not exist"
+    # stat inside the root: user and group names are the root's, not the host's.
+    local got; got=$(in_root stat -c '%a %U:%G' "$1" 2>/dev/null) || fail "$1 does not exist"
     [ "$got" = "$2 $3" ] || fail "$1 is '$got', expected '$2 $3'"
 }
