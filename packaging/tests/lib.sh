@@ -20,7 +20,7 @@ PKGTEST_SUITE=${FLEET_PKGTEST_SUITE:-bookworm}
 PKGTEST_MIRROR=${FLEET_PKGTEST_MIRROR:-http://deb.debian.org/debian}
 PKGTEST_BIN_DIR=${FLEET_BIN_DIR:-$PKGTEST_TARGET/debug}
 # Bump when the recipe below changes; the key names the cached root and image.
-PKGTEST_BASE_RECIPE="v1 $PKGTEST_SUITE minbase python3,python3-apt,systemd,adduser,man-db,ca-certificates +docker.io"
+PKGTEST_BASE_RECIPE="v1 $PKGTEST_SUITE minbase python3,python3-apt,systemd,adduser,procps,man-db,ca-certificates +docker.io"
 PKGTEST_BASE_KEY=$(printf '%s' "$PKGTEST_BASE_RECIPE" | sha256sum | cut -c1-12)
 PKGTEST_BASE="$PKGTEST_CACHE/base-$PKGTEST_BASE_KEY"
 PKGTEST_IMAGE="fleet-pkgtest-base:$PKGTEST_BASE_KEY"
@@ -47,7 +47,7 @@ _build_base() {
     local dir="$PKGTEST_BASE.tmp"
     log "debootstrap $PKGTEST_SUITE into $dir (first run only, ~2 min)"
     debootstrap --variant=minbase \
-        --include=python3,python3-apt,systemd,adduser,man-db,ca-certificates \
+        --include=python3,python3-apt,systemd,adduser,procps,man-db,ca-certificates \
         "$PKGTEST_SUITE" "$dir" "$PKGTEST_MIRROR" >"$PKGTEST_CACHE/debootstrap.log" 2>&1 \
         || { tail -20 "$PKGTEST_CACHE/debootstrap.log" >&2; return 1; }
     # Keep maintainer scripts from starting daemons in the chroot while docker.io installs.
@@ -74,7 +74,7 @@ ensure_base() { with_lock base _build_base; }
 _build_image() {
     docker image inspect "$PKGTEST_IMAGE" >/dev/null 2>&1 && return 0
     log "importing $PKGTEST_BASE as $PKGTEST_IMAGE"
-    tar -C "$PKGTEST_BASE" --exclude=./.complete -c . | docker import -q - "$PKGTEST_IMAGE" >/dev/null
+    tar -C "$PKGTEST_BASE" --exclude=./.complete -c . | docker import - "$PKGTEST_IMAGE" >/dev/null
 }
 
 ensure_image() { ensure_base; with_lock image _build_image; }
