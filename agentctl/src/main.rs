@@ -1,1 +1,102 @@
-fn main() {}
+//! `agentctl`: the operator's command line on the box. Talks to fleet-agentd over
+//! its unix socket. Tables for people, `--json` for scripts; exit 0 only on
+//! success, 1 on failure, 64 on bad arguments.
+
+/// `println!` that does not panic when stdout is a closed pipe (`agentctl status | head`).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+mod client;
+mod commands;
+mod output;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "agentctl",
+    version,
+    about = "Control the fleet-agent daemon on this host"
+)]
+pub struct Cli {
+    /// Control socket (default: $FLEET_AGENT_SOCKET, /run/fleet-agent/agentctl.sock, or the embedded default's).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Node summary and one row per department.
+    Status(commands::status::Args),
+    /// One department in depth: spec (secrets masked), container, probes, events, restarts.
+    Show(commands::show::Args),
+    /// Apply department specs from a TOML file or a directory of them (standalone mode).
+    Apply(commands::apply::Args),
+    /// Stop and remove a department's container and free its port (standalone mode).
+    Delete(commands::delete::Args),
+    /// Start a stopped department.
+    Start(commands::control::Args),
+    /// Stop a department (SIGTERM, then SIGKILL after stop_timeout); it stays stopped.
+    Stop(commands::control::Args),
+    /// Restart a department; also un-parks a crash-looping one.
+    Restart(commands::control::Args),
+    /// Go back to the department's previous spec.
+    Rollback(commands::control::Args),
+    /// A department's container logs.
+    Logs(commands::logs::Args),
+    /// The event log; -f follows it.
+    Events(commands::events::Args),
+    /// The host port pool and who holds each port.
+    Ports(commands::ports::Args),
+    /// Check Docker, config, disk, clock, coordinator and the daemon, and say what is wrong.
+    Doctor(commands::doctor::Args),
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(64)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(fleet_model::config::default_client_socket);
+    let client = client::Client::new(socket);
+    let result = match cli.command {
+        Command::Status(args) => commands::status::run(&client, args).await,
+        Command::Show(args) => commands::show::run(&client, args).await,
+        Command::Apply(args) => commands::apply::run(&client, args).await,
+        Command::Delete(args) => commands::delete::run(&client, args).await,
+        Command::Start(args) => commands::control::run(&client, "start", args).await,
+        Command::Stop(args) => commands::control::run(&client, "stop", args).await,
+        Command::Restart(args) => commands::control::run(&client, "restart", args).await,
+        Command::Rollback(args) => commands::control::run(&client, "rollback", args).await,
+        Command::Logs(args) => commands::logs::run(&client, args).await,
+        Command::Events(args) => commands::events::run(&client, args).await,
+        Command::Ports(args) => commands::ports::run(&client, args).await,
+        Command::Doctor(args) => commands::doctor::run(&client, args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agentctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

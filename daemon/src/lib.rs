@@ -1,1 +1,18 @@
-//! fleet-agentd library.
+//! fleet-agentd: keeps the department containers of this host equal to the
+//! desired state. `run` wires the pieces; each module's header says what it owns.
+
+pub mod api;
+pub mod desired;
+pub mod events;
+pub mod host;
+pub mod logging;
+pub mod metrics;
+pub mod ports;
+pub mod restart;
+pub mod runtime;
+pub mod store;
+pub mod supervisor;
+pub mod systemd;
+
+mod daemon;
+pub use daemon::{check_config, run, RunError};

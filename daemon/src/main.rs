@@ -1,1 +1,109 @@
-fn main() {}
+//! `fleet-agentd`: the node daemon. `fleet-agentd [--config PATH]` runs it;
+//! `fleet-agentd check-config` validates the config and `departments.d`.
+//! Exit codes: 0 ok, 1 failure, 64 bad config or arguments.
+
+use clap::{Parser, Subcommand};
+use fleet_model::Config;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "fleet-agentd",
+    version,
+    about = "fleet-agent node daemon: runs department containers from a desired state"
+)]
+struct Cli {
+    /// Config file (default: $FLEET_AGENT_CONFIG, then /etc/fleet-agent/agent.toml, then the embedded default).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Log format: auto (journald under systemd, else text), text, json, journald.
+    #[arg(long, global = true)]
+    log_format: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (the default).
+    Run,
+    /// Validate the config and every spec in departments_dir, then exit.
+    CheckConfig,
+}
+
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let (mut config, source) = match Config::locate(cli.config.as_deref()) {
+        Ok(found) => found,
+        Err(e) => {
+            eprintln!("fleet-agentd: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(format) = cli.log_format {
+        config.log.format = format;
+        if let Err(problems) = config.validate() {
+            eprintln!(
+                "fleet-agentd: --log-format: {}",
+                fleet_model::spec::join_fields(&problems)
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
+    match cli.command.unwrap_or(Command::Run) {
+        Command::CheckConfig => match fleet_agentd::check_config(&config, &source) {
+            Ok(lines) => {
+                for line in lines {
+                    println!("{line}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                for p in problems {
+                    eprintln!("fleet-agentd: {p}");
+                }
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run => {
+            fleet_agentd::logging::init(&config.log.level, &config.log.format);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("fleet-agentd: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(fleet_agentd::run(config, source)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "fleet-agentd stopped.");
+                    eprintln!("fleet-agentd: {e}");
+                    match e {
+                        fleet_agentd::RunError::Config(_) | fleet_agentd::RunError::Token(_) => {
+                            ExitCode::from(EXIT_CONFIG)
+                        }
+                        _ => ExitCode::FAILURE,
+                    }
+                }
+            }
+        }
+    }
+}

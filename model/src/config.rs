@@ -133,10 +133,12 @@ impl Default for PortsConfig {
 impl PortsConfig {
     /// The pool as an inclusive range; `validate` has already checked it parses.
     pub fn parsed_range(&self) -> Result<(u16, u16), String> {
-        let (low, high) = self
-            .range
-            .split_once('-')
-            .ok_or_else(|| format!("`{}` is not a range; write it like \"8001-8010\"", self.range))?;
+        let (low, high) = self.range.split_once('-').ok_or_else(|| {
+            format!(
+                "`{}` is not a range; write it like \"8001-8010\"",
+                self.range
+            )
+        })?;
         let low: u16 = low
             .trim()
             .parse()
@@ -472,7 +474,8 @@ impl Config {
             problems.push(FieldError::new("api.max_connections", "must be at least 1"));
         }
         if let Some(coordinator) = &self.coordinator {
-            if !(coordinator.url.starts_with("http://") || coordinator.url.starts_with("https://")) {
+            if !(coordinator.url.starts_with("http://") || coordinator.url.starts_with("https://"))
+            {
                 problems.push(FieldError::new(
                     "coordinator.url",
                     "must start with https:// (or http:// on a trusted network)",
@@ -591,7 +594,8 @@ mod tests {
 
     #[test]
     fn every_problem_is_reported_at_once() {
-        let text = "max_departments = 0\n[ports]\nrange = \"9-1\"\n[api]\nlisten = \"0.0.0.0:7070\"\n";
+        let text =
+            "max_departments = 0\n[ports]\nrange = \"9-1\"\n[api]\nlisten = \"0.0.0.0:7070\"\n";
         let err = Config::from_toml_str(Path::new("t"), text).unwrap_err();
         let ConfigError::Invalid { problems, .. } = err else {
             panic!("{err}")

@@ -1,0 +1,544 @@
+//! The HTTP API: one router, two listeners. The unix socket gets everything
+//! (callers classified by peer credentials); the TCP listener gets the read-only
+//! routes and `/metrics` behind the token check. Errors map to statuses in one
+//! exhaustive match.
+
+pub mod tcp;
+pub mod unix;
+
+use crate::supervisor::board::DeptView;
+use crate::supervisor::department::OperatorCommand;
+use crate::supervisor::{Supervisor, SupervisorError};
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use fleet_model::api::{
+    ApplyRequest, CoordinatorStatus, DepartmentDetail, DepartmentSummary, ErrorBody, EventPage,
+    NodeStatus, PortLease,
+};
+use fleet_model::spec::FieldError;
+use fleet_model::DepartmentSpec;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+/// Who is calling, decided once per connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// root, the daemon's own user, or the admin group on the unix socket.
+    Admin,
+    /// The PostgreSQL server's user: WAL push and fetch only.
+    Wal,
+    /// A TCP client that passed the token check: reads only.
+    Remote,
+    Denied,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Standalone,
+    Coordinator,
+}
+
+/// Status the coordinator client publishes for `/v1/node`.
+#[derive(Debug, Clone, Default)]
+pub struct SyncStatus {
+    pub applied_revision: Option<i64>,
+    pub coordinator: Option<CoordinatorStatus>,
+}
+
+/// A subsystem's contribution to `/metrics` (WAL, coordinator): appends its lines.
+pub type MetricsSource = Arc<dyn Fn(&mut String) + Send + Sync>;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub supervisor: Supervisor,
+    pub started: Instant,
+    pub mode: Mode,
+    pub coordinator_url: Option<String>,
+    pub sync: Arc<RwLock<SyncStatus>>,
+    pub host: crate::host::HostSampler,
+    pub extra_metrics: Arc<RwLock<Vec<MetricsSource>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Supervisor(#[from] SupervisorError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{message}")]
+    Invalid {
+        message: String,
+        fields: Vec<FieldError>,
+    },
+    #[error("no department `{0}` on this node")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("this socket only lets {0} push and fetch WAL")]
+    Forbidden(String),
+    #[error("{0}")]
+    Internal(String),
+    #[error("Docker: {0}")]
+    Runtime(#[from] crate::runtime::RuntimeError),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let message = self.to_string();
+        let (status, fields) = match self {
+            ApiError::Supervisor(SupervisorError::Invalid(fields)) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, fields)
+            }
+            ApiError::Supervisor(SupervisorError::UnknownDepartment(_)) => {
+                (StatusCode::NOT_FOUND, vec![])
+            }
+            ApiError::Supervisor(SupervisorError::Department(_)) => (StatusCode::CONFLICT, vec![]),
+            ApiError::Supervisor(SupervisorError::Store(_)) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, vec![])
+            }
+            ApiError::Supervisor(SupervisorError::Gone(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, vec![])
+            }
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, vec![]),
+            ApiError::Invalid { fields, .. } => (StatusCode::UNPROCESSABLE_ENTITY, fields),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, vec![]),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, vec![]),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, vec![]),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, vec![]),
+            ApiError::Runtime(crate::runtime::RuntimeError::NotFound(_)) => {
+                (StatusCode::NOT_FOUND, vec![])
+            }
+            ApiError::Runtime(_) => (StatusCode::BAD_GATEWAY, vec![]),
+        };
+        (
+            status,
+            Json(ErrorBody {
+                error: message,
+                fields,
+            }),
+        )
+            .into_response()
+    }
+}
+
+/// Routes any authenticated caller may read (unix socket and TCP).
+pub fn read_routes() -> Router<ApiState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/node", get(node))
+        .route("/v1/departments", get(departments))
+        .route("/v1/departments/{id}", get(department))
+        .route("/v1/events", get(events))
+        .route("/v1/ports", get(ports))
+        .route("/metrics", get(metrics))
+}
+
+/// Routes that change something or may reveal more: unix socket only.
+pub fn admin_routes() -> Router<ApiState> {
+    Router::new()
+        .route("/v1/apply", post(apply))
+        .route(
+            "/v1/departments/{id}",
+            axum::routing::put(put_department).delete(delete_department),
+        )
+        .route("/v1/departments/{id}/logs", get(logs))
+        .route("/v1/departments/{id}/{action}", post(command))
+}
+
+/// Paths the WAL caller may use; everything else is refused to it.
+const WAL_PATHS: [&str; 2] = ["/v1/wal/push", "/v1/wal/fetch/"];
+
+pub async fn authorize(
+    Extension(caller): Extension<Caller>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match caller {
+        Caller::Admin | Caller::Remote => next.run(request).await,
+        Caller::Wal => {
+            let path = request.uri().path();
+            if WAL_PATHS
+                .iter()
+                .any(|p| path == *p || (p.ends_with('/') && path.starts_with(p)))
+            {
+                next.run(request).await
+            } else {
+                ApiError::Forbidden("the PostgreSQL user".into()).into_response()
+            }
+        }
+        Caller::Denied => (
+            StatusCode::FORBIDDEN,
+            Json(ErrorBody {
+                error: "permission denied: use root or a member of the fleet-agent group".into(),
+                fields: vec![],
+            }),
+        )
+            .into_response(),
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// JSON with an ETag; `304` when the caller already has this body.
+fn tagged_json<T: Serialize>(headers: &HeaderMap, value: &T) -> Response {
+    let body = match serde_json::to_vec(value) {
+        Ok(b) => b,
+        Err(e) => return ApiError::Internal(e.to_string()).into_response(),
+    };
+    let digest = Sha256::digest(&body);
+    let etag = format!("\"{}\"", hex::encode(&digest[..16]));
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    let etag_value = HeaderValue::from_str(&etag).unwrap_or(HeaderValue::from_static("\"\""));
+    if matches {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response();
+    }
+    (
+        StatusCode::OK,
+        [
+            (header::ETAG, etag_value),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+pub fn summary(id: &str, view: &DeptView) -> DepartmentSummary {
+    let now = crate::store::now_secs();
+    DepartmentSummary {
+        id: id.to_string(),
+        name: view.spec.name.clone(),
+        state: view.state,
+        health: view.health,
+        host_port: Some(view.host_port),
+        image: view.spec.image.clone(),
+        restarts: view.restarts(),
+        started_at: view.started_at,
+        uptime_seconds: view.started_at.map(|s| (now - s).max(0) as u64),
+        container_id: view.container_id.clone(),
+        spec_hash: Some(view.spec_hash.clone()),
+        reason: view
+            .pull_progress
+            .clone()
+            .map(|p| format!("pulling: {p}"))
+            .or_else(|| view.reason.clone()),
+        desired_running: view.desired_running,
+    }
+}
+
+pub fn node_status(state: &ApiState) -> NodeStatus {
+    let shared = &state.supervisor.shared;
+    let board = shared.board.all();
+    let mut states = std::collections::BTreeMap::new();
+    for view in board.values() {
+        *states.entry(view.state.as_str().to_string()).or_insert(0) += 1;
+    }
+    let committed = board.values().map(|v| v.spec.memory_bytes()).sum();
+    let sync = state.sync.read().map(|s| s.clone()).unwrap_or_default();
+    NodeStatus {
+        node_id: shared.node_id.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime_seconds: state.started.elapsed().as_secs(),
+        mode: match state.mode {
+            Mode::Standalone => "standalone".into(),
+            Mode::Coordinator => "coordinator".into(),
+        },
+        docker_reachable: shared.docker_up.load(std::sync::atomic::Ordering::Relaxed),
+        departments: board.len(),
+        max_departments: shared.config.max_departments,
+        memory_limit_bytes: shared
+            .host_memory_bytes
+            .saturating_sub(shared.config.reserved_memory.bytes()),
+        memory_committed_bytes: committed,
+        host: state.host.snapshot(),
+        applied_revision: sync.applied_revision,
+        coordinator: sync.coordinator,
+        states,
+    }
+}
+
+async fn node(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    let mut status = node_status(&state);
+    // Uptime changes every second; leave it out of the ETag's reach by
+    // rounding, so an unchanged node can still answer 304 within a minute.
+    status.uptime_seconds -= status.uptime_seconds % 60;
+    tagged_json(&headers, &status)
+}
+
+async fn departments(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    let list: Vec<DepartmentSummary> = state
+        .supervisor
+        .shared
+        .board
+        .all()
+        .iter()
+        .map(|(id, v)| {
+            let mut s = summary(id, v);
+            s.uptime_seconds = None;
+            s
+        })
+        .collect();
+    tagged_json(&headers, &list)
+}
+
+async fn department(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let shared = &state.supervisor.shared;
+    let view = shared
+        .board
+        .get(&id)
+        .ok_or_else(|| ApiError::NotFound(id.clone()))?;
+    let mut summary = summary(&id, &view);
+    summary.uptime_seconds = None;
+    let detail = DepartmentDetail {
+        summary,
+        spec: view.spec.clone(),
+        previous_spec: view.previous.clone(),
+        probes: view.probes.iter().cloned().collect(),
+        events: shared.store.recent_events(&id, 20).unwrap_or_default(),
+        restart_history: shared.store.restart_history(&id, 20).unwrap_or_default(),
+        postgres_check: view.postgres_check.clone(),
+    };
+    Ok(tagged_json(&headers, &detail))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    #[serde(default)]
+    after: i64,
+    wait: Option<String>,
+    department: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn events(
+    State(state): State<ApiState>,
+    Query(q): Query<EventsQuery>,
+) -> Result<Response, ApiError> {
+    let log = &state.supervisor.shared.events;
+    let limit = q.limit.unwrap_or(500).clamp(1, 5000);
+    let wait = match &q.wait {
+        Some(w) => humantime::parse_duration(w)
+            .map_err(|_| {
+                ApiError::BadRequest(format!("wait: `{w}` is not a duration such as \"30s\""))
+            })?
+            .min(Duration::from_secs(120)),
+        None => Duration::ZERO,
+    };
+    let mut rx = log.subscribe();
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let page = log.page(q.after, q.department.as_deref(), limit);
+        if !page.is_empty() || tokio::time::Instant::now() >= deadline {
+            let next = page.last().map(|e| e.seq).unwrap_or(q.after.max(0));
+            return Ok(Json(EventPage { events: page, next }).into_response());
+        }
+        if tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .is_err()
+        {
+            let next = q.after.max(0);
+            return Ok(Json(EventPage {
+                events: vec![],
+                next,
+            })
+            .into_response());
+        }
+    }
+}
+
+async fn ports(State(state): State<ApiState>) -> Json<Vec<PortLease>> {
+    let (pool, bind) = state.supervisor.port_table().await;
+    let leases = pool.leases().clone();
+    let mut out: Vec<PortLease> = (pool.low..=pool.high)
+        .map(|port| match leases.get(&port) {
+            Some(d) => PortLease {
+                port,
+                department: Some(d.clone()),
+                status: "leased".into(),
+            },
+            None => PortLease {
+                port,
+                department: None,
+                status: if crate::ports::port_busy(bind, port) {
+                    "busy"
+                } else {
+                    "free"
+                }
+                .into(),
+            },
+        })
+        .collect();
+    // Explicit host ports outside the pool are leases too.
+    for (port, d) in leases
+        .iter()
+        .filter(|(p, _)| **p < pool.low || **p > pool.high)
+    {
+        out.push(PortLease {
+            port: *port,
+            department: Some(d.clone()),
+            status: "leased".into(),
+        });
+    }
+    Json(out)
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let mut text = crate::metrics::render(&state);
+    if let Ok(extra) = state.extra_metrics.read() {
+        for render in extra.iter() {
+            render(&mut text);
+        }
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+fn refuse_in_coordinator_mode(state: &ApiState) -> Result<(), ApiError> {
+    match state.mode {
+        Mode::Standalone => Ok(()),
+        Mode::Coordinator => Err(ApiError::Conflict(format!(
+            "this node takes its desired state from the coordinator at {}; change the department there (restart, stop and start still work here)",
+            state.coordinator_url.as_deref().unwrap_or("?")
+        ))),
+    }
+}
+
+async fn apply(
+    State(state): State<ApiState>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    refuse_in_coordinator_mode(&state)?;
+    let request: ApplyRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))?;
+    apply_specs(&state, request.departments, request.prune).await
+}
+
+async fn apply_specs(
+    state: &ApiState,
+    specs: Vec<DepartmentSpec>,
+    prune: bool,
+) -> Result<Response, ApiError> {
+    let dir = state.supervisor.shared.config.departments_dir.clone();
+    let report = state.supervisor.apply(specs.clone(), prune).await?;
+    for spec in &specs {
+        crate::desired::write_spec(&dir, spec).map_err(|e| ApiError::Internal(e.to_string()))?;
+    }
+    for id in &report.deleted {
+        crate::desired::remove_spec(&dir, id).map_err(|e| ApiError::Internal(e.to_string()))?;
+    }
+    Ok(Json(report).into_response())
+}
+
+async fn put_department(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    refuse_in_coordinator_mode(&state)?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::BadRequest("body must be UTF-8 JSON".into()))?;
+    let spec = DepartmentSpec::from_json("body", text).map_err(|e| ApiError::Invalid {
+        message: format!("spec refused: {e}"),
+        fields: e.fields(),
+    })?;
+    if spec.id != id {
+        return Err(ApiError::Invalid {
+            message: format!("spec id `{}` does not match the path `{id}`", spec.id),
+            fields: vec![FieldError::new(
+                "id",
+                "must match the department in the path",
+            )],
+        });
+    }
+    apply_specs(&state, vec![spec], false).await
+}
+
+async fn delete_department(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    refuse_in_coordinator_mode(&state)?;
+    state.supervisor.delete(&id).await?;
+    crate::desired::remove_spec(&state.supervisor.shared.config.departments_dir, &id)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(serde_json::json!({ "deleted": id })).into_response())
+}
+
+async fn command(
+    State(state): State<ApiState>,
+    Path((id, action)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let command = match action.as_str() {
+        "start" => OperatorCommand::Start,
+        "stop" => OperatorCommand::Stop,
+        "restart" => OperatorCommand::Restart,
+        "rollback" => OperatorCommand::Rollback,
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "`{other}` is not an action; use start, stop, restart or rollback"
+            )))
+        }
+    };
+    let message = state.supervisor.command(&id, command).await?;
+    Ok(Json(serde_json::json!({ "message": message })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    tail: Option<usize>,
+    #[serde(default)]
+    follow: bool,
+}
+
+async fn logs(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Response, ApiError> {
+    let view = state
+        .supervisor
+        .shared
+        .board
+        .get(&id)
+        .ok_or_else(|| ApiError::NotFound(id.clone()))?;
+    let container = view
+        .container_id
+        .ok_or_else(|| ApiError::Conflict(format!("department `{id}` has no container yet")))?;
+    let stream = state
+        .supervisor
+        .shared
+        .runtime
+        .logs(&container, q.tail, q.follow);
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}

@@ -1,0 +1,279 @@
+//! Start-up and shutdown: open the store, connect the runtime, start the
+//! supervisor, bind the listeners, tell systemd we are ready, then wait for a
+//! signal. SIGHUP re-reads `departments.d`; SIGTERM/SIGINT stop the daemon and
+//! leave every container running (they belong to Docker, not to us).
+
+use crate::api::{self, ApiState, Mode, SyncStatus};
+use crate::events::EventLog;
+use crate::runtime::{load_registry_auth, BollardRuntime};
+use crate::store::Store;
+use crate::supervisor::Supervisor;
+use axum::Router;
+use fleet_model::config::ConfigSource;
+use fleet_model::Config;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Supervisor(#[from] crate::supervisor::SupervisorError),
+    #[error(transparent)]
+    Socket(#[from] api::unix::SocketError),
+    #[error(transparent)]
+    Token(#[from] api::tcp::TokenError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Validates the config and, in standalone mode, every spec in `departments_dir`.
+/// Returns the lines to print.
+pub fn check_config(config: &Config, source: &ConfigSource) -> Result<Vec<String>, Vec<String>> {
+    let mut ok = vec![match source {
+        ConfigSource::File(p) => format!("{}: valid", p.display()),
+        ConfigSource::EmbeddedDefault => "embedded default config: valid".to_string(),
+    }];
+    let mut problems = Vec::new();
+    if let Some(token) = &config.api.token_file {
+        if let Err(e) = api::tcp::Tokens::load(token) {
+            problems.push(format!("api.token_file: {e}"));
+        }
+    }
+    if let Some(path) = &config.docker.registry_auth_file {
+        if let Err(e) = load_registry_auth(path) {
+            problems.push(format!("docker.registry_auth_file: {e}"));
+        }
+    }
+    match crate::desired::load_dir(&config.departments_dir) {
+        Ok(specs) => {
+            if specs.len() > config.max_departments {
+                problems.push(format!(
+                    "{}: {} specs but max_departments is {}",
+                    config.departments_dir.display(),
+                    specs.len(),
+                    config.max_departments
+                ));
+            }
+            let mut ports = std::collections::BTreeMap::new();
+            for spec in &specs {
+                if let Some(port) = spec.host_port {
+                    if let Some(other) = ports.insert(port, spec.id.clone()) {
+                        problems.push(format!(
+                            "{}.host_port: {port} is also the host_port of `{other}`",
+                            spec.id
+                        ));
+                    }
+                }
+            }
+            ok.push(format!(
+                "{}: {} department spec(s) valid",
+                config.departments_dir.display(),
+                specs.len()
+            ));
+        }
+        Err(e) => problems.push(e.to_string()),
+    }
+    if problems.is_empty() {
+        Ok(ok)
+    } else {
+        Err(problems)
+    }
+}
+
+pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
+    let started = Instant::now();
+    let config = Arc::new(config);
+    let node_id = config.node_id();
+    match &source {
+        ConfigSource::File(p) => {
+            tracing::info!(config = %p.display(), node = %node_id, "Starting fleet-agentd.")
+        }
+        ConfigSource::EmbeddedDefault => tracing::info!(
+            state_dir = %config.state_dir.display(),
+            socket = %config.socket.display(),
+            node = %node_id,
+            "Starting fleet-agentd on the embedded default config (no {} found).",
+            fleet_model::config::SYSTEM_CONFIG_PATH
+        ),
+    }
+
+    // Refuse a TCP listener off loopback without a token before touching anything.
+    let listen = config.api.listen_addr().map_err(RunError::Config)?;
+    let tokens = match &config.api.token_file {
+        Some(path) => api::tcp::Tokens::load(path)?,
+        None => api::tcp::Tokens::none(),
+    };
+    if let Some(addr) = listen {
+        if !addr.ip().is_loopback() && !tokens.required() {
+            return Err(RunError::Config(format!(
+                "api.listen {addr} is not loopback, so api.token_file is required"
+            )));
+        }
+    }
+
+    let store = Arc::new(Store::open(&config.state_dir)?);
+    let events = EventLog::new(store.clone());
+    let registry_auth = match &config.docker.registry_auth_file {
+        Some(path) => load_registry_auth(path).map_err(RunError::Config)?,
+        None => Default::default(),
+    };
+    let runtime = Arc::new(BollardRuntime::new(
+        config.docker.socket.clone(),
+        registry_auth,
+        config.docker.pull_timeout,
+    ));
+    let host = crate::host::HostSampler::start(Duration::from_secs(5));
+    let supervisor = Supervisor::start(
+        config.clone(),
+        store.clone(),
+        runtime,
+        events.clone(),
+        crate::host::total_memory_bytes(),
+    )
+    .await?;
+    let mode = if config.coordinator.is_some() {
+        Mode::Coordinator
+    } else {
+        Mode::Standalone
+    };
+    let state = ApiState {
+        supervisor: supervisor.clone(),
+        started,
+        mode,
+        coordinator_url: config.coordinator.as_ref().map(|c| c.url.clone()),
+        sync: Arc::new(RwLock::new(SyncStatus {
+            applied_revision: store
+                .meta("applied_revision")
+                .ok()
+                .flatten()
+                .and_then(|v| v.parse().ok()),
+            coordinator: None,
+        })),
+        host,
+        extra_metrics: Arc::new(RwLock::new(Vec::new())),
+    };
+
+    if mode == Mode::Standalone {
+        load_departments_dir(&supervisor, &config).await;
+    }
+
+    let unix_router: Router = api::read_routes()
+        .merge(api::admin_routes())
+        .with_state(state.clone())
+        .layer(axum::middleware::from_fn(api::authorize));
+    let policy = api::unix::Policy::resolve(
+        &config.admin_group,
+        config.wal.as_ref().map(|w| w.postgres_user.as_str()),
+    );
+    let unix_listener = api::unix::bind(&config.socket)?;
+    let mut tasks = supervisor.spawn_background();
+    tasks.push(tokio::spawn(api::unix::serve(
+        unix_listener,
+        unix_router,
+        policy,
+    )));
+
+    if let Some(addr) = listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| RunError::Listen {
+                addr: addr.to_string(),
+                source,
+            })?;
+        let tcp_router: Router = api::read_routes().with_state(state.clone()).layer(
+            axum::middleware::from_fn_with_state(tokens.clone(), api::tcp::require_token),
+        );
+        tracing::info!(listen = %addr, token = tokens.required(), "API listening.");
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, tcp_router).await {
+                tracing::error!(error = %e, "TCP API stopped.");
+            }
+        }));
+    }
+
+    crate::systemd::ready(&format!(
+        "supervising {} departments",
+        supervisor.specs().await.len()
+    ));
+    events.record(
+        None,
+        "daemon_started",
+        None,
+        &format!("fleet-agentd {} started", env!("CARGO_PKG_VERSION")),
+    );
+
+    wait_for_signals(&supervisor, &config).await?;
+
+    crate::systemd::stopping();
+    supervisor.shutdown().await;
+    events.record(
+        None,
+        "daemon_stopped",
+        None,
+        "fleet-agentd stopping; containers keep running",
+    );
+    for task in tasks {
+        task.abort();
+    }
+    let _ = std::fs::remove_file(&config.socket);
+    Ok(())
+}
+
+async fn load_departments_dir(supervisor: &Supervisor, config: &Config) {
+    match crate::desired::load_dir(&config.departments_dir) {
+        Ok(specs) => {
+            let count = specs.len();
+            match supervisor.apply(specs, true).await {
+                Ok(report) => tracing::info!(
+                    departments = count,
+                    created = report.created.len(),
+                    updated = report.updated.len(),
+                    deleted = report.deleted.len(),
+                    "Loaded {}.",
+                    config.departments_dir.display()
+                ),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "Refused {}; the departments keep their last applied specs.",
+                    config.departments_dir.display()
+                ),
+            }
+        }
+        Err(e) => tracing::error!(
+            error = %e,
+            "Cannot load {}; the departments keep their last applied specs.",
+            config.departments_dir.display()
+        ),
+    }
+}
+
+async fn wait_for_signals(supervisor: &Supervisor, config: &Config) -> Result<(), RunError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signals)?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => {
+                crate::systemd::reloading();
+                tracing::info!("SIGHUP: re-reading {}.", config.departments_dir.display());
+                if config.coordinator.is_none() {
+                    load_departments_dir(supervisor, config).await;
+                }
+                crate::systemd::ready("reloaded");
+            }
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! Logging: journald (structured fields, so `journalctl -u fleet-agentd
+//! DEPARTMENT=hr` works) when started by systemd, human lines or JSON on stderr
+//! otherwise. Never a reason to fail to start.
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+pub fn init(level: &str, format: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!("{level},hyper=warn,bollard=warn,reqwest=warn"))
+    });
+    let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
+    let want_journald = format == "journald" || (format == "auto" && under_systemd);
+    if want_journald {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                let _ = tracing_subscriber::registry()
+                    .with(
+                        layer
+                            .with_syslog_identifier("fleet-agentd".into())
+                            .with_filter(filter),
+                    )
+                    .try_init();
+                return;
+            }
+            Err(e) => eprintln!("fleet-agentd: journald is not reachable ({e}); logging to stderr"),
+        }
+    }
+    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let _ = if format == "json" {
+        tracing_subscriber::registry()
+            .with(stderr.json().flatten_event(true).with_filter(filter))
+            .try_init()
+    } else {
+        tracing_subscriber::registry()
+            .with(stderr.with_target(false).with_filter(filter))
+            .try_init()
+    };
+}

@@ -1,0 +1,276 @@
+//! `/metrics` in Prometheus text format, rendered from the status board and the
+//! counters: nothing here waits on Docker. The seed's alert rules need
+//! `agent_health_checks_total` and `agent_health_check_failures_total`; every
+//! other name is under `fleet_agent_`. Labels come from bounded sets (department
+//! ids, states, reasons), never from env or secret values.
+
+use crate::api::ApiState;
+use fleet_model::api::DeptState;
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+pub fn render(state: &ApiState) -> String {
+    let mut out = String::with_capacity(8 * 1024);
+    let shared = &state.supervisor.shared;
+    let board = shared.board.all();
+
+    header(
+        &mut out,
+        "agent_health_checks_total",
+        "counter",
+        "Health probes run per department.",
+    );
+    for (id, v) in &board {
+        let _ = writeln!(
+            out,
+            "agent_health_checks_total{{department=\"{id}\"}} {}",
+            v.probe_total
+        );
+    }
+    header(
+        &mut out,
+        "agent_health_check_failures_total",
+        "counter",
+        "Health probes that failed per department.",
+    );
+    for (id, v) in &board {
+        let _ = writeln!(
+            out,
+            "agent_health_check_failures_total{{department=\"{id}\"}} {}",
+            v.probe_failures
+        );
+    }
+    header(
+        &mut out,
+        "fleet_agent_department_up",
+        "gauge",
+        "1 when the department's container is running.",
+    );
+    for (id, v) in &board {
+        let up = u8::from(v.started_at.is_some() && v.state != DeptState::Stopped);
+        let _ = writeln!(out, "fleet_agent_department_up{{department=\"{id}\"}} {up}");
+    }
+    header(
+        &mut out,
+        "fleet_agent_department_healthy",
+        "gauge",
+        "1 healthy, 0 unhealthy, -1 unknown or disabled.",
+    );
+    for (id, v) in &board {
+        let value = match v.health {
+            fleet_model::api::Health::Healthy => 1,
+            fleet_model::api::Health::Unhealthy => 0,
+            _ => -1,
+        };
+        let _ = writeln!(
+            out,
+            "fleet_agent_department_healthy{{department=\"{id}\"}} {value}"
+        );
+    }
+    header(
+        &mut out,
+        "fleet_agent_department_state",
+        "gauge",
+        "1 for the department's current state.",
+    );
+    for (id, v) in &board {
+        for s in DeptState::ALL {
+            let _ = writeln!(
+                out,
+                "fleet_agent_department_state{{department=\"{id}\",state=\"{}\"}} {}",
+                s.as_str(),
+                u8::from(v.state == s)
+            );
+        }
+    }
+    header(
+        &mut out,
+        "fleet_agent_department_restarts_total",
+        "counter",
+        "Restarts by the daemon, by reason.",
+    );
+    for (id, v) in &board {
+        for reason in ["exit", "oom", "unhealthy", "lost"] {
+            let n = v.restarts_by_reason.get(reason).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "fleet_agent_department_restarts_total{{department=\"{id}\",reason=\"{reason}\"}} {n}"
+            );
+        }
+    }
+    header(
+        &mut out,
+        "fleet_agent_probe_duration_seconds",
+        "histogram",
+        "Health probe latency.",
+    );
+    for (id, v) in &board {
+        let h = &v.probe_latency_histogram;
+        for (bound, count) in crate::supervisor::probe::LATENCY_BUCKETS
+            .iter()
+            .zip(h.buckets.iter())
+        {
+            let _ = writeln!(
+                out,
+                "fleet_agent_probe_duration_seconds_bucket{{department=\"{id}\",le=\"{bound}\"}} {count}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "fleet_agent_probe_duration_seconds_bucket{{department=\"{id}\",le=\"+Inf\"}} {}",
+            h.count
+        );
+        let _ = writeln!(
+            out,
+            "fleet_agent_probe_duration_seconds_sum{{department=\"{id}\"}} {}",
+            h.sum
+        );
+        let _ = writeln!(
+            out,
+            "fleet_agent_probe_duration_seconds_count{{department=\"{id}\"}} {}",
+            h.count
+        );
+    }
+
+    let c = &shared.counters;
+    header(
+        &mut out,
+        "fleet_agent_reconcile_runs_total",
+        "counter",
+        "Full resyncs against Docker.",
+    );
+    let _ = writeln!(
+        out,
+        "fleet_agent_reconcile_runs_total {}",
+        c.reconcile_runs.load(Ordering::Relaxed)
+    );
+    header(
+        &mut out,
+        "fleet_agent_reconcile_duration_seconds_total",
+        "counter",
+        "Time spent in full resyncs.",
+    );
+    let _ = writeln!(
+        out,
+        "fleet_agent_reconcile_duration_seconds_total {}",
+        c.reconcile_seconds_micros.load(Ordering::Relaxed) as f64 / 1e6
+    );
+    header(
+        &mut out,
+        "fleet_agent_docker_event_stream_reconnects_total",
+        "counter",
+        "Reconnects of the Docker event stream.",
+    );
+    let _ = writeln!(
+        out,
+        "fleet_agent_docker_event_stream_reconnects_total {}",
+        c.event_stream_reconnects.load(Ordering::Relaxed)
+    );
+    header(
+        &mut out,
+        "fleet_agent_docker_up",
+        "gauge",
+        "1 when the Docker engine answers.",
+    );
+    let _ = writeln!(
+        out,
+        "fleet_agent_docker_up {}",
+        u8::from(shared.docker_up.load(Ordering::Relaxed))
+    );
+
+    let sample = state.host.sample();
+    header(
+        &mut out,
+        "fleet_agent_host_memory_total_bytes",
+        "gauge",
+        "Host memory.",
+    );
+    let _ = writeln!(
+        out,
+        "fleet_agent_host_memory_total_bytes {}",
+        sample.resources.memory_total_bytes
+    );
+    header(
+        &mut out,
+        "fleet_agent_host_memory_available_bytes",
+        "gauge",
+        "Host memory available.",
+    );
+    let _ = writeln!(
+        out,
+        "fleet_agent_host_memory_available_bytes {}",
+        sample.resources.memory_available_bytes
+    );
+    header(
+        &mut out,
+        "fleet_agent_host_load1",
+        "gauge",
+        "Host load average over 1 minute.",
+    );
+    let _ = writeln!(
+        out,
+        "fleet_agent_host_load1 {}",
+        sample.resources.load_average_1m
+    );
+    header(
+        &mut out,
+        "fleet_agent_host_cpu_usage_ratio",
+        "gauge",
+        "Host CPU busy share, 0-1.",
+    );
+    let _ = writeln!(
+        out,
+        "fleet_agent_host_cpu_usage_ratio {}",
+        sample.cpu_usage_percent as f64 / 100.0
+    );
+
+    header(
+        &mut out,
+        "fleet_agent_departments",
+        "gauge",
+        "Departments on this node.",
+    );
+    let _ = writeln!(out, "fleet_agent_departments {}", board.len());
+    header(
+        &mut out,
+        "fleet_agent_departments_max",
+        "gauge",
+        "max_departments of this node.",
+    );
+    let _ = writeln!(
+        out,
+        "fleet_agent_departments_max {}",
+        shared.config.max_departments
+    );
+    if let Ok((low, high)) = shared.config.ports.parsed_range() {
+        let leased = board
+            .values()
+            .filter(|v| v.host_port >= low && v.host_port <= high)
+            .count();
+        let size = usize::from(high - low) + 1;
+        header(
+            &mut out,
+            "fleet_agent_port_pool_free",
+            "gauge",
+            "Pool ports not leased to a department.",
+        );
+        let _ = writeln!(
+            out,
+            "fleet_agent_port_pool_free {}",
+            size.saturating_sub(leased)
+        );
+        header(
+            &mut out,
+            "fleet_agent_port_pool_size",
+            "gauge",
+            "Ports in the pool.",
+        );
+        let _ = writeln!(out, "fleet_agent_port_pool_size {size}");
+    }
+    out
+}

@@ -1,0 +1,146 @@
+//! Sticky host-port allocation from the pool. Pure decisions: the caller says
+//! which ports are leased and which are busy (held by some other process); this
+//! module picks. A department keeps its lease for as long as it exists.
+
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortError {
+    #[error("host_port {port} is already used by department `{holder}`; pick another port or leave host_port out")]
+    LeasedToOther { port: u16, holder: String },
+    #[error(
+        "host_port {port} is held by another process on this host; free it or pick another port"
+    )]
+    Busy { port: u16 },
+    #[error(
+        "no free port left in the pool {low}-{high}; widen [ports] range or remove a department"
+    )]
+    PoolExhausted { low: u16, high: u16 },
+}
+
+#[derive(Debug, Clone)]
+pub struct PortPool {
+    pub low: u16,
+    pub high: u16,
+    /// port -> department
+    leases: BTreeMap<u16, String>,
+}
+
+impl PortPool {
+    pub fn new(low: u16, high: u16, leases: impl IntoIterator<Item = (u16, String)>) -> Self {
+        Self {
+            low,
+            high,
+            leases: leases.into_iter().collect(),
+        }
+    }
+
+    pub fn lease_of(&self, department: &str) -> Option<u16> {
+        self.leases
+            .iter()
+            .find(|(_, d)| d.as_str() == department)
+            .map(|(p, _)| *p)
+    }
+
+    pub fn holder(&self, port: u16) -> Option<&str> {
+        self.leases.get(&port).map(String::as_str)
+    }
+
+    pub fn leases(&self) -> &BTreeMap<u16, String> {
+        &self.leases
+    }
+
+    /// Decides the port of `department`: its explicit `host_port` if it has one,
+    /// else the lease it already holds, else the lowest free pool port that
+    /// `is_busy` does not report as held by another process.
+    pub fn assign(
+        &mut self,
+        department: &str,
+        explicit: Option<u16>,
+        is_busy: impl Fn(u16) -> bool,
+    ) -> Result<u16, PortError> {
+        let current = self.lease_of(department);
+        let port = match explicit {
+            Some(port) => {
+                if let Some(holder) = self.holder(port) {
+                    if holder != department {
+                        return Err(PortError::LeasedToOther {
+                            port,
+                            holder: holder.to_string(),
+                        });
+                    }
+                } else if is_busy(port) {
+                    return Err(PortError::Busy { port });
+                }
+                port
+            }
+            None => match current {
+                Some(port) => port,
+                None => (self.low..=self.high)
+                    .find(|p| !self.leases.contains_key(p) && !is_busy(*p))
+                    .ok_or(PortError::PoolExhausted {
+                        low: self.low,
+                        high: self.high,
+                    })?,
+            },
+        };
+        if let Some(old) = current {
+            self.leases.remove(&old);
+        }
+        self.leases.insert(port, department.to_string());
+        Ok(port)
+    }
+
+    pub fn release(&mut self, department: &str) {
+        self.leases.retain(|_, d| d != department);
+    }
+
+    pub fn free_count(&self) -> usize {
+        (self.low..=self.high)
+            .filter(|p| !self.leases.contains_key(p))
+            .count()
+    }
+}
+
+/// Whether another process holds `port` on `bind` (we try to bind it ourselves).
+pub fn port_busy(bind: std::net::IpAddr, port: u16) -> bool {
+    std::net::TcpListener::bind((bind, port)).is_err()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_are_sticky_and_busy_ports_skipped() {
+        let mut pool = PortPool::new(8001, 8003, []);
+        assert_eq!(pool.assign("a", None, |p| p == 8001).unwrap(), 8002);
+        assert_eq!(pool.assign("b", None, |_| false).unwrap(), 8001);
+        // A busy report later does not move a department off its lease.
+        assert_eq!(pool.assign("a", None, |_| true).unwrap(), 8002);
+        assert_eq!(pool.assign("c", None, |_| false).unwrap(), 8003);
+        assert_eq!(
+            pool.assign("d", None, |_| false).unwrap_err(),
+            PortError::PoolExhausted {
+                low: 8001,
+                high: 8003
+            }
+        );
+        pool.release("b");
+        assert_eq!(pool.assign("d", None, |_| false).unwrap(), 8001);
+    }
+
+    #[test]
+    fn explicit_ports_must_be_free() {
+        let mut pool = PortPool::new(8001, 8010, [(8005, "x".to_string())]);
+        assert!(matches!(
+            pool.assign("a", Some(8005), |_| false),
+            Err(PortError::LeasedToOther { port: 8005, .. })
+        ));
+        assert_eq!(
+            pool.assign("a", Some(9000), |_| true).unwrap_err(),
+            PortError::Busy { port: 9000 }
+        );
+        assert_eq!(pool.assign("x", Some(8005), |_| true).unwrap(), 8005);
+    }
+}

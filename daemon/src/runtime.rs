@@ -1,0 +1,663 @@
+//! The seam between the supervisor and the container engine. `ContainerRuntime`
+//! says what the supervisor needs; `BollardRuntime` does it through the Docker
+//! Engine API. Docker's 404/409 and connection failures become typed errors here,
+//! once, so nothing above this module sees a bollard type.
+
+use async_trait::async_trait;
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, EventMessage, HostConfig, HostConfigLogConfig,
+    PortBinding, RestartPolicy, RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder,
+    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    StatsOptionsBuilder, StopContainerOptionsBuilder,
+};
+use bollard::Docker;
+use fleet_model::labels;
+use futures_util::stream::{BoxStream, StreamExt};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("container or image not found: {0}")]
+    NotFound(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("Docker is unreachable: {0}")]
+    Unavailable(String),
+    #[error("Docker refused the request ({status}): {message}")]
+    Refused { status: u16, message: String },
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+impl RuntimeError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, RuntimeError::NotFound(_))
+    }
+}
+
+impl From<bollard::errors::Error> for RuntimeError {
+    fn from(e: bollard::errors::Error) -> Self {
+        use bollard::errors::Error as B;
+        match e {
+            B::DockerResponseServerError {
+                status_code: 404,
+                message,
+            } => RuntimeError::NotFound(message),
+            B::DockerResponseServerError {
+                status_code: 409,
+                message,
+            } => RuntimeError::Conflict(message),
+            B::DockerResponseServerError {
+                status_code,
+                message,
+            } => RuntimeError::Refused {
+                status: status_code,
+                message,
+            },
+            B::RequestTimeoutError => RuntimeError::Timeout(Duration::ZERO),
+            other => RuntimeError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// What the engine says about one managed container.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObservedContainer {
+    pub id: String,
+    pub name: String,
+    pub department: String,
+    pub role: String,
+    pub spec_hash: Option<String>,
+    pub running: bool,
+    /// Docker's word: created, running, exited, ...
+    pub status: String,
+    pub exit_code: Option<i64>,
+    pub oom_killed: bool,
+    /// Unix seconds.
+    pub started_at: Option<i64>,
+    /// Host port actually published for the container port, if any.
+    pub published_port: Option<u16>,
+    pub image: Option<String>,
+}
+
+/// Everything needed to create one department container.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub name: String,
+    pub image: String,
+    pub env: Vec<String>,
+    pub labels: HashMap<String, String>,
+    pub container_port: u16,
+    pub bind: IpAddr,
+    /// `None` lets Docker pick an ephemeral port (update candidates).
+    pub host_port: Option<u16>,
+    pub nano_cpus: Option<i64>,
+    pub memory: Option<i64>,
+    pub stop_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RuntimeEvent {
+    /// A managed container changed; `action` is Docker's (die, oom, start, destroy, ...).
+    Container {
+        id: String,
+        department: String,
+        action: String,
+        exit_code: Option<i64>,
+        /// Unix nanoseconds, for resuming the stream.
+        time_nano: i64,
+    },
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ContainerStats {
+    pub cpu_seconds: f64,
+    pub memory_bytes: u64,
+    pub memory_limit_bytes: u64,
+}
+
+#[async_trait]
+pub trait ContainerRuntime: Send + Sync + 'static {
+    async fn ping(&self) -> Result<(), RuntimeError>;
+    /// Every container (any state) labelled as managed by `node`.
+    async fn list(&self, node: &str) -> Result<Vec<ObservedContainer>, RuntimeError>;
+    async fn inspect(&self, name_or_id: &str) -> Result<Option<ObservedContainer>, RuntimeError>;
+    async fn create(&self, request: &CreateRequest) -> Result<String, RuntimeError>;
+    async fn start(&self, id: &str) -> Result<(), RuntimeError>;
+    /// SIGTERM, then SIGKILL after `timeout`.
+    async fn stop(&self, id: &str, timeout: Duration) -> Result<(), RuntimeError>;
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
+    async fn image_present(&self, image: &str) -> Result<bool, RuntimeError>;
+    /// Pulls `image`, sending human progress lines to `progress`.
+    async fn pull(
+        &self,
+        image: &str,
+        progress: tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> Result<(), RuntimeError>;
+    /// Container events of `node`'s managed containers from `since_nano` on.
+    fn events(
+        &self,
+        node: &str,
+        since_nano: Option<i64>,
+    ) -> BoxStream<'static, Result<RuntimeEvent, RuntimeError>>;
+    fn logs(
+        &self,
+        id: &str,
+        tail: Option<usize>,
+        follow: bool,
+    ) -> BoxStream<'static, Result<bytes::Bytes, RuntimeError>>;
+    async fn stats(&self, id: &str) -> Result<ContainerStats, RuntimeError>;
+}
+
+/// Docker through bollard. The client is made on first use (and again after a
+/// failure), so the daemon starts even while Docker is down.
+pub struct BollardRuntime {
+    socket: PathBuf,
+    client: Mutex<Option<Docker>>,
+    registry_auth: HashMap<String, bollard::auth::DockerCredentials>,
+    pull_timeout: Duration,
+}
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl BollardRuntime {
+    pub fn new(
+        socket: PathBuf,
+        registry_auth: HashMap<String, bollard::auth::DockerCredentials>,
+        pull_timeout: Duration,
+    ) -> Self {
+        Self {
+            socket,
+            client: Mutex::new(None),
+            registry_auth,
+            pull_timeout,
+        }
+    }
+
+    async fn client(&self) -> Result<Docker, RuntimeError> {
+        if let Some(client) = self.cached() {
+            return Ok(client);
+        }
+        let path = self.socket.to_string_lossy().to_string();
+        let docker = Docker::connect_with_unix(
+            &path,
+            REQUEST_TIMEOUT.as_secs(),
+            bollard::API_DEFAULT_VERSION,
+        )
+        .map_err(|e| RuntimeError::Unavailable(e.to_string()))?;
+        // Speak the engine's own version when it is older than ours (Debian's
+        // engine is API 1.41).
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(RuntimeError::from)?;
+        *self.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(docker.clone());
+        Ok(docker)
+    }
+
+    fn cached(&self) -> Option<Docker> {
+        self.client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn forget_client_on(&self, error: &RuntimeError) {
+        if matches!(error, RuntimeError::Unavailable(_)) {
+            *self.client.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, RuntimeError>
+    where
+        F: FnOnce(Docker) -> Fut,
+        Fut: std::future::Future<Output = Result<T, bollard::errors::Error>>,
+    {
+        let client = self.client().await?;
+        let result = f(client).await.map_err(RuntimeError::from);
+        if let Err(e) = &result {
+            self.forget_client_on(e);
+        }
+        result
+    }
+
+    fn credentials_for(&self, image: &str) -> Option<bollard::auth::DockerCredentials> {
+        let registry = image
+            .split('/')
+            .next()
+            .filter(|first| first.contains('.') || first.contains(':') || *first == "localhost")?;
+        self.registry_auth.get(registry).cloned()
+    }
+}
+
+fn node_filters(node: &str) -> HashMap<String, Vec<String>> {
+    HashMap::from([(
+        "label".to_string(),
+        vec![
+            format!("{}=true", labels::MANAGED),
+            format!("{}={node}", labels::NODE),
+        ],
+    )])
+}
+
+fn observed_from_inspect(c: ContainerInspectResponse) -> Option<ObservedContainer> {
+    let labels = c
+        .config
+        .as_ref()
+        .and_then(|cfg| cfg.labels.clone())
+        .unwrap_or_default();
+    let state = c.state.unwrap_or_default();
+    let published_port = c.network_settings.and_then(|n| n.ports).and_then(|ports| {
+        ports
+            .values()
+            .flatten()
+            .flatten()
+            .find_map(|b| b.host_port.as_deref().and_then(|p| p.parse().ok()))
+    });
+    Some(ObservedContainer {
+        id: c.id?,
+        name: c
+            .name
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_string(),
+        department: labels.get(labels::DEPARTMENT).cloned().unwrap_or_default(),
+        role: labels
+            .get(labels::ROLE)
+            .cloned()
+            .unwrap_or_else(|| "primary".into()),
+        spec_hash: labels.get(labels::SPEC_HASH).cloned(),
+        running: state.running.unwrap_or(false),
+        status: state
+            .status
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "unknown".into()),
+        exit_code: state.exit_code,
+        oom_killed: state.oom_killed.unwrap_or(false),
+        started_at: state.started_at.as_deref().and_then(parse_docker_time),
+        published_port,
+        image: c.config.and_then(|cfg| cfg.image),
+    })
+}
+
+fn parse_docker_time(text: &str) -> Option<i64> {
+    let t = humantime::parse_rfc3339_weak(text.get(..19)?).ok()?;
+    let secs = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64;
+    // Docker's zero time means "never started".
+    (secs > 0).then_some(secs)
+}
+
+#[async_trait]
+impl ContainerRuntime for BollardRuntime {
+    async fn ping(&self) -> Result<(), RuntimeError> {
+        self.call(|d| async move { d.ping().await.map(|_| ()) })
+            .await
+    }
+
+    async fn list(&self, node: &str) -> Result<Vec<ObservedContainer>, RuntimeError> {
+        let filters = node_filters(node);
+        let summaries = self
+            .call(|d| async move {
+                d.list_containers(Some(
+                    ListContainersOptionsBuilder::default()
+                        .all(true)
+                        .filters(&filters)
+                        .build(),
+                ))
+                .await
+            })
+            .await?;
+        let mut out = Vec::with_capacity(summaries.len());
+        for summary in summaries {
+            let Some(id) = summary.id else { continue };
+            // The summary lacks exit details; inspect gives the whole truth.
+            match self.inspect(&id).await {
+                Ok(Some(c)) => out.push(c),
+                Ok(None) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn inspect(&self, name_or_id: &str) -> Result<Option<ObservedContainer>, RuntimeError> {
+        let target = name_or_id.to_string();
+        match self
+            .call(|d| async move { d.inspect_container(&target, None).await })
+            .await
+        {
+            Ok(c) => Ok(observed_from_inspect(c)),
+            Err(RuntimeError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn create(&self, r: &CreateRequest) -> Result<String, RuntimeError> {
+        let port_key = format!("{}/tcp", r.container_port);
+        let binding = PortBinding {
+            host_ip: Some(r.bind.to_string()),
+            host_port: Some(r.host_port.map(|p| p.to_string()).unwrap_or_default()),
+        };
+        let host_config = HostConfig {
+            port_bindings: Some(HashMap::from([(port_key.clone(), Some(vec![binding]))])),
+            memory: r.memory,
+            // No swap beyond the memory limit, so the limit means what it says.
+            memory_swap: r.memory,
+            nano_cpus: r.nano_cpus,
+            security_opt: Some(vec!["no-new-privileges:true".into()]),
+            log_config: Some(HostConfigLogConfig {
+                typ: Some("json-file".into()),
+                config: Some(HashMap::from([
+                    ("max-size".into(), "10m".into()),
+                    ("max-file".into(), "3".into()),
+                ])),
+            }),
+            // The daemon owns every restart (backoff, crash loops, unhealthy);
+            // Docker restarting too would double them.
+            restart_policy: Some(RestartPolicy {
+                name: Some(RestartPolicyNameEnum::NO),
+                maximum_retry_count: None,
+            }),
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(r.image.clone()),
+            env: Some(r.env.clone()),
+            labels: Some(r.labels.clone()),
+            exposed_ports: Some(vec![port_key]),
+            stop_timeout: Some(r.stop_timeout.as_secs() as i64),
+            host_config: Some(host_config),
+            ..Default::default()
+        };
+        let name = r.name.clone();
+        let created = self
+            .call(|d| async move {
+                d.create_container(
+                    Some(CreateContainerOptionsBuilder::default().name(&name).build()),
+                    body,
+                )
+                .await
+            })
+            .await?;
+        Ok(created.id)
+    }
+
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        let id = id.to_string();
+        self.call(|d| async move { d.start_container(&id, None).await })
+            .await
+    }
+
+    async fn stop(&self, id: &str, timeout: Duration) -> Result<(), RuntimeError> {
+        let id = id.to_string();
+        let seconds = timeout.as_secs().min(i32::MAX as u64) as i32;
+        let result = self
+            .call(|d| async move {
+                d.with_timeout(timeout + REQUEST_TIMEOUT)
+                    .stop_container(
+                        &id,
+                        Some(StopContainerOptionsBuilder::default().t(seconds).build()),
+                    )
+                    .await
+            })
+            .await;
+        match result {
+            // 304: already stopped.
+            Err(RuntimeError::Refused { status: 304, .. }) => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        let id = id.to_string();
+        match self
+            .call(|d| async move {
+                d.remove_container(
+                    &id,
+                    Some(
+                        RemoveContainerOptionsBuilder::default()
+                            .force(true)
+                            .v(true)
+                            .build(),
+                    ),
+                )
+                .await
+            })
+            .await
+        {
+            Err(RuntimeError::NotFound(_)) => Ok(()),
+            // "removal already in progress"
+            Err(RuntimeError::Conflict(m)) if m.contains("in progress") => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
+        let image = image.to_string();
+        match self
+            .call(|d| async move { d.inspect_image(&image).await })
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(RuntimeError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn pull(
+        &self,
+        image: &str,
+        progress: tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> Result<(), RuntimeError> {
+        let client = self.client().await?;
+        let credentials = self.credentials_for(image);
+        let options = CreateImageOptionsBuilder::default()
+            .from_image(image)
+            .build();
+        let mut stream = client.create_image(Some(options), None, credentials);
+        let work = async {
+            while let Some(item) = stream.next().await {
+                let info = item.map_err(RuntimeError::from)?;
+                let mut line = String::new();
+                if let Some(id) = &info.id {
+                    line.push_str(id);
+                    line.push_str(": ");
+                }
+                if let Some(status) = &info.status {
+                    line.push_str(status);
+                }
+                if let Some(p) = &info.progress_detail {
+                    if let (Some(current), Some(total)) = (p.current, p.total) {
+                        line.push_str(&format!(" {current}/{total}"));
+                    }
+                }
+                let _ = progress.send(line);
+            }
+            Ok::<(), RuntimeError>(())
+        };
+        match tokio::time::timeout(self.pull_timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(RuntimeError::Timeout(self.pull_timeout)),
+        }
+    }
+
+    fn events(
+        &self,
+        node: &str,
+        since_nano: Option<i64>,
+    ) -> BoxStream<'static, Result<RuntimeEvent, RuntimeError>> {
+        let node = node.to_string();
+        let client = self.cached();
+        let socket = self.socket.clone();
+        let stream = async_stream_events(client, socket, node, since_nano);
+        Box::pin(stream)
+    }
+
+    fn logs(
+        &self,
+        id: &str,
+        tail: Option<usize>,
+        follow: bool,
+    ) -> BoxStream<'static, Result<bytes::Bytes, RuntimeError>> {
+        let Some(client) = self.cached() else {
+            return Box::pin(futures_util::stream::once(async {
+                Err(RuntimeError::Unavailable("not connected yet".into()))
+            }));
+        };
+        let tail = tail.map(|n| n.to_string()).unwrap_or_else(|| "all".into());
+        let options = LogsOptionsBuilder::default()
+            .stdout(true)
+            .stderr(true)
+            .follow(follow)
+            .tail(&tail)
+            .build();
+        let client = if follow {
+            client.with_timeout(Duration::from_secs(u32::MAX as u64))
+        } else {
+            client
+        };
+        Box::pin(
+            client
+                .logs(id, Some(options))
+                .map(|item| item.map(|o| o.into_bytes()).map_err(RuntimeError::from)),
+        )
+    }
+
+    async fn stats(&self, id: &str) -> Result<ContainerStats, RuntimeError> {
+        let client = self.client().await?;
+        let mut stream = client.stats(
+            id,
+            Some(
+                StatsOptionsBuilder::default()
+                    .stream(false)
+                    .one_shot(true)
+                    .build(),
+            ),
+        );
+        let Some(item) = stream.next().await else {
+            return Err(RuntimeError::NotFound(id.to_string()));
+        };
+        let s = item.map_err(RuntimeError::from)?;
+        let cpu_ns = s
+            .cpu_stats
+            .and_then(|c| c.cpu_usage)
+            .and_then(|u| u.total_usage)
+            .unwrap_or(0);
+        let memory = s.memory_stats.unwrap_or_default();
+        Ok(ContainerStats {
+            cpu_seconds: cpu_ns as f64 / 1e9,
+            memory_bytes: memory.usage.unwrap_or(0),
+            memory_limit_bytes: memory.limit.unwrap_or(0),
+        })
+    }
+}
+
+fn async_stream_events(
+    client: Option<Docker>,
+    socket: PathBuf,
+    node: String,
+    since_nano: Option<i64>,
+) -> impl futures_util::Stream<Item = Result<RuntimeEvent, RuntimeError>> + Send + 'static {
+    let setup = async move {
+        let client = match client {
+            Some(c) => c,
+            None => Docker::connect_with_unix(
+                &socket.to_string_lossy(),
+                REQUEST_TIMEOUT.as_secs(),
+                bollard::API_DEFAULT_VERSION,
+            )
+            .map_err(|e| RuntimeError::Unavailable(e.to_string()))?
+            .negotiate_version()
+            .await
+            .map_err(RuntimeError::from)?,
+        };
+        // The stream is open for as long as the engine lives; no request timeout.
+        let client = client.with_timeout(Duration::from_secs(u32::MAX as u64));
+        let mut filters = node_filters(&node);
+        filters.insert("type".into(), vec!["container".into()]);
+        let since = since_nano.map(|n| format!("{}.{:09}", n / 1_000_000_000, n % 1_000_000_000));
+        let mut builder = EventsOptionsBuilder::default().filters(&filters);
+        if let Some(since) = &since {
+            builder = builder.since(since);
+        }
+        Ok::<_, RuntimeError>(client.events(Some(builder.build())))
+    };
+    futures_util::stream::once(setup)
+        .map(|result| match result {
+            Ok(stream) => stream
+                .map(|item| item.map_err(RuntimeError::from).map(event_from_message))
+                .boxed(),
+            Err(e) => futures_util::stream::once(async move { Err(e) }).boxed(),
+        })
+        .flatten()
+        .filter_map(|item| async move {
+            match item {
+                Ok(Some(event)) => Some(Ok(event)),
+                Ok(None) => None,
+                Err(e) => Some(Err(e)),
+            }
+        })
+}
+
+fn event_from_message(m: EventMessage) -> Option<RuntimeEvent> {
+    let actor = m.actor?;
+    let attributes = actor.attributes.unwrap_or_default();
+    let department = attributes.get(labels::DEPARTMENT)?.clone();
+    let action = m.action?;
+    // "exec_start: sh -c ..." and "health_status: healthy" carry detail after a colon.
+    let action = action
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    Some(RuntimeEvent::Container {
+        id: actor.id?,
+        department,
+        exit_code: attributes.get("exitCode").and_then(|c| c.parse().ok()),
+        action,
+        time_nano: m
+            .time_nano
+            .unwrap_or_else(|| m.time.unwrap_or(0) * 1_000_000_000),
+    })
+}
+
+/// Reads Docker's `config.json` shape (`{"auths": {"host": {"auth": base64}}}`).
+pub fn load_registry_auth(
+    path: &std::path::Path,
+) -> Result<HashMap<String, bollard::auth::DockerCredentials>, String> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        #[serde(default)]
+        auths: HashMap<String, Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        username: Option<String>,
+        password: Option<String>,
+        auth: Option<String>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file: File = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(file
+        .auths
+        .into_iter()
+        .map(|(host, entry)| {
+            let creds = bollard::auth::DockerCredentials {
+                username: entry.username,
+                password: entry.password,
+                auth: entry.auth,
+                serveraddress: Some(host.clone()),
+                ..Default::default()
+            };
+            (host, creds)
+        })
+        .collect())
+}

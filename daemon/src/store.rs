@@ -1,0 +1,448 @@
+//! The SQLite store (`state.db`, WAL mode, synchronous=FULL): what the daemon
+//! *intends* (applied specs, the previous spec for rollback, operator stops, port
+//! leases, the applied revision) and what happened (restart history, the
+//! append-only event log). What actually runs is read from Docker's labels, never
+//! from here.
+
+use fleet_model::api::{Event, RestartRecord};
+use fleet_model::DepartmentSpec;
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("state database holds an unreadable spec for `{id}`: {message}")]
+    Corrupt { id: String, message: String },
+    #[error("cannot create state directory {path}: {source}")]
+    Dir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One department as the store remembers it.
+#[derive(Debug, Clone)]
+pub struct StoredDepartment {
+    pub spec: DepartmentSpec,
+    pub previous: Option<DepartmentSpec>,
+    pub desired_running: bool,
+    /// Container hash of an update that failed and was rolled back, so the same
+    /// bad spec is not tried again in a loop.
+    pub failed_hash: Option<String>,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS departments (
+    id TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    previous_spec TEXT,
+    desired_running INTEGER NOT NULL DEFAULT 1,
+    failed_hash TEXT,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS port_leases (
+    port INTEGER PRIMARY KEY,
+    department TEXT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS restarts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    department TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    exit_code INTEGER
+);
+CREATE INDEX IF NOT EXISTS restarts_by_department ON restarts(department, id);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    department TEXT,
+    kind TEXT NOT NULL,
+    reason TEXT,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_department ON events(department, seq);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+";
+
+/// Events and restart rows kept; older ones are trimmed so the file stays small.
+const EVENTS_KEPT: i64 = 50_000;
+const RESTARTS_KEPT_PER_DEPARTMENT: i64 = 200;
+
+impl Store {
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Dir {
+            path: state_dir.display().to_string(),
+            source,
+        })?;
+        restrict_dir(state_dir);
+        let conn = Connection::open(state_dir.join("state.db"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        let conn = Connection::open_in_memory()?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite itself consistent (every
+        // write is a transaction), so a poisoned lock is still usable.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn departments(&self) -> Result<Vec<StoredDepartment>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, spec, previous_spec, desired_running, failed_hash FROM departments ORDER BY id",
+        )?;
+        let rows = stmt.query_map([], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, Option<String>>(2)?,
+                row.get::<_, bool>(3)?,
+                row.get::<_, Option<String>>(4)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, spec, previous, desired_running, failed_hash) = row?;
+            let spec = parse_spec(&id, &spec)?;
+            let previous = previous.map(|p| parse_spec(&id, &p)).transpose()?;
+            out.push(StoredDepartment {
+                spec,
+                previous,
+                desired_running,
+                failed_hash,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Saves a new spec, keeping the one it replaces as `previous` when it differs.
+    pub fn put_spec(&self, spec: &DepartmentSpec) -> Result<(), StoreError> {
+        let json = serde_json::to_string(spec).map_err(|e| StoreError::Corrupt {
+            id: spec.id.clone(),
+            message: e.to_string(),
+        })?;
+        let conn = self.conn();
+        let existing: Option<String> = conn
+            .query_row(
+                "SELECT spec FROM departments WHERE id = ?1",
+                [&spec.id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match existing {
+            Some(old) if old == json => {}
+            Some(old) => {
+                conn.execute(
+                    "UPDATE departments SET spec = ?2, previous_spec = ?3, updated_at = ?4 WHERE id = ?1",
+                    params![spec.id, json, old, now_secs()],
+                )?;
+            }
+            None => {
+                conn.execute(
+                    "INSERT INTO departments (id, spec, desired_running, updated_at) VALUES (?1, ?2, 1, ?3)",
+                    params![spec.id, json, now_secs()],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the previous spec back after a failed update; the failed one becomes
+    /// the new `previous` so an operator can see and retry it.
+    pub fn roll_back(&self, id: &str, failed_hash: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE departments SET spec = previous_spec, previous_spec = spec, failed_hash = ?2, updated_at = ?3
+             WHERE id = ?1 AND previous_spec IS NOT NULL",
+            params![id, failed_hash, now_secs()],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_failed_hash(&self, id: &str, hash: Option<&str>) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE departments SET failed_hash = ?2 WHERE id = ?1",
+            params![id, hash],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_desired_running(&self, id: &str, running: bool) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE departments SET desired_running = ?2 WHERE id = ?1",
+            params![id, running],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_department(&self, id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM departments WHERE id = ?1", [id])?;
+        tx.execute("DELETE FROM port_leases WHERE department = ?1", [id])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn leases(&self) -> Result<Vec<(u16, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT port, department FROM port_leases ORDER BY port")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, u16>(0)?, r.get::<_, String>(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn set_lease(&self, department: &str, port: u16) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "DELETE FROM port_leases WHERE department = ?1",
+            [department],
+        )?;
+        tx.execute(
+            "INSERT OR REPLACE INTO port_leases (port, department) VALUES (?1, ?2)",
+            params![port, department],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn record_restart(
+        &self,
+        department: &str,
+        reason: &str,
+        exit_code: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO restarts (department, at, reason, exit_code) VALUES (?1, ?2, ?3, ?4)",
+            params![department, now_secs(), reason, exit_code],
+        )?;
+        conn.execute(
+            "DELETE FROM restarts WHERE department = ?1 AND id NOT IN
+               (SELECT id FROM restarts WHERE department = ?1 ORDER BY id DESC LIMIT ?2)",
+            params![department, RESTARTS_KEPT_PER_DEPARTMENT],
+        )?;
+        Ok(())
+    }
+
+    pub fn restart_history(
+        &self,
+        department: &str,
+        limit: usize,
+    ) -> Result<Vec<RestartRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT at, reason, exit_code FROM restarts WHERE department = ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![department, limit as i64], |r| {
+            Ok(RestartRecord {
+                at: r.get(0)?,
+                reason: r.get(1)?,
+                exit_code: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Restarts per department and reason, all time (kept rows), for metrics.
+    pub fn restart_count(&self, department: &str) -> Result<u64, StoreError> {
+        let n: i64 = self.conn().query_row(
+            "SELECT COUNT(*) FROM restarts WHERE department = ?1",
+            [department],
+            |r| r.get(0),
+        )?;
+        Ok(n.max(0) as u64)
+    }
+
+    pub fn append_event(
+        &self,
+        department: Option<&str>,
+        kind: &str,
+        reason: Option<&str>,
+        message: &str,
+    ) -> Result<Event, StoreError> {
+        let at_ms = now_millis();
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO events (at_ms, department, kind, reason, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![at_ms, department, kind, reason, message],
+        )?;
+        let seq = conn.last_insert_rowid();
+        if seq % 1000 == 0 {
+            conn.execute("DELETE FROM events WHERE seq <= ?1", [seq - EVENTS_KEPT])?;
+        }
+        Ok(Event {
+            seq,
+            at_ms,
+            department: department.map(str::to_string),
+            kind: kind.to_string(),
+            reason: reason.map(str::to_string),
+            message: message.to_string(),
+        })
+    }
+
+    pub fn events_after(
+        &self,
+        after: i64,
+        department: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT seq, at_ms, department, kind, reason, message FROM events
+             WHERE seq > ?1 AND (?2 IS NULL OR department = ?2) ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![after, department, limit as i64], row_to_event)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The newest `limit` events of one department, oldest first.
+    pub fn recent_events(&self, department: &str, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT seq, at_ms, department, kind, reason, message FROM events
+             WHERE department = ?1 ORDER BY seq DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![department, limit as i64], row_to_event)?;
+        let mut events: Vec<Event> = rows.collect::<Result<_, _>>()?;
+        events.reverse();
+        Ok(events)
+    }
+
+    pub fn last_event_seq(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?)
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+}
+
+fn row_to_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
+    Ok(Event {
+        seq: r.get(0)?,
+        at_ms: r.get(1)?,
+        department: r.get(2)?,
+        kind: r.get(3)?,
+        reason: r.get(4)?,
+        message: r.get(5)?,
+    })
+}
+
+fn parse_spec(id: &str, json: &str) -> Result<DepartmentSpec, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
+        id: id.to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// The store holds secrets: keep the directory to its owner.
+fn restrict_dir(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(dir) {
+        let mut perms = meta.permissions();
+        if perms.mode() & 0o077 != 0 {
+            perms.set_mode(0o750);
+            let _ = std::fs::set_permissions(dir, perms);
+        }
+    }
+}
+
+pub fn now_secs() -> i64 {
+    now_millis() / 1000
+}
+
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: &str, image: &str) -> DepartmentSpec {
+        DepartmentSpec::from_toml("t", &format!("id = \"{id}\"\nimage = \"{image}\"\n")).unwrap()
+    }
+
+    #[test]
+    fn put_keeps_previous_and_roll_back_swaps() {
+        let store = Store::open_in_memory().unwrap();
+        store.put_spec(&spec("hr", "a:1")).unwrap();
+        store.put_spec(&spec("hr", "a:1")).unwrap();
+        assert!(store.departments().unwrap()[0].previous.is_none());
+        store.put_spec(&spec("hr", "a:2")).unwrap();
+        let d = &store.departments().unwrap()[0];
+        assert_eq!(d.spec.image, "a:2");
+        assert_eq!(d.previous.as_ref().unwrap().image, "a:1");
+        store.roll_back("hr", "abc").unwrap();
+        let d = &store.departments().unwrap()[0];
+        assert_eq!(d.spec.image, "a:1");
+        assert_eq!(d.failed_hash.as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn leases_are_one_per_department() {
+        let store = Store::open_in_memory().unwrap();
+        store.set_lease("hr", 8001).unwrap();
+        store.set_lease("hr", 8002).unwrap();
+        store.set_lease("it", 8001).unwrap();
+        assert_eq!(
+            store.leases().unwrap(),
+            vec![(8001, "it".to_string()), (8002, "hr".to_string())]
+        );
+        store.delete_department("hr").unwrap();
+        assert_eq!(store.leases().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn events_have_increasing_sequence() {
+        let store = Store::open_in_memory().unwrap();
+        let a = store
+            .append_event(Some("hr"), "created", None, "a")
+            .unwrap();
+        let b = store.append_event(None, "node", None, "b").unwrap();
+        assert!(b.seq > a.seq);
+        assert_eq!(store.events_after(a.seq, None, 10).unwrap().len(), 1);
+        assert_eq!(store.recent_events("hr", 10).unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# The test command of fleet-agent (README.md and .ci/run call it).
+#
+# On a fresh Debian 12 machine, as root, with no stdin, it:
+#   1. installs the tools it needs if missing (C toolchain and static libc for the
+#      test agent, cargo-nextest),
+#   2. brings up every service in SERVICES (Docker, ...), installing them if missing,
+#   3. builds the workspace once (`cargo build --workspace --bins --tests`),
+#   4. builds the test images (tests/images/build.sh),
+#   5. runs cargo nextest in two phases: every test not named `serial_*` in
+#      parallel, then the `serial_*` tests one at a time (they may restart dockerd
+#      or otherwise disturb the host).
+# Both phases always run; the exit code is non-zero if anything failed.
+#
+# Extra arguments go to both nextest runs, e.g. `bash scripts/test.sh --test supervisor`
+# or `bash scripts/test.sh -p fleet-model`.
+# Environment: FLEET_TEST_THREADS (parallel phase, default 4),
+#              FLEET_SKIP_SETUP=1 (skip steps 1-2 on a machine you know is ready).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT="$(pwd)"
+export DEBIAN_FRONTEND=noninteractive
+exec </dev/null
+
+step() { printf '\n==> %s\n' "$*"; }
+info() { printf '    %s\n' "$*"; }
+fail() { printf '\nERROR: %s\n' "$*" >&2; exit 1; }
+
+# --- helpers -----------------------------------------------------------------
+
+APT_UPDATED=0
+# apt_install PKG...: installs the packages, running `apt-get update` at most once.
+apt_install() {
+  command -v apt-get >/dev/null || fail "need to install $* but apt-get is not available; install them by hand"
+  if [[ $APT_UPDATED == 0 ]]; then
+    info "apt-get update"
+    apt-get update -qq
+    APT_UPDATED=1
+  fi
+  info "apt-get install $*"
+  apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# wait_for SECONDS DESCRIPTION COMMAND...: polls COMMAND until it succeeds.
+wait_for() {
+  local seconds="$1" what="$2"; shift 2
+  local deadline=$((SECONDS + seconds))
+  until "$@" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || return 1
+    sleep 1
+  done
+  info "$what is up"
+}
+
+# --- tools -------------------------------------------------------------------
+
+setup_tools() {
+  step "tools"
+  if ! command -v cargo >/dev/null && [[ -f "$HOME/.cargo/env" ]]; then
+    # shellcheck disable=SC1091
+    source "$HOME/.cargo/env"
+  fi
+  command -v cargo >/dev/null || fail "cargo is not installed; install Rust (rustup.rs), then run this again"
+  info "$(cargo --version)"
+
+  local missing=()
+  command -v cc >/dev/null || missing+=(gcc)
+  # The test agent is linked statically against glibc.
+  [[ -f /usr/lib/x86_64-linux-gnu/libc.a ]] || missing+=(libc6-dev)
+  command -v git >/dev/null || missing+=(git)
+  ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
+
+  if ! cargo nextest --version >/dev/null 2>&1; then
+    info "installing cargo-nextest"
+    cargo install --locked --quiet cargo-nextest
+  fi
+  info "$(cargo nextest --version | head -n1)"
+}
+
+# --- services ----------------------------------------------------------------
+# Each service is a function `service_<name>` that makes sure <name> is installed
+# and running, is idempotent, and says what it did. To add one (postgresql-15,
+# s3s-fs, promtool, ...), write the function below and add its name to SERVICES.
+SERVICES=(docker)
+
+service_docker() {
+  if docker info >/dev/null 2>&1; then
+    info "docker is running ($(docker version --format '{{.Server.Version}}'))"
+    return
+  fi
+  command -v dockerd >/dev/null || apt_install docker.io
+  if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null; then
+    info "starting docker with systemctl"
+    systemctl start docker || true
+  fi
+  if ! docker info >/dev/null 2>&1; then
+    info "starting dockerd in the background (log: /var/log/fleet-test-dockerd.log)"
+    setsid nohup dockerd >/var/log/fleet-test-dockerd.log 2>&1 </dev/null &
+  fi
+  wait_for 90 "docker" docker info ||
+    fail "dockerd did not come up within 90s; see /var/log/fleet-test-dockerd.log"
+}
+
+setup_services() {
+  local service
+  for service in "${SERVICES[@]}"; do
+    step "service: $service"
+    "service_$service"
+  done
+}
+
+# --- build -------------------------------------------------------------------
+
+build() {
+  step "build: cargo build --workspace --bins --tests"
+  cargo build --workspace --bins --tests
+  # The harness runs the daemon and agentctl from here.
+  export FLEET_BIN_DIR="${FLEET_BIN_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}/debug}"
+  info "binaries from $FLEET_BIN_DIR"
+
+  step "build: test images"
+  bash tests/images/build.sh
+}
+
+# --- tests -------------------------------------------------------------------
+
+# nextest names a test by its path inside its binary, e.g. `serial_x` or `mod::serial_x`.
+SERIAL='test(/(^|::)serial_/)'
+FAILED=()
+
+run_phase() {
+  local name="$1"; shift
+  step "tests: $name"
+  if cargo nextest run --workspace --no-fail-fast --no-tests=warn "$@"; then
+    info "$name: passed"
+  else
+    FAILED+=("$name")
+  fi
+}
+
+main() {
+  local started=$SECONDS
+  if [[ "${FLEET_SKIP_SETUP:-0}" != 1 ]]; then
+    setup_tools
+    setup_services
+  fi
+  build
+  run_phase "parallel (everything but serial_*)" \
+    --test-threads "${FLEET_TEST_THREADS:-4}" -E "not $SERIAL" "$@"
+  run_phase "serial (serial_*, one at a time)" \
+    --test-threads 1 -E "$SERIAL" "$@"
+
+  step "summary ($((SECONDS - started))s)"
+  if ((${#FAILED[@]} > 0)); then
+    printf '    FAILED: %s\n' "${FAILED[@]}" >&2
+    exit 1
+  fi
+  info "all tests passed"
+}
+
+main "$@"

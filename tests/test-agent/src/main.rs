@@ -1,0 +1,241 @@
+//! A stand-in for a department container: a tiny HTTP/1.1 server whose failure
+//! modes are chosen by environment variables (see README.md), so the acceptance
+//! tests can make a "department" crash, hang, go unhealthy or run out of memory
+//! on demand. Static, no runtime, no dependencies beyond `libc` for the signal
+//! handler: it must run `FROM scratch` and never be the flaky part of a test.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::exit;
+use std::thread;
+use std::time::{Duration, Instant};
+
+struct Settings {
+    port: u16,
+    version: String,
+    never_healthy: bool,
+    unhealthy_after: Option<Duration>,
+    redirect_health_to: Option<String>,
+}
+
+fn main() {
+    let started = Instant::now();
+    install_sigterm_handler(flag("IGNORE_SIGTERM"));
+
+    let settings = Settings {
+        port: match env("PORT") {
+            Some(p) => p.parse().unwrap_or_else(|_| die(&format!("PORT={p} is not a port number"))),
+            None => 8080,
+        },
+        version: env("AGENT_VERSION").unwrap_or_else(|| "1".into()),
+        never_healthy: flag("NEVER_HEALTHY"),
+        unhealthy_after: duration_var("UNHEALTHY_AFTER"),
+        redirect_health_to: env("REDIRECT_HEALTH_TO"),
+    };
+
+    if let Some(after) = duration_var("CRASH_AFTER") {
+        let code = match env("EXIT_CODE") {
+            Some(c) => c.parse().unwrap_or_else(|_| die(&format!("EXIT_CODE={c} is not a number"))),
+            None => 1,
+        };
+        thread::spawn(move || {
+            thread::sleep(after);
+            say(&format!("CRASH_AFTER elapsed; exiting with code {code}"));
+            exit(code);
+        });
+    }
+
+    if let Some(mb) = env("ALLOC_MB") {
+        let mb: usize = mb.parse().unwrap_or_else(|_| die(&format!("ALLOC_MB={mb} is not a number")));
+        let after = duration_var("ALLOC_AFTER").unwrap_or_default();
+        thread::spawn(move || {
+            thread::sleep(after);
+            say(&format!("allocating {mb} MiB"));
+            // Filling with a non-zero byte touches every page, so the memory is
+            // really resident and a cgroup limit really bites.
+            let block = vec![0x5au8; mb * 1024 * 1024];
+            say(&format!("allocated {mb} MiB"));
+            loop {
+                thread::sleep(Duration::from_secs(3600));
+                std::hint::black_box(&block);
+            }
+        });
+    }
+
+    if let Some(delay) = duration_var("SLOW_START") {
+        say(&format!("SLOW_START: listening in {delay:?}"));
+        thread::sleep(delay);
+    }
+
+    let addr = SocketAddr::from(([0, 0, 0, 0], settings.port));
+    let listener = TcpListener::bind(addr).unwrap_or_else(|e| die(&format!("cannot listen on {addr}: {e}")));
+    say(&format!("test-agent version {} listening on {addr}", settings.version));
+
+    let settings: &'static Settings = Box::leak(Box::new(settings));
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                thread::spawn(move || serve(stream, settings, started));
+            }
+            Err(e) => say(&format!("accept failed: {e}")),
+        }
+    }
+}
+
+fn serve(mut stream: TcpStream, settings: &Settings, started: Instant) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
+    let Some(head) = read_head(&mut stream) else {
+        return;
+    };
+    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+    let method = parts.next().unwrap_or("");
+    let target = parts.next().unwrap_or("");
+    let path = target.split('?').next().unwrap_or("");
+
+    if method != "GET" && method != "HEAD" {
+        return respond(&mut stream, method, 405, "method not allowed", &[]);
+    }
+    match path {
+        "/health" => {
+            if settings.never_healthy {
+                respond(&mut stream, method, 503, "never healthy", &[])
+            } else if let Some(location) = &settings.redirect_health_to {
+                respond(&mut stream, method, 302, "redirect", &[("Location", location)])
+            } else if settings.unhealthy_after.is_some_and(|d| started.elapsed() >= d) {
+                respond(&mut stream, method, 500, "unhealthy", &[])
+            } else {
+                respond(&mut stream, method, 200, "ok", &[])
+            }
+        }
+        "/version" => respond(&mut stream, method, 200, &settings.version, &[]),
+        "/" => respond(&mut stream, method, 200, "fleet test-agent", &[]),
+        _ => match path.strip_prefix("/env/") {
+            // Presence only: the tests prove a secret reached the container
+            // without the value ever crossing the wire.
+            Some(name) if !name.is_empty() && std::env::var_os(name).is_some() => {
+                respond(&mut stream, method, 200, "set", &[])
+            }
+            Some(_) => respond(&mut stream, method, 404, "unset", &[]),
+            None => respond(&mut stream, method, 404, "not found", &[]),
+        },
+    }
+}
+
+/// Reads up to the blank line ending the request head; the body (none expected) is ignored.
+fn read_head(stream: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        if buf.len() > 16 * 1024 {
+            return None;
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
+fn respond(stream: &mut TcpStream, method: &str, status: u16, body: &str, headers: &[(&str, &str)]) {
+    let reason = match status {
+        200 => "OK",
+        302 => "Found",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Status",
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str("\r\n");
+    if method != "HEAD" {
+        out.push_str(body);
+    }
+    let _ = stream.write_all(out.as_bytes());
+    let _ = stream.flush();
+}
+
+fn install_sigterm_handler(ignore: bool) {
+    extern "C" fn exit_now(_signal: libc::c_int) {
+        // Only async-signal-safe calls here.
+        unsafe { libc::_exit(0) }
+    }
+    // PID 1 in a container ignores SIGTERM unless a handler is installed, so the
+    // default path must install one for `docker stop` to be prompt.
+    let handler = if ignore {
+        libc::SIG_IGN
+    } else {
+        exit_now as extern "C" fn(libc::c_int) as libc::sighandler_t
+    };
+    unsafe {
+        libc::signal(libc::SIGTERM, handler);
+        libc::signal(libc::SIGINT, handler);
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn flag(name: &str) -> bool {
+    matches!(env(name).as_deref(), Some("1" | "true" | "yes"))
+}
+
+fn duration_var(name: &str) -> Option<Duration> {
+    let text = env(name)?;
+    Some(parse_duration(&text).unwrap_or_else(|| {
+        die(&format!("{name}={text} is not a duration; write it like 1s, 500ms, 2m"))
+    }))
+}
+
+/// `500ms`, `1s`, `2m`, `1h`; a bare number is seconds.
+fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let seconds = match unit {
+        "ms" => number / 1000.0,
+        "" | "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => return None,
+    };
+    Duration::try_from_secs_f64(seconds).ok()
+}
+
+fn say(message: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{message}");
+    let _ = out.flush();
+}
+
+fn die(message: &str) -> ! {
+    eprintln!("test-agent: {message}");
+    exit(2);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1s"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_duration("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1x"), None);
+        assert_eq!(parse_duration("s"), None);
+    }
+}

@@ -1,0 +1,776 @@
+//! Acceptance tests of the core supervisor: departments applied, adopted across a
+//! daemon crash, updated, deleted, repaired, refused, and secrets kept secret —
+//! against a real Docker engine and the `fleet-test-agent` image.
+//!
+//! Port ranges: `ten_departments...` alone uses 8001-8010 (the issue demands it);
+//! the others take ten ports each from 42000-42069.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use fleet_tests::serde_json::Value;
+use fleet_tests::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::time::Duration;
+
+/// Time for a department to be created, started and probed healthy on a busy host.
+const UP: Duration = Duration::from_secs(90);
+/// "A few resync intervals" (`resync_interval = "1s"`), generously.
+const RESYNC: Duration = Duration::from_secs(30);
+/// How long to watch for something that must not happen (three resyncs and more).
+const QUIET: Duration = Duration::from_secs(4);
+
+fn daemon(name: &'static str, port_range: (u16, u16)) -> TestDaemon {
+    TestDaemon::start(TestOptions {
+        name,
+        port_range,
+        ..Default::default()
+    })
+}
+
+fn container(id: &str) -> String {
+    format!("aio-{id}")
+}
+
+fn host_port(row: &Value) -> u16 {
+    row["host_port"]
+        .as_u64()
+        .expect("a running department has a host port") as u16
+}
+
+/// Waits for `/health` on the published port to answer 200 "ok".
+fn wait_health_ok(port: u16) {
+    wait_until(
+        UP,
+        &format!("GET 127.0.0.1:{port}/health to answer 200 ok"),
+        || http_get(port, "/health").is_ok_and(|r| r.status == 200 && r.body == "ok"),
+    );
+}
+
+/// Asserts the container behind a running department is what the contract says:
+/// name, labels, port published on 127.0.0.1, and the id status reports.
+/// Returns the Docker container id.
+fn assert_container_matches(d: &TestDaemon, id: &str, row: &Value) -> String {
+    let c = inspect(&container(id))
+        .unwrap_or_else(|| panic!("container {} does not exist", container(id)));
+    assert_eq!(
+        c["State"]["Running"],
+        true,
+        "{} is not running",
+        container(id)
+    );
+    let labels = container_labels(&c);
+    assert_eq!(
+        labels["fleet-agent.managed"],
+        "true",
+        "labels of {}: {labels}",
+        container(id)
+    );
+    assert_eq!(
+        labels["fleet-agent.department"],
+        id,
+        "labels of {}: {labels}",
+        container(id)
+    );
+    assert_eq!(
+        labels["fleet-agent.node"],
+        d.node_id.as_str(),
+        "labels of {}: {labels}",
+        container(id)
+    );
+    let hash = labels["fleet-agent.spec-hash"].as_str().unwrap_or("");
+    assert!(
+        !hash.is_empty(),
+        "{} has no fleet-agent.spec-hash label: {labels}",
+        container(id)
+    );
+    if let Some(reported) = row["spec_hash"].as_str() {
+        assert_eq!(
+            reported, hash,
+            "status and the container disagree on the spec hash of {id}"
+        );
+    }
+    let port = host_port(row);
+    assert_eq!(
+        published(&c, 8080),
+        vec![("127.0.0.1".to_string(), port)],
+        "{} must publish 8080/tcp on 127.0.0.1:{port} exactly",
+        container(id)
+    );
+    let docker_id = c["Id"].as_str().unwrap().to_string();
+    if let Some(reported) = row["container_id"].as_str() {
+        assert!(
+            !reported.is_empty() && docker_id.starts_with(reported),
+            "status says {id} runs container {reported}, Docker says {docker_id}"
+        );
+    }
+    docker_id
+}
+
+fn assert_no_lifecycle(events: &[Value], what: &str) {
+    let lifecycle: Vec<Value> = events
+        .iter()
+        .filter(|e| e["Type"] == "container" && LIFECYCLE_ACTIONS.iter().any(|a| e["Action"] == *a))
+        .cloned()
+        .collect();
+    assert!(
+        lifecycle.is_empty(),
+        "{what}, yet Docker saw:\n{}",
+        DockerEvents::describe(&lifecycle)
+    );
+}
+
+fn of_department(events: &[Value], id: &str) -> Vec<Value> {
+    events
+        .iter()
+        .filter(|e| e["Actor"]["Attributes"]["fleet-agent.department"] == id)
+        .cloned()
+        .collect()
+}
+
+fn department_ids(d: &TestDaemon) -> BTreeSet<String> {
+    d.status()["departments"]
+        .as_array()
+        .expect("status --json lists departments")
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `field: message` as the contract prints each problem, the field not being the
+/// tail of a longer name.
+fn names_field(stderr: &str, field: &str) -> bool {
+    let needle = format!("{field}:");
+    stderr.match_indices(&needle).any(|(at, _)| {
+        stderr[..at]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'))
+    })
+}
+
+/// Applies the specs and waits until every one runs healthy; returns the rows.
+fn apply_and_wait(
+    d: &TestDaemon,
+    ids: &[String],
+    spec: impl Fn(&str) -> String,
+) -> BTreeMap<String, Value> {
+    for id in ids {
+        d.write_spec(id, &spec(id));
+    }
+    d.apply(&d.specs_dir());
+    ids.iter()
+        .map(|id| (id.clone(), d.wait_running(id, UP)))
+        .collect()
+}
+
+#[test]
+fn ten_departments_fill_the_pool_and_an_eleventh_is_refused() {
+    let d = daemon("ten", (8001, 8010));
+    let ids: Vec<String> = (1..=10).map(|i| d.dept(&format!("d{i}"))).collect();
+    let rows = apply_and_wait(&d, &ids, |id| spec_toml(id, IMAGE_V1, ""));
+
+    let mut ports = BTreeSet::new();
+    let mut docker_ids = BTreeMap::new();
+    for id in &ids {
+        let row = &rows[id];
+        let port = host_port(row);
+        assert!(
+            (8001..=8010).contains(&port),
+            "{id} got port {port}, outside 8001-8010"
+        );
+        ports.insert(port);
+        docker_ids.insert(id.clone(), assert_container_matches(&d, id, row));
+        wait_health_ok(port);
+    }
+    assert_eq!(
+        ports.len(),
+        10,
+        "ten departments must have ten distinct ports: {ports:?}"
+    );
+    assert_eq!(
+        d.containers().len(),
+        10,
+        "exactly ten containers: {:?}",
+        d.containers()
+    );
+
+    let events = d.docker_events();
+    let eleventh = d.dept("d11");
+    let path = d.dir().join("eleventh.toml");
+    fs::write(&path, spec_toml(&eleventh, IMAGE_V1, "")).unwrap();
+    let out = d.agentctl(&["apply", "-f", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "an 11th department was accepted; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let lower = stderr.to_lowercase();
+    assert!(
+        [
+            "max_departments",
+            "limit",
+            "at most 10",
+            "10 departments",
+            "maximum"
+        ]
+        .iter()
+        .any(|w| lower.contains(w)),
+        "the refusal must mention the limit of 10 departments; stderr: {stderr}"
+    );
+
+    std::thread::sleep(QUIET);
+    assert!(
+        !container_exists(&container(&eleventh)),
+        "a container was made for the refused department"
+    );
+    assert!(
+        !department_ids(&d).contains(&eleventh),
+        "the refused department is listed in status"
+    );
+    for id in &ids {
+        let row = d
+            .summary(id)
+            .unwrap_or_else(|| panic!("{id} vanished from status"));
+        assert_eq!(row["state"], "running", "{id} after the refusal: {row}");
+        assert_eq!(
+            container_id(&container(id)).as_deref(),
+            Some(docker_ids[id].as_str()),
+            "{id} was replaced"
+        );
+    }
+    assert_no_lifecycle(
+        &events.finish(),
+        "the 11th department was refused and nothing may be touched",
+    );
+}
+
+#[test]
+fn kill9_of_the_daemon_adopts_every_container_untouched() {
+    let mut d = daemon("adopt", (42000, 42009));
+    let ids: Vec<String> = (1..=4).map(|i| d.dept(&format!("d{i}"))).collect();
+    let rows = apply_and_wait(&d, &ids, |id| spec_toml(id, IMAGE_V1, ""));
+    let before: BTreeMap<String, (String, u16, String, Value)> = ids
+        .iter()
+        .map(|id| {
+            let docker_id = assert_container_matches(&d, id, &rows[id]);
+            let started = inspect(&container(id)).unwrap()["State"]["StartedAt"].clone();
+            (
+                id.clone(),
+                (
+                    docker_id,
+                    host_port(&rows[id]),
+                    started.to_string(),
+                    rows[id]["restarts"].clone(),
+                ),
+            )
+        })
+        .collect();
+
+    let events = d.docker_events();
+    for round in 1..=3 {
+        d.kill9();
+        for id in &ids {
+            assert!(
+                container_running(&container(id)),
+                "round {round}: {id} died with the daemon"
+            );
+        }
+        d.restart();
+        for id in &ids {
+            let row = d.wait_running(id, UP);
+            let (docker_id, port, _, _) = &before[id];
+            assert_eq!(host_port(&row), *port, "round {round}: {id} changed port");
+            assert_eq!(
+                &assert_container_matches(&d, id, &row),
+                docker_id,
+                "round {round}: {id} was replaced"
+            );
+        }
+    }
+    std::thread::sleep(QUIET);
+
+    for id in &ids {
+        let row = d.summary(id).unwrap();
+        let (docker_id, port, started, restarts) = &before[id];
+        assert_eq!(
+            &assert_container_matches(&d, id, &row),
+            docker_id,
+            "{id} was replaced after adoption"
+        );
+        assert_eq!(host_port(&row), *port);
+        let now_started = inspect(&container(id)).unwrap()["State"]["StartedAt"].to_string();
+        assert_eq!(&now_started, started, "{id}'s container was restarted");
+        assert_eq!(
+            &row["restarts"], restarts,
+            "{id}'s restart count changed across daemon restarts"
+        );
+        wait_health_ok(*port);
+    }
+    let leases = d.ports();
+    for id in &ids {
+        let port = before[id].1;
+        assert!(
+            leases.iter().any(|l| l["port"] == port
+                && l["department"] == id.as_str()
+                && l["status"] == "leased"),
+            "ports --json must show {port} leased to {id}: {leases:?}"
+        );
+    }
+    assert_eq!(
+        d.containers().len(),
+        4,
+        "exactly four containers: {:?}",
+        d.containers()
+    );
+    assert_no_lifecycle(
+        &events.finish(),
+        "three kill -9 and restarts of the daemon must adopt, not recreate",
+    );
+}
+
+#[test]
+fn changed_spec_replaces_only_that_container_and_reapply_touches_nothing() {
+    let d = daemon("upd", (42010, 42019));
+    let ids: Vec<String> = (1..=3).map(|i| d.dept(&format!("d{i}"))).collect();
+    let with_color = |image: &str, color: &str| {
+        let color = color.to_string();
+        let image = image.to_string();
+        move |id: &str| spec_toml(id, &image, &format!("[env]\nCOLOR = \"{color}\"\n"))
+    };
+    let rows = apply_and_wait(&d, &ids, with_color(IMAGE_V1, "blue"));
+    let docker_ids: BTreeMap<String, String> = ids
+        .iter()
+        .map(|id| (id.clone(), assert_container_matches(&d, id, &rows[id])))
+        .collect();
+    let ports: BTreeMap<String, u16> = ids
+        .iter()
+        .map(|id| (id.clone(), host_port(&rows[id])))
+        .collect();
+    let (d1, d2, d3) = (&ids[0], &ids[1], &ids[2]);
+    for port in ports.values() {
+        wait_health_ok(*port);
+    }
+
+    // Image :1 -> :2 on d2.
+    let events = d.docker_events();
+    let path = d.write_spec(d2, &with_color(IMAGE_V2, "blue")(d2));
+    let report = d.agentctl_json(&["apply", "-f", path.to_str().unwrap()]);
+    assert_eq!(
+        report["updated"],
+        serde_json_array(&[d2]),
+        "apply report: {report}"
+    );
+    assert_eq!(
+        report["created"],
+        serde_json_array(&[]),
+        "apply report: {report}"
+    );
+    assert_eq!(
+        report["deleted"],
+        serde_json_array(&[]),
+        "apply report: {report}"
+    );
+    let row = wait_for(
+        UP,
+        "d2 to run image :2, healthy, in a new container",
+        || {
+            d.summary(d2).filter(|r| {
+                r["image"] == IMAGE_V2
+                    && r["state"] == "running"
+                    && r["health"] == "healthy"
+                    && inspect(&container(d2)).is_some_and(|c| {
+                        c["Id"] != docker_ids[d2].as_str() && c["Config"]["Image"] == IMAGE_V2
+                    })
+            })
+        },
+    );
+    assert_eq!(
+        host_port(&row),
+        ports[d2],
+        "the updated department must keep its port"
+    );
+    let new_d2 = assert_container_matches(&d, d2, &row);
+    assert_ne!(new_d2, docker_ids[d2], "d2's container was not replaced");
+    assert_eq!(
+        inspect(&container(d2)).unwrap()["Config"]["Image"],
+        IMAGE_V2
+    );
+    wait_until(UP, "/version on d2's port to answer 2", || {
+        http_get(ports[d2], "/version").is_ok_and(|r| r.status == 200 && r.body == "2")
+    });
+    wait_until(
+        RESYNC,
+        "only three containers on the node (no leftover update candidate)",
+        || d.containers().len() == 3,
+    );
+
+    // An env var changed on d3.
+    let path = d.write_spec(d3, &with_color(IMAGE_V1, "green")(d3));
+    let report = d.agentctl_json(&["apply", "-f", path.to_str().unwrap()]);
+    assert_eq!(
+        report["updated"],
+        serde_json_array(&[d3]),
+        "apply report: {report}"
+    );
+    let row = wait_for(UP, "d3 to run with COLOR=green, healthy", || {
+        d.summary(d3).filter(|r| {
+            r["state"] == "running"
+                && r["health"] == "healthy"
+                && inspect(&container(d3))
+                    .is_some_and(|c| container_env(&c).contains(&"COLOR=green".to_string()))
+        })
+    });
+    assert_eq!(
+        host_port(&row),
+        ports[d3],
+        "the updated department must keep its port"
+    );
+    assert_ne!(
+        assert_container_matches(&d, d3, &row),
+        docker_ids[d3],
+        "d3's container was not replaced"
+    );
+    wait_health_ok(ports[d3]);
+    wait_until(RESYNC, "only three containers on the node", || {
+        d.containers().len() == 3
+    });
+
+    let seen = events.finish();
+    assert_no_lifecycle(&of_department(&seen, d1), "d1's spec did not change");
+    assert!(
+        of_department(&seen, d2)
+            .iter()
+            .any(|e| e["Action"] == "create"),
+        "no container was created for d2's update:\n{}",
+        DockerEvents::describe(&seen)
+    );
+    assert_eq!(
+        container_id(&container(d1)).as_deref(),
+        Some(docker_ids[d1].as_str()),
+        "d1 was replaced"
+    );
+    let after: BTreeMap<String, String> = ids
+        .iter()
+        .map(|id| (id.clone(), container_id(&container(id)).unwrap()))
+        .collect();
+
+    // The same specs again: nothing to do.
+    let events = d.docker_events();
+    let report = d.agentctl_json(&["apply", "-f", d.specs_dir().to_str().unwrap()]);
+    let mut unchanged: Vec<String> = report["unchanged"]
+        .as_array()
+        .unwrap_or_else(|| panic!("apply report without `unchanged`: {report}"))
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    unchanged.sort();
+    assert_eq!(unchanged, ids, "re-applying the same specs: {report}");
+    for key in ["created", "updated", "deleted"] {
+        assert_eq!(
+            report[key],
+            serde_json_array(&[]),
+            "re-applying the same specs: {report}"
+        );
+    }
+    std::thread::sleep(QUIET);
+    assert_no_lifecycle(&events.finish(), "the same specs were applied again");
+    for id in &ids {
+        assert_eq!(
+            container_id(&container(id)).as_ref(),
+            Some(&after[id]),
+            "{id} was replaced by a no-op apply"
+        );
+        assert_eq!(host_port(&d.summary(id).unwrap()), ports[id]);
+    }
+}
+
+fn serde_json_array(items: &[&String]) -> Value {
+    Value::Array(items.iter().map(|s| Value::String((*s).clone())).collect())
+}
+
+#[test]
+fn delete_stops_and_removes_the_container_and_frees_its_port() {
+    let d = daemon("del", (42020, 42029));
+    let ids: Vec<String> = (1..=2).map(|i| d.dept(&format!("d{i}"))).collect();
+    let rows = apply_and_wait(&d, &ids, |id| spec_toml(id, IMAGE_V1, ""));
+    let (d1, d2) = (&ids[0], &ids[1]);
+    let p1 = host_port(&rows[d1]);
+    let keep = assert_container_matches(&d, d2, &rows[d2]);
+    assert_container_matches(&d, d1, &rows[d1]);
+
+    let events = d.docker_events();
+    d.agentctl_ok(&["delete", d1]);
+    wait_until(UP, "aio-d1 to be removed", || {
+        !container_exists(&container(d1))
+    });
+    wait_until(RESYNC, "d1 to leave status", || {
+        !department_ids(&d).contains(d1)
+    });
+    wait_until(RESYNC, "port of d1 to be free in `agentctl ports`", || {
+        let leases = d.ports();
+        !leases.iter().any(|l| l["department"] == d1.as_str())
+            && leases
+                .iter()
+                .filter(|l| l["port"] == p1)
+                .all(|l| l["status"] == "free")
+    });
+    wait_until(RESYNC, "the host port of d1 to be released", || {
+        port_is_free(p1)
+    });
+    let leases = d.ports();
+    assert!(
+        leases
+            .iter()
+            .any(|l| l["department"] == d2.as_str() && l["status"] == "leased"),
+        "d2 must still hold its lease: {leases:?}"
+    );
+
+    let seen = events.finish();
+    let mine = of_department(&seen, d1);
+    assert!(
+        mine.iter().any(|e| e["Action"] == "destroy"),
+        "no destroy event for d1:\n{}",
+        DockerEvents::describe(&seen)
+    );
+    let dies: Vec<&Value> = mine.iter().filter(|e| e["Action"] == "die").collect();
+    assert!(
+        !dies.is_empty(),
+        "d1's container never stopped:\n{}",
+        DockerEvents::describe(&seen)
+    );
+    assert!(
+        dies.iter()
+            .all(|e| e["Actor"]["Attributes"]["exitCode"] == "0"),
+        "d1 must be stopped with SIGTERM (the test agent then exits 0), not killed:\n{}",
+        DockerEvents::describe(&mine)
+    );
+    assert_no_lifecycle(&of_department(&seen, d2), "d2 was not deleted");
+    assert_eq!(container_id(&container(d2)), Some(keep));
+}
+
+#[test]
+fn container_removed_behind_the_daemons_back_comes_back_on_its_port() {
+    let d = daemon("heal", (42030, 42039));
+    let ids: Vec<String> = (1..=2).map(|i| d.dept(&format!("d{i}"))).collect();
+    let rows = apply_and_wait(&d, &ids, |id| spec_toml(id, IMAGE_V1, ""));
+    let (d1, d2) = (&ids[0], &ids[1]);
+    let p1 = host_port(&rows[d1]);
+    let old = assert_container_matches(&d, d1, &rows[d1]);
+    let keep = assert_container_matches(&d, d2, &rows[d2]);
+
+    docker_ok(&["rm", "-f", &container(d1)]);
+    let new = wait_for(RESYNC, "aio-d1 to be recreated and running", || {
+        inspect(&container(d1))
+            .filter(|c| c["State"]["Running"] == true && c["Id"] != old.as_str())
+            .map(|c| c["Id"].as_str().unwrap().to_string())
+    });
+    let row = d.wait_running(d1, UP);
+    assert_eq!(
+        host_port(&row),
+        p1,
+        "the recreated department must keep its port"
+    );
+    assert_eq!(assert_container_matches(&d, d1, &row), new);
+    wait_health_ok(p1);
+    assert_eq!(container_id(&container(d2)), Some(keep), "d2 was touched");
+}
+
+#[test]
+fn a_port_held_by_another_process_is_skipped() {
+    let _held = hold_port(42040);
+    let d = daemon("busy", (42040, 42042));
+    let ids: Vec<String> = (1..=2).map(|i| d.dept(&format!("d{i}"))).collect();
+    let rows = apply_and_wait(&d, &ids, |id| spec_toml(id, IMAGE_V1, ""));
+    let ports: BTreeSet<u16> = ids.iter().map(|id| host_port(&rows[id])).collect();
+    assert_eq!(
+        ports,
+        BTreeSet::from([42041, 42042]),
+        "allocation must skip the held port 42040"
+    );
+    for id in &ids {
+        assert_container_matches(&d, id, &rows[id]);
+        wait_health_ok(host_port(&rows[id]));
+    }
+    let leases = d.ports();
+    assert!(
+        leases
+            .iter()
+            .any(|l| l["port"] == 42040 && l["status"] == "busy" && l["department"].is_null()),
+        "ports --json must show 42040 busy (held by another process): {leases:?}"
+    );
+}
+
+#[test]
+fn invalid_specs_are_refused_naming_the_field_and_change_nothing() {
+    let d = daemon("bad", (42050, 42059));
+    let good = d.dept("good");
+    let rows = apply_and_wait(&d, std::slice::from_ref(&good), |id| {
+        spec_toml(id, IMAGE_V1, "host_port = 42050\n")
+    });
+    assert_eq!(host_port(&rows[&good]), 42050);
+    let good_container = assert_container_matches(&d, &good, &rows[&good]);
+
+    let bad2 = d.dept("b2");
+    let bad3 = d.dept("b3");
+    let bad4 = d.dept("b4");
+    let cases = [
+        ("id", spec_toml("../x", IMAGE_V1, ""), "id:"),
+        (
+            "unknown key",
+            spec_toml(&bad2, IMAGE_V1, "colour = \"red\"\n"),
+            "colour",
+        ),
+        (
+            "memory above capacity",
+            spec_toml(&bad3, IMAGE_V1, "[resources]\nmemory = \"100TiB\"\n"),
+            "resources.memory:",
+        ),
+        (
+            "duplicate host_port",
+            spec_toml(&bad4, IMAGE_V1, "host_port = 42050\n"),
+            "host_port:",
+        ),
+    ];
+    let events = d.docker_events();
+    let bad_dir = d.dir().join("bad");
+    fs::create_dir_all(&bad_dir).unwrap();
+    for (i, (what, text, field)) in cases.iter().enumerate() {
+        let path = bad_dir.join(format!("{i}.toml"));
+        fs::write(&path, text).unwrap();
+        let out = d.agentctl(&["apply", "-f", path.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "a spec with a bad {what} was accepted:\n{text}"
+        );
+        let named = match field.strip_suffix(':') {
+            Some(name) => names_field(&stderr, name),
+            None => stderr.contains(field),
+        };
+        assert!(
+            named,
+            "refusing a bad {what}, stderr must name `{field}`; stderr: {stderr}"
+        );
+    }
+
+    std::thread::sleep(QUIET);
+    assert_eq!(
+        department_ids(&d),
+        BTreeSet::from([good.clone()]),
+        "only the good department may exist"
+    );
+    for id in [&bad2, &bad3, &bad4] {
+        assert!(
+            !container_exists(&container(id)),
+            "a container was made for the refused {id}"
+        );
+    }
+    let row = d.summary(&good).unwrap();
+    assert_eq!(row["state"], "running");
+    assert_eq!(
+        assert_container_matches(&d, &good, &row),
+        good_container,
+        "the good department was touched"
+    );
+    assert_eq!(d.containers().len(), 1, "containers: {:?}", d.containers());
+    assert_no_lifecycle(&events.finish(), "every spec was refused");
+}
+
+#[test]
+fn a_secret_reaches_the_container_and_nowhere_else() {
+    let d = TestDaemon::start(TestOptions {
+        name: "sec",
+        port_range: (42060, 42069),
+        // Secrets must stay out of the log even at debug level.
+        log_level: "debug",
+        ..Default::default()
+    });
+    let id = d.dept("d1");
+    let canary = format!("canary-{}-Zq9xK2pW", d.tag);
+    let spec = spec_toml(
+        &id,
+        IMAGE_V1,
+        &format!("[env]\nPLAIN = \"visible-value\"\n\n[secrets]\nDB_PASSWORD = \"{canary}\"\n"),
+    );
+    let path = d.write_spec(&id, &spec);
+    let apply_out = d.agentctl_ok(&["apply", "-f", path.to_str().unwrap(), "--json"]);
+    let row = d.wait_running(&id, UP);
+    let port = host_port(&row);
+    assert_container_matches(&d, &id, &row);
+
+    // It is delivered.
+    wait_until(UP, "the container to see DB_PASSWORD", || {
+        http_get(port, "/env/DB_PASSWORD").is_ok_and(|r| r.status == 200 && r.body == "set")
+    });
+    assert_eq!(http_get(port, "/env/NOT_SET_ANYWHERE").unwrap().status, 404);
+    let c = inspect(&container(&id)).unwrap();
+    assert!(
+        container_env(&c).contains(&format!("DB_PASSWORD={canary}")),
+        "the secret is not in the container env"
+    );
+
+    // And nowhere else.
+    let mut outputs: Vec<(String, String)> = vec![("agentctl apply --json".into(), apply_out)];
+    for args in [
+        vec!["show", id.as_str(), "--json"],
+        vec!["show", id.as_str()],
+        vec!["status", "--json"],
+        vec!["status"],
+        vec!["events", "--json"],
+        vec!["ports", "--json"],
+    ] {
+        outputs.push((format!("agentctl {}", args.join(" ")), d.agentctl_ok(&args)));
+    }
+    let detail = d.agentctl_json(&["show", &id]);
+    assert_eq!(
+        detail["spec"]["secrets"]["DB_PASSWORD"], "********",
+        "the secret must show masked: {detail}"
+    );
+    assert_eq!(
+        detail["spec"]["env"]["PLAIN"], "visible-value",
+        "plain env is shown: {detail}"
+    );
+
+    for path in [
+        format!("/v1/departments/{id}"),
+        "/v1/departments".to_string(),
+        "/v1/node".to_string(),
+        "/v1/events?after=0".to_string(),
+        "/metrics".to_string(),
+    ] {
+        let reply = d
+            .api_get(&path)
+            .unwrap_or_else(|e| panic!("GET {path} on the API: {e}"));
+        assert_eq!(reply.status, 200, "GET {path}: {}", reply.body);
+        let headers: Vec<String> = reply
+            .headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
+        outputs.push((
+            format!("GET {path}"),
+            format!("{}\n{}", headers.join("\n"), reply.body),
+        ));
+    }
+    let api_detail = d.api_get(&format!("/v1/departments/{id}")).unwrap();
+    assert!(
+        api_detail.body.contains(&id),
+        "the API detail does not describe {id}: {}",
+        api_detail.body
+    );
+
+    let labels = container_labels(&c).to_string();
+    outputs.push(("docker inspect labels".into(), labels));
+    let log = d.log_text();
+    assert!(!log.trim().is_empty(), "the daemon wrote no log at all");
+    outputs.push(("the daemon's log".into(), log));
+
+    for (what, text) in &outputs {
+        assert!(
+            !text.contains(&canary),
+            "the secret value leaked into {what}"
+        );
+    }
+}
