@@ -58,6 +58,12 @@ pub enum Command {
     Ports(commands::ports::Args),
     /// Check Docker, config, disk, clock, coordinator and the daemon, and say what is wrong.
     Doctor(commands::doctor::Args),
+    /// Shell completion script (used by the package build).
+    #[command(hide = true)]
+    Completions(commands::generate::CompletionsArgs),
+    /// Man pages (used by the package build).
+    #[command(hide = true)]
+    Man(commands::generate::ManArgs),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -91,6 +97,8 @@ async fn main() -> ExitCode {
         Command::Events(args) => commands::events::run(&client, args).await,
         Command::Ports(args) => commands::ports::run(&client, args).await,
         Command::Doctor(args) => commands::doctor::run(&client, args).await,
+        Command::Completions(args) => commands::generate::completions(args),
+        Command::Man(args) => commands::generate::man(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -30,6 +30,12 @@ enum Command {
     Run,
     /// Validate the config and every spec in departments_dir, then exit.
     CheckConfig,
+    /// Write the man page fleet-agentd.8 (used by the package build).
+    #[command(hide = true)]
+    Man {
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
 }
 
 const EXIT_CONFIG: u8 = 64;
@@ -46,6 +52,10 @@ fn main() -> ExitCode {
             };
         }
     };
+    // Before the config is looked for: a build host's config is irrelevant.
+    if let Some(Command::Man { out_dir }) = &cli.command {
+        return write_man_page(out_dir);
+    }
     let (mut config, source) = match Config::locate(cli.config.as_deref()) {
         Ok(found) => found,
         Err(e) => {
@@ -64,6 +74,7 @@ fn main() -> ExitCode {
         }
     }
     match cli.command.unwrap_or(Command::Run) {
+        Command::Man { out_dir } => write_man_page(&out_dir),
         Command::CheckConfig => match fleet_agentd::check_config(&config, &source) {
             Ok(lines) => {
                 for line in lines {
@@ -106,6 +117,35 @@ fn main() -> ExitCode {
                     }
                 }
             }
+        }
+    }
+}
+
+/// fleet-agentd(8) and a page per subcommand (fleet-agentd-check-config(8),
+/// ...), generated from the CLI definition above so they cannot drift.
+fn write_man_page(out_dir: &std::path::Path) -> ExitCode {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let pages = std::iter::once(cmd.clone())
+        .chain(cmd.get_subcommands().filter(|c| !c.is_hide_set()).cloned());
+    let result = std::fs::create_dir_all(out_dir).and_then(|()| {
+        pages
+            .map(|page| {
+                clap_mangen::Man::new(page)
+                    .section("8")
+                    .generate_to(out_dir)
+            })
+            .collect::<Result<Vec<_>, _>>()
+    });
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "fleet-agentd: cannot write the man pages to {}: {e}",
+                out_dir.display()
+            );
+            ExitCode::FAILURE
         }
     }
 }

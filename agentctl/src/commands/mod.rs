@@ -5,6 +5,7 @@ pub mod control;
 pub mod delete;
 pub mod doctor;
 pub mod events;
+pub mod generate;
 pub mod logs;
 pub mod ports;
 pub mod show;

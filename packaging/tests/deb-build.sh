@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Test 1: the .deb builds, lintian passes (no errors or warnings beyond the
+# overrides in packaging/debian/fleet-agent.lintian-overrides), and it holds
+# what the package promises.
+source "$(dirname "$0")/lib.sh"
+
+deb=$(ensure_deb)
+log "package: $deb"
+
+log "lintian"
+lintian --fail-on error,warning "$deb" \
+    || fail "lintian reported errors or warnings (see above)"
+
+listing=$(dpkg-deb -c "$deb" | awk '{print $1, $2, $6}')
+expect_file() { # MODE PATH
+    grep -qxF -- "$1 0/0 ./$2" <<<"$listing" || fail "dpkg -c does not list $2 with mode $1:
+$listing"
+}
+expect_file -rwxr-xr-x usr/bin/fleet-agentd
+expect_file -rwxr-xr-x usr/bin/agentctl
+expect_file -rw-r--r-- usr/lib/systemd/system/fleet-agentd.service
+expect_file -rw-r--r-- etc/fleet-agent/agent.toml
+expect_file -rw-r--r-- usr/share/man/man1/agentctl.1.gz
+expect_file -rw-r--r-- usr/share/man/man8/fleet-agentd.8.gz
+expect_file -rw-r--r-- usr/share/bash-completion/completions/agentctl
+expect_file -rw-r--r-- usr/share/zsh/vendor-completions/_agentctl
+expect_file -rw-r--r-- usr/share/fish/vendor_completions.d/agentctl.fish
+expect_file -rw-r--r-- usr/share/doc/fleet-agent/copyright
+expect_file -rw-r--r-- usr/share/doc/fleet-agent/changelog.Debian.gz
+# One man page per visible agentctl subcommand besides the main one.
+[ "$(grep -c './usr/share/man/man1/agentctl-.*\.1\.gz$' <<<"$listing")" -ge 5 ] \
+    || fail "expected a man page per agentctl subcommand:
+$listing"
+# Monitoring files are packaged whenever they exist in packaging/.
+for f in "$PKGTEST_ROOT"/packaging/{prometheus,grafana,monitoring}/*; do
+    [ -f "$f" ] || continue
+    grep -q "/usr/share/fleet-agent/.*/$(basename "$f")\$" <<<"$listing" \
+        || fail "$f exists but is not in the package"
+done
+
+ctl=$(mktemp -d); trap 'rm -rf "$ctl"' EXIT
+dpkg-deb -e "$deb" "$ctl"
+[ "$(cat "$ctl/conffiles")" = "/etc/fleet-agent/agent.toml" ] \
+    || fail "conffiles is '$(cat "$ctl/conffiles")', expected /etc/fleet-agent/agent.toml"
+for script in postinst prerm postrm; do
+    [ -x "$ctl/$script" ] || fail "$script missing"
+    ! grep -q '#DEBHELPER#' "$ctl/$script" || fail "#DEBHELPER# left unexpanded in $script"
+    grep -q 'Automatically added by cargo-deb' "$ctl/$script" || fail "$script has no systemd snippet"
+done
+grep -q 'adduser .*fleet-agent docker' "$ctl/postinst" || fail "postinst does not add fleet-agent to docker"
+depends=$(dpkg-deb -f "$deb" Depends)
+grep -qF 'docker.io | docker-ce' <<<"$depends" || fail "Depends is '$depends'"
+
+# The packaged binaries are the real ones: their man pages name every command.
+data=$(mktemp -d); trap 'rm -rf "$ctl" "$data"' EXIT
+dpkg-deb -x "$deb" "$data"
+"$data/usr/bin/agentctl" --help >/dev/null || fail "packaged agentctl does not run"
+"$data/usr/bin/fleet-agentd" --help >/dev/null || fail "packaged fleet-agentd does not run"
+zcat "$data/usr/share/man/man8/fleet-agentd.8.gz" | grep -q 'check\\-config' \
+    || fail "fleet-agentd(8) does not document check-config"
+grep -q 'status' "$data/usr/share/bash-completion/completions/agentctl" \
+    || fail "bash completion does not know agentctl status"
+log "ok: $(dpkg-deb -f "$deb" Package) $(dpkg-deb -f "$deb" Version), $(stat -c %s "$deb") bytes"

@@ -1,0 +1,197 @@
+# Shared helpers of the package tests (sourced, not run). They need root,
+# debootstrap, lintian, cargo-deb and a running Docker engine.
+#
+# Cached under target/pkgtest/ so that only the first run pays:
+#   base-<key>/            a debootstrap'ed Debian root with docker.io (masked),
+#                          python3-apt and man-db: the "clean host"
+#   fleet-pkgtest-base:<key>  the same root imported as a Docker image, booted
+#                          with systemd as PID 1 for the runtime tests
+#   debs/                  the .deb under test (two versions, for upgrades)
+# Each test works on an overlay of the base, so the base itself stays clean.
+
+set -euo pipefail
+# Failures inside $(...) must stop the test too.
+shopt -s inherit_errexit
+
+PKGTEST_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+PKGTEST_TARGET=${CARGO_TARGET_DIR:-$PKGTEST_ROOT/target}
+PKGTEST_CACHE="$PKGTEST_TARGET/pkgtest"
+PKGTEST_SUITE=${FLEET_PKGTEST_SUITE:-bookworm}
+PKGTEST_MIRROR=${FLEET_PKGTEST_MIRROR:-http://deb.debian.org/debian}
+PKGTEST_BIN_DIR=${FLEET_BIN_DIR:-$PKGTEST_TARGET/debug}
+# Bump when the recipe below changes; the key names the cached root and image.
+PKGTEST_BASE_RECIPE="v1 $PKGTEST_SUITE minbase python3,python3-apt,systemd,adduser,procps,man-db,ca-certificates +docker.io"
+PKGTEST_BASE_KEY=$(printf '%s' "$PKGTEST_BASE_RECIPE" | sha256sum | cut -c1-12)
+PKGTEST_BASE="$PKGTEST_CACHE/base-$PKGTEST_BASE_KEY"
+PKGTEST_IMAGE="fleet-pkgtest-base:$PKGTEST_BASE_KEY"
+PKGTEST_DEB_VERSION_OLD=0.1.0-1
+PKGTEST_DEB_VERSION_NEW=0.1.0-2
+
+mkdir -p "$PKGTEST_CACHE"
+
+log() { printf '[%s] %s\n' "$(basename "$0")" "$*" >&2; }
+fail() { log "FAIL: $*"; exit 1; }
+
+# Run "$@" holding an exclusive lock, so parallel tests build a cache once.
+with_lock() {
+    local name=$1; shift
+    (
+        flock 9
+        "$@"
+    ) 9>"$PKGTEST_CACHE/$name.lock"
+}
+
+_build_base() {
+    [ -f "$PKGTEST_BASE/.complete" ] && return 0
+    rm -rf "$PKGTEST_BASE" "$PKGTEST_BASE.tmp"
+    local dir="$PKGTEST_BASE.tmp"
+    log "debootstrap $PKGTEST_SUITE into $dir (first run only, ~2 min)"
+    debootstrap --variant=minbase \
+        --include=python3,python3-apt,systemd,adduser,procps,man-db,ca-certificates \
+        "$PKGTEST_SUITE" "$dir" "$PKGTEST_MIRROR" >"$PKGTEST_CACHE/debootstrap.log" 2>&1 \
+        || { tail -20 "$PKGTEST_CACHE/debootstrap.log" >&2; return 1; }
+    # Keep maintainer scripts from starting daemons in the chroot while docker.io installs.
+    printf '#!/bin/sh\nexit 101\n' >"$dir/usr/sbin/policy-rc.d"
+    chmod 755 "$dir/usr/sbin/policy-rc.d"
+    cp /etc/resolv.conf "$dir/etc/resolv.conf"
+    mount -t proc proc "$dir/proc"
+    local rc=0
+    chroot "$dir" sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io' \
+        >"$PKGTEST_CACHE/docker-io.log" 2>&1 || rc=$?
+    umount "$dir/proc"
+    [ $rc -eq 0 ] || { tail -20 "$PKGTEST_CACHE/docker-io.log" >&2; return 1; }
+    # The tests use the host's engine through its socket; an engine of the
+    # test host's own would fight over /run/docker.sock.
+    chroot "$dir" systemctl mask docker.service docker.socket containerd.service >/dev/null 2>&1
+    chroot "$dir" apt-get clean
+    rm -f "$dir/usr/sbin/policy-rc.d" "$dir/etc/resolv.conf"
+    touch "$dir/.complete"
+    mv "$dir" "$PKGTEST_BASE"
+}
+
+ensure_base() { with_lock base _build_base; }
+
+_build_image() {
+    docker image inspect "$PKGTEST_IMAGE" >/dev/null 2>&1 && return 0
+    log "importing $PKGTEST_BASE as $PKGTEST_IMAGE"
+    tar -C "$PKGTEST_BASE" --exclude=./.complete -c . | docker import - "$PKGTEST_IMAGE" >/dev/null
+}
+
+ensure_image() { ensure_base; with_lock image _build_image; }
+
+# The inputs of the package; the cached debs are rebuilt when any changes.
+_deb_inputs_hash() {
+    (
+        cd "$PKGTEST_ROOT"
+        sha256sum "$PKGTEST_BIN_DIR/fleet-agentd" "$PKGTEST_BIN_DIR/agentctl" daemon/Cargo.toml
+        find packaging systemd -type f ! -path 'packaging/generated/*' ! -path 'packaging/tests/*' -print0 \
+            | sort -z | xargs -0 sha256sum
+    ) | sha256sum | cut -c1-16
+}
+
+_build_debs() {
+    local key; key=$(_deb_inputs_hash)
+    local dir="$PKGTEST_CACHE/debs"
+    [ -f "$dir/$key.stamp" ] && return 0
+    rm -rf "$dir"; mkdir -p "$dir"
+    for version in "$PKGTEST_DEB_VERSION_OLD" "$PKGTEST_DEB_VERSION_NEW"; do
+        log "building fleet-agent $version from $PKGTEST_BIN_DIR"
+        "$PKGTEST_ROOT/packaging/build-deb.sh" --bin-dir "$PKGTEST_BIN_DIR" \
+            --deb-version "$version" --output "$dir" --fast >"$dir/build-$version.log" 2>&1 \
+            || { cat "$dir/build-$version.log" >&2; return 1; }
+    done
+    touch "$dir/$key.stamp"
+}
+
+# Prints the path of the .deb of the given version (default: the first one).
+ensure_deb() {
+    for bin in fleet-agentd agentctl; do
+        [ -x "$PKGTEST_BIN_DIR/$bin" ] || fail "$PKGTEST_BIN_DIR/$bin is missing; run cargo build first"
+    done
+    with_lock debs _build_debs
+    local version=${1:-$PKGTEST_DEB_VERSION_OLD}
+    echo "$PKGTEST_CACHE/debs/fleet-agent_${version}_amd64.deb"
+}
+
+# An overlay of the base: writable, thrown away by overlay_down. Sets OVL
+# (the merged root) and OVL_DIR (its parent, with upper/ holding every change).
+overlay_up() {
+    OVL_DIR=$(mktemp -d "$PKGTEST_CACHE/ovl.XXXXXX")
+    mkdir -p "$OVL_DIR/upper" "$OVL_DIR/work" "$OVL_DIR/merged"
+    mount -t overlay overlay \
+        -o "lowerdir=$PKGTEST_BASE,upperdir=$OVL_DIR/upper,workdir=$OVL_DIR/work" "$OVL_DIR/merged"
+    OVL="$OVL_DIR/merged"
+    mount -t proc proc "$OVL/proc"
+    mount --bind /dev "$OVL/dev"
+    mount --bind /dev/pts "$OVL/dev/pts"
+}
+
+overlay_down() {
+    [ -n "${OVL_DIR:-}" ] || return 0
+    umount "$OVL/proc" 2>/dev/null || true
+    umount "$OVL/dev/pts" 2>/dev/null || true
+    umount "$OVL/dev" 2>/dev/null || true
+    umount "$OVL" 2>/dev/null || umount -l "$OVL" 2>/dev/null || true
+    rm -rf "$OVL_DIR"
+    OVL_DIR=""
+}
+
+in_root() { chroot "$OVL" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"; }
+
+# Installs or upgrades a .deb in the overlay as an operator would, without a terminal.
+root_install() {
+    local deb=$1
+    cp "$deb" "$OVL/tmp/"
+    in_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+        "/tmp/$(basename "$deb")" </dev/null
+}
+
+# A container of the base image with systemd as PID 1, the host's Docker
+# socket and the host's network (so the daemon's probes reach the department
+# ports it publishes on the host's loopback). Sets SD_CT.
+systemd_container_up() {
+    local name=$1
+    SD_CT=$name
+    docker rm -f "$SD_CT" >/dev/null 2>&1 || true
+    # --privileged is not used: the test host may lack capabilities it adds.
+    docker run -d --name "$SD_CT" --hostname "$SD_CT" --network host \
+        --cap-add ALL --cap-drop SYS_RESOURCE \
+        --security-opt seccomp=unconfined --security-opt apparmor=unconfined \
+        --cgroupns=host -v /sys/fs/cgroup:/sys/fs/cgroup:rw \
+        --tmpfs /run --tmpfs /run/lock --tmpfs /tmp \
+        -v /var/run/docker.sock:/var/run/docker.sock \
+        -e container=docker "$PKGTEST_IMAGE" /lib/systemd/systemd >/dev/null
+    local state=""
+    for _ in $(seq 1 60); do
+        state=$(docker exec "$SD_CT" systemctl is-system-running 2>/dev/null || true)
+        case "$state" in running|degraded) break ;; esac
+        sleep 0.5
+    done
+    case "$state" in running|degraded) ;; *) fail "systemd in $SD_CT did not come up (state: $state)" ;; esac
+    # The image's docker group must carry the host socket's gid for the
+    # fleet-agent user's membership to mean anything.
+    local gid; gid=$(stat -c %g /var/run/docker.sock)
+    docker exec "$SD_CT" groupmod -o -g "$gid" docker
+}
+
+systemd_container_down() {
+    [ -n "${SD_CT:-}" ] || return 0
+    docker rm -f "$SD_CT" >/dev/null 2>&1 || true
+    SD_CT=""
+}
+
+in_ct() { docker exec -i "$SD_CT" "$@"; }
+
+# Removes every container the test daemon with this node id created.
+remove_node_containers() {
+    local node=$1 ids
+    ids=$(docker ps -aq --filter "label=fleet-agent.node=$node")
+    [ -z "$ids" ] || docker rm -f $ids >/dev/null
+}
+
+# assert_mode PATH MODE OWNER:GROUP (inside the overlay root)
+assert_mode() {
+    # stat inside the root: user and group names are the root's, not the host's.
+    local got; got=$(in_root stat -c '%a %U:%G' "$1" 2>/dev/null) || fail "$1 does not exist"
+    [ "$got" = "$2 $3" ] || fail "$1 is '$got', expected '$2 $3'"
+}

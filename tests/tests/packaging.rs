@@ -1,0 +1,72 @@
+//! Packaging acceptance tests: the .deb, its install/upgrade/purge lifecycle,
+//! the systemd unit (statically and under a real systemd), the Ansible role and
+//! the migration from the push playbook. Each test runs one script of
+//! `packaging/tests/` against the binaries under test (`$FLEET_BIN_DIR` or
+//! `target/debug`) and fails with the script's output. The scripts need root,
+//! Docker, debootstrap, lintian, cargo-deb and ansible (`scripts/test.sh`
+//! installs them) and cache the Debian root and image under `target/pkgtest/`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn workspace() -> PathBuf {
+    // The tests crate is `<workspace>/tests`.
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// Runs `packaging/tests/<name>` and returns its stdout; panics with both
+/// streams when it fails.
+fn run_script(name: &str) -> String {
+    let root = workspace();
+    let script = root.join("packaging/tests").join(name);
+    let out = Command::new("bash")
+        .arg(&script)
+        .current_dir(&root)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{name} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+    eprintln!("{stderr}");
+    stdout
+}
+
+#[test]
+fn deb_builds_passes_lintian_and_lists_what_is_promised() {
+    run_script("deb-build.sh");
+}
+
+#[test]
+fn deb_installs_upgrades_keeping_local_config_and_purges_clean() {
+    run_script("deb-lifecycle.sh");
+}
+
+#[test]
+fn unit_passes_verify_and_exposure_is_at_most_2() {
+    let out = run_script("unit-verify.sh");
+    let score: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("exposure="))
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no exposure score in: {out}"));
+    assert!(score <= 2.0, "exposure {score} is above 2.0");
+}
+
+#[test]
+fn unit_runs_sandboxed_under_systemd_and_still_reaches_docker_and_proc() {
+    run_script("unit-runtime.sh");
+}
+
+#[test]
+fn ansible_role_lints_installs_and_second_run_changes_nothing() {
+    run_script("ansible-role.sh");
+}
+
+#[test]
+fn push_playbook_departments_migrate_to_specs_check_config_accepts() {
+    run_script("migration.sh");
+}
