@@ -73,6 +73,13 @@ pub fn router(service: Arc<WalService>) -> Router {
         .with_state(service)
 }
 
+/// What the TCP API may show: the status only.
+pub fn read_router(service: Arc<WalService>) -> Router {
+    Router::new()
+        .route("/v1/wal", get(status))
+        .with_state(service)
+}
+
 async fn push(
     State(service): State<Arc<WalService>>,
     Query(q): Query<PushQuery>,
