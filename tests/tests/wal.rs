@@ -1,0 +1,567 @@
+//! Issue 6 acceptance tests: WAL archiving through `agentctl wal push` into a
+//! directory and into S3 (moto on loopback), against real PostgreSQL 15 and the
+//! real fleet-agentd. Port ranges: daemons 46000-46499, PostgreSQL 46500-46599,
+//! S3 46600-46699.
+
+use fleet_tests::{bin_dir, wait_until, TestDaemon, TestOptions};
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run a command");
+    out
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn postgres_ids() -> (u32, u32) {
+    let uid = ok(Command::new("id").args(["-u", "postgres"]));
+    let gid = ok(Command::new("id").args(["-g", "postgres"]));
+    (uid.trim().parse().unwrap(), gid.trim().parse().unwrap())
+}
+
+fn give_to_postgres(path: &Path) {
+    let (uid, gid) = postgres_ids();
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+}
+
+fn open_up(path: &Path) {
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// A throwaway PostgreSQL 15 cluster owned by the `postgres` user.
+struct Pg {
+    _root: tempfile::TempDir,
+    root: PathBuf,
+    data: PathBuf,
+    sock: PathBuf,
+    port: u16,
+    running: bool,
+}
+
+impl Pg {
+    /// Paths only; `init` creates the cluster.
+    fn new(port: u16) -> Self {
+        let root_dir = tempfile::Builder::new()
+            .prefix("fleet-pg-")
+            .tempdir()
+            .unwrap();
+        let root = root_dir.path().to_path_buf();
+        open_up(&root);
+        give_to_postgres(&root);
+        let sock = root.join("sock");
+        fs::create_dir(&sock).unwrap();
+        give_to_postgres(&sock);
+        Pg {
+            data: root.join("data"),
+            root,
+            _root: root_dir,
+            sock,
+            port,
+            running: false,
+        }
+    }
+
+    fn as_postgres(&self, program: &str) -> Command {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--", &format!("{PG_BIN}/{program}")]);
+        cmd.current_dir(&self.root);
+        cmd
+    }
+
+    fn init(&mut self, archive_command: &str) {
+        ok(self
+            .as_postgres("initdb")
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .arg(&self.data));
+        let conf = format!(
+            "\nport = {port}\nlisten_addresses = ''\nunix_socket_directories = '{sock}'\n\
+             wal_level = replica\narchive_mode = on\narchive_command = '{archive_command}'\n\
+             max_wal_senders = 4\nwal_keep_size = '2GB'\nmax_wal_size = '4GB'\n\
+             shared_buffers = '64MB'\nfsync = off\nsynchronous_commit = off\nfull_page_writes = on\n",
+            port = self.port,
+            sock = self.sock.display(),
+        );
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(self.data.join("postgresql.conf"))
+            .unwrap();
+        f.write_all(conf.as_bytes()).unwrap();
+        self.start();
+    }
+
+    fn start(&mut self) {
+        ok(self
+            .as_postgres("pg_ctl")
+            .args(["-w", "-t", "120", "-l"])
+            .arg(self.root.join("pg.log"))
+            .arg("-D")
+            .arg(&self.data)
+            .arg("start"));
+        self.running = true;
+    }
+
+    fn stop(&mut self) {
+        if self.running {
+            let _ = run(self
+                .as_postgres("pg_ctl")
+                .args(["-w", "-m", "immediate", "-D"])
+                .arg(&self.data)
+                .arg("stop"));
+            self.running = false;
+        }
+    }
+
+    fn sql(&self, sql: &str) -> String {
+        ok(Command::new(format!("{PG_BIN}/psql"))
+            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-U", "postgres"])
+            .arg("-h")
+            .arg(&self.sock)
+            .args(["-p", &self.port.to_string(), "-d", "postgres", "-c", sql]))
+        .trim()
+        .to_string()
+    }
+
+    fn pgbench(&self, args: &[&str]) {
+        ok(Command::new(format!("{PG_BIN}/pgbench"))
+            .args(["-U", "postgres", "-h"])
+            .arg(&self.sock)
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .arg("postgres"));
+    }
+
+    fn conninfo(&self) -> String {
+        format!("host={} port={} user=postgres", self.sock.display(), self.port)
+    }
+
+    fn sysid(&self) -> u64 {
+        let bytes = fs::read(self.data.join("global/pg_control")).unwrap();
+        u64::from_ne_bytes(bytes[..8].try_into().unwrap())
+    }
+
+    /// Switches to a new segment and waits until everything up to it is archived.
+    fn switch_and_wait(&self, timeout: Duration) -> String {
+        let switched = self.sql("SELECT pg_walfile_name(pg_switch_wal())");
+        wait_until(timeout, "the archiver to catch up", || {
+            let last = self.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
+            last.as_str() >= switched.as_str() && self.ready().is_empty()
+        });
+        switched
+    }
+
+    fn status_files(&self, suffix: &str) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(self.data.join("pg_wal/archive_status"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(suffix))
+                    .map(str::to_string)
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn ready(&self) -> Vec<String> {
+        self.status_files(".ready")
+    }
+
+    fn done(&self) -> Vec<String> {
+        self.status_files(".done")
+    }
+
+    fn failed_count(&self) -> i64 {
+        self.sql("SELECT failed_count FROM pg_stat_archiver")
+            .parse()
+            .unwrap()
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.root.join("pg.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn agentctl_path() -> PathBuf {
+    bin_dir().join("agentctl")
+}
+
+/// The daemon with a `[wal]` table; its dir is opened so the postgres user can
+/// reach the control socket (the socket itself is 0666; peer credentials gate it).
+fn wal_daemon(name: &'static str, ports: (u16, u16), wal_toml: &str) -> TestDaemon {
+    let daemon = TestDaemon::start(TestOptions {
+        name,
+        port_range: ports,
+        extra_toml: format!("[wal]\n{wal_toml}\n"),
+        ..Default::default()
+    });
+    open_up(daemon.dir());
+    daemon
+}
+
+fn archive_command(daemon: &TestDaemon) -> String {
+    format!(
+        "{} --socket {} wal push %p",
+        agentctl_path().display(),
+        daemon.socket.display()
+    )
+}
+
+/// Every segment PostgreSQL marked `.done` is archived with the checksum of
+/// the file in pg_wal. `get` reads an object by key.
+fn assert_archived(pg: &Pg, get: impl Fn(&str) -> Option<Vec<u8>>) -> usize {
+    let sysid = pg.sysid();
+    let done = pg.done();
+    assert!(!done.is_empty(), "PostgreSQL archived nothing");
+    for name in &done {
+        let key = format!("{sysid}/wal/{name}.zst");
+        let object = get(&key).unwrap_or_else(|| panic!("{name} acknowledged but {key} is missing"));
+        let original = fleet_wal::codec::decode(&object)
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
+        if fleet_wal::names::classify(name) == Some(fleet_wal::names::WalKind::Segment) {
+            let local = fs::read(pg.data.join("pg_wal").join(name)).unwrap();
+            assert!(original == local, "{key} differs from pg_wal/{name}");
+        }
+    }
+    done.len()
+}
+
+fn file_get(root: &Path) -> impl Fn(&str) -> Option<Vec<u8>> + '_ {
+    move |key| fs::read(root.join(key)).ok()
+}
+
+fn metrics(daemon: &TestDaemon) -> String {
+    daemon.api_get("/metrics").expect("GET /metrics").body
+}
+
+// --- S3 (moto) -----------------------------------------------------------------
+
+const MOTO: &str = "/opt/moto/bin/moto_server";
+
+/// moto's S3 on loopback with one bucket. In-memory: it lives as long as this value.
+struct Moto {
+    child: Child,
+    port: u16,
+}
+
+impl Moto {
+    fn start(port: u16, bucket: &str) -> Self {
+        assert!(
+            Path::new(MOTO).exists(),
+            "{MOTO} is missing; run scripts/test.sh (service_moto) first"
+        );
+        let child = Command::new(MOTO)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let moto = Moto { child, port };
+        wait_until(Duration::from_secs(60), "moto to listen", || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        let client = reqwest::blocking::Client::new();
+        let r = client
+            .put(format!("http://127.0.0.1:{port}/{bucket}"))
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "create bucket: {}", r.status());
+        moto
+    }
+
+    fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        let r = reqwest::blocking::get(format!("http://127.0.0.1:{}/{bucket}/{key}", self.port))
+            .ok()?;
+        r.status().is_success().then(|| r.bytes().ok().map(|b| b.to_vec()))?
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn s3_toml(dir: &Path, endpoint_port: u16, bucket: &str) -> String {
+    let creds = dir.join("s3-credentials");
+    fs::write(&creds, "access_key_id = test\nsecret_access_key = test\n").unwrap();
+    format!(
+        "target = \"s3://{bucket}/archive\"\n[wal.s3]\nendpoint = \"http://127.0.0.1:{endpoint_port}\"\nregion = \"us-east-1\"\ncredentials_file = \"{}\"\npath_style = true\n",
+        creds.display()
+    )
+}
+
+/// A TCP forwarder in front of S3 that can be switched off (connections
+/// refused and cut) and on again: "S3 stopped for a while" without losing
+/// what moto holds in memory.
+struct Switch {
+    port: u16,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Switch {
+    fn start(port: u16, upstream: u16) -> Self {
+        let up = Arc::new(AtomicBool::new(true));
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let (up2, conns2) = (up.clone(), conns.clone());
+        thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if !up2.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                if let Ok(mut c) = conns2.lock() {
+                    c.push(client.try_clone().unwrap());
+                    c.push(server.try_clone().unwrap());
+                }
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    thread::spawn(move || {
+                        let mut buf = [0u8; 65536];
+                        loop {
+                            match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Switch { port, up, conns }
+    }
+
+    fn set(&self, on: bool) {
+        self.up.store(on, Ordering::SeqCst);
+        if !on {
+            for c in self.conns.lock().unwrap().drain(..) {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+// --- 1. pgbench with archiving ---------------------------------------------------
+
+fn pgbench_archiving(daemon: &TestDaemon, pg: &mut Pg, get: impl Fn(&str) -> Option<Vec<u8>>) {
+    pg.init(&archive_command(daemon));
+    pg.pgbench(&["-i", "-s", "5", "-q"]);
+    pg.pgbench(&["-c", "4", "-j", "2", "-T", "8"]);
+    pg.switch_and_wait(Duration::from_secs(180));
+    let count = assert_archived(pg, get);
+    assert!(count >= 4, "only {count} segments archived");
+    assert_eq!(pg.failed_count(), 0, "archiver failures; log:\n{}", pg.log());
+    let status = daemon.agentctl_json(&["wal", "status"]);
+    assert_eq!(status["archiver"]["failed_count"], 0, "{status}");
+    assert_eq!(status["ready_count"], 0, "{status}");
+    let m = metrics(daemon);
+    assert!(m.contains("fleet_agent_wal_shipped_segments_total"), "{m}");
+    assert!(m.contains("fleet_agent_wal_backlog_segments 0"), "{m}");
+}
+
+#[test]
+fn wal_pgbench_archives_everything_to_a_directory() {
+    let mut pg = Pg::new(46500);
+    let archive = tempfile::tempdir().unwrap();
+    let daemon = wal_daemon(
+        "wal1",
+        (46000, 46009),
+        &format!(
+            "target = \"file://{}\"\npostgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\n",
+            archive.path().display(),
+            pg.conninfo(),
+            pg.data.display()
+        ),
+    );
+    pgbench_archiving(&daemon, &mut pg, file_get(archive.path()));
+}
+
+#[test]
+fn wal_pgbench_archives_everything_to_s3() {
+    let mut pg = Pg::new(46501);
+    let moto = Moto::start(46600, "wal1");
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = wal_daemon(
+        "wal1s",
+        (46010, 46019),
+        &format!(
+            "postgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\n{}",
+            pg.conninfo(),
+            pg.data.display(),
+            s3_toml(dir.path(), moto.port, "wal1")
+        ),
+    );
+    pgbench_archiving(&daemon, &mut pg, |key| moto.get("wal1", &format!("archive/{key}")));
+}
+
+// --- 2. the same name twice --------------------------------------------------------
+
+fn segment_file(dir: &Path, name: &str, fill: u8) -> PathBuf {
+    let path = dir.join(name);
+    let mut content = vec![fill; 16 << 20];
+    content[0] = 0xD1;
+    fs::write(&path, content).unwrap();
+    path
+}
+
+#[test]
+fn wal_same_segment_twice_ok_different_content_refused() {
+    let archive = tempfile::tempdir().unwrap();
+    let daemon = wal_daemon(
+        "wal2",
+        (46020, 46029),
+        &format!("target = \"file://{}\"", archive.path().display()),
+    );
+    let work = tempfile::tempdir().unwrap();
+    let name = "000000010000000000000007";
+    let first = segment_file(work.path(), name, 1);
+    let push = |path: &Path| {
+        daemon.agentctl(&["wal", "push", "--system-id", "4242", path.to_str().unwrap()])
+    };
+    let out = push(&first);
+    assert!(out.status.success(), "{out:?}");
+    let key = archive.path().join(format!("4242/wal/{name}.zst"));
+    let stored = fs::read(&key).unwrap();
+    let out = push(&first);
+    assert!(out.status.success(), "identical push must succeed: {out:?}");
+
+    let other_dir = tempfile::tempdir().unwrap();
+    let second = segment_file(other_dir.path(), name, 2);
+    let out = push(&second);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("different content"),
+        "{out:?}"
+    );
+    assert_eq!(fs::read(&key).unwrap(), stored, "the stored object changed");
+
+    // Also when the daemon has forgotten (restart): the check reads the target.
+    let mut daemon = daemon;
+    daemon.restart();
+    let out = daemon.agentctl(&["wal", "push", "--system-id", "4242", second.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let out = daemon.agentctl(&["wal", "push", "--system-id", "4242", first.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(fs::read(&key).unwrap(), stored);
+    let m = metrics(&daemon);
+    assert!(m.contains("fleet_agent_wal_failures_total{kind=\"conflict\"} 1"), "{m}");
+    let events = daemon.agentctl_json(&["events"]);
+    assert!(events.to_string().contains("wal_conflict"), "{events}");
+}
+
+// --- 5. bad names, symlinks -------------------------------------------------------
+
+#[test]
+fn wal_bad_names_and_symlinks_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let archive = root.path().join("archive");
+    let daemon = wal_daemon(
+        "wal5",
+        (46030, 46039),
+        &format!("target = \"file://{}\"", archive.display()),
+    );
+    let work = tempfile::tempdir().unwrap();
+    let push = |path: &str| daemon.agentctl(&["wal", "push", "--system-id", "5", path]);
+
+    let bad_hex = segment_file(work.path(), "00000001000000000000000G", 1);
+    let out = push(bad_hex.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    let out = push("../../etc/passwd");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    let link = work.path().join("000000010000000000000003");
+    std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
+    let out = push(link.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    // The daemon itself refuses names with a path in them, whoever sends them.
+    for name in ["..%2F..%2Fetc%2Fpasswd", "00000001000000000000000G", "%2Fetc%2Fpasswd"] {
+        let out = run(Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket"])
+            .arg(&daemon.socket)
+            .args(["-X", "POST", "--data-binary", "x"])
+            .arg(format!("http://fleet/v1/wal/push?name={name}&system_id=5")));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "400", "{name}");
+        let out = run(Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket"])
+            .arg(&daemon.socket)
+            .arg(format!("http://fleet/v1/wal/fetch/{name}?system_id=5")));
+        let code = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(code == "400" || code == "404", "{name}: {code}");
+    }
+    // Nothing was written: not in the target, not beside it.
+    let beside: Vec<_> = fs::read_dir(root.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(beside, vec![std::ffi::OsString::from("archive")], "{beside:?}");
+    let mut inside = Vec::new();
+    for e in walk(&archive) {
+        inside.push(e);
+    }
+    assert!(inside.is_empty(), "{inside:?}");
+    // A fetch of something not archived exits 1 (recovery ends normally on it).
+    let out = daemon.agentctl(&[
+        "wal",
+        "fetch",
+        "--system-id",
+        "5",
+        "000000010000000000000009",
+        work.path().join("x").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
