@@ -297,10 +297,28 @@ impl Moto {
         moto
     }
 
+    /// Reads an object through an authenticated S3 client (moto refuses
+    /// anonymous reads).
     fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
-        let r = reqwest::blocking::get(format!("http://127.0.0.1:{}/{bucket}/{key}", self.port))
-            .ok()?;
-        r.status().is_success().then(|| r.bytes().ok().map(|b| b.to_vec()))?
+        let creds = tempfile::NamedTempFile::new().unwrap();
+        fs::write(creds.path(), "access_key_id = test\nsecret_access_key = test\n").unwrap();
+        let config: fleet_model::config::WalConfig = serde_json::from_value(serde_json::json!({
+            "target": format!("s3://{bucket}"),
+            "s3": {
+                "endpoint": format!("http://127.0.0.1:{}", self.port),
+                "credentials_file": creds.path(),
+            }
+        }))
+        .unwrap();
+        let target = fleet_wal::target::Target::from_config(&config).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime
+            .block_on(target.get(key))
+            .unwrap()
+            .map(|b| b.to_vec())
     }
 }
 
