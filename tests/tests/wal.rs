@@ -13,7 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
@@ -582,4 +582,295 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+// --- 4. kill -9 during uploads ------------------------------------------------------
+
+/// Every object under a final key decodes (a partial object would not).
+fn assert_no_partial_objects(archive: &Path) -> usize {
+    let mut count = 0;
+    for path in walk(archive) {
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with('.') || !name.ends_with(".zst") || path.to_string_lossy().contains("/backups/") {
+            continue;
+        }
+        let object = fs::read(&path).unwrap();
+        fleet_wal::codec::decode(&object)
+            .unwrap_or_else(|e| panic!("{}: partial or damaged object: {e}", path.display()));
+        count += 1;
+    }
+    count
+}
+
+fn pgbench_in_background(pg: &Pg, seconds: u32) -> Child {
+    Command::new(format!("{PG_BIN}/pgbench"))
+        .args(["-U", "postgres", "-h"])
+        .arg(&pg.sock)
+        .args(["-p", &pg.port.to_string()])
+        .args(["-c", "4", "-j", "2", "-T", &seconds.to_string(), "postgres"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn wal_kill9_during_uploads_leaves_no_partial_object() {
+    let mut pg = Pg::new(46504);
+    let archive = tempfile::tempdir().unwrap();
+    let mut daemon = wal_daemon(
+        "wal4",
+        (46040, 46049),
+        &format!(
+            "target = \"file://{}\"\npostgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\n",
+            archive.path().display(),
+            pg.conninfo(),
+            pg.data.display()
+        ),
+    );
+    pg.init(&archive_command(&daemon));
+    pg.pgbench(&["-i", "-s", "3", "-q"]);
+    let mut load = pgbench_in_background(&pg, 14);
+    for _ in 0..2 {
+        thread::sleep(Duration::from_secs(3));
+        daemon.kill9();
+        assert_no_partial_objects(archive.path());
+        thread::sleep(Duration::from_secs(2));
+        assert_no_partial_objects(archive.path());
+        daemon.restart();
+    }
+    let status = load.wait().unwrap();
+    assert!(status.success(), "pgbench failed");
+    pg.switch_and_wait(Duration::from_secs(240));
+    let acknowledged = assert_archived(&pg, file_get(archive.path()));
+    let objects = assert_no_partial_objects(archive.path());
+    assert!(objects >= acknowledged, "{objects} objects for {acknowledged} acknowledged");
+}
+
+// --- 3. S3 stopped under load ---------------------------------------------------------
+
+#[test]
+fn wal_s3_stopped_under_load_then_drains_without_gap() {
+    let mut pg = Pg::new(46505);
+    let moto = Moto::start(46610, "wal3");
+    let switch = Switch::start(46611, moto.port);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = wal_daemon(
+        "wal3",
+        (46050, 46059),
+        &format!(
+            "postgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\n{}",
+            pg.conninfo(),
+            pg.data.display(),
+            s3_toml(dir.path(), switch.port, "wal3")
+        ),
+    );
+    pg.init(&archive_command(&daemon));
+    pg.pgbench(&["-i", "-s", "2", "-q"]);
+    pg.switch_and_wait(Duration::from_secs(120));
+    let mut load = pgbench_in_background(&pg, 25);
+    thread::sleep(Duration::from_secs(3));
+    switch.set(false);
+    // PostgreSQL keeps its WAL (files wait as .ready) and counts failed pushes.
+    wait_until(Duration::from_secs(60), "a backlog while S3 is down", || {
+        pg.ready().len() >= 2 && pg.failed_count() > 0
+    });
+    for name in pg.ready() {
+        assert!(
+            pg.data.join("pg_wal").join(&name).exists(),
+            "pg_wal/{name} is gone while unarchived"
+        );
+    }
+    let status = daemon.agentctl_json(&["wal", "status"]);
+    assert!(status["ready_count"].as_u64().unwrap_or(0) >= 2, "{status}");
+    let m = metrics(&daemon);
+    assert!(!m.contains("fleet_agent_wal_failures_total{kind=\"target\"} 0"), "{m}");
+    thread::sleep(Duration::from_secs(5));
+    switch.set(true);
+    assert!(load.wait().unwrap().success(), "pgbench failed");
+    pg.switch_and_wait(Duration::from_secs(300));
+    let count = assert_archived(&pg, |key| moto.get("wal3", &format!("archive/{key}")));
+    assert!(count >= 4, "{count}");
+}
+
+// --- 6. point-in-time recovery ------------------------------------------------------------
+
+#[test]
+fn wal_point_in_time_recovery_end_to_end() {
+    let mut pg = Pg::new(46506);
+    let archive = tempfile::tempdir().unwrap();
+    let daemon = wal_daemon(
+        "wal6",
+        (46060, 46069),
+        &format!(
+            "target = \"file://{}\"\npostgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\n",
+            archive.path().display(),
+            pg.conninfo(),
+            pg.data.display()
+        ),
+    );
+    pg.init(&archive_command(&daemon));
+    pg.sql("CREATE TABLE t (id int PRIMARY KEY, phase text NOT NULL)");
+    pg.sql("INSERT INTO t SELECT g, 'before-backup' FROM generate_series(1, 10) g");
+    let manifest = daemon.agentctl_json(&["backup", "create"]);
+    assert!(manifest["start_wal"].is_string(), "{manifest}");
+    pg.sql("INSERT INTO t SELECT g, 'a' FROM generate_series(101, 150) g");
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
+    pg.sql("INSERT INTO t SELECT g, 'a' FROM generate_series(151, 200) g");
+    thread::sleep(Duration::from_millis(1200));
+    let target = pg.sql(
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    );
+    thread::sleep(Duration::from_millis(1200));
+    pg.sql("INSERT INTO t SELECT g, 'b' FROM generate_series(1001, 1050) g");
+    pg.sql("DELETE FROM t WHERE phase = 'before-backup'");
+    pg.switch_and_wait(Duration::from_secs(120));
+
+    let list = daemon.agentctl_json(&["backup", "list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+
+    let mut restored = Pg::new(46507);
+    fs::create_dir(&restored.data).unwrap();
+    give_to_postgres(&restored.data);
+    let report = daemon.agentctl_json(&[
+        "restore",
+        "--to",
+        restored.data.to_str().unwrap(),
+        "--target-time",
+        &target,
+    ]);
+    assert_eq!(report["backup"], manifest["id"], "{report}");
+    assert!(restored.data.join("recovery.signal").exists());
+    let mut conf = fs::OpenOptions::new()
+        .append(true)
+        .open(restored.data.join("postgresql.conf"))
+        .unwrap();
+    writeln!(
+        conf,
+        "\nport = {}\nunix_socket_directories = '{}'\narchive_mode = off\n",
+        restored.port,
+        restored.sock.display()
+    )
+    .unwrap();
+    restored.start();
+    wait_until(Duration::from_secs(120), "recovery to finish", || {
+        restored.sql("SELECT pg_is_in_recovery()") == "f"
+    });
+    let counts = restored.sql(
+        "SELECT phase || '=' || count(*) FROM t GROUP BY phase ORDER BY phase",
+    );
+    assert_eq!(
+        counts.lines().collect::<Vec<_>>(),
+        vec!["a=100", "before-backup=10"],
+        "restored cluster log:\n{}",
+        restored.log()
+    );
+    let m = metrics(&daemon);
+    assert!(m.contains("fleet_agent_wal_last_base_backup_age_seconds"), "{m}");
+}
+
+// --- 7. retention ---------------------------------------------------------------------------
+
+#[test]
+fn wal_retention_keeps_what_the_window_needs() {
+    let mut pg = Pg::new(46508);
+    let archive = tempfile::tempdir().unwrap();
+    let daemon = wal_daemon(
+        "wal7",
+        (46070, 46079),
+        &format!(
+            "target = \"file://{}\"\npostgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\n",
+            archive.path().display(),
+            pg.conninfo(),
+            pg.data.display()
+        ),
+    );
+    pg.init(&archive_command(&daemon));
+    let sysid = pg.sysid();
+    let backup = || {
+        let m = daemon.agentctl_json(&["backup", "create"]);
+        pg.sql("CREATE TABLE IF NOT EXISTS filler (x int)");
+        pg.sql("INSERT INTO filler SELECT generate_series(1, 1000)");
+        pg.switch_and_wait(Duration::from_secs(120));
+        pg.sql("INSERT INTO filler SELECT generate_series(1, 1000)");
+        pg.switch_and_wait(Duration::from_secs(120));
+        m
+    };
+    let b1 = backup();
+    thread::sleep(Duration::from_secs(7));
+    let b2 = backup();
+    thread::sleep(Duration::from_secs(7));
+    let b3 = backup();
+    // A timeline history file, as a promotion would archive.
+    let work = tempfile::tempdir().unwrap();
+    let history = work.path().join("00000002.history");
+    fs::write(&history, "1\t0/9000000\tno recovery target specified\n").unwrap();
+    let out = daemon.agentctl(&[
+        "wal",
+        "push",
+        "--system-id",
+        &sysid.to_string(),
+        history.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+
+    let wal_dir = archive.path().join(format!("{sysid}/wal"));
+    let before: Vec<String> = fs::read_dir(&wal_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().trim_end_matches(".zst").to_string())
+        .collect();
+    let report = daemon.agentctl_json(&["backup", "prune", "--window", "6s"]);
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids(&report["deleted_backups"]), vec![b1["id"].as_str().unwrap().to_string()], "{report}");
+    assert_eq!(
+        ids(&report["kept_backups"]),
+        vec![
+            b2["id"].as_str().unwrap().to_string(),
+            b3["id"].as_str().unwrap().to_string()
+        ],
+        "{report}"
+    );
+    let list = daemon.agentctl_json(&["backup", "list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
+    assert!(!archive
+        .path()
+        .join(format!("{sysid}/backups/{}", b1["id"].as_str().unwrap()))
+        .join("manifest.json")
+        .exists());
+
+    let needed = fleet_wal::names::position(b2["start_wal"].as_str().unwrap()).unwrap();
+    let after: Vec<String> = fs::read_dir(&wal_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().trim_end_matches(".zst").to_string())
+        .collect();
+    assert!(after.contains(&"00000002.history".to_string()), "{after:?}");
+    let mut deleted = 0;
+    for name in &before {
+        let pos = fleet_wal::names::segment_of(name).and_then(fleet_wal::names::position);
+        match pos {
+            Some(p) if p < needed => {
+                assert!(!after.contains(name), "{name} should be deleted");
+                deleted += 1;
+            }
+            _ => assert!(after.contains(name), "{name} is needed but was deleted"),
+        }
+    }
+    assert!(deleted > 0, "nothing was old enough to delete: {before:?}");
+    // Everything PostgreSQL archived from B2's start on is still there.
+    for name in pg.done() {
+        if fleet_wal::names::segment_of(&name)
+            .and_then(fleet_wal::names::position)
+            .is_some_and(|p| p >= needed)
+        {
+            assert!(after.contains(&name), "{name} missing after retention");
+        }
+    }
 }
