@@ -111,13 +111,14 @@ impl Pg {
     }
 
     fn start(&mut self) {
-        ok(self
+        let out = run(self
             .as_postgres("pg_ctl")
             .args(["-w", "-t", "120", "-l"])
             .arg(self.root.join("pg.log"))
             .arg("-D")
             .arg(&self.data)
             .arg("start"));
+        assert!(out.status.success(), "PostgreSQL did not start; its log:\n{}", self.log());
         self.running = true;
     }
 
@@ -820,7 +821,15 @@ fn wal_retention_keeps_what_the_window_needs() {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().trim_end_matches(".zst").to_string())
         .collect();
-    let report = daemon.agentctl_json(&["backup", "prune", "--window", "6s"]);
+    // A window that starts between B2 and B3 (7 s and more apart): B3 is
+    // inside it, B2 is the newest backup older than it, B1 is not needed.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let window = now - b3["finished_unix"].as_u64().unwrap() + 3;
+    assert!(now - window > b2["finished_unix"].as_u64().unwrap());
+    let report = daemon.agentctl_json(&["backup", "prune", "--window", &format!("{window}s")]);
     let ids = |v: &serde_json::Value| -> Vec<String> {
         v.as_array()
             .unwrap()

@@ -302,7 +302,7 @@ impl WalService {
             None => None,
         };
         let sysid = self.resolve_sysid(given)?;
-        let target_unix = match &request.target_time {
+        let target = match &request.target_time {
             Some(t) => Some(
                 humantime::parse_rfc3339_weak(t.trim_end_matches('Z'))
                     .or_else(|_| humantime::parse_rfc3339_weak(t))
@@ -310,13 +310,23 @@ impl WalService {
                         WalError::BadRequest(format!(
                             "target time `{t}` is not RFC 3339 UTC (2026-11-28T04:05:06Z)"
                         ))
-                    })?
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_secs_f64())
-                    .unwrap_or(0.0),
+                    })?,
             ),
             None => None,
         };
+        let target_unix = target.map(|t| {
+            t.duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0)
+        });
+        // PostgreSQL's recovery_target_time takes no `T`/`Z`: write it as
+        // `YYYY-MM-DD HH:MM:SS.ffffff+00`.
+        let pg_target = target.map(|t| {
+            humantime::format_rfc3339_micros(t)
+                .to_string()
+                .replace('T', " ")
+                .replace('Z', "+00")
+        });
         let backups = self.list_backups(sysid).await?;
         let chosen = match &request.backup {
             Some(id) => backups.iter().find(|m| &m.id == id).cloned(),
@@ -354,7 +364,7 @@ impl WalService {
             return Err(WalError::NotFound(key));
         }
         let manifest = chosen.clone();
-        let target_time = request.target_time.clone();
+        let target_time = pg_target;
         let command = request.restore_command.clone();
         let unpack_to = to.clone();
         let unpacked = tokio::task::spawn_blocking(move || {
