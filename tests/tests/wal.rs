@@ -673,7 +673,11 @@ fn wal_s3_stopped_under_load_then_drains_without_gap() {
     thread::sleep(Duration::from_secs(3));
     switch.set(false);
     // PostgreSQL keeps its WAL (files wait as .ready) and counts failed pushes.
-    wait_until(Duration::from_secs(60), "a backlog while S3 is down", || {
+    pg.sql("CREATE TABLE ticks (x int)");
+    wait_until(Duration::from_secs(120), "a backlog while S3 is down", || {
+        // Complete segments even if pgbench is slow on a busy machine.
+        pg.sql("INSERT INTO ticks VALUES (1)");
+        pg.sql("SELECT pg_switch_wal()");
         pg.ready().len() >= 2 && pg.failed_count() > 0
     });
     for name in pg.ready() {
