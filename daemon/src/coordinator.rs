@@ -175,7 +175,10 @@ pub fn parse_document(body: &[u8], applied: Option<i64>) -> Result<DesiredState,
     };
     let document: DesiredState = serde_json::from_slice(body).map_err(|e| {
         refuse(
-            format!("the document is not a valid desired state: {}", redact_serde(&e)),
+            format!(
+                "the document is not a valid desired state: {}",
+                redact_serde(&e)
+            ),
             peek_revision(body),
         )
     })?;
@@ -206,7 +209,9 @@ fn peek_revision(body: &[u8]) -> Option<i64> {
     struct Peek {
         revision: i64,
     }
-    serde_json::from_slice::<Peek>(body).ok().map(|p| p.revision)
+    serde_json::from_slice::<Peek>(body)
+        .ok()
+        .map(|p| p.revision)
 }
 
 /// serde's message without the offending value: a misplaced secret must not
@@ -217,8 +222,7 @@ fn redact_serde(e: &serde_json::Error) -> String {
         Some((m, _)) => m.to_string(),
         None => message,
     };
-    let cleaned = if message.starts_with("invalid type:") || message.starts_with("invalid value:")
-    {
+    let cleaned = if message.starts_with("invalid type:") || message.starts_with("invalid value:") {
         // "invalid type: string \"hunter2\", expected u16" -> keep the kinds only.
         let (head, expected) = message
             .split_once(", expected")
@@ -370,10 +374,9 @@ impl Client {
                         .last_success
                         .store(now_secs(), Ordering::Relaxed);
                     match outcome {
-                        Outcome::Applied { revision } => tracing::info!(
-                            revision,
-                            "Desired state from the coordinator in force."
-                        ),
+                        Outcome::Applied { revision } => {
+                            tracing::info!(revision, "Desired state from the coordinator in force.")
+                        }
                         Outcome::NotModified | Outcome::Refused => {}
                     }
                 }
@@ -382,7 +385,7 @@ impl Client {
                     self.metrics.failures.fetch_add(1, Ordering::Relaxed);
                     let message = e.to_string();
                     // One line when it starts failing, then every tenth try.
-                    if self.failures == 1 || self.failures % 10 == 0 {
+                    if self.failures == 1 || self.failures.is_multiple_of(10) {
                         tracing::warn!(
                             error = %message,
                             failures = self.failures,
@@ -419,10 +422,9 @@ impl Client {
     fn publish(&self) {
         let stale = self.stale();
         self.metrics.stale.store(stale, Ordering::Relaxed);
-        self.metrics.applied_revision.store(
-            self.applied_revision.unwrap_or(i64::MIN),
-            Ordering::Relaxed,
-        );
+        self.metrics
+            .applied_revision
+            .store(self.applied_revision.unwrap_or(i64::MIN), Ordering::Relaxed);
         let status = CoordinatorStatus {
             url: self.config.url.clone(),
             last_success_at: self.last_success_at,
@@ -594,7 +596,10 @@ impl Client {
                 let promoted = self
                     .store
                     .set_meta(META_DOCUMENT, &String::from_utf8_lossy(body))
-                    .and_then(|()| self.store.set_meta(META_ETAG, etag.as_deref().unwrap_or("")))
+                    .and_then(|()| {
+                        self.store
+                            .set_meta(META_ETAG, etag.as_deref().unwrap_or(""))
+                    })
                     .and_then(|()| self.store.set_meta(META_REVISION, &revision.to_string()));
                 if let Err(e) = promoted {
                     tracing::error!(error = %e, revision, "Applied a desired state but could not record its revision.");
@@ -628,7 +633,10 @@ impl Client {
                 ),
                 fields,
             )),
-            Err(e) => Err(refusal(format!("revision {revision} could not be applied: {e}"), vec![])),
+            Err(e) => Err(refusal(
+                format!("revision {revision} could not be applied: {e}"),
+                vec![],
+            )),
         };
         if let Err(e) = self.store.set_meta(META_PENDING, "") {
             tracing::warn!(error = %e, "Could not clear the pending desired state.");
@@ -769,11 +777,19 @@ mod tests {
         let ok = br#"{"revision": 3, "departments": []}"#;
         assert_eq!(parse_document(ok, Some(3)).unwrap().revision, 3);
         let lower = parse_document(ok, Some(4)).unwrap_err();
-        assert!(lower.reason.contains("lower than the applied revision 4"), "{}", lower.reason);
+        assert!(
+            lower.reason.contains("lower than the applied revision 4"),
+            "{}",
+            lower.reason
+        );
         assert_eq!(lower.revision, Some(3));
-        let unknown = parse_document(br#"{"revision": 5, "departments": [], "x": 1}"#, None)
-            .unwrap_err();
-        assert!(unknown.reason.contains("unknown field `x`"), "{}", unknown.reason);
+        let unknown =
+            parse_document(br#"{"revision": 5, "departments": [], "x": 1}"#, None).unwrap_err();
+        assert!(
+            unknown.reason.contains("unknown field `x`"),
+            "{}",
+            unknown.reason
+        );
         assert_eq!(unknown.revision, Some(5));
         let garbage = parse_document(b"{not json", None).unwrap_err();
         assert!(garbage.reason.contains("line 1"), "{}", garbage.reason);

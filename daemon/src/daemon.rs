@@ -218,7 +218,9 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
             client_certificates = config.api.tls_client_ca.is_some(),
             "API listening."
         );
-        tasks.push(tokio::spawn(api::tcp::serve(listener, tcp_router, limits, tls)));
+        tasks.push(tokio::spawn(api::tcp::serve(
+            listener, tcp_router, limits, tls,
+        )));
     }
     tasks.extend(coordinator_task);
 

@@ -496,10 +496,16 @@ impl Config {
             problems.push(FieldError::new("api.max_connections", "must be 1-100000"));
         }
         if self.api.header_timeout < Duration::from_millis(100) {
-            problems.push(FieldError::new("api.header_timeout", "must be at least 100ms"));
+            problems.push(FieldError::new(
+                "api.header_timeout",
+                "must be at least 100ms",
+            ));
         }
         if self.api.request_timeout < Duration::from_millis(100) {
-            problems.push(FieldError::new("api.request_timeout", "must be at least 100ms"));
+            problems.push(FieldError::new(
+                "api.request_timeout",
+                "must be at least 100ms",
+            ));
         }
         if let Some(coordinator) = &self.coordinator {
             if !(coordinator.url.starts_with("http://") || coordinator.url.starts_with("https://"))
@@ -702,7 +708,11 @@ mod tests {
         let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(
             fields,
-            ["api.tls_client_ca", "api.max_connections", "api.header_timeout"]
+            [
+                "api.tls_client_ca",
+                "api.max_connections",
+                "api.header_timeout"
+            ]
         );
     }
 

@@ -327,7 +327,11 @@ async fn node(State(state): State<ApiState>, headers: HeaderMap) -> Response {
         Ok(b) => Sha256::digest(&b),
         Err(e) => return ApiError::Internal(e.to_string()).into_response(),
     };
-    tagged_body(&headers, body, format!("W/\"{}\"", hex::encode(&digest[..16])))
+    tagged_body(
+        &headers,
+        body,
+        format!("W/\"{}\"", hex::encode(&digest[..16])),
+    )
 }
 
 async fn departments(State(state): State<ApiState>, headers: HeaderMap) -> Response {

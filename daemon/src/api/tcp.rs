@@ -192,10 +192,12 @@ pub fn tls_acceptor(api: &ApiConfig) -> Result<Option<tokio_rustls::TlsAcceptor>
             for cert in load_certs(ca)? {
                 roots.add(cert)?;
             }
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                    .build()
-                    .map_err(|e| TlsError::ClientCa(e.to_string()))?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| TlsError::ClientCa(e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -368,17 +370,21 @@ pub async fn serve(
         let tls = tls.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let service =
-                hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            let service = hyper::service::service_fn(
+                move |mut request: hyper::Request<hyper::body::Incoming>| {
                     request.extensions_mut().insert(Peer(peer));
                     router.clone().oneshot(request.map(Body::new))
-                });
+                },
+            );
             let result = match tls {
                 None => http.serve_connection(TokioIo::new(stream), service).await,
                 Some(acceptor) => {
                     // The handshake gets the same deadline as a request head.
-                    match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => http.serve_connection(TokioIo::new(stream), service).await,
+                    match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(stream)) => {
+                            http.serve_connection(TokioIo::new(stream), service).await
+                        }
                         Ok(Err(e)) => {
                             tracing::debug!(peer = %peer, error = %e, "TLS handshake failed.");
                             return;
