@@ -48,6 +48,9 @@ const META_ETAG: &str = "coordinator.etag";
 const META_DOCUMENT: &str = "coordinator.document";
 const META_PENDING: &str = "coordinator.pending";
 const META_REVISION: &str = "applied_revision";
+/// The last refusal as JSON (empty = none), so a restarted daemon still shows
+/// and reports it while the coordinator is away.
+const META_REFUSAL: &str = "coordinator.last_refusal";
 
 /// Why a poll failed. Any of these only delays the next poll.
 #[derive(Debug, thiserror::Error)]
@@ -335,7 +338,10 @@ pub async fn start(
         metrics,
         applied_revision: store.meta(META_REVISION)?.and_then(|v| v.parse().ok()),
         etag: store.meta(META_ETAG)?.filter(|v| !v.is_empty()),
-        last_refusal: None,
+        last_refusal: store
+            .meta(META_REFUSAL)?
+            .filter(|v| !v.is_empty())
+            .and_then(|v| serde_json::from_str(&v).ok()),
         refused_digest: None,
         failures: 0,
         last_success: None,
@@ -344,6 +350,7 @@ pub async fn start(
         last_error: None,
         started: Instant::now(),
     };
+    client.last_error = client.last_refusal.as_ref().map(|r| r.reason.clone());
     client.finish_pending_apply().await;
     client.publish();
     Ok(tokio::spawn(client.run()))
@@ -432,6 +439,7 @@ impl Client {
             last_error: self.last_error.clone(),
             stale,
             consecutive_failures: u64::from(self.failures),
+            last_refusal: self.last_refusal.clone(),
         };
         if let Ok(mut sync) = self.state.sync.write() {
             *sync = SyncStatus {
@@ -496,7 +504,7 @@ impl Client {
         match response.status() {
             StatusCode::NOT_MODIFIED => {
                 // The coordinator agrees the node has its current document.
-                self.last_refusal = None;
+                self.set_last_refusal(None);
                 return Ok(Outcome::NotModified);
             }
             StatusCode::OK => {}
@@ -606,7 +614,7 @@ impl Client {
                 }
                 self.applied_revision = Some(revision);
                 self.etag = etag;
-                self.last_refusal = None;
+                self.set_last_refusal(None);
                 if !(report.created.is_empty()
                     && report.updated.is_empty()
                     && report.deleted.is_empty())
@@ -669,8 +677,23 @@ impl Client {
                 &refusal.reason,
             );
         }
-        self.last_refusal = Some(refusal);
+        self.set_last_refusal(Some(refusal));
         Outcome::Refused
+    }
+
+    /// Keeps the last refusal in memory and in the store.
+    fn set_last_refusal(&mut self, refusal: Option<SyncRefusal>) {
+        if self.last_refusal == refusal {
+            return;
+        }
+        let stored = match &refusal {
+            Some(r) => serde_json::to_string(r).unwrap_or_default(),
+            None => String::new(),
+        };
+        if let Err(e) = self.store.set_meta(META_REFUSAL, &stored) {
+            tracing::warn!(error = %e, "Could not record the last refusal; it is reported until the daemon restarts.");
+        }
+        self.last_refusal = refusal;
     }
 
     /// A daemon killed in the middle of an apply left the document it was

@@ -206,7 +206,9 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
             })?;
         let limits = api::tcp::Limits::from_config(&config.api);
         let tcp_router: Router = api::tcp::harden(
-            api::read_routes().with_state(state.clone()),
+            api::read_routes()
+                .fallback(api::not_served_on_tcp)
+                .with_state(state.clone()),
             tokens.clone(),
             limits,
         );

@@ -141,6 +141,8 @@ pub struct Limits {
     pub max_connections: usize,
     pub header_timeout: Duration,
     pub request_timeout: Duration,
+    /// Added to `request_timeout` for `/v1/events` long-polls.
+    pub max_event_wait: Duration,
     /// Per client address; 0 = off.
     pub requests_per_second: u32,
 }
@@ -151,6 +153,7 @@ impl Limits {
             max_connections: api.max_connections,
             header_timeout: api.header_timeout,
             request_timeout: api.request_timeout,
+            max_event_wait: api.max_event_wait,
             requests_per_second: api.requests_per_second,
         }
     }
@@ -293,7 +296,7 @@ pub fn harden(router: Router, tokens: Tokens, limits: Limits) -> Router {
         .layer(axum::middleware::from_fn(move |request: Request, next: Next| {
             let mut deadline = limits.request_timeout;
             if request.uri().path() == "/v1/events" {
-                deadline += super::MAX_EVENT_WAIT;
+                deadline += limits.max_event_wait;
             }
             async move {
                 match tokio::time::timeout(deadline, next.run(request)).await {
