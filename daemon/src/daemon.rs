@@ -207,7 +207,9 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
         let limits = api::tcp::Limits::from_config(&config.api);
         let tcp_router: Router = api::tcp::harden(
             api::read_routes()
+                .merge(api::socket_only_routes())
                 .fallback(api::not_served_on_tcp)
+                .layer(axum::middleware::map_response(api::json_rejections))
                 .with_state(state.clone()),
             tokens.clone(),
             limits,

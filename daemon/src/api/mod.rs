@@ -82,7 +82,7 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
-    #[error("this socket only lets {0} push and fetch WAL")]
+    #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
     Internal(String),
@@ -146,7 +146,7 @@ pub fn read_routes() -> Router<ApiState> {
 /// empty body; every error of this API is an `ErrorBody`, so rewrite those
 /// (keeping headers such as `Allow`). `401` stays empty on purpose: it is
 /// added outside these routes.
-async fn json_rejections(response: Response) -> Response {
+pub async fn json_rejections(response: Response) -> Response {
     let status = response.status();
     let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
     let plain = content_type
@@ -163,13 +163,7 @@ async fn json_rejections(response: Response) -> Response {
     let error = if !text.is_empty() {
         text
     } else if status == StatusCode::METHOD_NOT_ALLOWED {
-        let allowed = parts
-            .headers
-            .get(header::ALLOW)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        format!("method not allowed here; allowed: {allowed}")
+        "this method is not allowed on this path; `Allow` lists those that are".to_string()
     } else {
         status
             .canonical_reason()
@@ -191,21 +185,39 @@ async fn json_rejections(response: Response) -> Response {
     Response::from_parts(parts, Body::from(body))
 }
 
-/// The TCP listener's answer to a path it does not serve: mutations and logs
-/// exist on the local control socket only.
+/// The TCP listener's answer to a path it does not know.
 pub async fn not_served_on_tcp(request: Request) -> Response {
     (
         StatusCode::NOT_FOUND,
         Json(ErrorBody {
-            error: format!(
-                "`{} {}` is not served on this listener; it is read-only (changes and logs are on the local control socket)",
-                request.method(),
-                request.uri().path()
-            ),
+            error: format!("no `{}` on this listener", request.uri().path()),
             fields: vec![],
         }),
     )
         .into_response()
+}
+
+/// On the TCP listener, every operation of `admin_routes` (the same paths and
+/// methods) answers `403`: the listener is read-only, and saying so beats a
+/// `404`/`405` that suggests the path or method does not exist at all.
+pub fn socket_only_routes() -> Router<ApiState> {
+    Router::new()
+        .route("/v1/apply", post(socket_only))
+        .route(
+            "/v1/departments/{id}",
+            axum::routing::put(socket_only).delete(socket_only),
+        )
+        .route("/v1/departments/{id}/logs", get(socket_only))
+        .route("/v1/departments/{id}/{action}", post(socket_only))
+}
+
+async fn socket_only(request: Request) -> Response {
+    ApiError::Forbidden(format!(
+        "`{} {}`: this listener is read-only; changes and logs are on the local control socket (agentctl)",
+        request.method(),
+        request.uri().path()
+    ))
+    .into_response()
 }
 
 /// Routes that change something or may reveal more: unix socket only.
@@ -239,7 +251,10 @@ pub async fn authorize(
             {
                 next.run(request).await
             } else {
-                ApiError::Forbidden("the PostgreSQL user".into()).into_response()
+                ApiError::Forbidden(
+                    "this socket only lets the PostgreSQL user push and fetch WAL".into(),
+                )
+                .into_response()
             }
         }
         Caller::Denied => (
