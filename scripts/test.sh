@@ -82,7 +82,7 @@ setup_tools() {
 # Each service is a function `service_<name>` that makes sure <name> is installed
 # and running, is idempotent, and says what it did. To add one (postgresql-15,
 # s3s-fs, promtool, ...), write the function below and add its name to SERVICES.
-SERVICES=(docker registry)
+SERVICES=(docker registry schemathesis)
 
 service_docker() {
   if docker info >/dev/null 2>&1; then
@@ -110,6 +110,30 @@ service_registry() {
     if [[ -d /run/systemd/system ]]; then systemctl disable --now docker-registry >/dev/null 2>&1 || true; fi
   fi
   info "docker-registry: $(command -v docker-registry)"
+}
+
+# schemathesis (PyPI) fuzzes the TCP API against docs/openapi.yaml
+# (tests/tests/coordinator.rs). It goes into its own venv so it never touches the
+# system Python, and is linked into /usr/local/bin where the test finds it.
+SCHEMATHESIS_VERSION=4.32.5
+SCHEMATHESIS_VENV=/opt/fleet-test/schemathesis
+service_schemathesis() {
+  local bin="$SCHEMATHESIS_VENV/bin/schemathesis"
+  if [[ -x $bin ]] && "$SCHEMATHESIS_VENV/bin/pip" show schemathesis 2>/dev/null |
+    grep -qx "Version: $SCHEMATHESIS_VERSION"; then
+    info "schemathesis $SCHEMATHESIS_VERSION is installed ($bin)"
+  else
+    command -v python3 >/dev/null || apt_install python3
+    # Debian ships venv (and ensurepip) separately.
+    python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null ||
+      apt_install python3-venv
+    info "installing schemathesis $SCHEMATHESIS_VERSION into $SCHEMATHESIS_VENV"
+    rm -rf "$SCHEMATHESIS_VENV"
+    python3 -m venv "$SCHEMATHESIS_VENV"
+    "$SCHEMATHESIS_VENV/bin/pip" install --quiet --disable-pip-version-check \
+      "schemathesis==$SCHEMATHESIS_VERSION"
+  fi
+  ln -sf "$bin" /usr/local/bin/schemathesis
 }
 
 setup_services() {

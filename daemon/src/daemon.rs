@@ -206,7 +206,11 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
             })?;
         let limits = api::tcp::Limits::from_config(&config.api);
         let tcp_router: Router = api::tcp::harden(
-            api::read_routes().with_state(state.clone()),
+            api::read_routes()
+                .merge(api::socket_only_routes())
+                .fallback(api::not_served_on_tcp)
+                .layer(axum::middleware::map_response(api::json_rejections))
+                .with_state(state.clone()),
             tokens.clone(),
             limits,
         );
@@ -218,7 +222,9 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
             client_certificates = config.api.tls_client_ca.is_some(),
             "API listening."
         );
-        tasks.push(tokio::spawn(api::tcp::serve(listener, tcp_router, limits, tls)));
+        tasks.push(tokio::spawn(api::tcp::serve(
+            listener, tcp_router, limits, tls,
+        )));
     }
     tasks.extend(coordinator_task);
 
