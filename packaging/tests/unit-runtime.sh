@@ -8,9 +8,10 @@
 # department's container running when stopped.
 source "$(dirname "$0")/lib.sh"
 
-node=pkgtest-unit
-dept=pkg-unit-a
-api=127.0.0.1:18989
+node=$PKGTEST_NAME
+dept=$PKGTEST_NAME-a
+# Ports 47510-47519 (the pool, then the API).
+api=127.0.0.1:47519
 ensure_image
 deb=$(ensure_deb)
 image=fleet-test-agent:1
@@ -23,18 +24,19 @@ cleanup() {
 }
 trap cleanup EXIT
 cleanup
-systemd_container_up fleet-pkgtest-unit
+systemd_container_up "fleet-$PKGTEST_NAME"
 
 # Installed the way the Ansible role does it, except that the first start waits
 # until this test's config is in place (its ports must not collide).
-docker cp "$deb" "$SD_CT:/tmp/fleet-agent.deb"
+ct_deb="/tmp/$(basename "$deb")"
+docker cp "$deb" "$SD_CT:$ct_deb"
 in_ct sh -c 'printf "#!/bin/sh\nexit 101\n" >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q /tmp/fleet-agent.deb </dev/null >/tmp/install.log 2>&1; rc=$?
-    rm -f /usr/sbin/policy-rc.d; [ $rc -eq 0 ] || cat /tmp/install.log; exit $rc' || fail "install failed"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$1" </dev/null >/tmp/install.log 2>&1; rc=$?
+    rm -f /usr/sbin/policy-rc.d; [ $rc -eq 0 ] || cat /tmp/install.log; exit $rc' sh "$ct_deb" || fail "install failed"
 in_ct tee /etc/fleet-agent/agent.toml >/dev/null <<TOML
 node_id = "$node"
 [ports]
-range = "18981-18985"
+range = "47510-47514"
 bind = "127.0.0.1"
 [api]
 listen = "$api"
