@@ -142,7 +142,11 @@ service_packaging() {
   for tool in ansible ansible-playbook ansible-galaxy ansible-config ansible-doc ansible-lint; do
     ln -sf "$PKG_ANSIBLE_VENV/bin/$tool" "/usr/local/bin/$tool"
   done
-  info "$(ansible --version | head -n1), $(ansible-lint --version 2>/dev/null | head -n1)"
+  # Whole outputs first: `| head` would make ansible die of SIGPIPE.
+  local ansible_version lint_version
+  ansible_version=$(ansible --version)
+  lint_version=$(NO_COLOR=1 ansible-lint --nocolor --version 2>/dev/null)
+  info "${ansible_version%%$'\n'*}, ${lint_version%%$'\n'*}"
 }
 
 setup_services() {

@@ -12,7 +12,9 @@ node=$PKGTEST_NAME
 # 47539 the API.
 base=47520
 depts=("$PKGTEST_NAME-hr" "$PKGTEST_NAME-fin")
-extra=$PKGTEST_NAME-x
+# Sorts before the migrated ones: a pool department placed first must not take
+# the ports they name (explicit host_ports are placed before pool ports).
+extra=$PKGTEST_NAME-extra
 token="role-test-token-$$-$RANDOM"
 image=fleet-test-agent:1
 work=$(mktemp -d)
