@@ -82,7 +82,7 @@ setup_tools() {
 # Each service is a function `service_<name>` that makes sure <name> is installed
 # and running, is idempotent, and says what it did. To add one (postgresql-15,
 # s3s-fs, promtool, ...), write the function below and add its name to SERVICES.
-SERVICES=(docker registry schemathesis)
+SERVICES=(docker registry schemathesis packaging)
 
 service_docker() {
   if docker info >/dev/null 2>&1; then
@@ -134,6 +134,53 @@ service_schemathesis() {
       "schemathesis==$SCHEMATHESIS_VERSION"
   fi
   ln -sf "$bin" /usr/local/bin/schemathesis
+}
+
+# The package tests (tests/tests/packaging.rs, packaging/tests/*.sh): debootstrap
+# for the clean Debian root, lintian, cargo-deb, and Ansible with ansible-lint.
+# Ansible comes from PyPI into a venv of Debian's python3 under /opt (the full
+# `ansible` package, because the role test reaches its target host through the
+# community.docker connection, which ansible-core lacks), linked into
+# /usr/local/bin. Versions are pinned to ones tested with the role: Debian 12's
+# python3 is 3.11, and ansible-core 2.20 and later need 3.12.
+PKG_ANSIBLE_VENV=/opt/fleet-ansible
+PKG_ANSIBLE_PINS=(ansible==12.3.0 ansible-lint==26.10.1)
+PKG_CARGO_DEB_VERSION=3.8.0
+
+service_packaging() {
+  local missing=()
+  command -v debootstrap >/dev/null || missing+=(debootstrap)
+  command -v lintian >/dev/null || missing+=(lintian)
+  command -v dpkg-deb >/dev/null || missing+=(dpkg)
+  command -v flock >/dev/null || missing+=(util-linux)
+  [[ -x /usr/bin/python3 ]] || missing+=(python3)
+  /usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+  ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
+  info "$(lintian --version), debootstrap $(dpkg-query -W -f '${Version}' debootstrap)"
+
+  if [[ "$(cargo deb --version 2>/dev/null)" != *"$PKG_CARGO_DEB_VERSION"* ]]; then
+    info "installing cargo-deb $PKG_CARGO_DEB_VERSION (~2.5 min)"
+    cargo install --locked --quiet cargo-deb --version "$PKG_CARGO_DEB_VERSION"
+  fi
+  info "$(cargo deb --version)"
+
+  local stamp="$PKG_ANSIBLE_VENV/.fleet-pins"
+  if [[ "$(cat "$stamp" 2>/dev/null)" != "${PKG_ANSIBLE_PINS[*]}" ]]; then
+    info "installing ${PKG_ANSIBLE_PINS[*]} into $PKG_ANSIBLE_VENV"
+    rm -rf "$PKG_ANSIBLE_VENV"
+    /usr/bin/python3 -m venv "$PKG_ANSIBLE_VENV"
+    "$PKG_ANSIBLE_VENV/bin/pip" install --quiet --no-input "${PKG_ANSIBLE_PINS[@]}"
+    printf '%s\n' "${PKG_ANSIBLE_PINS[*]}" >"$stamp"
+  fi
+  local tool
+  for tool in ansible ansible-playbook ansible-galaxy ansible-config ansible-doc ansible-lint; do
+    ln -sf "$PKG_ANSIBLE_VENV/bin/$tool" "/usr/local/bin/$tool"
+  done
+  # Whole outputs first: `| head` would make ansible die of SIGPIPE.
+  local ansible_version lint_version
+  ansible_version=$(ansible --version)
+  lint_version=$(NO_COLOR=1 ansible-lint --nocolor --version 2>/dev/null)
+  info "${ansible_version%%$'\n'*}, ${lint_version%%$'\n'*}"
 }
 
 setup_services() {

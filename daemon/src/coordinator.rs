@@ -248,15 +248,16 @@ fn redact_serde(e: &serde_json::Error) -> String {
     }
 }
 
-/// Reads the coordinator token: the first non-comment line of a file only its
-/// owner can read.
+/// Reads the coordinator token: the first non-comment line of a file that only
+/// its owner and group can read (the package's layout is root:fleet-agent 0640,
+/// read by the daemon through its group).
 fn read_token(path: &Path) -> Result<String, SyncError> {
     use std::os::unix::fs::PermissionsExt;
     let shown = path.display();
     let meta = std::fs::metadata(path).map_err(|e| SyncError::Token(format!("{shown}: {e}")))?;
-    if meta.permissions().mode() & 0o077 != 0 {
+    if meta.permissions().mode() & 0o037 != 0 {
         return Err(SyncError::Token(format!(
-            "{shown} is readable by others; run `chmod 600 {shown}`"
+            "{shown} is open to others (group write or any access for others); run `chmod 640 {shown}`"
         )));
     }
     let text =

@@ -45,7 +45,7 @@ pub enum TokenError {
     },
     #[error("token file {0} holds no token")]
     Empty(String),
-    #[error("token file {0} is readable by others; run `chmod 600 {0}`")]
+    #[error("token file {0} is open to others (group write or any access for others); run `chmod 640 {0}`")]
     TooOpen(String),
 }
 
@@ -64,7 +64,9 @@ impl Tokens {
             path: shown.clone(),
             source,
         })?;
-        if meta.permissions().mode() & 0o077 != 0 {
+        // Group read is allowed: the package keeps secrets root:fleet-agent
+        // 0640, so the daemon reads them through its group without owning them.
+        if meta.permissions().mode() & 0o037 != 0 {
             return Err(TokenError::TooOpen(shown));
         }
         let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
