@@ -5,7 +5,9 @@
 //! ids, states, reasons), never from env or secret values.
 
 use crate::api::ApiState;
+use crate::supervisor::board::DeptView;
 use fleet_model::api::DeptState;
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
@@ -52,7 +54,7 @@ pub fn render(state: &ApiState) -> String {
         "1 when the department's container is running.",
     );
     for (id, v) in &board {
-        let up = u8::from(v.started_at.is_some() && v.state != DeptState::Stopped);
+        let up = u8::from(crate::usage::running(v));
         let _ = writeln!(out, "fleet_agent_department_up{{department=\"{id}\"}} {up}");
     }
     header(
@@ -272,7 +274,7 @@ pub fn render(state: &ApiState) -> String {
         );
         let _ = writeln!(out, "fleet_agent_port_pool_size {size}");
     }
-    render_usage(&mut out, state);
+    render_usage(&mut out, state, &board);
     render_daemon(&mut out, state, &sample);
     out
 }
@@ -280,8 +282,8 @@ pub fn render(state: &ApiState) -> String {
 /// Container CPU and memory from the stats cache (`usage.rs`), disks, and the
 /// collector's own figures. A department without a sample yet (just started,
 /// or not running) has no series here rather than a made-up zero.
-fn render_usage(out: &mut String, state: &ApiState) {
-    let samples = state.usage.samples();
+fn render_usage(out: &mut String, state: &ApiState, board: &BTreeMap<String, DeptView>) {
+    let samples = state.usage.current(board);
     header(
         out,
         "fleet_agent_department_cpu_seconds_total",

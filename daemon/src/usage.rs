@@ -5,6 +5,7 @@
 //! call takes one to two seconds per container on a busy engine).
 
 use crate::runtime::ContainerStats;
+use crate::supervisor::board::DeptView;
 use crate::supervisor::Shared;
 use fleet_model::api::{DepartmentUsage, DeptState};
 use std::collections::BTreeMap;
@@ -81,11 +82,23 @@ impl UsageCache {
         cache
     }
 
-    pub fn samples(&self) -> BTreeMap<String, Sample> {
-        self.inner
-            .read()
-            .map(|i| i.samples.clone())
-            .unwrap_or_default()
+    /// The samples of the containers running now, by the board: a container
+    /// that exited or was replaced since its sample shows nothing rather than
+    /// stale figures until the next collection.
+    pub fn current(&self, board: &BTreeMap<String, DeptView>) -> BTreeMap<String, Sample> {
+        let Ok(inner) = self.inner.read() else {
+            return BTreeMap::new();
+        };
+        inner
+            .samples
+            .iter()
+            .filter(|(id, s)| {
+                board.get(*id).is_some_and(|v| {
+                    running(v) && v.container_id.as_deref() == Some(s.container_id.as_str())
+                })
+            })
+            .map(|(id, s)| (id.clone(), s.clone()))
+            .collect()
     }
 
     pub fn disks(&self) -> Vec<DiskSample> {
@@ -100,7 +113,7 @@ impl UsageCache {
         let board = shared.board.all();
         let running: Vec<(String, String)> = board
             .iter()
-            .filter(|(_, v)| v.started_at.is_some() && v.state != DeptState::Stopped)
+            .filter(|(_, v)| running(v))
             .filter_map(|(id, v)| v.container_id.clone().map(|c| (id.clone(), c)))
             .collect();
         let runtime = &shared.runtime;
@@ -186,15 +199,12 @@ impl UsageCache {
     /// The `/v1/usage` rows: every department on the board, with its sample
     /// when it has one.
     pub fn usage(&self, shared: &Shared) -> Vec<DepartmentUsage> {
-        let samples = self.samples();
-        shared
-            .board
-            .all()
+        let board = shared.board.all();
+        let samples = self.current(&board);
+        board
             .into_iter()
             .map(|(id, v)| {
-                let sample = samples
-                    .get(&id)
-                    .filter(|s| v.container_id.as_deref() == Some(s.container_id.as_str()));
+                let sample = samples.get(&id);
                 DepartmentUsage {
                     restarts: v.restarts(),
                     state: v.state,
@@ -209,6 +219,12 @@ impl UsageCache {
             })
             .collect()
     }
+}
+
+/// Whether the department's container runs, as its task last saw it (the
+/// same test as `fleet_agent_department_up`).
+pub fn running(v: &DeptView) -> bool {
+    v.started_at.is_some() && v.state != DeptState::Stopped
 }
 
 fn disk_sample(volume: &'static str, path: &Path) -> Option<DiskSample> {
