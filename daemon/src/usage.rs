@@ -227,6 +227,8 @@ pub fn running(v: &DeptView) -> bool {
     v.started_at.is_some() && v.state != DeptState::Stopped
 }
 
+// statvfs field widths differ between platforms (32-bit c_ulong, u64 here).
+#[allow(clippy::unnecessary_cast)]
 fn disk_sample(volume: &'static str, path: &Path) -> Option<DiskSample> {
     match nix::sys::statvfs::statvfs(path) {
         Ok(s) => {
