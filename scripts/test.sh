@@ -82,7 +82,7 @@ setup_tools() {
 # Each service is a function `service_<name>` that makes sure <name> is installed
 # and running, is idempotent, and says what it did. To add one (postgresql-15,
 # s3s-fs, promtool, ...), write the function below and add its name to SERVICES.
-SERVICES=(docker promtool)
+SERVICES=(docker registry promtool)
 
 service_docker() {
   if docker info >/dev/null 2>&1; then
@@ -100,6 +100,16 @@ service_docker() {
   fi
   wait_for 90 "docker" docker info ||
     fail "dockerd did not come up within 90s; see /var/log/fleet-test-dockerd.log"
+}
+
+# The pull tests start their own registry on loopback; they only need the binary.
+service_registry() {
+  if ! command -v docker-registry >/dev/null; then
+    apt_install docker-registry
+    # Debian's package starts a registry on :5000 under systemd; the tests want none.
+    if [[ -d /run/systemd/system ]]; then systemctl disable --now docker-registry >/dev/null 2>&1 || true; fi
+  fi
+  info "docker-registry: $(command -v docker-registry)"
 }
 
 # promtool checks /metrics, the alert rules and their unit tests (tests/tests/metrics.rs).

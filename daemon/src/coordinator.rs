@@ -382,7 +382,7 @@ impl Client {
                     self.metrics.failures.fetch_add(1, Ordering::Relaxed);
                     let message = e.to_string();
                     // One line when it starts failing, then every tenth try.
-                    if self.failures == 1 || self.failures % 10 == 0 {
+                    if self.failures == 1 || self.failures.is_multiple_of(10) {
                         tracing::warn!(
                             error = %message,
                             failures = self.failures,
