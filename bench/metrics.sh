@@ -154,14 +154,15 @@ ratio_p99="$(awk -v a="$met_p99" -v b="$base_p99" 'BEGIN { printf "%.2f", a / b 
 ratio_cpu="$(awk -v a="$cpu_on" -v b="$cpu_off" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')"
 say "metrics cost ${cpu_share}% of one core (${cpu_on}% vs ${cpu_off}%)"
 
-section="$(cat <<EOF
-<!-- bench:metrics -->
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+write_bench_section metrics "$OUT" <<EOF
 ## Metrics: scrape latency and collection cost (10 departments)
 
 Produced by \`bash bench/metrics.sh\` (it rewrites this section only). Release
 build, $N departments of \`$IMAGE\` probed every 1s, TCP API on loopback, no token.
-Run: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, Docker $(docker version --format '{{.Server.Version}}'),
-fleet-agent $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown). \`/metrics\`: $series samples, $bytes bytes.
+$(machine_line)
+\`/metrics\`: $series samples, $bytes bytes.
 
 $SCRAPES sequential GETs on one keep-alive connection (\`curl -w %{time_total}\`);
 the baseline is \`/healthz\` on the same listener (the HTTP stack alone):
@@ -187,20 +188,6 @@ Goals (issue 5): p99 under 5 ms, under 0.5% of a core. A scrape every ${EVERY}s
 is 15-60 times what Prometheus usually does, so the share at a real scrape
 interval is lower still; the CPU figures are noisy at this size (one clock tick
 is $(awk -v t="$ticks" -v s="$IDLE" 'BEGIN { printf "%.3f", 100 / t / s }')% over ${IDLE}s).
-<!-- /bench:metrics -->
 EOF
-)"
 
-mkdir -p "$(dirname "$OUT")"
-[[ -f "$OUT" ]] || printf '# Benchmarks\n' >"$OUT"
-if grep -q '^<!-- bench:metrics -->' "$OUT"; then
-  # Replace our section in place, whatever else the file holds.
-  SECTION="$section" awk '
-    /^<!-- bench:metrics -->/ { print ENVIRON["SECTION"]; skip = 1; next }
-    /^<!-- \/bench:metrics -->/ { skip = 0; next }
-    !skip { print }' "$OUT" >"$OUT.tmp"
-  mv "$OUT.tmp" "$OUT"
-else
-  printf '\n%s\n' "$section" >>"$OUT"
-fi
 say "wrote the metrics section of $OUT"
