@@ -82,7 +82,7 @@ setup_tools() {
 # Each service is a function `service_<name>` that makes sure <name> is installed
 # and running, is idempotent, and says what it did. To add one (postgresql-15,
 # s3s-fs, promtool, ...), write the function below and add its name to SERVICES.
-SERVICES=(docker registry schemathesis packaging)
+SERVICES=(docker registry schemathesis packaging promtool)
 
 service_docker() {
   if docker info >/dev/null 2>&1; then
@@ -181,6 +181,32 @@ service_packaging() {
   ansible_version=$(ansible --version)
   lint_version=$(NO_COLOR=1 ansible-lint --nocolor --version 2>/dev/null)
   info "${ansible_version%%$'\n'*}, ${lint_version%%$'\n'*}"
+}
+
+# promtool checks /metrics, the alert rules and their unit tests (tests/tests/metrics.rs).
+# Only the binary of Debian's `prometheus` package is needed: it is taken out of
+# the .deb rather than installing the package, which would also start a
+# Prometheus server (and pull its dependencies) for nothing.
+service_promtool() {
+  if command -v promtool >/dev/null; then
+    info "promtool is installed ($(promtool --version 2>&1 | head -n1))"
+    return
+  fi
+  command -v apt-get >/dev/null || fail "promtool is missing and apt-get is not available; install Prometheus' promtool by hand"
+  if [[ $APT_UPDATED == 0 ]]; then
+    info "apt-get update"
+    apt-get update -qq
+    APT_UPDATED=1
+  fi
+  local tmp
+  tmp="$(mktemp -d)"
+  chmod 0755 "$tmp" # apt-get download runs as _apt
+  info "extracting promtool from Debian's prometheus package"
+  (cd "$tmp" && apt-get download -qq prometheus >/dev/null)
+  dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tmp" ./usr/bin/promtool
+  install -m 0755 "$tmp/usr/bin/promtool" /usr/local/bin/promtool
+  rm -rf "$tmp"
+  info "promtool is installed ($(promtool --version 2>&1 | head -n1))"
 }
 
 setup_services() {

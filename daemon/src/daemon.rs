@@ -168,6 +168,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
             coordinator: None,
         })),
         host,
+        usage: crate::usage::UsageCache::start(supervisor.shared.clone()),
         extra_metrics: Arc::new(RwLock::new(Vec::new())),
     };
 

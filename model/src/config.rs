@@ -33,6 +33,10 @@ pub struct Config {
     /// Full list-and-compare against Docker, beside the event stream.
     #[serde(default = "default_resync_interval", with = "humantime_serde")]
     pub resync_interval: Duration,
+    /// How often the daemon reads each department container's CPU and memory
+    /// from Docker into the cache `/metrics`, `/v1/usage` and `agentctl top` read.
+    #[serde(default = "default_stats_interval", with = "humantime_serde")]
+    pub stats_interval: Duration,
     /// How many departments start at once after a boot.
     #[serde(default = "default_start_concurrency")]
     pub start_concurrency: usize,
@@ -69,6 +73,9 @@ fn default_reserved_memory() -> ByteSize {
     ByteSize::gib(2)
 }
 fn default_resync_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_stats_interval() -> Duration {
     Duration::from_secs(10)
 }
 fn default_start_concurrency() -> usize {
@@ -457,6 +464,9 @@ impl Config {
         if self.resync_interval < Duration::from_millis(500) {
             problems.push(FieldError::new("resync_interval", "must be at least 500ms"));
         }
+        if self.stats_interval < Duration::from_secs(1) {
+            problems.push(FieldError::new("stats_interval", "must be at least 1s"));
+        }
         if self.start_concurrency == 0 {
             problems.push(FieldError::new("start_concurrency", "must be at least 1"));
         }
@@ -599,6 +609,7 @@ fn unreachable_default() -> Config {
         max_departments: default_max_departments(),
         reserved_memory: default_reserved_memory(),
         resync_interval: default_resync_interval(),
+        stats_interval: default_stats_interval(),
         start_concurrency: default_start_concurrency(),
         admin_group: default_admin_group(),
         log: LogConfig::default(),

@@ -10,6 +10,7 @@ pub mod logs;
 pub mod ports;
 pub mod show;
 pub mod status;
+pub mod top;
 
 /// `--json` on every read command.
 #[derive(clap::Args, Debug, Clone, Copy)]

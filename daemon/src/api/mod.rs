@@ -53,7 +53,10 @@ pub struct SyncStatus {
     pub coordinator: Option<CoordinatorStatus>,
 }
 
-/// A subsystem's contribution to `/metrics` (WAL, coordinator): appends its lines.
+/// A subsystem's contribution to `/metrics` (WAL, coordinator): appends whole
+/// families (`# HELP`, `# TYPE`, samples) under `fleet_agent_<subsystem>_`.
+/// Push one onto `ApiState::extra_metrics` at start-up; `/metrics` calls each
+/// after the daemon's own families, so it must be cheap and never wait.
 pub type MetricsSource = Arc<dyn Fn(&mut String) + Send + Sync>;
 
 #[derive(Clone)]
@@ -64,6 +67,7 @@ pub struct ApiState {
     pub coordinator_url: Option<String>,
     pub sync: Arc<RwLock<SyncStatus>>,
     pub host: crate::host::HostSampler,
+    pub usage: crate::usage::UsageCache,
     pub extra_metrics: Arc<RwLock<Vec<MetricsSource>>>,
 }
 
@@ -138,6 +142,7 @@ pub fn read_routes() -> Router<ApiState> {
         .route("/v1/departments/{id}", get(department))
         .route("/v1/events", get(events))
         .route("/v1/ports", get(ports))
+        .route("/v1/usage", get(usage))
         .route("/metrics", get(metrics))
         .layer(axum::middleware::map_response(json_rejections))
 }
@@ -535,6 +540,10 @@ async fn ports(State(state): State<ApiState>) -> Json<Vec<PortLease>> {
         });
     }
     Json(out)
+}
+
+async fn usage(State(state): State<ApiState>) -> Json<Vec<fleet_model::api::DepartmentUsage>> {
+    Json(state.usage.usage(&state.supervisor.shared))
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
