@@ -3,17 +3,17 @@
 # floor of 10 sequential `docker run -d` of the same image with the same options,
 # and what the daemon costs (RSS, CPU) while it supervises the 10.
 #
-#   bash bench/apply10.sh            # writes docs/benchmarks.md
+#   bash bench/apply10.sh            # writes its section of docs/benchmarks.md
 #
 # Environment: FLEET_BIN_DIR (default target/release, built if missing),
-# BENCH_PORTS (default 43001-43010), BENCH_IDLE_SECONDS (default 60),
+# BENCH_PORTS (default 48901-48910), BENCH_IDLE_SECONDS (default 60),
 # BENCH_OUT (default docs/benchmarks.md).
 # Not a test: it asserts nothing, it measures. Run it on a quiet machine.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$(pwd)"
-PORTS="${BENCH_PORTS:-43001-43010}"
+PORTS="${BENCH_PORTS:-48901-48910}"
 LOW="${PORTS%-*}"
 IDLE="${BENCH_IDLE_SECONDS:-60}"
 OUT="${BENCH_OUT:-docs/benchmarks.md}"
@@ -158,18 +158,14 @@ say "fleet-agentd: CPU ${cpu_pct}% of one core, RSS avg ${rss_avg_mib} MiB, max 
 ratio_running="$(awk -v a="$agent_running" -v b="$base_running" 'BEGIN { printf "%.2f", a / b }')"
 ratio_healthy="$(awk -v a="$agent_healthy" -v b="$base_healthy" 'BEGIN { printf "%.2f", a / b }')"
 
-mkdir -p "$(dirname "$OUT")"
-cat >"$OUT" <<EOF
-# Benchmarks
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+write_bench_section apply10 "$OUT" <<EOF
+## Bringing up 10 departments (\`bash bench/apply10.sh\`)
 
-Produced by \`bash bench/apply10.sh\` (it rewrites this file). Release build, the
-\`fleet-test-agent:1\` image (a static HTTP server, so the figures are the
-supervisor's and Docker's, not the application's).
-
-Run: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) RAM,
-kernel $(uname -r), Docker $(docker version --format '{{.Server.Version}}'), fleet-agent $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown).
-
-## Bringing up 10 departments
+Release build, the \`fleet-test-agent:1\` image (a static HTTP server, so the
+figures are the supervisor's and Docker's, not the application's).
+$(machine_line)
 
 | | all started | all answering /health |
 |---|---|---|
@@ -180,7 +176,7 @@ kernel $(uname -r), Docker $(docker version --format '{{.Server.Version}}'), fle
 "Healthy" for the daemon means its own probe (every 1s, no start period) has
 passed; for the baseline, \`curl\` polling every 50 ms, which favours the baseline.
 
-## Cost of supervising 10 departments
+### Cost of supervising 10 departments
 
 Measured over ${IDLE}s after all 10 were healthy (probes every 1s each, resync
 at its default), from \`/proc/<pid>\`:

@@ -36,6 +36,8 @@ pub struct Cli {
 pub enum Command {
     /// Node summary and one row per department.
     Status(commands::status::Args),
+    /// Live CPU, memory, health and restarts of every department (like `docker stats`).
+    Top(commands::top::Args),
     /// One department in depth: spec (secrets masked), container, probes, events, restarts.
     Show(commands::show::Args),
     /// Apply department specs from a TOML file or a directory of them (standalone mode).
@@ -94,6 +96,7 @@ async fn main() -> ExitCode {
     let client = client::Client::new(socket);
     let result = match cli.command {
         Command::Status(args) => commands::status::run(&client, args).await,
+        Command::Top(args) => commands::top::run(&client, args).await,
         Command::Show(args) => commands::show::run(&client, args).await,
         Command::Apply(args) => commands::apply::run(&client, args).await,
         Command::Delete(args) => commands::delete::run(&client, args).await,

@@ -9,6 +9,13 @@ pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
 
 /// Prints rows under headers, columns padded to their widest cell.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) {
+    for line in table_lines(headers, rows) {
+        say!("{line}");
+    }
+}
+
+/// The lines `table` prints.
+pub fn table_lines(headers: &[&str], rows: &[Vec<String>]) -> Vec<String> {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -26,12 +33,11 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
                 out.push_str(&format!("{:<width$}  ", cell, width = widths[i]));
             }
         }
-        say!("{}", out.trim_end());
+        out.trim_end().to_string()
     };
-    line(headers.iter().map(|h| h.to_string()).collect());
-    for row in rows {
-        line(row.clone());
-    }
+    let mut lines = vec![line(headers.iter().map(|h| h.to_string()).collect())];
+    lines.extend(rows.iter().map(|row| line(row.clone())));
+    lines
 }
 
 pub fn duration(seconds: u64) -> String {

@@ -168,6 +168,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
             coordinator: None,
         })),
         host,
+        usage: crate::usage::UsageCache::start(supervisor.shared.clone()),
         extra_metrics: Arc::new(RwLock::new(Vec::new())),
     };
 
@@ -235,11 +236,15 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
             })?;
         let limits = api::tcp::Limits::from_config(&config.api);
         // Read-only over TCP: `GET /v1/wal` only, never push, fetch or backups.
-        let mut read_router: Router = api::read_routes().with_state(state.clone());
-        read_router = read_router.merge(match &wal {
-            Some(service) => fleet_wal::http::read_router(service.clone()),
-            None => fleet_wal::http::absent_router(),
-        });
+        let read_router: Router = api::read_routes()
+            .merge(api::socket_only_routes())
+            .fallback(api::not_served_on_tcp)
+            .layer(axum::middleware::map_response(api::json_rejections))
+            .with_state(state.clone())
+            .merge(match &wal {
+                Some(service) => fleet_wal::http::read_router(service.clone()),
+                None => fleet_wal::http::absent_router(),
+            });
         let tcp_router: Router = api::tcp::harden(read_router, tokens.clone(), limits);
         api::tcp::raise_fd_limit();
         tracing::info!(

@@ -14,6 +14,7 @@ pub mod runtime;
 pub mod store;
 pub mod supervisor;
 pub mod systemd;
+pub mod usage;
 
 mod daemon;
 pub use daemon::{check_config, run, RunError};

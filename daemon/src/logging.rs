@@ -1,6 +1,10 @@
 //! Logging: journald (structured fields, so `journalctl -u fleet-agentd
 //! DEPARTMENT=hr` works) when started by systemd, human lines or JSON on stderr
-//! otherwise. Never a reason to fail to start.
+//! otherwise. Never a reason to fail to start: with `format = "journald"` (or
+//! `auto` under systemd) and journald's socket absent, the daemon says so once
+//! and logs to stderr. The level is `[log] level`, or `RUST_LOG` when set.
+//! Secrets never reach a log line: events and messages are built from ids,
+//! states and Docker's answers, never from env or secret values.
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -19,6 +23,11 @@ pub fn init(level: &str, format: &str) {
                     .with(
                         layer
                             .with_syslog_identifier("fleet-agentd".into())
+                            // Fields keep their own names, upper-cased by the
+                            // layer: `department` is `DEPARTMENT`, `event` is
+                            // `EVENT`, so `journalctl -u fleet-agentd DEPARTMENT=hr`
+                            // works (the default prefix would make it F_DEPARTMENT).
+                            .with_field_prefix(None)
                             .with_filter(filter),
                     )
                     .try_init();

@@ -5,7 +5,9 @@
 //! ids, states, reasons), never from env or secret values.
 
 use crate::api::ApiState;
+use crate::supervisor::board::DeptView;
 use fleet_model::api::DeptState;
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
@@ -52,7 +54,7 @@ pub fn render(state: &ApiState) -> String {
         "1 when the department's container is running.",
     );
     for (id, v) in &board {
-        let up = u8::from(v.started_at.is_some() && v.state != DeptState::Stopped);
+        let up = u8::from(crate::usage::running(v));
         let _ = writeln!(out, "fleet_agent_department_up{{department=\"{id}\"}} {up}");
     }
     header(
@@ -272,5 +274,166 @@ pub fn render(state: &ApiState) -> String {
         );
         let _ = writeln!(out, "fleet_agent_port_pool_size {size}");
     }
+    render_usage(&mut out, state, &board);
+    render_daemon(&mut out, state, &sample);
     out
+}
+
+/// Container CPU and memory from the stats cache (`usage.rs`), disks, and the
+/// collector's own figures. A department without a sample yet (just started,
+/// or not running) has no series here rather than a made-up zero.
+fn render_usage(out: &mut String, state: &ApiState, board: &BTreeMap<String, DeptView>) {
+    let samples = state.usage.current(board);
+    header(
+        out,
+        "fleet_agent_department_cpu_seconds_total",
+        "counter",
+        "CPU time of the department's current container (resets when it is replaced).",
+    );
+    for (id, s) in &samples {
+        let _ = writeln!(
+            out,
+            "fleet_agent_department_cpu_seconds_total{{department=\"{id}\"}} {}",
+            s.stats.cpu_seconds
+        );
+    }
+    header(
+        out,
+        "fleet_agent_department_memory_bytes",
+        "gauge",
+        "Memory of the department's container, page cache excluded (as docker stats shows it).",
+    );
+    for (id, s) in &samples {
+        let _ = writeln!(
+            out,
+            "fleet_agent_department_memory_bytes{{department=\"{id}\"}} {}",
+            s.stats.memory_bytes
+        );
+    }
+    header(
+        out,
+        "fleet_agent_department_memory_limit_bytes",
+        "gauge",
+        "Memory limit of the department's container (the host's memory when it has none).",
+    );
+    for (id, s) in &samples {
+        let _ = writeln!(
+            out,
+            "fleet_agent_department_memory_limit_bytes{{department=\"{id}\"}} {}",
+            s.stats.memory_limit_bytes
+        );
+    }
+
+    let disks = state.usage.disks();
+    header(
+        out,
+        "fleet_agent_host_disk_total_bytes",
+        "gauge",
+        "Size of the filesystem holding the state directory (volume=state) or Docker's data root (volume=docker).",
+    );
+    for d in &disks {
+        let _ = writeln!(
+            out,
+            "fleet_agent_host_disk_total_bytes{{volume=\"{}\"}} {}",
+            d.volume, d.total_bytes
+        );
+    }
+    header(
+        out,
+        "fleet_agent_host_disk_available_bytes",
+        "gauge",
+        "Space available to unprivileged users on that filesystem.",
+    );
+    for d in &disks {
+        let _ = writeln!(
+            out,
+            "fleet_agent_host_disk_available_bytes{{volume=\"{}\"}} {}",
+            d.volume, d.available_bytes
+        );
+    }
+
+    let c = &state.usage.counters;
+    header(
+        out,
+        "fleet_agent_stats_collections_total",
+        "counter",
+        "Runs of the container stats collector (every stats_interval).",
+    );
+    let _ = writeln!(
+        out,
+        "fleet_agent_stats_collections_total {}",
+        c.runs.load(Ordering::Relaxed)
+    );
+    header(
+        out,
+        "fleet_agent_stats_collection_errors_total",
+        "counter",
+        "Container stats calls that failed or timed out.",
+    );
+    let _ = writeln!(
+        out,
+        "fleet_agent_stats_collection_errors_total {}",
+        c.errors.load(Ordering::Relaxed)
+    );
+    header(
+        out,
+        "fleet_agent_stats_collection_duration_seconds",
+        "gauge",
+        "Duration of the last stats collection run.",
+    );
+    let _ = writeln!(
+        out,
+        "fleet_agent_stats_collection_duration_seconds {}",
+        c.last_duration_micros.load(Ordering::Relaxed) as f64 / 1e6
+    );
+}
+
+fn render_daemon(out: &mut String, state: &ApiState, sample: &crate::host::HostSample) {
+    header(
+        out,
+        "fleet_agent_host_load5",
+        "gauge",
+        "Host load average over 5 minutes.",
+    );
+    let _ = writeln!(out, "fleet_agent_host_load5 {}", sample.load_average_5m);
+    header(
+        out,
+        "fleet_agent_host_load15",
+        "gauge",
+        "Host load average over 15 minutes.",
+    );
+    let _ = writeln!(out, "fleet_agent_host_load15 {}", sample.load_average_15m);
+    header(
+        out,
+        "fleet_agent_host_cpus",
+        "gauge",
+        "CPUs available to the daemon.",
+    );
+    let _ = writeln!(out, "fleet_agent_host_cpus {}", sample.resources.cpus);
+    header(
+        out,
+        "fleet_agent_build_info",
+        "gauge",
+        "Always 1; the daemon's version and mode as labels.",
+    );
+    let mode = match state.mode {
+        crate::api::Mode::Standalone => "standalone",
+        crate::api::Mode::Coordinator => "coordinator",
+    };
+    let _ = writeln!(
+        out,
+        "fleet_agent_build_info{{version=\"{}\",mode=\"{mode}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    header(
+        out,
+        "fleet_agent_uptime_seconds",
+        "gauge",
+        "Seconds since the daemon started.",
+    );
+    let _ = writeln!(
+        out,
+        "fleet_agent_uptime_seconds {}",
+        state.started.elapsed().as_secs_f64()
+    );
 }

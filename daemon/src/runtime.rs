@@ -154,6 +154,8 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         follow: bool,
     ) -> BoxStream<'static, Result<bytes::Bytes, RuntimeError>>;
     async fn stats(&self, id: &str) -> Result<ContainerStats, RuntimeError>;
+    /// Docker's data root (`DockerRootDir`), for the disk metric.
+    async fn data_root(&self) -> Result<Option<PathBuf>, RuntimeError>;
 }
 
 /// Docker through bollard. The client is made on first use (and again after a
@@ -551,11 +553,27 @@ impl ContainerRuntime for BollardRuntime {
             .and_then(|u| u.total_usage)
             .unwrap_or(0);
         let memory = s.memory_stats.unwrap_or_default();
+        // What `docker stats` shows: usage less the page cache the kernel can
+        // drop at once (cgroup v2 `inactive_file`, v1 `total_inactive_file`).
+        let cache = memory
+            .stats
+            .as_ref()
+            .and_then(|m| {
+                m.get("inactive_file")
+                    .or_else(|| m.get("total_inactive_file"))
+            })
+            .copied()
+            .unwrap_or(0);
         Ok(ContainerStats {
             cpu_seconds: cpu_ns as f64 / 1e9,
-            memory_bytes: memory.usage.unwrap_or(0),
+            memory_bytes: memory.usage.unwrap_or(0).saturating_sub(cache),
             memory_limit_bytes: memory.limit.unwrap_or(0),
         })
+    }
+
+    async fn data_root(&self) -> Result<Option<PathBuf>, RuntimeError> {
+        let info = self.call(|d| async move { d.info().await }).await?;
+        Ok(info.docker_root_dir.map(PathBuf::from))
     }
 }
 

@@ -183,6 +183,10 @@ pub struct CoordinatorStatus {
     pub last_error: Option<String>,
     pub stale: bool,
     pub consecutive_failures: u64,
+    /// The last document this node refused, until a later one is applied or
+    /// the coordinator answers `304`; kept across daemon restarts.
+    #[serde(default)]
+    pub last_refusal: Option<SyncRefusal>,
 }
 
 /// Every error body of the API: one sentence, plus the fields at fault.
@@ -276,4 +280,25 @@ pub struct SyncRefusal {
     pub reason: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fields: Vec<FieldError>,
+}
+
+/// One row of `GET /v1/usage` / `agentctl top`: what the department's container
+/// uses, from the daemon's stats cache (refreshed every `stats_interval`), with
+/// the state, health and restarts of the status board.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DepartmentUsage {
+    pub id: String,
+    pub state: DeptState,
+    pub health: Health,
+    pub restarts: u64,
+    /// Share of one core over the last interval (1.0 = one core busy); `null`
+    /// until two samples of the same container exist.
+    pub cpu_ratio: Option<f64>,
+    /// CPU time of the current container since it started.
+    pub cpu_seconds: Option<f64>,
+    pub memory_bytes: Option<u64>,
+    /// The container's memory limit (the host's memory when it has none).
+    pub memory_limit_bytes: Option<u64>,
+    /// Unix milliseconds of the sample; `null` when none was taken yet.
+    pub sampled_at_ms: Option<i64>,
 }

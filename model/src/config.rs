@@ -33,6 +33,10 @@ pub struct Config {
     /// Full list-and-compare against Docker, beside the event stream.
     #[serde(default = "default_resync_interval", with = "humantime_serde")]
     pub resync_interval: Duration,
+    /// How often the daemon reads each department container's CPU and memory
+    /// from Docker into the cache `/metrics`, `/v1/usage` and `agentctl top` read.
+    #[serde(default = "default_stats_interval", with = "humantime_serde")]
+    pub stats_interval: Duration,
     /// How many departments start at once after a boot.
     #[serde(default = "default_start_concurrency")]
     pub start_concurrency: usize,
@@ -69,6 +73,9 @@ fn default_reserved_memory() -> ByteSize {
     ByteSize::gib(2)
 }
 fn default_resync_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_stats_interval() -> Duration {
     Duration::from_secs(10)
 }
 fn default_start_concurrency() -> usize {
@@ -184,6 +191,9 @@ pub struct ApiConfig {
     /// A handler must answer within this (long-polls get their `wait` on top).
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// The longest `/v1/events` long-poll; a longer `wait` is shortened to it.
+    #[serde(default = "default_max_event_wait", with = "humantime_serde")]
+    pub max_event_wait: Duration,
 }
 
 fn default_listen() -> String {
@@ -201,6 +211,9 @@ fn default_header_timeout() -> Duration {
 fn default_request_timeout() -> Duration {
     Duration::from_secs(30)
 }
+fn default_max_event_wait() -> Duration {
+    Duration::from_secs(120)
+}
 
 impl Default for ApiConfig {
     fn default() -> Self {
@@ -214,6 +227,7 @@ impl Default for ApiConfig {
             requests_per_second: default_requests_per_second(),
             header_timeout: default_header_timeout(),
             request_timeout: default_request_timeout(),
+            max_event_wait: default_max_event_wait(),
         }
     }
 }
@@ -450,6 +464,9 @@ impl Config {
         if self.resync_interval < Duration::from_millis(500) {
             problems.push(FieldError::new("resync_interval", "must be at least 500ms"));
         }
+        if self.stats_interval < Duration::from_secs(1) {
+            problems.push(FieldError::new("stats_interval", "must be at least 1s"));
+        }
         if self.start_concurrency == 0 {
             problems.push(FieldError::new("start_concurrency", "must be at least 1"));
         }
@@ -496,10 +513,16 @@ impl Config {
             problems.push(FieldError::new("api.max_connections", "must be 1-100000"));
         }
         if self.api.header_timeout < Duration::from_millis(100) {
-            problems.push(FieldError::new("api.header_timeout", "must be at least 100ms"));
+            problems.push(FieldError::new(
+                "api.header_timeout",
+                "must be at least 100ms",
+            ));
         }
         if self.api.request_timeout < Duration::from_millis(100) {
-            problems.push(FieldError::new("api.request_timeout", "must be at least 100ms"));
+            problems.push(FieldError::new(
+                "api.request_timeout",
+                "must be at least 100ms",
+            ));
         }
         if let Some(coordinator) = &self.coordinator {
             if !(coordinator.url.starts_with("http://") || coordinator.url.starts_with("https://"))
@@ -586,6 +609,7 @@ fn unreachable_default() -> Config {
         max_departments: default_max_departments(),
         reserved_memory: default_reserved_memory(),
         resync_interval: default_resync_interval(),
+        stats_interval: default_stats_interval(),
         start_concurrency: default_start_concurrency(),
         admin_group: default_admin_group(),
         log: LogConfig::default(),
@@ -702,7 +726,11 @@ mod tests {
         let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(
             fields,
-            ["api.tls_client_ca", "api.max_connections", "api.header_timeout"]
+            [
+                "api.tls_client_ca",
+                "api.max_connections",
+                "api.header_timeout"
+            ]
         );
     }
 

@@ -658,14 +658,18 @@ impl DockerdGuard {
                 .split_first()
                 .map(|(p, a)| (p.clone(), a.to_vec()))
                 .unwrap_or_else(|| ("dockerd".into(), vec![]));
-            Command::new("setsid")
+            // `setsid -f` forks dockerd off and exits at once, so dockerd outlives
+            // this test process and nothing is left unreaped.
+            let status = Command::new("setsid")
+                .arg("-f")
                 .arg(program)
                 .args(args)
                 .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
+                .stdout(log.try_clone().expect("clone the dockerd log handle"))
                 .stderr(log)
-                .spawn()
+                .status()
                 .expect("start dockerd");
+            assert!(status.success(), "setsid -f dockerd: {status}");
         }
         wait_until(Duration::from_secs(90), "docker info to answer", || {
             docker(&["info"]).status.success()

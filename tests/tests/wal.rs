@@ -443,6 +443,14 @@ fn pgbench_archiving(daemon: &TestDaemon, pg: &mut Pg, get: impl Fn(&str) -> Opt
     let status = daemon.agentctl_json(&["wal", "status"]);
     assert_eq!(status["archiver"]["failed_count"], 0, "{status}");
     assert_eq!(status["ready_count"], 0, "{status}");
+    // The TCP API shows the status but never serves WAL.
+    let tcp = daemon.api_get("/v1/wal").expect("GET /v1/wal over TCP");
+    assert_eq!(tcp.status, 200, "{}", tcp.body);
+    let first = pg.done().into_iter().next().unwrap_or_default();
+    let tcp = daemon
+        .api_get(&format!("/v1/wal/fetch/{first}"))
+        .expect("GET /v1/wal/fetch over TCP");
+    assert_ne!(tcp.status, 200, "WAL served over TCP");
     let m = metrics(daemon);
     assert!(m.contains("fleet_agent_wal_shipped_segments_total"), "{m}");
     assert!(m.contains("fleet_agent_wal_backlog_segments 0"), "{m}");

@@ -10,6 +10,7 @@ pub mod logs;
 pub mod ports;
 pub mod show;
 pub mod status;
+pub mod top;
 pub mod wal;
 
 /// `--json` on every read command.

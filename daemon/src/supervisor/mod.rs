@@ -132,7 +132,17 @@ impl Supervisor {
             pool: PortPool::new(low, high, leases),
             departments: BTreeMap::new(),
         };
-        for stored in store.departments()? {
+        // Departments that already hold a lease keep it; of the others, those
+        // naming an explicit host_port are placed before those taking a pool
+        // port, so a pool department never takes a port another spec names.
+        let mut stored_departments = store.departments()?;
+        stored_departments.sort_by_key(|s| {
+            (
+                registry.pool.lease_of(&s.spec.id).is_none(),
+                s.spec.host_port.is_none(),
+            )
+        });
+        for stored in stored_departments {
             let id = stored.spec.id.clone();
             let bind = shared.bind;
             let port = match registry.pool.lease_of(&id) {
@@ -276,10 +286,14 @@ impl Supervisor {
         }
         let bind = self.shared.bind;
         let mut ports = BTreeMap::new();
-        let clean: Vec<&DepartmentSpec> = specs
+        let mut clean: Vec<&DepartmentSpec> = specs
             .iter()
             .filter(|s| problems_free(&problems, &s.id))
             .collect();
+        // Explicit host_ports first: otherwise a pool department earlier in
+        // the list could take the lowest free port that a later spec names,
+        // and that spec would be refused for a port nobody asked for.
+        clean.sort_by_key(|s| s.host_port.is_none());
         for spec in clean {
             match pool.assign(&spec.id, spec.host_port, |p| port_busy(bind, p)) {
                 Ok(port) => {
