@@ -299,6 +299,9 @@ impl Moto {
             Path::new(MOTO).exists(),
             "{MOTO} is missing; run scripts/test.sh (service_moto) first"
         );
+        let port = (port..port + 10)
+            .find(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())
+            .expect("a free port for moto");
         let child = Command::new(MOTO)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
@@ -376,7 +379,10 @@ impl Switch {
     fn start(port: u16, upstream: u16) -> Self {
         let up = Arc::new(AtomicBool::new(true));
         let conns = Arc::new(Mutex::new(Vec::new()));
-        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        // The first free port from `port` on (a client's ephemeral port may hold one).
+        let (listener, port) = (port..port + 20)
+            .find_map(|p| TcpListener::bind(("127.0.0.1", p)).ok().map(|l| (l, p)))
+            .expect("a free port for the S3 switch");
         let (up2, conns2) = (up.clone(), conns.clone());
         thread::spawn(move || {
             for client in listener.incoming().flatten() {
@@ -739,8 +745,8 @@ fn wal_kill9_during_uploads_leaves_no_partial_object() {
 #[test]
 fn wal_s3_stopped_under_load_then_drains_without_gap() {
     let mut pg = Pg::new(46505);
-    let moto = Moto::start(46610, "wal3");
-    let switch = Switch::start(46611, moto.port);
+    let moto = Moto::start(46620, "wal3");
+    let switch = Switch::start(46640, moto.port);
     let dir = tempfile::tempdir().unwrap();
     let daemon = wal_daemon(
         "wal3",
