@@ -64,6 +64,31 @@ cleanup() {
 trap cleanup EXIT
 as_pg() { runuser -u postgres -- "$@"; }
 
+# --- pgBackRest ----------------------------------------------------------------------
+pgbr_conf() { # NAME DATA SOCK ASYNC
+  mkdir -p "$WORK/$1-repo" "$WORK/$1-spool" "$WORK/$1-log"
+  chown postgres: "$WORK/$1-repo" "$WORK/$1-spool" "$WORK/$1-log"
+  cat >"$WORK/$1.conf" <<CONF
+[global]
+repo1-path=$WORK/$1-repo
+compress-type=zst
+compress-level=3
+log-path=$WORK/$1-log
+log-level-console=warn
+log-level-file=off
+spool-path=$WORK/$1-spool
+archive-async=$4
+process-max=4
+start-fast=y
+
+[bench]
+pg1-path=$2
+pg1-socket-path=$3
+pg1-port=$PORT
+CONF
+  chown postgres: "$WORK/$1.conf"
+}
+
 # --- the shared backlog ----------------------------------------------------------
 SRC="$WORK/pg-src"
 mkdir -p "$SRC/sock"
@@ -86,6 +111,12 @@ as_pg "$PG/pg_ctl" -D "$SRC/data" -l "$SRC/pg.log" -w start >/dev/null
 say "building a backlog: pgbench -i -s $SCALE with archiving failing"
 "$PG/pgbench" -h "$SRC/sock" -p "$PORT" -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
 "$PG/psql" -h "$SRC/sock" -p "$PORT" -U postgres -XAtqc "SELECT pg_switch_wal()" postgres >/dev/null
+# pgBackRest's stanzas are made here, outside the timed runs; the copies have
+# the same system identifier, so the repos accept their WAL.
+for repo in pgbr-sync pgbr-async; do
+  pgbr_conf "$repo" "$SRC/data" "$SRC/sock" n
+  as_pg pgbackrest --config="$WORK/$repo.conf" --stanza=bench stanza-create >/dev/null
+done
 as_pg "$PG/pg_ctl" -D "$SRC/data" -m fast -w stop >/dev/null
 BACKLOG=$(ls "$SRC/data/pg_wal/archive_status" | grep -c '\.ready$')
 say "backlog: $BACKLOG segments"
@@ -121,31 +152,6 @@ TOML
   say "fleet-agentd did not start"; cat "$FLEET_DIR/daemon.log" >&2; exit 1
 }
 
-# --- pgBackRest ----------------------------------------------------------------------
-pgbr_conf() { # NAME DATA SOCK ASYNC
-  mkdir -p "$WORK/$1-repo" "$WORK/$1-spool" "$WORK/$1-log"
-  chown postgres: "$WORK/$1-repo" "$WORK/$1-spool" "$WORK/$1-log"
-  cat >"$WORK/$1.conf" <<CONF
-[global]
-repo1-path=$WORK/$1-repo
-compress-type=zst
-compress-level=3
-log-path=$WORK/$1-log
-log-level-console=warn
-log-level-file=off
-spool-path=$WORK/$1-spool
-archive-async=$4
-process-max=4
-start-fast=y
-
-[bench]
-pg1-path=$2
-pg1-socket-path=$3
-pg1-port=$PORT
-CONF
-  chown postgres: "$WORK/$1.conf"
-}
-
 # wrapper: logs each call's microseconds, keeps the exit code.
 WRAP="$WORK/timed"
 cat >"$WRAP" <<'SH'
@@ -173,21 +179,17 @@ run_method() { # NAME ARCHIVE_COMMAND_BUILDER
 unix_socket_directories = '$sock'
 archive_command = '$WRAP $lat $cmd'
 CONF
-  [[ "$name" == fleet ]] && start_daemon "$data/pg_wal" "host=$sock port=$PORT user=postgres"
-  [[ "$name" == pgbr-* ]] && as_pg pgbackrest --config="$WORK/$name.conf" --stanza=bench stanza-create >/dev/null 2>&1 || true
   say "$name: draining $BACKLOG segments"
   local t0 t1
   t0=$(now)
+  # The daemon starts inside the timed span: its look-ahead begins at once.
+  [[ "$name" == fleet ]] && start_daemon "$data/pg_wal" "host=$sock port=$PORT user=postgres"
   as_pg "$PG/pg_ctl" -D "$data" -l "$dir/pg.log" -w start >/dev/null
-  if [[ "$name" == pgbr-* ]]; then
-    # stanza-create needs the server up; it is idempotent.
-    as_pg pgbackrest --config="$WORK/$name.conf" --stanza=bench stanza-create >/dev/null
-  fi
   while (($(ready_count "$data") > 0)); do sleep 0.2; done
   t1=$(now)
   DRAIN[$name]=$(elapsed "$t0" "$t1")
   RATE[$name]=$(awk -v n="$BACKLOG" -v t="${DRAIN[$name]}" 'BEGIN { printf "%.1f", n / t }')
-  read -r P50[$name] P99[$name] < <(awk '$2 == 0 { print $1 }' "$lat" | sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) { print "- -"; exit } printf "%.1f %.1f\n", v[int((NR + 1) * 0.5)] / 1000, v[int(NR * 0.99) > 0 ? int(NR * 0.99) : 1] / 1000 }')
+  read -r P50[$name] P99[$name] < <(awk '$2 == 0 { print $1 }' "$lat" | sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) { print "- -"; exit } m = int((NR + 1) / 2); h = int(NR * 0.99); if (h < 1) h = 1; printf "%.1f %.1f\n", v[m] / 1000, v[h] / 1000 }')
   say "$name: ${DRAIN[$name]}s, ${RATE[$name]} segments/s, p50 ${P50[$name]} ms"
 
   say "$name: steady load for ${LOAD_SECONDS}s"
@@ -201,6 +203,8 @@ CONF
   wait "$bench" || true
   MAXLOAD[$name]=$max
   as_pg "$PG/pg_ctl" -D "$data" -m fast -w stop >/dev/null
+  # Keep the disk use bounded; pgbr-async's cluster serves archive-get later.
+  [[ "$name" == pgbr-async ]] || rm -rf "$dir"
 }
 
 cmd_fleet() { echo "$BIN/agentctl --socket $FLEET_DIR/agentctl.sock wal push %p"; }
@@ -216,7 +220,7 @@ run_method seed cmd_seed
 # --- restore 1 GiB of WAL -----------------------------------------------------------
 mapfile -t SEGMENTS < <(ls "$WORK/archive-fleet/$SYSID/wal" | sed 's/\.zst$//' | grep -E '^[0-9A-F]{24}$' | sort | head -n 64)
 say "restore: fetching ${#SEGMENTS[@]} segments in order"
-mkdir -p "$WORK/fetch"
+mkdir -p "$WORK/fetch"; chown postgres: "$WORK/fetch"
 t0=$(now)
 for s in "${SEGMENTS[@]}"; do
   "$BIN/agentctl" --socket "$FLEET_DIR/agentctl.sock" wal fetch --system-id "$SYSID" "$s" "$WORK/fetch/RECOVERYXLOG"
