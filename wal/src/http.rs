@@ -3,7 +3,7 @@
 //! reach nothing else); the TCP API gets none of these routes.
 
 use crate::backup::RestoreRequest;
-use crate::service::{WalError, WalService};
+use crate::service::{PushOutcome, WalError, WalService};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
@@ -42,6 +42,12 @@ impl IntoResponse for WalError {
 struct PushQuery {
     name: String,
     system_id: Option<u64>,
+    /// With an empty body: "is this exact file (device, inode, size, mtime)
+    /// already archived?" `200` if so, `412` to ask for the content.
+    dev: Option<u64>,
+    ino: Option<u64>,
+    size: Option<u64>,
+    mtime_ns: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,6 +111,31 @@ async fn push(
     let sysid = service
         .resolve_sysid(q.system_id)
         .inspect_err(|e| service.fail(e))?;
+    if let (Some(dev), Some(ino), Some(size), Some(mtime_ns), true) =
+        (q.dev, q.ino, q.size, q.mtime_ns, body.is_empty())
+    {
+        let id = crate::service::FileId {
+            dev,
+            ino,
+            size,
+            mtime_ns,
+        };
+        if service.archived_by_identity(sysid, &q.name, id) {
+            return Ok(Json(serde_json::json!({
+                "name": q.name,
+                "outcome": PushOutcome::AlreadyArchived,
+            }))
+            .into_response());
+        }
+        return Ok((
+            StatusCode::PRECONDITION_FAILED,
+            Json(ErrorBody {
+                error: "not archived by the look-ahead yet; send the content".into(),
+                fields: vec![],
+            }),
+        )
+            .into_response());
+    }
     let outcome = service.push_from_postgres(sysid, &q.name, body).await?;
     Ok(Json(serde_json::json!({ "name": q.name, "outcome": outcome })).into_response())
 }

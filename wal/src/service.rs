@@ -73,6 +73,29 @@ impl WalError {
     }
 }
 
+/// Which file, exactly: device, inode, size and modification time. PostgreSQL
+/// never rewrites a finished segment in place, so the same identity means the
+/// same bytes the look-ahead already archived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+}
+
+impl FileId {
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PushOutcome {
@@ -110,6 +133,8 @@ pub struct WalService {
     /// Serialises work on one name; bounded by hashing names onto slots.
     slots: Vec<tokio::sync::Mutex<()>>,
     in_flight: Mutex<HashSet<String>>,
+    /// key -> identity of the pg_wal file the look-ahead archived under it.
+    identities: Mutex<HashMap<String, FileId>>,
     prefetching: Mutex<HashSet<String>>,
     uploads: Arc<Semaphore>,
     valve_announced: std::sync::atomic::AtomicBool,
@@ -148,6 +173,7 @@ impl WalService {
             stored: Mutex::new(HashMap::new()),
             slots: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
             in_flight: Mutex::new(HashSet::new()),
+            identities: Mutex::new(HashMap::new()),
             prefetching: Mutex::new(HashSet::new()),
             uploads: Arc::new(Semaphore::new(parallel)),
             valve_announced: Default::default(),
@@ -334,6 +360,22 @@ impl WalService {
         }
     }
 
+    /// `archive_command`'s fast path: the file PostgreSQL names is the very file
+    /// the look-ahead archived (same identity), so it is done without sending
+    /// or hashing 16 MiB again. `false`: the caller must push the content.
+    pub fn archived_by_identity(&self, sysid: u64, name: &str, id: FileId) -> bool {
+        if !names::is_valid(name) {
+            return false;
+        }
+        let key = wal_key(sysid, name);
+        self.known(&key).is_some()
+            && self
+                .identities
+                .lock()
+                .map(|ids| ids.get(&key) == Some(&id))
+                .unwrap_or(false)
+    }
+
     /// Unarchived segments PostgreSQL has marked `.ready`.
     pub fn backlog(&self) -> Backlog {
         let Some(dir) = &self.config.pg_wal_dir else {
@@ -408,14 +450,24 @@ impl WalService {
                 tokio::spawn(async move {
                     let _permit = permit;
                     // PostgreSQL's own files only: a symlink planted in pg_wal is refused.
-                    let regular = tokio::fs::symlink_metadata(&path)
+                    let meta = tokio::fs::symlink_metadata(&path)
                         .await
-                        .map(|m| m.file_type().is_file())
-                        .unwrap_or(false);
-                    if regular {
+                        .ok()
+                        .filter(|m| m.file_type().is_file());
+                    if let Some(meta) = meta {
                         if let Ok(content) = tokio::fs::read(&path).await {
-                            if let Err(e) = me.push(sysid, &name, Bytes::from(content)).await {
-                                tracing::debug!(wal = %name, error = %e, "Look-ahead upload failed; archive_command will retry it.");
+                            match me.push(sysid, &name, Bytes::from(content)).await {
+                                Ok(_) => {
+                                    if let Ok(mut ids) = me.identities.lock() {
+                                        if ids.len() > 50_000 {
+                                            ids.clear();
+                                        }
+                                        ids.insert(key.clone(), FileId::of(&meta));
+                                    }
+                                }
+                                Err(e) => {
+                                    tracing::debug!(wal = %name, error = %e, "Look-ahead upload failed; archive_command will retry it.")
+                                }
                             }
                         }
                     }

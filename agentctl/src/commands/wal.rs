@@ -190,13 +190,43 @@ async fn push(client: &Client, path: &Path, system_id: Option<u64>, json: bool) 
             format!("{}: not a regular file", path.display()),
         ));
     }
-    let mut content = Vec::with_capacity(meta.len() as usize);
-    std::io::Read::read_to_end(&mut file, &mut content)
-        .map_err(|e| exit(code::REFUSED, format!("{}: {e}", path.display())))?;
     let mut query = format!("name={}", urlencode(&name));
     if let Some(id) = system_id {
         query.push_str(&format!("&{}", sys_query(Some(id))));
     }
+    // Fast path: the daemon's look-ahead has usually archived this very file
+    // already; ask by identity before reading and sending 16 MiB.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let identity = format!(
+            "{query}&dev={}&ino={}&size={}&mtime_ns={}",
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
+        );
+        let (status, body) = client
+            .exchange(
+                Method::POST,
+                &format!("/v1/wal/push?{identity}"),
+                Some(Bytes::new()),
+                "application/octet-stream",
+            )
+            .await
+            .map_err(|e| exit(code::NO_DAEMON, format!("{e:#}")))?;
+        if status.is_success() {
+            if json {
+                say!("{}", String::from_utf8_lossy(&body));
+            }
+            return Ok(());
+        }
+        if status != StatusCode::PRECONDITION_FAILED {
+            return Err(exit(code_for(status), error_text(status, &body)));
+        }
+    }
+    let mut content = Vec::with_capacity(meta.len() as usize);
+    std::io::Read::read_to_end(&mut file, &mut content)
+        .map_err(|e| exit(code::REFUSED, format!("{}: {e}", path.display())))?;
     let (status, body) = client
         .exchange(
             Method::POST,
