@@ -25,6 +25,8 @@ OUT="${BENCH_OUT:-docs/benchmarks.md}"
 THREADS=2
 
 say() { printf '==> %s\n' "$*" >&2; }
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 
 APT_UPDATED=0
 need() { # PACKAGE COMMAND: apt-get install PACKAGE unless COMMAND exists
@@ -171,9 +173,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 # One poll a second costs cpu_per_poll µs of CPU per second: % of a core = µs / 10^4.
 core_pct() { awk -v u="$1" 'BEGIN { printf "%.4f", u / 10000 }'; }
 
-SECTION="$WORK/section.md"
-cat >"$SECTION" <<EOF
-<!-- bench:poll -->
+write_bench_section poll "$OUT" <<EOF
 ## Coordinator polling \`GET /v1/node\`
 
 Produced by \`bash bench/poll.sh\` (it rewrites this section only). Release
@@ -185,8 +185,7 @@ time from \`/proc/<pid>/stat\` over the run, divided by the requests served.
 wrk shares the machine's $(nproc) cores with the server, as a coordinator's
 poller would not.
 
-Run: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, kernel $(uname -r),
-fleet-agent $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown).
+$(machine_line)
 
 | | requests/s | p99 latency | CPU per request | ratio rps / baseline | ratio CPU / baseline |
 |---|---|---|---|---|---|
@@ -198,21 +197,5 @@ A coordinator polling a node once a second costs the daemon
 $(core_pct "$N_CPU")% of one core on the \`200\` path and $(core_pct "$M_CPU")% on the \`304\`
 path (goal: under 0.1%). Per 1,000 polls: $(awk -v u="$N_CPU" 'BEGIN { printf "%.1f", u }') ms
 and $(awk -v u="$M_CPU" 'BEGIN { printf "%.1f", u }') ms of CPU.
-<!-- /bench:poll -->
 EOF
-
-# Replace this script's section, or append it; leave everything else alone.
-mkdir -p "$(dirname "$OUT")"
-[[ -f "$OUT" ]] || printf '# Benchmarks\n' >"$OUT"
-python3 - "$OUT" "$SECTION" <<'PY'
-import re, sys
-out, section = sys.argv[1], open(sys.argv[2]).read().rstrip("\n")
-text = open(out).read()
-pattern = re.compile(r"<!-- bench:poll -->.*?<!-- /bench:poll -->", re.S)
-if pattern.search(text):
-    text = pattern.sub(lambda _: section, text)
-else:
-    text = text.rstrip("\n") + "\n\n" + section + "\n"
-open(out, "w").write(text)
-PY
 say "wrote the poll section of $OUT"
