@@ -181,6 +181,15 @@ service_packaging() {
   ansible_version=$(ansible --version)
   lint_version=$(NO_COLOR=1 ansible-lint --nocolor --version 2>/dev/null)
   info "${ansible_version%%$'\n'*}, ${lint_version%%$'\n'*}"
+
+  # The clean Debian root the package tests install into and boot (debootstrap
+  # plus docker.io: 2-7 minutes the first time, then cached under
+  # target/pkgtest/) is made in the background while the workspace compiles;
+  # the tests wait for it through its lock.
+  local cache="${CARGO_TARGET_DIR:-$ROOT/target}/pkgtest"
+  mkdir -p "$cache"
+  info "preparing the package tests' Debian root in the background (log: $cache/prepare.log)"
+  bash "$ROOT/packaging/tests/prepare.sh" >"$cache/prepare.log" 2>&1 &
 }
 
 # promtool checks /metrics, the alert rules and their unit tests (tests/tests/metrics.rs).
