@@ -172,9 +172,14 @@ service_packaging() {
     "$PKG_ANSIBLE_VENV/bin/pip" install --quiet --no-input "${PKG_ANSIBLE_PINS[@]}"
     printf '%s\n' "${PKG_ANSIBLE_PINS[*]}" >"$stamp"
   fi
+  # Wrappers rather than symlinks: with the venv first on PATH, ansible-lint
+  # finds the ansible-playbook next to it and does not warn about PATH.
   local tool
   for tool in ansible ansible-playbook ansible-galaxy ansible-config ansible-doc ansible-lint; do
-    ln -sf "$PKG_ANSIBLE_VENV/bin/$tool" "/usr/local/bin/$tool"
+    rm -f "/usr/local/bin/$tool"
+    printf '#!/bin/sh\nPATH="%s/bin:$PATH" exec "%s/bin/%s" "$@"\n' \
+      "$PKG_ANSIBLE_VENV" "$PKG_ANSIBLE_VENV" "$tool" >"/usr/local/bin/$tool"
+    chmod 755 "/usr/local/bin/$tool"
   done
   # Whole outputs first: `| head` would make ansible die of SIGPIPE.
   local ansible_version lint_version
