@@ -82,7 +82,7 @@ setup_tools() {
 # Each service is a function `service_<name>` that makes sure <name> is installed
 # and running, is idempotent, and says what it did. To add one (postgresql-15,
 # s3s-fs, promtool, ...), write the function below and add its name to SERVICES.
-SERVICES=(docker registry schemathesis packaging promtool)
+SERVICES=(docker registry schemathesis packaging promtool postgresql moto)
 
 service_docker() {
   if docker info >/dev/null 2>&1; then
@@ -221,6 +221,31 @@ service_promtool() {
   install -m 0755 "$tmp/usr/bin/promtool" /usr/local/bin/promtool
   rm -rf "$tmp"
   info "promtool is installed ($(promtool --version 2>&1 | head -n1))"
+}
+
+# PostgreSQL 15 binaries for the WAL tests (each test runs its own throwaway
+# cluster with initdb as the postgres user; no system cluster is needed).
+service_postgresql() {
+  if [[ -x /usr/lib/postgresql/15/bin/initdb && -x /usr/lib/postgresql/15/bin/pgbench ]] &&
+    command -v pg_basebackup >/dev/null && command -v runuser >/dev/null && command -v curl >/dev/null; then
+    info "postgresql 15 is installed ($(/usr/lib/postgresql/15/bin/postgres --version))"
+    return
+  fi
+  apt_install postgresql-15 postgresql-client-15 util-linux curl
+  info "installed $(/usr/lib/postgresql/15/bin/postgres --version)"
+}
+
+# moto's S3 server (PyPI) in a venv under /opt/moto; the WAL tests start their
+# own instances on loopback.
+service_moto() {
+  if [[ -x /opt/moto/bin/moto_server ]]; then
+    info "moto is installed (/opt/moto)"
+    return
+  fi
+  command -v python3 >/dev/null && python3 -m venv --help >/dev/null 2>&1 || apt_install python3 python3-venv
+  python3 -m venv /opt/moto >/dev/null 2>&1 || { apt_install python3-venv; python3 -m venv /opt/moto; }
+  info "pip install moto[server] into /opt/moto"
+  /opt/moto/bin/pip install -q --disable-pip-version-check 'moto[server]'
 }
 
 setup_services() {
