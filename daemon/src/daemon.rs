@@ -246,11 +246,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
         if let Some(service) = &wal {
             read_router = read_router.merge(fleet_wal::http::read_router(service.clone()));
         }
-        let tcp_router: Router = api::tcp::harden(
-            read_router,
-            tokens.clone(),
-            limits,
-        );
+        let tcp_router: Router = api::tcp::harden(read_router, tokens.clone(), limits);
         api::tcp::raise_fd_limit();
         tracing::info!(
             listen = %addr,
