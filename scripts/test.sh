@@ -82,7 +82,7 @@ setup_tools() {
 # Each service is a function `service_<name>` that makes sure <name> is installed
 # and running, is idempotent, and says what it did. To add one (postgresql-15,
 # s3s-fs, promtool, ...), write the function below and add its name to SERVICES.
-SERVICES=(docker registry schemathesis packaging promtool)
+SERVICES=(docker registry schemathesis packaging promtool postgresql moto)
 
 service_docker() {
   if docker info >/dev/null 2>&1; then
@@ -172,15 +172,29 @@ service_packaging() {
     "$PKG_ANSIBLE_VENV/bin/pip" install --quiet --no-input "${PKG_ANSIBLE_PINS[@]}"
     printf '%s\n' "${PKG_ANSIBLE_PINS[*]}" >"$stamp"
   fi
+  # Wrappers rather than symlinks: with the venv first on PATH, ansible-lint
+  # finds the ansible-playbook next to it and does not warn about PATH.
   local tool
   for tool in ansible ansible-playbook ansible-galaxy ansible-config ansible-doc ansible-lint; do
-    ln -sf "$PKG_ANSIBLE_VENV/bin/$tool" "/usr/local/bin/$tool"
+    rm -f "/usr/local/bin/$tool"
+    printf '#!/bin/sh\nPATH="%s/bin:$PATH" exec "%s/bin/%s" "$@"\n' \
+      "$PKG_ANSIBLE_VENV" "$PKG_ANSIBLE_VENV" "$tool" >"/usr/local/bin/$tool"
+    chmod 755 "/usr/local/bin/$tool"
   done
   # Whole outputs first: `| head` would make ansible die of SIGPIPE.
   local ansible_version lint_version
   ansible_version=$(ansible --version)
   lint_version=$(NO_COLOR=1 ansible-lint --nocolor --version 2>/dev/null)
   info "${ansible_version%%$'\n'*}, ${lint_version%%$'\n'*}"
+
+  # The clean Debian root the package tests install into and boot (debootstrap
+  # plus docker.io: 2-7 minutes the first time, then cached under
+  # target/pkgtest/) is made in the background while the workspace compiles;
+  # the tests wait for it through its lock.
+  local cache="${CARGO_TARGET_DIR:-$ROOT/target}/pkgtest"
+  mkdir -p "$cache"
+  info "preparing the package tests' Debian root in the background (log: $cache/prepare.log)"
+  bash "$ROOT/packaging/tests/prepare.sh" >"$cache/prepare.log" 2>&1 &
 }
 
 # promtool checks /metrics, the alert rules and their unit tests (tests/tests/metrics.rs).
@@ -207,6 +221,31 @@ service_promtool() {
   install -m 0755 "$tmp/usr/bin/promtool" /usr/local/bin/promtool
   rm -rf "$tmp"
   info "promtool is installed ($(promtool --version 2>&1 | head -n1))"
+}
+
+# PostgreSQL 15 binaries for the WAL tests (each test runs its own throwaway
+# cluster with initdb as the postgres user; no system cluster is needed).
+service_postgresql() {
+  if [[ -x /usr/lib/postgresql/15/bin/initdb && -x /usr/lib/postgresql/15/bin/pgbench ]] &&
+    command -v pg_basebackup >/dev/null && command -v runuser >/dev/null && command -v curl >/dev/null; then
+    info "postgresql 15 is installed ($(/usr/lib/postgresql/15/bin/postgres --version))"
+    return
+  fi
+  apt_install postgresql-15 postgresql-client-15 util-linux curl
+  info "installed $(/usr/lib/postgresql/15/bin/postgres --version)"
+}
+
+# moto's S3 server (PyPI) in a venv under /opt/moto; the WAL tests start their
+# own instances on loopback.
+service_moto() {
+  if [[ -x /opt/moto/bin/moto_server ]]; then
+    info "moto is installed (/opt/moto)"
+    return
+  fi
+  command -v python3 >/dev/null && python3 -m venv --help >/dev/null 2>&1 || apt_install python3 python3-venv
+  python3 -m venv /opt/moto >/dev/null 2>&1 || { apt_install python3-venv; python3 -m venv /opt/moto; }
+  info "pip install moto[server] into /opt/moto"
+  /opt/moto/bin/pip install -q --disable-pip-version-check 'moto[server]'
 }
 
 setup_services() {

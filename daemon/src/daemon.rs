@@ -99,6 +99,9 @@ pub fn check_config(config: &Config, source: &ConfigSource) -> Result<Vec<String
 
 pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
     let started = Instant::now();
+    // What agent.toml said at start, so that a SIGHUP can tell the operator an
+    // edit of it is not applied until a restart.
+    let config_text = config_file_text(&source);
     let config = Arc::new(config);
     let node_id = config.node_id();
     match &source {
@@ -182,16 +185,44 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
         );
     }
 
-    let unix_router: Router = api::read_routes()
+    // WAL archiving, when `[wal]` is configured: its routes join the unix
+    // socket (push/fetch are the PostgreSQL user's only rights there), its
+    // figures join /metrics and its happenings the event log.
+    let wal = match &config.wal {
+        Some(wal_config) => {
+            let sink_events = events.clone();
+            let sink: fleet_wal::EventSink = Arc::new(move |kind: &str, message: &str| {
+                sink_events.record(None, kind, None, message)
+            });
+            let service = fleet_wal::WalService::new(wal_config.clone(), &config.state_dir, sink)
+                .map_err(|e| RunError::Config(format!("wal: {e}")))?;
+            let metrics_service = service.clone();
+            if let Ok(mut extra) = state.extra_metrics.write() {
+                extra.push(Arc::new(move |out: &mut String| {
+                    metrics_service.render_metrics(out)
+                }));
+            }
+            tracing::info!(target = %service.target.describe(), "WAL archiving enabled.");
+            Some(service)
+        }
+        None => None,
+    };
+    let mut unix_router: Router = api::read_routes()
         .merge(api::admin_routes())
-        .with_state(state.clone())
-        .layer(axum::middleware::from_fn(api::authorize));
+        .with_state(state.clone());
+    if let Some(service) = &wal {
+        unix_router = unix_router.merge(fleet_wal::http::router(service.clone()));
+    }
+    let unix_router = unix_router.layer(axum::middleware::from_fn(api::authorize));
     let policy = api::unix::Policy::resolve(
         &config.admin_group,
         config.wal.as_ref().map(|w| w.postgres_user.as_str()),
     );
     let unix_listener = api::unix::bind(&config.socket)?;
     let mut tasks = supervisor.spawn_background();
+    if let Some(service) = &wal {
+        tasks.extend(service.spawn_background());
+    }
     tasks.push(tokio::spawn(api::unix::serve(
         unix_listener,
         unix_router,
@@ -206,15 +237,16 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
                 source,
             })?;
         let limits = api::tcp::Limits::from_config(&config.api);
-        let tcp_router: Router = api::tcp::harden(
-            api::read_routes()
-                .merge(api::socket_only_routes())
-                .fallback(api::not_served_on_tcp)
-                .layer(axum::middleware::map_response(api::json_rejections))
-                .with_state(state.clone()),
-            tokens.clone(),
-            limits,
-        );
+        // Read-only over TCP: `GET /v1/wal` only, never push, fetch or backups.
+        let mut read_router: Router = api::read_routes()
+            .merge(api::socket_only_routes())
+            .fallback(api::not_served_on_tcp)
+            .layer(axum::middleware::map_response(api::json_rejections))
+            .with_state(state.clone());
+        if let Some(service) = &wal {
+            read_router = read_router.merge(fleet_wal::http::read_router(service.clone()));
+        }
+        let tcp_router: Router = api::tcp::harden(read_router, tokens.clone(), limits);
         api::tcp::raise_fd_limit();
         tracing::info!(
             listen = %addr,
@@ -240,7 +272,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
         &format!("fleet-agentd {} started", env!("CARGO_PKG_VERSION")),
     );
 
-    wait_for_signals(&supervisor, &config).await?;
+    wait_for_signals(&supervisor, &config, &source, config_text.as_deref()).await?;
 
     crate::systemd::stopping();
     supervisor.shutdown().await;
@@ -285,7 +317,19 @@ async fn load_departments_dir(supervisor: &Supervisor, config: &Config) {
     }
 }
 
-async fn wait_for_signals(supervisor: &Supervisor, config: &Config) -> Result<(), RunError> {
+fn config_file_text(source: &ConfigSource) -> Option<String> {
+    match source {
+        ConfigSource::File(path) => std::fs::read_to_string(path).ok(),
+        ConfigSource::EmbeddedDefault => None,
+    }
+}
+
+async fn wait_for_signals(
+    supervisor: &Supervisor,
+    config: &Config,
+    source: &ConfigSource,
+    config_text: Option<&str>,
+) -> Result<(), RunError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
@@ -297,6 +341,18 @@ async fn wait_for_signals(supervisor: &Supervisor, config: &Config) -> Result<()
             _ = hup.recv() => {
                 crate::systemd::reloading();
                 tracing::info!("SIGHUP: re-reading {}.", config.departments_dir.display());
+                // The config is read at start only (the listeners, the store
+                // and the port pool are built from it); say so rather than
+                // let an edit look applied.
+                if let ConfigSource::File(path) = source {
+                    if config_file_text(source).as_deref() != config_text {
+                        tracing::warn!(
+                            config = %path.display(),
+                            "{} changed since the daemon started; a reload does not apply it, a restart does (systemctl restart fleet-agentd; containers keep running).",
+                            path.display()
+                        );
+                    }
+                }
                 if config.coordinator.is_none() {
                     load_departments_dir(supervisor, config).await;
                 }
