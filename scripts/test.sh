@@ -82,7 +82,7 @@ setup_tools() {
 # Each service is a function `service_<name>` that makes sure <name> is installed
 # and running, is idempotent, and says what it did. To add one (postgresql-15,
 # s3s-fs, promtool, ...), write the function below and add its name to SERVICES.
-SERVICES=(docker registry promtool)
+SERVICES=(docker registry schemathesis packaging promtool postgresql moto)
 
 service_docker() {
   if docker info >/dev/null 2>&1; then
@@ -112,6 +112,77 @@ service_registry() {
   info "docker-registry: $(command -v docker-registry)"
 }
 
+# schemathesis (PyPI) fuzzes the TCP API against docs/openapi.yaml
+# (tests/tests/coordinator.rs). It goes into its own venv so it never touches the
+# system Python, and is linked into /usr/local/bin where the test finds it.
+SCHEMATHESIS_VERSION=4.32.5
+SCHEMATHESIS_VENV=/opt/fleet-test/schemathesis
+service_schemathesis() {
+  local bin="$SCHEMATHESIS_VENV/bin/schemathesis"
+  if [[ -x $bin ]] && "$SCHEMATHESIS_VENV/bin/pip" show schemathesis 2>/dev/null |
+    grep -qx "Version: $SCHEMATHESIS_VERSION"; then
+    info "schemathesis $SCHEMATHESIS_VERSION is installed ($bin)"
+  else
+    command -v python3 >/dev/null || apt_install python3
+    # Debian ships venv (and ensurepip) separately.
+    python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null ||
+      apt_install python3-venv
+    info "installing schemathesis $SCHEMATHESIS_VERSION into $SCHEMATHESIS_VENV"
+    rm -rf "$SCHEMATHESIS_VENV"
+    python3 -m venv "$SCHEMATHESIS_VENV"
+    "$SCHEMATHESIS_VENV/bin/pip" install --quiet --disable-pip-version-check \
+      "schemathesis==$SCHEMATHESIS_VERSION"
+  fi
+  ln -sf "$bin" /usr/local/bin/schemathesis
+}
+
+# The package tests (tests/tests/packaging.rs, packaging/tests/*.sh): debootstrap
+# for the clean Debian root, lintian, cargo-deb, and Ansible with ansible-lint.
+# Ansible comes from PyPI into a venv of Debian's python3 under /opt (the full
+# `ansible` package, because the role test reaches its target host through the
+# community.docker connection, which ansible-core lacks), linked into
+# /usr/local/bin. Versions are pinned to ones tested with the role: Debian 12's
+# python3 is 3.11, and ansible-core 2.20 and later need 3.12.
+PKG_ANSIBLE_VENV=/opt/fleet-ansible
+PKG_ANSIBLE_PINS=(ansible==12.3.0 ansible-lint==26.10.1)
+PKG_CARGO_DEB_VERSION=3.8.0
+
+service_packaging() {
+  local missing=()
+  command -v debootstrap >/dev/null || missing+=(debootstrap)
+  command -v lintian >/dev/null || missing+=(lintian)
+  command -v dpkg-deb >/dev/null || missing+=(dpkg)
+  command -v flock >/dev/null || missing+=(util-linux)
+  [[ -x /usr/bin/python3 ]] || missing+=(python3)
+  /usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+  ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
+  info "$(lintian --version), debootstrap $(dpkg-query -W -f '${Version}' debootstrap)"
+
+  if [[ "$(cargo deb --version 2>/dev/null)" != *"$PKG_CARGO_DEB_VERSION"* ]]; then
+    info "installing cargo-deb $PKG_CARGO_DEB_VERSION (~2.5 min)"
+    cargo install --locked --quiet cargo-deb --version "$PKG_CARGO_DEB_VERSION"
+  fi
+  info "$(cargo deb --version)"
+
+  local stamp="$PKG_ANSIBLE_VENV/.fleet-pins"
+  if [[ "$(cat "$stamp" 2>/dev/null)" != "${PKG_ANSIBLE_PINS[*]}" ]]; then
+    info "installing ${PKG_ANSIBLE_PINS[*]} into $PKG_ANSIBLE_VENV"
+    rm -rf "$PKG_ANSIBLE_VENV"
+    /usr/bin/python3 -m venv "$PKG_ANSIBLE_VENV"
+    "$PKG_ANSIBLE_VENV/bin/pip" install --quiet --no-input "${PKG_ANSIBLE_PINS[@]}"
+    printf '%s\n' "${PKG_ANSIBLE_PINS[*]}" >"$stamp"
+  fi
+  local tool
+  for tool in ansible ansible-playbook ansible-galaxy ansible-config ansible-doc ansible-lint; do
+    ln -sf "$PKG_ANSIBLE_VENV/bin/$tool" "/usr/local/bin/$tool"
+  done
+  # Whole outputs first: `| head` would make ansible die of SIGPIPE.
+  local ansible_version lint_version
+  ansible_version=$(ansible --version)
+  lint_version=$(NO_COLOR=1 ansible-lint --nocolor --version 2>/dev/null)
+  info "${ansible_version%%$'\n'*}, ${lint_version%%$'\n'*}"
+}
+
 # promtool checks /metrics, the alert rules and their unit tests (tests/tests/metrics.rs).
 # Only the binary of Debian's `prometheus` package is needed: it is taken out of
 # the .deb rather than installing the package, which would also start a
@@ -136,6 +207,31 @@ service_promtool() {
   install -m 0755 "$tmp/usr/bin/promtool" /usr/local/bin/promtool
   rm -rf "$tmp"
   info "promtool is installed ($(promtool --version 2>&1 | head -n1))"
+}
+
+# PostgreSQL 15 binaries for the WAL tests (each test runs its own throwaway
+# cluster with initdb as the postgres user; no system cluster is needed).
+service_postgresql() {
+  if [[ -x /usr/lib/postgresql/15/bin/initdb && -x /usr/lib/postgresql/15/bin/pgbench ]] &&
+    command -v pg_basebackup >/dev/null && command -v runuser >/dev/null && command -v curl >/dev/null; then
+    info "postgresql 15 is installed ($(/usr/lib/postgresql/15/bin/postgres --version))"
+    return
+  fi
+  apt_install postgresql-15 postgresql-client-15 util-linux curl
+  info "installed $(/usr/lib/postgresql/15/bin/postgres --version)"
+}
+
+# moto's S3 server (PyPI) in a venv under /opt/moto; the WAL tests start their
+# own instances on loopback.
+service_moto() {
+  if [[ -x /opt/moto/bin/moto_server ]]; then
+    info "moto is installed (/opt/moto)"
+    return
+  fi
+  command -v python3 >/dev/null && python3 -m venv --help >/dev/null 2>&1 || apt_install python3 python3-venv
+  python3 -m venv /opt/moto >/dev/null 2>&1 || { apt_install python3-venv; python3 -m venv /opt/moto; }
+  info "pip install moto[server] into /opt/moto"
+  /opt/moto/bin/pip install -q --disable-pip-version-check 'moto[server]'
 }
 
 setup_services() {

@@ -61,6 +61,18 @@ impl Client {
         path: &str,
         body: Option<Bytes>,
     ) -> Result<Response<Incoming>> {
+        self.send_typed(method, path, body, "application/json")
+            .await
+    }
+
+    /// `send` with a body of the given content type (WAL bytes).
+    pub async fn send_typed(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        content_type: &str,
+    ) -> Result<Response<Incoming>> {
         let stream = UnixStream::connect(&self.socket).await.with_context(|| {
             format!(
                 "cannot reach fleet-agentd at {}; is it running? (start it with `fleet-agentd`, or pass --socket)",
@@ -79,7 +91,7 @@ impl Client {
             .uri(path)
             .header("host", "fleet-agentd");
         if has_body {
-            request = request.header("content-type", "application/json");
+            request = request.header("content-type", content_type);
         }
         let request = request
             .body(Full::new(body.unwrap_or_default()))
@@ -88,6 +100,25 @@ impl Client {
             .send_request(request)
             .await
             .context("fleet-agentd closed the connection")
+    }
+
+    /// Sends and reads the whole answer whatever its status.
+    pub async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        content_type: &str,
+    ) -> Result<(StatusCode, Bytes)> {
+        let response = self.send_typed(method, path, body, content_type).await?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .context("reading fleet-agentd's answer")?
+            .to_bytes();
+        Ok((status, bytes))
     }
 
     /// Sends and reads the whole answer; a non-2xx answer becomes `ApiFailure`.

@@ -60,6 +60,14 @@ pub enum Command {
     Ports(commands::ports::Args),
     /// Check Docker, config, disk, clock, coordinator and the daemon, and say what is wrong.
     Doctor(commands::doctor::Args),
+    /// PostgreSQL WAL archive: push (archive_command), fetch (restore_command), status.
+    #[command(subcommand)]
+    Wal(commands::wal::WalCommand),
+    /// Base backups of the PostgreSQL cluster: create, list, prune.
+    #[command(subcommand)]
+    Backup(commands::wal::BackupCommand),
+    /// Restore a base backup into a new data directory, set up to replay WAL to a target time.
+    Restore(commands::wal::RestoreArgs),
     /// Shell completion script (used by the package build).
     #[command(hide = true)]
     Completions(commands::generate::CompletionsArgs),
@@ -100,6 +108,9 @@ async fn main() -> ExitCode {
         Command::Events(args) => commands::events::run(&client, args).await,
         Command::Ports(args) => commands::ports::run(&client, args).await,
         Command::Doctor(args) => commands::doctor::run(&client, args).await,
+        Command::Wal(command) => commands::wal::wal(&client, command).await,
+        Command::Backup(command) => commands::wal::backup(&client, command).await,
+        Command::Restore(args) => commands::wal::restore(&client, args).await,
         Command::Completions(args) => commands::generate::completions(args),
         Command::Man(args) => commands::generate::man(args),
     };
@@ -107,7 +118,10 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("agentctl: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<commands::wal::Exit>() {
+                Some(exit) => ExitCode::from(exit.code),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -48,6 +48,9 @@ const META_ETAG: &str = "coordinator.etag";
 const META_DOCUMENT: &str = "coordinator.document";
 const META_PENDING: &str = "coordinator.pending";
 const META_REVISION: &str = "applied_revision";
+/// The last refusal as JSON (empty = none), so a restarted daemon still shows
+/// and reports it while the coordinator is away.
+const META_REFUSAL: &str = "coordinator.last_refusal";
 
 /// Why a poll failed. Any of these only delays the next poll.
 #[derive(Debug, thiserror::Error)]
@@ -175,7 +178,10 @@ pub fn parse_document(body: &[u8], applied: Option<i64>) -> Result<DesiredState,
     };
     let document: DesiredState = serde_json::from_slice(body).map_err(|e| {
         refuse(
-            format!("the document is not a valid desired state: {}", redact_serde(&e)),
+            format!(
+                "the document is not a valid desired state: {}",
+                redact_serde(&e)
+            ),
             peek_revision(body),
         )
     })?;
@@ -206,7 +212,9 @@ fn peek_revision(body: &[u8]) -> Option<i64> {
     struct Peek {
         revision: i64,
     }
-    serde_json::from_slice::<Peek>(body).ok().map(|p| p.revision)
+    serde_json::from_slice::<Peek>(body)
+        .ok()
+        .map(|p| p.revision)
 }
 
 /// serde's message without the offending value: a misplaced secret must not
@@ -217,8 +225,7 @@ fn redact_serde(e: &serde_json::Error) -> String {
         Some((m, _)) => m.to_string(),
         None => message,
     };
-    let cleaned = if message.starts_with("invalid type:") || message.starts_with("invalid value:")
-    {
+    let cleaned = if message.starts_with("invalid type:") || message.starts_with("invalid value:") {
         // "invalid type: string \"hunter2\", expected u16" -> keep the kinds only.
         let (head, expected) = message
             .split_once(", expected")
@@ -241,15 +248,16 @@ fn redact_serde(e: &serde_json::Error) -> String {
     }
 }
 
-/// Reads the coordinator token: the first non-comment line of a file only its
-/// owner can read.
+/// Reads the coordinator token: the first non-comment line of a file that only
+/// its owner and group can read (the package's layout is root:fleet-agent 0640,
+/// read by the daemon through its group).
 fn read_token(path: &Path) -> Result<String, SyncError> {
     use std::os::unix::fs::PermissionsExt;
     let shown = path.display();
     let meta = std::fs::metadata(path).map_err(|e| SyncError::Token(format!("{shown}: {e}")))?;
-    if meta.permissions().mode() & 0o077 != 0 {
+    if meta.permissions().mode() & 0o037 != 0 {
         return Err(SyncError::Token(format!(
-            "{shown} is readable by others; run `chmod 600 {shown}`"
+            "{shown} is open to others (group write or any access for others); run `chmod 640 {shown}`"
         )));
     }
     let text =
@@ -331,7 +339,10 @@ pub async fn start(
         metrics,
         applied_revision: store.meta(META_REVISION)?.and_then(|v| v.parse().ok()),
         etag: store.meta(META_ETAG)?.filter(|v| !v.is_empty()),
-        last_refusal: None,
+        last_refusal: store
+            .meta(META_REFUSAL)?
+            .filter(|v| !v.is_empty())
+            .and_then(|v| serde_json::from_str(&v).ok()),
         refused_digest: None,
         failures: 0,
         last_success: None,
@@ -340,6 +351,7 @@ pub async fn start(
         last_error: None,
         started: Instant::now(),
     };
+    client.last_error = client.last_refusal.as_ref().map(|r| r.reason.clone());
     client.finish_pending_apply().await;
     client.publish();
     Ok(tokio::spawn(client.run()))
@@ -370,10 +382,9 @@ impl Client {
                         .last_success
                         .store(now_secs(), Ordering::Relaxed);
                     match outcome {
-                        Outcome::Applied { revision } => tracing::info!(
-                            revision,
-                            "Desired state from the coordinator in force."
-                        ),
+                        Outcome::Applied { revision } => {
+                            tracing::info!(revision, "Desired state from the coordinator in force.")
+                        }
                         Outcome::NotModified | Outcome::Refused => {}
                     }
                 }
@@ -419,10 +430,9 @@ impl Client {
     fn publish(&self) {
         let stale = self.stale();
         self.metrics.stale.store(stale, Ordering::Relaxed);
-        self.metrics.applied_revision.store(
-            self.applied_revision.unwrap_or(i64::MIN),
-            Ordering::Relaxed,
-        );
+        self.metrics
+            .applied_revision
+            .store(self.applied_revision.unwrap_or(i64::MIN), Ordering::Relaxed);
         let status = CoordinatorStatus {
             url: self.config.url.clone(),
             last_success_at: self.last_success_at,
@@ -430,6 +440,7 @@ impl Client {
             last_error: self.last_error.clone(),
             stale,
             consecutive_failures: u64::from(self.failures),
+            last_refusal: self.last_refusal.clone(),
         };
         if let Ok(mut sync) = self.state.sync.write() {
             *sync = SyncStatus {
@@ -494,7 +505,7 @@ impl Client {
         match response.status() {
             StatusCode::NOT_MODIFIED => {
                 // The coordinator agrees the node has its current document.
-                self.last_refusal = None;
+                self.set_last_refusal(None);
                 return Ok(Outcome::NotModified);
             }
             StatusCode::OK => {}
@@ -594,14 +605,17 @@ impl Client {
                 let promoted = self
                     .store
                     .set_meta(META_DOCUMENT, &String::from_utf8_lossy(body))
-                    .and_then(|()| self.store.set_meta(META_ETAG, etag.as_deref().unwrap_or("")))
+                    .and_then(|()| {
+                        self.store
+                            .set_meta(META_ETAG, etag.as_deref().unwrap_or(""))
+                    })
                     .and_then(|()| self.store.set_meta(META_REVISION, &revision.to_string()));
                 if let Err(e) = promoted {
                     tracing::error!(error = %e, revision, "Applied a desired state but could not record its revision.");
                 }
                 self.applied_revision = Some(revision);
                 self.etag = etag;
-                self.last_refusal = None;
+                self.set_last_refusal(None);
                 if !(report.created.is_empty()
                     && report.updated.is_empty()
                     && report.deleted.is_empty())
@@ -628,7 +642,10 @@ impl Client {
                 ),
                 fields,
             )),
-            Err(e) => Err(refusal(format!("revision {revision} could not be applied: {e}"), vec![])),
+            Err(e) => Err(refusal(
+                format!("revision {revision} could not be applied: {e}"),
+                vec![],
+            )),
         };
         if let Err(e) = self.store.set_meta(META_PENDING, "") {
             tracing::warn!(error = %e, "Could not clear the pending desired state.");
@@ -661,8 +678,23 @@ impl Client {
                 &refusal.reason,
             );
         }
-        self.last_refusal = Some(refusal);
+        self.set_last_refusal(Some(refusal));
         Outcome::Refused
+    }
+
+    /// Keeps the last refusal in memory and in the store.
+    fn set_last_refusal(&mut self, refusal: Option<SyncRefusal>) {
+        if self.last_refusal == refusal {
+            return;
+        }
+        let stored = match &refusal {
+            Some(r) => serde_json::to_string(r).unwrap_or_default(),
+            None => String::new(),
+        };
+        if let Err(e) = self.store.set_meta(META_REFUSAL, &stored) {
+            tracing::warn!(error = %e, "Could not record the last refusal; it is reported until the daemon restarts.");
+        }
+        self.last_refusal = refusal;
     }
 
     /// A daemon killed in the middle of an apply left the document it was
@@ -769,11 +801,19 @@ mod tests {
         let ok = br#"{"revision": 3, "departments": []}"#;
         assert_eq!(parse_document(ok, Some(3)).unwrap().revision, 3);
         let lower = parse_document(ok, Some(4)).unwrap_err();
-        assert!(lower.reason.contains("lower than the applied revision 4"), "{}", lower.reason);
+        assert!(
+            lower.reason.contains("lower than the applied revision 4"),
+            "{}",
+            lower.reason
+        );
         assert_eq!(lower.revision, Some(3));
-        let unknown = parse_document(br#"{"revision": 5, "departments": [], "x": 1}"#, None)
-            .unwrap_err();
-        assert!(unknown.reason.contains("unknown field `x`"), "{}", unknown.reason);
+        let unknown =
+            parse_document(br#"{"revision": 5, "departments": [], "x": 1}"#, None).unwrap_err();
+        assert!(
+            unknown.reason.contains("unknown field `x`"),
+            "{}",
+            unknown.reason
+        );
         assert_eq!(unknown.revision, Some(5));
         let garbage = parse_document(b"{not json", None).unwrap_err();
         assert!(garbage.reason.contains("line 1"), "{}", garbage.reason);

@@ -182,16 +182,44 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
         );
     }
 
-    let unix_router: Router = api::read_routes()
+    // WAL archiving, when `[wal]` is configured: its routes join the unix
+    // socket (push/fetch are the PostgreSQL user's only rights there), its
+    // figures join /metrics and its happenings the event log.
+    let wal = match &config.wal {
+        Some(wal_config) => {
+            let sink_events = events.clone();
+            let sink: fleet_wal::EventSink = Arc::new(move |kind: &str, message: &str| {
+                sink_events.record(None, kind, None, message)
+            });
+            let service = fleet_wal::WalService::new(wal_config.clone(), &config.state_dir, sink)
+                .map_err(|e| RunError::Config(format!("wal: {e}")))?;
+            let metrics_service = service.clone();
+            if let Ok(mut extra) = state.extra_metrics.write() {
+                extra.push(Arc::new(move |out: &mut String| {
+                    metrics_service.render_metrics(out)
+                }));
+            }
+            tracing::info!(target = %service.target.describe(), "WAL archiving enabled.");
+            Some(service)
+        }
+        None => None,
+    };
+    let mut unix_router: Router = api::read_routes()
         .merge(api::admin_routes())
-        .with_state(state.clone())
-        .layer(axum::middleware::from_fn(api::authorize));
+        .with_state(state.clone());
+    if let Some(service) = &wal {
+        unix_router = unix_router.merge(fleet_wal::http::router(service.clone()));
+    }
+    let unix_router = unix_router.layer(axum::middleware::from_fn(api::authorize));
     let policy = api::unix::Policy::resolve(
         &config.admin_group,
         config.wal.as_ref().map(|w| w.postgres_user.as_str()),
     );
     let unix_listener = api::unix::bind(&config.socket)?;
     let mut tasks = supervisor.spawn_background();
+    if let Some(service) = &wal {
+        tasks.extend(service.spawn_background());
+    }
     tasks.push(tokio::spawn(api::unix::serve(
         unix_listener,
         unix_router,
@@ -206,11 +234,16 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
                 source,
             })?;
         let limits = api::tcp::Limits::from_config(&config.api);
-        let tcp_router: Router = api::tcp::harden(
-            api::read_routes().with_state(state.clone()),
-            tokens.clone(),
-            limits,
-        );
+        // Read-only over TCP: `GET /v1/wal` only, never push, fetch or backups.
+        let mut read_router: Router = api::read_routes()
+            .merge(api::socket_only_routes())
+            .fallback(api::not_served_on_tcp)
+            .layer(axum::middleware::map_response(api::json_rejections))
+            .with_state(state.clone());
+        if let Some(service) = &wal {
+            read_router = read_router.merge(fleet_wal::http::read_router(service.clone()));
+        }
+        let tcp_router: Router = api::tcp::harden(read_router, tokens.clone(), limits);
         api::tcp::raise_fd_limit();
         tracing::info!(
             listen = %addr,
@@ -219,7 +252,9 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
             client_certificates = config.api.tls_client_ca.is_some(),
             "API listening."
         );
-        tasks.push(tokio::spawn(api::tcp::serve(listener, tcp_router, limits, tls)));
+        tasks.push(tokio::spawn(api::tcp::serve(
+            listener, tcp_router, limits, tls,
+        )));
     }
     tasks.extend(coordinator_task);
 

@@ -110,9 +110,7 @@ fn main() -> ExitCode {
                     match e {
                         fleet_agentd::RunError::Config(_)
                         | fleet_agentd::RunError::Token(_)
-                        | fleet_agentd::RunError::Tls(_) => {
-                            ExitCode::from(EXIT_CONFIG)
-                        }
+                        | fleet_agentd::RunError::Tls(_) => ExitCode::from(EXIT_CONFIG),
                         _ => ExitCode::FAILURE,
                     }
                 }

@@ -183,6 +183,10 @@ pub struct CoordinatorStatus {
     pub last_error: Option<String>,
     pub stale: bool,
     pub consecutive_failures: u64,
+    /// The last document this node refused, until a later one is applied or
+    /// the coordinator answers `304`; kept across daemon restarts.
+    #[serde(default)]
+    pub last_refusal: Option<SyncRefusal>,
 }
 
 /// Every error body of the API: one sentence, plus the fields at fault.

@@ -191,6 +191,9 @@ pub struct ApiConfig {
     /// A handler must answer within this (long-polls get their `wait` on top).
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// The longest `/v1/events` long-poll; a longer `wait` is shortened to it.
+    #[serde(default = "default_max_event_wait", with = "humantime_serde")]
+    pub max_event_wait: Duration,
 }
 
 fn default_listen() -> String {
@@ -208,6 +211,9 @@ fn default_header_timeout() -> Duration {
 fn default_request_timeout() -> Duration {
     Duration::from_secs(30)
 }
+fn default_max_event_wait() -> Duration {
+    Duration::from_secs(120)
+}
 
 impl Default for ApiConfig {
     fn default() -> Self {
@@ -221,6 +227,7 @@ impl Default for ApiConfig {
             requests_per_second: default_requests_per_second(),
             header_timeout: default_header_timeout(),
             request_timeout: default_request_timeout(),
+            max_event_wait: default_max_event_wait(),
         }
     }
 }
@@ -506,10 +513,16 @@ impl Config {
             problems.push(FieldError::new("api.max_connections", "must be 1-100000"));
         }
         if self.api.header_timeout < Duration::from_millis(100) {
-            problems.push(FieldError::new("api.header_timeout", "must be at least 100ms"));
+            problems.push(FieldError::new(
+                "api.header_timeout",
+                "must be at least 100ms",
+            ));
         }
         if self.api.request_timeout < Duration::from_millis(100) {
-            problems.push(FieldError::new("api.request_timeout", "must be at least 100ms"));
+            problems.push(FieldError::new(
+                "api.request_timeout",
+                "must be at least 100ms",
+            ));
         }
         if let Some(coordinator) = &self.coordinator {
             if !(coordinator.url.starts_with("http://") || coordinator.url.starts_with("https://"))
@@ -713,7 +726,11 @@ mod tests {
         let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(
             fields,
-            ["api.tls_client_ca", "api.max_connections", "api.header_timeout"]
+            [
+                "api.tls_client_ca",
+                "api.max_connections",
+                "api.header_timeout"
+            ]
         );
     }
 

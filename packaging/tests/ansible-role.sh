@@ -7,10 +7,14 @@
 # playbook's ports, which the agent must take over under the same names/ports.
 source "$(dirname "$0")/lib.sh"
 
-node=pkgtest-role
-base=18960                      # this test's stand-in for the playbook's 8000
-depts=(pkg-role-hr pkg-role-fin)
-extra=pkg-role-extra
+node=$PKGTEST_NAME
+# This test's stand-in for the playbook's 8000: ports 47521-47530 are the pool,
+# 47539 the API.
+base=47520
+depts=("$PKGTEST_NAME-hr" "$PKGTEST_NAME-fin")
+# Sorts before the migrated ones: a pool department placed first must not take
+# the ports they name (explicit host_ports are placed before pool ports).
+extra=$PKGTEST_NAME-extra
 token="role-test-token-$$-$RANDOM"
 image=fleet-test-agent:1
 work=$(mktemp -d)
@@ -33,7 +37,7 @@ log "ansible-lint, syntax check"
 ensure_image
 deb=$(ensure_deb)
 docker image inspect "$image" >/dev/null 2>&1 || "$PKGTEST_ROOT/tests/images/build.sh" >&2
-systemd_container_up fleet-pkgtest-role
+systemd_container_up "fleet-$PKGTEST_NAME"
 
 # What deploy-app-server.yml left behind: aio-<id> on 8000 + loop.index.
 for i in "${!depts[@]}"; do

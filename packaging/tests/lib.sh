@@ -24,6 +24,10 @@ PKGTEST_BASE_RECIPE="v1 $PKGTEST_SUITE minbase python3,python3-apt,systemd,addus
 PKGTEST_BASE_KEY=$(printf '%s' "$PKGTEST_BASE_RECIPE" | sha256sum | cut -c1-12)
 PKGTEST_BASE="$PKGTEST_CACHE/base-$PKGTEST_BASE_KEY"
 PKGTEST_IMAGE="fleet-pkgtest-base:$PKGTEST_BASE_KEY"
+# Names what a test creates on the shared Docker engine (container, node id,
+# department ids): unique per test run (tests/tests/packaging.rs passes
+# fleet_tests::unique_name), so runs side by side do not meet.
+PKGTEST_NAME=${FLEET_PKGTEST_NAME:-pk$$}
 PKGTEST_DEB_VERSION_OLD=0.1.0-1
 PKGTEST_DEB_VERSION_NEW=0.1.0-2
 

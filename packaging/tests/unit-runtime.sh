@@ -8,9 +8,10 @@
 # department's container running when stopped.
 source "$(dirname "$0")/lib.sh"
 
-node=pkgtest-unit
-dept=pkg-unit-a
-api=127.0.0.1:18989
+node=$PKGTEST_NAME
+dept=$PKGTEST_NAME-a
+# Ports 47510-47519 (the pool, then the API).
+api=127.0.0.1:47519
 ensure_image
 deb=$(ensure_deb)
 image=fleet-test-agent:1
@@ -23,18 +24,21 @@ cleanup() {
 }
 trap cleanup EXIT
 cleanup
-systemd_container_up fleet-pkgtest-unit
+systemd_container_up "fleet-$PKGTEST_NAME"
 
 # Installed the way the Ansible role does it, except that the first start waits
 # until this test's config is in place (its ports must not collide).
-docker cp "$deb" "$SD_CT:/tmp/fleet-agent.deb"
+# Streamed in: /tmp is a tmpfs in the container, and `docker cp` writes under
+# such mounts (into the image layer), where nothing inside can see the file.
+ct_deb="/tmp/$(basename "$deb")"
+in_ct sh -c 'cat >"$1"' sh "$ct_deb" <"$deb" || fail "cannot copy the package into $SD_CT"
 in_ct sh -c 'printf "#!/bin/sh\nexit 101\n" >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q /tmp/fleet-agent.deb </dev/null >/tmp/install.log 2>&1; rc=$?
-    rm -f /usr/sbin/policy-rc.d; [ $rc -eq 0 ] || cat /tmp/install.log; exit $rc' || fail "install failed"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$1" </dev/null >/tmp/install.log 2>&1; rc=$?
+    rm -f /usr/sbin/policy-rc.d; [ $rc -eq 0 ] || cat /tmp/install.log; exit $rc' sh "$ct_deb" || fail "install failed"
 in_ct tee /etc/fleet-agent/agent.toml >/dev/null <<TOML
 node_id = "$node"
 [ports]
-range = "18981-18985"
+range = "47510-47514"
 bind = "127.0.0.1"
 [api]
 listen = "$api"
@@ -109,8 +113,15 @@ assert cpu, ("no host CPU figures", vals)
 ' "$metrics" || fail "host metrics missing from /metrics"
 
 # Logs go to journald with tracing's structured fields.
-in_ct journalctl -u fleet-agentd -o json --no-pager | grep -q '"TARGET":"fleet_agentd' \
-    || fail "no tracing-journald entries (TARGET field) from fleet-agentd in the journal"
+# journald indexes what it receives a moment later, so look for a few seconds.
+found=""
+for _ in $(seq 1 20); do
+    journal=$(in_ct journalctl -u fleet-agentd -o json --no-pager)
+    if grep -q '"TARGET":"fleet_agentd' <<<"$journal"; then found=1; break; fi
+    sleep 0.5
+done
+[ -n "$found" ] || fail "no tracing-journald entries (TARGET field) from fleet-agentd in the journal:
+$(tail -c 3000 <<<"$journal")"
 
 log "reload, then stop: the department must keep running"
 in_ct systemctl reload fleet-agentd || fail "reload failed"

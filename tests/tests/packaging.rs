@@ -5,7 +5,13 @@
 //! `target/debug`) and fails with the script's output. The scripts need root,
 //! Docker, debootstrap, lintian, cargo-deb and ansible (`scripts/test.sh`
 //! installs them) and cache the Debian root and image under `target/pkgtest/`.
+//!
+//! Everything a script creates on the shared Docker engine (its systemd
+//! container, node id, department ids) is named from `FLEET_PKGTEST_NAME`, a
+//! `unique_name` per test, so the tests can run beside other runs of
+//! themselves. Ports: 47510-47519 (unit-runtime) and 47520-47539 (ansible-role).
 
+use fleet_tests::unique_name;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -15,12 +21,14 @@ fn workspace() -> PathBuf {
 }
 
 /// Runs `packaging/tests/<name>` and returns its stdout; panics with both
-/// streams when it fails.
-fn run_script(name: &str) -> String {
+/// streams when it fails. `tag` starts the unique name the script gives what it
+/// creates (short: department ids built from it have at most 32 characters).
+fn run_script(name: &str, tag: &str) -> String {
     let root = workspace();
     let script = root.join("packaging/tests").join(name);
     let out = Command::new("bash")
         .arg(&script)
+        .env("FLEET_PKGTEST_NAME", unique_name(tag))
         .current_dir(&root)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
@@ -37,17 +45,17 @@ fn run_script(name: &str) -> String {
 
 #[test]
 fn deb_builds_passes_lintian_and_lists_what_is_promised() {
-    run_script("deb-build.sh");
+    run_script("deb-build.sh", "pkbuild");
 }
 
 #[test]
 fn deb_installs_upgrades_keeping_local_config_and_purges_clean() {
-    run_script("deb-lifecycle.sh");
+    run_script("deb-lifecycle.sh", "pklife");
 }
 
 #[test]
 fn unit_passes_verify_and_exposure_is_at_most_2() {
-    let out = run_script("unit-verify.sh");
+    let out = run_script("unit-verify.sh", "pkverify");
     let score: f64 = out
         .lines()
         .find_map(|l| l.strip_prefix("exposure="))
@@ -58,15 +66,15 @@ fn unit_passes_verify_and_exposure_is_at_most_2() {
 
 #[test]
 fn unit_runs_sandboxed_under_systemd_and_still_reaches_docker_and_proc() {
-    run_script("unit-runtime.sh");
+    run_script("unit-runtime.sh", "pkunit");
 }
 
 #[test]
 fn ansible_role_lints_installs_and_second_run_changes_nothing() {
-    run_script("ansible-role.sh");
+    run_script("ansible-role.sh", "pkrole");
 }
 
 #[test]
 fn push_playbook_departments_migrate_to_specs_check_config_accepts() {
-    run_script("migration.sh");
+    run_script("migration.sh", "pkmig");
 }

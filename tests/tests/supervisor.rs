@@ -3,7 +3,8 @@
 //! against a real Docker engine and the `fleet-test-agent` image.
 //!
 //! Port ranges: `ten_departments...` alone uses 8001-8010 (the issue demands it);
-//! the others take ten ports each from 42000-42069.
+//! the others take ten ports each from 42000-42069, and
+//! `explicit_host_ports_...` takes 47500-47502.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -773,4 +774,37 @@ fn a_secret_reaches_the_container_and_nowhere_else() {
             "the secret value leaked into {what}"
         );
     }
+}
+
+#[test]
+fn explicit_host_ports_are_placed_before_pool_ports() {
+    // A pool of three ports; the department that sorts first takes a pool
+    // port, the one after it names the pool's lowest port explicitly. The
+    // explicit port must be honoured and the pool department placed around it.
+    let (low, high) = (47500, 47502);
+    let d = daemon("explicit", (low, high));
+    let pooled = d.dept("a");
+    let pinned = d.dept("b");
+    d.write_spec(&pooled, &spec_toml(&pooled, IMAGE_V1, ""));
+    d.write_spec(
+        &pinned,
+        &spec_toml(&pinned, IMAGE_V1, &format!("host_port = {low}")),
+    );
+    d.apply(&d.specs_dir());
+    let pinned_row = d.wait_running(&pinned, UP);
+    let pooled_row = d.wait_running(&pooled, UP);
+    assert_eq!(
+        host_port(&pinned_row),
+        low,
+        "{pinned} must get its explicit host_port"
+    );
+    let pool_port = host_port(&pooled_row);
+    assert!(
+        pool_port > low && pool_port <= high,
+        "{pooled} got {pool_port}: a pool department must not take {low}, which {pinned} names"
+    );
+    assert_container_matches(&d, &pinned, &pinned_row);
+    assert_container_matches(&d, &pooled, &pooled_row);
+    wait_health_ok(low);
+    wait_health_ok(pool_port);
 }

@@ -3,7 +3,7 @@
 
 use super::JsonFlag;
 use crate::client::Client;
-use fleet_model::api::NodeStatus;
+use fleet_model::api::{CoordinatorStatus, NodeStatus};
 use serde::Serialize;
 
 #[derive(clap::Args)]
@@ -70,19 +70,21 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
                 },
             });
             if let Some(c) = &node.coordinator {
-                checks.push(Check {
-                    name: "coordinator",
-                    ok: !c.stale,
-                    detail: if c.stale {
-                        format!(
-                            "{} not reached recently ({}); the node keeps its last desired state",
-                            c.url,
-                            c.last_error.clone().unwrap_or_default()
-                        )
-                    } else {
-                        format!("{} reached", c.url)
-                    },
-                });
+                checks.push(coordinator_check(c, config.as_ref()));
+                if let Some(r) = &c.last_refusal {
+                    checks.push(Check {
+                        name: "desired state",
+                        ok: false,
+                        detail: format!(
+                            "the node refused the coordinator's document{}: {}; it keeps revision {}. Fix the document on the coordinator",
+                            r.revision.map(|v| format!(" (revision {v})")).unwrap_or_default(),
+                            r.reason,
+                            node.applied_revision
+                                .map(|v| v.to_string())
+                                .unwrap_or_else(|| "none".into())
+                        ),
+                    });
+                }
             }
         }
         Err(e) => checks.push(Check {
@@ -90,6 +92,13 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
             ok: false,
             detail: format!("{e:#}"),
         }),
+    }
+    if let Some(path) = config
+        .as_ref()
+        .and_then(|c| c.coordinator.as_ref())
+        .and_then(|c| c.token_file.as_deref())
+    {
+        checks.push(token_check(path));
     }
     if let Some(config) = &config {
         let (free, total) = disk_space(&config.state_dir);
@@ -149,5 +158,102 @@ fn disk_space(path: &std::path::Path) -> (u64, u64) {
             s.blocks() * s.fragment_size(),
         ),
         Err(_) => (0, 0),
+    }
+}
+
+/// Whether the daemon reaches its coordinator, from what the daemon last saw:
+/// the age of the last completed sync against three poll intervals (when the
+/// daemon calls it stale).
+fn coordinator_check(c: &CoordinatorStatus, config: Option<&fleet_model::Config>) -> Check {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let poll = config
+        .and_then(|c| c.coordinator.as_ref())
+        .map(|c| c.poll_interval);
+    let age = c.last_success_at.map(|at| (now - at).max(0) as u64);
+    let why = c
+        .last_error
+        .as_deref()
+        .map(|e| format!(" (last error: {e})"))
+        .unwrap_or_default();
+    let detail = match (age, c.stale) {
+        (Some(age), false) => format!(
+            "{} reached, last sync {} ago{}",
+            c.url,
+            crate::output::duration(age),
+            poll.map(|p| format!(", polled every {}", humantime::format_duration(p)))
+                .unwrap_or_default()
+        ),
+        (None, false) => format!("{} not synced yet since the daemon started{why}", c.url),
+        (Some(age), true) => format!(
+            "{} not reached for {} ({} failed syncs){why}; the node keeps enforcing its last desired state. Check the URL, the network and the token",
+            c.url,
+            crate::output::duration(age),
+            c.consecutive_failures
+        ),
+        (None, true) => format!(
+            "{} never reached since the daemon started ({} failed syncs){why}; the node keeps enforcing its last desired state. Check the URL, the network and the token",
+            c.url, c.consecutive_failures
+        ),
+    };
+    Check {
+        name: "coordinator",
+        ok: !c.stale,
+        detail,
+    }
+}
+
+/// `[coordinator] token_file` as the daemon reads it: present, mode 0600 (no
+/// group or other bits), holding a token line. The daemon reads it before
+/// every sync, so a broken file fails the next one.
+fn token_check(path: &std::path::Path) -> Check {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let fail = |detail: String| Check {
+        name: "coord. token",
+        ok: false,
+        detail,
+    };
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => {
+            return fail(format!(
+                "{shown}: {e}; create it (mode 0600) with the token the coordinator issued"
+            ))
+        }
+    };
+    if meta.permissions().mode() & 0o077 != 0 {
+        return fail(format!(
+            "{shown} is readable by others and the daemon refuses it; run `chmod 600 {shown}`"
+        ));
+    }
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let has_token = text
+                .lines()
+                .map(str::trim)
+                .any(|l| !l.is_empty() && !l.starts_with('#'));
+            if has_token {
+                Check {
+                    name: "coord. token",
+                    ok: true,
+                    detail: format!("{shown} holds a token and only its owner can read it"),
+                }
+            } else {
+                fail(format!(
+                    "{shown} holds no token; put the coordinator's token on its first line"
+                ))
+            }
+        }
+        // Mode 0600 and owned by the daemon's user: a group member running
+        // doctor cannot read it, which says nothing about the daemon.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Check {
+            name: "coord. token",
+            ok: true,
+            detail: format!("{shown} has mode 0600; run doctor as root to check its content"),
+        },
+        Err(e) => fail(format!("{shown}: {e}")),
     }
 }

@@ -11,6 +11,7 @@ pub mod ports;
 pub mod show;
 pub mod status;
 pub mod top;
+pub mod wal;
 
 /// `--json` on every read command.
 #[derive(clap::Args, Debug, Clone, Copy)]

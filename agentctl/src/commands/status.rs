@@ -55,6 +55,16 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
                 .map(|e| format!("  last error: {e}"))
                 .unwrap_or_default()
         );
+        if let Some(r) = &c.last_refusal {
+            say!(
+                "last refused document: {}at {}: {}",
+                r.revision
+                    .map(|v| format!("revision {v} "))
+                    .unwrap_or_default(),
+                output::time_ms(r.at.saturating_mul(1000)),
+                r.reason
+            );
+        }
     }
     say!();
     let rows: Vec<Vec<String>> = departments

@@ -27,9 +27,6 @@ use sha2::{Digest, Sha256};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-/// The longest `/v1/events` long-poll; a longer `wait` is shortened to it.
-pub const MAX_EVENT_WAIT: Duration = Duration::from_secs(120);
-
 /// Who is calling, decided once per connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Caller {
@@ -89,7 +86,7 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
-    #[error("this socket only lets {0} push and fetch WAL")]
+    #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
     Internal(String),
@@ -150,29 +147,82 @@ pub fn read_routes() -> Router<ApiState> {
         .layer(axum::middleware::map_response(json_rejections))
 }
 
-/// axum answers a bad query or path in plain text; every error of this API is
-/// an `ErrorBody`, so rewrite those.
-async fn json_rejections(response: Response) -> Response {
-    let plain = response
-        .headers()
-        .get(header::CONTENT_TYPE)
+/// axum answers a bad query or path in plain text, and a wrong method with an
+/// empty body; every error of this API is an `ErrorBody`, so rewrite those
+/// (keeping headers such as `Allow`). `401` stays empty on purpose: it is
+/// added outside these routes.
+pub async fn json_rejections(response: Response) -> Response {
+    let status = response.status();
+    let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
+    let plain = content_type
+        .as_ref()
         .is_some_and(|v| v.as_bytes().starts_with(b"text/plain"));
-    if !(response.status().is_client_error() && plain) {
+    if !(status.is_client_error() && (plain || content_type.is_none())) {
         return response;
     }
-    let status = response.status();
-    let text = match axum::body::to_bytes(response.into_body(), 16 * 1024).await {
+    let (mut parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, 16 * 1024).await {
         Ok(b) => String::from_utf8_lossy(&b).trim().to_string(),
-        Err(_) => "bad request".to_string(),
+        Err(_) => String::new(),
     };
+    let error = if !text.is_empty() {
+        text
+    } else if status == StatusCode::METHOD_NOT_ALLOWED {
+        "this method is not allowed on this path; `Allow` lists those that are".to_string()
+    } else {
+        status
+            .canonical_reason()
+            .unwrap_or("bad request")
+            .to_lowercase()
+    };
+    let body = match serde_json::to_vec(&ErrorBody {
+        error,
+        fields: vec![],
+    }) {
+        Ok(b) => b,
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, Body::from(body))
+}
+
+/// The TCP listener's answer to a path it does not know.
+pub async fn not_served_on_tcp(request: Request) -> Response {
     (
-        status,
+        StatusCode::NOT_FOUND,
         Json(ErrorBody {
-            error: text,
+            error: format!("no `{}` on this listener", request.uri().path()),
             fields: vec![],
         }),
     )
         .into_response()
+}
+
+/// On the TCP listener, every operation of `admin_routes` (the same paths and
+/// methods) answers `403`: the listener is read-only, and saying so beats a
+/// `404`/`405` that suggests the path or method does not exist at all.
+pub fn socket_only_routes() -> Router<ApiState> {
+    Router::new()
+        .route("/v1/apply", post(socket_only))
+        .route(
+            "/v1/departments/{id}",
+            axum::routing::put(socket_only).delete(socket_only),
+        )
+        .route("/v1/departments/{id}/logs", get(socket_only))
+        .route("/v1/departments/{id}/{action}", post(socket_only))
+}
+
+async fn socket_only(request: Request) -> Response {
+    ApiError::Forbidden(format!(
+        "`{} {}`: this listener is read-only; changes and logs are on the local control socket (agentctl)",
+        request.method(),
+        request.uri().path()
+    ))
+    .into_response()
 }
 
 /// Routes that change something or may reveal more: unix socket only.
@@ -206,7 +256,10 @@ pub async fn authorize(
             {
                 next.run(request).await
             } else {
-                ApiError::Forbidden("the PostgreSQL user".into()).into_response()
+                ApiError::Forbidden(
+                    "this socket only lets the PostgreSQL user push and fetch WAL".into(),
+                )
+                .into_response()
             }
         }
         Caller::Denied => (
@@ -332,7 +385,11 @@ async fn node(State(state): State<ApiState>, headers: HeaderMap) -> Response {
         Ok(b) => Sha256::digest(&b),
         Err(e) => return ApiError::Internal(e.to_string()).into_response(),
     };
-    tagged_body(&headers, body, format!("W/\"{}\"", hex::encode(&digest[..16])))
+    tagged_body(
+        &headers,
+        body,
+        format!("W/\"{}\"", hex::encode(&digest[..16])),
+    )
 }
 
 async fn departments(State(state): State<ApiState>, headers: HeaderMap) -> Response {
@@ -382,7 +439,28 @@ struct EventsQuery {
     after: i64,
     wait: Option<String>,
     department: Option<String>,
-    limit: Option<usize>,
+    // u32 so that what the document allows (up to 2^32 - 1) is exactly what
+    // parses; the value is then clamped to a page size.
+    limit: Option<u32>,
+}
+
+/// `wait` of `/v1/events`: digits and a unit, `ms` or `s` (`500ms`, `30s`),
+/// the grammar `docs/openapi.yaml` gives, so a client can tell from the
+/// document alone what is accepted.
+pub fn parse_wait(text: &str) -> Option<Duration> {
+    let (digits, millis) = match text.strip_suffix("ms") {
+        Some(d) => (d, true),
+        None => (text.strip_suffix('s')?, false),
+    };
+    if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(if millis {
+        Duration::from_millis(n)
+    } else {
+        Duration::from_secs(n)
+    })
 }
 
 async fn events(
@@ -395,13 +473,15 @@ async fn events(
             "after: must be 0 or a sequence number from `next`".into(),
         ));
     }
-    let limit = q.limit.unwrap_or(500).clamp(1, 5000);
+    let limit = q.limit.unwrap_or(500).clamp(1, 5000) as usize;
     let wait = match &q.wait {
-        Some(w) => humantime::parse_duration(w)
-            .map_err(|_| {
-                ApiError::BadRequest(format!("wait: `{w}` is not a duration such as \"30s\""))
+        Some(w) => parse_wait(w)
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "wait: `{w}` is not a duration such as \"30s\" or \"500ms\""
+                ))
             })?
-            .min(MAX_EVENT_WAIT),
+            .min(state.supervisor.shared.config.api.max_event_wait),
         None => Duration::ZERO,
     };
     let mut rx = log.subscribe();
@@ -604,4 +684,36 @@ async fn logs(
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_takes_exactly_the_documented_grammar() {
+        assert_eq!(parse_wait("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_wait("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_wait("0s"), Some(Duration::ZERO));
+        assert_eq!(
+            parse_wait("999999999s"),
+            Some(Duration::from_secs(999_999_999))
+        );
+        for bad in [
+            "",
+            "s",
+            "ms",
+            "30",
+            "1m",
+            "1h 30m",
+            "-1s",
+            "+1s",
+            "1000000000s",
+            " 1s",
+            "1s\n",
+            "\u{a6}",
+        ] {
+            assert_eq!(parse_wait(bad), None, "{bad:?}");
+        }
+    }
 }

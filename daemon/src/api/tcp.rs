@@ -45,7 +45,7 @@ pub enum TokenError {
     },
     #[error("token file {0} holds no token")]
     Empty(String),
-    #[error("token file {0} is readable by others; run `chmod 600 {0}`")]
+    #[error("token file {0} is open to others (group write or any access for others); run `chmod 640 {0}`")]
     TooOpen(String),
 }
 
@@ -64,7 +64,9 @@ impl Tokens {
             path: shown.clone(),
             source,
         })?;
-        if meta.permissions().mode() & 0o077 != 0 {
+        // Group read is allowed: the package keeps secrets root:fleet-agent
+        // 0640, so the daemon reads them through its group without owning them.
+        if meta.permissions().mode() & 0o037 != 0 {
             return Err(TokenError::TooOpen(shown));
         }
         let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
@@ -141,6 +143,8 @@ pub struct Limits {
     pub max_connections: usize,
     pub header_timeout: Duration,
     pub request_timeout: Duration,
+    /// Added to `request_timeout` for `/v1/events` long-polls.
+    pub max_event_wait: Duration,
     /// Per client address; 0 = off.
     pub requests_per_second: u32,
 }
@@ -151,6 +155,7 @@ impl Limits {
             max_connections: api.max_connections,
             header_timeout: api.header_timeout,
             request_timeout: api.request_timeout,
+            max_event_wait: api.max_event_wait,
             requests_per_second: api.requests_per_second,
         }
     }
@@ -192,10 +197,12 @@ pub fn tls_acceptor(api: &ApiConfig) -> Result<Option<tokio_rustls::TlsAcceptor>
             for cert in load_certs(ca)? {
                 roots.add(cert)?;
             }
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                    .build()
-                    .map_err(|e| TlsError::ClientCa(e.to_string()))?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| TlsError::ClientCa(e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -291,7 +298,7 @@ pub fn harden(router: Router, tokens: Tokens, limits: Limits) -> Router {
         .layer(axum::middleware::from_fn(move |request: Request, next: Next| {
             let mut deadline = limits.request_timeout;
             if request.uri().path() == "/v1/events" {
-                deadline += super::MAX_EVENT_WAIT;
+                deadline += limits.max_event_wait;
             }
             async move {
                 match tokio::time::timeout(deadline, next.run(request)).await {
@@ -368,17 +375,21 @@ pub async fn serve(
         let tls = tls.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let service =
-                hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            let service = hyper::service::service_fn(
+                move |mut request: hyper::Request<hyper::body::Incoming>| {
                     request.extensions_mut().insert(Peer(peer));
                     router.clone().oneshot(request.map(Body::new))
-                });
+                },
+            );
             let result = match tls {
                 None => http.serve_connection(TokioIo::new(stream), service).await,
                 Some(acceptor) => {
                     // The handshake gets the same deadline as a request head.
-                    match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => http.serve_connection(TokioIo::new(stream), service).await,
+                    match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(stream)) => {
+                            http.serve_connection(TokioIo::new(stream), service).await
+                        }
                         Ok(Err(e)) => {
                             tracing::debug!(peer = %peer, error = %e, "TLS handshake failed.");
                             return;

@@ -1,0 +1,453 @@
+//! `agentctl wal push|fetch|status`, `agentctl backup create|list|prune` and
+//! `agentctl restore`. `wal push %p` is PostgreSQL's `archive_command` and
+//! `wal fetch %f %p` its `restore_command`: both are thin clients of the daemon
+//! and exit with a code from 1 to 125 on failure (PostgreSQL treats higher
+//! codes and signals as fatal for the archiver or recovery).
+
+use super::JsonFlag;
+use crate::client::Client;
+use crate::output;
+use anyhow::{Context, Result};
+use fleet_model::api::ErrorBody;
+use hyper::body::Bytes;
+use hyper::{Method, StatusCode};
+use serde_json::Value;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A failure with the exit code it must produce.
+#[derive(Debug)]
+pub struct Exit {
+    pub code: u8,
+    pub message: String,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// Exit codes of `wal push` / `wal fetch`.
+pub mod code {
+    /// fetch: the file is not in the archive (recovery ends normally on it).
+    pub const NOT_FOUND: u8 = 1;
+    /// A refused name or file (not a WAL name, a symlink, unreadable).
+    pub const REFUSED: u8 = 2;
+    /// push: a different file is archived under this name.
+    pub const CONFLICT: u8 = 3;
+    /// The daemon is not reachable.
+    pub const NO_DAEMON: u8 = 4;
+    /// The archive target failed; PostgreSQL keeps the segment and retries.
+    pub const TARGET: u8 = 5;
+    /// Anything else.
+    pub const OTHER: u8 = 6;
+}
+
+fn exit(code: u8, message: impl Into<String>) -> anyhow::Error {
+    Exit {
+        code,
+        message: message.into(),
+    }
+    .into()
+}
+
+#[derive(clap::Subcommand)]
+pub enum WalCommand {
+    /// archive_command: hand one WAL file to the daemon; exit 0 once it is durably archived.
+    Push {
+        /// The file (`%p`, relative to the data directory PostgreSQL runs this in).
+        path: PathBuf,
+        /// The cluster's system identifier (default: read from ./global/pg_control).
+        #[arg(long)]
+        system_id: Option<u64>,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// restore_command: write the archived file `name` to `dest`; exit 1 if it is not archived.
+    Fetch {
+        /// The WAL file name (`%f`).
+        name: String,
+        /// Where to write it (`%p`).
+        dest: PathBuf,
+        #[arg(long)]
+        system_id: Option<u64>,
+    },
+    /// Archiver state: PostgreSQL's counters, the .ready backlog, what was shipped.
+    Status {
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum BackupCommand {
+    /// Take a base backup now (pg_basebackup, compressed, streamed to the target).
+    Create {
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Base backups in the archive, oldest first.
+    List {
+        #[arg(long)]
+        system_id: Option<u64>,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Apply retention now: delete what the recovery window no longer needs.
+    Prune {
+        /// Recovery window (default: wal.recovery_window, 7d).
+        #[arg(long)]
+        window: Option<String>,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct RestoreArgs {
+    /// New (or empty) data directory to restore into; it keeps its owner.
+    #[arg(long)]
+    to: PathBuf,
+    /// Recover up to this time (RFC 3339 UTC, e.g. 2026-11-28T04:05:06Z); default: all archived WAL.
+    #[arg(long)]
+    target_time: Option<String>,
+    /// A specific base backup id (default: the newest finished before the target time).
+    #[arg(long)]
+    backup: Option<String>,
+    #[arg(long)]
+    system_id: Option<u64>,
+    #[command(flatten)]
+    json: JsonFlag,
+}
+
+/// The system identifier from `global/pg_control` under the current directory
+/// (PostgreSQL runs archive and restore commands in the data directory).
+fn local_system_id() -> Option<u64> {
+    let bytes = std::fs::read("global/pg_control").ok()?;
+    let first: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
+    Some(u64::from_ne_bytes(first))
+}
+
+fn error_text(status: StatusCode, body: &[u8]) -> String {
+    serde_json::from_slice::<ErrorBody>(body)
+        .map(|b| b.error)
+        .unwrap_or_else(|_| format!("fleet-agentd answered {status}"))
+}
+
+fn code_for(status: StatusCode) -> u8 {
+    match status {
+        StatusCode::NOT_FOUND => code::NOT_FOUND,
+        StatusCode::BAD_REQUEST | StatusCode::FORBIDDEN => code::REFUSED,
+        StatusCode::CONFLICT => code::CONFLICT,
+        StatusCode::SERVICE_UNAVAILABLE => code::TARGET,
+        _ => code::OTHER,
+    }
+}
+
+fn sys_query(id: Option<u64>) -> String {
+    id.map(|i| format!("system_id={i}")).unwrap_or_default()
+}
+
+pub async fn wal(client: &Client, command: WalCommand) -> Result<()> {
+    match command {
+        WalCommand::Push {
+            path,
+            system_id,
+            json,
+        } => push(client, &path, system_id.or_else(local_system_id), json.json).await,
+        WalCommand::Fetch {
+            name,
+            dest,
+            system_id,
+        } => fetch(client, &name, &dest, system_id.or_else(local_system_id)).await,
+        WalCommand::Status { json } => status(client, json.json).await,
+    }
+}
+
+async fn push(client: &Client, path: &Path, system_id: Option<u64>, json: bool) -> Result<()> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| exit(code::REFUSED, format!("{}: no file name", path.display())))?
+        .to_string();
+    // O_NOFOLLOW: a symlink in place of a segment is refused, never followed.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| exit(code::REFUSED, format!("{}: {e}", path.display())))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| exit(code::REFUSED, format!("{}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(exit(
+            code::REFUSED,
+            format!("{}: not a regular file", path.display()),
+        ));
+    }
+    let mut content = Vec::with_capacity(meta.len() as usize);
+    std::io::Read::read_to_end(&mut file, &mut content)
+        .map_err(|e| exit(code::REFUSED, format!("{}: {e}", path.display())))?;
+    let mut query = format!("name={}", urlencode(&name));
+    if let Some(id) = system_id {
+        query.push_str(&format!("&{}", sys_query(Some(id))));
+    }
+    let (status, body) = client
+        .exchange(
+            Method::POST,
+            &format!("/v1/wal/push?{query}"),
+            Some(Bytes::from(content)),
+            "application/octet-stream",
+        )
+        .await
+        .map_err(|e| exit(code::NO_DAEMON, format!("{e:#}")))?;
+    if !status.is_success() {
+        return Err(exit(code_for(status), error_text(status, &body)));
+    }
+    if json {
+        say!("{}", String::from_utf8_lossy(&body));
+    }
+    Ok(())
+}
+
+/// Names go into the query string; valid WAL names need no escaping, anything
+/// else is escaped so the daemon sees (and refuses) exactly what was given.
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+async fn fetch(client: &Client, name: &str, dest: &Path, system_id: Option<u64>) -> Result<()> {
+    let query = sys_query(system_id);
+    let path = format!("/v1/wal/fetch/{}?{query}", urlencode(name));
+    let (status, body) = client
+        .exchange(Method::GET, &path, None, "application/json")
+        .await
+        .map_err(|e| exit(code::NO_DAEMON, format!("{e:#}")))?;
+    if !status.is_success() {
+        return Err(exit(code_for(status), error_text(status, &body)));
+    }
+    // Temp file beside the destination, fsync, rename: PostgreSQL never sees
+    // a partial segment.
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let temp = dir.join(format!(
+        ".{}.fleet-tmp",
+        dest.file_name().and_then(|n| n.to_str()).unwrap_or("wal")
+    ));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&temp)?;
+        f.write_all(&body)?;
+        f.sync_all()?;
+        std::fs::rename(&temp, dest)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&temp);
+        exit(code::OTHER, format!("{}: {e}", dest.display()))
+    })
+}
+
+async fn status(client: &Client, json: bool) -> Result<()> {
+    let status: Value = client.get("/v1/wal").await?;
+    if json {
+        return output::json(&status);
+    }
+    let s = |k: &str| match &status[k] {
+        Value::Null => "-".to_string(),
+        Value::String(v) => v.clone(),
+        other => other.to_string(),
+    };
+    say!("target:             {}", s("target"));
+    say!("system identifier:  {}", s("system_identifier"));
+    say!(
+        "backlog:            {} file(s) ready, {} bytes, oldest {:.0}s",
+        s("ready_count"),
+        s("backlog_bytes"),
+        status["oldest_ready_age_seconds"].as_f64().unwrap_or(0.0)
+    );
+    say!(
+        "shipped:            {} segment(s), {} bytes ({} stored)",
+        s("pushed_segments"),
+        s("pushed_bytes"),
+        s("stored_bytes")
+    );
+    let archiver = &status["archiver"];
+    if archiver.is_object() {
+        say!(
+            "pg_stat_archiver:   archived {}, failed {}, last {}",
+            archiver["archived_count"],
+            archiver["failed_count"],
+            archiver["last_archived_wal"].as_str().unwrap_or("-")
+        );
+    } else {
+        say!(
+            "pg_stat_archiver:   {}",
+            status["archiver_error"]
+                .as_str()
+                .unwrap_or("not configured (wal.postgres)")
+        );
+    }
+    say!("failures:           {}", status["failures"]);
+    say!(
+        "last base backup:   {}",
+        status["last_backup_age_seconds"]
+            .as_u64()
+            .map(|a| format!("{} ago", output::duration(a)))
+            .unwrap_or_else(|| "none".into())
+    );
+    if status["valve_acknowledged"].as_u64().unwrap_or(0) > 0 {
+        say!(
+            "VALVE:              {} segment(s) acknowledged without archiving; take a new base backup",
+            s("valve_acknowledged")
+        );
+    }
+    Ok(())
+}
+
+/// Waits for a long request, telling a person on a terminal that it is still going.
+async fn with_progress<T>(what: &str, call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    use std::io::IsTerminal;
+    let started = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    ticker.tick().await;
+    tokio::pin!(call);
+    loop {
+        tokio::select! {
+            result = &mut call => return result,
+            _ = ticker.tick() => {
+                if tty {
+                    eprintln!("{what}: still running ({}s)", started.elapsed().as_secs());
+                }
+            }
+        }
+    }
+}
+
+pub async fn backup(client: &Client, command: BackupCommand) -> Result<()> {
+    match command {
+        BackupCommand::Create { json } => {
+            let manifest: Value = with_progress(
+                "base backup",
+                client.post(Method::POST, "/v1/wal/backups", &serde_json::json!({})),
+            )
+            .await?;
+            if json.json {
+                return output::json(&manifest);
+            }
+            say!(
+                "base backup {} taken: {} bytes ({} compressed), WAL from {}",
+                manifest["id"].as_str().unwrap_or("?"),
+                manifest["bytes"],
+                manifest["compressed_bytes"],
+                manifest["start_wal"].as_str().unwrap_or("?")
+            );
+            Ok(())
+        }
+        BackupCommand::List { system_id, json } => {
+            let list: Vec<Value> = client
+                .get(&format!("/v1/wal/backups?{}", sys_query(system_id)))
+                .await?;
+            if json.json {
+                return output::json(&list);
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|m| {
+                    vec![
+                        m["id"].as_str().unwrap_or("?").to_string(),
+                        m["finished_at"].as_str().unwrap_or("?").to_string(),
+                        m["start_wal"].as_str().unwrap_or("?").to_string(),
+                        m["bytes"].to_string(),
+                        m["compressed_bytes"].to_string(),
+                    ]
+                })
+                .collect();
+            output::table(&["ID", "FINISHED", "START WAL", "BYTES", "COMPRESSED"], &rows);
+            Ok(())
+        }
+        BackupCommand::Prune { window, json } => {
+            let query = window
+                .map(|w| format!("?window={}", urlencode(&w)))
+                .unwrap_or_default();
+            let report: Value = client
+                .post(
+                    Method::POST,
+                    &format!("/v1/wal/retention{query}"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            if json.json {
+                return output::json(&report);
+            }
+            say!(
+                "kept {} base backup(s) and {} WAL file(s); deleted {} base backup(s) and {} WAL file(s)",
+                report["kept_backups"].as_array().map(|a| a.len()).unwrap_or(0),
+                report["kept_wal"],
+                report["deleted_backups"].as_array().map(|a| a.len()).unwrap_or(0),
+                report["deleted_wal"]
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Single-quotes a word for the shell PostgreSQL runs restore_command in.
+fn shell_word(s: &str) -> String {
+    if s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-=".contains(&b)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+pub async fn restore(client: &Client, args: RestoreArgs) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find agentctl's own path")?;
+    let to = if args.to.is_absolute() {
+        args.to.clone()
+    } else {
+        std::env::current_dir()?.join(&args.to)
+    };
+    let socket = std::fs::canonicalize(client.socket()).unwrap_or(client.socket().to_path_buf());
+    let restore_command = format!(
+        "{} --socket {} wal fetch %f %p",
+        shell_word(&exe.to_string_lossy()),
+        shell_word(&socket.to_string_lossy())
+    );
+    let request = serde_json::json!({
+        "to": to,
+        "target_time": args.target_time,
+        "backup": args.backup,
+        "system_identifier": args.system_id.map(|i| i.to_string()),
+        "restore_command": restore_command,
+    });
+    let report: Value = with_progress(
+        "restore",
+        client.post(Method::POST, "/v1/wal/restore", &request),
+    )
+    .await?;
+    if args.json.json {
+        return output::json(&report);
+    }
+    say!(
+        "restored base backup {} into {} ({} bytes); start PostgreSQL on it to replay WAL{}",
+        report["backup"].as_str().unwrap_or("?"),
+        to.display(),
+        report["bytes"],
+        args.target_time
+            .map(|t| format!(" up to {t}"))
+            .unwrap_or_default()
+    );
+    Ok(())
+}

@@ -1,0 +1,885 @@
+//! Issue 6 acceptance tests: WAL archiving through `agentctl wal push` into a
+//! directory and into S3 (moto on loopback), against real PostgreSQL 15 and the
+//! real fleet-agentd. Port ranges: daemons 46000-46499, PostgreSQL 46500-46599,
+//! S3 46600-46699.
+
+use fleet_tests::{bin_dir, wait_until, TestDaemon, TestOptions};
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run a command");
+    out
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn postgres_ids() -> (u32, u32) {
+    let uid = ok(Command::new("id").args(["-u", "postgres"]));
+    let gid = ok(Command::new("id").args(["-g", "postgres"]));
+    (uid.trim().parse().unwrap(), gid.trim().parse().unwrap())
+}
+
+fn give_to_postgres(path: &Path) {
+    let (uid, gid) = postgres_ids();
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+}
+
+fn open_up(path: &Path) {
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// A throwaway PostgreSQL 15 cluster owned by the `postgres` user.
+struct Pg {
+    _root: tempfile::TempDir,
+    root: PathBuf,
+    data: PathBuf,
+    sock: PathBuf,
+    port: u16,
+    running: bool,
+}
+
+impl Pg {
+    /// Paths only; `init` creates the cluster.
+    fn new(port: u16) -> Self {
+        let root_dir = tempfile::Builder::new()
+            .prefix("fleet-pg-")
+            .tempdir()
+            .unwrap();
+        let root = root_dir.path().to_path_buf();
+        open_up(&root);
+        give_to_postgres(&root);
+        let sock = root.join("sock");
+        fs::create_dir(&sock).unwrap();
+        give_to_postgres(&sock);
+        Pg {
+            data: root.join("data"),
+            root,
+            _root: root_dir,
+            sock,
+            port,
+            running: false,
+        }
+    }
+
+    fn as_postgres(&self, program: &str) -> Command {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--", &format!("{PG_BIN}/{program}")]);
+        cmd.current_dir(&self.root);
+        cmd
+    }
+
+    fn init(&mut self, archive_command: &str) {
+        ok(self
+            .as_postgres("initdb")
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .arg(&self.data));
+        let conf = format!(
+            "\nport = {port}\nlisten_addresses = ''\nunix_socket_directories = '{sock}'\n\
+             wal_level = replica\narchive_mode = on\narchive_command = '{archive_command}'\n\
+             max_wal_senders = 4\nwal_keep_size = '2GB'\nmax_wal_size = '4GB'\n\
+             shared_buffers = '64MB'\nfsync = off\nsynchronous_commit = off\nfull_page_writes = on\n",
+            port = self.port,
+            sock = self.sock.display(),
+        );
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(self.data.join("postgresql.conf"))
+            .unwrap();
+        f.write_all(conf.as_bytes()).unwrap();
+        self.start();
+    }
+
+    fn start(&mut self) {
+        let out = run(self
+            .as_postgres("pg_ctl")
+            .args(["-w", "-t", "120", "-l"])
+            .arg(self.root.join("pg.log"))
+            .arg("-D")
+            .arg(&self.data)
+            .arg("start"));
+        assert!(out.status.success(), "PostgreSQL did not start; its log:\n{}", self.log());
+        self.running = true;
+    }
+
+    fn stop(&mut self) {
+        if self.running {
+            let _ = run(self
+                .as_postgres("pg_ctl")
+                .args(["-w", "-m", "immediate", "-D"])
+                .arg(&self.data)
+                .arg("stop"));
+            self.running = false;
+        }
+    }
+
+    fn sql(&self, sql: &str) -> String {
+        ok(Command::new(format!("{PG_BIN}/psql"))
+            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-U", "postgres"])
+            .arg("-h")
+            .arg(&self.sock)
+            .args(["-p", &self.port.to_string(), "-d", "postgres", "-c", sql]))
+        .trim()
+        .to_string()
+    }
+
+    fn pgbench(&self, args: &[&str]) {
+        ok(Command::new(format!("{PG_BIN}/pgbench"))
+            .args(["-U", "postgres", "-h"])
+            .arg(&self.sock)
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .arg("postgres"));
+    }
+
+    fn conninfo(&self) -> String {
+        format!("host={} port={} user=postgres", self.sock.display(), self.port)
+    }
+
+    fn sysid(&self) -> u64 {
+        let bytes = fs::read(self.data.join("global/pg_control")).unwrap();
+        u64::from_ne_bytes(bytes[..8].try_into().unwrap())
+    }
+
+    /// Switches to a new segment and waits until everything up to it is archived.
+    fn switch_and_wait(&self, timeout: Duration) -> String {
+        let switched = self.sql("SELECT pg_walfile_name(pg_switch_wal())");
+        wait_until(timeout, "the archiver to catch up", || {
+            let last = self.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
+            last.as_str() >= switched.as_str() && self.ready().is_empty()
+        });
+        switched
+    }
+
+    fn status_files(&self, suffix: &str) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(self.data.join("pg_wal/archive_status"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(suffix))
+                    .map(str::to_string)
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn ready(&self) -> Vec<String> {
+        self.status_files(".ready")
+    }
+
+    fn done(&self) -> Vec<String> {
+        self.status_files(".done")
+    }
+
+    fn failed_count(&self) -> i64 {
+        self.sql("SELECT failed_count FROM pg_stat_archiver")
+            .parse()
+            .unwrap()
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.root.join("pg.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn agentctl_path() -> PathBuf {
+    bin_dir().join("agentctl")
+}
+
+/// The daemon with a `[wal]` table; its dir is opened so the postgres user can
+/// reach the control socket (the socket itself is 0666; peer credentials gate it).
+fn wal_daemon(name: &'static str, ports: (u16, u16), wal_toml: &str) -> TestDaemon {
+    let daemon = TestDaemon::start(TestOptions {
+        name,
+        port_range: ports,
+        extra_toml: format!("[wal]\n{wal_toml}\n"),
+        ..Default::default()
+    });
+    open_up(daemon.dir());
+    daemon
+}
+
+fn archive_command(daemon: &TestDaemon) -> String {
+    format!(
+        "{} --socket {} wal push %p",
+        agentctl_path().display(),
+        daemon.socket.display()
+    )
+}
+
+/// Every segment PostgreSQL marked `.done` is archived with the checksum of
+/// the file in pg_wal. `get` reads an object by key.
+fn assert_archived(pg: &Pg, get: impl Fn(&str) -> Option<Vec<u8>>) -> usize {
+    let sysid = pg.sysid();
+    let done = pg.done();
+    assert!(!done.is_empty(), "PostgreSQL archived nothing");
+    for name in &done {
+        let key = format!("{sysid}/wal/{name}.zst");
+        let object = get(&key).unwrap_or_else(|| panic!("{name} acknowledged but {key} is missing"));
+        let original = fleet_wal::codec::decode(&object)
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
+        if fleet_wal::names::classify(name) == Some(fleet_wal::names::WalKind::Segment) {
+            let local = fs::read(pg.data.join("pg_wal").join(name)).unwrap();
+            assert!(original == local, "{key} differs from pg_wal/{name}");
+        }
+    }
+    done.len()
+}
+
+fn file_get(root: &Path) -> impl Fn(&str) -> Option<Vec<u8>> + '_ {
+    move |key| fs::read(root.join(key)).ok()
+}
+
+fn metrics(daemon: &TestDaemon) -> String {
+    daemon.api_get("/metrics").expect("GET /metrics").body
+}
+
+// --- S3 (moto) -----------------------------------------------------------------
+
+const MOTO: &str = "/opt/moto/bin/moto_server";
+
+/// moto's S3 on loopback with one bucket. In-memory: it lives as long as this value.
+struct Moto {
+    child: Child,
+    port: u16,
+}
+
+impl Moto {
+    fn start(port: u16, bucket: &str) -> Self {
+        assert!(
+            Path::new(MOTO).exists(),
+            "{MOTO} is missing; run scripts/test.sh (service_moto) first"
+        );
+        let child = Command::new(MOTO)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let moto = Moto { child, port };
+        wait_until(Duration::from_secs(60), "moto to listen", || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        let client = reqwest::blocking::Client::new();
+        let r = client
+            .put(format!("http://127.0.0.1:{port}/{bucket}"))
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "create bucket: {}", r.status());
+        moto
+    }
+
+    /// Reads an object through an authenticated S3 client (moto refuses
+    /// anonymous reads).
+    fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        let creds = tempfile::NamedTempFile::new().unwrap();
+        fs::write(creds.path(), "access_key_id = test\nsecret_access_key = test\n").unwrap();
+        let config: fleet_model::config::WalConfig = serde_json::from_value(serde_json::json!({
+            "target": format!("s3://{bucket}"),
+            "s3": {
+                "endpoint": format!("http://127.0.0.1:{}", self.port),
+                "credentials_file": creds.path(),
+            }
+        }))
+        .unwrap();
+        let target = fleet_wal::target::Target::from_config(&config).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime
+            .block_on(target.get(key))
+            .unwrap()
+            .map(|b| b.to_vec())
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn s3_toml(dir: &Path, endpoint_port: u16, bucket: &str) -> String {
+    let creds = dir.join("s3-credentials");
+    fs::write(&creds, "access_key_id = test\nsecret_access_key = test\n").unwrap();
+    format!(
+        "target = \"s3://{bucket}/archive\"\n[wal.s3]\nendpoint = \"http://127.0.0.1:{endpoint_port}\"\nregion = \"us-east-1\"\ncredentials_file = \"{}\"\npath_style = true\n",
+        creds.display()
+    )
+}
+
+/// A TCP forwarder in front of S3 that can be switched off (connections
+/// refused and cut) and on again: "S3 stopped for a while" without losing
+/// what moto holds in memory.
+struct Switch {
+    port: u16,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Switch {
+    fn start(port: u16, upstream: u16) -> Self {
+        let up = Arc::new(AtomicBool::new(true));
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let (up2, conns2) = (up.clone(), conns.clone());
+        thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if !up2.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                if let Ok(mut c) = conns2.lock() {
+                    c.push(client.try_clone().unwrap());
+                    c.push(server.try_clone().unwrap());
+                }
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    thread::spawn(move || {
+                        let mut buf = [0u8; 65536];
+                        loop {
+                            match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Switch { port, up, conns }
+    }
+
+    fn set(&self, on: bool) {
+        self.up.store(on, Ordering::SeqCst);
+        if !on {
+            for c in self.conns.lock().unwrap().drain(..) {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+// --- 1. pgbench with archiving ---------------------------------------------------
+
+fn pgbench_archiving(daemon: &TestDaemon, pg: &mut Pg, get: impl Fn(&str) -> Option<Vec<u8>>) {
+    pg.init(&archive_command(daemon));
+    pg.pgbench(&["-i", "-s", "5", "-q"]);
+    pg.pgbench(&["-c", "4", "-j", "2", "-T", "8"]);
+    pg.switch_and_wait(Duration::from_secs(180));
+    let count = assert_archived(pg, get);
+    assert!(count >= 4, "only {count} segments archived");
+    assert_eq!(pg.failed_count(), 0, "archiver failures; log:\n{}", pg.log());
+    let status = daemon.agentctl_json(&["wal", "status"]);
+    assert_eq!(status["archiver"]["failed_count"], 0, "{status}");
+    assert_eq!(status["ready_count"], 0, "{status}");
+    let m = metrics(daemon);
+    assert!(m.contains("fleet_agent_wal_shipped_segments_total"), "{m}");
+    assert!(m.contains("fleet_agent_wal_backlog_segments 0"), "{m}");
+}
+
+#[test]
+fn wal_pgbench_archives_everything_to_a_directory() {
+    let mut pg = Pg::new(46500);
+    let archive = tempfile::tempdir().unwrap();
+    let daemon = wal_daemon(
+        "wal1",
+        (46000, 46009),
+        &format!(
+            "target = \"file://{}\"\npostgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\n",
+            archive.path().display(),
+            pg.conninfo(),
+            pg.data.display()
+        ),
+    );
+    pgbench_archiving(&daemon, &mut pg, file_get(archive.path()));
+}
+
+#[test]
+fn wal_pgbench_archives_everything_to_s3() {
+    let mut pg = Pg::new(46501);
+    let moto = Moto::start(46600, "wal1");
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = wal_daemon(
+        "wal1s",
+        (46010, 46019),
+        &format!(
+            "postgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\n{}",
+            pg.conninfo(),
+            pg.data.display(),
+            s3_toml(dir.path(), moto.port, "wal1")
+        ),
+    );
+    pgbench_archiving(&daemon, &mut pg, |key| moto.get("wal1", &format!("archive/{key}")));
+}
+
+// --- 2. the same name twice --------------------------------------------------------
+
+fn segment_file(dir: &Path, name: &str, fill: u8) -> PathBuf {
+    let path = dir.join(name);
+    let mut content = vec![fill; 16 << 20];
+    content[0] = 0xD1;
+    fs::write(&path, content).unwrap();
+    path
+}
+
+#[test]
+fn wal_same_segment_twice_ok_different_content_refused() {
+    let archive = tempfile::tempdir().unwrap();
+    let daemon = wal_daemon(
+        "wal2",
+        (46020, 46029),
+        &format!("target = \"file://{}\"", archive.path().display()),
+    );
+    let work = tempfile::tempdir().unwrap();
+    let name = "000000010000000000000007";
+    let first = segment_file(work.path(), name, 1);
+    let push = |path: &Path| {
+        daemon.agentctl(&["wal", "push", "--system-id", "4242", path.to_str().unwrap()])
+    };
+    let out = push(&first);
+    assert!(out.status.success(), "{out:?}");
+    let key = archive.path().join(format!("4242/wal/{name}.zst"));
+    let stored = fs::read(&key).unwrap();
+    let out = push(&first);
+    assert!(out.status.success(), "identical push must succeed: {out:?}");
+
+    let other_dir = tempfile::tempdir().unwrap();
+    let second = segment_file(other_dir.path(), name, 2);
+    let out = push(&second);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("different content"),
+        "{out:?}"
+    );
+    assert_eq!(fs::read(&key).unwrap(), stored, "the stored object changed");
+
+    // Also when the daemon has forgotten (restart): the check reads the target.
+    let mut daemon = daemon;
+    daemon.restart();
+    let out = daemon.agentctl(&["wal", "push", "--system-id", "4242", second.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let out = daemon.agentctl(&["wal", "push", "--system-id", "4242", first.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(fs::read(&key).unwrap(), stored);
+    let m = metrics(&daemon);
+    assert!(m.contains("fleet_agent_wal_failures_total{kind=\"conflict\"} 1"), "{m}");
+    let events = daemon.agentctl_json(&["events"]);
+    assert!(events.to_string().contains("wal_conflict"), "{events}");
+}
+
+// --- 5. bad names, symlinks -------------------------------------------------------
+
+#[test]
+fn wal_bad_names_and_symlinks_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let archive = root.path().join("archive");
+    let daemon = wal_daemon(
+        "wal5",
+        (46030, 46039),
+        &format!("target = \"file://{}\"", archive.display()),
+    );
+    let work = tempfile::tempdir().unwrap();
+    let push = |path: &str| daemon.agentctl(&["wal", "push", "--system-id", "5", path]);
+
+    let bad_hex = segment_file(work.path(), "00000001000000000000000G", 1);
+    let out = push(bad_hex.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    let out = push("../../etc/passwd");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    let link = work.path().join("000000010000000000000003");
+    std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
+    let out = push(link.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    // The daemon itself refuses names with a path in them, whoever sends them.
+    for name in ["..%2F..%2Fetc%2Fpasswd", "00000001000000000000000G", "%2Fetc%2Fpasswd"] {
+        let out = run(Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket"])
+            .arg(&daemon.socket)
+            .args(["-X", "POST", "--data-binary", "x"])
+            .arg(format!("http://fleet/v1/wal/push?name={name}&system_id=5")));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "400", "{name}");
+        let out = run(Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket"])
+            .arg(&daemon.socket)
+            .arg(format!("http://fleet/v1/wal/fetch/{name}?system_id=5")));
+        let code = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(code == "400" || code == "404", "{name}: {code}");
+    }
+    // Nothing was written: not in the target, not beside it.
+    let beside: Vec<_> = fs::read_dir(root.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(beside, vec![std::ffi::OsString::from("archive")], "{beside:?}");
+    let mut inside = Vec::new();
+    for e in walk(&archive) {
+        inside.push(e);
+    }
+    assert!(inside.is_empty(), "{inside:?}");
+    // A fetch of something not archived exits 1 (recovery ends normally on it).
+    let out = daemon.agentctl(&[
+        "wal",
+        "fetch",
+        "--system-id",
+        "5",
+        "000000010000000000000009",
+        work.path().join("x").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+// --- 4. kill -9 during uploads ------------------------------------------------------
+
+/// Every object under a final key decodes (a partial object would not).
+fn assert_no_partial_objects(archive: &Path) -> usize {
+    let mut count = 0;
+    for path in walk(archive) {
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with('.') || !name.ends_with(".zst") || path.to_string_lossy().contains("/backups/") {
+            continue;
+        }
+        let object = fs::read(&path).unwrap();
+        fleet_wal::codec::decode(&object)
+            .unwrap_or_else(|e| panic!("{}: partial or damaged object: {e}", path.display()));
+        count += 1;
+    }
+    count
+}
+
+fn pgbench_in_background(pg: &Pg, seconds: u32) -> Child {
+    Command::new(format!("{PG_BIN}/pgbench"))
+        .args(["-U", "postgres", "-h"])
+        .arg(&pg.sock)
+        .args(["-p", &pg.port.to_string()])
+        .args(["-c", "4", "-j", "2", "-T", &seconds.to_string(), "postgres"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn wal_kill9_during_uploads_leaves_no_partial_object() {
+    let mut pg = Pg::new(46504);
+    let archive = tempfile::tempdir().unwrap();
+    let mut daemon = wal_daemon(
+        "wal4",
+        (46040, 46049),
+        &format!(
+            "target = \"file://{}\"\npostgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\n",
+            archive.path().display(),
+            pg.conninfo(),
+            pg.data.display()
+        ),
+    );
+    pg.init(&archive_command(&daemon));
+    pg.pgbench(&["-i", "-s", "3", "-q"]);
+    let mut load = pgbench_in_background(&pg, 14);
+    for _ in 0..2 {
+        thread::sleep(Duration::from_secs(3));
+        daemon.kill9();
+        assert_no_partial_objects(archive.path());
+        thread::sleep(Duration::from_secs(2));
+        assert_no_partial_objects(archive.path());
+        daemon.restart();
+    }
+    let status = load.wait().unwrap();
+    assert!(status.success(), "pgbench failed");
+    pg.switch_and_wait(Duration::from_secs(240));
+    let acknowledged = assert_archived(&pg, file_get(archive.path()));
+    let objects = assert_no_partial_objects(archive.path());
+    assert!(objects >= acknowledged, "{objects} objects for {acknowledged} acknowledged");
+}
+
+// --- 3. S3 stopped under load ---------------------------------------------------------
+
+#[test]
+fn wal_s3_stopped_under_load_then_drains_without_gap() {
+    let mut pg = Pg::new(46505);
+    let moto = Moto::start(46610, "wal3");
+    let switch = Switch::start(46611, moto.port);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = wal_daemon(
+        "wal3",
+        (46050, 46059),
+        &format!(
+            "postgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\n{}",
+            pg.conninfo(),
+            pg.data.display(),
+            s3_toml(dir.path(), switch.port, "wal3")
+        ),
+    );
+    pg.init(&archive_command(&daemon));
+    pg.pgbench(&["-i", "-s", "2", "-q"]);
+    pg.switch_and_wait(Duration::from_secs(120));
+    let mut load = pgbench_in_background(&pg, 25);
+    thread::sleep(Duration::from_secs(3));
+    switch.set(false);
+    // PostgreSQL keeps its WAL (files wait as .ready) and counts failed pushes.
+    wait_until(Duration::from_secs(60), "a backlog while S3 is down", || {
+        pg.ready().len() >= 2 && pg.failed_count() > 0
+    });
+    for name in pg.ready() {
+        assert!(
+            pg.data.join("pg_wal").join(&name).exists(),
+            "pg_wal/{name} is gone while unarchived"
+        );
+    }
+    let status = daemon.agentctl_json(&["wal", "status"]);
+    assert!(status["ready_count"].as_u64().unwrap_or(0) >= 2, "{status}");
+    let m = metrics(&daemon);
+    assert!(!m.contains("fleet_agent_wal_failures_total{kind=\"target\"} 0"), "{m}");
+    thread::sleep(Duration::from_secs(5));
+    switch.set(true);
+    assert!(load.wait().unwrap().success(), "pgbench failed");
+    pg.switch_and_wait(Duration::from_secs(300));
+    let count = assert_archived(&pg, |key| moto.get("wal3", &format!("archive/{key}")));
+    assert!(count >= 4, "{count}");
+}
+
+// --- 6. point-in-time recovery ------------------------------------------------------------
+
+#[test]
+fn wal_point_in_time_recovery_end_to_end() {
+    let mut pg = Pg::new(46506);
+    let archive = tempfile::tempdir().unwrap();
+    let daemon = wal_daemon(
+        "wal6",
+        (46060, 46069),
+        &format!(
+            "target = \"file://{}\"\npostgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\n",
+            archive.path().display(),
+            pg.conninfo(),
+            pg.data.display()
+        ),
+    );
+    pg.init(&archive_command(&daemon));
+    pg.sql("CREATE TABLE t (id int PRIMARY KEY, phase text NOT NULL)");
+    pg.sql("INSERT INTO t SELECT g, 'before-backup' FROM generate_series(1, 10) g");
+    let manifest = daemon.agentctl_json(&["backup", "create"]);
+    assert!(manifest["start_wal"].is_string(), "{manifest}");
+    pg.sql("INSERT INTO t SELECT g, 'a' FROM generate_series(101, 150) g");
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
+    pg.sql("INSERT INTO t SELECT g, 'a' FROM generate_series(151, 200) g");
+    thread::sleep(Duration::from_millis(1200));
+    let target = pg.sql(
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    );
+    thread::sleep(Duration::from_millis(1200));
+    pg.sql("INSERT INTO t SELECT g, 'b' FROM generate_series(1001, 1050) g");
+    pg.sql("DELETE FROM t WHERE phase = 'before-backup'");
+    pg.switch_and_wait(Duration::from_secs(120));
+
+    let list = daemon.agentctl_json(&["backup", "list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+
+    let mut restored = Pg::new(46507);
+    fs::create_dir(&restored.data).unwrap();
+    give_to_postgres(&restored.data);
+    let report = daemon.agentctl_json(&[
+        "restore",
+        "--to",
+        restored.data.to_str().unwrap(),
+        "--target-time",
+        &target,
+    ]);
+    assert_eq!(report["backup"], manifest["id"], "{report}");
+    assert!(restored.data.join("recovery.signal").exists());
+    let mut conf = fs::OpenOptions::new()
+        .append(true)
+        .open(restored.data.join("postgresql.conf"))
+        .unwrap();
+    writeln!(
+        conf,
+        "\nport = {}\nunix_socket_directories = '{}'\narchive_mode = off\n",
+        restored.port,
+        restored.sock.display()
+    )
+    .unwrap();
+    restored.start();
+    wait_until(Duration::from_secs(120), "recovery to finish", || {
+        restored.sql("SELECT pg_is_in_recovery()") == "f"
+    });
+    let counts = restored.sql(
+        "SELECT phase || '=' || count(*) FROM t GROUP BY phase ORDER BY phase",
+    );
+    assert_eq!(
+        counts.lines().collect::<Vec<_>>(),
+        vec!["a=100", "before-backup=10"],
+        "restored cluster log:\n{}",
+        restored.log()
+    );
+    let m = metrics(&daemon);
+    assert!(m.contains("fleet_agent_wal_last_base_backup_age_seconds"), "{m}");
+}
+
+// --- 7. retention ---------------------------------------------------------------------------
+
+#[test]
+fn wal_retention_keeps_what_the_window_needs() {
+    let mut pg = Pg::new(46508);
+    let archive = tempfile::tempdir().unwrap();
+    let daemon = wal_daemon(
+        "wal7",
+        (46070, 46079),
+        &format!(
+            "target = \"file://{}\"\npostgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\n",
+            archive.path().display(),
+            pg.conninfo(),
+            pg.data.display()
+        ),
+    );
+    pg.init(&archive_command(&daemon));
+    let sysid = pg.sysid();
+    let backup = || {
+        let m = daemon.agentctl_json(&["backup", "create"]);
+        pg.sql("CREATE TABLE IF NOT EXISTS filler (x int)");
+        pg.sql("INSERT INTO filler SELECT generate_series(1, 1000)");
+        pg.switch_and_wait(Duration::from_secs(120));
+        pg.sql("INSERT INTO filler SELECT generate_series(1, 1000)");
+        pg.switch_and_wait(Duration::from_secs(120));
+        m
+    };
+    let b1 = backup();
+    thread::sleep(Duration::from_secs(7));
+    let b2 = backup();
+    thread::sleep(Duration::from_secs(7));
+    let b3 = backup();
+    // A timeline history file, as a promotion would archive.
+    let work = tempfile::tempdir().unwrap();
+    let history = work.path().join("00000002.history");
+    fs::write(&history, "1\t0/9000000\tno recovery target specified\n").unwrap();
+    let out = daemon.agentctl(&[
+        "wal",
+        "push",
+        "--system-id",
+        &sysid.to_string(),
+        history.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+
+    let wal_dir = archive.path().join(format!("{sysid}/wal"));
+    let before: Vec<String> = fs::read_dir(&wal_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().trim_end_matches(".zst").to_string())
+        .collect();
+    // A window that starts between B2 and B3 (7 s and more apart): B3 is
+    // inside it, B2 is the newest backup older than it, B1 is not needed.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let window = now - b3["finished_unix"].as_u64().unwrap() + 3;
+    assert!(now - window > b2["finished_unix"].as_u64().unwrap());
+    let report = daemon.agentctl_json(&["backup", "prune", "--window", &format!("{window}s")]);
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids(&report["deleted_backups"]), vec![b1["id"].as_str().unwrap().to_string()], "{report}");
+    assert_eq!(
+        ids(&report["kept_backups"]),
+        vec![
+            b2["id"].as_str().unwrap().to_string(),
+            b3["id"].as_str().unwrap().to_string()
+        ],
+        "{report}"
+    );
+    let list = daemon.agentctl_json(&["backup", "list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
+    assert!(!archive
+        .path()
+        .join(format!("{sysid}/backups/{}", b1["id"].as_str().unwrap()))
+        .join("manifest.json")
+        .exists());
+
+    let needed = fleet_wal::names::position(b2["start_wal"].as_str().unwrap()).unwrap();
+    let after: Vec<String> = fs::read_dir(&wal_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().trim_end_matches(".zst").to_string())
+        .collect();
+    assert!(after.contains(&"00000002.history".to_string()), "{after:?}");
+    let mut deleted = 0;
+    for name in &before {
+        let pos = fleet_wal::names::segment_of(name).and_then(fleet_wal::names::position);
+        match pos {
+            Some(p) if p < needed => {
+                assert!(!after.contains(name), "{name} should be deleted");
+                deleted += 1;
+            }
+            _ => assert!(after.contains(name), "{name} is needed but was deleted"),
+        }
+    }
+    assert!(deleted > 0, "nothing was old enough to delete: {before:?}");
+    // Everything PostgreSQL archived from B2's start on is still there.
+    for name in pg.done() {
+        if fleet_wal::names::segment_of(&name)
+            .and_then(fleet_wal::names::position)
+            .is_some_and(|p| p >= needed)
+        {
+            assert!(after.contains(&name), "{name} missing after retention");
+        }
+    }
+}

@@ -1,0 +1,559 @@
+//! Base backups (pg_basebackup as a tar stream, zstd-compressed, with a JSON
+//! manifest), restore to a directory with recovery settings, and retention.
+//!
+//! Layout under the target: `<sysid>/backups/<id>/base.tar.zst` then
+//! `<sysid>/backups/<id>/manifest.json`. The manifest is written last and
+//! deleted first, so a backup is listed only when it is whole.
+
+use crate::names;
+use crate::service::{now_unix, WalError, WalService};
+use crate::target::Put;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::io::{BufRead, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub id: String,
+    pub system_identifier: String,
+    pub started_at: String,
+    pub finished_at: String,
+    pub started_unix: u64,
+    pub finished_unix: u64,
+    pub timeline: u32,
+    pub start_lsn: String,
+    pub end_lsn: String,
+    /// The first WAL segment a restore of this backup needs.
+    pub start_wal: String,
+    /// Uncompressed tar bytes.
+    pub bytes: u64,
+    pub compressed_bytes: u64,
+    /// SHA-256 of `base.tar.zst`, checked before a restore unpacks it.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreRequest {
+    pub to: PathBuf,
+    /// RFC 3339 (`2026-11-28T04:05:06.123Z`); absent: replay all archived WAL.
+    pub target_time: Option<String>,
+    pub system_identifier: Option<String>,
+    /// Base backup id; default: the newest one that finished before target_time.
+    pub backup: Option<String>,
+    /// The `restore_command` to write (agentctl passes its own path and socket).
+    pub restore_command: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    pub backup: String,
+    pub to: PathBuf,
+    pub target_time: Option<String>,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RetentionReport {
+    pub window_seconds: u64,
+    pub kept_backups: Vec<String>,
+    pub deleted_backups: Vec<String>,
+    pub deleted_wal: usize,
+    pub kept_wal: usize,
+    pub oldest_needed_wal: Option<String>,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn backups_prefix(sysid: u64) -> String {
+    format!("{sysid}/backups/")
+}
+
+/// Parses `write-ahead log start point: 0/2000028 on timeline 1` and the end point.
+fn parse_points(stderr: &str) -> (Option<(String, u32)>, Option<String>) {
+    let mut start = None;
+    let mut end = None;
+    for line in stderr.lines() {
+        if let Some(rest) = line.split("write-ahead log start point: ").nth(1) {
+            let mut parts = rest.split_whitespace();
+            let lsn = parts.next().unwrap_or_default().to_string();
+            let tli = rest
+                .split("on timeline ")
+                .nth(1)
+                .and_then(|t| t.trim().parse().ok())
+                .unwrap_or(1);
+            start = Some((lsn, tli));
+        }
+        if let Some(rest) = line.split("write-ahead log end point: ").nth(1) {
+            end = rest.split_whitespace().next().map(str::to_string);
+        }
+    }
+    (start, end)
+}
+
+struct Counting<R> {
+    inner: R,
+    count: u64,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+struct Hashing<W> {
+    inner: W,
+    hasher: Sha256,
+    count: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Runs pg_basebackup into a compressed local file; returns (bytes, compressed, sha, stderr).
+fn run_basebackup(
+    conninfo: &str,
+    out: &Path,
+    level: i32,
+) -> Result<(u64, u64, String, String), WalError> {
+    let mut child = std::process::Command::new("pg_basebackup")
+        .args([
+            "-d", conninfo, "-D", "-", "-F", "t", "-X", "fetch", "-c", "fast", "-v", "-w",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| WalError::Backup(format!("cannot run pg_basebackup: {e}")))?;
+    let stderr = child.stderr.take();
+    let stderr_thread = std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(s) = stderr {
+            for line in std::io::BufReader::new(s).lines().map_while(Result::ok) {
+                text.push_str(&line);
+                text.push('\n');
+            }
+        }
+        text
+    });
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| WalError::Backup("pg_basebackup has no stdout".into()))?;
+    let io_err = |e: std::io::Error| WalError::Backup(format!("{}: {e}", out.display()));
+    let file = std::fs::File::create(out).map_err(io_err)?;
+    let hashing = Hashing {
+        inner: file,
+        hasher: Sha256::new(),
+        count: 0,
+    };
+    let mut encoder = zstd::stream::write::Encoder::new(hashing, level).map_err(io_err)?;
+    let mut reader = Counting {
+        inner: stdout,
+        count: 0,
+    };
+    let copied = std::io::copy(&mut reader, &mut encoder);
+    let status = child
+        .wait()
+        .map_err(|e| WalError::Backup(format!("pg_basebackup: {e}")))?;
+    let stderr_text = stderr_thread.join().unwrap_or_default();
+    if !status.success() {
+        return Err(WalError::Backup(format!(
+            "pg_basebackup failed ({status}): {}",
+            stderr_text.trim()
+        )));
+    }
+    copied.map_err(io_err)?;
+    let hashing = encoder.finish().map_err(io_err)?;
+    hashing.inner.sync_all().map_err(io_err)?;
+    Ok((
+        reader.count,
+        hashing.count,
+        hex::encode(hashing.hasher.finalize()),
+        stderr_text,
+    ))
+}
+
+impl WalService {
+    pub async fn create_backup(&self) -> Result<Manifest, WalError> {
+        let conninfo = self.config.postgres.clone().ok_or_else(|| {
+            WalError::Backup("wal.postgres (a libpq connection string) is not set".into())
+        })?;
+        let sysid = crate::pg::system_identifier(&conninfo)
+            .await
+            .map_err(|e| WalError::Postgres(e.to_string()))?;
+        let started = SystemTime::now();
+        let id = humantime::format_rfc3339_millis(started)
+            .to_string()
+            .replace(['-', ':', '.'], "");
+        let temp_dir = self.state_dir.join("wal-backup-tmp");
+        tokio::fs::create_dir_all(&temp_dir)
+            .await
+            .map_err(|e| WalError::Backup(format!("{}: {e}", temp_dir.display())))?;
+        let local = temp_dir.join(format!("{id}.tar.zst"));
+        let level = self.config.compression_level;
+        let (bytes, compressed, sha, stderr) = {
+            let local = local.clone();
+            tokio::task::spawn_blocking(move || run_basebackup(&conninfo, &local, level))
+                .await
+                .map_err(|e| WalError::Internal(e.to_string()))?
+        }
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&local);
+        })?;
+        let finished = SystemTime::now();
+        let (start, end) = parse_points(&stderr);
+        let (start_lsn, timeline) = start.ok_or_else(|| {
+            WalError::Backup(format!(
+                "pg_basebackup did not report its start point: {}",
+                stderr.trim()
+            ))
+        })?;
+        let start_wal = names::segment_for_lsn(timeline, &start_lsn)
+            .ok_or_else(|| WalError::Backup(format!("bad start point {start_lsn}")))?;
+        let secs = |t: SystemTime| {
+            t.duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        };
+        let manifest = Manifest {
+            id: id.clone(),
+            system_identifier: sysid.to_string(),
+            started_at: rfc3339(started),
+            finished_at: rfc3339(finished),
+            started_unix: secs(started),
+            finished_unix: secs(finished),
+            timeline,
+            start_lsn,
+            end_lsn: end.unwrap_or_default(),
+            start_wal,
+            bytes,
+            compressed_bytes: compressed,
+            sha256: sha,
+        };
+        let base = format!("{}{id}/", backups_prefix(sysid));
+        let uploaded = self
+            .target
+            .put_file(&format!("{base}base.tar.zst"), &local)
+            .await;
+        let _ = tokio::fs::remove_file(&local).await;
+        if uploaded? == Put::Exists {
+            return Err(WalError::Backup(format!("backup {id} exists already")));
+        }
+        let json =
+            serde_json::to_vec_pretty(&manifest).map_err(|e| WalError::Internal(e.to_string()))?;
+        self.target
+            .put_new(&format!("{base}manifest.json"), json.into())
+            .await?;
+        self.counters
+            .last_backup_unix
+            .store(manifest.finished_unix, Ordering::Relaxed);
+        (self.events)(
+            "wal_backup_created",
+            &format!(
+                "base backup {id} of cluster {sysid}: {bytes} bytes ({compressed} compressed), WAL from {}",
+                manifest.start_wal
+            ),
+        );
+        Ok(manifest)
+    }
+
+    /// Whole backups (with a manifest), oldest first.
+    pub async fn list_backups(&self, sysid: u64) -> Result<Vec<Manifest>, WalError> {
+        let entries = self.target.list(&backups_prefix(sysid)).await?;
+        let mut out = Vec::new();
+        for entry in entries.iter().filter(|e| e.key.ends_with("/manifest.json")) {
+            if let Some(bytes) = self.target.get(&entry.key).await? {
+                match serde_json::from_slice::<Manifest>(&bytes) {
+                    Ok(m) => out.push(m),
+                    Err(e) => {
+                        tracing::warn!(key = %entry.key, error = %e, "Unreadable backup manifest.")
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.finished_unix, &a.id).cmp(&(b.finished_unix, &b.id)));
+        Ok(out)
+    }
+
+    pub async fn restore(&self, request: RestoreRequest) -> Result<RestoreReport, WalError> {
+        let began = std::time::Instant::now();
+        let given = match &request.system_identifier {
+            Some(s) => Some(s.parse::<u64>().map_err(|_| {
+                WalError::BadRequest(format!("system identifier `{s}` is not a number"))
+            })?),
+            None => None,
+        };
+        let sysid = self.resolve_sysid(given)?;
+        let target = match &request.target_time {
+            Some(t) => Some(
+                humantime::parse_rfc3339_weak(t.trim_end_matches('Z'))
+                    .or_else(|_| humantime::parse_rfc3339_weak(t))
+                    .map_err(|_| {
+                        WalError::BadRequest(format!(
+                            "target time `{t}` is not RFC 3339 UTC (2026-11-28T04:05:06Z)"
+                        ))
+                    })?,
+            ),
+            None => None,
+        };
+        let target_unix = target.map(|t| {
+            t.duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0)
+        });
+        // PostgreSQL's recovery_target_time takes no `T`/`Z`: write it as
+        // `YYYY-MM-DD HH:MM:SS.ffffff+00`.
+        let pg_target = target.map(|t| {
+            humantime::format_rfc3339_micros(t)
+                .to_string()
+                .replace('T', " ")
+                .replace('Z', "+00")
+        });
+        let backups = self.list_backups(sysid).await?;
+        let chosen = match &request.backup {
+            Some(id) => backups.iter().find(|m| &m.id == id).cloned(),
+            None => backups
+                .iter()
+                .rev()
+                .find(|m| target_unix.is_none_or(|t| (m.finished_unix as f64) < t))
+                .cloned(),
+        }
+        .ok_or_else(|| {
+            WalError::NotFound(match &request.target_time {
+                Some(t) => format!("a base backup of cluster {sysid} finished before {t}"),
+                None => format!("a base backup of cluster {sysid}"),
+            })
+        })?;
+        let to = request.to.clone();
+        if !to.is_absolute() {
+            return Err(WalError::BadRequest("--to must be an absolute path".into()));
+        }
+        if let Ok(mut entries) = std::fs::read_dir(&to) {
+            if entries.next().is_some() {
+                return Err(WalError::BadRequest(format!(
+                    "{} is not empty; restore into a new or empty directory",
+                    to.display()
+                )));
+            }
+        }
+        let temp_dir = self.state_dir.join("wal-backup-tmp");
+        tokio::fs::create_dir_all(&temp_dir)
+            .await
+            .map_err(|e| WalError::Backup(format!("{}: {e}", temp_dir.display())))?;
+        let local = temp_dir.join(format!("restore-{}.tar.zst", chosen.id));
+        let key = format!("{}{}/base.tar.zst", backups_prefix(sysid), chosen.id);
+        if !self.target.get_to_file(&key, &local).await? {
+            return Err(WalError::NotFound(key));
+        }
+        let manifest = chosen.clone();
+        let target_time = pg_target;
+        let command = request.restore_command.clone();
+        let unpack_to = to.clone();
+        let unpacked = tokio::task::spawn_blocking(move || {
+            unpack(
+                &local,
+                &unpack_to,
+                &manifest,
+                target_time.as_deref(),
+                &command,
+            )
+            .inspect(|_| {
+                let _ = std::fs::remove_file(&local);
+            })
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&local);
+            })
+        })
+        .await
+        .map_err(|e| WalError::Internal(e.to_string()))??;
+        (self.events)(
+            "wal_restore",
+            &format!(
+                "restored base backup {} into {}{}",
+                chosen.id,
+                to.display(),
+                request
+                    .target_time
+                    .as_deref()
+                    .map(|t| format!(" for recovery to {t}"))
+                    .unwrap_or_default()
+            ),
+        );
+        Ok(RestoreReport {
+            backup: chosen.id,
+            to,
+            target_time: request.target_time,
+            bytes: unpacked,
+            seconds: began.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Deletes what the recovery window no longer needs. `window` overrides the config.
+    pub async fn apply_retention(
+        &self,
+        window: Option<Duration>,
+    ) -> Result<RetentionReport, WalError> {
+        let window = window.unwrap_or(self.config.recovery_window);
+        let sysid = self.resolve_sysid(None)?;
+        let backups = self.list_backups(sysid).await?;
+        let mut report = RetentionReport {
+            window_seconds: window.as_secs(),
+            ..Default::default()
+        };
+        if backups.is_empty() {
+            // Without a base backup every WAL file may still be the only copy
+            // of something: delete nothing.
+            return Ok(report);
+        }
+        let cutoff = now_unix().saturating_sub(window.as_secs());
+        // The newest backup that finished before the window starts is the base
+        // for the oldest point inside it; everything older can go.
+        let base_index = backups
+            .iter()
+            .rposition(|m| m.finished_unix < cutoff)
+            .unwrap_or(0);
+        let oldest_needed = backups[base_index].start_wal.clone();
+        let Some(needed_pos) = names::position(&oldest_needed) else {
+            return Err(WalError::Internal(format!("bad start_wal {oldest_needed}")));
+        };
+        for (i, m) in backups.iter().enumerate() {
+            if i < base_index {
+                let base = format!("{}{}/", backups_prefix(sysid), m.id);
+                self.target.delete(&format!("{base}manifest.json")).await?;
+                self.target.delete(&format!("{base}base.tar.zst")).await?;
+                report.deleted_backups.push(m.id.clone());
+            } else {
+                report.kept_backups.push(m.id.clone());
+            }
+        }
+        let wal_prefix = format!("{sysid}/wal/");
+        for entry in self.target.list(&wal_prefix).await? {
+            let name = entry
+                .key
+                .strip_prefix(&wal_prefix)
+                .and_then(|k| k.strip_suffix(".zst"))
+                .unwrap_or_default();
+            let old = names::segment_of(name)
+                .and_then(names::position)
+                .is_some_and(|p| p < needed_pos);
+            if old {
+                self.target.delete(&entry.key).await?;
+                report.deleted_wal += 1;
+            } else {
+                report.kept_wal += 1;
+            }
+        }
+        report.oldest_needed_wal = Some(oldest_needed);
+        if !report.deleted_backups.is_empty() || report.deleted_wal > 0 {
+            (self.events)(
+                "wal_retention",
+                &format!(
+                    "retention ({}s window): deleted {} base backup(s) and {} WAL file(s); oldest WAL kept {}",
+                    window.as_secs(),
+                    report.deleted_backups.len(),
+                    report.deleted_wal,
+                    report.oldest_needed_wal.as_deref().unwrap_or("-")
+                ),
+            );
+        }
+        Ok(report)
+    }
+}
+
+fn unpack(
+    local: &Path,
+    to: &Path,
+    manifest: &Manifest,
+    target_time: Option<&str>,
+    restore_command: &str,
+) -> Result<u64, WalError> {
+    let err = |e: std::io::Error| WalError::Backup(format!("restore into {}: {e}", to.display()));
+    // Check the whole download before unpacking anything.
+    let mut file = std::fs::File::open(local).map_err(err)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(err)?;
+    let actual = hex::encode(hasher.finalize());
+    if actual != manifest.sha256 {
+        return Err(WalError::Backup(format!(
+            "base backup {} is damaged: sha256 {actual}, manifest says {}",
+            manifest.id, manifest.sha256
+        )));
+    }
+    std::fs::create_dir_all(to).map_err(err)?;
+    let owner = std::fs::metadata(to).map_err(err)?;
+    let decoder =
+        zstd::stream::read::Decoder::new(std::fs::File::open(local).map_err(err)?).map_err(err)?;
+    let mut counting = Counting {
+        inner: decoder,
+        count: 0,
+    };
+    let mut archive = tar::Archive::new(&mut counting);
+    archive.set_preserve_permissions(true);
+    archive.unpack(to).map_err(err)?;
+    let bytes = counting.count;
+    let quote = |s: &str| s.replace('\'', "''");
+    let mut settings = format!(
+        "\n# Written by fleet-agent when restoring base backup {}.\nrestore_command = '{}'\n",
+        manifest.id,
+        quote(restore_command)
+    );
+    if let Some(t) = target_time {
+        settings.push_str(&format!(
+            "recovery_target_time = '{}'\nrecovery_target_action = 'promote'\n",
+            quote(t)
+        ));
+    }
+    let mut conf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(to.join("postgresql.auto.conf"))
+        .map_err(err)?;
+    conf.write_all(settings.as_bytes()).map_err(err)?;
+    std::fs::write(to.join("recovery.signal"), b"").map_err(err)?;
+    // The daemon unpacks as root; the data directory belongs to whoever owns
+    // the directory the operator named (the PostgreSQL user).
+    use std::os::unix::fs::MetadataExt;
+    chown_tree(to, owner.uid(), owner.gid()).map_err(err)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    Ok(bytes)
+}
+
+fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            chown_tree(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_pg_basebackup_points() {
+        let text = "pg_basebackup: initiating base backup, waiting for checkpoint to complete\npg_basebackup: checkpoint completed\npg_basebackup: write-ahead log start point: 0/5000028 on timeline 1\npg_basebackup: write-ahead log end point: 0/5000100\n";
+        let (start, end) = super::parse_points(text);
+        assert_eq!(start, Some(("0/5000028".to_string(), 1)));
+        assert_eq!(end.as_deref(), Some("0/5000100"));
+    }
+}

@@ -1,0 +1,737 @@
+//! The WAL service inside fleet-agentd: push (with a look-ahead uploader over
+//! `archive_status/*.ready`), fetch (with prefetch outside PGDATA), status,
+//! metrics and the valve. Base backups, restore and retention live in their own
+//! modules and use the same target.
+
+use crate::codec::{self, HEADER_LEN};
+use crate::names;
+use crate::target::{Put, Target, TargetError};
+use bytes::Bytes;
+use fleet_model::config::WalConfig;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::Semaphore;
+
+/// Records one event in the daemon's event log: (kind, message).
+pub type EventSink = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
+/// Size PostgreSQL gives a WAL segment by default; backlog bytes are counted in it.
+pub const SEGMENT_BYTES: u64 = 16 << 20;
+/// Segments fetched ahead of the one recovery asks for.
+const PREFETCH: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    #[error("`{0}` is not a WAL file name (24 hex digits, .history, .partial or .backup)")]
+    BadName(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("`{name}` is already archived with different content (stored sha256 {stored}, pushed {pushed}); nothing was overwritten")]
+    Conflict {
+        name: String,
+        stored: String,
+        pushed: String,
+    },
+    #[error("`{0}` is not in the archive")]
+    NotFound(String),
+    #[error("archive target: {0}")]
+    Target(#[from] TargetError),
+    #[error("archived object `{name}` is damaged: {source}")]
+    Corrupt {
+        name: String,
+        #[source]
+        source: codec::CodecError,
+    },
+    #[error("the cluster's system identifier is unknown: run from the data directory, pass --system-id, or set wal.pg_wal_dir")]
+    NoSystemId,
+    #[error("PostgreSQL: {0}")]
+    Postgres(String),
+    #[error("{0}")]
+    Backup(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl WalError {
+    /// The label of `fleet_agent_wal_failures_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WalError::BadName(_) | WalError::BadRequest(_) => "invalid",
+            WalError::Conflict { .. } => "conflict",
+            WalError::NotFound(_) => "not_found",
+            WalError::Target(_) => "target",
+            WalError::Corrupt { .. } => "checksum",
+            WalError::NoSystemId => "invalid",
+            WalError::Postgres(_) => "postgres",
+            WalError::Backup(_) => "backup",
+            WalError::Internal(_) => "internal",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PushOutcome {
+    /// Uploaded by this call.
+    Stored,
+    /// Already in the archive with the same checksum (e.g. pushed ahead).
+    AlreadyArchived,
+    /// Not archived: the valve told PostgreSQL it was, to save the disk.
+    Valve,
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub segments: AtomicU64,
+    pub bytes: AtomicU64,
+    pub stored_bytes: AtomicU64,
+    pub fetched: AtomicU64,
+    pub prefetch_hits: AtomicU64,
+    pub valve: AtomicU64,
+    pub failures: Mutex<BTreeMap<&'static str, u64>>,
+    pub last_push_unix: AtomicU64,
+    pub last_backup_unix: AtomicU64,
+}
+
+pub struct WalService {
+    pub config: WalConfig,
+    pub target: Target,
+    pub state_dir: PathBuf,
+    pub events: EventSink,
+    pub counters: Counters,
+    /// The system identifier of the cluster in `pg_wal_dir`, if configured.
+    default_sysid: Mutex<Option<u64>>,
+    /// key -> sha256 of what is known to be stored (pushed or verified here).
+    stored: Mutex<HashMap<String, String>>,
+    /// Serialises work on one name; bounded by hashing names onto slots.
+    slots: Vec<tokio::sync::Mutex<()>>,
+    in_flight: Mutex<HashSet<String>>,
+    prefetching: Mutex<HashSet<String>>,
+    uploads: Arc<Semaphore>,
+    valve_announced: std::sync::atomic::AtomicBool,
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn wal_key(sysid: u64, name: &str) -> String {
+    format!("{sysid}/wal/{name}.zst")
+}
+
+impl WalService {
+    pub fn new(
+        config: WalConfig,
+        state_dir: &Path,
+        events: EventSink,
+    ) -> Result<Arc<Self>, WalError> {
+        let target = Target::from_config(&config)?;
+        let sysid = config
+            .pg_wal_dir
+            .as_ref()
+            .and_then(|d| d.parent())
+            .and_then(crate::pg::system_identifier_from_control);
+        let parallel = config.parallel_uploads.max(1);
+        Ok(Arc::new(Self {
+            target,
+            state_dir: state_dir.to_path_buf(),
+            events,
+            counters: Counters::default(),
+            default_sysid: Mutex::new(sysid),
+            stored: Mutex::new(HashMap::new()),
+            slots: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
+            in_flight: Mutex::new(HashSet::new()),
+            prefetching: Mutex::new(HashSet::new()),
+            uploads: Arc::new(Semaphore::new(parallel)),
+            valve_announced: Default::default(),
+            config,
+        }))
+    }
+
+    /// Starts the look-ahead uploader, the backup schedule and retention.
+    pub fn spawn_background(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        if self.config.pg_wal_dir.is_some() {
+            let me = self.clone();
+            tasks.push(tokio::spawn(async move { me.look_ahead_loop().await }));
+        }
+        let me = self.clone();
+        tasks.push(tokio::spawn(async move { me.schedule_loop().await }));
+        tasks
+    }
+
+    pub fn default_sysid(&self) -> Option<u64> {
+        if let Ok(mut guard) = self.default_sysid.lock() {
+            if guard.is_none() {
+                *guard = self
+                    .config
+                    .pg_wal_dir
+                    .as_ref()
+                    .and_then(|d| d.parent())
+                    .and_then(crate::pg::system_identifier_from_control);
+            }
+            return *guard;
+        }
+        None
+    }
+
+    pub fn resolve_sysid(&self, given: Option<u64>) -> Result<u64, WalError> {
+        given
+            .or_else(|| self.default_sysid())
+            .ok_or(WalError::NoSystemId)
+    }
+
+    pub fn fail(&self, error: &WalError) {
+        if let Ok(mut f) = self.counters.failures.lock() {
+            *f.entry(error.kind()).or_insert(0) += 1;
+        }
+    }
+
+    fn slot(&self, key: &str) -> &tokio::sync::Mutex<()> {
+        let h = key
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+        &self.slots[h % self.slots.len()]
+    }
+
+    fn remember(&self, key: &str, sha: &str) {
+        if let Ok(mut stored) = self.stored.lock() {
+            if stored.len() > 50_000 {
+                stored.clear();
+            }
+            stored.insert(key.to_string(), sha.to_string());
+        }
+    }
+
+    fn known(&self, key: &str) -> Option<String> {
+        self.stored.lock().ok().and_then(|s| s.get(key).cloned())
+    }
+
+    /// Archives one WAL file. Returns once it is durably in the target.
+    pub async fn push(
+        &self,
+        sysid: u64,
+        name: &str,
+        content: Bytes,
+    ) -> Result<PushOutcome, WalError> {
+        if !names::is_valid(name) {
+            return Err(WalError::BadName(name.to_string()));
+        }
+        let key = wal_key(sysid, name);
+        let pushed = {
+            let content = content.clone();
+            tokio::task::spawn_blocking(move || codec::sha256_hex(&content))
+                .await
+                .map_err(|e| WalError::Internal(e.to_string()))?
+        };
+        let _guard = self.slot(&key).lock().await;
+        if let Some(stored) = self.known(&key) {
+            return self.compare(&key, name, stored, pushed);
+        }
+        if let Some(head) = self.target.head_bytes(&key, HEADER_LEN).await? {
+            let stored = codec::recorded_sha(&head).map_err(|source| WalError::Corrupt {
+                name: name.to_string(),
+                source,
+            })?;
+            return self.compare(&key, name, stored, pushed);
+        }
+        let level = self.config.compression_level;
+        let size = content.len() as u64;
+        let (object, sha) = tokio::task::spawn_blocking(move || codec::encode(&content, level))
+            .await
+            .map_err(|e| WalError::Internal(e.to_string()))?
+            .map_err(|e| WalError::Internal(e.to_string()))?;
+        let stored_size = object.len() as u64;
+        match self.target.put_new(&key, Bytes::from(object)).await? {
+            Put::Created => {
+                self.remember(&key, &sha);
+                self.counters.segments.fetch_add(1, Ordering::Relaxed);
+                self.counters.bytes.fetch_add(size, Ordering::Relaxed);
+                self.counters
+                    .stored_bytes
+                    .fetch_add(stored_size, Ordering::Relaxed);
+                self.counters
+                    .last_push_unix
+                    .store(now_unix(), Ordering::Relaxed);
+                Ok(PushOutcome::Stored)
+            }
+            Put::Exists => {
+                let head = self
+                    .target
+                    .head_bytes(&key, HEADER_LEN)
+                    .await?
+                    .unwrap_or_default();
+                let stored = codec::recorded_sha(&head).map_err(|source| WalError::Corrupt {
+                    name: name.to_string(),
+                    source,
+                })?;
+                self.compare(&key, name, stored, pushed)
+            }
+        }
+    }
+
+    fn compare(
+        &self,
+        key: &str,
+        name: &str,
+        stored: String,
+        pushed: String,
+    ) -> Result<PushOutcome, WalError> {
+        if stored == pushed {
+            self.remember(key, &stored);
+            return Ok(PushOutcome::AlreadyArchived);
+        }
+        let error = WalError::Conflict {
+            name: name.to_string(),
+            stored,
+            pushed,
+        };
+        (self.events)("wal_conflict", &error.to_string());
+        Err(error)
+    }
+
+    /// `archive_command`'s request: push, and if that fails while the valve is
+    /// configured and the backlog is past it, acknowledge anyway.
+    pub async fn push_from_postgres(
+        &self,
+        sysid: u64,
+        name: &str,
+        content: Bytes,
+    ) -> Result<PushOutcome, WalError> {
+        match self.push(sysid, name, content).await {
+            Ok(outcome) => {
+                self.valve_announced.store(false, Ordering::Relaxed);
+                Ok(outcome)
+            }
+            Err(e) => {
+                self.fail(&e);
+                if matches!(e, WalError::Target(_)) {
+                    if let Some(limit) = self.config.valve_backlog {
+                        let backlog = self.backlog().bytes;
+                        if backlog > limit.bytes() {
+                            self.counters.valve.fetch_add(1, Ordering::Relaxed);
+                            if !self.valve_announced.swap(true, Ordering::Relaxed) {
+                                (self.events)(
+                                    "wal_valve_open",
+                                    &format!(
+                                        "WAL backlog {backlog} bytes is past wal.valve_backlog ({limit}) and the archive fails ({e}); acknowledging segments WITHOUT archiving them to keep pg_wal from filling the disk. Point-in-time recovery has a gap from {name}: take a new base backup once the archive works again."
+                                    ),
+                                );
+                            }
+                            return Ok(PushOutcome::Valve);
+                        }
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Unarchived segments PostgreSQL has marked `.ready`.
+    pub fn backlog(&self) -> Backlog {
+        let Some(dir) = &self.config.pg_wal_dir else {
+            return Backlog::default();
+        };
+        let mut backlog = Backlog::default();
+        let Ok(entries) = std::fs::read_dir(dir.join("archive_status")) else {
+            return backlog;
+        };
+        let now = SystemTime::now();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if let Some(wal) = name.strip_suffix(".ready") {
+                backlog.count += 1;
+                if names::classify(wal) == Some(names::WalKind::Segment) {
+                    backlog.bytes += SEGMENT_BYTES;
+                }
+                if let Ok(age) = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .map(|m| now.duration_since(m).unwrap_or_default())
+                {
+                    backlog.oldest_age_seconds = backlog.oldest_age_seconds.max(age.as_secs_f64());
+                }
+            }
+        }
+        backlog
+    }
+
+    async fn look_ahead_loop(self: Arc<Self>) {
+        let Some(dir) = self.config.pg_wal_dir.clone() else {
+            return;
+        };
+        let status = dir.join("archive_status");
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let Ok(entries) = std::fs::read_dir(&status) else {
+                continue;
+            };
+            let mut ready: Vec<String> = entries
+                .flatten()
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()
+                        .and_then(|n| n.strip_suffix(".ready"))
+                        .map(str::to_string)
+                })
+                .filter(|n| names::is_valid(n))
+                .collect();
+            if ready.is_empty() {
+                continue;
+            }
+            ready.sort();
+            let Some(sysid) = self.default_sysid() else {
+                continue;
+            };
+            for name in ready {
+                let key = wal_key(sysid, &name);
+                if self.known(&key).is_some() {
+                    continue;
+                }
+                if let Ok(mut in_flight) = self.in_flight.lock() {
+                    if !in_flight.insert(key.clone()) {
+                        continue;
+                    }
+                }
+                let Ok(permit) = self.uploads.clone().acquire_owned().await else {
+                    return;
+                };
+                let me = self.clone();
+                let path = dir.join(&name);
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    // PostgreSQL's own files only: a symlink planted in pg_wal is refused.
+                    let regular = tokio::fs::symlink_metadata(&path)
+                        .await
+                        .map(|m| m.file_type().is_file())
+                        .unwrap_or(false);
+                    if regular {
+                        if let Ok(content) = tokio::fs::read(&path).await {
+                            if let Err(e) = me.push(sysid, &name, Bytes::from(content)).await {
+                                tracing::debug!(wal = %name, error = %e, "Look-ahead upload failed; archive_command will retry it.");
+                            }
+                        }
+                    }
+                    if let Ok(mut in_flight) = me.in_flight.lock() {
+                        in_flight.remove(&key);
+                    }
+                });
+            }
+        }
+    }
+
+    async fn schedule_loop(self: Arc<Self>) {
+        let mut last_retention = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            if let Some(interval) = self.config.backup_interval {
+                let last = self.last_backup_unix().await;
+                if now_unix().saturating_sub(last) >= interval.as_secs() {
+                    match self.create_backup().await {
+                        Ok(m) => tracing::info!(backup = %m.id, "Scheduled base backup taken."),
+                        Err(e) => {
+                            self.fail(&e);
+                            (self.events)(
+                                "wal_backup_failed",
+                                &format!("scheduled base backup failed: {e}"),
+                            );
+                        }
+                    }
+                }
+            }
+            if last_retention.elapsed() >= Duration::from_secs(3600) {
+                last_retention = std::time::Instant::now();
+                if let Err(e) = self.apply_retention(None).await {
+                    tracing::warn!(error = %e, "Retention failed.");
+                }
+            }
+        }
+    }
+
+    async fn last_backup_unix(&self) -> u64 {
+        let known = self.counters.last_backup_unix.load(Ordering::Relaxed);
+        if known > 0 {
+            return known;
+        }
+        let latest = match self.default_sysid() {
+            Some(sysid) => self
+                .list_backups(sysid)
+                .await
+                .ok()
+                .and_then(|l| l.last().map(|m| m.finished_unix))
+                .unwrap_or(0),
+            None => 0,
+        };
+        self.counters
+            .last_backup_unix
+            .store(latest, Ordering::Relaxed);
+        latest
+    }
+
+    /// `restore_command`'s request: the original bytes, checksum verified.
+    /// Starts fetching the following segments into the prefetch directory.
+    pub async fn fetch(self: &Arc<Self>, sysid: u64, name: &str) -> Result<Vec<u8>, WalError> {
+        if !names::is_valid(name) {
+            return Err(WalError::BadName(name.to_string()));
+        }
+        let dir = self.prefetch_dir(sysid);
+        let local = dir.join(name);
+        let content = match tokio::fs::read(&local).await {
+            Ok(c) => {
+                let _ = tokio::fs::remove_file(&local).await;
+                self.counters.prefetch_hits.fetch_add(1, Ordering::Relaxed);
+                c
+            }
+            Err(_) => self
+                .fetch_from_target(sysid, name)
+                .await?
+                .ok_or_else(|| WalError::NotFound(name.to_string()))?,
+        };
+        self.counters.fetched.fetch_add(1, Ordering::Relaxed);
+        if names::classify(name) == Some(names::WalKind::Segment) {
+            self.clean_prefetch(&dir, name).await;
+            for next in names::next_segments(name, PREFETCH) {
+                let key = format!("{sysid}/{next}");
+                if tokio::fs::metadata(dir.join(&next)).await.is_ok() {
+                    continue;
+                }
+                if let Ok(mut p) = self.prefetching.lock() {
+                    if !p.insert(key.clone()) {
+                        continue;
+                    }
+                }
+                let me = self.clone();
+                let dir = dir.clone();
+                tokio::spawn(async move {
+                    if let Ok(Some(content)) = me.fetch_from_target(sysid, &next).await {
+                        let _ = write_atomically(&dir, &next, &content).await;
+                    }
+                    if let Ok(mut p) = me.prefetching.lock() {
+                        p.remove(&key);
+                    }
+                });
+            }
+        }
+        Ok(content)
+    }
+
+    async fn fetch_from_target(&self, sysid: u64, name: &str) -> Result<Option<Vec<u8>>, WalError> {
+        let Some(object) = self.target.get(&wal_key(sysid, name)).await? else {
+            return Ok(None);
+        };
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            codec::decode(&object)
+                .map(Some)
+                .map_err(|source| WalError::Corrupt { name, source })
+        })
+        .await
+        .map_err(|e| WalError::Internal(e.to_string()))?
+    }
+
+    pub fn prefetch_dir(&self, sysid: u64) -> PathBuf {
+        self.state_dir.join("wal-prefetch").join(sysid.to_string())
+    }
+
+    /// Drops prefetched segments recovery has gone past.
+    async fn clean_prefetch(&self, dir: &Path, current: &str) {
+        let Some(pos) = names::position(current) else {
+            return;
+        };
+        let Ok(mut entries) = tokio::fs::read_dir(dir).await else {
+            return;
+        };
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if names::position(&name).is_some_and(|p| p < pos) {
+                let _ = tokio::fs::remove_file(entry.path()).await;
+            }
+        }
+    }
+
+    pub async fn status(&self) -> WalStatus {
+        let backlog = self.backlog();
+        let archiver = match &self.config.postgres {
+            Some(conninfo) => Some(
+                crate::pg::archiver_stats(conninfo)
+                    .await
+                    .map_err(|e| e.to_string()),
+            ),
+            None => None,
+        };
+        let last_backup = self.last_backup_unix().await;
+        WalStatus {
+            target: self.target.describe(),
+            system_identifier: self.default_sysid().map(|s| s.to_string()),
+            pg_wal_dir: self.config.pg_wal_dir.clone(),
+            ready_count: backlog.count,
+            backlog_bytes: backlog.bytes,
+            oldest_ready_age_seconds: backlog.oldest_age_seconds,
+            archiver: archiver.as_ref().and_then(|a| a.as_ref().ok().cloned()),
+            archiver_error: archiver.and_then(|a| a.err()),
+            pushed_segments: self.counters.segments.load(Ordering::Relaxed),
+            pushed_bytes: self.counters.bytes.load(Ordering::Relaxed),
+            stored_bytes: self.counters.stored_bytes.load(Ordering::Relaxed),
+            fetched_segments: self.counters.fetched.load(Ordering::Relaxed),
+            valve_acknowledged: self.counters.valve.load(Ordering::Relaxed),
+            failures: self
+                .counters
+                .failures
+                .lock()
+                .map(|f| f.iter().map(|(k, v)| (k.to_string(), *v)).collect())
+                .unwrap_or_default(),
+            last_backup_unix: (last_backup > 0).then_some(last_backup),
+            last_backup_age_seconds: (last_backup > 0)
+                .then(|| now_unix().saturating_sub(last_backup)),
+        }
+    }
+
+    /// Prometheus text, names under `fleet_agent_wal_`.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let backlog = self.backlog();
+        let c = &self.counters;
+        let last_push = c.last_push_unix.load(Ordering::Relaxed);
+        let lag = if backlog.count == 0 {
+            0.0
+        } else {
+            backlog.oldest_age_seconds
+        };
+        let mut gauge = |name: &str, help: &str, kind: &str, value: String| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {value}");
+        };
+        gauge(
+            "fleet_agent_wal_archive_lag_seconds",
+            "Age of the oldest WAL file PostgreSQL marked ready and is not yet archived.",
+            "gauge",
+            format!("{lag}"),
+        );
+        gauge(
+            "fleet_agent_wal_backlog_segments",
+            "WAL files waiting in archive_status/*.ready.",
+            "gauge",
+            backlog.count.to_string(),
+        );
+        gauge(
+            "fleet_agent_wal_backlog_bytes",
+            "Bytes of WAL segments waiting to be archived.",
+            "gauge",
+            backlog.bytes.to_string(),
+        );
+        gauge(
+            "fleet_agent_wal_shipped_segments_total",
+            "WAL files uploaded to the archive target.",
+            "counter",
+            c.segments.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            "fleet_agent_wal_shipped_bytes_total",
+            "Uncompressed bytes of WAL uploaded to the archive target.",
+            "counter",
+            c.bytes.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            "fleet_agent_wal_fetched_segments_total",
+            "WAL files handed to restore_command.",
+            "counter",
+            c.fetched.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            "fleet_agent_wal_valve_acknowledged_total",
+            "WAL files acknowledged to PostgreSQL WITHOUT archiving them (the valve).",
+            "counter",
+            c.valve.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            "fleet_agent_wal_last_push_timestamp_seconds",
+            "Unix time of the last upload (0: none since start).",
+            "gauge",
+            last_push.to_string(),
+        );
+        let last_backup = c.last_backup_unix.load(Ordering::Relaxed);
+        if last_backup > 0 {
+            gauge(
+                "fleet_agent_wal_last_base_backup_age_seconds",
+                "Seconds since the newest base backup finished.",
+                "gauge",
+                now_unix().saturating_sub(last_backup).to_string(),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP fleet_agent_wal_failures_total WAL archive failures by kind."
+        );
+        let _ = writeln!(out, "# TYPE fleet_agent_wal_failures_total counter");
+        let failures = c.failures.lock().map(|f| f.clone()).unwrap_or_default();
+        for kind in [
+            "invalid",
+            "conflict",
+            "not_found",
+            "target",
+            "checksum",
+            "postgres",
+            "backup",
+            "internal",
+        ] {
+            let _ = writeln!(
+                out,
+                "fleet_agent_wal_failures_total{{kind=\"{kind}\"}} {}",
+                failures.get(kind).copied().unwrap_or(0)
+            );
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Backlog {
+    pub count: u64,
+    pub bytes: u64,
+    pub oldest_age_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WalStatus {
+    pub target: String,
+    pub system_identifier: Option<String>,
+    pub pg_wal_dir: Option<PathBuf>,
+    pub ready_count: u64,
+    pub backlog_bytes: u64,
+    pub oldest_ready_age_seconds: f64,
+    pub archiver: Option<crate::pg::ArchiverStats>,
+    pub archiver_error: Option<String>,
+    pub pushed_segments: u64,
+    pub pushed_bytes: u64,
+    pub stored_bytes: u64,
+    pub fetched_segments: u64,
+    pub valve_acknowledged: u64,
+    pub failures: BTreeMap<String, u64>,
+    pub last_backup_unix: Option<u64>,
+    pub last_backup_age_seconds: Option<u64>,
+}
+
+/// Temp file, fsync, rename: readers never see a partial file.
+pub async fn write_atomically(dir: &Path, name: &str, content: &[u8]) -> std::io::Result<()> {
+    let dir = dir.to_path_buf();
+    let name = name.to_string();
+    let content = content.to_vec();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        std::fs::create_dir_all(&dir)?;
+        let temp = dir.join(format!(".{name}.tmp"));
+        let mut f = std::fs::File::create(&temp)?;
+        f.write_all(&content)?;
+        f.sync_all()?;
+        std::fs::rename(&temp, dir.join(&name))
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}

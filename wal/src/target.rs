@@ -1,0 +1,454 @@
+//! Archive targets: a directory (`file:///...`) and S3-compatible storage
+//! (`s3://bucket/prefix`, through the `object_store` crate). Keys are
+//! `/`-separated and built only by this crate from validated names.
+//!
+//! Neither target ever shows a partial object under a final key: the directory
+//! writes a hidden temp file, fsyncs it, hard-links it to the final name (which
+//! fails if the name exists, so nothing is overwritten) and fsyncs the
+//! directory; S3 makes a PUT visible only once complete.
+
+use bytes::Bytes;
+use fleet_model::config::{S3Config, WalConfig};
+use futures_util::StreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as ObjectPath;
+use object_store::{ClientOptions, ObjectStore, RetryConfig, WriteMultipart};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("bad target: {0}")]
+    Config(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("object store: {0}")]
+    Store(#[from] object_store::Error),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TargetError + '_ {
+    move |source| TargetError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One listed object.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub key: String,
+    pub size: u64,
+    pub modified: SystemTime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    Created,
+    /// Something already exists under the key; nothing was written.
+    Exists,
+}
+
+#[derive(Clone)]
+pub enum Target {
+    File {
+        root: PathBuf,
+    },
+    S3 {
+        store: Arc<AmazonS3>,
+        prefix: String,
+        url: String,
+    },
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.describe())
+    }
+}
+
+/// `access_key_id = ...` / `secret_access_key = ...` lines (also `KEY=value`).
+fn read_credentials(path: &Path) -> Result<(String, String), TargetError> {
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    let (mut id, mut secret) = (None, None);
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        let v = v.trim().trim_matches('"').to_string();
+        match k.trim().to_ascii_lowercase().as_str() {
+            "access_key_id" | "aws_access_key_id" => id = Some(v),
+            "secret_access_key" | "aws_secret_access_key" => secret = Some(v),
+            _ => {}
+        }
+    }
+    match (id, secret) {
+        (Some(i), Some(s)) => Ok((i, s)),
+        _ => Err(TargetError::Config(format!(
+            "{}: needs access_key_id and secret_access_key lines",
+            path.display()
+        ))),
+    }
+}
+
+impl Target {
+    pub fn from_config(config: &WalConfig) -> Result<Self, TargetError> {
+        if let Some(path) = config.target.strip_prefix("file://") {
+            let root = PathBuf::from(path);
+            if !root.is_absolute() {
+                return Err(TargetError::Config("file:// needs an absolute path".into()));
+            }
+            std::fs::create_dir_all(&root).map_err(io(&root))?;
+            return Ok(Target::File { root });
+        }
+        if let Some(rest) = config.target.strip_prefix("s3://") {
+            let s3 = config
+                .s3
+                .as_ref()
+                .ok_or_else(|| TargetError::Config("an s3:// target needs [wal.s3]".into()))?;
+            return Self::s3(&config.target, rest, s3);
+        }
+        Err(TargetError::Config(format!(
+            "`{}`: use file:///path or s3://bucket/prefix",
+            config.target
+        )))
+    }
+
+    fn s3(url: &str, rest: &str, s3: &S3Config) -> Result<Self, TargetError> {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(TargetError::Config("s3:// needs a bucket".into()));
+        }
+        // Fail fast: PostgreSQL retries a failed archive_command itself, and a
+        // push that hangs for minutes holds up the archiver.
+        let retry = RetryConfig {
+            max_retries: 2,
+            retry_timeout: Duration::from_secs(15),
+            ..Default::default()
+        };
+        let mut builder = AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_region(&s3.region)
+            .with_virtual_hosted_style_request(!s3.path_style)
+            .with_retry(retry)
+            .with_client_options(
+                ClientOptions::new()
+                    .with_allow_http(true)
+                    .with_connect_timeout(Duration::from_secs(3))
+                    .with_timeout(Duration::from_secs(120)),
+            );
+        if let Some(endpoint) = &s3.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        if let Some(file) = &s3.credentials_file {
+            let (id, secret) = read_credentials(file)?;
+            builder = builder
+                .with_access_key_id(id)
+                .with_secret_access_key(secret);
+        }
+        let store = builder.build()?;
+        Ok(Target::S3 {
+            store: Arc::new(store),
+            prefix: prefix.trim_matches('/').to_string(),
+            url: url.to_string(),
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Target::File { root } => format!("file://{}", root.display()),
+            Target::S3 { url, .. } => url.clone(),
+        }
+    }
+
+    fn object_path(prefix: &str, key: &str) -> ObjectPath {
+        if prefix.is_empty() {
+            ObjectPath::from(key)
+        } else {
+            ObjectPath::from(format!("{prefix}/{key}"))
+        }
+    }
+
+    /// Stores `bytes` under `key` unless something is there already.
+    pub async fn put_new(&self, key: &str, bytes: Bytes) -> Result<Put, TargetError> {
+        match self {
+            Target::File { root } => {
+                let root = root.clone();
+                let key = key.to_string();
+                blocking(move || file_put_new(&root, &key, |f| f.write_all(&bytes))).await
+            }
+            Target::S3 { store, prefix, .. } => {
+                let path = Self::object_path(prefix, key);
+                // The daemon serialises pushes of one name, so check-then-put
+                // cannot race with itself; self-hosted stores vary in their
+                // support of conditional PUTs.
+                match store.head(&path).await {
+                    Ok(_) => return Ok(Put::Exists),
+                    Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                store.put(&path, bytes.into()).await?;
+                Ok(Put::Created)
+            }
+        }
+    }
+
+    /// Uploads a local file (base backups) under a new key.
+    pub async fn put_file(&self, key: &str, local: &Path) -> Result<Put, TargetError> {
+        match self {
+            Target::File { root } => {
+                let root = root.clone();
+                let key = key.to_string();
+                let local = local.to_path_buf();
+                blocking(move || {
+                    file_put_new(&root, &key, |f| {
+                        let mut src = std::fs::File::open(&local)?;
+                        std::io::copy(&mut src, f).map(|_| ())
+                    })
+                })
+                .await
+            }
+            Target::S3 { store, prefix, .. } => {
+                let path = Self::object_path(prefix, key);
+                let upload = store.put_multipart(&path).await?;
+                let mut writer = WriteMultipart::new_with_chunk_size(upload, 16 << 20);
+                let mut file = tokio::fs::File::open(local).await.map_err(io(local))?;
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    use tokio::io::AsyncReadExt;
+                    let n = file.read(&mut buf).await.map_err(io(local))?;
+                    if n == 0 {
+                        break;
+                    }
+                    writer.wait_for_capacity(4).await?;
+                    writer.write(&buf[..n]);
+                }
+                writer.finish().await?;
+                Ok(Put::Created)
+            }
+        }
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, TargetError> {
+        match self {
+            Target::File { root } => {
+                let path = root.join(key);
+                match tokio::fs::read(&path).await {
+                    Ok(b) => Ok(Some(Bytes::from(b))),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(io(&path)(e)),
+                }
+            }
+            Target::S3 { store, prefix, .. } => {
+                match store.get(&Self::object_path(prefix, key)).await {
+                    Ok(r) => Ok(Some(r.bytes().await?)),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(e.into()),
+                }
+            }
+        }
+    }
+
+    /// The first `n` bytes of an object (its header), if it exists.
+    pub async fn head_bytes(&self, key: &str, n: usize) -> Result<Option<Bytes>, TargetError> {
+        match self {
+            Target::File { .. } => Ok(self.get(key).await?.map(|b| b.slice(..n.min(b.len())))),
+            Target::S3 { store, prefix, .. } => {
+                let path = Self::object_path(prefix, key);
+                let size = match store.head(&path).await {
+                    Ok(meta) => meta.size,
+                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                    Err(e) => return Err(e.into()),
+                };
+                let end = (n as u64).min(size);
+                Ok(Some(store.get_range(&path, 0..end).await?))
+            }
+        }
+    }
+
+    /// Streams an object into a local file (restore).
+    pub async fn get_to_file(&self, key: &str, local: &Path) -> Result<bool, TargetError> {
+        match self {
+            Target::File { root } => {
+                let path = root.join(key);
+                match tokio::fs::copy(&path, local).await {
+                    Ok(_) => Ok(true),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                    Err(e) => Err(io(&path)(e)),
+                }
+            }
+            Target::S3 { store, prefix, .. } => {
+                use tokio::io::AsyncWriteExt;
+                let result = match store.get(&Self::object_path(prefix, key)).await {
+                    Ok(r) => r,
+                    Err(object_store::Error::NotFound { .. }) => return Ok(false),
+                    Err(e) => return Err(e.into()),
+                };
+                let mut out = tokio::fs::File::create(local).await.map_err(io(local))?;
+                let mut stream = result.into_stream();
+                while let Some(chunk) = stream.next().await {
+                    out.write_all(&chunk?).await.map_err(io(local))?;
+                }
+                out.sync_all().await.map_err(io(local))?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Every object under `prefix` (a key prefix ending in `/`).
+    pub async fn list(&self, prefix: &str) -> Result<Vec<Entry>, TargetError> {
+        match self {
+            Target::File { root } => {
+                let root = root.clone();
+                let prefix = prefix.to_string();
+                blocking(move || {
+                    let mut out = Vec::new();
+                    file_list(&root, &root.join(&prefix), &mut out)?;
+                    Ok(out)
+                })
+                .await
+            }
+            Target::S3 {
+                store,
+                prefix: base,
+                ..
+            } => {
+                let path = Self::object_path(base, prefix.trim_end_matches('/'));
+                let strip = if base.is_empty() {
+                    String::new()
+                } else {
+                    format!("{base}/")
+                };
+                let mut stream = store.list(Some(&path));
+                let mut out = Vec::new();
+                while let Some(meta) = stream.next().await {
+                    let meta = meta?;
+                    let full = meta.location.to_string();
+                    out.push(Entry {
+                        key: full.strip_prefix(&strip).unwrap_or(&full).to_string(),
+                        size: meta.size,
+                        modified: meta.last_modified.into(),
+                    });
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), TargetError> {
+        match self {
+            Target::File { root } => {
+                let path = root.join(key);
+                match tokio::fs::remove_file(&path).await {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(io(&path)(e)),
+                }
+            }
+            Target::S3 { store, prefix, .. } => {
+                match store.delete(&Self::object_path(prefix, key)).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
+            }
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, TargetError> + Send + 'static,
+) -> Result<T, TargetError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| TargetError::Config(format!("worker failed: {e}")))?
+}
+
+fn file_put_new(
+    root: &Path,
+    key: &str,
+    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> Result<Put, TargetError> {
+    let path = root.join(key);
+    let dir = path
+        .parent()
+        .ok_or_else(|| TargetError::Config(format!("bad key {key}")))?
+        .to_path_buf();
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| TargetError::Config(format!("bad key {key}")))?;
+    if path.symlink_metadata().is_ok() {
+        return Ok(Put::Exists);
+    }
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    // Hidden temp names are skipped by `list`; a crash leaves at most one of
+    // these behind, never a partial file under the final name.
+    let temp = dir.join(format!(
+        ".{name}.tmp-{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    let result = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .map_err(io(&temp))?;
+        write(&mut file).map_err(io(&temp))?;
+        file.sync_all().map_err(io(&temp))?;
+        drop(file);
+        let put = match std::fs::hard_link(&temp, &path) {
+            Ok(()) => Put::Created,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Put::Exists,
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let _ = std::fs::remove_file(&temp);
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&dir))?;
+        Ok(put)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}
+
+fn file_list(root: &Path, dir: &Path, out: &mut Vec<Entry>) -> Result<(), TargetError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io(dir))?;
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let meta = entry.metadata().map_err(io(&entry.path()))?;
+        if meta.is_dir() {
+            file_list(root, &entry.path(), out)?;
+        } else if meta.is_file() {
+            let key = entry
+                .path()
+                .strip_prefix(root)
+                .map(|p| p.to_string_lossy().to_string())
+                .unwrap_or_default();
+            out.push(Entry {
+                key,
+                size: meta.len(),
+                modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            });
+        }
+    }
+    Ok(())
+}
