@@ -26,21 +26,11 @@ OUT="${BENCH_OUT:-docs/benchmarks.md}"
 IMAGE=fleet-test-agent:1
 N=10
 
-say() { printf '==> %s\n' "$*" >&2; }
-
-for tool in jq curl; do
-  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq "$tool" >/dev/null; }
-done
-
-BIN="${FLEET_BIN_DIR:-$ROOT/target/release}"
-if [[ -z "${FLEET_BIN_DIR:-}" ]]; then
-  say "building release binaries"
-  cargo build --release --quiet -p fleet-agentd -p agentctl
-fi
-bash tests/images/build.sh >&2
-
-WORK="$(mktemp -d /tmp/fleet-bench-metrics-XXXXXX)"
-NODE="benchm-$(basename "$WORK" | rev | cut -d- -f1 | rev | tr 'A-Z' 'a-z')"
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+bench_tools jq curl
+bench_binaries
+bench_workdir benchm
 DAEMON_PID=""
 
 stop_daemon() {
@@ -52,10 +42,7 @@ stop_daemon() {
 }
 cleanup() {
   stop_daemon
-  local ids
-  ids="$(docker ps -aq --filter "label=fleet-agent.node=$NODE")"
-  # shellcheck disable=SC2086
-  [[ -n "${ids//[[:space:]]/}" ]] && docker rm -f $ids >/dev/null 2>&1 || true
+  bench_remove_containers "label=fleet-agent.node=$NODE"
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -162,8 +149,6 @@ ratio_p99="$(awk -v a="$met_p99" -v b="$base_p99" 'BEGIN { printf "%.2f", a / b 
 ratio_cpu="$(awk -v a="$cpu_on" -v b="$cpu_off" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')"
 say "metrics cost ${cpu_share}% of one core (${cpu_on}% vs ${cpu_off}%)"
 
-# shellcheck source=bench/lib.sh
-source "$ROOT/bench/lib.sh"
 write_bench_section metrics "$OUT" <<EOF
 ## Metrics: scrape latency and collection cost (10 departments)
 
