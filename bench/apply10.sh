@@ -13,6 +13,8 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$(pwd)"
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 PORTS="${BENCH_PORTS:-48901-48910}"
 LOW="${PORTS%-*}"
 IDLE="${BENCH_IDLE_SECONDS:-60}"
@@ -20,32 +22,20 @@ OUT="${BENCH_OUT:-docs/benchmarks.md}"
 IMAGE=fleet-test-agent:1
 N=10
 
-say() { printf '==> %s\n' "$*" >&2; }
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 
-for tool in jq curl; do
-  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq "$tool" >/dev/null; }
-done
+bench_tools jq curl
 
-BIN="${FLEET_BIN_DIR:-$ROOT/target/release}"
-if [[ -z "${FLEET_BIN_DIR:-}" ]]; then
-  say "building release binaries"
-  cargo build --release --quiet -p fleet-agentd -p agentctl
-fi
-bash tests/images/build.sh >&2
+bench_binaries
 
-WORK="$(mktemp -d /tmp/fleet-bench-XXXXXX)"
-NODE="bench-$(basename "$WORK" | cut -d- -f3 | tr 'A-Z' 'a-z')"
+bench_workdir apply
 BASE_LABEL="fleet-bench.baseline=$NODE"
 DAEMON_PID=""
 
 cleanup() {
   [[ -n "$DAEMON_PID" ]] && kill -TERM "$DAEMON_PID" 2>/dev/null && wait "$DAEMON_PID" 2>/dev/null || true
-  local ids
-  ids="$(docker ps -aq --filter "label=fleet-agent.node=$NODE"; docker ps -aq --filter "label=$BASE_LABEL")"
-  # shellcheck disable=SC2086
-  [[ -n "${ids//[[:space:]]/}" ]] && docker rm -f $ids >/dev/null 2>&1 || true
+  bench_remove_containers "label=fleet-agent.node=$NODE" "label=$BASE_LABEL"
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -158,8 +148,6 @@ say "fleet-agentd: CPU ${cpu_pct}% of one core, RSS avg ${rss_avg_mib} MiB, max 
 ratio_running="$(awk -v a="$agent_running" -v b="$base_running" 'BEGIN { printf "%.2f", a / b }')"
 ratio_healthy="$(awk -v a="$agent_healthy" -v b="$base_healthy" 'BEGIN { printf "%.2f", a / b }')"
 
-# shellcheck source=bench/lib.sh
-source "$ROOT/bench/lib.sh"
 write_bench_section apply10 "$OUT" <<EOF
 ## Bringing up 10 departments (\`bash bench/apply10.sh\`)
 

@@ -27,3 +27,38 @@ machine_line() {
     "$(uname -r)" "$(docker version --format '{{.Server.Version}}' 2>/dev/null || echo none)" \
     "$(git describe --always --dirty 2>/dev/null || echo unknown)"
 }
+
+say() { printf '==> %s\n' "$*" >&2; }
+
+# bench_tools TOOL...: installs the Debian packages of the same names when missing.
+bench_tools() {
+  local tool missing=()
+  for tool in "$@"; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+  ((${#missing[@]} == 0)) || { apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null; }
+}
+
+# bench_binaries: sets BIN to FLEET_BIN_DIR, or builds the release binaries into
+# target/release, and makes sure the test images exist.
+bench_binaries() {
+  BIN="${FLEET_BIN_DIR:-$ROOT/target/release}"
+  if [[ -z "${FLEET_BIN_DIR:-}" ]]; then
+    say "building release binaries"
+    cargo build --release --quiet -p fleet-agentd -p agentctl
+  fi
+  bash "$ROOT/tests/images/build.sh" >&2
+}
+
+# bench_workdir PREFIX: sets WORK (a fresh temp dir) and NODE (a node id unique
+# to this run, so cleanup only ever removes this run's containers).
+bench_workdir() {
+  WORK="$(mktemp -d "/tmp/fleet-bench-$1-XXXXXX")"
+  NODE="$1-$(basename "$WORK" | rev | cut -d- -f1 | rev | tr 'A-Z' 'a-z')"
+}
+
+# bench_remove_containers FILTER...: force-removes the containers matching any filter.
+bench_remove_containers() {
+  local filter ids=""
+  for filter in "$@"; do ids+=" $(docker ps -aq --filter "$filter")"; done
+  # shellcheck disable=SC2086
+  [[ -n "${ids//[[:space:]]/}" ]] && docker rm -f $ids >/dev/null 2>&1 || true
+}

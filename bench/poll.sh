@@ -25,6 +25,8 @@ OUT="${BENCH_OUT:-docs/benchmarks.md}"
 THREADS=2
 
 say() { printf '==> %s\n' "$*" >&2; }
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 
 APT_UPDATED=0
 need() { # PACKAGE COMMAND: apt-get install PACKAGE unless COMMAND exists
@@ -50,7 +52,8 @@ trap cleanup EXIT
 NGINX="$(command -v nginx || true)"
 if [[ -z "$NGINX" ]]; then
   if [[ $APT_UPDATED == 0 ]]; then apt-get update -qq; APT_UPDATED=1; fi
-  (cd "$WORK" && apt-get download -qq nginx >/dev/null && dpkg-deb -x nginx_*.deb nginx-pkg)
+  # (apt warns that it downloads as root, not as _apt, into this private dir.)
+  (cd "$WORK" && apt-get download -qq nginx >/dev/null 2>&1 && dpkg-deb -x nginx_*.deb nginx-pkg)
   NGINX="$WORK/nginx-pkg/usr/sbin/nginx"
 fi
 
@@ -102,12 +105,14 @@ BYTES="$(wc -c <"$WORK/node.json")"
 # --- the baseline ---------------------------------------------------------------
 mkdir -p "$WORK/www" "$WORK/nginx-tmp"
 cp "$WORK/node.json" "$WORK/www/node.json"
+# nginx's workers run as nobody when started as root.
+chmod 755 "$WORK" "$WORK/www"
+chmod 644 "$WORK/www/node.json"
 cat >"$WORK/nginx.conf" <<EOF
-worker_processes 1;
+worker_processes $THREADS;
 error_log $WORK/nginx-error.log;
 pid $WORK/nginx.pid;
 daemon off;
-master_process off;
 events { worker_connections 1024; }
 http {
   access_log off;
@@ -132,7 +137,14 @@ done
 
 # --- runs -----------------------------------------------------------------------
 TICKS="$(getconf CLK_TCK)"
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# cpu_ticks PID: user+system ticks of PID and its children (nginx's workers).
+cpu_ticks() {
+  local p total=0
+  for p in "$1" $(ps -o pid= --ppid "$1"); do
+    total=$((total + $(awk '{ print $14 + $15 }' "/proc/$p/stat")))
+  done
+  echo "$total"
+}
 to_ms() { # wrk latency (e.g. 812.00us, 7.95ms, 1.02s) -> milliseconds
   awk -v v="$1" 'BEGIN {
     n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
@@ -159,6 +171,7 @@ run() {
   say "$name: $R_RPS req/s, p99 $R_P99 ms, $R_CPU_US µs CPU per request"
 }
 
+LOAD_BEFORE="$(cut -d' ' -f1 /proc/loadavg)"
 run nginx "$NGINX_PID" "http://127.0.0.1:$NGINX_PORT/v1/node"
 B_RPS=$R_RPS B_P99=$R_P99 B_CPU=$R_CPU_US
 run node200 "$DAEMON_PID" "$URL" "$AUTH"
@@ -171,22 +184,21 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 # One poll a second costs cpu_per_poll µs of CPU per second: % of a core = µs / 10^4.
 core_pct() { awk -v u="$1" 'BEGIN { printf "%.4f", u / 10000 }'; }
 
-SECTION="$WORK/section.md"
-cat >"$SECTION" <<EOF
-<!-- bench:poll -->
+write_bench_section poll "$OUT" <<EOF
 ## Coordinator polling \`GET /v1/node\`
 
 Produced by \`bash bench/poll.sh\` (it rewrites this section only). Release
 build, loopback, \`wrk -t$THREADS -c$CONNS -d${SECONDS_PER_RUN}s --latency\` per row, the
 bearer token on every request, the rate limit off (one client address).
-Baseline, measured in the same run: nginx ($("$NGINX" -v 2>&1 | sed 's/.*nginx\///'), one worker) serving the
+Baseline, measured in the same run: nginx ($("$NGINX" -v 2>&1 | sed 's/.*nginx\///'), $THREADS workers, CPU summed over them) serving the
 same $BYTES bytes as a static file. CPU is the server process's user+system
 time from \`/proc/<pid>/stat\` over the run, divided by the requests served.
 wrk shares the machine's $(nproc) cores with the server, as a coordinator's
 poller would not.
 
-Run: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, kernel $(uname -r),
-fleet-agent $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown).
+$(machine_line) Load average (1 min) before the
+runs: $LOAD_BEFORE; on a machine shared with other work the three rows are
+equally disturbed, so read the ratios rather than the absolute figures.
 
 | | requests/s | p99 latency | CPU per request | ratio rps / baseline | ratio CPU / baseline |
 |---|---|---|---|---|---|
@@ -198,21 +210,5 @@ A coordinator polling a node once a second costs the daemon
 $(core_pct "$N_CPU")% of one core on the \`200\` path and $(core_pct "$M_CPU")% on the \`304\`
 path (goal: under 0.1%). Per 1,000 polls: $(awk -v u="$N_CPU" 'BEGIN { printf "%.1f", u }') ms
 and $(awk -v u="$M_CPU" 'BEGIN { printf "%.1f", u }') ms of CPU.
-<!-- /bench:poll -->
 EOF
-
-# Replace this script's section, or append it; leave everything else alone.
-mkdir -p "$(dirname "$OUT")"
-[[ -f "$OUT" ]] || printf '# Benchmarks\n' >"$OUT"
-python3 - "$OUT" "$SECTION" <<'PY'
-import re, sys
-out, section = sys.argv[1], open(sys.argv[2]).read().rstrip("\n")
-text = open(out).read()
-pattern = re.compile(r"<!-- bench:poll -->.*?<!-- /bench:poll -->", re.S)
-if pattern.search(text):
-    text = pattern.sub(lambda _: section, text)
-else:
-    text = text.rstrip("\n") + "\n\n" + section + "\n"
-open(out, "w").write(text)
-PY
 say "wrote the poll section of $OUT"

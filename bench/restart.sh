@@ -21,28 +21,16 @@ SAMPLES="${BENCH_SAMPLES:-5}"
 OUT="${BENCH_OUT:-docs/benchmarks.md}"
 IMAGE=fleet-test-agent:1
 
-say() { printf '==> %s\n' "$*" >&2; }
-for tool in jq curl; do
-  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq "$tool" >/dev/null; }
-done
+bench_tools jq curl
 
-BIN="${FLEET_BIN_DIR:-$ROOT/target/release}"
-if [[ -z "${FLEET_BIN_DIR:-}" ]]; then
-  say "building release binaries"
-  cargo build --release --quiet -p fleet-agentd -p agentctl
-fi
-bash tests/images/build.sh >&2
+bench_binaries
 
-WORK="$(mktemp -d /tmp/fleet-bench-XXXXXX)"
-NODE="bench-$(basename "$WORK" | cut -d- -f3 | tr 'A-Z' 'a-z')"
+bench_workdir restart
 BASE_LABEL="fleet-bench.baseline=$NODE"
 DAEMON_PID=""
 cleanup() {
   [[ -n "$DAEMON_PID" ]] && kill -TERM "$DAEMON_PID" 2>/dev/null && wait "$DAEMON_PID" 2>/dev/null || true
-  local ids
-  ids="$(docker ps -aq --filter "label=fleet-agent.node=$NODE"; docker ps -aq --filter "label=$BASE_LABEL")"
-  # shellcheck disable=SC2086
-  [[ -n "${ids//[[:space:]]/}" ]] && docker rm -f $ids >/dev/null 2>&1 || true
+  bench_remove_containers "label=fleet-agent.node=$NODE" "label=$BASE_LABEL"
   rm -rf "$WORK"
 }
 trap cleanup EXIT

@@ -172,15 +172,29 @@ service_packaging() {
     "$PKG_ANSIBLE_VENV/bin/pip" install --quiet --no-input "${PKG_ANSIBLE_PINS[@]}"
     printf '%s\n' "${PKG_ANSIBLE_PINS[*]}" >"$stamp"
   fi
+  # Wrappers rather than symlinks: with the venv first on PATH, ansible-lint
+  # finds the ansible-playbook next to it and does not warn about PATH.
   local tool
   for tool in ansible ansible-playbook ansible-galaxy ansible-config ansible-doc ansible-lint; do
-    ln -sf "$PKG_ANSIBLE_VENV/bin/$tool" "/usr/local/bin/$tool"
+    rm -f "/usr/local/bin/$tool"
+    printf '#!/bin/sh\nPATH="%s/bin:$PATH" exec "%s/bin/%s" "$@"\n' \
+      "$PKG_ANSIBLE_VENV" "$PKG_ANSIBLE_VENV" "$tool" >"/usr/local/bin/$tool"
+    chmod 755 "/usr/local/bin/$tool"
   done
   # Whole outputs first: `| head` would make ansible die of SIGPIPE.
   local ansible_version lint_version
   ansible_version=$(ansible --version)
   lint_version=$(NO_COLOR=1 ansible-lint --nocolor --version 2>/dev/null)
   info "${ansible_version%%$'\n'*}, ${lint_version%%$'\n'*}"
+
+  # The clean Debian root the package tests install into and boot (debootstrap
+  # plus docker.io: 2-7 minutes the first time, then cached under
+  # target/pkgtest/) is made in the background while the workspace compiles;
+  # the tests wait for it through its lock.
+  local cache="${CARGO_TARGET_DIR:-$ROOT/target}/pkgtest"
+  mkdir -p "$cache"
+  info "preparing the package tests' Debian root in the background (log: $cache/prepare.log)"
+  bash "$ROOT/packaging/tests/prepare.sh" >"$cache/prepare.log" 2>&1 &
 }
 
 # promtool checks /metrics, the alert rules and their unit tests (tests/tests/metrics.rs).

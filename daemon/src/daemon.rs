@@ -99,6 +99,9 @@ pub fn check_config(config: &Config, source: &ConfigSource) -> Result<Vec<String
 
 pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
     let started = Instant::now();
+    // What agent.toml said at start, so that a SIGHUP can tell the operator an
+    // edit of it is not applied until a restart.
+    let config_text = config_file_text(&source);
     let config = Arc::new(config);
     let node_id = config.node_id();
     match &source {
@@ -271,7 +274,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
         &format!("fleet-agentd {} started", env!("CARGO_PKG_VERSION")),
     );
 
-    wait_for_signals(&supervisor, &config).await?;
+    wait_for_signals(&supervisor, &config, &source, config_text.as_deref()).await?;
 
     crate::systemd::stopping();
     supervisor.shutdown().await;
@@ -316,7 +319,19 @@ async fn load_departments_dir(supervisor: &Supervisor, config: &Config) {
     }
 }
 
-async fn wait_for_signals(supervisor: &Supervisor, config: &Config) -> Result<(), RunError> {
+fn config_file_text(source: &ConfigSource) -> Option<String> {
+    match source {
+        ConfigSource::File(path) => std::fs::read_to_string(path).ok(),
+        ConfigSource::EmbeddedDefault => None,
+    }
+}
+
+async fn wait_for_signals(
+    supervisor: &Supervisor,
+    config: &Config,
+    source: &ConfigSource,
+    config_text: Option<&str>,
+) -> Result<(), RunError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
@@ -328,6 +343,18 @@ async fn wait_for_signals(supervisor: &Supervisor, config: &Config) -> Result<()
             _ = hup.recv() => {
                 crate::systemd::reloading();
                 tracing::info!("SIGHUP: re-reading {}.", config.departments_dir.display());
+                // The config is read at start only (the listeners, the store
+                // and the port pool are built from it); say so rather than
+                // let an edit look applied.
+                if let ConfigSource::File(path) = source {
+                    if config_file_text(source).as_deref() != config_text {
+                        tracing::warn!(
+                            config = %path.display(),
+                            "{} changed since the daemon started; a reload does not apply it, a restart does (systemctl restart fleet-agentd; containers keep running).",
+                            path.display()
+                        );
+                    }
+                }
                 if config.coordinator.is_none() {
                     load_departments_dir(supervisor, config).await;
                 }

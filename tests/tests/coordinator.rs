@@ -694,6 +694,81 @@ fn unix_socket_paths_are_not_served_on_tcp() {
     );
 }
 
+// Status reads carry an ETag and answer `304` to If-None-Match, so a poller
+// pays for a body only when something changed. `/v1/node`'s tag is weak and
+// ignores the uptime, which changes every second.
+#[test]
+fn status_reads_answer_304_until_something_changes() {
+    let secrets = tempfile::tempdir().unwrap();
+    let token = "etag-token-0123456789";
+    let file = write_token_file(secrets.path(), &format!("{token}\n"));
+    let d = TestDaemon::start(TestOptions {
+        name: "co8",
+        port_range: (43070, 43079),
+        api_toml: format!("token_file = \"{}\"\n", file.display()),
+        ..Default::default()
+    });
+    let id = d.dept("e");
+    d.apply(&d.write_spec(&id, &spec_toml(&id, IMAGE_V1, "")));
+    d.wait_running(&id, UP);
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .no_proxy()
+        .build()
+        .unwrap();
+    let get = |path: &str, etag: Option<&str>| {
+        let mut request = client
+            .get(format!("http://{}{path}", d.api_addr))
+            .bearer_auth(token);
+        if let Some(etag) = etag {
+            request = request.header("If-None-Match", etag);
+        }
+        let response = request.send().unwrap();
+        let status = response.status().as_u16();
+        let tag = response
+            .headers()
+            .get("etag")
+            .map(|v| v.to_str().unwrap().to_string());
+        (status, tag, response.text().unwrap())
+    };
+    // Let the department settle (healthy, probes recorded) so nothing but
+    // time moves during the checks below.
+    wait_until(UP, "the department healthy", || {
+        d.summary(&id).is_some_and(|s| s["health"] == "healthy")
+    });
+    for path in ["/v1/node".to_string(), "/v1/departments".to_string()] {
+        let (status, etag, body) = get(&path, None);
+        assert_eq!(status, 200, "{path}: {body}");
+        let etag = etag.unwrap_or_else(|| panic!("{path}: no ETag"));
+        // Past a second boundary: the node's uptime has changed by then.
+        std::thread::sleep(Duration::from_millis(1100));
+        let (status, again, body) = get(&path, Some(&etag));
+        assert_eq!(status, 304, "{path} with its own ETag {etag}: {body}");
+        assert!(body.is_empty(), "{path}: a 304 has no body");
+        assert_eq!(
+            again.as_deref(),
+            Some(etag.as_str()),
+            "{path}: the 304 carries the ETag"
+        );
+        let (status, _, _) = get(&path, Some("\"something-else\""));
+        assert_eq!(status, 200, "{path} with another ETag");
+    }
+    let (_, node_etag, _) = get("/v1/node", None);
+    let node_etag = node_etag.unwrap();
+    assert!(
+        node_etag.starts_with("W/\""),
+        "/v1/node has a weak ETag: {node_etag}"
+    );
+    // A change the coordinator acts on (one more department) changes the tag.
+    let other = d.dept("f");
+    d.apply(&d.write_spec(&other, &spec_toml(&other, IMAGE_V1, "")));
+    let (status, changed, body) = get("/v1/node", Some(&node_etag));
+    assert_eq!(status, 200, "{body}");
+    assert_ne!(changed.as_deref(), Some(node_etag.as_str()));
+    let node: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(node["departments"], 2, "{node}");
+}
+
 // 5. schemathesis against docs/openapi.yaml on the running daemon finds no
 //    failure: no 5xx, responses match the schema, unauthenticated calls refused.
 #[test]

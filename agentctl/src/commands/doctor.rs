@@ -205,9 +205,10 @@ fn coordinator_check(c: &CoordinatorStatus, config: Option<&fleet_model::Config>
     }
 }
 
-/// `[coordinator] token_file` as the daemon reads it: present, mode 0600 (no
-/// group or other bits), holding a token line. The daemon reads it before
-/// every sync, so a broken file fails the next one.
+/// `[coordinator] token_file` as the daemon reads it: present, no group write
+/// and no access for others (the package's layout is root:fleet-agent 0640),
+/// holding a token line. The daemon reads it before every sync, so a broken
+/// file fails the next one.
 fn token_check(path: &std::path::Path) -> Check {
     use std::os::unix::fs::PermissionsExt;
     let shown = path.display();
@@ -220,13 +221,13 @@ fn token_check(path: &std::path::Path) -> Check {
         Ok(m) => m,
         Err(e) => {
             return fail(format!(
-                "{shown}: {e}; create it (mode 0600) with the token the coordinator issued"
+                "{shown}: {e}; create it (mode 0640, group fleet-agent) with the token the coordinator issued"
             ))
         }
     };
-    if meta.permissions().mode() & 0o077 != 0 {
+    if meta.permissions().mode() & 0o037 != 0 {
         return fail(format!(
-            "{shown} is readable by others and the daemon refuses it; run `chmod 600 {shown}`"
+            "{shown} is open to others (group write or any access for others) and the daemon refuses it; run `chmod 640 {shown}`"
         ));
     }
     match std::fs::read_to_string(path) {
@@ -239,7 +240,7 @@ fn token_check(path: &std::path::Path) -> Check {
                 Check {
                     name: "coord. token",
                     ok: true,
-                    detail: format!("{shown} holds a token and only its owner can read it"),
+                    detail: format!("{shown} holds a token and is closed to others"),
                 }
             } else {
                 fail(format!(
@@ -247,12 +248,12 @@ fn token_check(path: &std::path::Path) -> Check {
                 ))
             }
         }
-        // Mode 0600 and owned by the daemon's user: a group member running
-        // doctor cannot read it, which says nothing about the daemon.
+        // A group member running doctor may not read a 0600 file the daemon
+        // owns, which says nothing about the daemon.
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Check {
             name: "coord. token",
             ok: true,
-            detail: format!("{shown} has mode 0600; run doctor as root to check its content"),
+            detail: format!("{shown} is closed to others; run doctor as root to check its content"),
         },
         Err(e) => fail(format!("{shown}: {e}")),
     }

@@ -285,11 +285,16 @@ fn tagged_json<T: Serialize>(headers: &HeaderMap, value: &T) -> Response {
     };
     let digest = Sha256::digest(&body);
     let etag = format!("\"{}\"", hex::encode(&digest[..16]));
-    tagged_body(headers, body, etag)
+    tagged_body(headers, etag, move || Ok(body))
 }
 
-/// `body` under a given ETag (strong `"..."` or weak `W/"..."`).
-fn tagged_body(headers: &HeaderMap, body: Vec<u8>, etag: String) -> Response {
+/// `body` under a given ETag (strong `"..."` or weak `W/"..."`); it is only
+/// produced when the answer is not `304`.
+fn tagged_body(
+    headers: &HeaderMap,
+    etag: String,
+    body: impl FnOnce() -> Result<Vec<u8>, serde_json::Error>,
+) -> Response {
     // If-None-Match compares weakly (RFC 9110 13.1.2): `W/` is ignored.
     let opaque = |t: &str| t.trim().trim_start_matches("W/").to_string();
     let ours = opaque(&etag);
@@ -301,6 +306,10 @@ fn tagged_body(headers: &HeaderMap, body: Vec<u8>, etag: String) -> Response {
     if matches {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response();
     }
+    let body = match body() {
+        Ok(b) => b,
+        Err(e) => return ApiError::Internal(e.to_string()).into_response(),
+    };
     (
         StatusCode::OK,
         [
@@ -370,25 +379,23 @@ pub fn node_status(state: &ApiState) -> NodeStatus {
 }
 
 async fn node(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    let status = node_status(&state);
-    let body = match serde_json::to_vec(&status) {
-        Ok(b) => b,
-        Err(e) => return ApiError::Internal(e.to_string()).into_response(),
-    };
+    let mut status = node_status(&state);
     // Uptime and the host sample drift every few seconds; a weak ETag over
     // everything else lets a poller get `304` until something it acts on
-    // (departments, capacity, revision, coordinator sync) changes.
-    let mut stable = status;
-    stable.uptime_seconds = 0;
-    stable.host = Default::default();
-    let digest = match serde_json::to_vec(&stable) {
+    // (departments, capacity, revision, coordinator sync) changes. The tag is
+    // computed first so the `304` path never serializes the whole answer.
+    let uptime = std::mem::take(&mut status.uptime_seconds);
+    let host = std::mem::take(&mut status.host);
+    let digest = match serde_json::to_vec(&status) {
         Ok(b) => Sha256::digest(&b),
         Err(e) => return ApiError::Internal(e.to_string()).into_response(),
     };
+    status.uptime_seconds = uptime;
+    status.host = host;
     tagged_body(
         &headers,
-        body,
         format!("W/\"{}\"", hex::encode(&digest[..16])),
+        || serde_json::to_vec(&status),
     )
 }
 

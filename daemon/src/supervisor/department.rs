@@ -557,21 +557,30 @@ impl DeptActor {
     }
 
     /// Why a stopped run ended. An exit 137 without Docker's OOM flag is looked
-    /// at once more a moment later, since Docker may set the flag just after
-    /// reporting the exit.
+    /// at again for a moment: Docker may set the flag, or send its `oom` event,
+    /// only after reporting the exit (seen under load), and a plain SIGKILL is
+    /// much rarer for a department than the kernel's OOM killer.
     async fn exit_reason(&mut self, c: ObservedContainer) -> FailureReason {
-        let oom = |c: &ObservedContainer, seen: &Option<String>| {
-            c.oom_killed || seen.as_deref() == Some(c.id.as_str())
+        let oom = |shared: &Shared, c: &ObservedContainer, seen: &Option<String>| {
+            c.oom_killed || seen.as_deref() == Some(c.id.as_str()) || shared.oom_events.seen(&c.id)
         };
-        if oom(&c, &self.oom_seen) {
+        if oom(&self.shared, &c, &self.oom_seen) {
+            self.shared.oom_events.forget(&c.id);
             return FailureReason::Oom;
         }
         if c.exit_code == Some(137) {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            if let Ok(Some(again)) = self.shared.runtime.inspect(&c.id).await {
-                if again.started_at == c.started_at && oom(&again, &self.oom_seen) {
-                    self.container = Some(again);
-                    return FailureReason::Oom;
+            for _ in 0..OOM_RECHECKS {
+                tokio::time::sleep(OOM_RECHECK_EVERY).await;
+                match self.shared.runtime.inspect(&c.id).await {
+                    Ok(Some(again)) if again.started_at == c.started_at => {
+                        if oom(&self.shared, &again, &self.oom_seen) {
+                            self.shared.oom_events.forget(&c.id);
+                            self.container = Some(again);
+                            return FailureReason::Oom;
+                        }
+                    }
+                    // Started again or removed meanwhile: nothing more to learn.
+                    _ => break,
                 }
             }
         }
@@ -1204,6 +1213,10 @@ fn reason_label(reason: &str) -> String {
     }
     "other".into()
 }
+
+/// How long an exit 137 is watched for a late OOM report: 8 x 250ms.
+const OOM_RECHECKS: u32 = 8;
+const OOM_RECHECK_EVERY: Duration = Duration::from_millis(250);
 
 fn short(id: &str) -> &str {
     id.get(..12).unwrap_or(id)

@@ -44,11 +44,52 @@ pub struct Shared {
     pub shutdown: AtomicBool,
     pub counters: Counters,
     pub host_memory_bytes: u64,
+    /// Containers Docker reported an `oom` event for, newest last. Written by the
+    /// event loop itself, so a department task busy deciding why its container
+    /// died still sees an `oom` event that arrived after the `die`.
+    pub oom_events: OomEvents,
 }
 
 impl Shared {
     pub fn shutting_down(&self) -> bool {
         self.shutdown.load(Ordering::Relaxed)
+    }
+}
+
+/// The last few container ids Docker reported out of memory.
+#[derive(Default)]
+pub struct OomEvents(std::sync::Mutex<std::collections::VecDeque<String>>);
+
+impl OomEvents {
+    const KEEP: usize = 64;
+
+    pub fn record(&self, container_id: &str) {
+        let mut ids = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if ids.len() >= Self::KEEP {
+            ids.pop_front();
+        }
+        ids.push_back(container_id.to_string());
+    }
+
+    pub fn seen(&self, container_id: &str) -> bool {
+        let ids = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        ids.iter().any(|id| id == container_id)
+    }
+
+    /// Forgets `container_id`, whose OOM has been accounted for: the same
+    /// container started again may later exit for another reason.
+    pub fn forget(&self, container_id: &str) {
+        let mut ids = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        ids.retain(|id| id != container_id);
     }
 }
 
@@ -126,6 +167,7 @@ impl Supervisor {
             shutdown: AtomicBool::new(false),
             counters: Counters::default(),
             host_memory_bytes,
+            oom_events: OomEvents::default(),
             config,
         });
         let mut registry = Registry {
@@ -507,6 +549,9 @@ impl Supervisor {
                         ..
                     }) => {
                         since = Some(time_nano + 1);
+                        if action == "oom" {
+                            self.shared.oom_events.record(&id);
+                        }
                         self.shared
                             .counters
                             .docker_events
@@ -653,4 +698,21 @@ fn restarts_by_reason(store: &Store, id: &str) -> BTreeMap<String, u64> {
         *out.entry(record.reason).or_default() += 1;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OomEvents;
+
+    #[test]
+    fn oom_events_remember_the_newest_and_forget_on_request() {
+        let oom = OomEvents::default();
+        for i in 0..(OomEvents::KEEP + 5) {
+            oom.record(&format!("c{i}"));
+        }
+        assert!(!oom.seen("c0"), "the oldest ids are dropped");
+        assert!(oom.seen(&format!("c{}", OomEvents::KEEP + 4)));
+        oom.forget(&format!("c{}", OomEvents::KEEP + 4));
+        assert!(!oom.seen(&format!("c{}", OomEvents::KEEP + 4)));
+    }
 }
