@@ -59,7 +59,8 @@ cleanup() {
     [[ -f "$d/postmaster.pid" ]] && runuser -u postgres -- "$PG/pg_ctl" -D "$d" -m immediate -w stop >/dev/null 2>&1 || true
   done
   [[ -n "$DAEMON_PID" ]] && kill -TERM "$DAEMON_PID" 2>/dev/null && wait "$DAEMON_PID" 2>/dev/null || true
-  rm -rf "$WORK"
+  # pgBackRest's async process may still be finishing in its spool dir.
+  rm -rf "$WORK" 2>/dev/null || { sleep 2; rm -rf "$WORK" 2>/dev/null || true; }
 }
 trap cleanup EXIT
 as_pg() { runuser -u postgres -- "$@"; }
@@ -237,7 +238,6 @@ kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true; DAEMON_PID=""
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "-"; else printf "%.2fx", a / b }'; }
 SECTION="$(cat <<MD
-<!-- bench:wal -->
 ## WAL archiving (issue 6)
 
 Command: \`bash bench/wal.sh\` (BENCH_SCALE=$SCALE, BENCH_LOAD_SECONDS=$LOAD_SECONDS), $(date -u +%Y-%m-%dT%H:%MZ),
@@ -260,17 +260,10 @@ pgBackRest \`archive-get\` ${FETCH_PGBR} s ($(ratio "$FETCH_PGBR" "$FETCH_FLEET"
 The seed's real command is \`aws s3 cp\`, whose start-up alone costs far more than \`cp\`; \`cp\` into a
 directory is the most favourable form of that design, and it still stores uncompressed and unverified,
 and overwrites.
-<!-- /bench:wal -->
 MD
 )"
-touch "$OUT"
-if grep -q '<!-- bench:wal -->' "$OUT"; then
-  awk -v section="$SECTION" '
-    /<!-- bench:wal -->/ { print section; skip = 1; next }
-    /<!-- \/bench:wal -->/ { skip = 0; next }
-    !skip { print }' "$OUT" >"$OUT.tmp" && mv "$OUT.tmp" "$OUT"
-else
-  { [[ -s "$OUT" ]] && echo; echo "$SECTION"; } >>"$OUT"
-fi
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+write_bench_section wal "$OUT" <<<"$SECTION"
 say "wrote the wal section of $OUT"
 echo "$SECTION"
