@@ -210,9 +210,10 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
     let mut unix_router: Router = api::read_routes()
         .merge(api::admin_routes())
         .with_state(state.clone());
-    if let Some(service) = &wal {
-        unix_router = unix_router.merge(fleet_wal::http::router(service.clone()));
-    }
+    unix_router = unix_router.merge(match &wal {
+        Some(service) => fleet_wal::http::router(service.clone()),
+        None => fleet_wal::http::absent_router(),
+    });
     let unix_router = unix_router.layer(axum::middleware::from_fn(api::authorize));
     let policy = api::unix::Policy::resolve(
         &config.admin_group,
@@ -238,14 +239,15 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
             })?;
         let limits = api::tcp::Limits::from_config(&config.api);
         // Read-only over TCP: `GET /v1/wal` only, never push, fetch or backups.
-        let mut read_router: Router = api::read_routes()
+        let read_router: Router = api::read_routes()
             .merge(api::socket_only_routes())
             .fallback(api::not_served_on_tcp)
             .layer(axum::middleware::map_response(api::json_rejections))
-            .with_state(state.clone());
-        if let Some(service) = &wal {
-            read_router = read_router.merge(fleet_wal::http::read_router(service.clone()));
-        }
+            .with_state(state.clone())
+            .merge(match &wal {
+                Some(service) => fleet_wal::http::read_router(service.clone()),
+                None => fleet_wal::http::absent_router(),
+            });
         let tcp_router: Router = api::tcp::harden(read_router, tokens.clone(), limits);
         api::tcp::raise_fd_limit();
         tracing::info!(

@@ -872,3 +872,17 @@ impl Drop for TestContainer {
 pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}-{}", unique_suffix())
 }
+
+/// Whether the kernel log (`dmesg`, as root) holds an OOM kill in the memory
+/// cgroup of the container `id` (full id).
+pub fn kernel_logged_oom_kill(id: &str) -> bool {
+    let Ok(out) = Command::new("dmesg").output() else {
+        return false;
+    };
+    String::from_utf8_lossy(&out.stdout).lines().any(|line| {
+        line.contains("oom-kill:")
+            && line
+                .split(',')
+                .any(|f| f.starts_with("oom_memcg=") && f.contains(id))
+    })
+}

@@ -808,3 +808,37 @@ fn explicit_host_ports_are_placed_before_pool_ports() {
     wait_health_ok(low);
     wait_health_ok(pool_port);
 }
+
+#[test]
+fn stop_then_start_runs_the_same_container_again_on_its_port() {
+    let d = daemon("stst", (42070, 42079));
+    let id = d.dept("a");
+    let rows = apply_and_wait(&d, std::slice::from_ref(&id), |id| {
+        spec_toml(id, IMAGE_V1, "")
+    });
+    let port = host_port(&rows[&id]);
+    let before = container_id(&container(&id)).expect("container of the department");
+
+    // Back to back, as a script would: the late `die` of the operator's own
+    // stop must not be judged as a failed run once the start is in.
+    d.agentctl_ok(&["stop", &id]);
+    assert!(
+        !container_running(&container(&id)),
+        "stop returned before the container stopped"
+    );
+    d.agentctl_ok(&["start", &id]);
+    let row = d.wait_running(&id, UP);
+    assert_eq!(host_port(&row), port, "same port after stop/start");
+    assert_eq!(
+        container_id(&container(&id)).as_deref(),
+        Some(before.as_str())
+    );
+    wait_until(UP, "the restarted container to answer /health", || {
+        http_get(port, "/health").is_ok_and(|r| r.status == 200)
+    });
+    // And it stays up: nothing judged the operator's stop afterwards.
+    std::thread::sleep(QUIET);
+    let row = d.summary(&id).expect("status row");
+    assert_eq!(row["state"], "running", "after stop/start: {row}");
+    assert!(container_running(&container(&id)));
+}

@@ -158,8 +158,13 @@ fn alloc_mb_above_the_memory_limit_is_oom_killed() {
         ],
     );
     let state = wait_exited(&c);
-    assert_eq!(state["OOMKilled"], true, "{state}");
     assert_eq!(state["ExitCode"], 137, "{state}");
+    // Docker's OOMKilled flag misses kills under load (containerd loses the race
+    // with the cgroup's removal); the kernel's own record is the ground truth.
+    assert!(
+        state["OOMKilled"] == true || kernel_logged_oom_kill(&c.id),
+        "neither Docker nor the kernel log reports an OOM kill: {state}"
+    );
 }
 
 #[test]

@@ -3,6 +3,10 @@
 //! real fleet-agentd. Port ranges: daemons 46000-46499, PostgreSQL 46500-46599,
 //! S3 46600-46699.
 
+// The helpers below are part of the tests: a failed set-up step should panic
+// with its cause, which is what unwrap/expect do here.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use fleet_tests::{bin_dir, wait_until, TestDaemon, TestOptions};
 use std::fs;
 use std::io::{Read, Write};
@@ -18,8 +22,7 @@ use std::time::Duration;
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("run a command");
-    out
+    cmd.output().expect("run a command")
 }
 
 fn ok(cmd: &mut Command) -> String {
@@ -118,7 +121,11 @@ impl Pg {
             .arg("-D")
             .arg(&self.data)
             .arg("start"));
-        assert!(out.status.success(), "PostgreSQL did not start; its log:\n{}", self.log());
+        assert!(
+            out.status.success(),
+            "PostgreSQL did not start; its log:\n{}",
+            self.log()
+        );
         self.running = true;
     }
 
@@ -135,7 +142,16 @@ impl Pg {
 
     fn sql(&self, sql: &str) -> String {
         ok(Command::new(format!("{PG_BIN}/psql"))
-            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-U", "postgres"])
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-U",
+                "postgres",
+            ])
             .arg("-h")
             .arg(&self.sock)
             .args(["-p", &self.port.to_string(), "-d", "postgres", "-c", sql]))
@@ -153,7 +169,11 @@ impl Pg {
     }
 
     fn conninfo(&self) -> String {
-        format!("host={} port={} user=postgres", self.sock.display(), self.port)
+        format!(
+            "host={} port={} user=postgres",
+            self.sock.display(),
+            self.port
+        )
     }
 
     fn sysid(&self) -> u64 {
@@ -244,9 +264,9 @@ fn assert_archived(pg: &Pg, get: impl Fn(&str) -> Option<Vec<u8>>) -> usize {
     assert!(!done.is_empty(), "PostgreSQL archived nothing");
     for name in &done {
         let key = format!("{sysid}/wal/{name}.zst");
-        let object = get(&key).unwrap_or_else(|| panic!("{name} acknowledged but {key} is missing"));
-        let original = fleet_wal::codec::decode(&object)
-            .unwrap_or_else(|e| panic!("{key}: {e}"));
+        let object =
+            get(&key).unwrap_or_else(|| panic!("{name} acknowledged but {key} is missing"));
+        let original = fleet_wal::codec::decode(&object).unwrap_or_else(|e| panic!("{key}: {e}"));
         if fleet_wal::names::classify(name) == Some(fleet_wal::names::WalKind::Segment) {
             let local = fs::read(pg.data.join("pg_wal").join(name)).unwrap();
             assert!(original == local, "{key} differs from pg_wal/{name}");
@@ -279,6 +299,9 @@ impl Moto {
             Path::new(MOTO).exists(),
             "{MOTO} is missing; run scripts/test.sh (service_moto) first"
         );
+        let port = (port..port + 10)
+            .find(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())
+            .expect("a free port for moto");
         let child = Command::new(MOTO)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
@@ -302,7 +325,11 @@ impl Moto {
     /// anonymous reads).
     fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
         let creds = tempfile::NamedTempFile::new().unwrap();
-        fs::write(creds.path(), "access_key_id = test\nsecret_access_key = test\n").unwrap();
+        fs::write(
+            creds.path(),
+            "access_key_id = test\nsecret_access_key = test\n",
+        )
+        .unwrap();
         let config: fleet_model::config::WalConfig = serde_json::from_value(serde_json::json!({
             "target": format!("s3://{bucket}"),
             "s3": {
@@ -352,7 +379,10 @@ impl Switch {
     fn start(port: u16, upstream: u16) -> Self {
         let up = Arc::new(AtomicBool::new(true));
         let conns = Arc::new(Mutex::new(Vec::new()));
-        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        // The first free port from `port` on (a client's ephemeral port may hold one).
+        let (listener, port) = (port..port + 20)
+            .find_map(|p| TcpListener::bind(("127.0.0.1", p)).ok().map(|l| (l, p)))
+            .expect("a free port for the S3 switch");
         let (up2, conns2) = (up.clone(), conns.clone());
         thread::spawn(move || {
             for client in listener.incoming().flatten() {
@@ -410,10 +440,23 @@ fn pgbench_archiving(daemon: &TestDaemon, pg: &mut Pg, get: impl Fn(&str) -> Opt
     pg.switch_and_wait(Duration::from_secs(180));
     let count = assert_archived(pg, get);
     assert!(count >= 4, "only {count} segments archived");
-    assert_eq!(pg.failed_count(), 0, "archiver failures; log:\n{}", pg.log());
+    assert_eq!(
+        pg.failed_count(),
+        0,
+        "archiver failures; log:\n{}",
+        pg.log()
+    );
     let status = daemon.agentctl_json(&["wal", "status"]);
     assert_eq!(status["archiver"]["failed_count"], 0, "{status}");
     assert_eq!(status["ready_count"], 0, "{status}");
+    // The TCP API shows the status but never serves WAL.
+    let tcp = daemon.api_get("/v1/wal").expect("GET /v1/wal over TCP");
+    assert_eq!(tcp.status, 200, "{}", tcp.body);
+    let first = pg.done().into_iter().next().unwrap_or_default();
+    let tcp = daemon
+        .api_get(&format!("/v1/wal/fetch/{first}"))
+        .expect("GET /v1/wal/fetch over TCP");
+    assert_ne!(tcp.status, 200, "WAL served over TCP");
     let m = metrics(daemon);
     assert!(m.contains("fleet_agent_wal_shipped_segments_total"), "{m}");
     assert!(m.contains("fleet_agent_wal_backlog_segments 0"), "{m}");
@@ -451,7 +494,9 @@ fn wal_pgbench_archives_everything_to_s3() {
             s3_toml(dir.path(), moto.port, "wal1")
         ),
     );
-    pgbench_archiving(&daemon, &mut pg, |key| moto.get("wal1", &format!("archive/{key}")));
+    pgbench_archiving(&daemon, &mut pg, |key| {
+        moto.get("wal1", &format!("archive/{key}"))
+    });
 }
 
 // --- 2. the same name twice --------------------------------------------------------
@@ -498,13 +543,28 @@ fn wal_same_segment_twice_ok_different_content_refused() {
     // Also when the daemon has forgotten (restart): the check reads the target.
     let mut daemon = daemon;
     daemon.restart();
-    let out = daemon.agentctl(&["wal", "push", "--system-id", "4242", second.to_str().unwrap()]);
+    let out = daemon.agentctl(&[
+        "wal",
+        "push",
+        "--system-id",
+        "4242",
+        second.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
-    let out = daemon.agentctl(&["wal", "push", "--system-id", "4242", first.to_str().unwrap()]);
+    let out = daemon.agentctl(&[
+        "wal",
+        "push",
+        "--system-id",
+        "4242",
+        first.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(fs::read(&key).unwrap(), stored);
     let m = metrics(&daemon);
-    assert!(m.contains("fleet_agent_wal_failures_total{kind=\"conflict\"} 1"), "{m}");
+    assert!(
+        m.contains("fleet_agent_wal_failures_total{kind=\"conflict\"} 1"),
+        "{m}"
+    );
     let events = daemon.agentctl_json(&["events"]);
     assert!(events.to_string().contains("wal_conflict"), "{events}");
 }
@@ -536,23 +596,49 @@ fn wal_bad_names_and_symlinks_are_refused() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 
     // The daemon itself refuses names with a path in them, whoever sends them.
-    for name in ["..%2F..%2Fetc%2Fpasswd", "00000001000000000000000G", "%2Fetc%2Fpasswd"] {
+    for name in [
+        "..%2F..%2Fetc%2Fpasswd",
+        "00000001000000000000000G",
+        "%2Fetc%2Fpasswd",
+    ] {
         let out = run(Command::new("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket"])
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--unix-socket",
+            ])
             .arg(&daemon.socket)
             .args(["-X", "POST", "--data-binary", "x"])
             .arg(format!("http://fleet/v1/wal/push?name={name}&system_id=5")));
         assert_eq!(String::from_utf8_lossy(&out.stdout), "400", "{name}");
         let out = run(Command::new("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket"])
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--unix-socket",
+            ])
             .arg(&daemon.socket)
             .arg(format!("http://fleet/v1/wal/fetch/{name}?system_id=5")));
         let code = String::from_utf8_lossy(&out.stdout).to_string();
         assert!(code == "400" || code == "404", "{name}: {code}");
     }
     // Nothing was written: not in the target, not beside it.
-    let beside: Vec<_> = fs::read_dir(root.path()).unwrap().flatten().map(|e| e.file_name()).collect();
-    assert_eq!(beside, vec![std::ffi::OsString::from("archive")], "{beside:?}");
+    let beside: Vec<_> = fs::read_dir(root.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        beside,
+        vec![std::ffi::OsString::from("archive")],
+        "{beside:?}"
+    );
     let mut inside = Vec::new();
     for e in walk(&archive) {
         inside.push(e);
@@ -592,7 +678,10 @@ fn assert_no_partial_objects(archive: &Path) -> usize {
     let mut count = 0;
     for path in walk(archive) {
         let name = path.file_name().unwrap().to_string_lossy().to_string();
-        if name.starts_with('.') || !name.ends_with(".zst") || path.to_string_lossy().contains("/backups/") {
+        if name.starts_with('.')
+            || !name.ends_with(".zst")
+            || path.to_string_lossy().contains("/backups/")
+        {
             continue;
         }
         let object = fs::read(&path).unwrap();
@@ -645,7 +734,10 @@ fn wal_kill9_during_uploads_leaves_no_partial_object() {
     pg.switch_and_wait(Duration::from_secs(240));
     let acknowledged = assert_archived(&pg, file_get(archive.path()));
     let objects = assert_no_partial_objects(archive.path());
-    assert!(objects >= acknowledged, "{objects} objects for {acknowledged} acknowledged");
+    assert!(
+        objects >= acknowledged,
+        "{objects} objects for {acknowledged} acknowledged"
+    );
 }
 
 // --- 3. S3 stopped under load ---------------------------------------------------------
@@ -653,8 +745,8 @@ fn wal_kill9_during_uploads_leaves_no_partial_object() {
 #[test]
 fn wal_s3_stopped_under_load_then_drains_without_gap() {
     let mut pg = Pg::new(46505);
-    let moto = Moto::start(46610, "wal3");
-    let switch = Switch::start(46611, moto.port);
+    let moto = Moto::start(46620, "wal3");
+    let switch = Switch::start(46640, moto.port);
     let dir = tempfile::tempdir().unwrap();
     let daemon = wal_daemon(
         "wal3",
@@ -673,9 +765,17 @@ fn wal_s3_stopped_under_load_then_drains_without_gap() {
     thread::sleep(Duration::from_secs(3));
     switch.set(false);
     // PostgreSQL keeps its WAL (files wait as .ready) and counts failed pushes.
-    wait_until(Duration::from_secs(60), "a backlog while S3 is down", || {
-        pg.ready().len() >= 2 && pg.failed_count() > 0
-    });
+    pg.sql("CREATE TABLE ticks (x int)");
+    wait_until(
+        Duration::from_secs(120),
+        "a backlog while S3 is down",
+        || {
+            // Complete segments even if pgbench is slow on a busy machine.
+            pg.sql("INSERT INTO ticks VALUES (1)");
+            pg.sql("SELECT pg_switch_wal()");
+            pg.ready().len() >= 2 && pg.failed_count() > 0
+        },
+    );
     for name in pg.ready() {
         assert!(
             pg.data.join("pg_wal").join(&name).exists(),
@@ -685,7 +785,10 @@ fn wal_s3_stopped_under_load_then_drains_without_gap() {
     let status = daemon.agentctl_json(&["wal", "status"]);
     assert!(status["ready_count"].as_u64().unwrap_or(0) >= 2, "{status}");
     let m = metrics(&daemon);
-    assert!(!m.contains("fleet_agent_wal_failures_total{kind=\"target\"} 0"), "{m}");
+    assert!(
+        !m.contains("fleet_agent_wal_failures_total{kind=\"target\"} 0"),
+        "{m}"
+    );
     thread::sleep(Duration::from_secs(5));
     switch.set(true);
     assert!(load.wait().unwrap().success(), "pgbench failed");
@@ -757,9 +860,8 @@ fn wal_point_in_time_recovery_end_to_end() {
     wait_until(Duration::from_secs(120), "recovery to finish", || {
         restored.sql("SELECT pg_is_in_recovery()") == "f"
     });
-    let counts = restored.sql(
-        "SELECT phase || '=' || count(*) FROM t GROUP BY phase ORDER BY phase",
-    );
+    let counts =
+        restored.sql("SELECT phase || '=' || count(*) FROM t GROUP BY phase ORDER BY phase");
     assert_eq!(
         counts.lines().collect::<Vec<_>>(),
         vec!["a=100", "before-backup=10"],
@@ -767,7 +869,10 @@ fn wal_point_in_time_recovery_end_to_end() {
         restored.log()
     );
     let m = metrics(&daemon);
-    assert!(m.contains("fleet_agent_wal_last_base_backup_age_seconds"), "{m}");
+    assert!(
+        m.contains("fleet_agent_wal_last_base_backup_age_seconds"),
+        "{m}"
+    );
 }
 
 // --- 7. retention ---------------------------------------------------------------------------
@@ -819,7 +924,12 @@ fn wal_retention_keeps_what_the_window_needs() {
     let before: Vec<String> = fs::read_dir(&wal_dir)
         .unwrap()
         .flatten()
-        .map(|e| e.file_name().to_string_lossy().trim_end_matches(".zst").to_string())
+        .map(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .trim_end_matches(".zst")
+                .to_string()
+        })
         .collect();
     // A window that starts between B2 and B3 (7 s and more apart): B3 is
     // inside it, B2 is the newest backup older than it, B1 is not needed.
@@ -837,7 +947,11 @@ fn wal_retention_keeps_what_the_window_needs() {
             .map(|x| x.as_str().unwrap().to_string())
             .collect()
     };
-    assert_eq!(ids(&report["deleted_backups"]), vec![b1["id"].as_str().unwrap().to_string()], "{report}");
+    assert_eq!(
+        ids(&report["deleted_backups"]),
+        vec![b1["id"].as_str().unwrap().to_string()],
+        "{report}"
+    );
     assert_eq!(
         ids(&report["kept_backups"]),
         vec![
@@ -858,7 +972,12 @@ fn wal_retention_keeps_what_the_window_needs() {
     let after: Vec<String> = fs::read_dir(&wal_dir)
         .unwrap()
         .flatten()
-        .map(|e| e.file_name().to_string_lossy().trim_end_matches(".zst").to_string())
+        .map(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .trim_end_matches(".zst")
+                .to_string()
+        })
         .collect();
     assert!(after.contains(&"00000002.history".to_string()), "{after:?}");
     let mut deleted = 0;

@@ -73,6 +73,23 @@ pub fn router(service: Arc<WalService>) -> Router {
         .with_state(service)
 }
 
+/// `GET /v1/wal` on a node without `[wal]`: a JSON 404 saying so.
+pub fn absent_router() -> Router {
+    Router::new().route(
+        "/v1/wal",
+        get(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                Json(ErrorBody {
+                    error: "WAL archiving is not configured on this node (no [wal] in agent.toml)"
+                        .into(),
+                    fields: vec![],
+                }),
+            )
+        }),
+    )
+}
+
 /// What the TCP API may show: the status only.
 pub fn read_router(service: Arc<WalService>) -> Router {
     Router::new()

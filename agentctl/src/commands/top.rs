@@ -38,9 +38,11 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
     let interval = args.interval.max(Duration::from_millis(200));
     let mut stdout = std::io::stdout();
     if tty {
-        // Hide the cursor while frames are redrawn under it.
-        let _ = write!(stdout, "\x1b[?25l");
+        // Clear once, then hide the cursor while frames are redrawn under it.
+        let _ = write!(stdout, "\x1b[2J\x1b[?25l");
     }
+    // SIGTERM as well as Ctrl-C, so the cursor comes back either way.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let result = async {
         loop {
             let usage: Vec<DepartmentUsage> = client.get("/v1/usage").await?;
@@ -73,6 +75,7 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
                 _ = tokio::signal::ctrl_c() => return Ok(()),
+                _ = term.recv() => return Ok(()),
             }
         }
     }

@@ -316,7 +316,10 @@ async fn status(client: &Client, json: bool) -> Result<()> {
 }
 
 /// Waits for a long request, telling a person on a terminal that it is still going.
-async fn with_progress<T>(what: &str, call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+async fn with_progress<T>(
+    what: &str,
+    call: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
     use std::io::IsTerminal;
     let started = Instant::now();
     let tty = std::io::stderr().is_terminal();
@@ -374,7 +377,10 @@ pub async fn backup(client: &Client, command: BackupCommand) -> Result<()> {
                     ]
                 })
                 .collect();
-            output::table(&["ID", "FINISHED", "START WAL", "BYTES", "COMPRESSED"], &rows);
+            output::table(
+                &["ID", "FINISHED", "START WAL", "BYTES", "COMPRESSED"],
+                &rows,
+            );
             Ok(())
         }
         BackupCommand::Prune { window, json } => {
@@ -405,7 +411,9 @@ pub async fn backup(client: &Client, command: BackupCommand) -> Result<()> {
 
 /// Single-quotes a word for the shell PostgreSQL runs restore_command in.
 fn shell_word(s: &str) -> String {
-    if s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-=".contains(&b)) {
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._-=".contains(&b))
+    {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))

@@ -569,6 +569,15 @@ impl DeptActor {
             return FailureReason::Oom;
         }
         if c.exit_code == Some(137) {
+            let (id, started) = (c.id.clone(), c.started_at);
+            let kernel_says_oom = tokio::task::spawn_blocking(move || {
+                crate::host::kernel_reports_oom_kill(&id, started)
+            })
+            .await
+            .unwrap_or(false);
+            if kernel_says_oom {
+                return FailureReason::Oom;
+            }
             for _ in 0..OOM_RECHECKS {
                 tokio::time::sleep(OOM_RECHECK_EVERY).await;
                 match self.shared.runtime.inspect(&c.id).await {
@@ -1003,7 +1012,20 @@ impl DeptActor {
                 self.tracker.reset();
                 self.restart_at = None;
                 self.pending_failure = None;
-                self.converge().await;
+                // The container the operator stopped exited on purpose: start it
+                // as it is rather than let converge judge that exit as a failure
+                // (under `on-failure` an exit 0 would leave it stopped).
+                match self.shared.runtime.inspect(&self.name()).await? {
+                    Some(c)
+                        if c.department == self.id
+                            && !c.running
+                            && c.spec_hash.as_deref() == Some(self.hash().as_str()) =>
+                    {
+                        self.container = Some(c);
+                        self.start_existing().await;
+                    }
+                    _ => self.converge().await,
+                }
                 Ok(format!("{} started", self.id))
             }
             OperatorCommand::Restart => {
