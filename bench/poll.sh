@@ -197,8 +197,9 @@ wrk shares the machine's $(nproc) cores with the server, as a coordinator's
 poller would not.
 
 $(machine_line) Load average (1 min) before the
-runs: $LOAD_BEFORE; on a machine shared with other work the three rows are
-equally disturbed, so read the ratios rather than the absolute figures.
+runs: $LOAD_BEFORE. When other work shares the machine, requests/s and above
+all p99 move from run to run (a stall lands in one row, not in all three);
+CPU per request moves much less, so it is the figure to compare.
 
 | | requests/s | p99 latency | CPU per request | ratio rps / baseline | ratio CPU / baseline |
 |---|---|---|---|---|---|

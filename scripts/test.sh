@@ -113,14 +113,19 @@ service_registry() {
 }
 
 # schemathesis (PyPI) fuzzes the TCP API against docs/openapi.yaml
-# (tests/tests/coordinator.rs). It goes into its own venv so it never touches the
-# system Python, and is linked into /usr/local/bin where the test finds it.
+# (tests/tests/coordinator.rs). It goes into its own venv, one per version, so it
+# never touches the system Python and a version bump never pulls the files from
+# under a run using the old one; it is linked into /usr/local/bin where the test
+# finds it. A lock serializes concurrent runs of this script on one machine.
 SCHEMATHESIS_VERSION=4.32.5
-SCHEMATHESIS_VENV=/opt/fleet-test/schemathesis
+SCHEMATHESIS_VENV=/opt/fleet-test/schemathesis-$SCHEMATHESIS_VERSION
 service_schemathesis() {
-  local bin="$SCHEMATHESIS_VENV/bin/schemathesis"
-  if [[ -x $bin ]] && "$SCHEMATHESIS_VENV/bin/pip" show schemathesis 2>/dev/null |
-    grep -qx "Version: $SCHEMATHESIS_VERSION"; then
+  local bin="$SCHEMATHESIS_VENV/bin/schemathesis" version
+  mkdir -p "$(dirname "$SCHEMATHESIS_VENV")"
+  exec 9>"$SCHEMATHESIS_VENV.lock"
+  flock 9
+  version="$("$bin" --version 2>/dev/null || true)"
+  if [[ $version == *"version $SCHEMATHESIS_VERSION" ]]; then
     info "schemathesis $SCHEMATHESIS_VERSION is installed ($bin)"
   else
     command -v python3 >/dev/null || apt_install python3
@@ -133,7 +138,8 @@ service_schemathesis() {
     "$SCHEMATHESIS_VENV/bin/pip" install --quiet --disable-pip-version-check \
       "schemathesis==$SCHEMATHESIS_VERSION"
   fi
-  ln -sf "$bin" /usr/local/bin/schemathesis
+  ln -sfn "$bin" /usr/local/bin/schemathesis
+  exec 9>&-
 }
 
 # The package tests (tests/tests/packaging.rs, packaging/tests/*.sh): debootstrap
