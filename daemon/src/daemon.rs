@@ -1,6 +1,6 @@
 //! Start-up and shutdown: open the store, connect the runtime, start the
 //! supervisor, bind the listeners, tell systemd we are ready, then wait for a
-//! signal. SIGHUP re-reads `departments.d`; SIGTERM/SIGINT stop the daemon and
+//! signal. SIGHUP re-reads `departments.d` and `agent.toml`; SIGTERM/SIGINT stop the daemon and
 //! leave every container running (they belong to Docker, not to us).
 
 use crate::api::{self, ApiState, Mode, SyncStatus};
@@ -326,6 +326,70 @@ fn config_file_text(source: &ConfigSource) -> Option<String> {
     }
 }
 
+/// SIGHUP's half about `agent.toml`: the file is read and checked whole again.
+/// A bad file is refused and nothing changes; `[log] level` takes effect at once;
+/// every other setting that changed is named as applying at the next restart,
+/// since the listeners, the store and the port pool are built from it at start.
+fn reread_config(path: &std::path::Path, source: &ConfigSource, start_text: Option<&str>) {
+    let new = match Config::load_file(path) {
+        Ok(new) => new,
+        Err(e) => {
+            tracing::error!(config = %path.display(), "Reload refused: {e}; the running configuration is unchanged.");
+            return;
+        }
+    };
+    if let Err(problems) = check_config(&new, source) {
+        tracing::error!(
+            config = %path.display(),
+            "Reload refused: {}; the running configuration is unchanged.",
+            problems.join("; ")
+        );
+        return;
+    }
+    // Compared with the file as it was at start (not with the running config,
+    // which `--log-format` may have overridden).
+    let Some(old) = start_text.and_then(|text| Config::from_toml_str(path, text).ok()) else {
+        return;
+    };
+    let (Ok(serde_json::Value::Object(old_fields)), Ok(serde_json::Value::Object(new_fields))) =
+        (serde_json::to_value(&old), serde_json::to_value(&new))
+    else {
+        return;
+    };
+    let mut needs_restart: Vec<String> = Vec::new();
+    for (key, new_value) in &new_fields {
+        let old_value = old_fields.get(key).unwrap_or(&serde_json::Value::Null);
+        if key == "log" {
+            if old.log.format != new.log.format {
+                needs_restart.push("log.format".into());
+            }
+        } else if old_value != new_value {
+            needs_restart.push(key.clone());
+        }
+    }
+    if old.log.level != new.log.level {
+        match crate::logging::set_level(&new.log.level) {
+            Ok(crate::logging::LevelChange::Applied) => {
+                tracing::info!(config = %path.display(), level = %new.log.level, "Reload: log level is now {}.", new.log.level)
+            }
+            Ok(crate::logging::LevelChange::OverriddenByRustLog) => tracing::warn!(
+                "Reload: [log] level changed, but RUST_LOG is set and keeps deciding the level."
+            ),
+            Err(e) => tracing::warn!("Reload: could not change the log level: {e}"),
+        }
+    }
+    if needs_restart.is_empty() {
+        tracing::info!(config = %path.display(), "Reload: {} re-read and valid.", path.display());
+    } else {
+        tracing::warn!(
+            config = %path.display(),
+            "{} changed since the daemon started ({}); a reload does not apply that, a restart does (systemctl restart fleet-agentd; containers keep running).",
+            path.display(),
+            needs_restart.join(", ")
+        );
+    }
+}
+
 async fn wait_for_signals(
     supervisor: &Supervisor,
     config: &Config,
@@ -343,17 +407,8 @@ async fn wait_for_signals(
             _ = hup.recv() => {
                 crate::systemd::reloading();
                 tracing::info!("SIGHUP: re-reading {}.", config.departments_dir.display());
-                // The config is read at start only (the listeners, the store
-                // and the port pool are built from it); say so rather than
-                // let an edit look applied.
                 if let ConfigSource::File(path) = source {
-                    if config_file_text(source).as_deref() != config_text {
-                        tracing::warn!(
-                            config = %path.display(),
-                            "{} changed since the daemon started; a reload does not apply it, a restart does (systemctl restart fleet-agentd; containers keep running).",
-                            path.display()
-                        );
-                    }
+                    reread_config(path, source, config_text);
                 }
                 if config.coordinator.is_none() {
                     load_departments_dir(supervisor, config).await;

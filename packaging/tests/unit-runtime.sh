@@ -124,19 +124,24 @@ done
 $(tail -c 3000 <<<"$journal")"
 
 log "reload, then stop: the department must keep running"
-# A reload re-reads departments.d only; an edited agent.toml must be called out
-# as needing a restart rather than look applied.
-in_ct sh -c 'echo "# edited" >>/etc/fleet-agent/agent.toml'
+# A reload re-reads agent.toml: `[log] level` applies at once, anything else
+# that changed is named as needing a restart rather than look applied.
+# (`cat >` keeps the conffile's owner and mode.)
+in_ct sh -c 'f=/etc/fleet-agent/agent.toml; { echo "resync_interval = \"45s\""; sed "s/^\[log\]\$/[log]\nlevel = \"debug\"/" "$f"; } >"$f.new" && cat "$f.new" >"$f" && rm "$f.new"'
+in_ct fleet-agentd check-config >/dev/null || fail "the edited agent.toml does not pass check-config"
 in_ct systemctl reload fleet-agentd || fail "reload failed"
 sleep 1
 [ "$(in_ct systemctl is-active fleet-agentd)" = active ] || fail "not active after reload"
 [ "$(in_ct systemctl show -p MainPID --value fleet-agentd)" = "$pid" ] || fail "reload restarted the daemon"
 found=""
 for _ in $(seq 1 20); do
-    if in_ct journalctl -u fleet-agentd --no-pager | grep -q 'changed since the daemon started.*restart'; then found=1; break; fi
+    journal=$(in_ct journalctl -u fleet-agentd --no-pager)
+    if grep -q 'changed since the daemon started (resync_interval).*restart' <<<"$journal" &&
+        grep -q 'log level is now debug' <<<"$journal"; then found=1; break; fi
     sleep 0.5
 done
-[ -n "$found" ] || fail "a reload after editing agent.toml did not say that a restart applies it"
+[ -n "$found" ] || fail "a reload after editing agent.toml did not apply the log level and name resync_interval as needing a restart:
+$(in_ct journalctl -u fleet-agentd --no-pager | tail -n 15)"
 started=$(docker inspect -f '{{ .State.StartedAt }}' "aio-$dept")
 in_ct systemctl stop fleet-agentd || fail "stop failed"
 [ "$(docker inspect -f '{{ .State.Running }}' "aio-$dept")" = true ] || fail "stopping the daemon stopped aio-$dept"

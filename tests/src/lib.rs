@@ -518,6 +518,13 @@ pub fn sigterm(pid: u32) {
         .status();
 }
 
+/// Sends SIGHUP (a reload) the same way as [`sigterm`].
+pub fn sighup(pid: u32) {
+    let _ = Command::new("sh")
+        .args(["-c", &format!("kill -HUP {pid}")])
+        .status();
+}
+
 /// Polls `check` every 200 ms until it is true; panics naming `what` otherwise.
 pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
     wait_for(timeout, what, || check().then_some(()));

@@ -842,3 +842,47 @@ fn stop_then_start_runs_the_same_container_again_on_its_port() {
     assert_eq!(row["state"], "running", "after stop/start: {row}");
     assert!(container_running(&container(&id)));
 }
+
+#[test]
+fn sighup_rereads_agent_toml_applies_the_log_level_and_refuses_a_bad_file() {
+    let d = daemon("hup", (42080, 42089));
+    let pid = d.pid().expect("daemon pid");
+    let original = fs::read_to_string(&d.config_path).expect("read agent.toml");
+    assert!(original.contains("resync_interval = \"1s\""), "{original}");
+    assert!(!d.log_text().contains("\"level\":\"DEBUG\""));
+
+    // A live setting and one that needs a restart.
+    let edited = original
+        .replace("resync_interval = \"1s\"", "resync_interval = \"2s\"")
+        .replace("level = \"info\"", "level = \"debug\"");
+    fs::write(&d.config_path, &edited).expect("write agent.toml");
+    sighup(pid);
+    wait_until(QUIET, "the reload to apply the log level", || {
+        d.log_text().contains("log level is now debug")
+    });
+    // A malformed request makes the TCP API log a debug line, which only the
+    // new level lets through.
+    wait_until(QUIET, "debug lines after the reload", || {
+        if let Ok(mut conn) = std::net::TcpStream::connect(d.api_addr) {
+            use std::io::{Read, Write};
+            let _ = conn.write_all(b"NOT HTTP AT ALL\r\n\r\n");
+            let _ = conn.read(&mut [0u8; 512]);
+        }
+        d.log_text().contains("\"level\":\"DEBUG\"")
+    });
+    let log = d.log_text();
+    assert!(
+        log.contains("changed since the daemon started (resync_interval)"),
+        "the reload must name what needs a restart:\n{}",
+        d.log_tail(20)
+    );
+
+    // A bad file is refused whole, naming the key; the daemon keeps serving.
+    fs::write(&d.config_path, format!("bogus_key = 1\n{edited}")).expect("write agent.toml");
+    sighup(pid);
+    wait_until(QUIET, "the bad reload to be refused", || {
+        d.log_text().contains("Reload refused")
+    });
+    assert!(d.log_text().contains("bogus_key"), "{}", d.log_tail(10));
+    assert!(d.status()["departments"].is_array());
+}
