@@ -127,7 +127,7 @@ log "reload, then stop: the department must keep running"
 # A reload re-reads agent.toml: `[log] level` applies at once, anything else
 # that changed is named as needing a restart rather than look applied.
 # (`cat >` keeps the conffile's owner and mode.)
-in_ct sh -c 'f=/etc/fleet-agent/agent.toml; { echo "resync_interval = \"45s\""; sed "s/^\[log\]\$/[log]\nlevel = \"debug\"/" "$f"; } >"$f.new" && cat "$f.new" >"$f" && rm "$f.new"'
+in_ct sh -c 'f=/etc/fleet-agent/agent.toml; { echo "resync_interval = \"45s\""; cat "$f"; printf "[log]\nlevel = \"debug\"\n"; } >"$f.new" && cat "$f.new" >"$f" && rm "$f.new"'
 in_ct fleet-agentd check-config >/dev/null || fail "the edited agent.toml does not pass check-config"
 in_ct systemctl reload fleet-agentd || fail "reload failed"
 sleep 1
