@@ -248,6 +248,20 @@ fn wal_daemon(name: &'static str, ports: (u16, u16), wal_toml: &str) -> TestDaem
     daemon
 }
 
+/// A daemon archiving `pg`'s WAL into the directory `archive`.
+fn file_wal_daemon(name: &'static str, ports: (u16, u16), pg: &Pg, archive: &Path) -> TestDaemon {
+    wal_daemon(
+        name,
+        ports,
+        &format!(
+            "target = \"file://{}\"\npostgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\n",
+            archive.display(),
+            pg.conninfo(),
+            pg.data.display()
+        ),
+    )
+}
+
 fn archive_command(daemon: &TestDaemon) -> String {
     format!(
         "{} --socket {} wal push %p",
@@ -466,16 +480,7 @@ fn pgbench_archiving(daemon: &TestDaemon, pg: &mut Pg, get: impl Fn(&str) -> Opt
 fn wal_pgbench_archives_everything_to_a_directory() {
     let mut pg = Pg::new(46500);
     let archive = tempfile::tempdir().unwrap();
-    let daemon = wal_daemon(
-        "wal1",
-        (46000, 46009),
-        &format!(
-            "target = \"file://{}\"\npostgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\n",
-            archive.path().display(),
-            pg.conninfo(),
-            pg.data.display()
-        ),
-    );
+    let daemon = file_wal_daemon("wal1", (46000, 46009), &pg, archive.path());
     pgbench_archiving(&daemon, &mut pg, file_get(archive.path()));
 }
 
@@ -708,16 +713,7 @@ fn pgbench_in_background(pg: &Pg, seconds: u32) -> Child {
 fn wal_kill9_during_uploads_leaves_no_partial_object() {
     let mut pg = Pg::new(46504);
     let archive = tempfile::tempdir().unwrap();
-    let mut daemon = wal_daemon(
-        "wal4",
-        (46040, 46049),
-        &format!(
-            "target = \"file://{}\"\npostgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\n",
-            archive.path().display(),
-            pg.conninfo(),
-            pg.data.display()
-        ),
-    );
+    let mut daemon = file_wal_daemon("wal4", (46040, 46049), &pg, archive.path());
     pg.init(&archive_command(&daemon));
     pg.pgbench(&["-i", "-s", "3", "-q"]);
     let mut load = pgbench_in_background(&pg, 14);
@@ -803,16 +799,7 @@ fn wal_s3_stopped_under_load_then_drains_without_gap() {
 fn wal_point_in_time_recovery_end_to_end() {
     let mut pg = Pg::new(46506);
     let archive = tempfile::tempdir().unwrap();
-    let daemon = wal_daemon(
-        "wal6",
-        (46060, 46069),
-        &format!(
-            "target = \"file://{}\"\npostgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\n",
-            archive.path().display(),
-            pg.conninfo(),
-            pg.data.display()
-        ),
-    );
+    let daemon = file_wal_daemon("wal6", (46060, 46069), &pg, archive.path());
     pg.init(&archive_command(&daemon));
     pg.sql("CREATE TABLE t (id int PRIMARY KEY, phase text NOT NULL)");
     pg.sql("INSERT INTO t SELECT g, 'before-backup' FROM generate_series(1, 10) g");
@@ -881,16 +868,7 @@ fn wal_point_in_time_recovery_end_to_end() {
 fn wal_retention_keeps_what_the_window_needs() {
     let mut pg = Pg::new(46508);
     let archive = tempfile::tempdir().unwrap();
-    let daemon = wal_daemon(
-        "wal7",
-        (46070, 46079),
-        &format!(
-            "target = \"file://{}\"\npostgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\n",
-            archive.path().display(),
-            pg.conninfo(),
-            pg.data.display()
-        ),
-    );
+    let daemon = file_wal_daemon("wal7", (46070, 46079), &pg, archive.path());
     pg.init(&archive_command(&daemon));
     let sysid = pg.sysid();
     let backup = || {
