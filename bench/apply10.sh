@@ -71,19 +71,7 @@ say "baseline: all started in ${base_running}s, all answering /health in ${base_
 docker rm -f $(docker ps -aq --filter "label=$BASE_LABEL") >/dev/null
 
 # --- fleet-agentd: apply 10 ----------------------------------------------------
-mkdir -p "$WORK/state" "$WORK/departments.d" "$WORK/specs"
-cat >"$WORK/agent.toml" <<EOF
-node_id = "$NODE"
-state_dir = "$WORK/state"
-socket = "$WORK/agentctl.sock"
-departments_dir = "$WORK/departments.d"
-[ports]
-range = "$PORTS"
-[api]
-listen = ""
-[log]
-format = "json"
-EOF
+mkdir -p "$WORK/specs"
 for i in $(seq 1 $N); do
   cat >"$WORK/specs/b$i.toml" <<EOF
 id = "$NODE-d$i"
@@ -97,12 +85,7 @@ start_period = "0s"
 EOF
 done
 
-say "starting fleet-agentd"
-"$BIN/fleet-agentd" --config "$WORK/agent.toml" >"$WORK/daemon.log" 2>&1 &
-DAEMON_PID=$!
-ctl() { "$BIN/agentctl" --socket "$WORK/agentctl.sock" "$@"; }
-for _ in $(seq 1 300); do ctl status >/dev/null 2>&1 && break; sleep 0.1; done
-ctl status >/dev/null || { cat "$WORK/daemon.log" >&2; exit 1; }
+bench_start_daemon "$PORTS"
 
 count() { # jq filter on status rows -> count
   ctl status --json 2>/dev/null | jq "[.departments[] | select($1)] | length" 2>/dev/null || echo 0

@@ -62,3 +62,31 @@ bench_remove_containers() {
   # shellcheck disable=SC2086
   [[ -n "${ids//[[:space:]]/}" ]] && docker rm -f $ids >/dev/null 2>&1 || true
 }
+
+# bench_start_daemon PORTS: writes a standalone agent.toml under WORK (port pool
+# PORTS, no TCP API, JSON logs to WORK/daemon.log), starts fleet-agentd from BIN,
+# sets DAEMON_PID and waits until `ctl` (agentctl on its socket) answers.
+bench_start_daemon() {
+  mkdir -p "$WORK/state" "$WORK/departments.d" "$WORK/specs"
+  cat >"$WORK/agent.toml" <<TOML
+node_id = "$NODE"
+state_dir = "$WORK/state"
+socket = "$WORK/agentctl.sock"
+departments_dir = "$WORK/departments.d"
+[ports]
+range = "$1"
+[api]
+listen = ""
+[log]
+format = "json"
+TOML
+  say "starting fleet-agentd"
+  "$BIN/fleet-agentd" --config "$WORK/agent.toml" >"$WORK/daemon.log" 2>&1 &
+  DAEMON_PID=$!
+  local _
+  for _ in $(seq 1 300); do ctl status >/dev/null 2>&1 && return; sleep 0.1; done
+  cat "$WORK/daemon.log" >&2
+  exit 1
+}
+
+ctl() { "$BIN/agentctl" --socket "$WORK/agentctl.sock" "$@"; }

@@ -78,24 +78,7 @@ docker_median="$(median <<<"$docker_ms")"
 say "docker on-failure: die -> start median ${docker_median} ms ($(tr '\n' ' ' <<<"$docker_ms"))"
 
 # --- fleet-agentd -----------------------------------------------------------------
-mkdir -p "$WORK/state" "$WORK/departments.d" "$WORK/specs"
-cat >"$WORK/agent.toml" <<EOF
-node_id = "$NODE"
-state_dir = "$WORK/state"
-socket = "$WORK/agentctl.sock"
-departments_dir = "$WORK/departments.d"
-[ports]
-range = "$PORTS"
-[api]
-listen = ""
-[log]
-format = "json"
-EOF
-"$BIN/fleet-agentd" --config "$WORK/agent.toml" >"$WORK/daemon.log" 2>&1 &
-DAEMON_PID=$!
-ctl() { "$BIN/agentctl" --socket "$WORK/agentctl.sock" "$@"; }
-for _ in $(seq 1 300); do ctl status >/dev/null 2>&1 && break; sleep 0.1; done
-ctl status >/dev/null || { cat "$WORK/daemon.log" >&2; exit 1; }
+bench_start_daemon "$PORTS"
 
 crash_spec() { # ID BACKOFF
   cat <<EOF
