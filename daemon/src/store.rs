@@ -236,16 +236,19 @@ impl Store {
         reason: &str,
         exit_code: Option<i64>,
     ) -> Result<(), StoreError> {
-        let conn = self.conn();
-        conn.execute(
+        // One transaction: one fsync on the restart path instead of two.
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
             "INSERT INTO restarts (department, at, reason, exit_code) VALUES (?1, ?2, ?3, ?4)",
             params![department, now_secs(), reason, exit_code],
         )?;
-        conn.execute(
+        tx.execute(
             "DELETE FROM restarts WHERE department = ?1 AND id NOT IN
                (SELECT id FROM restarts WHERE department = ?1 ORDER BY id DESC LIMIT ?2)",
             params![department, RESTARTS_KEPT_PER_DEPARTMENT],
         )?;
+        tx.commit()?;
         Ok(())
     }
 

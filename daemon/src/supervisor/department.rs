@@ -447,6 +447,9 @@ impl DeptActor {
     }
 
     async fn on_failure(&mut self, reason: FailureReason) {
+        // The backoff counts from the failure, not from after the bookkeeping
+        // (each event is an fsync'd write).
+        let failed_at = Instant::now();
         if reason != FailureReason::Unhealthy {
             self.judged_run = self
                 .container
@@ -472,7 +475,7 @@ impl DeptActor {
             .on_failure(&self.spec.restart, &reason, now, jitter)
         {
             Decision::RestartAfter(delay) => {
-                self.restart_at = Some(Instant::now() + delay);
+                self.restart_at = Some(failed_at + delay);
                 self.set_state(
                     DeptState::Backoff,
                     Some(format!(
