@@ -167,7 +167,10 @@ $(machine_line)
 | fleet-agentd, default \`restart.backoff = "1s"\` | ${dflt_median} ms | $(tr '\n' ' ' <<<"$dflt_ms") | ${ratio_dflt} |
 
 The default backoff is deliberate (a crash loop should not hammer the host); with
-the same first delay as Docker, the daemon's cost is what the ratio shows.
+the same first delay as Docker, the daemon's cost is what the ratio shows. The
+departments crash at the same moment, and each restart's bookkeeping (restart
+record, events, all \`synchronous=FULL\` SQLite writes through one connection)
+waits for the others', so the samples spread; Docker's restarts share nothing.
 
 First failed probe to the replacement's first passing probe (interval 1s, timeout
 500ms, retries 3, backoff 100ms): **${probe_ms} ms**, against a bound of
