@@ -357,8 +357,12 @@ fn reread_config(path: &std::path::Path, source: &ConfigSource, start_text: Opti
         return;
     };
     let mut needs_restart: Vec<String> = Vec::new();
-    for (key, new_value) in &new_fields {
+    // Every key of either side, so a table removed from the file counts too.
+    let keys: std::collections::BTreeSet<&String> =
+        old_fields.keys().chain(new_fields.keys()).collect();
+    for key in keys {
         let old_value = old_fields.get(key).unwrap_or(&serde_json::Value::Null);
+        let new_value = new_fields.get(key).unwrap_or(&serde_json::Value::Null);
         if key == "log" {
             if old.log.format != new.log.format {
                 needs_restart.push("log.format".into());
