@@ -31,14 +31,7 @@ bench_binaries
 
 bench_workdir apply
 BASE_LABEL="fleet-bench.baseline=$NODE"
-DAEMON_PID=""
-
-cleanup() {
-  [[ -n "$DAEMON_PID" ]] && kill -TERM "$DAEMON_PID" 2>/dev/null && wait "$DAEMON_PID" 2>/dev/null || true
-  bench_remove_containers "label=fleet-agent.node=$NODE" "label=$BASE_LABEL"
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+trap bench_cleanup EXIT
 
 wait_healthy_ports() { # PORT...: until every port answers /health 200, for at most 120s
   local port deadline=$((SECONDS + 120))

@@ -55,6 +55,17 @@ bench_workdir() {
   NODE="$1-$(basename "$WORK" | rev | cut -d- -f1 | rev | tr 'A-Z' 'a-z')"
 }
 
+# bench_cleanup: the EXIT trap of a benchmark: stops the daemon it started
+# (DAEMON_PID), removes this run's containers (node NODE, and BASE_LABEL when the
+# script labels its baseline containers) and the work dir.
+bench_cleanup() {
+  if [[ -n "${DAEMON_PID:-}" ]]; then
+    kill -TERM "$DAEMON_PID" 2>/dev/null && wait "$DAEMON_PID" 2>/dev/null || true
+  fi
+  bench_remove_containers "label=fleet-agent.node=$NODE" ${BASE_LABEL:+"label=$BASE_LABEL"}
+  rm -rf "$WORK"
+}
+
 # bench_remove_containers FILTER...: force-removes the containers matching any filter.
 bench_remove_containers() {
   local filter ids=""

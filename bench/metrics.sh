@@ -40,12 +40,7 @@ stop_daemon() {
     DAEMON_PID=""
   fi
 }
-cleanup() {
-  stop_daemon
-  bench_remove_containers "label=fleet-agent.node=$NODE"
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+trap bench_cleanup EXIT
 
 mkdir -p "$WORK/state" "$WORK/departments.d" "$WORK/specs"
 start_daemon() { # STATS_INTERVAL

@@ -27,13 +27,7 @@ bench_binaries
 
 bench_workdir restart
 BASE_LABEL="fleet-bench.baseline=$NODE"
-DAEMON_PID=""
-cleanup() {
-  [[ -n "$DAEMON_PID" ]] && kill -TERM "$DAEMON_PID" 2>/dev/null && wait "$DAEMON_PID" 2>/dev/null || true
-  bench_remove_containers "label=fleet-agent.node=$NODE" "label=$BASE_LABEL"
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+trap bench_cleanup EXIT
 
 # first_restart_ms LABEL_FILTER SINCE: waits until every container matching the
 # filter died once and a container of the same department started after it, then

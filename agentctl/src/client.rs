@@ -123,14 +123,9 @@ impl Client {
 
     /// Sends and reads the whole answer; a non-2xx answer becomes `ApiFailure`.
     pub async fn call(&self, method: Method, path: &str, body: Option<Bytes>) -> Result<Bytes> {
-        let response = self.send(method, path, body).await?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .context("reading fleet-agentd's answer")?
-            .to_bytes();
+        let (status, bytes) = self
+            .exchange(method, path, body, "application/json")
+            .await?;
         if status.is_success() {
             return Ok(bytes);
         }

@@ -817,6 +817,12 @@ pub fn hold_port(port: u16) -> TcpListener {
 /// top-level keys first (`host_port = 42050`), then tables (`[env]`, `[secrets]`,
 /// `[resources]`); do not repeat `[health]` or `[restart]`.
 pub fn spec_toml(id: &str, image: &str, extra: &str) -> String {
+    spec_toml_with_restart(id, image, extra, "stop_timeout = \"5s\"\n")
+}
+
+/// [`spec_toml`] with the lines of its `[restart]` table given (they replace
+/// its `stop_timeout = "5s"`).
+pub fn spec_toml_with_restart(id: &str, image: &str, extra: &str, restart: &str) -> String {
     format!(
         r#"id = "{id}"
 image = "{image}"
@@ -829,8 +835,7 @@ retries = 3
 start_period = "0s"
 
 [restart]
-stop_timeout = "5s"
-"#
+{restart}"#
     )
 }
 

@@ -117,25 +117,11 @@ fn spec(
         .iter()
         .map(|(k, v)| format!("{k} = {v:?}\n"))
         .collect();
-    format!(
-        r#"id = "{id}"
-image = "{image}"
-
-[env]
-{env}
-[secrets]
-{secrets}
-[health]
-path = "/health"
-interval = "1s"
-timeout = "500ms"
-retries = 3
-start_period = "0s"
-
-[restart]
-stop_timeout = "2s"
-{restart}
-"#
+    spec_toml_with_restart(
+        id,
+        image,
+        &format!("[env]\n{env}[secrets]\n{secrets}"),
+        &format!("stop_timeout = \"2s\"\n{restart}\n"),
     )
 }
 

@@ -40,26 +40,11 @@ fn container(id: &str) -> String {
 /// holds extra `[restart]` keys (`max_retries = 5`, ...).
 fn spec(id: &str, image: &str, env: &[(&str, &str)], resources: &str, restart: &str) -> String {
     let env: String = env.iter().map(|(k, v)| format!("{k} = {v:?}\n")).collect();
-    format!(
-        r#"id = "{id}"
-image = "{image}"
-
-[env]
-{env}
-[resources]
-{resources}
-
-[health]
-path = "/health"
-interval = "1s"
-timeout = "500ms"
-retries = 3
-start_period = "0s"
-
-[restart]
-stop_timeout = "2s"
-{restart}
-"#
+    spec_toml_with_restart(
+        id,
+        image,
+        &format!("[env]\n{env}[resources]\n{resources}\n"),
+        &format!("stop_timeout = \"2s\"\n{restart}\n"),
     )
 }
 

@@ -262,6 +262,23 @@ fn file_wal_daemon(name: &'static str, ports: (u16, u16), pg: &Pg, archive: &Pat
     )
 }
 
+/// The HTTP status of a raw request (curl with `args`) to `path` on the daemon's socket.
+fn socket_status(daemon: &TestDaemon, args: &[&str], path: &str) -> String {
+    let out = run(Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--unix-socket",
+        ])
+        .arg(&daemon.socket)
+        .args(args)
+        .arg(format!("http://fleet{path}")));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn archive_command(daemon: &TestDaemon) -> String {
     format!(
         "{} --socket {} wal push %p",
@@ -606,31 +623,13 @@ fn wal_bad_names_and_symlinks_are_refused() {
         "00000001000000000000000G",
         "%2Fetc%2Fpasswd",
     ] {
-        let out = run(Command::new("curl")
-            .args([
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--unix-socket",
-            ])
-            .arg(&daemon.socket)
-            .args(["-X", "POST", "--data-binary", "x"])
-            .arg(format!("http://fleet/v1/wal/push?name={name}&system_id=5")));
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "400", "{name}");
-        let out = run(Command::new("curl")
-            .args([
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--unix-socket",
-            ])
-            .arg(&daemon.socket)
-            .arg(format!("http://fleet/v1/wal/fetch/{name}?system_id=5")));
-        let code = String::from_utf8_lossy(&out.stdout).to_string();
+        let code = socket_status(
+            &daemon,
+            &["-X", "POST", "--data-binary", "x"],
+            &format!("/v1/wal/push?name={name}&system_id=5"),
+        );
+        assert_eq!(code, "400", "{name}");
+        let code = socket_status(&daemon, &[], &format!("/v1/wal/fetch/{name}?system_id=5"));
         assert!(code == "400" || code == "404", "{name}: {code}");
     }
     // Nothing was written: not in the target, not beside it.
