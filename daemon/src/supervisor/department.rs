@@ -110,10 +110,6 @@ pub struct DeptActor {
     /// The exited run (container id, start time) already judged, so a resync
     /// does not count the same exit twice.
     judged_run: Option<(String, Option<i64>)>,
-    /// The container Docker sent an `oom` event for: Docker sets `OOMKilled`
-    /// from that event, which can be handled after the exit, so inspect alone
-    /// may report a plain exit 137 for an OOM kill.
-    oom_seen: Option<String>,
     /// The container this task last saw running, and the engine epoch then.
     /// An exit it did not watch happen (the daemon, the host or Docker was
     /// restarting) is not judged like a crash; see `converge`.
@@ -164,7 +160,6 @@ impl DeptActor {
             pull_progress: None,
             next_pull_attempt: None,
             judged_run: None,
-            oom_seen: None,
             watched: None,
             self_tx: tx.clone(),
         };
@@ -429,7 +424,6 @@ impl DeptActor {
                     Err(e) => self.reason = Some(format!("cannot inspect container: {e}")),
                 }
             }
-            "oom" => self.oom_seen = Some(container_id.to_string()),
             "destroy" => {
                 self.container = None;
                 self.stop_probe();
@@ -564,11 +558,7 @@ impl DeptActor {
     /// only after reporting the exit (seen under load), and a plain SIGKILL is
     /// much rarer for a department than the kernel's OOM killer.
     async fn exit_reason(&mut self, c: ObservedContainer) -> FailureReason {
-        let oom = |shared: &Shared, c: &ObservedContainer, seen: &Option<String>| {
-            c.oom_killed || seen.as_deref() == Some(c.id.as_str()) || shared.oom_events.seen(&c.id)
-        };
-        if oom(&self.shared, &c, &self.oom_seen) {
-            self.shared.oom_events.forget(&c.id);
+        if self.docker_reported_oom(&c) {
             return FailureReason::Oom;
         }
         if c.exit_code == Some(137) {
@@ -585,8 +575,7 @@ impl DeptActor {
                 tokio::time::sleep(OOM_RECHECK_EVERY).await;
                 match self.shared.runtime.inspect(&c.id).await {
                     Ok(Some(again)) if again.started_at == c.started_at => {
-                        if oom(&self.shared, &again, &self.oom_seen) {
-                            self.shared.oom_events.forget(&c.id);
+                        if self.docker_reported_oom(&again) {
                             self.container = Some(again);
                             return FailureReason::Oom;
                         }
@@ -636,13 +625,20 @@ impl DeptActor {
         }
     }
 
+    /// Docker's own OOM report: the `OOMKilled` flag, or an `oom` event, which
+    /// the event loop records for us even when it arrives after the `die`.
+    fn docker_reported_oom(&self, c: &ObservedContainer) -> bool {
+        c.oom_killed || self.shared.oom_events.seen(&c.id)
+    }
+
     async fn start_existing(&mut self) {
         let Some(c) = self.container.clone() else {
             return Box::pin(self.create_and_start(false)).await;
         };
         self.set_state(DeptState::Starting, None);
         self.run_started_nano = now_nanos();
-        self.oom_seen = None;
+        // A new run of the same container: an OOM of the last one is spent.
+        self.shared.oom_events.forget(&c.id);
         let permit = self.shared.start_gate.clone().acquire_owned().await.ok();
         let result = self.shared.runtime.start(&c.id).await;
         drop(permit);
