@@ -6,7 +6,7 @@
 # all into a directory target on the same disk, zstd where the tool compresses.
 #
 # Method: one PostgreSQL 15 cluster runs `pgbench -i -s $BENCH_SCALE` with
-# archive_command failing, so a backlog of .ready segments (~1 GiB at scale 60)
+# archive_command failing, so a backlog of .ready segments (~1.2 GiB at scale 100)
 # builds up; it is stopped and copied once per method. Each copy starts with
 # that method's archive_command, and we time until PostgreSQL has archived the
 # whole backlog (segments/s), sampling the backlog, and log each
@@ -19,13 +19,13 @@
 #   bash bench/wal.sh     # rewrites its section of docs/benchmarks.md
 #
 # Environment: FLEET_BIN_DIR (default target/release, built if missing),
-# BENCH_SCALE (60), BENCH_LOAD_SECONDS (30), BENCH_OUT (docs/benchmarks.md),
+# BENCH_SCALE (100), BENCH_LOAD_SECONDS (30), BENCH_OUT (docs/benchmarks.md),
 # BENCH_PORT (46590). Not a test: it measures. Run it on a quiet machine.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$(pwd)"
-SCALE="${BENCH_SCALE:-60}"
+SCALE="${BENCH_SCALE:-100}"
 LOAD_SECONDS="${BENCH_LOAD_SECONDS:-30}"
 OUT="${BENCH_OUT:-docs/benchmarks.md}"
 PORT="${BENCH_PORT:-46590}"
@@ -127,7 +127,7 @@ SYSID=$(od -An -t u8 -N 8 "$SRC/data/global/pg_control" | tr -d ' ')
 FLEET_DIR="$WORK/fleet"
 mkdir -p "$FLEET_DIR/state" "$FLEET_DIR/departments.d"
 chmod 755 "$FLEET_DIR"
-start_daemon() { # PG_WAL_DIR CONNINFO
+start_daemon() { # PG_WAL_DIR CONNINFO ARCHIVE COMPRESSION_LEVEL
   [[ -n "$DAEMON_PID" ]] && { kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true; }
   cat >"$FLEET_DIR/agent.toml" <<TOML
 node_id = "walbench"
@@ -135,10 +135,11 @@ state_dir = "$FLEET_DIR/state"
 socket = "$FLEET_DIR/agentctl.sock"
 departments_dir = "$FLEET_DIR/departments.d"
 [wal]
-target = "file://$WORK/archive-fleet"
+target = "file://$3"
 pg_wal_dir = "$1"
 postgres = "$2"
 parallel_uploads = 4
+compression_level = $4
 [api]
 listen = ""
 [log]
@@ -184,7 +185,10 @@ CONF
   local t0 t1
   t0=$(now)
   # The daemon starts inside the timed span: its look-ahead begins at once.
-  [[ "$name" == fleet ]] && start_daemon "$data/pg_wal" "host=$sock port=$PORT user=postgres"
+  case "$name" in
+    fleet) start_daemon "$data/pg_wal" "host=$sock port=$PORT user=postgres" "$WORK/archive-fleet" 1 ;;
+    fleet-zst3) start_daemon "$data/pg_wal" "host=$sock port=$PORT user=postgres" "$WORK/archive-fleet-zst3" 3 ;;
+  esac
   as_pg "$PG/pg_ctl" -D "$data" -l "$dir/pg.log" -w start >/dev/null
   while (($(ready_count "$data") > 0)); do sleep 0.2; done
   t1=$(now)
@@ -213,6 +217,7 @@ cmd_pgbr_sync() { pgbr_conf pgbr-sync "$1" "$2" n; echo "pgbackrest --config=$WO
 cmd_pgbr_async() { pgbr_conf pgbr-async "$1" "$2" y; echo "pgbackrest --config=$WORK/pgbr-async.conf --stanza=bench archive-push %p"; }
 cmd_seed() { mkdir -p "$WORK/archive-seed"; chown postgres: "$WORK/archive-seed"; echo "cp %p $WORK/archive-seed/%f"; }
 
+run_method fleet-zst3 cmd_fleet
 run_method fleet cmd_fleet
 run_method pgbr-sync cmd_pgbr_sync
 run_method pgbr-async cmd_pgbr_async
@@ -223,13 +228,16 @@ mapfile -t SEGMENTS < <(ls "$WORK/archive-fleet/$SYSID/wal" | sed 's/\.zst$//' |
 say "restore: fetching ${#SEGMENTS[@]} segments in order"
 mkdir -p "$WORK/fetch"; chown postgres: "$WORK/fetch"
 t0=$(now)
+# Like PostgreSQL, which unlinks RECOVERYXLOG before each restore_command.
 for s in "${SEGMENTS[@]}"; do
+  rm -f "$WORK/fetch/RECOVERYXLOG"
   "$BIN/agentctl" --socket "$FLEET_DIR/agentctl.sock" wal fetch --system-id "$SYSID" "$s" "$WORK/fetch/RECOVERYXLOG"
 done
 t1=$(now)
 FETCH_FLEET=$(elapsed "$t0" "$t1")
 t0=$(now)
 for s in "${SEGMENTS[@]}"; do
+  rm -f "$WORK/fetch/RECOVERYXLOG.pgbr"
   as_pg pgbackrest --config="$WORK/pgbr-async.conf" --stanza=bench archive-get "$s" "$WORK/fetch/RECOVERYXLOG.pgbr" >/dev/null
 done
 t1=$(now)
@@ -248,7 +256,8 @@ Ratios are against pgBackRest asynchronous, measured in the same run.
 
 | method | drain time | segments/s | vs pgBackRest async | call p50 | call p99 | max .ready during ${LOAD_SECONDS}s pgbench |
 |---|---|---|---|---|---|---|
-| fleet-agent (\`agentctl wal push\`, 4 parallel look-ahead uploads) | ${DRAIN[fleet]} s | ${RATE[fleet]} | $(ratio "${RATE[fleet]}" "${RATE[pgbr-async]}") | ${P50[fleet]} ms | ${P99[fleet]} ms | ${MAXLOAD[fleet]} |
+| fleet-agent (\`agentctl wal push\`, 4 parallel look-ahead uploads, zstd level 1: the default) | ${DRAIN[fleet]} s | ${RATE[fleet]} | $(ratio "${RATE[fleet]}" "${RATE[pgbr-async]}") | ${P50[fleet]} ms | ${P99[fleet]} ms | ${MAXLOAD[fleet]} |
+| fleet-agent, zstd level 3 (the same level as pgBackRest here) | ${DRAIN[fleet-zst3]} s | ${RATE[fleet-zst3]} | $(ratio "${RATE[fleet-zst3]}" "${RATE[pgbr-async]}") | ${P50[fleet-zst3]} ms | ${P99[fleet-zst3]} ms | ${MAXLOAD[fleet-zst3]} |
 | pgBackRest archive-push, async (process-max=4) | ${DRAIN[pgbr-async]} s | ${RATE[pgbr-async]} | 1.00x | ${P50[pgbr-async]} ms | ${P99[pgbr-async]} ms | ${MAXLOAD[pgbr-async]} |
 | pgBackRest archive-push, sync | ${DRAIN[pgbr-sync]} s | ${RATE[pgbr-sync]} | $(ratio "${RATE[pgbr-sync]}" "${RATE[pgbr-async]}") | ${P50[pgbr-sync]} ms | ${P99[pgbr-sync]} ms | ${MAXLOAD[pgbr-sync]} |
 | seed: one \`cp\` per call, uncompressed, no checks | ${DRAIN[seed]} s | ${RATE[seed]} | $(ratio "${RATE[seed]}" "${RATE[pgbr-async]}") | ${P50[seed]} ms | ${P99[seed]} ms | ${MAXLOAD[seed]} |

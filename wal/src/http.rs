@@ -120,7 +120,7 @@ async fn push(
             size,
             mtime_ns,
         };
-        if service.archived_by_identity(sysid, &q.name, id) {
+        if service.archived_by_identity(sysid, &q.name, id).await {
             return Ok(Json(serde_json::json!({
                 "name": q.name,
                 "outcome": PushOutcome::AlreadyArchived,

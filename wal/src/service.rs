@@ -23,6 +23,11 @@ pub type EventSink = Arc<dyn Fn(&str, &str) + Send + Sync>;
 pub const SEGMENT_BYTES: u64 = 16 << 20;
 /// Segments fetched ahead of the one recovery asks for.
 const PREFETCH: usize = 8;
+/// Under the state directory: segments fetched ahead for recovery.
+const PREFETCH_DIR: &str = "wal-prefetch";
+/// How long a request waits for background work on the same name (a
+/// look-ahead upload, a prefetch) before doing the work itself.
+const JOB_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
@@ -132,10 +137,12 @@ pub struct WalService {
     stored: Mutex<HashMap<String, String>>,
     /// Serialises work on one name; bounded by hashing names onto slots.
     slots: Vec<tokio::sync::Mutex<()>>,
-    in_flight: Mutex<HashSet<String>>,
+    /// Look-ahead uploads under way, by key.
+    uploading: Jobs,
     /// key -> identity of the pg_wal file the look-ahead archived under it.
     identities: Mutex<HashMap<String, FileId>>,
-    prefetching: Mutex<HashSet<String>>,
+    /// Prefetches under way, by `<sysid>/<name>`.
+    prefetching: Jobs,
     uploads: Arc<Semaphore>,
     valve_announced: std::sync::atomic::AtomicBool,
 }
@@ -164,6 +171,13 @@ impl WalService {
             .and_then(|d| d.parent())
             .and_then(crate::pg::system_identifier_from_control);
         let parallel = config.parallel_uploads.max(1);
+        // The prefetch cache is written without fsync; whatever a crash left there is dropped.
+        match std::fs::remove_dir_all(state_dir.join(PREFETCH_DIR)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(error = %e, "Could not empty the WAL prefetch directory.")
+            }
+            _ => {}
+        }
         Ok(Arc::new(Self {
             target,
             state_dir: state_dir.to_path_buf(),
@@ -172,9 +186,9 @@ impl WalService {
             default_sysid: Mutex::new(sysid),
             stored: Mutex::new(HashMap::new()),
             slots: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
-            in_flight: Mutex::new(HashSet::new()),
+            uploading: Jobs::default(),
             identities: Mutex::new(HashMap::new()),
-            prefetching: Mutex::new(HashSet::new()),
+            prefetching: Jobs::default(),
             uploads: Arc::new(Semaphore::new(parallel)),
             valve_announced: Default::default(),
             config,
@@ -251,29 +265,22 @@ impl WalService {
             return Err(WalError::BadName(name.to_string()));
         }
         let key = wal_key(sysid, name);
-        let pushed = {
-            let content = content.clone();
-            tokio::task::spawn_blocking(move || codec::sha256_hex(&content))
-                .await
-                .map_err(|e| WalError::Internal(e.to_string()))?
-        };
         let _guard = self.slot(&key).lock().await;
-        if let Some(stored) = self.known(&key) {
+        let stored = match self.known(&key) {
+            Some(sha) => Some(sha),
+            None => self.recorded_sha(&key, name).await?,
+        };
+        if let Some(stored) = stored {
+            let pushed = blocking(move || Ok(codec::sha256_hex(&content))).await?;
             return self.compare(&key, name, stored, pushed);
         }
-        if let Some(head) = self.target.head_bytes(&key, HEADER_LEN).await? {
-            let stored = codec::recorded_sha(&head).map_err(|source| WalError::Corrupt {
-                name: name.to_string(),
-                source,
-            })?;
-            return self.compare(&key, name, stored, pushed);
-        }
+        // Hashing and compressing 16 MiB is most of an upload's CPU: one pass each.
         let level = self.config.compression_level;
         let size = content.len() as u64;
-        let (object, sha) = tokio::task::spawn_blocking(move || codec::encode(&content, level))
-            .await
-            .map_err(|e| WalError::Internal(e.to_string()))?
-            .map_err(|e| WalError::Internal(e.to_string()))?;
+        let (object, sha) = blocking(move || {
+            codec::encode(&content, level).map_err(|e| WalError::Internal(e.to_string()))
+        })
+        .await?;
         let stored_size = object.len() as u64;
         match self.target.put_new(&key, Bytes::from(object)).await? {
             Put::Created => {
@@ -289,18 +296,27 @@ impl WalService {
                 Ok(PushOutcome::Stored)
             }
             Put::Exists => {
-                let head = self
-                    .target
-                    .head_bytes(&key, HEADER_LEN)
-                    .await?
-                    .unwrap_or_default();
-                let stored = codec::recorded_sha(&head).map_err(|source| WalError::Corrupt {
-                    name: name.to_string(),
-                    source,
+                // Stored by someone else since the check above (another host
+                // archiving the same cluster): its header decides.
+                let stored = self.recorded_sha(&key, name).await?.ok_or_else(|| {
+                    WalError::Internal(format!("`{key}` exists in the target but cannot be read"))
                 })?;
-                self.compare(&key, name, stored, pushed)
+                self.compare(&key, name, stored, sha)
             }
         }
+    }
+
+    /// The checksum in the header of the object stored under `key`, if any.
+    async fn recorded_sha(&self, key: &str, name: &str) -> Result<Option<String>, WalError> {
+        let Some(head) = self.target.head_bytes(key, HEADER_LEN).await? else {
+            return Ok(None);
+        };
+        codec::recorded_sha(&head)
+            .map(Some)
+            .map_err(|source| WalError::Corrupt {
+                name: name.to_string(),
+                source,
+            })
     }
 
     fn compare(
@@ -362,18 +378,24 @@ impl WalService {
 
     /// `archive_command`'s fast path: the file PostgreSQL names is the very file
     /// the look-ahead archived (same identity), so it is done without sending
-    /// or hashing 16 MiB again. `false`: the caller must push the content.
-    pub fn archived_by_identity(&self, sysid: u64, name: &str, id: FileId) -> bool {
+    /// or hashing 16 MiB again. A look-ahead upload of that name under way is
+    /// waited for: the call would otherwise send the content and hash it a
+    /// second time while the upload competes for the same CPU. `false`: the
+    /// caller must push the content.
+    pub async fn archived_by_identity(&self, sysid: u64, name: &str, id: FileId) -> bool {
         if !names::is_valid(name) {
             return false;
         }
         let key = wal_key(sysid, name);
-        self.known(&key).is_some()
-            && self
-                .identities
-                .lock()
-                .map(|ids| ids.get(&key) == Some(&id))
-                .unwrap_or(false)
+        let archived = || {
+            self.known(&key).is_some()
+                && self
+                    .identities
+                    .lock()
+                    .map(|ids| ids.get(&key) == Some(&id))
+                    .unwrap_or(false)
+        };
+        self.uploading.wait_for(&key, archived).await
     }
 
     /// Unarchived segments PostgreSQL has marked `.ready`.
@@ -437,10 +459,8 @@ impl WalService {
                 if self.known(&key).is_some() {
                     continue;
                 }
-                if let Ok(mut in_flight) = self.in_flight.lock() {
-                    if !in_flight.insert(key.clone()) {
-                        continue;
-                    }
+                if !self.uploading.start(&key) {
+                    continue;
                 }
                 let Ok(permit) = self.uploads.clone().acquire_owned().await else {
                     return;
@@ -449,32 +469,38 @@ impl WalService {
                 let path = dir.join(&name);
                 tokio::spawn(async move {
                     let _permit = permit;
-                    // PostgreSQL's own files only: a symlink planted in pg_wal is refused.
-                    let meta = tokio::fs::symlink_metadata(&path)
-                        .await
-                        .ok()
-                        .filter(|m| m.file_type().is_file());
-                    if let Some(meta) = meta {
-                        if let Ok(content) = tokio::fs::read(&path).await {
-                            match me.push(sysid, &name, Bytes::from(content)).await {
-                                Ok(_) => {
-                                    if let Ok(mut ids) = me.identities.lock() {
-                                        if ids.len() > 50_000 {
-                                            ids.clear();
-                                        }
-                                        ids.insert(key.clone(), FileId::of(&meta));
-                                    }
-                                }
-                                Err(e) => {
-                                    tracing::debug!(wal = %name, error = %e, "Look-ahead upload failed; archive_command will retry it.")
-                                }
-                            }
-                        }
-                    }
-                    if let Ok(mut in_flight) = me.in_flight.lock() {
-                        in_flight.remove(&key);
-                    }
+                    let uploaded = me.look_ahead_upload(sysid, &name, &key, &path).await;
+                    me.uploading.finish(&key, uploaded);
                 });
+            }
+        }
+    }
+
+    async fn look_ahead_upload(&self, sysid: u64, name: &str, key: &str, path: &Path) -> bool {
+        // PostgreSQL's own files only: a symlink planted in pg_wal is refused.
+        let Some(meta) = tokio::fs::symlink_metadata(path)
+            .await
+            .ok()
+            .filter(|m| m.file_type().is_file())
+        else {
+            return false;
+        };
+        let Ok(content) = tokio::fs::read(path).await else {
+            return false;
+        };
+        match self.push(sysid, name, Bytes::from(content)).await {
+            Ok(_) => {
+                if let Ok(mut ids) = self.identities.lock() {
+                    if ids.len() > 50_000 {
+                        ids.clear();
+                    }
+                    ids.insert(key.to_string(), FileId::of(&meta));
+                }
+                true
+            }
+            Err(e) => {
+                tracing::debug!(wal = %name, error = %e, "Look-ahead upload failed; archive_command will retry it.");
+                false
             }
         }
     }
@@ -535,6 +561,11 @@ impl WalService {
         }
         let dir = self.prefetch_dir(sysid);
         let local = dir.join(name);
+        // Recovery asks for segments in order, so the one asked for is often
+        // being prefetched right now: wait for it rather than fetch it twice.
+        self.prefetching
+            .wait_for(&format!("{sysid}/{name}"), || local.exists())
+            .await;
         let content = match tokio::fs::read(&local).await {
             Ok(c) => {
                 let _ = tokio::fs::remove_file(&local).await;
@@ -554,20 +585,17 @@ impl WalService {
                 if tokio::fs::metadata(dir.join(&next)).await.is_ok() {
                     continue;
                 }
-                if let Ok(mut p) = self.prefetching.lock() {
-                    if !p.insert(key.clone()) {
-                        continue;
-                    }
+                if !self.prefetching.start(&key) {
+                    continue;
                 }
                 let me = self.clone();
                 let dir = dir.clone();
                 tokio::spawn(async move {
-                    if let Ok(Some(content)) = me.fetch_from_target(sysid, &next).await {
-                        let _ = write_atomically(&dir, &next, &content).await;
-                    }
-                    if let Ok(mut p) = me.prefetching.lock() {
-                        p.remove(&key);
-                    }
+                    let fetched = match me.fetch_from_target(sysid, &next).await {
+                        Ok(Some(content)) => write_prefetched(&dir, &next, content).await.is_ok(),
+                        _ => false,
+                    };
+                    me.prefetching.finish(&key, fetched);
                 });
             }
         }
@@ -579,17 +607,16 @@ impl WalService {
             return Ok(None);
         };
         let name = name.to_string();
-        tokio::task::spawn_blocking(move || {
+        blocking(move || {
             codec::decode(&object)
                 .map(Some)
                 .map_err(|source| WalError::Corrupt { name, source })
         })
         .await
-        .map_err(|e| WalError::Internal(e.to_string()))?
     }
 
     pub fn prefetch_dir(&self, sysid: u64) -> PathBuf {
-        self.state_dir.join("wal-prefetch").join(sysid.to_string())
+        self.state_dir.join(PREFETCH_DIR).join(sysid.to_string())
     }
 
     /// Drops prefetched segments recovery has gone past.
@@ -770,18 +797,105 @@ pub struct WalStatus {
     pub last_backup_age_seconds: Option<u64>,
 }
 
-/// Temp file, fsync, rename: readers never see a partial file.
-pub async fn write_atomically(dir: &Path, name: &str, content: &[u8]) -> std::io::Result<()> {
+/// Names with background work under way (look-ahead uploads, prefetches), so
+/// that a request for one of them waits for that work instead of repeating it.
+/// A name whose job failed is not started again before its back-off ends: while
+/// the target is down, retrying every segment every 100 ms would spend the
+/// host's CPU reading and hashing the same files.
+#[derive(Default)]
+struct Jobs {
+    state: Mutex<JobState>,
+    finished: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct JobState {
+    under_way: HashSet<String>,
+    /// key -> (not before, current back-off)
+    failed: HashMap<String, (tokio::time::Instant, Duration)>,
+}
+
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+impl Jobs {
+    /// `false`: a job for `key` is under way or backing off.
+    fn start(&self, key: &str) -> bool {
+        let Ok(mut state) = self.state.lock() else {
+            return false;
+        };
+        if let Some((not_before, _)) = state.failed.get(key) {
+            if tokio::time::Instant::now() < *not_before {
+                return false;
+            }
+        }
+        state.under_way.insert(key.to_string())
+    }
+
+    fn finish(&self, key: &str, succeeded: bool) {
+        if let Ok(mut state) = self.state.lock() {
+            state.under_way.remove(key);
+            if succeeded {
+                state.failed.remove(key);
+            } else {
+                if state.failed.len() > 50_000 {
+                    state.failed.clear();
+                }
+                let delay = state
+                    .failed
+                    .get(key)
+                    .map_or(RETRY_FIRST, |(_, last)| (*last * 2).min(RETRY_MAX));
+                state.failed.insert(
+                    key.to_string(),
+                    (tokio::time::Instant::now() + delay, delay),
+                );
+            }
+        }
+        self.finished.notify_waiters();
+    }
+
+    /// Whether `done` holds, waiting (up to `JOB_WAIT`) while a job for `key` is under way.
+    async fn wait_for(&self, key: &str, done: impl Fn() -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + JOB_WAIT;
+        loop {
+            // Registered before the checks, so a job ending between them still wakes us.
+            let finished = self.finished.notified();
+            tokio::pin!(finished);
+            finished.as_mut().enable();
+            if done() {
+                return true;
+            }
+            let under_way = self
+                .state
+                .lock()
+                .map(|state| state.under_way.contains(key))
+                .unwrap_or(false);
+            if !under_way || tokio::time::timeout_at(deadline, finished).await.is_err() {
+                return false;
+            }
+        }
+    }
+}
+
+/// Runs CPU-heavy work off the async workers.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, WalError> + Send + 'static,
+) -> Result<T, WalError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| WalError::Internal(e.to_string()))?
+}
+
+/// Temp file, then rename: the fetch path never sees a partial file. No fsync:
+/// the prefetch directory is a cache that the daemon empties when it starts,
+/// so a file torn by a power loss is never served.
+async fn write_prefetched(dir: &Path, name: &str, content: Vec<u8>) -> std::io::Result<()> {
     let dir = dir.to_path_buf();
     let name = name.to_string();
-    let content = content.to_vec();
     tokio::task::spawn_blocking(move || {
-        use std::io::Write;
         std::fs::create_dir_all(&dir)?;
         let temp = dir.join(format!(".{name}.tmp"));
-        let mut f = std::fs::File::create(&temp)?;
-        f.write_all(&content)?;
-        f.sync_all()?;
+        std::fs::write(&temp, content)?;
         std::fs::rename(&temp, dir.join(&name))
     })
     .await

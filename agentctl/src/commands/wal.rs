@@ -9,6 +9,7 @@ use crate::client::Client;
 use crate::output;
 use anyhow::{Context, Result};
 use fleet_model::api::ErrorBody;
+use http_body_util::BodyExt;
 use hyper::body::Bytes;
 use hyper::{Method, StatusCode};
 use serde_json::Value;
@@ -259,15 +260,25 @@ fn urlencode(s: &str) -> String {
 async fn fetch(client: &Client, name: &str, dest: &Path, system_id: Option<u64>) -> Result<()> {
     let query = sys_query(system_id);
     let path = format!("/v1/wal/fetch/{}?{query}", urlencode(name));
-    let (status, body) = client
-        .exchange(Method::GET, &path, None, "application/json")
+    let mut response = client
+        .send_typed(Method::GET, &path, None, "application/json")
         .await
         .map_err(|e| exit(code::NO_DAEMON, format!("{e:#}")))?;
+    let status = response.status();
     if !status.is_success() {
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         return Err(exit(code_for(status), error_text(status, &body)));
     }
-    // Temp file beside the destination, fsync, rename: PostgreSQL never sees
-    // a partial segment.
+    // Temp file beside the destination, then rename: PostgreSQL never sees a
+    // partial segment. The body goes to the file as it arrives rather than
+    // being gathered into one 16 MiB buffer first. No fsync: recovery reads
+    // the file at once, PostgreSQL makes durable what it keeps, and after a
+    // crash it asks for the segment again.
     let dir = dest
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -276,16 +287,19 @@ async fn fetch(client: &Client, name: &str, dest: &Path, system_id: Option<u64>)
         ".{}.fleet-tmp",
         dest.file_name().and_then(|n| n.to_str()).unwrap_or("wal")
     ));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&temp)?;
-        f.write_all(&body)?;
-        f.sync_all()?;
-        std::fs::rename(&temp, dest)
-    };
-    write().map_err(|e| {
+    let failed = |e: String| {
         let _ = std::fs::remove_file(&temp);
         exit(code::OTHER, format!("{}: {e}", dest.display()))
-    })
+    };
+    let mut file = std::fs::File::create(&temp).map_err(|e| failed(e.to_string()))?;
+    while let Some(frame) = response.body_mut().frame().await {
+        let frame = frame.map_err(|e| failed(format!("the daemon's answer broke off: {e}")))?;
+        if let Some(chunk) = frame.data_ref() {
+            file.write_all(chunk).map_err(|e| failed(e.to_string()))?;
+        }
+    }
+    drop(file);
+    std::fs::rename(&temp, dest).map_err(|e| failed(e.to_string()))
 }
 
 async fn status(client: &Client, json: bool) -> Result<()> {
