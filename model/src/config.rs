@@ -574,7 +574,10 @@ impl Config {
             }
             // Short intervals are allowed (tests and labs use seconds); zero
             // would mean one base backup after another, never a schedule.
-            if wal.backup_interval.is_some_and(|i| i < Duration::from_secs(1)) {
+            if wal
+                .backup_interval
+                .is_some_and(|i| i < Duration::from_secs(1))
+            {
                 problems.push(FieldError::new(
                     "wal.backup_interval",
                     "must be at least 1s (absent: backups by hand only)",

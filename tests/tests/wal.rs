@@ -1040,7 +1040,12 @@ fn wal_valve_acknowledges_past_the_backlog_while_s3_is_down() {
         pg.sql("INSERT INTO ticks VALUES (1)");
         pg.sql("SELECT pg_walfile_name(pg_switch_wal())")
     };
-    let valve = || metric_value(&metrics(&daemon), "fleet_agent_wal_valve_acknowledged_total");
+    let valve = || {
+        metric_value(
+            &metrics(&daemon),
+            "fleet_agent_wal_valve_acknowledged_total",
+        )
+    };
 
     // Below the valve the archive's failure reaches PostgreSQL: it keeps the
     // segment and retries, nothing is acknowledged.
@@ -1168,7 +1173,11 @@ fn wal_scheduled_base_backups_without_a_command() {
         (list.as_array().map_or(0, Vec::len) >= 2).then_some(list)
     });
     let newest = &list.as_array().unwrap()[list.as_array().unwrap().len() - 1];
-    assert_eq!(newest["system_identifier"], pg.sysid().to_string(), "{newest}");
+    assert_eq!(
+        newest["system_identifier"],
+        pg.sysid().to_string(),
+        "{newest}"
+    );
     let base = archive.path().join(format!(
         "{}/backups/{}/base.tar.zst",
         pg.sysid(),
@@ -1180,7 +1189,10 @@ fn wal_scheduled_base_backups_without_a_command() {
         .unwrap_or_else(|| panic!("no backup age metric: {m}"));
     assert!(age < 30.0, "{age}");
     let status = daemon.agentctl_json(&["wal", "status"]);
-    assert!(status["last_backup_age_seconds"].as_u64().is_some(), "{status}");
+    assert!(
+        status["last_backup_age_seconds"].as_u64().is_some(),
+        "{status}"
+    );
     assert!(
         events(&daemon)
             .iter()
@@ -1223,9 +1235,8 @@ fn wal_retention_runs_after_each_scheduled_backup() {
         archived_backups(archive.path(), sysid).into_iter().next()
     });
     let first_id = first["id"].as_str().unwrap().to_string();
-    let position = |name: &str| {
-        fleet_wal::names::segment_of(name).and_then(fleet_wal::names::position)
-    };
+    let position =
+        |name: &str| fleet_wal::names::segment_of(name).and_then(fleet_wal::names::position);
     let wal_names = || -> Vec<String> {
         keys(archive.path())
             .into_iter()
@@ -1266,7 +1277,8 @@ fn wal_retention_runs_after_each_scheduled_backup() {
     daemon.stop(Duration::from_secs(20));
     let all = keys(archive.path());
     assert!(
-        !all.iter().any(|k| k.contains(&format!("/backups/{first_id}/"))),
+        !all.iter()
+            .any(|k| k.contains(&format!("/backups/{first_id}/"))),
         "{all:?}"
     );
     assert!(all.contains(&history_key), "{all:?}");
@@ -1282,7 +1294,10 @@ fn wal_retention_runs_after_each_scheduled_backup() {
     let names = wal_names();
     for name in pg.done() {
         if position(&name).is_some_and(|p| p >= needed) {
-            assert!(names.contains(&name), "{name} is needed but gone: {names:?}");
+            assert!(
+                names.contains(&name),
+                "{name} is needed but gone: {names:?}"
+            );
         }
     }
     for name in &deleted_wal {
@@ -1340,7 +1355,9 @@ fn wal_s3_conditional_put_refuses_a_second_writer() {
     let a = wal_daemon("wal9a", (47010, 47019), &bucket_toml(dir_a.path()));
     let b = wal_daemon("wal9b", (47020, 47029), &bucket_toml(dir_b.path()));
     let work = tempfile::tempdir().unwrap();
-    let names: Vec<String> = (1..=4).map(|i| format!("0000000100000000000000{i:02X}")).collect();
+    let names: Vec<String> = (1..=4)
+        .map(|i| format!("0000000100000000000000{i:02X}"))
+        .collect();
     for (i, name) in names.iter().enumerate() {
         let (fa, fb) = (work.path().join("a"), work.path().join("b"));
         fs::create_dir_all(&fa).unwrap();
@@ -1395,7 +1412,9 @@ fn wal_s3_conditional_put_refuses_a_second_writer() {
             let mut puts = tokio::task::JoinSet::new();
             for (w, t) in writers.iter().enumerate() {
                 let (t, key) = (t.clone(), key.clone());
-                puts.spawn(async move { (w, t.put_new(&key, vec![w as u8; 1 << 20].into()).await) });
+                puts.spawn(
+                    async move { (w, t.put_new(&key, vec![w as u8; 1 << 20].into()).await) },
+                );
             }
             let results = puts.join_all().await;
             let created: Vec<usize> = results

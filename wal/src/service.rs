@@ -485,10 +485,9 @@ impl WalService {
         // Wake every 10 s, or at the backup interval if that is shorter (a
         // short interval is a test's or a lab's choice; waking less often than
         // asked would silently stretch it).
-        let tick = self
-            .config
-            .backup_interval
-            .map_or(SCHEDULE_TICK, |i| i.clamp(Duration::from_secs(1), SCHEDULE_TICK));
+        let tick = self.config.backup_interval.map_or(SCHEDULE_TICK, |i| {
+            i.clamp(Duration::from_secs(1), SCHEDULE_TICK)
+        });
         let mut last_retention = std::time::Instant::now();
         loop {
             tokio::time::sleep(tick).await;

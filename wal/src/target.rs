@@ -511,7 +511,9 @@ mod tests {
 
     #[test]
     fn knows_a_store_without_conditional_put() {
-        assert!(refuses_conditional_put(&object_store::Error::NotImplemented));
+        assert!(refuses_conditional_put(
+            &object_store::Error::NotImplemented
+        ));
         let answer = |text: &str| object_store::Error::Generic {
             store: "S3",
             source: text.to_string().into(),
