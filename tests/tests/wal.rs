@@ -1023,12 +1023,14 @@ fn wal_valve_acknowledges_past_the_backlog_while_s3_is_down() {
     let dir = tempfile::tempdir().unwrap();
     let s3 = dead_port(47200);
     // 40 MiB: the valve opens when a push fails with 3 or more segments
-    // (48 MiB) waiting, never with 1 or 2.
+    // (48 MiB) waiting, never with 1 or 2. One look-ahead upload at a time:
+    // while S3 is down it retries every ready segment (hashing each) and
+    // would otherwise take both cores of a small test machine.
     let daemon = wal_daemon(
         "wal8",
         (47000, 47009),
         &format!(
-            "postgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\nvalve_backlog = \"40MiB\"\n{}",
+            "postgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\nvalve_backlog = \"40MiB\"\nparallel_uploads = 1\n{}",
             pg.conninfo(),
             pg.data.display(),
             s3_toml(dir.path(), s3, "wal8")
@@ -1064,13 +1066,13 @@ fn wal_valve_acknowledges_past_the_backlog_while_s3_is_down() {
 
     // Past it, segments are acknowledged unarchived: the backlog stops growing.
     let mut made = 1;
-    for _ in 0..11 {
+    for _ in 0..7 {
         segment();
         made += 1;
         thread::sleep(Duration::from_millis(300));
     }
     wait_until(
-        Duration::from_secs(60),
+        Duration::from_secs(90),
         "the valve to hold the backlog at 2",
         || pg.ready().len() <= 2,
     );
@@ -1319,12 +1321,12 @@ fn wal_retention_runs_after_each_scheduled_backup() {
     );
 }
 
-/// 16 MiB that zstd cannot shrink: uploads take long enough for two writers
-/// to overlap.
+/// 4 MiB that zstd cannot shrink (the daemon takes any size; a smaller file
+/// keeps the debug build's hashing quick).
 fn random_segment(dir: &Path, name: &str, seed: u64) -> PathBuf {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut content = Vec::with_capacity(16 << 20);
-    while content.len() < 16 << 20 {
+    let mut content = Vec::with_capacity(4 << 20);
+    while content.len() < 4 << 20 {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
@@ -1335,103 +1337,131 @@ fn random_segment(dir: &Path, name: &str, seed: u64) -> PathBuf {
     path
 }
 
-#[test]
-fn wal_s3_conditional_put_refuses_a_second_writer() {
-    let moto = Moto::start(47240, "wal9");
-    let bucket_toml = |dir: &Path| {
-        format!(
-            "target = \"s3://wal9/archive\"\n[wal.s3]\nendpoint = \"http://127.0.0.1:{}\"\nregion = \"us-east-1\"\ncredentials_file = \"{}\"\npath_style = true\n",
-            moto.port,
-            {
-                let creds = dir.join("s3-credentials");
-                fs::write(&creds, "access_key_id = test\nsecret_access_key = test\n").unwrap();
-                creds.display().to_string()
-            }
-        )
-    };
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    // Two daemons that know nothing of each other's pushes (as two hosts, or
-    // one daemon before and after a restart) share a bucket and a cluster id.
-    let a = wal_daemon("wal9a", (47010, 47019), &bucket_toml(dir_a.path()));
-    let b = wal_daemon("wal9b", (47020, 47029), &bucket_toml(dir_b.path()));
-    let work = tempfile::tempdir().unwrap();
-    let names: Vec<String> = (1..=4)
-        .map(|i| format!("0000000100000000000000{i:02X}"))
-        .collect();
-    for (i, name) in names.iter().enumerate() {
-        let (fa, fb) = (work.path().join("a"), work.path().join("b"));
-        fs::create_dir_all(&fa).unwrap();
-        fs::create_dir_all(&fb).unwrap();
-        let pa = random_segment(&fa, name, 2 * i as u64 + 1);
-        let pb = random_segment(&fb, name, 2 * i as u64 + 2);
-        let start = std::sync::Barrier::new(2);
-        let push = |daemon: &TestDaemon, path: &Path| {
-            start.wait();
-            daemon.agentctl(&["wal", "push", "--system-id", "99", path.to_str().unwrap()])
-        };
-        let (out_a, out_b) = thread::scope(|s| {
-            let ta = s.spawn(|| push(&a, &pa));
-            let tb = s.spawn(|| push(&b, &pb));
-            (ta.join().unwrap(), tb.join().unwrap())
-        });
-        let codes = (out_a.status.code(), out_b.status.code());
-        let winner = match codes {
-            (Some(0), Some(3)) => &pa,
-            (Some(3), Some(0)) => &pb,
-            _ => panic!("{name}: want one push stored and one refused (3), got {codes:?}:\n{out_a:?}\n{out_b:?}"),
-        };
-        let stored = moto
-            .get("wal9", &format!("archive/99/wal/{name}.zst"))
-            .unwrap_or_else(|| panic!("{name} not stored"));
-        assert!(
-            fleet_wal::codec::decode(&stored).unwrap() == fs::read(winner).unwrap(),
-            "{name}: the stored object is not the accepted push's"
-        );
-    }
+/// A TCP forwarder to S3 that passes what the client sends at `bytes_per_sec`
+/// (answers at full speed) and counts it: a slow uplink, so a PUT can be held
+/// on the wire while another writer stores under the same key.
+struct SlowLink {
+    port: u16,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+}
 
-    // The same at the store's door, without the daemons' existence check in
-    // front: many writers race for each key; the store lets exactly one in.
-    let config = |dir: &Path| -> fleet_model::config::WalConfig {
-        let creds = dir.join("s3-credentials");
-        serde_json::from_value(serde_json::json!({
-            "target": "s3://wal9/race",
-            "s3": {
-                "endpoint": format!("http://127.0.0.1:{}", moto.port),
-                "credentials_file": creds,
+impl SlowLink {
+    fn start(port: u16, upstream: u16, bytes_per_sec: usize) -> Self {
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (listener, port) = (port..port + 20)
+            .find_map(|p| TcpListener::bind(("127.0.0.1", p)).ok().map(|l| (l, p)))
+            .expect("a free port for the slow link");
+        let counter = sent.clone();
+        thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let (mut up_from, mut up_to) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let counter = counter.clone();
+                thread::spawn(move || {
+                    let mut buf = vec![0u8; 16 << 10];
+                    loop {
+                        match up_from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if up_to.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                                counter.fetch_add(n as u64, Ordering::SeqCst);
+                                thread::sleep(Duration::from_secs_f64(
+                                    n as f64 / bytes_per_sec as f64,
+                                ));
+                            }
+                        }
+                    }
+                    let _ = up_to.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut down_from, mut down_to) = (server, client);
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut down_from, &mut down_to);
+                    let _ = down_to.shutdown(std::net::Shutdown::Both);
+                });
             }
-        }))
-        .unwrap()
+        });
+        SlowLink { port, sent }
+    }
+}
+
+#[test]
+fn wal_s3_store_refuses_an_overwrite_the_daemon_cannot_see() {
+    let moto = Moto::start(47240, "wal9");
+    // Daemon B reaches S3 over a slow uplink (1 MiB/s: its 4 MiB PUT takes
+    // about 4 s on the wire), daemon A directly. Two daemons that know
+    // nothing of each other's pushes, as two hosts, or one daemon before and
+    // after a restart, share a bucket and a cluster id.
+    let slow = SlowLink::start(47260, moto.port, 1 << 20);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = wal_daemon(
+        "wal9a",
+        (47010, 47019),
+        &s3_toml(dir_a.path(), moto.port, "wal9"),
+    );
+    let b = wal_daemon(
+        "wal9b",
+        (47020, 47029),
+        &s3_toml(dir_b.path(), slow.port, "wal9"),
+    );
+    let work = tempfile::tempdir().unwrap();
+    let name = "000000010000000000000042";
+    let (fa, fb) = (work.path().join("a"), work.path().join("b"));
+    fs::create_dir_all(&fa).unwrap();
+    fs::create_dir_all(&fb).unwrap();
+    let pa = random_segment(&fa, name, 1);
+    let pb = random_segment(&fb, name, 2);
+    let push = |daemon: &TestDaemon, path: &Path| {
+        daemon.agentctl(&["wal", "push", "--system-id", "99", path.to_str().unwrap()])
     };
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let writers: Vec<_> = (0..4)
-        .map(|_| fleet_wal::target::Target::from_config(&config(dir_a.path())).unwrap())
-        .collect();
-    runtime.block_on(async {
-        for key in 0..8 {
-            let key = format!("k{key}");
-            let mut puts = tokio::task::JoinSet::new();
-            for (w, t) in writers.iter().enumerate() {
-                let (t, key) = (t.clone(), key.clone());
-                puts.spawn(
-                    async move { (w, t.put_new(&key, vec![w as u8; 1 << 20].into()).await) },
-                );
-            }
-            let results = puts.join_all().await;
-            let created: Vec<usize> = results
-                .iter()
-                .filter_map(|(w, r)| match r {
-                    Ok(fleet_wal::target::Put::Created) => Some(*w),
-                    Ok(fleet_wal::target::Put::Exists) => None,
-                    Err(e) => panic!("{key}: {e}"),
-                })
-                .collect();
-            assert_eq!(created.len(), 1, "{key}: created by writers {created:?}");
-            let stored = writers[0].get(&key).await.unwrap().unwrap();
-            assert!(
-                stored.iter().all(|b| *b == created[0] as u8),
-                "{key}: the stored object is not the one writer {} was told it stored",
-                created[0]
-            );
-        }
+    let (out_a, out_b) = thread::scope(|s| {
+        // B checks (nothing there yet) and starts its PUT...
+        let tb = s.spawn(|| push(&b, &pb));
+        wait_until(Duration::from_secs(60), "B's PUT on the wire", || {
+            slow.sent.load(Ordering::SeqCst) > 256 << 10
+        });
+        // ...A stores the same name meanwhile, before B's PUT is complete...
+        let out_a = push(&a, &pa);
+        assert!(
+            slow.sent.load(Ordering::SeqCst) < 4 << 20,
+            "B's PUT was done before A stored; the test proves nothing"
+        );
+        (out_a, tb.join().unwrap())
     });
+    // ...and the store refuses B's PUT: nothing B's existence check could see.
+    assert!(out_a.status.success(), "{out_a:?}");
+    assert_eq!(out_b.status.code(), Some(3), "{out_b:?}");
+    assert!(
+        String::from_utf8_lossy(&out_b.stderr).contains("different content"),
+        "{out_b:?}"
+    );
+    let stored = moto
+        .get("wal9", &format!("archive/99/wal/{name}.zst"))
+        .expect("stored");
+    assert!(
+        fleet_wal::codec::decode(&stored).unwrap() == fs::read(&pa).unwrap(),
+        "A's object was replaced by B's"
+    );
+    let m = metrics(&b);
+    assert!(
+        m.contains("fleet_agent_wal_failures_total{kind=\"conflict\"} 1"),
+        "{m}"
+    );
+    assert!(
+        events(&b).iter().any(|(kind, _)| kind == "wal_conflict"),
+        "no wal_conflict event on B"
+    );
+    // B asks again, now with its cache empty (restart): refused, unchanged.
+    let mut b = b;
+    b.restart();
+    assert_eq!(push(&b, &pb).status.code(), Some(3));
+    assert!(push(&b, &pa).status.success());
+    let again = moto
+        .get("wal9", &format!("archive/99/wal/{name}.zst"))
+        .expect("stored");
+    assert!(again == stored, "the stored object changed");
 }
