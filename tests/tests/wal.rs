@@ -1071,15 +1071,19 @@ fn wal_valve_acknowledges_past_the_backlog_while_s3_is_down() {
         made += 1;
         thread::sleep(Duration::from_millis(300));
     }
+    let archived = || -> u64 {
+        pg.sql("SELECT archived_count FROM pg_stat_archiver")
+            .parse()
+            .unwrap()
+    };
+    // Settled: 2 left waiting, and PostgreSQL has counted what it renamed
+    // .done (it does so just after the rename).
     wait_until(
         Duration::from_secs(90),
         "the valve to hold the backlog at 2",
-        || pg.ready().len() <= 2,
+        || pg.ready().len() <= 2 && archived() as f64 == valve().unwrap_or(-1.0),
     );
-    let acknowledged: u64 = pg
-        .sql("SELECT archived_count FROM pg_stat_archiver")
-        .parse()
-        .unwrap();
+    let acknowledged = archived();
     assert!(
         acknowledged as usize >= made - 2,
         "{acknowledged} of {made} segments acknowledged; ready: {:?}",
@@ -1392,11 +1396,11 @@ impl SlowLink {
 #[test]
 fn wal_s3_store_refuses_an_overwrite_the_daemon_cannot_see() {
     let moto = Moto::start(47240, "wal9");
-    // Daemon B reaches S3 over a slow uplink (1 MiB/s: its 4 MiB PUT takes
-    // about 4 s on the wire), daemon A directly. Two daemons that know
+    // Daemon B reaches S3 over a slow uplink (512 KiB/s: its 4 MiB PUT takes
+    // about 8 s on the wire), daemon A directly. Two daemons that know
     // nothing of each other's pushes, as two hosts, or one daemon before and
     // after a restart, share a bucket and a cluster id.
-    let slow = SlowLink::start(47260, moto.port, 1 << 20);
+    let slow = SlowLink::start(47260, moto.port, 512 << 10);
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = wal_daemon(
         "wal9a",
