@@ -1,7 +1,8 @@
 //! Issue 6 acceptance tests: WAL archiving through `agentctl wal push` into a
 //! directory and into S3 (moto on loopback), against real PostgreSQL 15 and the
 //! real fleet-agentd. Port ranges: daemons 46000-46499, PostgreSQL 46500-46599,
-//! S3 46600-46699.
+//! S3 46600-46699; the valve, schedule and conditional-PUT tests at the end use
+//! 47000-47299 (see there).
 
 // The helpers below are part of the tests: a failed set-up step should panic
 // with its cause, which is what unwrap/expect do here.
