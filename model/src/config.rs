@@ -574,6 +574,17 @@ impl Config {
             if !(1..=22).contains(&wal.compression_level) {
                 problems.push(FieldError::new("wal.compression_level", "must be 1-22"));
             }
+            // Short intervals are allowed (tests and labs use seconds); zero
+            // would mean one base backup after another, never a schedule.
+            if wal
+                .backup_interval
+                .is_some_and(|i| i < Duration::from_secs(1))
+            {
+                problems.push(FieldError::new(
+                    "wal.backup_interval",
+                    "must be at least 1s (absent: backups by hand only)",
+                ));
+            }
         }
         if problems.is_empty() {
             Ok(())
@@ -679,6 +690,18 @@ mod tests {
         };
         let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, ["max_departments", "ports.range", "api.token_file"]);
+    }
+
+    #[test]
+    fn wal_backup_interval_may_be_short_but_not_zero() {
+        let wal = |interval: &str| {
+            format!("[wal]\ntarget = \"file:///tmp/a\"\nbackup_interval = \"{interval}\"\n")
+        };
+        let c = Config::from_toml_str(Path::new("t"), &wal("3s")).unwrap();
+        let interval = c.wal.and_then(|w| w.backup_interval);
+        assert_eq!(interval, Some(Duration::from_secs(3)));
+        let err = Config::from_toml_str(Path::new("t"), &wal("0s")).unwrap_err();
+        assert!(err.to_string().contains("wal.backup_interval"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Issue 6 acceptance tests: WAL archiving through `agentctl wal push` into a
 //! directory and into S3 (moto on loopback), against real PostgreSQL 15 and the
 //! real fleet-agentd. Port ranges: daemons 46000-46499, PostgreSQL 46500-46599,
-//! S3 46600-46699.
+//! S3 46600-46699; the valve, schedule and conditional-PUT tests at the end use
+//! 47000-47299 (see there).
 
 // The helpers below are part of the tests: a failed set-up step should panic
 // with its cause, which is what unwrap/expect do here.
@@ -978,4 +979,494 @@ fn wal_retention_keeps_what_the_window_needs() {
             assert!(after.contains(&name), "{name} missing after retention");
         }
     }
+}
+
+// --- the valve, the schedule, conditional PUT -------------------------------------
+// Port ranges of these tests: daemons 47000-47099, PostgreSQL 47100-47199,
+// S3 47200-47299.
+
+/// The value of an unlabelled metric line `name <value>`.
+fn metric_value(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// Every event in the daemon's log as (kind, message).
+fn events(daemon: &TestDaemon) -> Vec<(String, String)> {
+    let page = daemon.agentctl_json(&["events"]);
+    page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap_or_default().to_string(),
+                e["message"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A loopback port from `from` on that nobody listens on: connections to it
+/// are refused, as to an S3 endpoint that is down.
+fn dead_port(from: u16) -> u16 {
+    (from..from + 20)
+        .find(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port")
+}
+
+#[test]
+fn wal_valve_acknowledges_past_the_backlog_while_s3_is_down() {
+    let mut pg = Pg::new(47100);
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = dead_port(47200);
+    // 40 MiB: the valve opens when a push fails with 3 or more segments
+    // (48 MiB) waiting, never with 1 or 2. One look-ahead upload at a time:
+    // while S3 is down it retries every ready segment (hashing each) and
+    // would otherwise take both cores of a small test machine.
+    let daemon = wal_daemon(
+        "wal8",
+        (47000, 47009),
+        &format!(
+            "postgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\nvalve_backlog = \"40MiB\"\nparallel_uploads = 1\n{}",
+            pg.conninfo(),
+            pg.data.display(),
+            s3_toml(dir.path(), s3, "wal8")
+        ),
+    );
+    pg.init(&archive_command(&daemon));
+    pg.sql("CREATE TABLE ticks (x int)");
+    let segment = || {
+        pg.sql("INSERT INTO ticks VALUES (1)");
+        pg.sql("SELECT pg_walfile_name(pg_switch_wal())")
+    };
+    let valve = || {
+        metric_value(
+            &metrics(&daemon),
+            "fleet_agent_wal_valve_acknowledged_total",
+        )
+    };
+
+    // Below the valve the archive's failure reaches PostgreSQL: it keeps the
+    // segment and retries, nothing is acknowledged.
+    let first = segment();
+    wait_until(Duration::from_secs(60), "a failed push", || {
+        pg.failed_count() > 0
+    });
+    assert_eq!(pg.ready(), vec![first.clone()]);
+    assert!(pg.data.join("pg_wal").join(&first).exists());
+    assert_eq!(valve(), Some(0.0));
+    assert_eq!(
+        pg.sql("SELECT archived_count FROM pg_stat_archiver"),
+        "0",
+        "archived while S3 is down and below the valve"
+    );
+
+    // Past it, segments are acknowledged unarchived: the backlog stops growing.
+    let mut made = 1;
+    for _ in 0..7 {
+        segment();
+        made += 1;
+        thread::sleep(Duration::from_millis(300));
+    }
+    let archived = || -> u64 {
+        pg.sql("SELECT archived_count FROM pg_stat_archiver")
+            .parse()
+            .unwrap()
+    };
+    // Settled: 2 left waiting, and PostgreSQL has counted what it renamed
+    // .done (it does so just after the rename).
+    wait_until(
+        Duration::from_secs(90),
+        "the valve to hold the backlog at 2",
+        || pg.ready().len() <= 2 && archived() as f64 == valve().unwrap_or(-1.0),
+    );
+    let acknowledged = archived();
+    assert!(
+        acknowledged as usize >= made - 2,
+        "{acknowledged} of {made} segments acknowledged; ready: {:?}",
+        pg.ready()
+    );
+    // Every acknowledgement was the valve's: S3 never answered.
+    let m = metrics(&daemon);
+    assert_eq!(
+        metric_value(&m, "fleet_agent_wal_valve_acknowledged_total"),
+        Some(acknowledged as f64),
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(&m, "fleet_agent_wal_shipped_segments_total"),
+        Some(0.0)
+    );
+    assert!(
+        !m.contains("fleet_agent_wal_failures_total{kind=\"target\"} 0"),
+        "{m}"
+    );
+    // The oldest segments went first; the newest wait.
+    let done = pg.done();
+    assert!(done.contains(&first), "{done:?}");
+    assert!(done.iter().all(|d| pg.ready().iter().all(|r| d < r)));
+
+    // One loud event (not one per segment) that says what to do.
+    let opened: Vec<_> = events(&daemon)
+        .into_iter()
+        .filter(|(kind, _)| kind == "wal_valve_open")
+        .collect();
+    assert_eq!(opened.len(), 1, "{opened:?}");
+    assert!(
+        opened[0].1.contains(&first) && opened[0].1.contains("new base backup"),
+        "{opened:?}"
+    );
+    let status = daemon.agentctl_json(&["wal", "status"]);
+    assert_eq!(status["valve_acknowledged"], acknowledged, "{status}");
+    let text = daemon.agentctl_ok(&["wal", "status"]);
+    assert!(
+        text.contains(&format!("VALVE:              {acknowledged} segment(s)"))
+            && text.contains("take a new base backup"),
+        "{text}"
+    );
+}
+
+/// Keys under `dir` (relative, `/`-separated), e.g. `<sysid>/wal/<name>.zst`.
+fn keys(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = walk(dir)
+        .into_iter()
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .map(|p| p.strip_prefix(dir).unwrap().to_string_lossy().to_string())
+        .collect();
+    out.sort();
+    out
+}
+
+/// The manifests of the whole backups in a directory archive, oldest first.
+fn archived_backups(archive: &Path, sysid: u64) -> Vec<serde_json::Value> {
+    let mut out: Vec<serde_json::Value> = keys(archive)
+        .into_iter()
+        .filter(|k| k.starts_with(&format!("{sysid}/backups/")) && k.ends_with("/manifest.json"))
+        .filter_map(|k| fs::read(archive.join(k)).ok())
+        .filter_map(|b| serde_json::from_slice(&b).ok())
+        .collect();
+    out.sort_by_key(|m| m["id"].as_str().unwrap_or_default().to_string());
+    out
+}
+
+#[test]
+fn wal_scheduled_base_backups_without_a_command() {
+    let mut pg = Pg::new(47101);
+    let archive = tempfile::tempdir().unwrap();
+    let daemon = wal_daemon(
+        "wal10",
+        (47030, 47039),
+        &format!(
+            "target = \"file://{}\"\npostgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\nbackup_interval = \"2s\"\n",
+            archive.path().display(),
+            pg.conninfo(),
+            pg.data.display()
+        ),
+    );
+    // No cluster yet, so no backup can have been taken: no age to show.
+    let m = metrics(&daemon);
+    assert!(
+        !m.contains("fleet_agent_wal_last_base_backup_age_seconds"),
+        "a backup age before any backup: {m}"
+    );
+    pg.init(&archive_command(&daemon));
+    // Two, so it is a schedule and not a one-off at start.
+    let list = fleet_tests::wait_for(Duration::from_secs(60), "two scheduled backups", || {
+        let list = daemon.agentctl_json(&["backup", "list"]);
+        (list.as_array().map_or(0, Vec::len) >= 2).then_some(list)
+    });
+    let newest = &list.as_array().unwrap()[list.as_array().unwrap().len() - 1];
+    assert_eq!(
+        newest["system_identifier"],
+        pg.sysid().to_string(),
+        "{newest}"
+    );
+    let base = archive.path().join(format!(
+        "{}/backups/{}/base.tar.zst",
+        pg.sysid(),
+        newest["id"].as_str().unwrap()
+    ));
+    assert!(base.exists(), "{}", base.display());
+    let m = metrics(&daemon);
+    let age = metric_value(&m, "fleet_agent_wal_last_base_backup_age_seconds")
+        .unwrap_or_else(|| panic!("no backup age metric: {m}"));
+    assert!(age < 30.0, "{age}");
+    let status = daemon.agentctl_json(&["wal", "status"]);
+    assert!(
+        status["last_backup_age_seconds"].as_u64().is_some(),
+        "{status}"
+    );
+    assert!(
+        events(&daemon)
+            .iter()
+            .any(|(kind, _)| kind == "wal_backup_created"),
+        "no wal_backup_created event"
+    );
+}
+
+#[test]
+fn wal_retention_runs_after_each_scheduled_backup() {
+    let mut pg = Pg::new(47102);
+    let archive = tempfile::tempdir().unwrap();
+    let mut daemon = wal_daemon(
+        "wal11",
+        (47040, 47049),
+        &format!(
+            "target = \"file://{}\"\npostgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\nbackup_interval = \"2s\"\nrecovery_window = \"6s\"\n",
+            archive.path().display(),
+            pg.conninfo(),
+            pg.data.display()
+        ),
+    );
+    pg.init(&archive_command(&daemon));
+    let sysid = pg.sysid();
+    pg.sql("CREATE TABLE filler (x int)");
+    let work = tempfile::tempdir().unwrap();
+    let history = work.path().join("00000002.history");
+    fs::write(&history, "1\t0/9000000\tno recovery target specified\n").unwrap();
+    let out = daemon.agentctl(&[
+        "wal",
+        "push",
+        "--system-id",
+        &sysid.to_string(),
+        history.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let history_key = format!("{sysid}/wal/00000002.history.zst");
+
+    let first = fleet_tests::wait_for(Duration::from_secs(60), "a scheduled backup", || {
+        archived_backups(archive.path(), sysid).into_iter().next()
+    });
+    let first_id = first["id"].as_str().unwrap().to_string();
+    let position =
+        |name: &str| fleet_wal::names::segment_of(name).and_then(fleet_wal::names::position);
+    let wal_names = || -> Vec<String> {
+        keys(archive.path())
+            .into_iter()
+            .filter_map(|k| {
+                k.strip_prefix(&format!("{sysid}/wal/"))
+                    .and_then(|n| n.strip_suffix(".zst"))
+                    .map(str::to_string)
+            })
+            .collect()
+    };
+    // WAL keeps coming while the schedule backs up and expires, with no
+    // command given: the first backup goes, and with it all WAL before the
+    // oldest backup kept.
+    let mut deleted_wal = Vec::new();
+    wait_until(
+        Duration::from_secs(90),
+        "the first backup and the WAL before the oldest kept one to expire",
+        || {
+            pg.sql("INSERT INTO filler SELECT generate_series(1, 100)");
+            pg.sql("SELECT pg_switch_wal()");
+            let kept = archived_backups(archive.path(), sysid);
+            let Some(oldest) = kept.first() else {
+                return false;
+            };
+            let needed = position(oldest["start_wal"].as_str().unwrap()).unwrap();
+            let names = wal_names();
+            deleted_wal = pg
+                .done()
+                .into_iter()
+                .filter(|d| position(d).is_some_and(|p| p < needed))
+                .collect();
+            kept.iter().all(|m| m["id"] != first_id.as_str())
+                && !deleted_wal.is_empty()
+                && deleted_wal.iter().all(|d| !names.contains(d))
+        },
+    );
+    // Freeze the archive, then check it as a restore would need it.
+    daemon.stop(Duration::from_secs(20));
+    let all = keys(archive.path());
+    assert!(
+        !all.iter()
+            .any(|k| k.contains(&format!("/backups/{first_id}/"))),
+        "{all:?}"
+    );
+    assert!(all.contains(&history_key), "{all:?}");
+    let kept = archived_backups(archive.path(), sysid);
+    assert!(!kept.is_empty());
+    for m in &kept {
+        let base = format!("{sysid}/backups/{}/base.tar.zst", m["id"].as_str().unwrap());
+        assert!(all.contains(&base), "{base} missing: {all:?}");
+    }
+    // Nothing the oldest kept backup needs is gone: every segment PostgreSQL
+    // acknowledged from its start on is archived.
+    let needed = position(kept[0]["start_wal"].as_str().unwrap()).unwrap();
+    let names = wal_names();
+    for name in pg.done() {
+        if position(&name).is_some_and(|p| p >= needed) {
+            assert!(
+                names.contains(&name),
+                "{name} is needed but gone: {names:?}"
+            );
+        }
+    }
+    for name in &deleted_wal {
+        assert!(!names.contains(name), "{name} outlived its backups");
+    }
+    // The daemon said so in its event log.
+    daemon.restart();
+    let retention: Vec<_> = events(&daemon)
+        .into_iter()
+        .filter(|(kind, _)| kind.starts_with("wal_retention"))
+        .collect();
+    assert!(
+        retention.iter().any(|(kind, _)| kind == "wal_retention"),
+        "{retention:?}"
+    );
+    assert!(
+        retention.iter().all(|(kind, _)| kind == "wal_retention"),
+        "{retention:?}"
+    );
+}
+
+/// 4 MiB that zstd cannot shrink (the daemon takes any size; a smaller file
+/// keeps the debug build's hashing quick).
+fn random_segment(dir: &Path, name: &str, seed: u64) -> PathBuf {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut content = Vec::with_capacity(4 << 20);
+    while content.len() < 4 << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        content.extend_from_slice(&x.to_le_bytes());
+    }
+    let path = dir.join(name);
+    fs::write(&path, content).unwrap();
+    path
+}
+
+/// A TCP forwarder to S3 that passes what the client sends at `bytes_per_sec`
+/// (answers at full speed) and counts it: a slow uplink, so a PUT can be held
+/// on the wire while another writer stores under the same key.
+struct SlowLink {
+    port: u16,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SlowLink {
+    fn start(port: u16, upstream: u16, bytes_per_sec: usize) -> Self {
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (listener, port) = (port..port + 20)
+            .find_map(|p| TcpListener::bind(("127.0.0.1", p)).ok().map(|l| (l, p)))
+            .expect("a free port for the slow link");
+        let counter = sent.clone();
+        thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let (mut up_from, mut up_to) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let counter = counter.clone();
+                thread::spawn(move || {
+                    let mut buf = vec![0u8; 16 << 10];
+                    loop {
+                        match up_from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if up_to.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                                counter.fetch_add(n as u64, Ordering::SeqCst);
+                                thread::sleep(Duration::from_secs_f64(
+                                    n as f64 / bytes_per_sec as f64,
+                                ));
+                            }
+                        }
+                    }
+                    let _ = up_to.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut down_from, mut down_to) = (server, client);
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut down_from, &mut down_to);
+                    let _ = down_to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        SlowLink { port, sent }
+    }
+}
+
+#[test]
+fn wal_s3_store_refuses_an_overwrite_the_daemon_cannot_see() {
+    let moto = Moto::start(47240, "wal9");
+    // Daemon B reaches S3 over a slow uplink (512 KiB/s: its 4 MiB PUT takes
+    // about 8 s on the wire), daemon A directly. Two daemons that know
+    // nothing of each other's pushes, as two hosts, or one daemon before and
+    // after a restart, share a bucket and a cluster id.
+    let slow = SlowLink::start(47260, moto.port, 512 << 10);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = wal_daemon(
+        "wal9a",
+        (47010, 47019),
+        &s3_toml(dir_a.path(), moto.port, "wal9"),
+    );
+    let b = wal_daemon(
+        "wal9b",
+        (47020, 47029),
+        &s3_toml(dir_b.path(), slow.port, "wal9"),
+    );
+    let work = tempfile::tempdir().unwrap();
+    let name = "000000010000000000000042";
+    let (fa, fb) = (work.path().join("a"), work.path().join("b"));
+    fs::create_dir_all(&fa).unwrap();
+    fs::create_dir_all(&fb).unwrap();
+    let pa = random_segment(&fa, name, 1);
+    let pb = random_segment(&fb, name, 2);
+    let push = |daemon: &TestDaemon, path: &Path| {
+        daemon.agentctl(&["wal", "push", "--system-id", "99", path.to_str().unwrap()])
+    };
+    let (out_a, out_b) = thread::scope(|s| {
+        // B checks (nothing there yet) and starts its PUT...
+        let tb = s.spawn(|| push(&b, &pb));
+        wait_until(Duration::from_secs(60), "B's PUT on the wire", || {
+            slow.sent.load(Ordering::SeqCst) > 256 << 10
+        });
+        // ...A stores the same name meanwhile, before B's PUT is complete...
+        let out_a = push(&a, &pa);
+        assert!(
+            slow.sent.load(Ordering::SeqCst) < 4 << 20,
+            "B's PUT was done before A stored; the test proves nothing"
+        );
+        (out_a, tb.join().unwrap())
+    });
+    // ...and the store refuses B's PUT: nothing B's existence check could see.
+    assert!(out_a.status.success(), "{out_a:?}");
+    assert_eq!(out_b.status.code(), Some(3), "{out_b:?}");
+    assert!(
+        String::from_utf8_lossy(&out_b.stderr).contains("different content"),
+        "{out_b:?}"
+    );
+    let stored = moto
+        .get("wal9", &format!("archive/99/wal/{name}.zst"))
+        .expect("stored");
+    assert!(
+        fleet_wal::codec::decode(&stored).unwrap() == fs::read(&pa).unwrap(),
+        "A's object was replaced by B's"
+    );
+    let m = metrics(&b);
+    assert!(
+        m.contains("fleet_agent_wal_failures_total{kind=\"conflict\"} 1"),
+        "{m}"
+    );
+    assert!(
+        events(&b).iter().any(|(kind, _)| kind == "wal_conflict"),
+        "no wal_conflict event on B"
+    );
+    // B asks again, now with its cache empty (restart): refused, unchanged.
+    let mut b = b;
+    b.restart();
+    assert_eq!(push(&b, &pb).status.code(), Some(3));
+    assert!(push(&b, &pa).status.success());
+    let again = moto
+        .get("wal9", &format!("archive/99/wal/{name}.zst"))
+        .expect("stored");
+    assert!(again == stored, "the stored object changed");
 }

@@ -411,8 +411,19 @@ impl WalService {
         &self,
         window: Option<Duration>,
     ) -> Result<RetentionReport, WalError> {
+        self.apply_retention_for(None, window).await
+    }
+
+    /// Retention for cluster `sysid` (default: the configured cluster's). The
+    /// schedule passes the cluster it has just backed up, which is known even
+    /// without `pg_wal_dir`.
+    pub async fn apply_retention_for(
+        &self,
+        sysid: Option<u64>,
+        window: Option<Duration>,
+    ) -> Result<RetentionReport, WalError> {
         let window = window.unwrap_or(self.config.recovery_window);
-        let sysid = self.resolve_sysid(None)?;
+        let sysid = self.resolve_sysid(sysid)?;
         let backups = self.list_backups(sysid).await?;
         let mut report = RetentionReport {
             window_seconds: window.as_secs(),

@@ -28,6 +28,8 @@ const PREFETCH_DIR: &str = "wal-prefetch";
 /// How long a request waits for background work on the same name (a
 /// look-ahead upload, a prefetch) before doing the work itself.
 const JOB_WAIT: Duration = Duration::from_secs(30);
+/// How often the schedule looks at the backup interval (at most).
+const SCHEDULE_TICK: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
@@ -506,14 +508,27 @@ impl WalService {
     }
 
     async fn schedule_loop(self: Arc<Self>) {
+        // Wake every 10 s, or at the backup interval if that is shorter (a
+        // short interval is a test's or a lab's choice; waking less often than
+        // asked would silently stretch it).
+        let tick = self.config.backup_interval.map_or(SCHEDULE_TICK, |i| {
+            i.clamp(Duration::from_secs(1), SCHEDULE_TICK)
+        });
         let mut last_retention = std::time::Instant::now();
         loop {
-            tokio::time::sleep(Duration::from_secs(10)).await;
+            tokio::time::sleep(tick).await;
             if let Some(interval) = self.config.backup_interval {
                 let last = self.last_backup_unix().await;
                 if now_unix().saturating_sub(last) >= interval.as_secs() {
                     match self.create_backup().await {
-                        Ok(m) => tracing::info!(backup = %m.id, "Scheduled base backup taken."),
+                        Ok(m) => {
+                            tracing::info!(backup = %m.id, "Scheduled base backup taken.");
+                            // Expire right after a good backup (as pgBackRest
+                            // does): the new backup is what lets older ones go,
+                            // and waiting for the hourly pass keeps them an hour.
+                            last_retention = std::time::Instant::now();
+                            self.retention_pass(m.system_identifier.parse().ok()).await;
+                        }
                         Err(e) => {
                             self.fail(&e);
                             (self.events)(
@@ -526,10 +541,18 @@ impl WalService {
             }
             if last_retention.elapsed() >= Duration::from_secs(3600) {
                 last_retention = std::time::Instant::now();
-                if let Err(e) = self.apply_retention(None).await {
-                    tracing::warn!(error = %e, "Retention failed.");
-                }
+                self.retention_pass(None).await;
             }
+        }
+    }
+
+    /// Retention from the schedule: no one is waiting for the answer, so a
+    /// failure goes to the event log (and the failure metric), not only to tracing.
+    async fn retention_pass(&self, sysid: Option<u64>) {
+        if let Err(e) = self.apply_retention_for(sysid, None).await {
+            self.fail(&e);
+            tracing::warn!(error = %e, "Retention failed.");
+            (self.events)("wal_retention_failed", &format!("retention failed: {e}"));
         }
     }
 

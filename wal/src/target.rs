@@ -6,6 +6,11 @@
 //! writes a hidden temp file, fsyncs it, hard-links it to the final name (which
 //! fails if the name exists, so nothing is overwritten) and fsyncs the
 //! directory; S3 makes a PUT visible only once complete.
+//!
+//! New objects go to S3 as conditional PUTs (`If-None-Match: *`), so the store
+//! itself refuses to overwrite, also against a writer outside this daemon. A
+//! store that answers 501 / `NotImplemented` to that gets an existence check
+//! then a plain PUT instead, from then on (see `put_new`).
 
 use bytes::Bytes;
 use fleet_model::config::{S3Config, WalConfig};
@@ -15,6 +20,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ClientOptions, ObjectStore, RetryConfig, WriteMultipart};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -63,6 +69,9 @@ pub enum Target {
         store: Arc<AmazonS3>,
         prefix: String,
         url: String,
+        /// Set once the store has answered a conditional PUT with "not
+        /// implemented": asking again on every push would only cost retries.
+        no_conditional_put: Arc<AtomicBool>,
     },
 }
 
@@ -156,6 +165,7 @@ impl Target {
             store: Arc::new(store),
             prefix: prefix.trim_matches('/').to_string(),
             url: url.to_string(),
+            no_conditional_put: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -182,11 +192,36 @@ impl Target {
                 let key = key.to_string();
                 blocking(move || file_put_new(&root, &key, |f| f.write_all(&bytes))).await
             }
-            Target::S3 { store, prefix, .. } => {
+            Target::S3 {
+                store,
+                prefix,
+                no_conditional_put,
+                ..
+            } => {
                 let path = Self::object_path(prefix, key);
-                // The daemon serialises pushes of one name, so check-then-put
-                // cannot race with itself; self-hosted stores vary in their
-                // support of conditional PUTs.
+                if !no_conditional_put.load(Ordering::Relaxed) {
+                    // `If-None-Match: *`: the store refuses to replace an
+                    // existing object, whoever else writes to the bucket.
+                    let create = object_store::PutOptions::from(object_store::PutMode::Create);
+                    match store.put_opts(&path, bytes.clone().into(), create).await {
+                        Ok(_) => return Ok(Put::Created),
+                        Err(object_store::Error::AlreadyExists { .. }) => return Ok(Put::Exists),
+                        Err(e) if refuses_conditional_put(&e) => {
+                            no_conditional_put.store(true, Ordering::Relaxed);
+                            tracing::warn!(
+                                target = %self.describe(),
+                                error = %e,
+                                "The S3 store does not support conditional PUT (If-None-Match); \
+                                 falling back to an existence check before each PUT, which \
+                                 cannot stop a second writer outside this daemon."
+                            );
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                // Fallback: the daemon serialises pushes of one name, so
+                // check-then-put cannot race with itself, only with another
+                // writer to the same bucket.
                 match store.head(&path).await {
                     Ok(_) => return Ok(Put::Exists),
                     Err(object_store::Error::NotFound { .. }) => {}
@@ -360,6 +395,23 @@ impl Target {
     }
 }
 
+/// Whether `error` says the store does not implement conditional PUT: the
+/// crate's own `NotImplemented`, or the store's 501 / `NotImplemented` answer
+/// (the crate does not export its HTTP error type, so the status is read from
+/// the error's text, down its chain of sources).
+fn refuses_conditional_put(error: &object_store::Error) -> bool {
+    if matches!(error, object_store::Error::NotImplemented) {
+        return true;
+    }
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(s) = source {
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text.contains("501 Not Implemented") || text.contains("<Code>NotImplemented</Code>")
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, TargetError> + Send + 'static,
 ) -> Result<T, TargetError> {
@@ -451,4 +503,33 @@ fn file_list(root: &Path, dir: &Path, out: &mut Vec<Entry>) -> Result<(), Target
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refuses_conditional_put;
+
+    #[test]
+    fn knows_a_store_without_conditional_put() {
+        assert!(refuses_conditional_put(
+            &object_store::Error::NotImplemented
+        ));
+        let answer = |text: &str| object_store::Error::Generic {
+            store: "S3",
+            source: text.to_string().into(),
+        };
+        assert!(refuses_conditional_put(&answer(
+            "Error performing PUT http://s3/b/k in 2ms - Server returned non-2xx status code: 501 Not Implemented: "
+        )));
+        assert!(refuses_conditional_put(&answer(
+            "Server returned non-2xx status code: 400 Bad Request: <Error><Code>NotImplemented</Code></Error>"
+        )));
+        // A store that is down is not a store without the feature.
+        assert!(!refuses_conditional_put(&answer(
+            "Error performing PUT http://s3/b/k - error sending request: connection refused"
+        )));
+        assert!(!refuses_conditional_put(&answer(
+            "Server returned non-2xx status code: 503 Service Unavailable: "
+        )));
+    }
 }
