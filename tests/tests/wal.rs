@@ -1024,14 +1024,12 @@ fn wal_valve_acknowledges_past_the_backlog_while_s3_is_down() {
     let dir = tempfile::tempdir().unwrap();
     let s3 = dead_port(47200);
     // 40 MiB: the valve opens when a push fails with 3 or more segments
-    // (48 MiB) waiting, never with 1 or 2. One look-ahead upload at a time:
-    // while S3 is down it retries every ready segment (hashing each) and
-    // would otherwise take both cores of a small test machine.
+    // (48 MiB) waiting, never with 1 or 2.
     let daemon = wal_daemon(
         "wal8",
         (47000, 47009),
         &format!(
-            "postgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\nvalve_backlog = \"40MiB\"\nparallel_uploads = 1\n{}",
+            "postgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\nvalve_backlog = \"40MiB\"\n{}",
             pg.conninfo(),
             pg.data.display(),
             s3_toml(dir.path(), s3, "wal8")

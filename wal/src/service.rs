@@ -924,3 +924,42 @@ async fn write_prefetched(dir: &Path, name: &str, content: Vec<u8>) -> std::io::
     .await
     .map_err(std::io::Error::other)?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_job_backs_off_and_a_waiter_wakes_when_it_ends() {
+        let jobs = Arc::new(Jobs::default());
+        assert!(jobs.start("a"));
+        assert!(!jobs.start("a"), "one job per name at a time");
+
+        let waiter = {
+            let jobs = jobs.clone();
+            tokio::spawn(async move { jobs.wait_for("a", || false).await })
+        };
+        tokio::task::yield_now().await;
+        jobs.finish("a", false);
+        assert!(
+            !waiter.await.unwrap(),
+            "woken by the end of the job, not done"
+        );
+
+        assert!(!jobs.start("a"), "backing off after a failure");
+        tokio::time::sleep(RETRY_FIRST + Duration::from_millis(50)).await;
+        assert!(jobs.start("a"), "retried once the back-off ended");
+        jobs.finish("a", false);
+        tokio::time::sleep(RETRY_FIRST + Duration::from_millis(50)).await;
+        assert!(!jobs.start("a"), "the second back-off is longer");
+        tokio::time::sleep(RETRY_FIRST).await;
+        assert!(jobs.start("a"));
+        jobs.finish("a", true);
+        assert!(jobs.start("a"), "a success clears the back-off");
+        assert!(jobs.wait_for("b", || true).await);
+        assert!(
+            !jobs.wait_for("b", || false).await,
+            "nothing under way: no wait"
+        );
+    }
+}
