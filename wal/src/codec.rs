@@ -4,6 +4,12 @@
 //! self-verifying and written in one atomic put on any target.
 
 use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+
+/// Segments are hashed and compressed in pieces of this size, so a 16 MiB
+/// segment never sits in memory whole and the piece is still in cache when
+/// the compressor reads it after the hasher.
+const PIECE: usize = 256 << 10;
 
 /// `FWAL1 ` + 64 hex digits + `\n`.
 pub const MAGIC: &[u8; 6] = b"FWAL1 ";
@@ -15,6 +21,8 @@ pub enum CodecError {
     BadHeader,
     #[error("decompression failed: {0}")]
     Zstd(std::io::Error),
+    #[error("reading the WAL file: {0}")]
+    Read(std::io::Error),
     #[error("checksum mismatch: recorded {recorded}, content {actual}")]
     Checksum { recorded: String, actual: String },
 }
@@ -31,13 +39,43 @@ pub fn header(sha_hex: &str) -> Vec<u8> {
     h
 }
 
-/// Compresses `original` into an archive object; returns it and the checksum.
-pub fn encode(original: &[u8], level: i32) -> Result<(Vec<u8>, String), CodecError> {
-    let sha = sha256_hex(original);
-    let mut out = header(&sha);
-    let compressed = zstd::bulk::compress(original, level).map_err(CodecError::Zstd)?;
-    out.extend_from_slice(&compressed);
-    Ok((out, sha))
+/// Compresses what `original` yields into an archive object, hashing it in
+/// the same pass; returns the object, the checksum and the original length.
+pub fn encode(mut original: impl Read, level: i32) -> Result<(Vec<u8>, String, u64), CodecError> {
+    let mut out = vec![0u8; HEADER_LEN];
+    let mut encoder = zstd::stream::Encoder::new(&mut out, level).map_err(CodecError::Zstd)?;
+    let mut hasher = Sha256::new();
+    let mut piece = vec![0u8; PIECE];
+    let mut length = 0u64;
+    loop {
+        let n = match original.read(&mut piece) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CodecError::Read(e)),
+        };
+        hasher.update(&piece[..n]);
+        encoder.write_all(&piece[..n]).map_err(CodecError::Zstd)?;
+        length += n as u64;
+    }
+    encoder.finish().map_err(CodecError::Zstd)?;
+    let sha = hex::encode(hasher.finalize());
+    out[..HEADER_LEN].copy_from_slice(&header(&sha));
+    Ok((out, sha, length))
+}
+
+/// The SHA-256 of what `original` yields, read in pieces.
+pub fn sha256_of(mut original: impl Read) -> Result<String, CodecError> {
+    let mut hasher = Sha256::new();
+    let mut piece = vec![0u8; PIECE];
+    loop {
+        match original.read(&mut piece) {
+            Ok(0) => return Ok(hex::encode(hasher.finalize())),
+            Ok(n) => hasher.update(&piece[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CodecError::Read(e)),
+        }
+    }
 }
 
 /// The checksum recorded in an object's header (its first `HEADER_LEN` bytes suffice).
@@ -75,7 +113,10 @@ mod tests {
     #[test]
     fn round_trip_and_corruption() {
         let data = vec![7u8; 100_000];
-        let (obj, sha) = encode(&data, 3).unwrap();
+        let (obj, sha, length) = encode(&data[..], 3).unwrap();
+        assert_eq!(length, data.len() as u64);
+        assert_eq!(sha, sha256_hex(&data));
+        assert_eq!(sha256_of(&data[..]).unwrap(), sha);
         assert_eq!(recorded_sha(&obj).unwrap(), sha);
         assert_eq!(decode(&obj).unwrap(), data);
         let mut bad = obj.clone();

@@ -261,7 +261,7 @@ impl WalService {
         &self,
         sysid: u64,
         name: &str,
-        content: Bytes,
+        content: Content,
     ) -> Result<PushOutcome, WalError> {
         if !names::is_valid(name) {
             return Err(WalError::BadName(name.to_string()));
@@ -273,14 +273,16 @@ impl WalService {
             None => self.recorded_sha(&key, name).await?,
         };
         if let Some(stored) = stored {
-            let pushed = blocking(move || Ok(codec::sha256_hex(&content))).await?;
+            let pushed = blocking(move || {
+                codec::sha256_of(content.reader()).map_err(|e| WalError::Internal(e.to_string()))
+            })
+            .await?;
             return self.compare(&key, name, stored, pushed);
         }
-        // Hashing and compressing 16 MiB is most of an upload's CPU: one pass each.
+        // Hashing and compressing 16 MiB is most of an upload's CPU: one pass for both.
         let level = self.config.compression_level;
-        let size = content.len() as u64;
-        let (object, sha) = blocking(move || {
-            codec::encode(&content, level).map_err(|e| WalError::Internal(e.to_string()))
+        let (object, sha, size) = blocking(move || {
+            codec::encode(content.reader(), level).map_err(|e| WalError::Internal(e.to_string()))
         })
         .await?;
         let stored_size = object.len() as u64;
@@ -349,7 +351,7 @@ impl WalService {
         name: &str,
         content: Bytes,
     ) -> Result<PushOutcome, WalError> {
-        match self.push(sysid, name, content).await {
+        match self.push(sysid, name, Content::Bytes(content)).await {
             Ok(outcome) => {
                 self.valve_announced.store(false, Ordering::Relaxed);
                 Ok(outcome)
@@ -479,24 +481,24 @@ impl WalService {
     }
 
     async fn look_ahead_upload(&self, sysid: u64, name: &str, key: &str, path: &Path) -> bool {
-        // PostgreSQL's own files only: a symlink planted in pg_wal is refused.
-        let Some(meta) = tokio::fs::symlink_metadata(path)
-            .await
-            .ok()
-            .filter(|m| m.file_type().is_file())
-        else {
-            return false;
+        let opened = {
+            let path = path.to_path_buf();
+            blocking(move || open_segment(&path)).await
         };
-        let Ok(content) = tokio::fs::read(path).await else {
-            return false;
+        let (file, id) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                tracing::debug!(wal = %name, error = %e, "Look-ahead cannot open the segment.");
+                return false;
+            }
         };
-        match self.push(sysid, name, Bytes::from(content)).await {
+        match self.push(sysid, name, Content::File(file)).await {
             Ok(_) => {
                 if let Ok(mut ids) = self.identities.lock() {
                     if ids.len() > 50_000 {
                         ids.clear();
                     }
-                    ids.insert(key.to_string(), FileId::of(&meta));
+                    ids.insert(key.to_string(), id);
                 }
                 true
             }
@@ -818,6 +820,44 @@ pub struct WalStatus {
     pub failures: BTreeMap<String, u64>,
     pub last_backup_unix: Option<u64>,
     pub last_backup_age_seconds: Option<u64>,
+}
+
+/// What a push reads: the bytes `archive_command` sent, or a segment the
+/// look-ahead opened in `pg_wal`, read in pieces rather than loaded whole.
+pub enum Content {
+    Bytes(Bytes),
+    File(std::fs::File),
+}
+
+impl Content {
+    fn reader(self) -> Box<dyn std::io::Read + Send> {
+        match self {
+            Content::Bytes(bytes) => Box::new(std::io::Cursor::new(bytes)),
+            Content::File(file) => Box::new(file),
+        }
+    }
+}
+
+/// Opens a segment in `pg_wal` for the look-ahead. PostgreSQL's own files
+/// only: `O_NOFOLLOW` refuses a symlink planted there, and the identity comes
+/// from the opened file itself, so it names exactly what gets archived.
+fn open_segment(path: &Path) -> Result<(std::fs::File, FileId), WalError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| WalError::BadRequest(format!("{}: {e}", path.display())))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| WalError::BadRequest(format!("{}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(WalError::BadRequest(format!(
+            "{}: not a regular file",
+            path.display()
+        )));
+    }
+    Ok((file, FileId::of(&meta)))
 }
 
 /// Names with background work under way (look-ahead uploads, prefetches), so
