@@ -77,6 +77,7 @@ bench_remove_containers() {
 # bench_start_daemon PORTS: writes a standalone agent.toml under WORK (port pool
 # PORTS, no TCP API, JSON logs to WORK/daemon.log), starts fleet-agentd from BIN,
 # sets DAEMON_PID and waits until `ctl` (agentctl on its socket) answers.
+# BENCH_TOP_LEVEL_TOML adds top-level keys (e.g. `start_concurrency = 10`) for experiments.
 bench_start_daemon() {
   mkdir -p "$WORK/state" "$WORK/departments.d" "$WORK/specs"
   cat >"$WORK/agent.toml" <<TOML
@@ -84,6 +85,7 @@ node_id = "$NODE"
 state_dir = "$WORK/state"
 socket = "$WORK/agentctl.sock"
 departments_dir = "$WORK/departments.d"
+${BENCH_TOP_LEVEL_TOML:-}
 [ports]
 range = "$1"
 [api]

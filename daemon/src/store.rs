@@ -1,4 +1,5 @@
-//! The SQLite store (`state.db`, WAL mode, synchronous=FULL): what the daemon
+//! The SQLite store (`state.db`, WAL mode; intent with synchronous=FULL, history
+//! with NORMAL): what the daemon
 //! *intends* (applied specs, the previous spec for rollback, operator stops, port
 //! leases, the applied revision) and what happened (restart history, the
 //! append-only event log). What actually runs is read from Docker's labels, never
@@ -103,6 +104,24 @@ impl Store {
         Ok(Self {
             conn: Mutex::new(conn),
         })
+    }
+
+    /// Runs `write` with `synchronous=NORMAL`, which in WAL mode commits
+    /// without an fsync. Only for the event log and the restart history:
+    /// records of what happened, not intent. A power loss may drop the last
+    /// few (SQLite stays consistent, and the next FULL commit makes them
+    /// durable anyway), and in exchange a restart no longer waits for the
+    /// disk, nor do the other departments' tasks behind the same connection.
+    fn write_record<T>(
+        &self,
+        write: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn();
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let result = write(&mut conn);
+        // Intent written after this must be durable again.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        result
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -236,20 +255,20 @@ impl Store {
         reason: &str,
         exit_code: Option<i64>,
     ) -> Result<(), StoreError> {
-        // One transaction: one fsync on the restart path instead of two.
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT INTO restarts (department, at, reason, exit_code) VALUES (?1, ?2, ?3, ?4)",
-            params![department, now_secs(), reason, exit_code],
-        )?;
-        tx.execute(
-            "DELETE FROM restarts WHERE department = ?1 AND id NOT IN
-               (SELECT id FROM restarts WHERE department = ?1 ORDER BY id DESC LIMIT ?2)",
-            params![department, RESTARTS_KEPT_PER_DEPARTMENT],
-        )?;
-        tx.commit()?;
-        Ok(())
+        self.write_record(|conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT INTO restarts (department, at, reason, exit_code) VALUES (?1, ?2, ?3, ?4)",
+                params![department, now_secs(), reason, exit_code],
+            )?;
+            tx.execute(
+                "DELETE FROM restarts WHERE department = ?1 AND id NOT IN
+                   (SELECT id FROM restarts WHERE department = ?1 ORDER BY id DESC LIMIT ?2)",
+                params![department, RESTARTS_KEPT_PER_DEPARTMENT],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     pub fn restart_history(
@@ -289,15 +308,17 @@ impl Store {
         message: &str,
     ) -> Result<Event, StoreError> {
         let at_ms = now_millis();
-        let conn = self.conn();
-        conn.execute(
-            "INSERT INTO events (at_ms, department, kind, reason, message) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![at_ms, department, kind, reason, message],
-        )?;
-        let seq = conn.last_insert_rowid();
-        if seq % 1000 == 0 {
-            conn.execute("DELETE FROM events WHERE seq <= ?1", [seq - EVENTS_KEPT])?;
-        }
+        let seq = self.write_record(|conn| {
+            conn.execute(
+                "INSERT INTO events (at_ms, department, kind, reason, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![at_ms, department, kind, reason, message],
+            )?;
+            let seq = conn.last_insert_rowid();
+            if seq % 1000 == 0 {
+                conn.execute("DELETE FROM events WHERE seq <= ?1", [seq - EVENTS_KEPT])?;
+            }
+            Ok(seq)
+        })?;
         Ok(Event {
             seq,
             at_ms,
