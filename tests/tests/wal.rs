@@ -311,6 +311,21 @@ fn file_get(root: &Path) -> impl Fn(&str) -> Option<Vec<u8>> + '_ {
     move |key| fs::read(root.join(key)).ok()
 }
 
+/// Archives the history file of timeline 2, as a promotion would; retention must keep it.
+fn push_history_file(daemon: &TestDaemon, sysid: u64) {
+    let work = tempfile::tempdir().unwrap();
+    let history = work.path().join("00000002.history");
+    fs::write(&history, "1\t0/9000000\tno recovery target specified\n").unwrap();
+    let out = daemon.agentctl(&[
+        "wal",
+        "push",
+        "--system-id",
+        &sysid.to_string(),
+        history.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+}
+
 fn metrics(daemon: &TestDaemon) -> String {
     daemon.api_get("/metrics").expect("GET /metrics").body
 }
@@ -885,18 +900,7 @@ fn wal_retention_keeps_what_the_window_needs() {
     let b2 = backup();
     thread::sleep(Duration::from_secs(7));
     let b3 = backup();
-    // A timeline history file, as a promotion would archive.
-    let work = tempfile::tempdir().unwrap();
-    let history = work.path().join("00000002.history");
-    fs::write(&history, "1\t0/9000000\tno recovery target specified\n").unwrap();
-    let out = daemon.agentctl(&[
-        "wal",
-        "push",
-        "--system-id",
-        &sysid.to_string(),
-        history.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{out:?}");
+    push_history_file(&daemon, sysid);
 
     let wal_dir = archive.path().join(format!("{sysid}/wal"));
     let before: Vec<String> = fs::read_dir(&wal_dir)
@@ -1223,17 +1227,7 @@ fn wal_retention_runs_after_each_scheduled_backup() {
     pg.init(&archive_command(&daemon));
     let sysid = pg.sysid();
     pg.sql("CREATE TABLE filler (x int)");
-    let work = tempfile::tempdir().unwrap();
-    let history = work.path().join("00000002.history");
-    fs::write(&history, "1\t0/9000000\tno recovery target specified\n").unwrap();
-    let out = daemon.agentctl(&[
-        "wal",
-        "push",
-        "--system-id",
-        &sysid.to_string(),
-        history.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{out:?}");
+    push_history_file(&daemon, sysid);
     let history_key = format!("{sysid}/wal/00000002.history.zst");
 
     let first = fleet_tests::wait_for(Duration::from_secs(60), "a scheduled backup", || {
