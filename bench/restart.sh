@@ -164,13 +164,14 @@ The default backoff is deliberate (a crash loop should not hammer the host); wit
 the same first delay as Docker, the daemon's cost is what the ratio shows. Where
 it goes, traced on one department (2026-11-30, release build, backoff 100ms): about
 105 ms from Docker's \`die\` to the daemon knowing the exit code (the event, then an
-inspect that waits for the engine to finish with the dead container), the backoff,
-then about 285 ms inside Docker's \`start\` API call; one department alone went
-from \`die\` to \`start\` in 480-590 ms. The restart record and events no longer
-wait for the disk (\`synchronous=NORMAL\` for history). With 5 departments at once
-the engine's API calls slow each other on 2 cores; the start gate is not the cause
-(\`start_concurrency = 10\` gave a median of 1080 ms in a separate run), while
-Docker restarts inside the engine with no API round trips.
+inspect that waits for the engine to finish with the dead container), then about
+285 ms inside Docker's \`start\` API call. The backoff counts from the \`die\`
+event's own time, so the first ~100 ms of noticing overlap it, and the restart
+record and events no longer wait for the disk (\`synchronous=NORMAL\` for history).
+With 5 departments at once the engine's API calls slow each other on 2 cores; the
+start gate is not the cause (\`start_concurrency = 10\` gave the same spread in a
+separate run), while Docker restarts inside the engine with no API round trips.
+Docker's own median moved between 428 and 687 ms across this session's runs.
 
 First failed probe to the replacement's first passing probe (interval 1s, timeout
 500ms, retries 3, backoff 100ms): **${probe_ms} ms**, against a bound of

@@ -412,13 +412,14 @@ impl DeptActor {
                 if !self.desired_running || self.restart_at.is_some() || self.tracker.parked() {
                     return;
                 }
+                let died_at = instant_of(time_nano);
                 match self.shared.runtime.inspect(container_id).await {
                     Ok(Some(c)) if c.running => {}
                     Ok(Some(c)) => {
                         self.container = Some(c.clone());
                         self.stop_probe();
                         let reason = self.exit_reason(c).await;
-                        self.on_failure(reason).await;
+                        self.on_failure_since(reason, died_at).await;
                     }
                     Ok(None) => self.converge().await,
                     Err(e) => self.reason = Some(format!("cannot inspect container: {e}")),
@@ -441,9 +442,13 @@ impl DeptActor {
     }
 
     async fn on_failure(&mut self, reason: FailureReason) {
-        // The backoff counts from the failure, not from after the bookkeeping
-        // (each event is an fsync'd write).
-        let failed_at = Instant::now();
+        self.on_failure_since(reason, Instant::now()).await
+    }
+
+    /// `failed_at`: when it failed. The backoff counts from then, not from
+    /// after noticing it: Docker's `die` reaches us and the inspect answers
+    /// some 100 ms after the exit, time the backoff has already waited.
+    async fn on_failure_since(&mut self, reason: FailureReason, failed_at: Instant) {
         if reason != FailureReason::Unhealthy {
             self.judged_run = self
                 .container
@@ -1245,6 +1250,13 @@ fn short(id: &str) -> &str {
 
 fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
+}
+
+/// The monotonic instant of a Docker event's wall-clock time (the engine runs
+/// on this host, on the same clock); now if the time lies ahead.
+fn instant_of(unix_nanos: i64) -> Instant {
+    let ago = Duration::from_nanos(now_nanos().saturating_sub(unix_nanos).max(0) as u64);
+    Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
 }
 
 fn now_nanos() -> i64 {
