@@ -697,6 +697,11 @@ fn serial_docker_engine_restart_is_survived_with_one_container_per_department() 
         "the daemon to report Docker down",
         || d.status()["node"]["docker_reachable"] == false,
     );
+    let text = d.agentctl_ok(&["status"]);
+    assert!(
+        text.contains("docker DOWN") && text.contains("last known state"),
+        "status must say the rows are stale while Docker is down:\n{text}"
+    );
     guard.ensure_running();
     // It recovers by itself: no command from here on.
     wait_until(

@@ -45,6 +45,9 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
             .map(|r| format!("  revision {r}"))
             .unwrap_or_default(),
     );
+    if !node.docker_reachable {
+        say!("Docker is unreachable: the departments below show their last known state.");
+    }
     if let Some(c) = &node.coordinator {
         say!(
             "coordinator {}  {}{}",
