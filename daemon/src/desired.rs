@@ -63,17 +63,26 @@ pub fn load_dir(dir: &Path) -> Result<Vec<DepartmentSpec>, DesiredError> {
 }
 
 /// Writes `spec` as `<dir>/<id>.toml` (mode 0600: it holds secrets) atomically.
+/// The id must be valid (`DepartmentSpec::validate`): it names the file.
 pub fn write_spec(dir: &Path, spec: &DepartmentSpec) -> Result<(), DesiredError> {
+    let text = toml::to_string(spec)
+        .map_err(|e| DesiredError::Invalid(vec![FieldError::new("spec", e.to_string())]))?;
+    let mut content =
+        b"# Written by agentctl apply; edit and run `systemctl reload fleet-agentd`.\n".to_vec();
+    content.extend_from_slice(text.as_bytes());
+    write_file(dir, &spec.id, &content)
+}
+
+/// Temp file (0600), fsync, rename, fsync of the directory.
+fn write_file(dir: &Path, id: &str, content: &[u8]) -> Result<(), DesiredError> {
     use std::os::unix::fs::OpenOptionsExt;
     let io = |source| DesiredError::Io {
         path: dir.to_path_buf(),
         source,
     };
     std::fs::create_dir_all(dir).map_err(io)?;
-    let text = toml::to_string(spec)
-        .map_err(|e| DesiredError::Invalid(vec![FieldError::new("spec", e.to_string())]))?;
-    let final_path = dir.join(format!("{}.toml", spec.id));
-    let temp = dir.join(format!(".{}.toml.tmp", spec.id));
+    let final_path = dir.join(format!("{id}.toml"));
+    let temp = dir.join(format!(".{id}.toml.tmp"));
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -81,15 +90,48 @@ pub fn write_spec(dir: &Path, spec: &DepartmentSpec) -> Result<(), DesiredError>
         .mode(0o600)
         .open(&temp)
         .map_err(io)?;
-    file.write_all(b"# Written by agentctl apply; edit and run `systemctl reload fleet-agentd`.\n")
-        .map_err(io)?;
-    file.write_all(text.as_bytes()).map_err(io)?;
+    file.write_all(content).map_err(io)?;
     file.sync_all().map_err(io)?;
     std::fs::rename(&temp, &final_path).map_err(io)?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// The spec files of some departments as they are now, to put back if the
+/// apply that is about to replace them is refused.
+pub struct Snapshot {
+    dir: PathBuf,
+    files: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// `ids` must be valid department ids: they name files.
+pub fn snapshot<'a>(dir: &Path, ids: impl IntoIterator<Item = &'a str>) -> Snapshot {
+    Snapshot {
+        dir: dir.to_path_buf(),
+        files: ids
+            .into_iter()
+            .map(|id| {
+                (
+                    id.to_string(),
+                    std::fs::read(dir.join(format!("{id}.toml"))).ok(),
+                )
+            })
+            .collect(),
+    }
+}
+
+impl Snapshot {
+    pub fn restore(&self) -> Result<(), DesiredError> {
+        for (id, content) in &self.files {
+            match content {
+                Some(content) => write_file(&self.dir, id, content)?,
+                None => remove_spec(&self.dir, id)?,
+            }
+        }
+        Ok(())
+    }
 }
 
 pub fn remove_spec(dir: &Path, id: &str) -> Result<(), DesiredError> {

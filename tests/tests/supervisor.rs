@@ -221,6 +221,19 @@ fn ten_departments_fill_the_pool_and_an_eleventh_is_refused() {
         "the refusal must mention the limit of 10 departments; stderr: {stderr}"
     );
 
+    // Standalone mode writes spec files before the apply takes effect; a
+    // refused apply must put the directory back as it was.
+    let spec_file = d.departments_dir().join(format!("{eleventh}.toml"));
+    assert!(
+        !spec_file.exists(),
+        "the refused department's spec file was left in departments.d"
+    );
+    assert_eq!(
+        fs::read_dir(d.departments_dir()).unwrap().count(),
+        10,
+        "departments.d must hold the 10 applied specs and nothing else"
+    );
+
     std::thread::sleep(QUIET);
     assert!(
         !container_exists(&container(&eleventh)),

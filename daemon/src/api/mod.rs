@@ -596,10 +596,35 @@ async fn apply_specs(
     prune: bool,
 ) -> Result<Response, ApiError> {
     let dir = state.supervisor.shared.config.departments_dir.clone();
-    let report = state.supervisor.apply(specs.clone(), prune).await?;
-    for spec in &specs {
-        crate::desired::write_spec(&dir, spec).map_err(|e| ApiError::Internal(e.to_string()))?;
-    }
+    // The files are standalone mode's desired state, loaded (and pruned to) at
+    // every start, so they are written before the specs take effect: a crash
+    // in between leaves them ahead of the running state, never behind it (a
+    // department applied but missing from the files would be deleted at the
+    // next start). A refused apply puts back what was there. Specs that fail
+    // validation write nothing: their ids may not be file names.
+    let snapshot = if specs.iter().all(|s| s.validate().is_ok()) {
+        let snapshot = crate::desired::snapshot(&dir, specs.iter().map(|s| s.id.as_str()));
+        for spec in &specs {
+            if let Err(e) = crate::desired::write_spec(&dir, spec) {
+                let _ = snapshot.restore();
+                return Err(ApiError::Internal(e.to_string()));
+            }
+        }
+        Some(snapshot)
+    } else {
+        None
+    };
+    let report = match state.supervisor.apply(specs, prune).await {
+        Ok(report) => report,
+        Err(e) => {
+            if let Some(snapshot) = snapshot {
+                if let Err(restore) = snapshot.restore() {
+                    tracing::error!(error = %restore, "Could not put back the spec files of a refused apply.");
+                }
+            }
+            return Err(e.into());
+        }
+    };
     for id in &report.deleted {
         crate::desired::remove_spec(&dir, id).map_err(|e| ApiError::Internal(e.to_string()))?;
     }
