@@ -4,8 +4,8 @@
 //! cannot leave the department, stop timeouts, and image pulls from a registry on
 //! loopback -- all against the real Docker engine and the `fleet-test-agent` image.
 //!
-//! Port ranges: each test takes ten ports of 45000-45099; the registry test's
-//! registry listens on 45500.
+//! Port ranges: each test takes ten ports of 45000-45099; the registry tests'
+//! registries listen on 45500 and 45501.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -964,15 +964,23 @@ fn a_container_ignoring_sigterm_is_killed_after_stop_timeout() {
 // --- image pulls ---------------------------------------------------------------
 
 const REGISTRY_PORT: u16 = 45500;
+const PRIVATE_REGISTRY_PORT: u16 = 45501;
 
-/// Debian's `docker-registry` on loopback with a temp storage dir; killed on drop.
+/// Debian's `docker-registry` on loopback; killed on drop.
 struct Registry {
     child: Child,
     _dir: tempfile::TempDir,
 }
 
 impl Registry {
+    /// An open registry with its own temp storage.
     fn start(port: u16) -> Self {
+        Self::serve(port, None, None)
+    }
+
+    /// Images under `storage` (a temp dir if `None`); with `htpasswd`, every
+    /// request needs basic auth.
+    fn serve(port: u16, storage: Option<&Path>, htpasswd: Option<&Path>) -> Self {
         let binary = PathBuf::from("/usr/bin/docker-registry");
         assert!(
             binary.exists(),
@@ -980,11 +988,18 @@ impl Registry {
         );
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.yml");
+        let storage = storage.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
+        let auth = htpasswd.map_or_else(String::new, |p| {
+            format!(
+                "auth:\n  htpasswd:\n    realm: fleet-test\n    path: {}\n",
+                p.display()
+            )
+        });
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.path().join("data").display()
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+                storage.display()
             ),
         )
         .unwrap();
@@ -997,10 +1012,11 @@ impl Registry {
             .stderr(log)
             .spawn()
             .expect("start docker-registry");
+        let ready = if htpasswd.is_some() { 401 } else { 200 };
         wait_until(
             Duration::from_secs(30),
             "the registry to answer /v2/",
-            || http_get(port, "/v2/").is_ok_and(|r| r.status == 200),
+            || http_get(port, "/v2/").is_ok_and(|r| r.status == ready),
         );
         Registry { child, _dir: dir }
     }
@@ -1079,6 +1095,76 @@ fn images_are_pulled_from_a_registry_and_a_failed_pull_leaves_the_running_versio
             .any(|e| e["kind"] == "pull_failed" && e["reason"] == "pull"),
         "no pull_failed event:\n{}",
         describe_events(&log)
+    );
+}
+
+#[test]
+fn a_private_registry_is_pulled_from_with_the_credentials_of_registry_auth_file() {
+    const USER: &str = "fleet";
+    const PASSWORD: &str = "canary-registry-password-5f2e";
+    // The image goes in while the registry is open, then the same storage is
+    // served behind basic auth: no `docker login` touches this host's config.
+    let storage = tempfile::tempdir().unwrap();
+    let image = format!(
+        "127.0.0.1:{PRIVATE_REGISTRY_PORT}/private-{}:2",
+        unique_name("img")
+    );
+    let _cleanup = ImageCleanup(image.clone());
+    {
+        let _open = Registry::serve(PRIVATE_REGISTRY_PORT, Some(storage.path()), None);
+        docker_ok(&["tag", IMAGE_V2, &image]);
+        docker_ok(&["push", &image]);
+        docker_ok(&["rmi", &image]);
+    }
+    let htpasswd = storage.path().join("htpasswd");
+    let hash = bcrypt::hash(PASSWORD, 4).unwrap();
+    std::fs::write(&htpasswd, format!("{USER}:{hash}\n")).unwrap();
+    let _private = Registry::serve(PRIVATE_REGISTRY_PORT, Some(storage.path()), Some(&htpasswd));
+    let anonymous = docker(&["pull", &image]);
+    assert!(
+        !anonymous.status.success(),
+        "the registry must refuse an anonymous pull for this test to mean anything"
+    );
+
+    let auth_dir = tempfile::tempdir().unwrap();
+    let auth_file = auth_dir.path().join("registry-auth.json");
+    std::fs::write(
+        &auth_file,
+        format!(
+            r#"{{"auths": {{"127.0.0.1:{PRIVATE_REGISTRY_PORT}": {{"username": "{USER}", "password": "{PASSWORD}"}}}}}}"#
+        ),
+    )
+    .unwrap();
+    let d = TestDaemon::start(TestOptions {
+        name: "rsa",
+        port_range: (45090, 45099),
+        extra_toml: format!(
+            "[docker]\nregistry_auth_file = \"{}\"\n",
+            auth_file.display()
+        ),
+        ..Default::default()
+    });
+    let id = d.dept("priv");
+    let path = d.write_spec(&id, &spec(&id, &image, &[], "", ""));
+    d.apply(&path);
+    let row = d.wait_running(&id, UP);
+    let port = row["host_port"].as_u64().unwrap() as u16;
+    assert_eq!(http_get(port, "/version").unwrap().body, "2");
+    let log = dept_events(&d, &id);
+    assert!(
+        log.iter().any(|e| e["kind"] == "pulled"),
+        "no pulled event:\n{}",
+        describe_events(&log)
+    );
+    let everything = format!(
+        "{}\n{}\n{}",
+        d.log_text(),
+        describe_events(&log),
+        d.agentctl_ok(&["show", &id])
+    );
+    assert!(
+        !everything.contains(PASSWORD),
+        "the registry password leaked into the daemon's log, events or show"
     );
 }
 
