@@ -123,6 +123,17 @@ done
 [ -n "$found" ] || fail "no tracing-journald entries (TARGET field) from fleet-agentd in the journal:
 $(tail -c 3000 <<<"$journal")"
 
+# A department's events carry DEPARTMENT= and EVENT= fields to filter on.
+found=""
+for _ in $(seq 1 20); do
+    if in_ct journalctl DEPARTMENT="$dept" EVENT=state_running -o cat --no-pager 2>/dev/null | grep -q 'starting -> running'; then
+        found=1; break
+    fi
+    sleep 0.5
+done
+[ -n "$found" ] || fail "journalctl DEPARTMENT=$dept EVENT=state_running found no 'starting -> running' entry:
+$(in_ct journalctl -u fleet-agentd -o json --no-pager | grep -m3 "$dept" | cut -c1-800)"
+
 log "reload, then stop: the department must keep running"
 # A reload re-reads agent.toml: `[log] level` applies at once, anything else
 # that changed is named as needing a restart rather than look applied.
