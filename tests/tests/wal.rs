@@ -426,10 +426,7 @@ impl Switch {
     fn start(port: u16, upstream: u16) -> Self {
         let up = Arc::new(AtomicBool::new(true));
         let conns = Arc::new(Mutex::new(Vec::new()));
-        // The first free port from `port` on (a client's ephemeral port may hold one).
-        let (listener, port) = (port..port + 20)
-            .find_map(|p| TcpListener::bind(("127.0.0.1", p)).ok().map(|l| (l, p)))
-            .expect("a free port for the S3 switch");
+        let (listener, port) = listen_from(port, "the S3 switch");
         let (up2, conns2) = (up.clone(), conns.clone());
         thread::spawn(move || {
             for client in listener.incoming().flatten() {
@@ -1017,9 +1014,15 @@ fn events(daemon: &TestDaemon) -> Vec<(String, String)> {
 /// A loopback port from `from` on that nobody listens on: connections to it
 /// are refused, as to an S3 endpoint that is down.
 fn dead_port(from: u16) -> u16 {
+    listen_from(from, "a dead S3 endpoint").1
+}
+
+/// A listener on the first loopback port from `from` on that is free (a
+/// client's ephemeral port may hold one of a test's fixed ports).
+fn listen_from(from: u16, what: &str) -> (TcpListener, u16) {
     (from..from + 20)
-        .find(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())
-        .expect("a free port")
+        .find_map(|p| TcpListener::bind(("127.0.0.1", p)).ok().map(|l| (l, p)))
+        .unwrap_or_else(|| panic!("no free port for {what} in {from}..{}", from + 20))
 }
 
 #[test]
@@ -1345,9 +1348,7 @@ struct SlowLink {
 impl SlowLink {
     fn start(port: u16, upstream: u16, bytes_per_sec: usize) -> Self {
         let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (listener, port) = (port..port + 20)
-            .find_map(|p| TcpListener::bind(("127.0.0.1", p)).ok().map(|l| (l, p)))
-            .expect("a free port for the slow link");
+        let (listener, port) = listen_from(port, "the slow link");
         let counter = sent.clone();
         thread::spawn(move || {
             for client in listener.incoming().flatten() {

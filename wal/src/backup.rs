@@ -6,7 +6,7 @@
 //! deleted first, so a backup is listed only when it is whole.
 
 use crate::names;
-use crate::service::{now_unix, WalError, WalService};
+use crate::service::{blocking, now_unix, WalError, WalService};
 use crate::target::Put;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -211,9 +211,7 @@ impl WalService {
         let level = self.config.compression_level;
         let (bytes, compressed, sha, stderr) = {
             let local = local.clone();
-            tokio::task::spawn_blocking(move || run_basebackup(&conninfo, &local, level))
-                .await
-                .map_err(|e| WalError::Internal(e.to_string()))?
+            blocking(move || run_basebackup(&conninfo, &local, level)).await
         }
         .inspect_err(|_| {
             let _ = std::fs::remove_file(&local);
@@ -367,7 +365,7 @@ impl WalService {
         let target_time = pg_target;
         let command = request.restore_command.clone();
         let unpack_to = to.clone();
-        let unpacked = tokio::task::spawn_blocking(move || {
+        let unpacked = blocking(move || {
             unpack(
                 &local,
                 &unpack_to,
@@ -382,8 +380,7 @@ impl WalService {
                 let _ = std::fs::remove_file(&local);
             })
         })
-        .await
-        .map_err(|e| WalError::Internal(e.to_string()))??;
+        .await?;
         (self.events)(
             "wal_restore",
             &format!(

@@ -67,15 +67,8 @@ pub fn encode(mut original: impl Read, level: i32) -> Result<(Vec<u8>, String, u
 /// The SHA-256 of what `original` yields, read in pieces.
 pub fn sha256_of(mut original: impl Read) -> Result<String, CodecError> {
     let mut hasher = Sha256::new();
-    let mut piece = vec![0u8; PIECE];
-    loop {
-        match original.read(&mut piece) {
-            Ok(0) => return Ok(hex::encode(hasher.finalize())),
-            Ok(n) => hasher.update(&piece[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(CodecError::Read(e)),
-        }
-    }
+    std::io::copy(&mut original, &mut hasher).map_err(CodecError::Read)?;
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// The checksum recorded in an object's header (its first `HEADER_LEN` bytes suffice).

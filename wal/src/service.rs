@@ -940,8 +940,8 @@ impl Jobs {
     }
 }
 
-/// Runs CPU-heavy work off the async workers.
-async fn blocking<T: Send + 'static>(
+/// Runs CPU-heavy or blocking work off the async workers.
+pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, WalError> + Send + 'static,
 ) -> Result<T, WalError> {
     tokio::task::spawn_blocking(work)
