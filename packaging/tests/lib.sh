@@ -16,13 +16,17 @@ shopt -s inherit_errexit
 PKGTEST_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 PKGTEST_TARGET=${CARGO_TARGET_DIR:-$PKGTEST_ROOT/target}
 PKGTEST_CACHE="$PKGTEST_TARGET/pkgtest"
+# The Debian root and its image depend only on the recipe below, not on the
+# code under test: FLEET_PKGTEST_SHARED lets several checkouts (worktrees) use
+# one copy. The debs stay per checkout, in PKGTEST_CACHE.
+PKGTEST_SHARED=${FLEET_PKGTEST_SHARED:-$PKGTEST_CACHE}
 PKGTEST_SUITE=${FLEET_PKGTEST_SUITE:-bookworm}
 PKGTEST_MIRROR=${FLEET_PKGTEST_MIRROR:-http://deb.debian.org/debian}
 PKGTEST_BIN_DIR=${FLEET_BIN_DIR:-$PKGTEST_TARGET/debug}
 # Bump when the recipe below changes; the key names the cached root and image.
 PKGTEST_BASE_RECIPE="v1 $PKGTEST_SUITE minbase python3,python3-apt,systemd,adduser,procps,man-db,ca-certificates +docker.io"
 PKGTEST_BASE_KEY=$(printf '%s' "$PKGTEST_BASE_RECIPE" | sha256sum | cut -c1-12)
-PKGTEST_BASE="$PKGTEST_CACHE/base-$PKGTEST_BASE_KEY"
+PKGTEST_BASE="$PKGTEST_SHARED/base-$PKGTEST_BASE_KEY"
 PKGTEST_IMAGE="fleet-pkgtest-base:$PKGTEST_BASE_KEY"
 # Names what a test creates on the shared Docker engine (container, node id,
 # department ids): unique per test run (tests/tests/packaging.rs passes
@@ -31,7 +35,7 @@ PKGTEST_NAME=${FLEET_PKGTEST_NAME:-pk$$}
 PKGTEST_DEB_VERSION_OLD=0.1.0-1
 PKGTEST_DEB_VERSION_NEW=0.1.0-2
 
-mkdir -p "$PKGTEST_CACHE"
+mkdir -p "$PKGTEST_CACHE" "$PKGTEST_SHARED"
 
 log() { printf '[%s] %s\n' "$(basename "$0")" "$*" >&2; }
 fail() { log "FAIL: $*"; exit 1; }
@@ -39,10 +43,12 @@ fail() { log "FAIL: $*"; exit 1; }
 # Run "$@" holding an exclusive lock, so parallel tests build a cache once.
 with_lock() {
     local name=$1; shift
+    local dir=$PKGTEST_CACHE
+    case $name in base|image) dir=$PKGTEST_SHARED ;; esac
     (
         flock 9
         "$@"
-    ) 9>"$PKGTEST_CACHE/$name.lock"
+    ) 9>"$dir/$name.lock"
 }
 
 _build_base() {
@@ -52,8 +58,8 @@ _build_base() {
     log "debootstrap $PKGTEST_SUITE into $dir (first run only, ~2 min)"
     debootstrap --variant=minbase \
         --include=python3,python3-apt,systemd,adduser,procps,man-db,ca-certificates \
-        "$PKGTEST_SUITE" "$dir" "$PKGTEST_MIRROR" >"$PKGTEST_CACHE/debootstrap.log" 2>&1 \
-        || { tail -20 "$PKGTEST_CACHE/debootstrap.log" >&2; return 1; }
+        "$PKGTEST_SUITE" "$dir" "$PKGTEST_MIRROR" >"$PKGTEST_SHARED/debootstrap.log" 2>&1 \
+        || { tail -20 "$PKGTEST_SHARED/debootstrap.log" >&2; return 1; }
     # Keep maintainer scripts from starting daemons in the chroot while docker.io installs.
     printf '#!/bin/sh\nexit 101\n' >"$dir/usr/sbin/policy-rc.d"
     chmod 755 "$dir/usr/sbin/policy-rc.d"
@@ -61,9 +67,9 @@ _build_base() {
     mount -t proc proc "$dir/proc"
     local rc=0
     chroot "$dir" sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io' \
-        >"$PKGTEST_CACHE/docker-io.log" 2>&1 || rc=$?
+        >"$PKGTEST_SHARED/docker-io.log" 2>&1 || rc=$?
     umount "$dir/proc"
-    [ $rc -eq 0 ] || { tail -20 "$PKGTEST_CACHE/docker-io.log" >&2; return 1; }
+    [ $rc -eq 0 ] || { tail -20 "$PKGTEST_SHARED/docker-io.log" >&2; return 1; }
     # The tests use the host's engine through its socket; an engine of the
     # test host's own would fight over /run/docker.sock.
     chroot "$dir" systemctl mask docker.service docker.socket containerd.service >/dev/null 2>&1
@@ -185,6 +191,20 @@ systemd_container_down() {
 }
 
 in_ct() { docker exec -i "$SD_CT" "$@"; }
+
+# Installs the .deb into the systemd container as an operator (or the role)
+# would, without a terminal, but keeps its first start from happening (the
+# test's own config goes in first; ports must not collide between tests).
+# Streamed in: /tmp is a tmpfs in the container, and `docker cp` writes under
+# such mounts (into the image layer), where nothing inside can see the file.
+ct_install_deb() {
+    local deb=$1 ct_deb
+    ct_deb="/tmp/$(basename "$deb")"
+    in_ct sh -c 'cat >"$1"' sh "$ct_deb" <"$deb" || fail "cannot copy the package into $SD_CT"
+    in_ct sh -c 'printf "#!/bin/sh\nexit 101\n" >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$1" </dev/null >/tmp/install.log 2>&1; rc=$?
+        rm -f /usr/sbin/policy-rc.d; [ $rc -eq 0 ] || cat /tmp/install.log; exit $rc' sh "$ct_deb" || fail "install failed"
+}
 
 # Removes every container the test daemon with this node id created.
 remove_node_containers() {

@@ -28,13 +28,7 @@ systemd_container_up "fleet-$PKGTEST_NAME"
 
 # Installed the way the Ansible role does it, except that the first start waits
 # until this test's config is in place (its ports must not collide).
-# Streamed in: /tmp is a tmpfs in the container, and `docker cp` writes under
-# such mounts (into the image layer), where nothing inside can see the file.
-ct_deb="/tmp/$(basename "$deb")"
-in_ct sh -c 'cat >"$1"' sh "$ct_deb" <"$deb" || fail "cannot copy the package into $SD_CT"
-in_ct sh -c 'printf "#!/bin/sh\nexit 101\n" >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$1" </dev/null >/tmp/install.log 2>&1; rc=$?
-    rm -f /usr/sbin/policy-rc.d; [ $rc -eq 0 ] || cat /tmp/install.log; exit $rc' sh "$ct_deb" || fail "install failed"
+ct_install_deb "$deb"
 in_ct tee /etc/fleet-agent/agent.toml >/dev/null <<TOML
 node_id = "$node"
 [ports]
