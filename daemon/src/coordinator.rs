@@ -12,7 +12,7 @@
 //! and the departments keep running on the last applied specs (the supervisor
 //! persists those itself).
 
-use crate::api::{ApiState, SyncStatus};
+use crate::api::ApiState;
 use crate::store::{now_secs, Store, StoreError};
 use crate::supervisor::SupervisorError;
 use fleet_model::api::{
@@ -443,10 +443,8 @@ impl Client {
             last_refusal: self.last_refusal.clone(),
         };
         if let Ok(mut sync) = self.state.sync.write() {
-            *sync = SyncStatus {
-                applied_revision: self.applied_revision,
-                coordinator: Some(status),
-            };
+            sync.applied_revision = self.applied_revision;
+            sync.coordinator = Some(status);
         }
     }
 

@@ -40,9 +40,26 @@ pub enum RunError {
     Signals(std::io::Error),
 }
 
-/// Validates the config and, in standalone mode, every spec in `departments_dir`.
-/// Returns the lines to print.
-pub fn check_config(config: &Config, source: &ConfigSource) -> Result<Vec<String>, Vec<String>> {
+/// What `check-config` looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckScope {
+    /// `agent.toml` and the files it names (tokens, TLS, registry auth): what
+    /// the daemon needs to start. The unit's `ExecStartPre=` runs this, so a
+    /// bad spec file never keeps the daemon (and its supervision) down.
+    ConfigOnly,
+    /// Also standalone mode's whole desired state, judged as the daemon will
+    /// judge it at the next reload or start (ids, files, capacity, host ports,
+    /// memory admission against this host's memory).
+    Everything,
+}
+
+/// Validates the config and, with `CheckScope::Everything` in standalone mode,
+/// the desired state. Returns the lines to print.
+pub fn check_config(
+    config: &Config,
+    source: &ConfigSource,
+    scope: CheckScope,
+) -> Result<Vec<String>, Vec<String>> {
     let mut ok = vec![match source {
         ConfigSource::File(p) => format!("{}: valid", p.display()),
         ConfigSource::EmbeddedDefault => "embedded default config: valid".to_string(),
@@ -61,39 +78,64 @@ pub fn check_config(config: &Config, source: &ConfigSource) -> Result<Vec<String
             problems.push(format!("docker.registry_auth_file: {e}"));
         }
     }
-    match crate::desired::load_dir(&config.departments_dir) {
-        Ok(specs) => {
-            if specs.len() > config.max_departments {
-                problems.push(format!(
-                    "{}: {} specs but max_departments is {}",
-                    config.departments_dir.display(),
-                    specs.len(),
-                    config.max_departments
-                ));
-            }
-            let mut ports = std::collections::BTreeMap::new();
-            for spec in &specs {
-                if let Some(port) = spec.host_port {
-                    if let Some(other) = ports.insert(port, spec.id.clone()) {
-                        problems.push(format!(
-                            "{}.host_port: {port} is also the host_port of `{other}`",
-                            spec.id
-                        ));
-                    }
-                }
-            }
-            ok.push(format!(
-                "{}: {} department spec(s) valid",
-                config.departments_dir.display(),
-                specs.len()
-            ));
+    if scope == CheckScope::Everything && config.coordinator.is_none() {
+        let sources = crate::desired::Sources::of(config);
+        let shown = format!(
+            "{} and {}",
+            sources.hand_written.display(),
+            sources.applied.display()
+        );
+        match crate::desired::load(&sources) {
+            Ok(desired) => match judge_desired(config, &desired.specs) {
+                Ok(verdict) => ok.push(format!(
+                    "{shown}: {} department spec(s) valid; {verdict}",
+                    desired.specs.len()
+                )),
+                Err(mut refused) => problems.append(&mut refused),
+            },
+            Err(e) => problems.push(e.to_string()),
         }
-        Err(e) => problems.push(e.to_string()),
     }
     if problems.is_empty() {
         Ok(ok)
     } else {
         Err(problems)
+    }
+}
+
+/// The node-wide checks of a whole standalone set that need no running daemon,
+/// the supervisor's own rules: capacity, unique host ports, memory admission
+/// (`admission.rs`, with host memory read as the daemon reads it). A host port
+/// another program holds is only found by the daemon.
+fn judge_desired(
+    config: &Config,
+    specs: &[fleet_model::DepartmentSpec],
+) -> Result<crate::admission::Verdict, Vec<String>> {
+    let mut problems = Vec::new();
+    if specs.len() > config.max_departments {
+        problems.push(format!(
+            "departments: {} specs but max_departments is {}; remove one or raise max_departments",
+            specs.len(),
+            config.max_departments
+        ));
+    }
+    let mut ports = std::collections::BTreeMap::new();
+    for spec in specs {
+        if let Some(port) = spec.host_port {
+            if let Some(other) = ports.insert(port, spec.id.clone()) {
+                problems.push(format!(
+                    "{}.host_port: {port} is also the host_port of `{other}`",
+                    spec.id
+                ));
+            }
+        }
+    }
+    let node = crate::admission::Node::of(config, crate::host::total_memory_bytes());
+    let verdict = crate::admission::admit(specs, &node)
+        .map_err(|fields| problems.extend(fields.iter().map(ToString::to_string)));
+    match verdict {
+        Ok(verdict) if problems.is_empty() => Ok(verdict),
+        _ => Err(problems),
     }
 }
 
@@ -169,6 +211,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
                 .flatten()
                 .and_then(|v| v.parse().ok()),
             coordinator: None,
+            desired_state: None,
         })),
         host,
         usage: crate::usage::UsageCache::start(supervisor.shared.clone()),
@@ -176,7 +219,10 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
     };
 
     if mode == Mode::Standalone {
-        load_departments_dir(&supervisor, &config).await;
+        load_desired(&supervisor, &config, &state.sync).await;
+        if let Ok(mut extra) = state.extra_metrics.write() {
+            extra.push(desired_state_metric(state.sync.clone()));
+        }
     }
     let mut coordinator_task = None;
     if let Some(coordinator) = &config.coordinator {
@@ -263,10 +309,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
     }
     tasks.extend(coordinator_task);
 
-    crate::systemd::ready(&format!(
-        "supervising {} departments",
-        supervisor.specs().await.len()
-    ));
+    crate::systemd::ready(&status_line(&supervisor, &state.sync).await);
     events.record(
         None,
         "daemon_started",
@@ -274,7 +317,14 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
         &format!("fleet-agentd {} started", env!("CARGO_PKG_VERSION")),
     );
 
-    wait_for_signals(&supervisor, &config, &source, config_text.as_deref()).await?;
+    wait_for_signals(
+        &supervisor,
+        &config,
+        &source,
+        config_text.as_deref(),
+        &state.sync,
+    )
+    .await?;
 
     crate::systemd::stopping();
     supervisor.shutdown().await;
@@ -291,32 +341,107 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
     Ok(())
 }
 
-async fn load_departments_dir(supervisor: &Supervisor, config: &Config) {
-    match crate::desired::load_dir(&config.departments_dir) {
-        Ok(specs) => {
-            let count = specs.len();
-            match supervisor.apply(specs, true).await {
-                Ok(report) => tracing::info!(
-                    departments = count,
-                    created = report.created.len(),
-                    updated = report.updated.len(),
-                    deleted = report.deleted.len(),
-                    "Loaded {}.",
-                    config.departments_dir.display()
-                ),
-                Err(e) => tracing::error!(
-                    error = %e,
-                    "Refused {}; the departments keep their last applied specs.",
-                    config.departments_dir.display()
-                ),
+/// Standalone mode's load of both spec directories (start and SIGHUP). A
+/// refusal changes nothing: the departments keep their last applied specs and
+/// go on being supervised; it is reported as an event, in `/v1/node`
+/// (`agentctl doctor`), in `fleet_agent_desired_state_valid` and on the unit's
+/// STATUS line until a later load succeeds.
+async fn load_desired(supervisor: &Supervisor, config: &Config, sync: &RwLock<SyncStatus>) {
+    let sources = crate::desired::Sources::of(config);
+    let outcome = match crate::desired::load(&sources) {
+        Ok(desired) => {
+            let count = desired.specs.len();
+            supervisor
+                .apply(desired.specs, true)
+                .await
+                .map(|report| (count, report))
+                .map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    let loaded_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let status = match outcome {
+        Ok((count, report)) => {
+            tracing::info!(
+                departments = count,
+                created = report.created.len(),
+                updated = report.updated.len(),
+                deleted = report.deleted.len(),
+                "Loaded {} and {}.",
+                sources.hand_written.display(),
+                sources.applied.display()
+            );
+            fleet_model::api::DesiredStateStatus {
+                valid: true,
+                problem: None,
+                loaded_at,
             }
         }
-        Err(e) => tracing::error!(
-            error = %e,
-            "Cannot load {}; the departments keep their last applied specs.",
-            config.departments_dir.display()
-        ),
+        Err(problem) => {
+            tracing::error!(
+                error = %problem,
+                "Desired state refused; the departments keep their last applied specs and stay supervised."
+            );
+            supervisor.shared.events.record(
+                None,
+                "desired_state_refused",
+                Some("invalid"),
+                &format!(
+                    "desired state refused, the departments keep their last applied specs: {problem}"
+                ),
+            );
+            fleet_model::api::DesiredStateStatus {
+                valid: false,
+                problem: Some(problem),
+                loaded_at,
+            }
+        }
+    };
+    if let Ok(mut sync) = sync.write() {
+        sync.desired_state = Some(status);
     }
+}
+
+/// The unit's STATUS= line: what runs, and loudly when the desired state is refused.
+async fn status_line(supervisor: &Supervisor, sync: &RwLock<SyncStatus>) -> String {
+    let running = format!("supervising {} departments", supervisor.specs().await.len());
+    let refused = sync
+        .read()
+        .ok()
+        .and_then(|s| s.desired_state.clone())
+        .and_then(|d| d.problem);
+    match refused {
+        None => running,
+        Some(problem) => {
+            // systemctl status shows one line; the journal and doctor have it all.
+            let mut short: String = problem.chars().take(300).collect();
+            if short.len() < problem.len() {
+                short.push_str("...");
+            }
+            format!("{running}; desired state REFUSED, last applied specs kept: {short}")
+        }
+    }
+}
+
+/// `fleet_agent_desired_state_valid`: 1 while the last load of the spec
+/// directories was accepted (always 1 in coordinator mode, whose refusals
+/// have their own metric), 0 while it is refused.
+fn desired_state_metric(sync: Arc<RwLock<SyncStatus>>) -> api::MetricsSource {
+    Arc::new(move |out: &mut String| {
+        let valid = sync
+            .read()
+            .ok()
+            .and_then(|s| s.desired_state.as_ref().map(|d| d.valid))
+            .unwrap_or(true);
+        out.push_str("# HELP fleet_agent_desired_state_valid 1 when the last load of departments_dir and the applied specs was accepted; 0 while refused (the departments keep their last applied specs).\n# TYPE fleet_agent_desired_state_valid gauge\n");
+        out.push_str(&format!(
+            "fleet_agent_desired_state_valid {}\n",
+            u8::from(valid)
+        ));
+    })
 }
 
 fn config_file_text(source: &ConfigSource) -> Option<String> {
@@ -338,7 +463,7 @@ fn reread_config(path: &std::path::Path, source: &ConfigSource, start_text: Opti
             return;
         }
     };
-    if let Err(problems) = check_config(&new, source) {
+    if let Err(problems) = check_config(&new, source, CheckScope::ConfigOnly) {
         tracing::error!(
             config = %path.display(),
             "Reload refused: {}; the running configuration is unchanged.",
@@ -399,6 +524,7 @@ async fn wait_for_signals(
     config: &Config,
     source: &ConfigSource,
     config_text: Option<&str>,
+    sync: &RwLock<SyncStatus>,
 ) -> Result<(), RunError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
@@ -410,14 +536,18 @@ async fn wait_for_signals(
             _ = int.recv() => return Ok(()),
             _ = hup.recv() => {
                 crate::systemd::reloading();
-                tracing::info!("SIGHUP: re-reading {}.", config.departments_dir.display());
+                tracing::info!(
+                    "SIGHUP: re-reading {} and {}.",
+                    config.departments_dir.display(),
+                    config.applied_dir().display()
+                );
                 if let ConfigSource::File(path) = source {
                     reread_config(path, source, config_text);
                 }
                 if config.coordinator.is_none() {
-                    load_departments_dir(supervisor, config).await;
+                    load_desired(supervisor, config, sync).await;
                 }
-                crate::systemd::ready("reloaded");
+                crate::systemd::ready(&status_line(supervisor, sync).await);
             }
         }
     }

@@ -1,6 +1,7 @@
 //! fleet-agentd: keeps the department containers of this host equal to the
 //! desired state. `run` wires the pieces; each module's header says what it owns.
 
+pub mod admission;
 pub mod api;
 pub mod coordinator;
 pub mod desired;
@@ -17,4 +18,4 @@ pub mod systemd;
 pub mod usage;
 
 mod daemon;
-pub use daemon::{check_config, run, RunError};
+pub use daemon::{check_config, run, CheckScope, RunError};

@@ -1,5 +1,6 @@
 //! `fleet-agentd`: the node daemon. `fleet-agentd [--config PATH]` runs it;
-//! `fleet-agentd check-config` validates the config and `departments.d`.
+//! `fleet-agentd check-config [--config-only]` validates the config and the
+//! desired state.
 //! Exit codes: 0 ok, 1 failure, 64 bad config or arguments.
 
 use clap::{Parser, Subcommand};
@@ -28,8 +29,14 @@ struct Cli {
 enum Command {
     /// Run the daemon (the default).
     Run,
-    /// Validate the config and every spec in departments_dir, then exit.
-    CheckConfig,
+    /// Validate the config and (standalone) the whole desired state as the
+    /// daemon would judge it: spec files, capacity, ports, memory admission.
+    CheckConfig {
+        /// Check agent.toml and the files it names (tokens, TLS) only: what the
+        /// daemon needs to start (the unit's ExecStartPre).
+        #[arg(long)]
+        config_only: bool,
+    },
     /// Write the man page fleet-agentd.8 (used by the package build).
     #[command(hide = true)]
     Man {
@@ -75,7 +82,15 @@ fn main() -> ExitCode {
     }
     match cli.command.unwrap_or(Command::Run) {
         Command::Man { out_dir } => write_man_page(&out_dir),
-        Command::CheckConfig => match fleet_agentd::check_config(&config, &source) {
+        Command::CheckConfig { config_only } => match fleet_agentd::check_config(
+            &config,
+            &source,
+            if config_only {
+                fleet_agentd::CheckScope::ConfigOnly
+            } else {
+                fleet_agentd::CheckScope::Everything
+            },
+        ) {
             Ok(lines) => {
                 for line in lines {
                     println!("{line}");

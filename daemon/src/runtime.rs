@@ -100,6 +100,7 @@ pub struct CreateRequest {
     pub host_port: Option<u16>,
     pub nano_cpus: Option<i64>,
     pub memory: Option<i64>,
+    pub memory_reservation: Option<i64>,
     pub stop_timeout: Duration,
 }
 
@@ -352,6 +353,7 @@ impl ContainerRuntime for BollardRuntime {
             memory: r.memory,
             // No swap beyond the memory limit, so the limit means what it says.
             memory_swap: r.memory,
+            memory_reservation: r.memory_reservation,
             nano_cpus: r.nano_cpus,
             security_opt: Some(vec!["no-new-privileges:true".into()]),
             log_config: Some(HostConfigLogConfig {

@@ -165,6 +165,22 @@ pub struct NodeStatus {
     pub applied_revision: Option<i64>,
     pub coordinator: Option<CoordinatorStatus>,
     pub states: std::collections::BTreeMap<String, usize>,
+    /// Standalone mode: how the last load of the spec directories went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_state: Option<DesiredStateStatus>,
+}
+
+/// The last load of standalone mode's desired state (`departments_dir` and the
+/// applied specs), at start or SIGHUP. While it is refused the departments keep
+/// their last applied specs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DesiredStateStatus {
+    pub valid: bool,
+    /// Why it was refused: files, line:column and fields at fault.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+    /// Unix seconds of that load.
+    pub loaded_at: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]

@@ -30,6 +30,15 @@ pub struct Config {
     pub max_departments: usize,
     #[serde(default = "default_reserved_memory")]
     pub reserved_memory: ByteSize,
+    /// How far the departments' hard memory limits (`resources.memory`) may
+    /// add up beyond the budget (host memory minus `reserved_memory`), which
+    /// their reservations must fit: 1.25 lets limits reach 125% of it.
+    #[serde(default = "default_memory_oversubscription")]
+    pub memory_oversubscription: f64,
+    /// What a department without `resources.memory` counts as in memory
+    /// admission (Docker gives its container no limit).
+    #[serde(default = "default_department_memory")]
+    pub department_memory_default: ByteSize,
     /// Full list-and-compare against Docker, beside the event stream.
     #[serde(default = "default_resync_interval", with = "humantime_serde")]
     pub resync_interval: Duration,
@@ -71,6 +80,12 @@ fn default_max_departments() -> usize {
 }
 fn default_reserved_memory() -> ByteSize {
     ByteSize::gib(2)
+}
+fn default_memory_oversubscription() -> f64 {
+    1.0
+}
+fn default_department_memory() -> ByteSize {
+    ByteSize::mib(512)
 }
 fn default_resync_interval() -> Duration {
     Duration::from_secs(10)
@@ -463,6 +478,20 @@ impl Config {
         if self.max_departments == 0 || self.max_departments > 1000 {
             problems.push(FieldError::new("max_departments", "must be 1-1000"));
         }
+        if !(self.memory_oversubscription.is_finite()
+            && (1.0..=4.0).contains(&self.memory_oversubscription))
+        {
+            problems.push(FieldError::new(
+                "memory_oversubscription",
+                "must be between 1.0 (hard limits fit the budget) and 4.0, such as 1.25",
+            ));
+        }
+        if self.department_memory_default < ByteSize::mib(6) {
+            problems.push(FieldError::new(
+                "department_memory_default",
+                "must be at least 6MiB (Docker's minimum)",
+            ));
+        }
         if self.resync_interval < Duration::from_millis(500) {
             problems.push(FieldError::new("resync_interval", "must be at least 500ms"));
         }
@@ -600,6 +629,13 @@ impl Config {
     pub fn store_path(&self) -> PathBuf {
         self.state_dir.join("state.db")
     }
+
+    /// Where the daemon keeps the specs `agentctl apply` sent (standalone mode),
+    /// beside `departments_dir`'s hand-written ones: under the state directory,
+    /// the one place the unit lets it write.
+    pub fn applied_dir(&self) -> PathBuf {
+        self.state_dir.join("applied.d")
+    }
 }
 
 /// Node ids go into URL paths and labels: keep them to URL-safe characters.
@@ -621,6 +657,8 @@ fn unreachable_default() -> Config {
         departments_dir: default_departments_dir(),
         max_departments: default_max_departments(),
         reserved_memory: default_reserved_memory(),
+        memory_oversubscription: default_memory_oversubscription(),
+        department_memory_default: default_department_memory(),
         resync_interval: default_resync_interval(),
         stats_interval: default_stats_interval(),
         start_concurrency: default_start_concurrency(),

@@ -51,6 +51,10 @@ pub struct Resources {
     pub cpus: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<ByteSize>,
+    /// Docker's MemoryReservation (a soft limit): what memory admission sums
+    /// against the host's budget. Defaults to `memory`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_reservation: Option<ByteSize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -333,6 +337,20 @@ impl DepartmentSpec {
                 ));
             }
         }
+        if let Some(reservation) = self.resources.memory_reservation {
+            if reservation < ByteSize::mib(6) {
+                errors.push(FieldError::new(
+                    "resources.memory_reservation",
+                    "must be at least 6MiB",
+                ));
+            }
+            if self.resources.memory.is_some_and(|m| reservation > m) {
+                errors.push(FieldError::new(
+                    "resources.memory_reservation",
+                    "must not exceed resources.memory (the hard limit)",
+                ));
+            }
+        }
         for key in self.env.keys() {
             if !valid_env_name(key) {
                 errors.push(FieldError::new(
@@ -457,6 +475,10 @@ impl DepartmentSpec {
             host_port: u16,
             cpus: Option<f64>,
             memory: Option<u64>,
+            // Left out when unset, so specs without it keep their hash (and
+            // their containers) across the upgrade that added it.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            memory_reservation: Option<u64>,
             env: &'a BTreeMap<String, String>,
             secrets: BTreeMap<&'a str, &'a str>,
         }
@@ -466,6 +488,7 @@ impl DepartmentSpec {
             host_port,
             cpus: self.resources.cpus,
             memory: self.resources.memory.map(ByteSize::bytes),
+            memory_reservation: self.resources.memory_reservation.map(ByteSize::bytes),
             env: &self.env,
             secrets: self
                 .secrets

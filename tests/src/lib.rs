@@ -208,6 +208,11 @@ level = "{level}"
         self.dir.path().join("departments.d")
     }
 
+    /// Where the daemon keeps the specs `agentctl apply` sent (`<state_dir>/applied.d`).
+    pub fn applied_dir(&self) -> PathBuf {
+        self.dir.path().join("state").join("applied.d")
+    }
+
     /// A department id unique to this test run: `<tag>-<suffix>`.
     pub fn dept(&self, suffix: &str) -> String {
         let id = format!("{}-{suffix}", self.tag);

@@ -223,15 +223,15 @@ fn ten_departments_fill_the_pool_and_an_eleventh_is_refused() {
 
     // Standalone mode writes spec files before the apply takes effect; a
     // refused apply must put the directory back as it was.
-    let spec_file = d.departments_dir().join(format!("{eleventh}.toml"));
+    let spec_file = d.applied_dir().join(format!("{eleventh}.toml"));
     assert!(
         !spec_file.exists(),
-        "the refused department's spec file was left in departments.d"
+        "the refused department's spec file was left in applied.d"
     );
     assert_eq!(
-        fs::read_dir(d.departments_dir()).unwrap().count(),
+        fs::read_dir(d.applied_dir()).unwrap().count(),
         10,
-        "departments.d must hold the 10 applied specs and nothing else"
+        "applied.d must hold the 10 applied specs and nothing else"
     );
 
     std::thread::sleep(QUIET);

@@ -69,6 +69,24 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
                     "the daemon cannot reach Docker; check `systemctl status docker` and [docker] socket".into()
                 },
             });
+            if let Some(d) = &node.desired_state {
+                checks.push(Check {
+                    name: "desired state",
+                    ok: d.valid,
+                    detail: match &d.problem {
+                        None => format!(
+                            "{} and the applied specs were accepted at the last load",
+                            config
+                                .as_ref()
+                                .map(|c| c.departments_dir.display().to_string())
+                                .unwrap_or_else(|| "departments_dir".into())
+                        ),
+                        Some(problem) => format!(
+                            "refused, the departments keep their last applied specs and stay supervised: {problem}. Fix the file named, then `systemctl reload fleet-agentd`"
+                        ),
+                    },
+                });
+            }
             if let Some(c) = &node.coordinator {
                 checks.push(coordinator_check(c, config.as_ref()));
                 if let Some(r) = &c.last_refusal {

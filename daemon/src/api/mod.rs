@@ -51,6 +51,8 @@ pub enum Mode {
 pub struct SyncStatus {
     pub applied_revision: Option<i64>,
     pub coordinator: Option<CoordinatorStatus>,
+    /// Standalone mode: the last load of the spec directories (`desired.rs`).
+    pub desired_state: Option<fleet_model::api::DesiredStateStatus>,
 }
 
 /// A subsystem's contribution to `/metrics` (WAL, coordinator): appends whole
@@ -375,6 +377,7 @@ pub fn node_status(state: &ApiState) -> NodeStatus {
         applied_revision: sync.applied_revision,
         coordinator: sync.coordinator,
         states,
+        desired_state: sync.desired_state,
     }
 }
 
@@ -595,7 +598,31 @@ async fn apply_specs(
     specs: Vec<DepartmentSpec>,
     prune: bool,
 ) -> Result<Response, ApiError> {
-    let dir = state.supervisor.shared.config.departments_dir.clone();
+    let sources = crate::desired::Sources::of(&state.supervisor.shared.config);
+    let mut specs = specs;
+    // A department of a hand-written file is the operator's: an apply would
+    // be undone (or refused as a duplicate) at the next reload.
+    for spec in specs.iter().filter(|s| s.validate().is_ok()) {
+        if let Some(file) = hand_written(&sources, &spec.id)? {
+            return Err(ApiError::Conflict(format!(
+                "`{}` is defined by {}; edit that file and run `systemctl reload fleet-agentd` instead",
+                spec.id,
+                file.display()
+            )));
+        }
+    }
+    if prune {
+        // --prune means "exactly these applied specs": the hand-written
+        // departments are not the apply's to remove, so they stay as they run.
+        let given: std::collections::BTreeSet<String> =
+            specs.iter().map(|s| s.id.clone()).collect();
+        for running in state.supervisor.specs().await {
+            if !given.contains(&running.id) && hand_written(&sources, &running.id)?.is_some() {
+                specs.push(running);
+            }
+        }
+    }
+    let dir = sources.applied.clone();
     // The files are standalone mode's desired state, loaded (and pruned to) at
     // every start, so they are written before the specs take effect: a crash
     // in between leaves them ahead of the running state, never behind it (a
@@ -605,6 +632,9 @@ async fn apply_specs(
     let snapshot = if specs.iter().all(|s| s.validate().is_ok()) {
         let snapshot = crate::desired::snapshot(&dir, specs.iter().map(|s| s.id.as_str()));
         for spec in &specs {
+            if hand_written(&sources, &spec.id)?.is_some() {
+                continue;
+            }
             if let Err(e) = crate::desired::write_spec(&dir, spec) {
                 let _ = snapshot.restore();
                 return Err(ApiError::Internal(e.to_string()));
@@ -629,6 +659,14 @@ async fn apply_specs(
         crate::desired::remove_spec(&dir, id).map_err(|e| ApiError::Internal(e.to_string()))?;
     }
     Ok(Json(report).into_response())
+}
+
+fn hand_written(
+    sources: &crate::desired::Sources,
+    id: &str,
+) -> Result<Option<std::path::PathBuf>, ApiError> {
+    crate::desired::hand_written_file(&sources.hand_written, id)
+        .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
 async fn put_department(
@@ -660,9 +698,33 @@ async fn delete_department(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     refuse_in_coordinator_mode(&state)?;
-    state.supervisor.delete(&id).await?;
-    crate::desired::remove_spec(&state.supervisor.shared.config.departments_dir, &id)
+    let sources = crate::desired::Sources::of(&state.supervisor.shared.config);
+    if !fleet_model::spec::valid_id(&id) {
+        return Err(SupervisorError::UnknownDepartment(id).into());
+    }
+    if let Some(file) = hand_written(&sources, &id)? {
+        return Err(ApiError::Conflict(format!(
+            "`{id}` is defined by {}; remove that file and run `systemctl reload fleet-agentd` instead",
+            file.display()
+        )));
+    }
+    // The file goes first: a crash before the container is removed leaves a
+    // department that the next start prunes, never one that comes back.
+    let snapshot = crate::desired::snapshot(&sources.applied, [id.as_str()]);
+    crate::desired::remove_spec(&sources.applied, &id)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
+    match state.supervisor.delete(&id).await {
+        Ok(()) => {}
+        // Its file was there but it did not run (the last load was refused):
+        // removing the file was the whole delete.
+        Err(SupervisorError::UnknownDepartment(_)) if snapshot.had(&id) => {}
+        Err(e) => {
+            if let Err(restore) = snapshot.restore() {
+                tracing::error!(error = %restore, "Could not put back the spec file of a failed delete.");
+            }
+            return Err(e.into());
+        }
+    }
     Ok(Json(serde_json::json!({ "deleted": id })).into_response())
 }
 

@@ -780,6 +780,7 @@ impl DeptActor {
             host_port,
             nano_cpus: spec.resources.cpus.map(|c| (c * 1e9) as i64),
             memory: spec.resources.memory.map(|m| m.bytes() as i64),
+            memory_reservation: spec.resources.memory_reservation.map(|m| m.bytes() as i64),
             stop_timeout: spec.restart.stop_timeout,
         }
     }

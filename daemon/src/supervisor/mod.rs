@@ -298,26 +298,9 @@ impl Supervisor {
                 ),
             ));
         }
-        let budget = self
-            .shared
-            .host_memory_bytes
-            .saturating_sub(self.shared.config.reserved_memory.bytes());
-        let committed: u64 = next.values().map(DepartmentSpec::memory_bytes).sum();
-        if committed > budget {
-            let culprit = specs
-                .iter()
-                .max_by_key(|s| s.memory_bytes())
-                .map(|s| s.id.clone())
-                .unwrap_or_default();
-            problems.push(FieldError::new(
-                format!("{culprit}.resources.memory"),
-                format!(
-                    "memory limits would total {} but this host has {} for departments (host memory minus reserved_memory {}); lower resources.memory",
-                    fleet_model::size::ByteSize(committed),
-                    fleet_model::size::ByteSize(budget),
-                    self.shared.config.reserved_memory
-                ),
-            ));
+        let node = crate::admission::Node::of(&self.shared.config, self.shared.host_memory_bytes);
+        if let Err(mut memory) = crate::admission::admit(next.values(), &node) {
+            problems.append(&mut memory);
         }
         // Ports, decided on a copy so a refusal changes nothing.
         let mut pool = registry.pool.clone();
