@@ -3,6 +3,8 @@
 # site.yml against a clean Debian host (a systemd container made from the
 # debootstrap root, reached with the community.docker.docker connection),
 # installs and configures the agent, and the second run changes nothing.
+# Before them, a run with a set the daemon would refuse stops, says why, and
+# leaves the push playbook's containers alone.
 # The host starts as the push playbook left it: two aio-<id> containers on the
 # playbook's ports, which the agent must take over under the same names/ports.
 source "$(dirname "$0")/lib.sh"
@@ -78,6 +80,20 @@ run_role() { # $1: log name; prints the PLAY RECAP line of the host
     grep -F "$token" "$work/$1.log" && fail "the API token appeared in the output of $1"
     grep -E "^$SD_CT +:" "$work/$1.log"
 }
+# A set the daemon would refuse (here: no memory left for departments) stops
+# the role before anything reloads, and the push playbook's containers stay.
+log "refused run"
+pushed=$(docker inspect -f '{{ .Id }}' "aio-${depts[0]}" "aio-${depts[1]}")
+rc=0
+(cd "$PKGTEST_ROOT/ansible" && ANSIBLE_NOCOLOR=1 ansible-playbook -i "$work/inventory.yml" site.yml \
+    -e "@$work/vars.yml" -e fleet_agent_reserved_memory=1024TiB) >"$work/refused.log" 2>&1 || rc=$?
+[ $rc -ne 0 ] || fail "the role succeeded with a desired state the daemon refuses"
+grep -q "fleet-agentd would refuse this node's departments.*memory reservations would total" "$work/refused.log" \
+    || { tail -30 "$work/refused.log" >&2; fail "the refused run did not say why"; }
+grep -F 'pw-one' "$work/refused.log" && fail "a department secret appeared in the output of the refused run"
+[ "$(docker inspect -f '{{ .Id }} {{ .State.Running }}' "aio-${depts[0]}" "aio-${depts[1]}" | awk '{ print $1 }')" = "$pushed" ] \
+    && [ -z "$(docker inspect -f '{{ .State.Running }}' "aio-${depts[0]}" "aio-${depts[1]}" | grep -v true)" ] \
+    || fail "the refused run touched the push playbook's containers"
 log "first run"
 recap1=$(run_role first)
 log "$recap1"

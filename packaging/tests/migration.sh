@@ -47,16 +47,23 @@ cat >"$work/preview.yml" <<YAML
         fleet_agent_push_env:
           DB_HOST: "{{ db_host }}"
           LIVEKIT_URL: "{{ livekit_url }}"
+        # docs/migrating.md's figures: the seed's 1600 MiB as the hard limit.
+        fleet_agent_push_resources: { cpus: 1.0, memory: 1600MiB, memory_reservation: 1200MiB }
 YAML
 ANSIBLE_ROLES_PATH="$PKGTEST_ROOT/ansible/roles" ANSIBLE_NOCOLOR=1 \
     ansible-playbook -i localhost, "$work/preview.yml" >"$work/ansible.log" 2>&1 \
     || { cat "$work/ansible.log" >&2; fail "the preview playbook failed"; }
 ! grep -q 'pw-hr' "$work/ansible.log" || fail "a db_password appeared in ansible's output"
 
-# The installed default config, pointed at the rendered directory.
-sed 's|^#departments_dir = .*|departments_dir = "'"$work/departments.d"'"|' \
+# The installed default config, pointed at the rendered directory (and a
+# scratch state directory, whose applied.d is the other half of the desired
+# state), with docs/migrating.md's oversubscription.
+sed -e 's|^#departments_dir = .*|departments_dir = "'"$work/departments.d"'"|' \
+    -e 's|^#state_dir = .*|state_dir = "'"$work/state"'"|' \
+    -e 's|^#memory_oversubscription = .*|memory_oversubscription = 1.25|' \
     "$PKGTEST_ROOT/packaging/agent.toml" >"$work/agent.toml"
 grep -q "^departments_dir = \"$work/departments.d\"" "$work/agent.toml" || fail "could not point agent.toml at the specs"
+grep -q "^memory_oversubscription = 1.25" "$work/agent.toml" || fail "could not set memory_oversubscription"
 "$bin" check-config --config "$work/agent.toml" >"$work/check.out" 2>&1 \
     || { cat "$work/check.out" >&2; fail "check-config rejects the migrated specs"; }
 
@@ -92,4 +99,29 @@ sed 's|^departments_dir = .*|departments_dir = "'"$work/broken.d"'"|' "$work/age
 rc=0; "$bin" check-config --config "$work/broken.toml" >"$work/broken.out" 2>&1 || rc=$?
 [ $rc -eq 64 ] || { cat "$work/broken.out" >&2; fail "check-config exited $rc on a broken spec, expected 64"; }
 grep -q 'legal' "$work/broken.out" || { cat "$work/broken.out" >&2; fail "check-config did not name the broken spec"; }
-log "ok: the push playbook's departments migrate with names, image and ports 8001-8010 kept"
+
+# Memory admission as on the seed's 16 GB app server: check-config reads host
+# memory as the daemon does, so reserved_memory is set to leave the budget such
+# a host has (MemTotal ~15990 MiB minus 2 GiB = 13942 MiB) whatever this machine has.
+mem_kib=$(awk '$1 == "MemTotal:" { print $2 }' /proc/meminfo)
+budget_kib=$((13942 * 1024))
+[ "$mem_kib" -gt "$budget_kib" ] || fail "this machine has less memory than the budget of a 16 GB host"
+vps="$work/vps.toml"
+sed "s|^#reserved_memory = .*|reserved_memory = $(((mem_kib - budget_kib) * 1024))|" "$work/agent.toml" >"$vps"
+"$bin" check-config --config "$vps" >"$work/vps.out" 2>&1 \
+    || { cat "$work/vps.out" >&2; fail "check-config refuses docs/migrating.md's figures on a 16 GB host"; }
+grep -q 'memory reservations 11.7 GiB of 13.6 GiB budget, hard limits 15.6 GiB of 17.0 GiB' "$work/vps.out" \
+    || { cat "$work/vps.out" >&2; fail "check-config does not report the memory sums"; }
+# Without the oversubscription, the seed's limits are refused, naming the field and the fix.
+sed 's|^memory_oversubscription = 1.25|memory_oversubscription = 1.0|' "$vps" >"$work/vps-1.toml"
+rc=0; "$bin" check-config --config "$work/vps-1.toml" >"$work/vps-1.out" 2>&1 || rc=$?
+[ $rc -eq 64 ] && grep -q 'resources.memory: memory limits would total 15.6 GiB.*memory_oversubscription' "$work/vps-1.out" \
+    || { cat "$work/vps-1.out" >&2; fail "check-config accepted ten hard limits of 1600 MiB over a 13.6 GiB budget (rc $rc)"; }
+# Without reservations, the limits themselves are what is promised: refused.
+cp -r "$work/departments.d" "$work/noreserve.d"
+sed -i '/^memory_reservation = /d' "$work/noreserve.d"/*.toml
+sed 's|^departments_dir = .*|departments_dir = "'"$work/noreserve.d"'"|' "$vps" >"$work/vps-2.toml"
+rc=0; "$bin" check-config --config "$work/vps-2.toml" >"$work/vps-2.out" 2>&1 || rc=$?
+[ $rc -eq 64 ] && grep -q 'resources.memory_reservation: memory reservations would total 15.6 GiB' "$work/vps-2.out" \
+    || { cat "$work/vps-2.out" >&2; fail "check-config accepted 15.6 GiB of reservations on a 13.6 GiB budget (rc $rc)"; }
+log "ok: the push playbook's departments migrate with names, image and ports 8001-8010 kept; memory admission as on a 16 GB host"
