@@ -164,11 +164,21 @@ type Parsed = Result<DepartmentSpec, Vec<FieldError>>;
 fn read_dir_specs(dir: &Path) -> Result<Vec<(PathBuf, Parsed)>, DesiredError> {
     let mut out = Vec::new();
     for path in toml_files(dir)? {
-        let text = std::fs::read_to_string(&path).map_err(|source| DesiredError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let parsed = parse_file(&path, &text);
+        let parsed = match std::fs::read_to_string(&path) {
+            Ok(text) => parse_file(&path, &text),
+            // One unreadable file is one bad file: named with the others.
+            Err(e) => Err(vec![FieldError::new(
+                path.display().to_string(),
+                if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    format!(
+                        "cannot read it ({e}); the daemon runs as fleet-agent: `chgrp fleet-agent {0} && chmod 0640 {0}`",
+                        path.display()
+                    )
+                } else {
+                    format!("cannot read it: {e}")
+                },
+            )]),
+        };
         out.push((path, parsed));
     }
     Ok(out)

@@ -30,7 +30,16 @@ cleanup() {
     systemd_container_down
     remove_node_containers "$node"
 }
-trap cleanup EXIT
+# On a failure, what the daemon saw, before the container goes.
+on_exit() {
+    if [ "$1" -ne 0 ] && [ -n "${SD_CT:-}" ]; then
+        in_ct agentctl status >&2 || true
+        in_ct systemctl status --no-pager fleet-agentd >&2 || true
+        in_ct journalctl -u fleet-agentd --no-pager -n 60 >&2 || true
+    fi
+    cleanup
+}
+trap 'on_exit $?' EXIT
 cleanup
 systemd_container_up "fleet-$PKGTEST_NAME"
 
@@ -136,7 +145,7 @@ log "5. the file fixed, a reload: accepted again"
 in_ct rm /etc/fleet-agent/departments.d/typo.toml
 in_ct systemctl reload fleet-agentd || fail "reload failed"
 valid=""
-for _ in $(seq 1 40); do
+for _ in $(seq 1 120); do
     [ "$(metric fleet_agent_desired_state_valid)" = 1 ] && { valid=1; break; }
     sleep 0.25
 done

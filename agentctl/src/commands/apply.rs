@@ -1,7 +1,9 @@
 //! `agentctl apply -f <file|dir> [--wait]`: read TOML specs, validate them here
 //! (so a bad file is named before anything is sent), and apply them as one set;
 //! with `--wait`, follow each department (pull progress, state, reason) until it
-//! runs the applied spec healthy, or fails, or rolls back.
+//! runs the applied spec healthy, or fails, or rolls back. In standalone mode the
+//! daemon keeps what it accepted in `<state_dir>/applied.d/<id>.toml`; an id a
+//! hand-written `departments.d` file defines is refused (the daemon names it).
 
 use super::JsonFlag;
 use crate::client::Client;
@@ -19,7 +21,8 @@ pub struct Args {
     /// A spec file, or a directory of *.toml specs.
     #[arg(short = 'f', long = "file", required = true)]
     files: Vec<PathBuf>,
-    /// Delete departments that are not in the given specs.
+    /// Delete the applied departments that are not in the given specs
+    /// (departments of hand-written departments.d files stay).
     #[arg(long)]
     prune: bool,
     /// Follow the applied departments (pull progress, state, reason) until each

@@ -1,4 +1,6 @@
-//! `agentctl delete <id>`: stop gracefully, remove the container, free the port.
+//! `agentctl delete <id>`: stop gracefully, remove the container, free the port
+//! and (standalone) remove the spec `agentctl apply` kept. A department of a
+//! hand-written `departments.d` file is refused: the daemon names the file.
 
 use crate::client::Client;
 use hyper::Method;
