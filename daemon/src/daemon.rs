@@ -86,7 +86,7 @@ pub fn check_config(
             sources.applied.display()
         );
         match crate::desired::load(&sources) {
-            Ok(desired) => match judge_desired(config, &desired.specs) {
+            Ok(desired) => match judge_desired(config, &desired) {
                 Ok(verdict) => ok.push(format!(
                     "{shown}: {} department spec(s) valid; {verdict}",
                     desired.specs.len()
@@ -109,8 +109,9 @@ pub fn check_config(
 /// another program holds is only found by the daemon.
 fn judge_desired(
     config: &Config,
-    specs: &[fleet_model::DepartmentSpec],
+    desired: &crate::desired::Desired,
 ) -> Result<crate::admission::Verdict, Vec<String>> {
+    let specs = &desired.specs;
     let mut problems = Vec::new();
     if specs.len() > config.max_departments {
         problems.push(format!(
@@ -124,15 +125,20 @@ fn judge_desired(
         if let Some(port) = spec.host_port {
             if let Some(other) = ports.insert(port, spec.id.clone()) {
                 problems.push(format!(
-                    "{}.host_port: {port} is also the host_port of `{other}`",
-                    spec.id
+                    "{}: {port} is also the host_port of `{other}`",
+                    in_file(&format!("{}.host_port", spec.id), desired)
                 ));
             }
         }
     }
     let node = crate::admission::Node::of(config, crate::host::total_memory_bytes());
-    let verdict = crate::admission::admit(specs, &node)
-        .map_err(|fields| problems.extend(fields.iter().map(ToString::to_string)));
+    let verdict = crate::admission::admit(specs, &node).map_err(|fields| {
+        problems.extend(
+            fields
+                .iter()
+                .map(|f| format!("{}: {}", in_file(&f.field, desired), f.message)),
+        )
+    });
     match verdict {
         Ok(verdict) if problems.is_empty() => Ok(verdict),
         _ => Err(problems),
@@ -341,6 +347,18 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
     Ok(())
 }
 
+/// `<id>.<field>` with the file that defines department `<id>` in front, so
+/// a node-wide refusal (memory, ports) names the file to edit too.
+fn in_file(field: &str, desired: &crate::desired::Desired) -> String {
+    match field
+        .split_once('.')
+        .and_then(|(id, _)| desired.files.get(id))
+    {
+        Some((_, path)) => format!("{}: {field}", path.display()),
+        None => field.to_string(),
+    }
+}
+
 /// Standalone mode's load of both spec directories (start and SIGHUP). A
 /// refusal changes nothing: the departments keep their last applied specs and
 /// go on being supervised; it is reported as an event, in `/v1/node`
@@ -351,11 +369,15 @@ async fn load_desired(supervisor: &Supervisor, config: &Config, sync: &RwLock<Sy
     let outcome = match crate::desired::load(&sources) {
         Ok(desired) => {
             let count = desired.specs.len();
-            supervisor
-                .apply(desired.specs, true)
-                .await
-                .map(|report| (count, report))
-                .map_err(|e| e.to_string())
+            match supervisor.apply(desired.specs.clone(), true).await {
+                Ok(report) => Ok((count, report)),
+                Err(crate::supervisor::SupervisorError::Invalid(fields)) => Err(fields
+                    .iter()
+                    .map(|f| format!("{}: {}", in_file(&f.field, &desired), f.message))
+                    .collect::<Vec<_>>()
+                    .join("; ")),
+                Err(e) => Err(e.to_string()),
+            }
         }
         Err(e) => Err(e.to_string()),
     };
