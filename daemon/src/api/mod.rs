@@ -356,7 +356,12 @@ pub fn node_status(state: &ApiState) -> NodeStatus {
     for view in board.values() {
         *states.entry(view.state.as_str().to_string()).or_insert(0) += 1;
     }
-    let committed = board.values().map(|v| v.spec.memory_bytes()).sum();
+    // What admission compares with the budget below: the reservations.
+    let admission = crate::admission::Node::of(&shared.config, shared.host_memory_bytes);
+    let committed = board
+        .values()
+        .map(|v| crate::admission::counted(&v.spec, &admission).0)
+        .fold(0u64, u64::saturating_add);
     let sync = state.sync.read().map(|s| s.clone()).unwrap_or_default();
     NodeStatus {
         node_id: shared.node_id.clone(),
