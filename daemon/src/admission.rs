@@ -101,24 +101,29 @@ impl std::fmt::Display for Verdict {
 }
 
 /// Admits `next`, the node's whole set of departments after a change, or
-/// names the department that asks for the most and what to lower.
+/// names the department that asks for the most and what to lower: the biggest
+/// of those `changing` (the ones the change brings, so an apply of one spec
+/// is not blamed on a department it did not touch), else of the whole set.
 pub fn admit<'a>(
     next: impl IntoIterator<Item = &'a DepartmentSpec>,
+    changing: impl Fn(&str) -> bool,
     node: &Node,
 ) -> Result<Verdict, Vec<FieldError>> {
     let mut reserved = 0u64;
     let mut limits = 0u64;
-    let mut biggest_reservation: Option<(&str, u64)> = None;
-    let mut biggest_limit: Option<(&str, u64)> = None;
+    // (changing, amount, id): the greatest is blamed.
+    let mut biggest_reservation: Option<(bool, u64, &str)> = None;
+    let mut biggest_limit: Option<(bool, u64, &str)> = None;
     for spec in next {
         let (r, l) = counted(spec, node);
         reserved = reserved.saturating_add(r);
         limits = limits.saturating_add(l);
-        if biggest_reservation.is_none_or(|(_, b)| r > b) {
-            biggest_reservation = Some((&spec.id, r));
+        let changed = changing(&spec.id);
+        if biggest_reservation.is_none_or(|b| (changed, r) > (b.0, b.1)) {
+            biggest_reservation = Some((changed, r, &spec.id));
         }
-        if biggest_limit.is_none_or(|(_, b)| l > b) {
-            biggest_limit = Some((&spec.id, l));
+        if biggest_limit.is_none_or(|b| (changed, l) > (b.0, b.1)) {
+            biggest_limit = Some((changed, l, &spec.id));
         }
     }
     let verdict = Verdict {
@@ -129,7 +134,7 @@ pub fn admit<'a>(
     };
     let mut problems = Vec::new();
     if reserved > verdict.budget {
-        let culprit = biggest_reservation.map(|(id, _)| id).unwrap_or_default();
+        let culprit = biggest_reservation.map(|b| b.2).unwrap_or_default();
         problems.push(FieldError::new(
             format!("{culprit}.resources.memory_reservation"),
             format!(
@@ -142,7 +147,7 @@ pub fn admit<'a>(
         ));
     }
     if limits > verdict.ceiling {
-        let culprit = biggest_limit.map(|(id, _)| id).unwrap_or_default();
+        let culprit = biggest_limit.map(|b| b.2).unwrap_or_default();
         problems.push(FieldError::new(
             format!("{culprit}.resources.memory"),
             format!(
@@ -198,7 +203,7 @@ mod tests {
 
     #[test]
     fn ten_at_1600mib_with_hard_limits_only_are_refused_naming_the_field() {
-        let err = admit(&seed_packing(None), &vps(1.0)).unwrap_err();
+        let err = admit(&seed_packing(None), |_| false, &vps(1.0)).unwrap_err();
         let text = fleet_model::spec::join_fields(&err);
         assert!(
             text.contains(
@@ -214,16 +219,16 @@ mod tests {
 
     #[test]
     fn ten_at_1600mib_limit_1200mib_reserved_fit_with_oversubscription() {
-        let verdict = admit(&seed_packing(Some(1200 * MIB)), &vps(1.25)).unwrap();
+        let verdict = admit(&seed_packing(Some(1200 * MIB)), |_| false, &vps(1.25)).unwrap();
         assert_eq!(verdict.reserved, 12_000 * MIB);
         assert_eq!(verdict.limits, 16_000 * MIB);
         assert!(verdict.limits <= verdict.ceiling && verdict.reserved <= verdict.budget);
         // Without the oversubscription the same reservations still fail on limits.
-        let err = admit(&seed_packing(Some(1200 * MIB)), &vps(1.0)).unwrap_err();
+        let err = admit(&seed_packing(Some(1200 * MIB)), |_| false, &vps(1.0)).unwrap_err();
         assert_eq!(err.len(), 1);
         assert_eq!(err[0].field, "d0.resources.memory");
         // Reservations alone do not make room: 10 x 1500 MiB is over 13.6 GiB.
-        let err = admit(&seed_packing(Some(1500 * MIB)), &vps(1.25)).unwrap_err();
+        let err = admit(&seed_packing(Some(1500 * MIB)), |_| false, &vps(1.25)).unwrap_err();
         assert_eq!(err[0].field, "d0.resources.memory_reservation");
     }
 
@@ -241,9 +246,24 @@ mod tests {
         let many: Vec<DepartmentSpec> = (0..28)
             .map(|i| spec(&format!("n{i}"), None, None))
             .collect();
-        let err = admit(&many, &node).unwrap_err();
+        let err = admit(&many, |_| false, &node).unwrap_err();
         assert!(err[0].message.contains("14.0 GiB"), "{}", err[0].message);
-        assert!(admit(&many[..27], &node).is_ok());
+        assert!(admit(&many[..27], |_| false, &node).is_ok());
+    }
+
+    #[test]
+    fn the_department_being_applied_is_blamed_before_one_it_did_not_touch() {
+        // 13000 MiB reserved already; the newcomer's 1000 MiB crosses 13942 MiB.
+        let mut node_set = seed_packing(Some(1300 * MIB));
+        node_set.push(spec("newcomer", Some(1000 * MIB), Some(1000 * MIB)));
+        let node = vps(1.25);
+        let err = admit(&node_set, |id| id == "newcomer", &node).unwrap_err();
+        assert_eq!(
+            err[0].field, "newcomer.resources.memory_reservation",
+            "{err:?}"
+        );
+        let err = admit(&node_set, |_| false, &node).unwrap_err();
+        assert_eq!(err[0].field, "d0.resources.memory_reservation", "{err:?}");
     }
 
     #[test]
@@ -255,7 +275,7 @@ mod tests {
             default_memory: u64::MAX,
         };
         let specs = [spec("aa", None, None), spec("bb", None, None)];
-        let verdict = admit(&specs, &node).unwrap();
+        let verdict = admit(&specs, |_| false, &node).unwrap();
         assert_eq!(verdict.reserved, u64::MAX);
         assert_eq!(verdict.ceiling, u64::MAX);
         let small = Node {
@@ -263,7 +283,7 @@ mod tests {
             ..vps(1.0)
         };
         assert_eq!(small.budget(), 0);
-        assert!(admit(&[spec("aa", Some(64 * MIB), None)], &small).is_err());
-        assert!(admit(&[], &small).is_ok());
+        assert!(admit(&[spec("aa", Some(64 * MIB), None)], |_| false, &small).is_err());
+        assert!(admit(&[], |_| false, &small).is_ok());
     }
 }

@@ -132,7 +132,7 @@ fn judge_desired(
         }
     }
     let node = crate::admission::Node::of(config, crate::host::total_memory_bytes());
-    let verdict = crate::admission::admit(specs, &node).map_err(|fields| {
+    let verdict = crate::admission::admit(specs, |_| false, &node).map_err(|fields| {
         problems.extend(
             fields
                 .iter()

@@ -299,7 +299,8 @@ impl Supervisor {
             ));
         }
         let node = crate::admission::Node::of(&self.shared.config, self.shared.host_memory_bytes);
-        if let Err(mut memory) = crate::admission::admit(next.values(), &node) {
+        let changing = |id: &str| specs.iter().any(|s| s.id == id);
+        if let Err(mut memory) = crate::admission::admit(next.values(), changing, &node) {
             problems.append(&mut memory);
         }
         // Ports, decided on a copy so a refusal changes nothing.
