@@ -579,6 +579,29 @@ pub fn validate_probe_path(path: &str) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn memory_reservation_left_out_keeps_the_hash_of_specs_written_before_it() {
+        // The digest the build before memory_reservation gave this spec: an
+        // upgrade must not replace every running container.
+        let spec = DepartmentSpec::from_toml("t", "id = \"hr\"\nimage = \"a:1\"\n").unwrap();
+        assert_eq!(spec.container_hash(8001), "b7907964540c6a372eb09f24");
+        let reserved = DepartmentSpec::from_toml(
+            "t",
+            "id = \"hr\"\nimage = \"a:1\"\n[resources]\nmemory = \"64MiB\"\nmemory_reservation = \"32MiB\"\n",
+        )
+        .unwrap();
+        assert_eq!(reserved.container_hash(8001), "4649b254a14d38afae94faf2");
+        let over = DepartmentSpec::from_toml(
+            "t",
+            "id = \"hr\"\nimage = \"a:1\"\n[resources]\nmemory = \"64MiB\"\nmemory_reservation = \"65MiB\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            over.to_string().contains("resources.memory_reservation"),
+            "{over}"
+        );
+    }
+
     fn minimal() -> DepartmentSpec {
         DepartmentSpec::from_toml("t", "id = \"hr\"\nimage = \"aio:1\"\n").unwrap()
     }

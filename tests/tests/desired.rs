@@ -4,7 +4,7 @@
 //! `departments.d` beside `<state_dir>/applied.d`, the refusals between them,
 //! and a refused load that keeps supervising and says so everywhere.
 //!
-//! Ports: 48100-48109.
+//! Ports: 48100-48109 and 48110-48119.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -132,4 +132,36 @@ fn hand_written_and_applied_specs_live_apart_and_a_bad_load_keeps_supervising() 
     std::thread::sleep(Duration::from_secs(3));
     assert!(!container_exists(&format!("aio-{applied}")));
     assert!(container_running(&format!("aio-{hand}")));
+}
+
+#[test]
+fn memory_reservation_reaches_docker_beside_the_hard_limit() {
+    let d = TestDaemon::start(TestOptions {
+        name: "desmem",
+        port_range: (48110, 48119),
+        ..Default::default()
+    });
+    let id = d.dept("m");
+    let toml = spec_toml(
+        &id,
+        IMAGE_V1,
+        "[resources]\nmemory = \"64MiB\"\nmemory_reservation = \"32MiB\"\n",
+    );
+    d.apply(&d.write_spec(&id, &toml));
+    d.wait_running(&id, UP);
+    let c = inspect(&format!("aio-{id}")).expect("the container exists");
+    assert_eq!(
+        c["HostConfig"]["Memory"],
+        64 * 1024 * 1024,
+        "{}",
+        c["HostConfig"]
+    );
+    assert_eq!(
+        c["HostConfig"]["MemoryReservation"],
+        32 * 1024 * 1024,
+        "{}",
+        c["HostConfig"]
+    );
+    // What /v1/node counts against the budget is the reservation.
+    assert_eq!(node(&d)["memory_committed_bytes"], 32 * 1024 * 1024);
 }
