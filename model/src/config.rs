@@ -338,6 +338,13 @@ pub struct WalConfig {
     pub valve_backlog: Option<ByteSize>,
     #[serde(default = "default_compression_level")]
     pub compression_level: i32,
+    /// The socket of the WAL service when it runs on its own as the PostgreSQL
+    /// user (`fleet-agentd wal-serve`, fleet-agent-wal.service). Set: fleet-agentd
+    /// does not run the WAL service itself and shows its status and metrics from
+    /// there. Absent: fleet-agentd runs it (the daemon must then have
+    /// PostgreSQL's rights, i.e. run as root).
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
 }
 
 fn default_postgres_user() -> String {
@@ -648,6 +655,12 @@ pub fn embedded_state_dir() -> PathBuf {
 
 /// The socket `agentctl` talks to when not told: the system one if a daemon made
 /// it, else the embedded default's.
+/// Where `fleet-agentd wal-serve` listens in the packaged unit, and where
+/// agentctl's WAL commands look first.
+pub const SYSTEM_WAL_SOCKET_PATH: &str = "/run/fleet-agent-wal/wal.sock";
+/// Overrides the WAL socket agentctl's wal/backup/restore commands use.
+pub const WAL_SOCKET_ENV: &str = "FLEET_AGENT_WAL_SOCKET";
+
 pub fn default_client_socket() -> PathBuf {
     if let Some(path) = std::env::var_os(SOCKET_ENV).filter(|v| !v.is_empty()) {
         return PathBuf::from(path);
