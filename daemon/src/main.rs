@@ -107,7 +107,7 @@ fn main() -> ExitCode {
             };
             let work = async {
                 match command {
-                    Command::WalServe => fleet_agentd::wal_serve(config).await,
+                    Command::WalServe => fleet_agentd::wal_serve(config, source).await,
                     _ => fleet_agentd::run(config, source).await,
                 }
             };

@@ -23,15 +23,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use fleet_model::api::ErrorBody;
-use fleet_model::config::{WalConfig, SYSTEM_WAL_SOCKET_PATH};
+use fleet_model::config::{ConfigSource, WalConfig, SYSTEM_WAL_SOCKET_PATH};
 use fleet_model::Config;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-/// The file in systemd's credentials directory (`LoadCredential=`) that
-/// replaces `wal.s3.credentials_file`, which the PostgreSQL user cannot read.
-pub const S3_CREDENTIAL: &str = "s3-credentials";
+/// The S3 credentials file beside the config copy the unit hands over
+/// (`/run/fleet-agent-wal/s3-credentials`), used instead of
+/// `wal.s3.credentials_file`, which the PostgreSQL user cannot read.
+pub const S3_CREDENTIALS: &str = "s3-credentials";
 
 /// Said when fleet-agentd cannot run the WAL service itself: without root it
 /// lacks PostgreSQL's rights (pg_wal, peer auth, data directories).
@@ -67,23 +68,25 @@ fn state_dir(config: &Config) -> PathBuf {
 }
 
 /// The S3 credentials the unit handed over, when it did.
-fn credential_override(wal: &mut WalConfig) {
-    let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") else {
+fn credential_override(wal: &mut WalConfig, source: &ConfigSource) {
+    let ConfigSource::File(config) = source else {
         return;
     };
-    let file = Path::new(&dir).join(S3_CREDENTIAL);
+    let Some(file) = config.parent().map(|dir| dir.join(S3_CREDENTIALS)) else {
+        return;
+    };
     if let (Some(s3), true) = (wal.s3.as_mut(), file.is_file()) {
         s3.credentials_file = Some(file);
     }
 }
 
-pub async fn serve(config: Config) -> Result<(), RunError> {
+pub async fn serve(config: Config, source: ConfigSource) -> Result<(), RunError> {
     let Some(mut wal) = config.wal.clone() else {
         return Err(RunError::Config(
             "wal-serve: agent.toml has no [wal] table (docs/wal.md)".into(),
         ));
     };
-    credential_override(&mut wal);
+    credential_override(&mut wal, &source);
     let socket = socket_of(&wal);
     let state_dir = state_dir(&config);
     std::fs::create_dir_all(&state_dir).map_err(|e| {
@@ -219,9 +222,11 @@ async fn remote_status(State(remote): State<Remote>) -> Response {
     }
 }
 
+/// 503, not 404: to `agentctl wal fetch` a 404 means "not archived", which
+/// would end a recovery early.
 async fn elsewhere(State(remote): State<Remote>) -> Response {
     (
-        StatusCode::NOT_FOUND,
+        StatusCode::SERVICE_UNAVAILABLE,
         Json(ErrorBody {
             error: format!(
                 "the WAL service runs on its own (fleet-agent-wal.service); use its socket {} (agentctl's wal, backup and restore commands find it)",

@@ -9,7 +9,8 @@
 //! Everything a script creates on the shared Docker engine (its systemd
 //! container, node id, department ids) is named from `FLEET_PKGTEST_NAME`, a
 //! `unique_name` per test, so the tests can run beside other runs of
-//! themselves. Ports: 47510-47519 (unit-runtime) and 47520-47539 (ansible-role).
+//! themselves. Ports: 47510-47519 (unit-runtime), 47520-47539 (ansible-role)
+//! and 47560-47569 (installed-wal).
 
 use fleet_tests::unique_name;
 use std::path::PathBuf;
@@ -77,4 +78,9 @@ fn ansible_role_lints_installs_and_second_run_changes_nothing() {
 #[test]
 fn push_playbook_departments_migrate_to_specs_check_config_accepts() {
     run_script("migration.sh", "pkmig");
+}
+
+#[test]
+fn installed_wal_archives_backs_up_and_restores_to_a_time_next_to_debians_postgresql() {
+    run_script("installed-wal.sh", "pkwal");
 }

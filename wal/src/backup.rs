@@ -562,10 +562,22 @@ fn unpack(
         .map_err(err)?;
     conf.write_all(settings.as_bytes()).map_err(err)?;
     std::fs::write(to.join("recovery.signal"), b"").map_err(err)?;
-    // The daemon unpacks as root; the data directory belongs to whoever owns
-    // the directory the operator named (the PostgreSQL user).
+    // The data directory belongs to whoever owns the directory the operator
+    // named (the PostgreSQL user). Run as that user (fleet-agent-wal.service)
+    // everything unpacked is theirs already, and chown is not even allowed
+    // there (the unit's system call filter); run as root, hand it over.
     use std::os::unix::fs::MetadataExt;
-    chown_tree(to, owner.uid(), owner.gid()).map_err(err)?;
+    let written = std::fs::metadata(to.join("recovery.signal")).map_err(err)?;
+    if (written.uid(), written.gid()) != (owner.uid(), owner.gid()) {
+        chown_tree(to, owner.uid(), owner.gid()).map_err(|e| {
+            WalError::Backup(format!(
+                "restore into {}: cannot give the tree to uid {} gid {}: {e}",
+                to.display(),
+                owner.uid(),
+                owner.gid()
+            ))
+        })?;
+    }
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
     Ok(bytes)
