@@ -519,7 +519,15 @@ fn unpack(
     target_time: Option<&str>,
     restore_command: &str,
 ) -> Result<u64, WalError> {
-    let err = |e: std::io::Error| WalError::Backup(format!("restore into {}: {e}", to.display()));
+    let err = |e: std::io::Error| {
+        // Under fleet-agent-wal.service only some paths are writable.
+        let hint = if e.raw_os_error() == Some(libc::EROFS) {
+            "; the WAL service may write only under /var/lib/postgresql: restore there, or add the path with `systemctl edit fleet-agent-wal` ([Service] ReadWritePaths=...)"
+        } else {
+            ""
+        };
+        WalError::Backup(format!("restore into {}: {e}{hint}", to.display()))
+    };
     // Check the whole download before unpacking anything.
     let mut file = std::fs::File::open(local).map_err(err)?;
     let mut hasher = Sha256::new();
