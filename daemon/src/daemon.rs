@@ -226,15 +226,16 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
     }
     let wal_status_router = || match (&wal, &wal_remote) {
         (Some(service), _) => fleet_wal::http::read_router(service.clone()),
-        (None, Some(remote)) => remote.router(),
+        (None, Some(remote)) => remote.status_router(),
         (None, None) => fleet_wal::http::absent_router(),
     };
     let mut unix_router: Router = api::read_routes()
         .merge(api::admin_routes())
         .with_state(state.clone());
-    unix_router = unix_router.merge(match &wal {
-        Some(service) => fleet_wal::http::router(service.clone()),
-        None => wal_status_router(),
+    unix_router = unix_router.merge(match (&wal, &wal_remote) {
+        (Some(service), _) => fleet_wal::http::router(service.clone()),
+        (None, Some(remote)) => remote.router(),
+        (None, None) => fleet_wal::http::absent_router(),
     });
     let unix_router = unix_router.layer(axum::middleware::from_fn(api::authorize));
     let policy = api::unix::Policy::resolve(

@@ -200,13 +200,21 @@ impl Remote {
         out.push_str(&format!("fleet_agent_wal_service_up {}\n", u8::from(up)));
     }
 
-    /// `GET /v1/wal` answered by the WAL service; the other WAL routes are its
-    /// own and are refused here with the socket to use.
-    pub fn router(&self) -> Router {
+    /// `GET /v1/wal` answered by the WAL service (the TCP API's share).
+    pub fn status_router(&self) -> Router {
         Router::new()
             .route("/v1/wal", get(remote_status))
-            .route("/v1/wal/{*rest}", axum::routing::any(elsewhere))
             .with_state(self.clone())
+    }
+
+    /// The unix socket's share: the status, and the other WAL routes refused
+    /// with the socket to use.
+    pub fn router(&self) -> Router {
+        self.status_router().merge(
+            Router::new()
+                .route("/v1/wal/{*rest}", axum::routing::any(elsewhere))
+                .with_state(self.clone()),
+        )
     }
 }
 

@@ -7,7 +7,8 @@
 # status`, fleet-agentd's /v1/wal and /metrics relaying the WAL service, a time
 # as `SELECT now()` prints it (in a +05:30 session) and exact row counts, more
 # writes, then restore and PITR into a new data directory, started the Debian
-# way, with the counts exact.
+# way, with the counts exact. Last, the same archive switched to S3 (moto on
+# the host's loopback) with the credentials file where docs/wal.md puts it.
 #
 # Deviations from the docs, both forced by the test rig: the cluster listens on
 # port 47560 instead of 5432 (the container shares the host's network), and
@@ -16,16 +17,20 @@ source "$(dirname "$0")/lib.sh"
 
 node=$PKGTEST_NAME
 # Ports 47560-47569: PostgreSQL 47560 (15/main) and 47566 (15/restored), the
-# department pool 47561-47564, the API 47565.
+# department pool 47561-47564, the API 47565, moto 47567.
 pg_port=47560
 restored_port=47566
 api=127.0.0.1:47565
+moto_port=47567
+moto=/opt/moto/bin/moto_server
+moto_pid=""
 ensure_image
 deb=$(ensure_deb)
 
 cleanup() {
     systemd_container_down
     remove_node_containers "$node"
+    [ -z "$moto_pid" ] || kill "$moto_pid" 2>/dev/null || true
 }
 trap cleanup EXIT
 cleanup
@@ -51,6 +56,7 @@ wait_for() { # SECONDS WHAT COMMAND...: until COMMAND succeeds
 in_ct grep -qE '^local +all +postgres +peer' /etc/postgresql/15/main/pg_hba.conf \
     || fail "pg_hba.conf does not have Debian's peer rule for postgres"
 in_ct sed -i "s/^port = 5432/port = $pg_port/" /etc/postgresql/15/main/postgresql.conf
+in_ct systemctl start postgresql || { journal postgresql@15-main; fail "postgresql did not start"; }
 
 ct_install_deb "$deb"
 
@@ -68,17 +74,18 @@ postgres = "host=/var/run/postgresql port=$pg_port user=postgres"
 pg_wal_dir = "/var/lib/postgresql/15/main/pg_wal"
 backup_interval = "20s"
 TOML
+log "starting fleet-agent-wal and fleet-agentd, restarting postgresql"
+in_ct fleet-agentd check-config >/dev/null || fail "check-config refused the documented [wal]"
+in_ct systemctl enable --now fleet-agent-wal >/dev/null 2>&1 \
+    || { journal fleet-agent-wal; fail "fleet-agent-wal did not start"; }
+in_ct systemctl restart fleet-agentd || { journal fleet-agentd; fail "fleet-agentd did not start"; }
 in_ct tee -a /etc/postgresql/15/main/postgresql.conf >/dev/null <<'CONF'
 wal_level = replica
 archive_mode = on
 archive_command = 'agentctl wal push %p'
 archive_timeout = 5s
 CONF
-log "starting postgresql, fleet-agent-wal and fleet-agentd"
-in_ct systemctl start postgresql || { journal postgresql@15-main; fail "postgresql did not start"; }
-in_ct systemctl enable --now fleet-agent-wal >/dev/null 2>&1 \
-    || { journal fleet-agent-wal; fail "fleet-agent-wal did not start"; }
-in_ct systemctl restart fleet-agentd || { journal fleet-agentd; fail "fleet-agentd did not start"; }
+in_ct systemctl restart postgresql || { journal postgresql@15-main; fail "postgresql did not restart"; }
 
 # The WAL service runs as postgres, sandboxed, with no capabilities; the
 # package made the archive directory for it.
@@ -132,6 +139,9 @@ relayed() { http_get /metrics | grep -qE '^fleet_agent_wal_service_up 1$'; }
 wait_for 20 "fleet-agentd's /metrics does not relay the WAL service" relayed
 http_get /metrics | grep -qE '^fleet_agent_wal_shipped_segments_total [1-9]' \
     || fail "no shipped segments in fleet-agentd's /metrics"
+out=$(in_ct agentctl --socket /run/fleet-agent/agentctl.sock wal status 2>&1) \
+    || fail "wal status through fleet-agentd's socket: $out"
+grep -qE 'shipped: +[1-9]' <<<"$out" || fail "fleet-agentd's socket does not relay the WAL status: $out"
 
 # --- A point in time, pasted the way psql prints it, and what it holds.
 psql_at $pg_port "CREATE TABLE marks (id serial PRIMARY KEY, phase text NOT NULL);
@@ -171,6 +181,38 @@ got=$(psql_at $restored_port 'SELECT count(*) FROM pgbench_history')
 [ "$got" = "$history" ] || fail "restored pgbench_history has $got rows, expected $history"
 in_ct grep -q "fleet-agent-wal/wal.sock wal fetch" /var/lib/postgresql/15/restored/postgresql.auto.conf \
     || fail "restore_command does not use the WAL service's socket"
+
+# --- The same archive on S3, credentials where docs/wal.md keeps them (only
+# root can read them; the unit hands the WAL service its copy).
+log "switching the target to S3 (moto on 127.0.0.1:$moto_port)"
+[ -x "$moto" ] || fail "$moto is missing; run scripts/test.sh (it installs moto) first"
+"$moto" -H 127.0.0.1 -p "$moto_port" >/dev/null 2>&1 &
+moto_pid=$!
+moto_up() { python3 -c "import urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:$moto_port/pg-archive', method='PUT'), timeout=2)"; }
+wait_for 60 "moto did not come up on $moto_port" moto_up
+in_ct sh -c 'umask 077; printf "access_key_id = test\nsecret_access_key = test\n" >/etc/fleet-agent/s3-credentials'
+in_ct tee -a /etc/fleet-agent/agent.toml >/dev/null <<TOML
+[wal.s3]
+endpoint = "http://127.0.0.1:$moto_port"
+region = "us-east-1"
+credentials_file = "/etc/fleet-agent/s3-credentials"
+TOML
+in_ct sed -i 's|^target = "file:///var/backups/fleet-agent"|target = "s3://pg-archive/app-1"|' /etc/fleet-agent/agent.toml
+in_ct fleet-agentd check-config >/dev/null || fail "check-config refused the S3 [wal]"
+in_ct runuser -u postgres -- cat /etc/fleet-agent/s3-credentials >/dev/null 2>&1 && fail "postgres can read the S3 credentials"
+in_ct systemctl restart fleet-agent-wal || { journal fleet-agent-wal; fail "fleet-agent-wal did not start on S3"; }
+in_ct agentctl wal status | grep -q 'target: *s3://pg-archive/app-1' || fail "wal status does not show the S3 target"
+out=$(in_ct agentctl backup create 2>&1) || { journal fleet-agent-wal; fail "backup create to S3: $out"; }
+before=$(psql_at $pg_port 'SELECT archived_count FROM pg_stat_archiver')
+failed=$(psql_at $pg_port 'SELECT failed_count FROM pg_stat_archiver')
+psql_at $pg_port "INSERT INTO marks (phase) SELECT 's3' FROM generate_series(1, 100); SELECT pg_switch_wal()" >/dev/null
+wait_for 30 "nothing archived to S3" archived $((before + 1))
+shipped() { in_ct agentctl wal status --json | python3 -c 'import json,sys; d=json.load(sys.stdin); sys.exit(0 if d["pushed_segments"] > 0 else 1)'; }
+wait_for 30 "the WAL service shipped nothing to S3" shipped
+[ "$(psql_at $pg_port 'SELECT failed_count FROM pg_stat_archiver')" = "$failed" ] \
+    || { journal fleet-agent-wal; fail "archive_command failed against S3"; }
+[ "$(in_ct agentctl backup list --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')" -ge 1 ] \
+    || fail "no base backup listed on S3"
 
 out=$(in_ct systemd-analyze security --threshold=20 fleet-agent-wal.service 2>&1) \
     || fail "exposure of fleet-agent-wal.service above 2.0:
