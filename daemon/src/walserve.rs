@@ -293,3 +293,91 @@ async fn get_over_unix(socket: &Path, path: &str) -> Result<(StatusCode, Vec<u8>
         .await
         .map_err(|_| format!("no answer within {}s", CALL_TIMEOUT.as_secs()))?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in for the WAL service's socket: its two routes fleet-agentd reads.
+    async fn fake_wal_service(socket: &Path) -> tokio::task::JoinHandle<()> {
+        let listener = tokio::net::UnixListener::bind(socket).expect("bind");
+        let router = Router::new()
+            .route(
+                "/metrics",
+                get(|| async { "fleet_agent_wal_shipped_segments_total 7\n" }),
+            )
+            .route(
+                "/v1/wal",
+                get(|| async { Json(serde_json::json!({ "pushed_segments": 7 })) }),
+            );
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        })
+    }
+
+    async fn call(router: Router, path: &str) -> (StatusCode, String) {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+        let response = router
+            .oneshot(
+                axum::http::Request::get(path)
+                    .body(axum::body::Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("answer");
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn fleet_agentd_relays_the_wal_services_status_and_metrics() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("wal.sock");
+        let remote = Remote::new(socket.clone());
+
+        // Not running yet: 503 naming the unit, and the metrics say it is down.
+        let (status, body) = call(remote.router(), "/v1/wal").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("fleet-agent-wal"), "{body}");
+        let mut text = String::new();
+        remote.render_metrics(&mut text);
+        assert!(text.contains("fleet_agent_wal_service_up 0\n"), "{text}");
+
+        let service = fake_wal_service(&socket).await;
+        let relay = remote.spawn();
+        let (status, body) = call(remote.router(), "/v1/wal").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.contains("\"pushed_segments\":7"), "{body}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut text = String::new();
+            remote.render_metrics(&mut text);
+            if text.contains("fleet_agent_wal_service_up 1\n") {
+                assert!(
+                    text.contains("fleet_agent_wal_shipped_segments_total 7\n"),
+                    "{text}"
+                );
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never relayed: {text}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The WAL service's other routes are not served here; 503, not 404,
+        // so `agentctl wal fetch` never takes it for "not archived".
+        let (status, body) = call(remote.router(), "/v1/wal/fetch/000000010000000000000001").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains(&socket.display().to_string()), "{body}");
+        relay.abort();
+        service.abort();
+    }
+}
