@@ -4,11 +4,11 @@
 //! unpacking a restore into a data directory owned by postgres) runs there, so
 //! Debian's defaults stay as they are and fleet-agentd keeps its own sandbox.
 //!
-//! Its socket carries the WAL routes and `/metrics` only, under the same
-//! peer-credential rules as the control socket: root, its own user (the
-//! PostgreSQL user: the archive is that user's data) and the admin group may do
-//! everything there; anyone else is refused. The PostgreSQL user gains nothing
-//! on fleet-agentd's socket beyond push and fetch.
+//! Its socket carries the WAL routes and `/metrics` only, under the control
+//! socket's peer-credential rules: root and the admin group may do everything
+//! there, the PostgreSQL user (this process's own user) push and fetch only,
+//! anyone else nothing. Base backups, restores, retention and status are the
+//! operator's, as on fleet-agentd's socket.
 //!
 //! With `wal.socket` set, fleet-agentd does not run the service itself: its
 //! `/v1/wal` is answered from this socket and its `/metrics` carries the WAL
@@ -126,7 +126,13 @@ pub async fn serve(config: Config, source: ConfigSource) -> Result<(), RunError>
             }),
         )
         .layer(axum::middleware::from_fn(api::authorize));
-    let policy = api::unix::Policy::resolve(&config.admin_group, Some(&wal.postgres_user));
+    // The same rules as the control socket, with one difference: this
+    // process's own user is the PostgreSQL user, and it gets only what the
+    // PostgreSQL user gets there (push and fetch), not everything.
+    let policy = api::unix::Policy {
+        own_uid: 0,
+        ..api::unix::Policy::resolve(&config.admin_group, Some(&wal.postgres_user))
+    };
     let listener = api::unix::bind(&socket)?;
     let mut tasks = service.spawn_background();
     tasks.push(tokio::spawn(api::unix::serve(listener, router, policy)));

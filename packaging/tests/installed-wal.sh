@@ -102,6 +102,11 @@ in_ct runuser -u postgres -- cat /etc/fleet-agent/agent.toml >/dev/null 2>&1 && 
 if in_ct runuser -u postgres -- agentctl --socket /run/fleet-agent/agentctl.sock status >/dev/null 2>&1; then
     fail "postgres may read fleet-agentd's status"
 fi
+# ... and push/fetch only on the WAL service's socket, though it runs as postgres.
+if out=$(in_ct runuser -u postgres -- agentctl backup prune --window 0s 2>&1); then
+    fail "postgres may apply retention on the WAL socket: $out"
+fi
+grep -q 'push and fetch' <<<"$out" || fail "postgres's refusal does not say what it may do: $out"
 
 # --- Archive under pgbench.
 log "pgbench"
