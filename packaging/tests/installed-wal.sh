@@ -14,6 +14,8 @@
 # port 47560 instead of 5432 (the container shares the host's network), and
 # archive_timeout is 5s and backup_interval 20s so the scenario takes a minute.
 source "$(dirname "$0")/lib.sh"
+# No `cmd | grep -q` below: grep -q exits at the first match, cmd may then die of
+# SIGPIPE, and pipefail turns a match into a failure.
 
 node=$PKGTEST_NAME
 # Ports 47560-47569: PostgreSQL 47560 (15/main) and 47566 (15/restored), the
@@ -95,7 +97,7 @@ grep -qE "^Uid:\s+$(in_ct id -u postgres)\s" <<<"$proc_status" || fail "fleet-ag
 grep -qE '^CapEff:\s+0+$' <<<"$proc_status" || fail "fleet-agent-wal has capabilities"
 grep -qE "^Groups:.*\b$(in_ct getent group fleet-agent | cut -d: -f3)\b" <<<"$proc_status" \
     && fail "postgres is in the fleet-agent group"
-in_ct awk '$5 == "/" { print $6 }' "/proc/$pid/mountinfo" | grep -q '^ro' || fail "ProtectSystem=strict is not in effect for fleet-agent-wal"
+grep -q '^ro' <<<"$(in_ct awk '$5 == "/" { print $6 }' "/proc/$pid/mountinfo")" || fail "ProtectSystem=strict is not in effect for fleet-agent-wal"
 [ "$(in_ct stat -c '%U' /var/backups/fleet-agent)" = postgres ] || fail "/var/backups/fleet-agent is not owned by postgres"
 in_ct runuser -u postgres -- cat /etc/fleet-agent/agent.toml >/dev/null 2>&1 && fail "postgres can read agent.toml"
 # The PostgreSQL user still gets push/fetch only on fleet-agentd's socket.
@@ -126,7 +128,7 @@ first=$(backups)
 log "waiting for a scheduled base backup (backup_interval 20s)"
 more_backups() { [ "$(backups)" -gt "$first" ]; }
 wait_for 60 "no scheduled base backup came" more_backups
-in_ct journalctl -u fleet-agent-wal EVENT=wal_backup_created -o cat --no-pager | grep -q 'base backup' \
+grep -q 'base backup' <<<"$(in_ct journalctl -u fleet-agent-wal EVENT=wal_backup_created -o cat --no-pager)" \
     || fail "no wal_backup_created event in fleet-agent-wal's journal"
 
 out=$(in_ct agentctl wal status 2>&1) || fail "agentctl wal status: $out"
@@ -140,9 +142,9 @@ http_get() { in_ct python3 -c "import urllib.request,sys; print(urllib.request.u
 status=$(http_get /v1/wal) || fail "fleet-agentd's GET /v1/wal failed"
 python3 -c 'import json,sys; d=json.loads(sys.argv[1]); assert d["pushed_segments"] > 0, d' "$status" \
     || fail "fleet-agentd's /v1/wal does not show the WAL service's figures: $status"
-relayed() { http_get /metrics | grep -qE '^fleet_agent_wal_service_up 1$'; }
+relayed() { grep -qE '^fleet_agent_wal_service_up 1$' <<<"$(http_get /metrics)"; }
 wait_for 20 "fleet-agentd's /metrics does not relay the WAL service" relayed
-http_get /metrics | grep -qE '^fleet_agent_wal_shipped_segments_total [1-9]' \
+grep -qE '^fleet_agent_wal_shipped_segments_total [1-9]' <<<"$(http_get /metrics)" \
     || fail "no shipped segments in fleet-agentd's /metrics"
 out=$(in_ct agentctl --socket /run/fleet-agent/agentctl.sock wal status 2>&1) \
     || fail "wal status through fleet-agentd's socket: $out"
@@ -206,7 +208,8 @@ in_ct sed -i 's|^target = "file:///var/backups/fleet-agent"|target = "s3://pg-ar
 in_ct fleet-agentd check-config >/dev/null || fail "check-config refused the S3 [wal]"
 in_ct runuser -u postgres -- cat /etc/fleet-agent/s3-credentials >/dev/null 2>&1 && fail "postgres can read the S3 credentials"
 in_ct systemctl restart fleet-agent-wal || { journal fleet-agent-wal; fail "fleet-agent-wal did not start on S3"; }
-in_ct agentctl wal status | grep -q 'target: *s3://pg-archive/app-1' || fail "wal status does not show the S3 target"
+out=$(in_ct agentctl wal status 2>&1) || fail "wal status on S3: $out"
+grep -q 'target: *s3://pg-archive/app-1' <<<"$out" || fail "wal status does not show the S3 target: $out"
 out=$(in_ct agentctl backup create 2>&1) || { journal fleet-agent-wal; fail "backup create to S3: $out"; }
 before=$(psql_at $pg_port 'SELECT archived_count FROM pg_stat_archiver')
 failed=$(psql_at $pg_port 'SELECT failed_count FROM pg_stat_archiver')
