@@ -187,8 +187,8 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
 
     // WAL archiving, when `[wal]` is configured: its routes join the unix
     // socket (push/fetch are the PostgreSQL user's only rights there), its
-    // figures join /metrics and its happenings the event log.
-    // With `wal.socket` set the service runs on its own as the PostgreSQL user
+    // figures join /metrics and its happenings the event log. With
+    // `wal.socket` set the service runs on its own as the PostgreSQL user
     // (walserve.rs) and this daemon only relays its status and metrics.
     let wal_remote = config
         .wal

@@ -13,6 +13,11 @@ pub const SYSTEM_CONFIG_PATH: &str = "/etc/fleet-agent/agent.toml";
 pub const SYSTEM_SOCKET_PATH: &str = "/run/fleet-agent/agentctl.sock";
 pub const CONFIG_ENV: &str = "FLEET_AGENT_CONFIG";
 pub const SOCKET_ENV: &str = "FLEET_AGENT_SOCKET";
+/// Where `fleet-agentd wal-serve` listens in the packaged unit, and where
+/// agentctl's WAL commands look first.
+pub const SYSTEM_WAL_SOCKET_PATH: &str = "/run/fleet-agent-wal/wal.sock";
+/// Overrides the WAL socket agentctl's wal/backup/restore commands use.
+pub const WAL_SOCKET_ENV: &str = "FLEET_AGENT_WAL_SOCKET";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -655,12 +660,6 @@ pub fn embedded_state_dir() -> PathBuf {
 
 /// The socket `agentctl` talks to when not told: the system one if a daemon made
 /// it, else the embedded default's.
-/// Where `fleet-agentd wal-serve` listens in the packaged unit, and where
-/// agentctl's WAL commands look first.
-pub const SYSTEM_WAL_SOCKET_PATH: &str = "/run/fleet-agent-wal/wal.sock";
-/// Overrides the WAL socket agentctl's wal/backup/restore commands use.
-pub const WAL_SOCKET_ENV: &str = "FLEET_AGENT_WAL_SOCKET";
-
 pub fn default_client_socket() -> PathBuf {
     if let Some(path) = std::env::var_os(SOCKET_ENV).filter(|v| !v.is_empty()) {
         return PathBuf::from(path);
