@@ -86,6 +86,11 @@ pub async fn serve(config: Config, source: ConfigSource) -> Result<(), RunError>
             "wal-serve: agent.toml has no [wal] table (docs/wal.md)".into(),
         ));
     };
+    if wal.socket.is_none() {
+        tracing::warn!(
+            "wal.socket is not set: fleet-agentd runs a WAL service of its own too; set wal.socket = \"{SYSTEM_WAL_SOCKET_PATH}\" in agent.toml and restart fleet-agentd (docs/wal.md)."
+        );
+    }
     credential_override(&mut wal, &source);
     let socket = socket_of(&wal);
     let state_dir = state_dir(&config);

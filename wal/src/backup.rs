@@ -572,11 +572,12 @@ fn unpack(
     std::fs::write(to.join("recovery.signal"), b"").map_err(err)?;
     // The data directory belongs to whoever owns the directory the operator
     // named (the PostgreSQL user). Run as that user (fleet-agent-wal.service)
-    // everything unpacked is theirs already, and chown is not even allowed
-    // there (the unit's system call filter); run as root, hand it over.
+    // everything unpacked is theirs already (with their own group, whatever
+    // group the directory has), and chown is not even allowed there (the
+    // unit's system call filter); run as root, hand it over.
     use std::os::unix::fs::MetadataExt;
     let written = std::fs::metadata(to.join("recovery.signal")).map_err(err)?;
-    if (written.uid(), written.gid()) != (owner.uid(), owner.gid()) {
+    if written.uid() != owner.uid() {
         chown_tree(to, owner.uid(), owner.gid()).map_err(|e| {
             WalError::Backup(format!(
                 "restore into {}: cannot give the tree to uid {} gid {}: {e}",
