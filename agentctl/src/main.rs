@@ -108,9 +108,15 @@ async fn main() -> ExitCode {
         Command::Events(args) => commands::events::run(&client, args).await,
         Command::Ports(args) => commands::ports::run(&client, args).await,
         Command::Doctor(args) => commands::doctor::run(&client, args).await,
-        Command::Wal(command) => commands::wal::wal(&client, command).await,
-        Command::Backup(command) => commands::wal::backup(&client, command).await,
-        Command::Restore(args) => commands::wal::restore(&client, args).await,
+        Command::Wal(command) => {
+            commands::wal::wal(&commands::wal::client(cli.socket), command).await
+        }
+        Command::Backup(command) => {
+            commands::wal::backup(&commands::wal::client(cli.socket), command).await
+        }
+        Command::Restore(args) => {
+            commands::wal::restore(&commands::wal::client(cli.socket), args).await
+        }
         Command::Completions(args) => commands::generate::completions(args),
         Command::Man(args) => commands::generate::man(args),
     };

@@ -239,15 +239,24 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
 
     // WAL archiving, when `[wal]` is configured: its routes join the unix
     // socket (push/fetch are the PostgreSQL user's only rights there), its
-    // figures join /metrics and its happenings the event log.
+    // figures join /metrics and its happenings the event log. With
+    // `wal.socket` set the service runs on its own as the PostgreSQL user
+    // (walserve.rs) and this daemon only relays its status and metrics.
+    let wal_remote = config
+        .wal
+        .as_ref()
+        .and_then(|w| w.socket.clone())
+        .map(crate::walserve::Remote::new);
     let wal = match &config.wal {
-        Some(wal_config) => {
+        Some(wal_config) if wal_remote.is_none() => {
             let sink_events = events.clone();
             let sink: fleet_wal::EventSink = Arc::new(move |kind: &str, message: &str| {
                 sink_events.record(None, kind, None, message)
             });
             let service = fleet_wal::WalService::new(wal_config.clone(), &config.state_dir, sink)
-                .map_err(|e| RunError::Config(format!("wal: {e}")))?;
+                .map_err(|e| {
+                RunError::Config(format!("wal: {e}{}", crate::walserve::inline_hint()))
+            })?;
             let metrics_service = service.clone();
             if let Ok(mut extra) = state.extra_metrics.write() {
                 extra.push(Arc::new(move |out: &mut String| {
@@ -257,14 +266,28 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
             tracing::info!(target = %service.target.describe(), "WAL archiving enabled.");
             Some(service)
         }
-        None => None,
+        _ => None,
+    };
+    if let Some(remote) = &wal_remote {
+        let metrics_remote = remote.clone();
+        if let Ok(mut extra) = state.extra_metrics.write() {
+            extra.push(Arc::new(move |out: &mut String| {
+                metrics_remote.render_metrics(out)
+            }));
+        }
+    }
+    let wal_status_router = || match (&wal, &wal_remote) {
+        (Some(service), _) => fleet_wal::http::read_router(service.clone()),
+        (None, Some(remote)) => remote.status_router(),
+        (None, None) => fleet_wal::http::absent_router(),
     };
     let mut unix_router: Router = api::read_routes()
         .merge(api::admin_routes())
         .with_state(state.clone());
-    unix_router = unix_router.merge(match &wal {
-        Some(service) => fleet_wal::http::router(service.clone()),
-        None => fleet_wal::http::absent_router(),
+    unix_router = unix_router.merge(match (&wal, &wal_remote) {
+        (Some(service), _) => fleet_wal::http::router(service.clone()),
+        (None, Some(remote)) => remote.router(),
+        (None, None) => fleet_wal::http::absent_router(),
     });
     let unix_router = unix_router.layer(axum::middleware::from_fn(api::authorize));
     let policy = api::unix::Policy::resolve(
@@ -276,6 +299,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
     if let Some(service) = &wal {
         tasks.extend(service.spawn_background());
     }
+    tasks.extend(wal_remote.as_ref().map(|remote| remote.spawn()));
     tasks.push(tokio::spawn(api::unix::serve(
         unix_listener,
         unix_router,
@@ -296,10 +320,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
             .fallback(api::not_served_on_tcp)
             .layer(axum::middleware::map_response(api::json_rejections))
             .with_state(state.clone())
-            .merge(match &wal {
-                Some(service) => fleet_wal::http::read_router(service.clone()),
-                None => fleet_wal::http::absent_router(),
-            });
+            .merge(wal_status_router());
         let tcp_router: Router = api::tcp::harden(read_router, tokens.clone(), limits);
         api::tcp::raise_fd_limit();
         tracing::info!(

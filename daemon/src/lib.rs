@@ -16,6 +16,8 @@ pub mod store;
 pub mod supervisor;
 pub mod systemd;
 pub mod usage;
+pub mod walserve;
 
 mod daemon;
 pub use daemon::{check_config, run, CheckScope, RunError};
+pub use walserve::serve as wal_serve;

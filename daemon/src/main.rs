@@ -37,6 +37,9 @@ enum Command {
         #[arg(long)]
         config_only: bool,
     },
+    /// Run only the WAL service ([wal]) on its own socket, as the PostgreSQL user
+    /// (fleet-agent-wal.service; docs/wal.md).
+    WalServe,
     /// Write the man page fleet-agentd.8 (used by the package build).
     #[command(hide = true)]
     Man {
@@ -104,7 +107,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run => {
+        command @ (Command::Run | Command::WalServe) => {
             fleet_agentd::logging::init(&config.log.level, &config.log.format);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -117,7 +120,13 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(fleet_agentd::run(config, source)) {
+            let work = async {
+                match command {
+                    Command::WalServe => fleet_agentd::wal_serve(config, source).await,
+                    _ => fleet_agentd::run(config, source).await,
+                }
+            };
+            match runtime.block_on(work) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "fleet-agentd stopped.");

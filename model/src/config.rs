@@ -13,6 +13,11 @@ pub const SYSTEM_CONFIG_PATH: &str = "/etc/fleet-agent/agent.toml";
 pub const SYSTEM_SOCKET_PATH: &str = "/run/fleet-agent/agentctl.sock";
 pub const CONFIG_ENV: &str = "FLEET_AGENT_CONFIG";
 pub const SOCKET_ENV: &str = "FLEET_AGENT_SOCKET";
+/// Where `fleet-agentd wal-serve` listens in the packaged unit, and where
+/// agentctl's WAL commands look first.
+pub const SYSTEM_WAL_SOCKET_PATH: &str = "/run/fleet-agent-wal/wal.sock";
+/// Overrides the WAL socket agentctl's wal/backup/restore commands use.
+pub const WAL_SOCKET_ENV: &str = "FLEET_AGENT_WAL_SOCKET";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -353,6 +358,13 @@ pub struct WalConfig {
     pub valve_backlog: Option<ByteSize>,
     #[serde(default = "default_compression_level")]
     pub compression_level: i32,
+    /// The socket of the WAL service when it runs on its own as the PostgreSQL
+    /// user (`fleet-agentd wal-serve`, fleet-agent-wal.service). Set: fleet-agentd
+    /// does not run the WAL service itself and shows its status and metrics from
+    /// there. Absent: fleet-agentd runs it (the daemon must then have
+    /// PostgreSQL's rights, i.e. run as root).
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
 }
 
 fn default_postgres_user() -> String {

@@ -19,6 +19,7 @@ $listing"
 expect_file -rwxr-xr-x usr/bin/fleet-agentd
 expect_file -rwxr-xr-x usr/bin/agentctl
 expect_file -rw-r--r-- usr/lib/systemd/system/fleet-agentd.service
+expect_file -rw-r--r-- usr/lib/systemd/system/fleet-agent-wal.service
 expect_file -rw-r--r-- etc/fleet-agent/agent.toml
 expect_file -rw-r--r-- usr/share/man/man1/agentctl.1.gz
 expect_file -rw-r--r-- usr/share/man/man8/fleet-agentd.8.gz

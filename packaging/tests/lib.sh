@@ -3,7 +3,9 @@
 #
 # Cached under target/pkgtest/ so that only the first run pays:
 #   base-<key>/            a debootstrap'ed Debian root with docker.io (masked),
-#                          python3-apt and man-db: the "clean host"
+#                          python3-apt, man-db and Debian's postgresql-15 with
+#                          its default cluster 15/main (service not enabled):
+#                          the "clean host"
 #   fleet-pkgtest-base:<key>  the same root imported as a Docker image, booted
 #                          with systemd as PID 1 for the runtime tests
 #   debs/                  the .deb under test (two versions, for upgrades)
@@ -24,7 +26,7 @@ PKGTEST_SUITE=${FLEET_PKGTEST_SUITE:-bookworm}
 PKGTEST_MIRROR=${FLEET_PKGTEST_MIRROR:-http://deb.debian.org/debian}
 PKGTEST_BIN_DIR=${FLEET_BIN_DIR:-$PKGTEST_TARGET/debug}
 # Bump when the recipe below changes; the key names the cached root and image.
-PKGTEST_BASE_RECIPE="v1 $PKGTEST_SUITE minbase python3,python3-apt,systemd,adduser,procps,man-db,ca-certificates +docker.io"
+PKGTEST_BASE_RECIPE="v2 $PKGTEST_SUITE minbase python3,python3-apt,systemd,adduser,procps,man-db,ca-certificates +docker.io +postgresql-15 (disabled)"
 PKGTEST_BASE_KEY=$(printf '%s' "$PKGTEST_BASE_RECIPE" | sha256sum | cut -c1-12)
 PKGTEST_BASE="$PKGTEST_SHARED/base-$PKGTEST_BASE_KEY"
 PKGTEST_IMAGE="fleet-pkgtest-base:$PKGTEST_BASE_KEY"
@@ -60,7 +62,8 @@ _build_base() {
         --include=python3,python3-apt,systemd,adduser,procps,man-db,ca-certificates \
         "$PKGTEST_SUITE" "$dir" "$PKGTEST_MIRROR" >"$PKGTEST_SHARED/debootstrap.log" 2>&1 \
         || { tail -20 "$PKGTEST_SHARED/debootstrap.log" >&2; return 1; }
-    # Keep maintainer scripts from starting daemons in the chroot while docker.io installs.
+    # Keep maintainer scripts from starting daemons in the chroot while docker.io
+    # and postgresql-15 install.
     printf '#!/bin/sh\nexit 101\n' >"$dir/usr/sbin/policy-rc.d"
     chmod 755 "$dir/usr/sbin/policy-rc.d"
     cp /etc/resolv.conf "$dir/etc/resolv.conf"
@@ -68,11 +71,19 @@ _build_base() {
     local rc=0
     chroot "$dir" sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io' \
         >"$PKGTEST_SHARED/docker-io.log" 2>&1 || rc=$?
+    # Debian's PostgreSQL as an operator gets it: postgresql-common creates the
+    # default cluster 15/main (peer auth, pg_wal 0700, owned by postgres). Its
+    # units are disabled so that the runtime tests which do not need it do not
+    # start it on the host network (port 5432); installed-wal.sh starts it.
+    [ $rc -ne 0 ] || chroot "$dir" env LANG=C.UTF-8 LC_ALL=C.UTF-8 sh -c \
+        'DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15' \
+        >"$PKGTEST_SHARED/postgresql.log" 2>&1 || rc=$?
     umount "$dir/proc"
-    [ $rc -eq 0 ] || { tail -20 "$PKGTEST_SHARED/docker-io.log" >&2; return 1; }
+    [ $rc -eq 0 ] || { tail -20 "$PKGTEST_SHARED/docker-io.log" "$PKGTEST_SHARED/postgresql.log" >&2; return 1; }
     # The tests use the host's engine through its socket; an engine of the
     # test host's own would fight over /run/docker.sock.
     chroot "$dir" systemctl mask docker.service docker.socket containerd.service >/dev/null 2>&1
+    chroot "$dir" systemctl disable postgresql.service 'postgresql@15-main.service' >/dev/null 2>&1 || true
     chroot "$dir" apt-get clean
     rm -f "$dir/usr/sbin/policy-rc.d" "$dir/etc/resolv.conf"
     touch "$dir/.complete"

@@ -9,8 +9,8 @@
 //! Everything a script creates on the shared Docker engine (its systemd
 //! container, node id, department ids) is named from `FLEET_PKGTEST_NAME`, a
 //! `unique_name` per test, so the tests can run beside other runs of
-//! themselves. Ports: 47510-47519 (unit-runtime), 47520-47539 (ansible-role) and
-//! 47540-47549 (installed-desired).
+//! themselves. Ports: 47510-47519 (unit-runtime), 47520-47539 (ansible-role),
+//! 47540-47549 (installed-desired) and 47570-47579 (installed-wal).
 
 use fleet_tests::unique_name;
 use std::path::PathBuf;
@@ -83,4 +83,9 @@ fn push_playbook_departments_migrate_to_specs_check_config_accepts() {
 #[test]
 fn installed_apply_delete_reload_and_a_bad_file_keep_supervising() {
     run_script("installed-desired.sh", "pkinst");
+}
+
+#[test]
+fn installed_wal_archives_backs_up_and_restores_to_a_time_next_to_debians_postgresql() {
+    run_script("installed-wal.sh", "pkwal");
 }

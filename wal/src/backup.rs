@@ -38,7 +38,8 @@ pub struct Manifest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RestoreRequest {
     pub to: PathBuf,
-    /// RFC 3339 (`2026-11-28T04:05:06.123Z`); absent: replay all archived WAL.
+    /// RFC 3339 with any offset or PostgreSQL's timestamptz text
+    /// (`2026-12-03 11:22:02.144437+00`); absent: replay all archived WAL.
     pub target_time: Option<String>,
     pub system_identifier: Option<String>,
     /// Base backup id; default: the newest one that finished before target_time.
@@ -299,32 +300,16 @@ impl WalService {
             })?),
             None => None,
         };
-        let sysid = self.resolve_sysid(given)?;
         let target = match &request.target_time {
             Some(t) => Some(
-                humantime::parse_rfc3339_weak(t.trim_end_matches('Z'))
-                    .or_else(|_| humantime::parse_rfc3339_weak(t))
-                    .map_err(|_| {
-                        WalError::BadRequest(format!(
-                            "target time `{t}` is not RFC 3339 UTC (2026-11-28T04:05:06Z)"
-                        ))
-                    })?,
+                crate::times::TargetTime::parse(t)
+                    .map_err(|e| WalError::BadRequest(e.to_string()))?,
             ),
             None => None,
         };
-        let target_unix = target.map(|t| {
-            t.duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0)
-        });
-        // PostgreSQL's recovery_target_time takes no `T`/`Z`: write it as
-        // `YYYY-MM-DD HH:MM:SS.ffffff+00`.
-        let pg_target = target.map(|t| {
-            humantime::format_rfc3339_micros(t)
-                .to_string()
-                .replace('T', " ")
-                .replace('Z', "+00")
-        });
+        let sysid = self.restore_sysid(given).await?;
+        let target_unix = target.map(|t| t.unix_seconds());
+        let pg_target = target.map(|t| t.to_postgres());
         let backups = self.list_backups(sysid).await?;
         let chosen = match &request.backup {
             Some(id) => backups.iter().find(|m| &m.id == id).cloned(),
@@ -401,6 +386,47 @@ impl WalService {
             bytes: unpacked,
             seconds: began.elapsed().as_secs_f64(),
         })
+    }
+
+    /// The cluster a restore is for: the one given, else the configured
+    /// cluster's (`pg_wal_dir`), else the only cluster in the archive. With
+    /// several and none named, the error lists them.
+    async fn restore_sysid(&self, given: Option<u64>) -> Result<u64, WalError> {
+        if let Some(id) = given.or_else(|| self.default_sysid()) {
+            return Ok(id);
+        }
+        let clusters = self.clusters().await?;
+        match clusters.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(WalError::NotFound(format!(
+                "any cluster's WAL or base backup in {}",
+                self.target.describe()
+            ))),
+            several => Err(WalError::BadRequest(format!(
+                "{} holds {} clusters; name one with --system-id: {}",
+                self.target.describe(),
+                several.len(),
+                several
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
+    /// System identifiers with anything archived (`<sysid>/...` at the top).
+    pub async fn clusters(&self) -> Result<Vec<u64>, WalError> {
+        let mut ids: Vec<u64> = self
+            .target
+            .top_level()
+            .await?
+            .iter()
+            .filter_map(|name| name.parse().ok())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
     }
 
     /// Deletes what the recovery window no longer needs. `window` overrides the config.
@@ -493,7 +519,15 @@ fn unpack(
     target_time: Option<&str>,
     restore_command: &str,
 ) -> Result<u64, WalError> {
-    let err = |e: std::io::Error| WalError::Backup(format!("restore into {}: {e}", to.display()));
+    let err = |e: std::io::Error| {
+        // Under fleet-agent-wal.service only some paths are writable.
+        let hint = if e.raw_os_error() == Some(libc::EROFS) {
+            "; the WAL service may write only under /var/lib/postgresql: restore there, or add the path with `systemctl edit fleet-agent-wal` ([Service] ReadWritePaths=...)"
+        } else {
+            ""
+        };
+        WalError::Backup(format!("restore into {}: {e}{hint}", to.display()))
+    };
     // Check the whole download before unpacking anything.
     let mut file = std::fs::File::open(local).map_err(err)?;
     let mut hasher = Sha256::new();
@@ -536,10 +570,23 @@ fn unpack(
         .map_err(err)?;
     conf.write_all(settings.as_bytes()).map_err(err)?;
     std::fs::write(to.join("recovery.signal"), b"").map_err(err)?;
-    // The daemon unpacks as root; the data directory belongs to whoever owns
-    // the directory the operator named (the PostgreSQL user).
+    // The data directory belongs to whoever owns the directory the operator
+    // named (the PostgreSQL user). Run as that user (fleet-agent-wal.service)
+    // everything unpacked is theirs already (with their own group, whatever
+    // group the directory has), and chown is not even allowed there (the
+    // unit's system call filter); run as root, hand it over.
     use std::os::unix::fs::MetadataExt;
-    chown_tree(to, owner.uid(), owner.gid()).map_err(err)?;
+    let written = std::fs::metadata(to.join("recovery.signal")).map_err(err)?;
+    if written.uid() != owner.uid() {
+        chown_tree(to, owner.uid(), owner.gid()).map_err(|e| {
+            WalError::Backup(format!(
+                "restore into {}: cannot give the tree to uid {} gid {}: {e}",
+                to.display(),
+                owner.uid(),
+                owner.gid()
+            ))
+        })?;
+    }
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
     Ok(bytes)
@@ -557,6 +604,77 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn service(archive: &Path, state: &Path) -> Arc<WalService> {
+        let config: fleet_model::config::WalConfig =
+            toml::from_str(&format!("target = \"file://{}\"", archive.display())).expect("config");
+        WalService::new(config, state, Arc::new(|_: &str, _: &str| {})).expect("service")
+    }
+
+    fn restore_to(to: &Path, system_id: Option<&str>) -> RestoreRequest {
+        RestoreRequest {
+            to: to.to_path_buf(),
+            target_time: Some("2026-12-03 11:22:02.144437+00".into()),
+            system_identifier: system_id.map(str::to_string),
+            backup: None,
+            restore_command: "true".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn restore_needs_no_system_id_for_one_cluster_and_lists_several() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let archive = dir.path().join("archive");
+        let to = dir.path().join("restored");
+        std::fs::create_dir_all(archive.join("7001/wal")).expect("mkdir");
+        // Not clusters: hidden temp entries, other names, plain files.
+        std::fs::create_dir_all(archive.join(".tmp")).expect("mkdir");
+        std::fs::create_dir_all(archive.join("notes")).expect("mkdir");
+        std::fs::write(archive.join("123"), b"").expect("write");
+        let wal = service(&archive, &dir.path().join("state"));
+        assert_eq!(wal.clusters().await.expect("clusters"), vec![7001]);
+        // One cluster: chosen without --system-id (and then no base backup of it).
+        let err = wal
+            .restore(restore_to(&to, None))
+            .await
+            .expect_err("no backup");
+        assert!(
+            matches!(&err, WalError::NotFound(m) if m.contains("cluster 7001")),
+            "{err}"
+        );
+
+        std::fs::create_dir_all(archive.join("7002/backups")).expect("mkdir");
+        let err = wal
+            .restore(restore_to(&to, None))
+            .await
+            .expect_err("ambiguous");
+        let text = err.to_string();
+        assert!(
+            matches!(err, WalError::BadRequest(_))
+                && text.contains("7001, 7002")
+                && text.contains("--system-id"),
+            "{text}"
+        );
+        // Named: that one.
+        let err = wal
+            .restore(restore_to(&to, Some("7002")))
+            .await
+            .expect_err("no backup");
+        assert!(err.to_string().contains("cluster 7002"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn restore_refuses_a_target_time_without_an_offset_before_any_io() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal = service(&dir.path().join("archive"), &dir.path().join("state"));
+        let mut request = restore_to(&dir.path().join("restored"), Some("1"));
+        request.target_time = Some("2026-12-03 11:22:02".into());
+        let err = wal.restore(request).await.expect_err("refused");
+        assert!(err.to_string().contains("SELECT now()"), "{err}");
+    }
+
     #[test]
     fn parses_pg_basebackup_points() {
         let text = "pg_basebackup: initiating base backup, waiting for checkpoint to complete\npg_basebackup: checkpoint completed\npg_basebackup: write-ahead log start point: 0/5000028 on timeline 1\npg_basebackup: write-ahead log end point: 0/5000100\n";

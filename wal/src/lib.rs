@@ -10,5 +10,6 @@ pub mod names;
 pub mod pg;
 pub mod service;
 pub mod target;
+pub mod times;
 
 pub use service::{EventSink, PushOutcome, WalError, WalService};

@@ -375,6 +375,46 @@ impl Target {
         }
     }
 
+    /// The names directly under the target's root (for a WAL archive: the
+    /// clusters' system identifiers), without listing every object below them.
+    pub async fn top_level(&self) -> Result<Vec<String>, TargetError> {
+        match self {
+            Target::File { root } => {
+                let root = root.clone();
+                blocking(move || {
+                    let entries = match std::fs::read_dir(&root) {
+                        Ok(e) => e,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+                        Err(e) => return Err(io(&root)(e)),
+                    };
+                    let mut out = Vec::new();
+                    for entry in entries {
+                        let entry = entry.map_err(io(&root))?;
+                        let name = entry.file_name().to_string_lossy().to_string();
+                        if !name.starts_with('.') && entry.path().is_dir() {
+                            out.push(name);
+                        }
+                    }
+                    Ok(out)
+                })
+                .await
+            }
+            Target::S3 {
+                store,
+                prefix: base,
+                ..
+            } => {
+                let at = (!base.is_empty()).then(|| ObjectPath::from(base.as_str()));
+                let listing = store.list_with_delimiter(at.as_ref()).await?;
+                Ok(listing
+                    .common_prefixes
+                    .iter()
+                    .filter_map(|p| p.filename().map(str::to_string))
+                    .collect())
+            }
+        }
+    }
+
     pub async fn delete(&self, key: &str) -> Result<(), TargetError> {
         match self {
             Target::File { root } => {

@@ -114,16 +114,38 @@ pub struct RestoreArgs {
     /// New (or empty) data directory to restore into; it keeps its owner.
     #[arg(long)]
     to: PathBuf,
-    /// Recover up to this time (RFC 3339 UTC, e.g. 2026-11-28T04:05:06Z); default: all archived WAL.
+    /// Recover up to this time: RFC 3339 with any offset (2026-12-03T11:22:02Z) or what
+    /// PostgreSQL's `SELECT now()` prints (2026-12-03 11:22:02.144437+00); default: all archived WAL.
     #[arg(long)]
     target_time: Option<String>,
     /// A specific base backup id (default: the newest finished before the target time).
     #[arg(long)]
     backup: Option<String>,
+    /// The cluster (default: the configured one, else the only one in the archive).
     #[arg(long)]
     system_id: Option<u64>,
     #[command(flatten)]
     json: JsonFlag,
+}
+
+/// The socket of the WAL service: `--socket` if given, else
+/// `$FLEET_AGENT_WAL_SOCKET`, else the packaged WAL unit's socket if it exists
+/// (fleet-agent-wal.service runs the service as the PostgreSQL user), else the
+/// daemon's own socket (a fleet-agentd that runs the WAL service itself).
+pub fn client(explicit: Option<PathBuf>) -> Client {
+    use fleet_model::config::{default_client_socket, SYSTEM_WAL_SOCKET_PATH, WAL_SOCKET_ENV};
+    let socket = explicit
+        .or_else(|| {
+            std::env::var_os(WAL_SOCKET_ENV)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .or_else(|| {
+            let system = Path::new(SYSTEM_WAL_SOCKET_PATH);
+            system.exists().then(|| system.to_path_buf())
+        })
+        .unwrap_or_else(default_client_socket);
+    Client::new(socket)
 }
 
 /// The system identifier from `global/pg_control` under the current directory
