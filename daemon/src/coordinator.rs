@@ -504,8 +504,10 @@ impl Client {
             .map_err(|e| SyncError::Unreachable(error_chain(&e)))?;
         match response.status() {
             StatusCode::NOT_MODIFIED => {
-                // The coordinator agrees the node has its current document.
+                // The coordinator agrees the node has its current document:
+                // the departments it does not list may now be removed.
                 self.set_last_refusal(None);
+                self.state.supervisor.desired_state_confirmed();
                 return Ok(Outcome::NotModified);
             }
             StatusCode::OK => {}

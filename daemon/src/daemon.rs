@@ -131,6 +131,10 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
         }
     }
     let tls = api::tcp::tls_acceptor(&config.api)?;
+    if let Some(watchdog) = crate::systemd::watchdog_interval() {
+        crate::systemd::check_resync_interval(config.resync_interval, watchdog)
+            .map_err(RunError::Config)?;
+    }
 
     let store = Arc::new(Store::open(&config.state_dir)?);
     let events = EventLog::new(store.clone());
@@ -265,7 +269,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
 
     crate::systemd::ready(&format!(
         "supervising {} departments",
-        supervisor.specs().await.len()
+        supervisor.specs().len()
     ));
     events.record(
         None,

@@ -175,6 +175,34 @@ pub fn render(state: &ApiState) -> String {
     );
     header(
         &mut out,
+        "fleet_agent_docker_events_dropped_total",
+        "counter",
+        "Docker events not handed to a department whose mailbox was full (the next resync covers them).",
+    );
+    let _ = writeln!(
+        out,
+        "fleet_agent_docker_events_dropped_total {}",
+        c.events_dropped.load(Ordering::Relaxed)
+    );
+    let ages = state.supervisor.heartbeat.ages();
+    header(
+        &mut out,
+        "fleet_agent_loop_heartbeat_age_seconds",
+        "gauge",
+        "Time since the Docker event loop and the resync loop last proved they run; the systemd watchdog is fed only while both are fresh.",
+    );
+    let _ = writeln!(
+        out,
+        "fleet_agent_loop_heartbeat_age_seconds{{loop=\"event\"}} {}",
+        ages.event_loop.as_secs_f64()
+    );
+    let _ = writeln!(
+        out,
+        "fleet_agent_loop_heartbeat_age_seconds{{loop=\"resync\"}} {}",
+        ages.resync.as_secs_f64()
+    );
+    header(
+        &mut out,
         "fleet_agent_docker_up",
         "gauge",
         "1 when the Docker engine answers.",

@@ -91,6 +91,11 @@ impl PortPool {
         Ok(port)
     }
 
+    /// Keeps only the leases of departments `keep` names.
+    pub fn retain_departments(&mut self, keep: impl Fn(&str) -> bool) {
+        self.leases.retain(|_, d| keep(d));
+    }
+
     pub fn release(&mut self, department: &str) {
         self.leases.retain(|_, d| d != department);
     }

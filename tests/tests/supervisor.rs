@@ -4,7 +4,8 @@
 //!
 //! Port ranges: `ten_departments...` alone uses 8001-8010 (the issue demands it);
 //! the others take ten ports each from 42000-42069, and
-//! `explicit_host_ports_...` takes 47500-47502.
+//! `explicit_host_ports_...` takes 47500-47502. The registry, locking and
+//! state-loss tests at the end take ten each from 42100-42199.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -898,4 +899,105 @@ fn sighup_rereads_agent_toml_applies_the_log_level_and_refuses_a_bad_file() {
     });
     assert!(d.log_text().contains("bogus_key"), "{}", d.log_tail(10));
     assert!(d.status()["departments"].is_array());
+}
+
+/// A sample of the daemon's `/metrics` (TCP API), if present.
+fn metric(d: &TestDaemon, series: &str) -> Option<f64> {
+    let text = d.api_get("/metrics").ok()?.body;
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn a_department_applied_at_run_time_gets_the_resync() {
+    // Started empty, so the department exists only through a run-time apply.
+    let d = daemon("rtres", (42100, 42109));
+    let id = d.dept("a");
+    apply_and_wait(&d, std::slice::from_ref(&id), |id| {
+        spec_toml(id, IMAGE_V1, "")
+    });
+    d.agentctl_ok(&["stop", &id]);
+    assert!(!container_running(&container(&id)));
+    // A start behind the daemon's back: Docker's `start` event is not one the
+    // department acts on, so only the resync can notice the operator's stop
+    // is no longer what runs.
+    docker_ok(&["start", &container(&id)]);
+    wait_until(
+        RESYNC,
+        "the resync to stop again the container the operator stopped",
+        || !container_running(&container(&id)),
+    );
+    let row = d.summary(&id).expect("status row");
+    assert_eq!(row["state"], "stopped", "{row}");
+}
+
+#[test]
+fn a_delete_waiting_on_a_hung_pull_blocks_no_other_department() {
+    // A "registry" that accepts connections and never answers: the pull of
+    // its image hangs until docker.pull_timeout.
+    let registry = hold_port(42119);
+    let d = TestDaemon::start(TestOptions {
+        name: "hung",
+        port_range: (42110, 42118),
+        extra_toml: "[docker]\npull_timeout = \"10m\"\n".into(),
+        ..Default::default()
+    });
+    let (hung, other) = (d.dept("a"), d.dept("b"));
+    apply_and_wait(&d, std::slice::from_ref(&other), |id| {
+        spec_toml(id, IMAGE_V1, "")
+    });
+    let other_before = container_id(&container(&other)).expect("container of b");
+    d.write_spec(&hung, &spec_toml(&hung, "127.0.0.1:42119/fleet/hang:1", ""));
+    d.agentctl_ok(&[
+        "apply",
+        "-f",
+        d.specs_dir().join(format!("{hung}.toml")).to_str().unwrap(),
+    ]);
+    wait_until(UP, "the hung department to be pulling", || {
+        d.summary(&hung).is_some_and(|r| r["state"] == "pulling")
+    });
+
+    // The delete waits for the department task, busy in its pull.
+    let socket = d.socket.clone();
+    let hung_id = hung.clone();
+    let _delete = std::thread::spawn(move || {
+        std::process::Command::new(bin_dir().join("agentctl"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(["delete", &hung_id])
+            .output()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let runs_before = metric(&d, "fleet_agent_reconcile_runs_total").expect("reconcile runs");
+
+    let started = std::time::Instant::now();
+    d.agentctl_ok(&["restart", &other]);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "`agentctl restart` of another department took {took:?} while a delete waited on a pull"
+    );
+    d.wait_running(&other, UP);
+    assert_eq!(
+        container_id(&container(&other)).as_deref(),
+        Some(other_before.as_str()),
+        "restart keeps the container"
+    );
+    wait_until(RESYNC, "the resync loop to keep running", || {
+        metric(&d, "fleet_agent_reconcile_runs_total").is_some_and(|n| n >= runs_before + 3.0)
+    });
+    for beat in ["event", "resync"] {
+        let age = metric(
+            &d,
+            &format!("fleet_agent_loop_heartbeat_age_seconds{{loop=\"{beat}\"}}"),
+        )
+        .expect("heartbeat metric");
+        assert!(
+            age < 5.0,
+            "the {beat} loop's heartbeat is {age}s old during the delete"
+        );
+    }
+    drop(registry);
 }

@@ -514,7 +514,7 @@ async fn events(
 }
 
 async fn ports(State(state): State<ApiState>) -> Json<Vec<PortLease>> {
-    let (pool, bind) = state.supervisor.port_table().await;
+    let (pool, bind) = state.supervisor.port_table();
     let leases = pool.leases().clone();
     let mut out: Vec<PortLease> = (pool.low..=pool.high)
         .map(|port| match leases.get(&port) {

@@ -1,8 +1,17 @@
 //! The supervisor: owns the set of departments on this node. Node-wide decisions
-//! (validation of a whole desired state, capacity, port leases) happen here under
-//! one lock; everything about one department is a message to its own task
-//! (`department.rs`). Two background loops feed those tasks: the Docker event
-//! stream (react at once) and the periodic resync (catch what events missed).
+//! (validation of a whole desired state, capacity, port leases) are made whole
+//! before anything changes; everything about one department is a message to its
+//! own task (`department.rs`). Two background loops feed those tasks: the Docker
+//! event stream (react at once) and the periodic resync (catch what events
+//! missed).
+//!
+//! Locking: one registry (department id -> mailbox, applied spec; the port
+//! pool) behind a std `Mutex` that is only ever held for map operations, never
+//! across an await. Desired-state changes (`apply`, `delete`) are serialized by
+//! `changes`, an async gate, which a delete holds while its department task
+//! stops and removes its container. The event loop, the resync loop, operator
+//! commands, readers and the watchdog never take that gate, so a slow delete
+//! never holds them up.
 
 pub mod board;
 pub mod department;
@@ -23,7 +32,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{oneshot, Mutex, Semaphore};
+use tokio::sync::{oneshot, Notify, Semaphore};
 
 /// What every department task shares: read-mostly handles, no department state.
 pub struct Shared {
@@ -48,6 +57,11 @@ pub struct Shared {
     /// event loop itself, so a department task busy deciding why its container
     /// died still sees an `oom` event that arrived after the `die`.
     pub oom_events: OomEvents,
+    /// Set once a desired state has been applied since start (standalone: the
+    /// departments directory; coordinator mode: a document or a `304`). Until
+    /// then the resync removes no container as an orphan: after a lost store
+    /// the department set is not known yet.
+    pub desired_applied: AtomicBool,
 }
 
 impl Shared {
@@ -100,6 +114,8 @@ pub struct Counters {
     pub reconcile_seconds_micros: AtomicU64,
     pub event_stream_reconnects: AtomicU64,
     pub docker_events: AtomicU64,
+    /// Docker events not handed to a department because its mailbox was full.
+    pub events_dropped: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,20 +138,23 @@ struct Handle {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// The one registry: what runs here and on which port. Held only for map
+/// operations (never across an await), so the event loop and the resync see a
+/// department applied at run time at once.
 struct Registry {
     pool: PortPool,
     departments: BTreeMap<String, Handle>,
 }
 
-/// Department id -> its task's mailbox, for the event loop and the resync, which
-/// must not wait behind a long apply holding the registry lock.
-type Routes = Arc<std::sync::RwLock<BTreeMap<String, tokio::sync::mpsc::Sender<DeptMsg>>>>;
-
 #[derive(Clone)]
 pub struct Supervisor {
     pub shared: Arc<Shared>,
-    registry: Arc<Mutex<Registry>>,
-    routes: Routes,
+    registry: Arc<std::sync::Mutex<Registry>>,
+    /// Serializes desired-state changes (apply, delete); see the module header.
+    changes: Arc<tokio::sync::Mutex<()>>,
+    /// Wakes the resync loop for a pass now (Docker came back).
+    resync_now: Arc<Notify>,
+    pub heartbeat: Arc<crate::systemd::Heartbeat>,
 }
 
 impl Supervisor {
@@ -168,6 +187,7 @@ impl Supervisor {
             counters: Counters::default(),
             host_memory_bytes,
             oom_events: OomEvents::default(),
+            desired_applied: AtomicBool::new(false),
             config,
         });
         let mut registry = Registry {
@@ -229,25 +249,34 @@ impl Supervisor {
                 },
             );
         }
-        let routes: Routes = Arc::new(std::sync::RwLock::new(
-            registry
-                .departments
-                .iter()
-                .map(|(id, h)| (id.clone(), h.tx.clone()))
-                .collect(),
-        ));
         Ok(Self {
             shared,
-            registry: Arc::new(Mutex::new(registry)),
-            routes,
+            registry: Arc::new(std::sync::Mutex::new(registry)),
+            changes: Arc::new(tokio::sync::Mutex::new(())),
+            resync_now: Arc::new(Notify::new()),
+            heartbeat: Arc::new(crate::systemd::Heartbeat::default()),
         })
     }
 
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        // Every change to the registry is a plain map operation that cannot
+        // leave it half-done, so a poisoned lock is still consistent.
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn spawn_background(&self) -> Vec<tokio::task::JoinHandle<()>> {
-        vec![
+        let mut tasks = vec![
             tokio::spawn(self.clone().event_loop()),
             tokio::spawn(self.clone().resync_loop()),
-        ]
+        ];
+        if let Some(interval) = crate::systemd::watchdog_interval() {
+            tasks.push(tokio::spawn(crate::systemd::feed_watchdog(
+                self.heartbeat.clone(),
+                interval,
+                self.shared.config.resync_interval,
+            )));
+        }
+        tasks
     }
 
     /// Applies a set of specs as one: validated whole (ids, capacity, ports)
@@ -257,7 +286,18 @@ impl Supervisor {
         specs: Vec<DepartmentSpec>,
         prune: bool,
     ) -> Result<ApplyReport, SupervisorError> {
-        let mut registry = self.registry.lock().await;
+        let _gate = self.changes.lock().await;
+        let (current, current_pool): (BTreeMap<String, DepartmentSpec>, PortPool) = {
+            let registry = self.registry();
+            (
+                registry
+                    .departments
+                    .iter()
+                    .map(|(id, h)| (id.clone(), h.spec.clone()))
+                    .collect(),
+                registry.pool.clone(),
+            )
+        };
         let mut problems = Vec::new();
         let mut seen = BTreeSet::new();
         for (i, spec) in specs.iter().enumerate() {
@@ -279,11 +319,7 @@ impl Supervisor {
         let mut next: BTreeMap<String, DepartmentSpec> = if prune {
             BTreeMap::new()
         } else {
-            registry
-                .departments
-                .iter()
-                .map(|(id, h)| (id.clone(), h.spec.clone()))
-                .collect()
+            current.clone()
         };
         for spec in &specs {
             next.insert(spec.id.clone(), spec.clone());
@@ -302,7 +338,10 @@ impl Supervisor {
             .shared
             .host_memory_bytes
             .saturating_sub(self.shared.config.reserved_memory.bytes());
-        let committed: u64 = next.values().map(DepartmentSpec::memory_bytes).sum();
+        let committed: u64 = next
+            .values()
+            .map(DepartmentSpec::memory_bytes)
+            .fold(0u64, u64::saturating_add);
         if committed > budget {
             let culprit = specs
                 .iter()
@@ -319,13 +358,21 @@ impl Supervisor {
                 ),
             ));
         }
-        // Ports, decided on a copy so a refusal changes nothing.
-        let mut pool = registry.pool.clone();
-        for id in registry.departments.keys() {
-            if !next.contains_key(id) {
-                pool.release(id);
-            }
-        }
+        let removed: Vec<String> = current
+            .keys()
+            .filter(|id| !next.contains_key(*id))
+            .cloned()
+            .collect();
+        // Ports, decided on a copy so a refusal changes nothing. The ports of
+        // departments this apply removes are free for the others (their
+        // containers are gone before any new department starts), so renaming
+        // a department onto its own port in one document works; so are ports
+        // of containers no department owns any more (leases rebuilt from
+        // labels for a department the desired state dropped).
+        let mut pool = current_pool;
+        let held_by_removed: BTreeSet<u16> =
+            removed.iter().filter_map(|id| pool.lease_of(id)).collect();
+        pool.retain_departments(|d| next.contains_key(d));
         let bind = self.shared.bind;
         let mut ports = BTreeMap::new();
         let mut clean: Vec<&DepartmentSpec> = specs
@@ -337,7 +384,8 @@ impl Supervisor {
         // and that spec would be refused for a port nobody asked for.
         clean.sort_by_key(|s| s.host_port.is_none());
         for spec in clean {
-            match pool.assign(&spec.id, spec.host_port, |p| port_busy(bind, p)) {
+            let busy = |p: u16| !held_by_removed.contains(&p) && port_busy(bind, p);
+            match pool.assign(&spec.id, spec.host_port, busy) {
                 Ok(port) => {
                     ports.insert(spec.id.clone(), port);
                 }
@@ -370,99 +418,107 @@ impl Supervisor {
             unchanged: vec![],
             deleted: vec![],
         };
-        let removed: Vec<String> = registry
-            .departments
-            .keys()
-            .filter(|id| !next.contains_key(*id))
-            .cloned()
-            .collect();
         for id in removed {
-            self.delete_locked(&mut registry, &id).await?;
+            self.delete_department(&id).await?;
             report.deleted.push(id);
         }
-        registry.pool = pool;
+        self.registry().pool = pool;
         for spec in specs {
             let id = spec.id.clone();
             let port = ports.get(&id).copied().unwrap_or_default();
             self.shared.store.put_spec(&spec)?;
             self.shared.store.set_lease(&id, port)?;
-            match registry.departments.get_mut(&id) {
-                Some(handle) if handle.spec == spec => report.unchanged.push(id),
-                Some(handle) => {
-                    handle.spec = spec.clone();
+            // Decided under the lock, carried out after it: a full mailbox
+            // (a wedged department) must not hold the registry.
+            let send = {
+                let mut registry = self.registry();
+                let result = match registry.departments.get_mut(&id) {
+                    Some(handle) if handle.spec == spec => {
+                        report.unchanged.push(id.clone());
+                        None
+                    }
+                    Some(handle) => {
+                        handle.spec = spec.clone();
+                        report.updated.push(id.clone());
+                        Some((handle.tx.clone(), spec))
+                    }
+                    None => {
+                        let (tx, task) = DeptActor::spawn(
+                            self.shared.clone(),
+                            DeptInit {
+                                spec: spec.clone(),
+                                previous: None,
+                                port,
+                                desired_running: true,
+                                failed_hash: None,
+                                restarts_by_reason: BTreeMap::new(),
+                            },
+                        );
+                        registry
+                            .departments
+                            .insert(id.clone(), Handle { tx, spec, task });
+                        report.created.push(id.clone());
+                        None
+                    }
+                };
+                result
+            };
+            match send {
+                Some((tx, spec)) => {
                     self.shared
                         .events
                         .record(Some(&id), "spec_applied", None, "new spec applied");
-                    let _ = handle
-                        .tx
+                    // Under the gate only (applies stay in order); it waits only
+                    // when the department's mailbox (256) is full.
+                    let _ = tx
                         .send(DeptMsg::SetSpec {
                             spec: Box::new(spec),
                             host_port: port,
                         })
                         .await;
-                    report.updated.push(id);
                 }
-                None => {
-                    self.shared.events.record(
-                        Some(&id),
-                        "spec_applied",
-                        None,
-                        &format!("new department on port {port}"),
-                    );
-                    let (tx, task) = DeptActor::spawn(
-                        self.shared.clone(),
-                        DeptInit {
-                            spec: spec.clone(),
-                            previous: None,
-                            port,
-                            desired_running: true,
-                            failed_hash: None,
-                            restarts_by_reason: BTreeMap::new(),
-                        },
-                    );
-                    registry
-                        .departments
-                        .insert(id.clone(), Handle { tx, spec, task });
-                    report.created.push(id);
-                }
+                None if report.created.last() == Some(&id) => self.shared.events.record(
+                    Some(&id),
+                    "spec_applied",
+                    None,
+                    &format!("new department on port {port}"),
+                ),
+                None => {}
             }
         }
+        self.shared.desired_applied.store(true, Ordering::Relaxed);
         Ok(report)
     }
 
     pub async fn delete(&self, id: &str) -> Result<(), SupervisorError> {
-        let mut registry = self.registry.lock().await;
-        if !registry.departments.contains_key(id) {
+        let _gate = self.changes.lock().await;
+        if !self.registry().departments.contains_key(id) {
             return Err(SupervisorError::UnknownDepartment(id.to_string()));
         }
-        self.delete_locked(&mut registry, id).await
+        self.delete_department(id).await
     }
 
-    async fn delete_locked(
-        &self,
-        registry: &mut Registry,
-        id: &str,
-    ) -> Result<(), SupervisorError> {
-        let Some(handle) = registry.departments.get(id) else {
+    /// Asks the department's task to remove its container and waits for the
+    /// answer with no registry lock held (the caller holds `changes`); then
+    /// forgets the department.
+    async fn delete_department(&self, id: &str) -> Result<(), SupervisorError> {
+        let Some(tx) = self.registry().departments.get(id).map(|h| h.tx.clone()) else {
             return Ok(());
         };
         let (reply, answer) = oneshot::channel();
-        handle
-            .tx
-            .send(DeptMsg::Delete { reply })
+        tx.send(DeptMsg::Delete { reply })
             .await
             .map_err(|_| SupervisorError::Gone(id.to_string()))?;
         answer
             .await
             .map_err(|_| SupervisorError::Gone(id.to_string()))??;
-        if let Some(handle) = registry.departments.remove(id) {
-            handle.task.abort();
+        {
+            let mut registry = self.registry();
+            if let Some(handle) = registry.departments.remove(id) {
+                handle.task.abort();
+            }
+            registry.pool.release(id);
         }
-        self.routes
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        registry.pool.release(id);
         self.shared.store.delete_department(id)?;
         self.shared.board.remove(id);
         Ok(())
@@ -473,14 +529,12 @@ impl Supervisor {
         id: &str,
         command: OperatorCommand,
     ) -> Result<String, SupervisorError> {
-        let tx = {
-            let registry = self.registry.lock().await;
-            registry
-                .departments
-                .get(id)
-                .map(|h| h.tx.clone())
-                .ok_or_else(|| SupervisorError::UnknownDepartment(id.to_string()))?
-        };
+        let tx = self
+            .registry()
+            .departments
+            .get(id)
+            .map(|h| h.tx.clone())
+            .ok_or_else(|| SupervisorError::UnknownDepartment(id.to_string()))?;
         let (reply, answer) = oneshot::channel();
         tx.send(DeptMsg::Command { command, reply })
             .await
@@ -490,10 +544,8 @@ impl Supervisor {
             .map_err(|_| SupervisorError::Gone(id.to_string()))??)
     }
 
-    pub async fn specs(&self) -> Vec<DepartmentSpec> {
-        self.registry
-            .lock()
-            .await
+    pub fn specs(&self) -> Vec<DepartmentSpec> {
+        self.registry()
             .departments
             .values()
             .map(|h| h.spec.clone())
@@ -501,32 +553,57 @@ impl Supervisor {
     }
 
     /// Port pool for `agentctl ports`: (port, department) for every pool port.
-    pub async fn port_table(&self) -> (PortPool, IpAddr) {
-        (self.registry.lock().await.pool.clone(), self.shared.bind)
+    pub fn port_table(&self) -> (PortPool, IpAddr) {
+        (self.registry().pool.clone(), self.shared.bind)
+    }
+
+    /// The desired state in force was confirmed (coordinator: a `304`), so
+    /// what no department owns may go.
+    pub fn desired_state_confirmed(&self) {
+        self.shared.desired_applied.store(true, Ordering::Relaxed);
     }
 
     pub async fn shutdown(&self) {
         self.shared.shutdown.store(true, Ordering::Relaxed);
     }
 
-    fn senders(&self) -> BTreeMap<String, tokio::sync::mpsc::Sender<DeptMsg>> {
-        self.routes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    fn sender(&self, department: &str) -> Option<tokio::sync::mpsc::Sender<DeptMsg>> {
+        self.registry()
+            .departments
+            .get(department)
+            .map(|h| h.tx.clone())
+    }
+
+    fn senders(&self) -> Vec<tokio::sync::mpsc::Sender<DeptMsg>> {
+        self.registry()
+            .departments
+            .values()
+            .map(|h| h.tx.clone())
+            .collect()
+    }
+
+    fn known_departments(&self) -> BTreeSet<String> {
+        self.registry().departments.keys().cloned().collect()
     }
 
     /// React to Docker events at once; reconnect with backoff when the engine
     /// goes away, resuming from the last event seen, then resync everything.
+    /// It stamps the heartbeat every second while it waits and never awaits a
+    /// department task (events are handed over with `try_send`).
     async fn event_loop(self) {
         let mut since: Option<i64> = None;
         let mut delay = Duration::from_millis(250);
+        let mut beat = tokio::time::interval(crate::systemd::EVENT_LOOP_BEAT);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.heartbeat.event_loop_alive();
             if self.shared.shutting_down() {
                 return;
             }
-            if self.shared.runtime.ping().await.is_err() {
+            let ping = tokio::time::timeout(Duration::from_secs(5), self.shared.runtime.ping());
+            if !matches!(ping.await, Ok(Ok(()))) {
                 self.set_docker_up(false);
+                self.heartbeat.event_loop_alive();
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
                 continue;
@@ -537,17 +614,24 @@ impl Supervisor {
             let mut stream = self.shared.runtime.events(&self.shared.node_id, since);
             if was_down {
                 // Whatever happened while we were not listening: look at everything.
-                self.resync_once().await;
+                self.resync_now.notify_one();
             }
-            while let Some(item) = stream.next().await {
+            loop {
+                let item = tokio::select! {
+                    item = stream.next() => item,
+                    _ = beat.tick() => {
+                        self.heartbeat.event_loop_alive();
+                        continue;
+                    }
+                };
                 match item {
-                    Ok(RuntimeEvent::Container {
+                    Some(Ok(RuntimeEvent::Container {
                         id,
                         department,
                         action,
                         time_nano,
                         ..
-                    }) => {
+                    })) => {
                         since = Some(time_nano + 1);
                         if action == "oom" {
                             self.shared.oom_events.record(&id);
@@ -556,27 +640,27 @@ impl Supervisor {
                             .counters
                             .docker_events
                             .fetch_add(1, Ordering::Relaxed);
-                        let target = self
-                            .registry
-                            .lock()
-                            .await
-                            .departments
-                            .get(&department)
-                            .map(|h| h.tx.clone());
-                        if let Some(tx) = target {
-                            let _ = tx
-                                .send(DeptMsg::Docker {
-                                    container_id: id,
-                                    action,
-                                    time_nano,
-                                })
-                                .await;
+                        if let Some(tx) = self.sender(&department) {
+                            let message = DeptMsg::Docker {
+                                container_id: id,
+                                action,
+                                time_nano,
+                            };
+                            if tx.try_send(message).is_err() {
+                                // A mailbox of 256 full: the department is wedged
+                                // or gone; the next resync looks at it anyway.
+                                self.shared
+                                    .counters
+                                    .events_dropped
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     }
-                    Err(e) => {
+                    Some(Err(e)) => {
                         tracing::warn!(error = %e, "Docker event stream failed; reconnecting.");
                         break;
                     }
+                    None => break,
                 }
             }
             self.shared
@@ -606,55 +690,72 @@ impl Supervisor {
         }
     }
 
+    /// One pass every `resync_interval` (or at once when the event loop saw
+    /// Docker come back), each bounded by the pass limit so a hung Docker call
+    /// cannot stop the loop; every finished or abandoned pass stamps the
+    /// heartbeat.
     async fn resync_loop(self) {
-        let mut ticker = tokio::time::interval(self.shared.config.resync_interval);
+        let interval = self.shared.config.resync_interval;
+        let limit = crate::systemd::resync_pass_limit(interval);
+        let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            ticker.tick().await;
+            self.heartbeat.resync_alive();
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = self.resync_now.notified() => {}
+            }
             if self.shared.shutting_down() {
                 return;
             }
-            self.resync_once().await;
-            crate::systemd::watchdog();
+            if tokio::time::timeout(limit, self.resync_once())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    limit = %humantime::format_duration(limit),
+                    "A resync pass took longer than its limit (Docker slow?); abandoned, retrying at the next tick."
+                );
+            }
         }
     }
 
-    /// Lists this node's managed containers, removes the ones no department owns,
-    /// and asks every department to compare itself with Docker.
+    /// Lists this node's managed containers, removes the ones no department
+    /// owns (only once a desired state has been applied since start: before
+    /// that, "unknown" may just mean "not loaded yet"), and asks every
+    /// department to compare itself with Docker.
     pub async fn resync_once(&self) {
         let started = std::time::Instant::now();
         match self.shared.runtime.list(&self.shared.node_id).await {
             Ok(containers) => {
                 self.set_docker_up(true);
-                let known: BTreeSet<String> = self
-                    .registry
-                    .lock()
-                    .await
-                    .departments
-                    .keys()
-                    .cloned()
-                    .collect();
+                let known = self.known_departments();
+                let may_remove = self.shared.desired_applied.load(Ordering::Relaxed);
                 for c in containers {
-                    if !known.contains(&c.department) {
-                        self.shared.events.record(
-                            Some(&c.department),
-                            "orphan_removed",
-                            Some("orphan"),
-                            &format!(
-                                "removing managed container {} of unknown department",
-                                c.name
-                            ),
-                        );
-                        if c.running {
-                            let _ = self
-                                .shared
-                                .runtime
-                                .stop(&c.id, Duration::from_secs(30))
-                                .await;
-                        }
-                        if let Err(e) = self.shared.runtime.remove(&c.id).await {
-                            tracing::warn!(container = %c.name, error = %e, "Could not remove orphan.");
-                        }
+                    if known.contains(&c.department) {
+                        continue;
+                    }
+                    if !may_remove {
+                        continue;
+                    }
+                    self.shared.events.record(
+                        Some(&c.department),
+                        "orphan_removed",
+                        Some("orphan"),
+                        &format!(
+                            "removing managed container {} of unknown department",
+                            c.name
+                        ),
+                    );
+                    if c.running {
+                        let _ = self
+                            .shared
+                            .runtime
+                            .stop(&c.id, Duration::from_secs(30))
+                            .await;
+                    }
+                    if let Err(e) = self.shared.runtime.remove(&c.id).await {
+                        tracing::warn!(container = %c.name, error = %e, "Could not remove orphan.");
                     }
                 }
             }
@@ -664,7 +765,7 @@ impl Supervisor {
                 return;
             }
         }
-        for tx in self.senders().into_values() {
+        for tx in self.senders() {
             // A busy department (mid-update) skips this round rather than block the loop.
             let _ = tx.try_send(DeptMsg::Resync);
         }
