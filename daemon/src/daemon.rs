@@ -142,11 +142,14 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
         Some(path) => load_registry_auth(path).map_err(RunError::Config)?,
         None => Default::default(),
     };
-    let runtime = Arc::new(BollardRuntime::new(
-        config.docker.socket.clone(),
-        registry_auth,
-        config.docker.pull_timeout,
-    ));
+    let runtime = Arc::new(
+        BollardRuntime::new(
+            config.docker.socket.clone(),
+            registry_auth,
+            config.docker.pull_timeout,
+        )
+        .scoped_to_node(node_id.clone()),
+    );
     let host = crate::host::HostSampler::start(Duration::from_secs(5));
     let supervisor = Supervisor::start(
         config.clone(),
@@ -267,10 +270,20 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
     }
     tasks.extend(coordinator_task);
 
-    crate::systemd::ready(&format!(
-        "supervising {} departments",
-        supervisor.specs().len()
-    ));
+    crate::systemd::ready(&match &supervisor.state_rebuilt {
+        None => format!("supervising {} departments", supervisor.specs().len()),
+        Some(rebuilt) => format!(
+            "supervising {} departments; state.db was {} and was rebuilt from Docker labels ({} recovered){}; see agentctl doctor",
+            supervisor.specs().len(),
+            if rebuilt.reason == "corrupt" { "unreadable" } else { "missing" },
+            rebuilt.recovered.len(),
+            rebuilt
+                .moved_to
+                .as_deref()
+                .map(|p| format!(", old file kept as {p}"))
+                .unwrap_or_default()
+        ),
+    });
     events.record(
         None,
         "daemon_started",

@@ -9,6 +9,7 @@ pub mod host;
 pub mod logging;
 pub mod metrics;
 pub mod ports;
+pub mod recovery;
 pub mod restart;
 pub mod runtime;
 pub mod store;

@@ -203,6 +203,24 @@ pub fn render(state: &ApiState) -> String {
     );
     header(
         &mut out,
+        "fleet_agent_state_rebuilt",
+        "gauge",
+        "1 when this run found state.db missing or unreadable and rebuilt the node from Docker's labels (reason: missing, corrupt).",
+    );
+    match &state.supervisor.state_rebuilt {
+        Some(rebuilt) => {
+            let _ = writeln!(
+                out,
+                "fleet_agent_state_rebuilt{{reason=\"{}\"}} 1",
+                rebuilt.reason
+            );
+        }
+        None => {
+            let _ = writeln!(out, "fleet_agent_state_rebuilt{{reason=\"none\"}} 0");
+        }
+    }
+    header(
+        &mut out,
         "fleet_agent_docker_up",
         "gauge",
         "1 when the Docker engine answers.",

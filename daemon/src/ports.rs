@@ -91,6 +91,11 @@ impl PortPool {
         Ok(port)
     }
 
+    /// Records a lease found elsewhere (a container's host-port label).
+    pub fn insert_lease(&mut self, port: u16, department: &str) {
+        self.leases.insert(port, department.to_string());
+    }
+
     /// Keeps only the leases of departments `keep` names.
     pub fn retain_departments(&mut self, keep: impl Fn(&str) -> bool) {
         self.leases.retain(|_, d| keep(d));

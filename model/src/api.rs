@@ -165,6 +165,25 @@ pub struct NodeStatus {
     pub applied_revision: Option<i64>,
     pub coordinator: Option<CoordinatorStatus>,
     pub states: std::collections::BTreeMap<String, usize>,
+    /// Set when this run found `state.db` lost or unreadable and rebuilt the
+    /// node from Docker's labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_rebuilt: Option<StateRebuilt>,
+}
+
+/// How the daemon rebuilt its store at start (`/v1/node`, `agentctl doctor`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateRebuilt {
+    /// `corrupt` (moved aside) or `missing` (managed containers ran, no store).
+    pub reason: String,
+    /// Where the unreadable file was kept, for inspection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<String>,
+    pub at: i64,
+    /// Departments rebuilt from their containers' labels.
+    pub recovered: Vec<String>,
+    /// Containers left as they are, with why (no spec label, hash mismatch).
+    pub not_recovered: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]

@@ -1001,3 +1001,194 @@ fn a_delete_waiting_on_a_hung_pull_blocks_no_other_department() {
     }
     drop(registry);
 }
+
+/// How a test loses the daemon's store between a kill -9 and the restart.
+#[derive(Clone, Copy, Debug)]
+enum Loss {
+    Garbage,
+    Deleted,
+}
+
+fn lose_state(d: &TestDaemon, loss: Loss) {
+    let db = d.dir().join("state").join("state.db");
+    match loss {
+        Loss::Garbage => {
+            let garbage: Vec<u8> = (0..16_384u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+                .collect();
+            // Into the WAL too: after a kill -9 it still holds the newest
+            // pages (page 1 included), from which SQLite alone would recover.
+            let wal = format!("{}-wal", db.display());
+            if std::path::Path::new(&wal).exists() {
+                fs::write(&wal, &garbage).unwrap();
+            }
+            fs::write(&db, garbage).unwrap();
+        }
+        Loss::Deleted => {
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = fs::remove_file(format!("{}{suffix}", db.display()));
+            }
+        }
+    }
+}
+
+fn node_json(d: &TestDaemon) -> Value {
+    let reply = d.api_get("/v1/node").expect("GET /v1/node");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    fleet_tests::serde_json::from_str(&reply.body).unwrap()
+}
+
+/// After each loss: every department back on the same container and port,
+/// the loss reported in /v1/node, /metrics and `agentctl doctor`.
+fn assert_rebuilt(
+    d: &TestDaemon,
+    ids: &[String],
+    before: &BTreeMap<String, (String, u16)>,
+    loss: Loss,
+) {
+    for id in ids {
+        let row = d.wait_running(id, UP);
+        let (docker_id, port) = &before[id];
+        assert_eq!(host_port(&row), *port, "{loss:?}: {id} changed port");
+        assert_eq!(
+            &assert_container_matches(d, id, &row),
+            docker_id,
+            "{loss:?}: {id} was replaced"
+        );
+    }
+    let rebuilt = &node_json(d)["state_rebuilt"];
+    let reason = match loss {
+        Loss::Garbage => "corrupt",
+        Loss::Deleted => "missing",
+    };
+    assert_eq!(
+        rebuilt["reason"], reason,
+        "{loss:?}: /v1/node says {rebuilt}"
+    );
+    assert_eq!(
+        metric(
+            d,
+            &format!("fleet_agent_state_rebuilt{{reason=\"{reason}\"}}")
+        ),
+        Some(1.0)
+    );
+    let doctor = d.agentctl(&["doctor"]);
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert!(
+        !doctor.status.success() && text.contains("state.db"),
+        "{loss:?}: doctor must fail naming state.db:\n{text}"
+    );
+    if let Loss::Garbage = loss {
+        let kept = rebuilt["moved_to"].as_str().expect("moved_to").to_string();
+        assert!(
+            std::path::Path::new(&kept).exists() && kept.contains("state.db.corrupt-"),
+            "the unreadable file is kept: {kept}"
+        );
+    }
+}
+
+#[test]
+fn a_lost_or_garbage_state_db_after_kill9_adopts_every_container() {
+    let mut d = daemon("lost", (42120, 42129));
+    let ids: Vec<String> = (1..=3).map(|i| d.dept(&format!("d{i}"))).collect();
+    // One explicit host_port (its own container holds it when the store is
+    // gone) and one secret (it lives in the container's env, not a label).
+    let rows = apply_and_wait(&d, &ids, |id| {
+        if id.ends_with("d1") {
+            spec_toml(id, IMAGE_V1, "host_port = 42129")
+        } else if id.ends_with("d2") {
+            spec_toml(id, IMAGE_V1, "[secrets]\nDB_PASSWORD = \"canary-lost-1\"")
+        } else {
+            spec_toml(id, IMAGE_V1, "")
+        }
+    });
+    let before: BTreeMap<String, (String, u16)> = ids
+        .iter()
+        .map(|id| {
+            (
+                id.clone(),
+                (
+                    assert_container_matches(&d, id, &rows[id]),
+                    host_port(&rows[id]),
+                ),
+            )
+        })
+        .collect();
+    let events = d.docker_events();
+    for loss in [Loss::Garbage, Loss::Deleted] {
+        d.kill9();
+        lose_state(&d, loss);
+        d.restart();
+        assert_rebuilt(&d, &ids, &before, loss);
+    }
+    std::thread::sleep(QUIET);
+    assert_no_lifecycle(
+        &events.finish(),
+        "a lost state.db must be rebuilt from labels, not by recreating containers",
+    );
+    let labels = container_labels(&inspect(&container(&ids[1])).unwrap());
+    assert!(
+        !labels.to_string().contains("canary-lost-1"),
+        "a secret reached a label: {labels}"
+    );
+}
+
+#[test]
+fn coordinator_away_and_state_db_lost_keeps_every_container() {
+    use fleet_tests::coordinator::StubCoordinator;
+    let mut stub = StubCoordinator::start();
+    let mut d = TestDaemon::start(TestOptions {
+        name: "lostc",
+        port_range: (42130, 42139),
+        extra_toml: format!(
+            "[coordinator]\nurl = \"{}\"\npoll_interval = \"1s\"\n",
+            stub.url()
+        ),
+        ..Default::default()
+    });
+    let ids: Vec<String> = (1..=2).map(|i| d.dept(&format!("d{i}"))).collect();
+    let departments: Vec<Value> = ids
+        .iter()
+        .map(|id| {
+            fleet_tests::serde_json::json!({
+                "id": id,
+                "image": IMAGE_V1,
+                "secrets": {"API_KEY": format!("canary-{id}")},
+                "health": {"path": "/health", "interval": "1s", "timeout": "500ms", "retries": 3, "start_period": "0s"},
+                "restart": {"stop_timeout": "5s"},
+            })
+        })
+        .collect();
+    stub.set_document(&d.node_id, 1, Value::Array(departments));
+    let before: BTreeMap<String, (String, u16)> = ids
+        .iter()
+        .map(|id| {
+            let row = d.wait_running(id, UP);
+            (
+                id.clone(),
+                (assert_container_matches(&d, id, &row), host_port(&row)),
+            )
+        })
+        .collect();
+    stub.go_away();
+    let events = d.docker_events();
+    for loss in [Loss::Garbage, Loss::Deleted] {
+        d.kill9();
+        lose_state(&d, loss);
+        d.restart();
+        assert_rebuilt(&d, &ids, &before, loss);
+        // Several resyncs with the coordinator still away: nothing removed.
+        std::thread::sleep(QUIET);
+        for id in &ids {
+            assert!(container_running(&container(id)), "{loss:?}: {id} is gone");
+        }
+    }
+    assert_no_lifecycle(
+        &events.finish(),
+        "with the coordinator away, a lost store must keep every container as it is",
+    );
+    let env = container_env(&inspect(&container(&ids[0])).unwrap());
+    assert!(env
+        .iter()
+        .any(|e| e == &format!("API_KEY=canary-{}", ids[0])));
+}

@@ -375,6 +375,7 @@ pub fn node_status(state: &ApiState) -> NodeStatus {
         applied_revision: sync.applied_revision,
         coordinator: sync.coordinator,
         states,
+        state_rebuilt: state.supervisor.state_rebuilt.clone(),
     }
 }
 

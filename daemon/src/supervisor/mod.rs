@@ -19,8 +19,9 @@ pub mod probe;
 
 use crate::events::EventLog;
 use crate::ports::{port_busy, PortPool};
+use crate::recovery::{SpecCatalog, SpecLabels};
 use crate::runtime::{ContainerRuntime, RuntimeEvent};
-use crate::store::Store;
+use crate::store::{Origin, Store, StoredDepartment};
 use board::Board;
 use department::{DeptActor, DeptError, DeptInit, DeptMsg, OperatorCommand};
 use fleet_model::api::ApplyReport;
@@ -57,11 +58,6 @@ pub struct Shared {
     /// event loop itself, so a department task busy deciding why its container
     /// died still sees an `oom` event that arrived after the `die`.
     pub oom_events: OomEvents,
-    /// Set once a desired state has been applied since start (standalone: the
-    /// departments directory; coordinator mode: a document or a `304`). Until
-    /// then the resync removes no container as an orphan: after a lost store
-    /// the department set is not known yet.
-    pub desired_applied: AtomicBool,
 }
 
 impl Shared {
@@ -155,6 +151,15 @@ pub struct Supervisor {
     /// Wakes the resync loop for a pass now (Docker came back).
     resync_now: Arc<Notify>,
     pub heartbeat: Arc<crate::systemd::Heartbeat>,
+    /// Set once a desired state has been applied since start (standalone: the
+    /// departments directory; coordinator mode: a document or a `304`). Until
+    /// then the resync removes no container as an orphan: after a lost store
+    /// the department set is not known yet.
+    desired_applied: Arc<AtomicBool>,
+    /// The specs handed to department tasks, for the `fleet-agent.spec` label.
+    catalog: Arc<SpecCatalog>,
+    /// What this run rebuilt from Docker's labels, when the store was lost.
+    pub state_rebuilt: Option<fleet_model::api::StateRebuilt>,
 }
 
 impl Supervisor {
@@ -172,6 +177,9 @@ impl Supervisor {
             .parsed_range()
             .map_err(|m| SupervisorError::Invalid(vec![FieldError::new("ports.range", m)]))?;
         let leases = store.leases()?;
+        let catalog = Arc::new(SpecCatalog::default());
+        let runtime: Arc<dyn ContainerRuntime> =
+            Arc::new(SpecLabels::new(runtime, catalog.clone()));
         let shared = Arc::new(Shared {
             node_id: config.node_id(),
             bind: config.ports.bind,
@@ -187,17 +195,18 @@ impl Supervisor {
             counters: Counters::default(),
             host_memory_bytes,
             oom_events: OomEvents::default(),
-            desired_applied: AtomicBool::new(false),
             config,
         });
         let mut registry = Registry {
             pool: PortPool::new(low, high, leases),
             departments: BTreeMap::new(),
         };
+        let mut stored_departments = store.departments()?;
+        let state_rebuilt =
+            rebuild_from_labels(&shared, &mut registry.pool, &mut stored_departments).await?;
         // Departments that already hold a lease keep it; of the others, those
         // naming an explicit host_port are placed before those taking a pool
         // port, so a pool department never takes a port another spec names.
-        let mut stored_departments = store.departments()?;
         stored_departments.sort_by_key(|s| {
             (
                 registry.pool.lease_of(&s.spec.id).is_none(),
@@ -229,6 +238,10 @@ impl Supervisor {
                 },
             };
             let restarts = restarts_by_reason(&store, &id);
+            catalog.register(&stored.spec, port);
+            if let Some(previous) = &stored.previous {
+                catalog.register(previous, port);
+            }
             let (tx, task) = DeptActor::spawn(
                 shared.clone(),
                 DeptInit {
@@ -255,6 +268,9 @@ impl Supervisor {
             changes: Arc::new(tokio::sync::Mutex::new(())),
             resync_now: Arc::new(Notify::new()),
             heartbeat: Arc::new(crate::systemd::Heartbeat::default()),
+            desired_applied: Arc::new(AtomicBool::new(false)),
+            catalog,
+            state_rebuilt,
         })
     }
 
@@ -434,15 +450,18 @@ impl Supervisor {
                 let mut registry = self.registry();
                 let result = match registry.departments.get_mut(&id) {
                     Some(handle) if handle.spec == spec => {
+                        self.catalog.register(&spec, port);
                         report.unchanged.push(id.clone());
                         None
                     }
                     Some(handle) => {
                         handle.spec = spec.clone();
+                        self.catalog.register(&spec, port);
                         report.updated.push(id.clone());
                         Some((handle.tx.clone(), spec))
                     }
                     None => {
+                        self.catalog.register(&spec, port);
                         let (tx, task) = DeptActor::spawn(
                             self.shared.clone(),
                             DeptInit {
@@ -486,7 +505,7 @@ impl Supervisor {
                 None => {}
             }
         }
-        self.shared.desired_applied.store(true, Ordering::Relaxed);
+        self.desired_applied.store(true, Ordering::Relaxed);
         Ok(report)
     }
 
@@ -521,6 +540,7 @@ impl Supervisor {
         }
         self.shared.store.delete_department(id)?;
         self.shared.board.remove(id);
+        self.catalog.forget(id);
         Ok(())
     }
 
@@ -560,7 +580,7 @@ impl Supervisor {
     /// The desired state in force was confirmed (coordinator: a `304`), so
     /// what no department owns may go.
     pub fn desired_state_confirmed(&self) {
-        self.shared.desired_applied.store(true, Ordering::Relaxed);
+        self.desired_applied.store(true, Ordering::Relaxed);
     }
 
     pub async fn shutdown(&self) {
@@ -730,7 +750,7 @@ impl Supervisor {
             Ok(containers) => {
                 self.set_docker_up(true);
                 let known = self.known_departments();
-                let may_remove = self.shared.desired_applied.load(Ordering::Relaxed);
+                let may_remove = self.desired_applied.load(Ordering::Relaxed);
                 for c in containers {
                     if known.contains(&c.department) {
                         continue;
@@ -778,6 +798,148 @@ impl Supervisor {
             .reconcile_seconds_micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
     }
+}
+
+/// After a lost or unreadable store, Docker's labels say what this node ran.
+/// Every primary container of this node whose department the store does not
+/// know gives back its port lease (`fleet-agent.host-port`) and, when its
+/// `fleet-agent.spec` label and environment rebuild a spec with its own spec
+/// hash, the department itself (persisted again, so the next start needs no
+/// labels). Anything else is left running as it is: no container is removed
+/// before a desired state has been applied (see `desired_applied`). Docker
+/// unreachable at start: nothing is rebuilt now (the departments the store
+/// knows still start), and the loss is still reported.
+async fn rebuild_from_labels(
+    shared: &Shared,
+    pool: &mut PortPool,
+    stored: &mut Vec<StoredDepartment>,
+) -> Result<Option<fleet_model::api::StateRebuilt>, SupervisorError> {
+    let store_origin = shared.store.origin().clone();
+    let listed = tokio::time::timeout(
+        Duration::from_secs(10),
+        shared.runtime.list(&shared.node_id),
+    )
+    .await;
+    let containers = match listed {
+        Ok(Ok(containers)) => containers,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "Docker unreachable at start: nothing rebuilt from labels now.");
+            Vec::new()
+        }
+        Err(_) => {
+            tracing::warn!("Docker did not list containers within 10s at start: nothing rebuilt from labels now.");
+            Vec::new()
+        }
+    };
+    let known: BTreeSet<String> = stored.iter().map(|d| d.spec.id.clone()).collect();
+    let mut recovered = Vec::new();
+    let mut not_recovered = Vec::new();
+    let mut unknown = 0usize;
+    for c in containers
+        .iter()
+        .filter(|c| c.role == "primary" && !c.department.is_empty())
+    {
+        if known.contains(&c.department) {
+            continue;
+        }
+        unknown += 1;
+        let config = match shared.runtime.container_config(&c.id).await {
+            Ok(Some(config)) => config,
+            Ok(None) => continue,
+            Err(e) => {
+                not_recovered.push(format!("{}: cannot inspect it: {e}", c.name));
+                continue;
+            }
+        };
+        let labelled_port = config
+            .labels
+            .get(fleet_model::labels::HOST_PORT)
+            .and_then(|p| p.parse::<u16>().ok())
+            .or(c.published_port);
+        if let Some(port) = labelled_port {
+            match pool.holder(port) {
+                Some(holder) if holder != c.department => {
+                    not_recovered.push(format!(
+                        "{}: its port {port} is leased to `{holder}`",
+                        c.name
+                    ));
+                    continue;
+                }
+                _ => {
+                    pool.release(&c.department);
+                    pool.insert_lease(port, &c.department);
+                    shared.store.set_lease(&c.department, port)?;
+                }
+            }
+        }
+        match crate::recovery::recover_spec(&config) {
+            Ok((spec, _port)) => {
+                shared.store.put_spec(&spec)?;
+                shared.events.record(
+                    Some(&spec.id),
+                    "recovered",
+                    Some("state_lost"),
+                    &format!(
+                        "department rebuilt from the labels of container {} (store lost)",
+                        c.name
+                    ),
+                );
+                recovered.push(spec.id.clone());
+                stored.push(StoredDepartment {
+                    spec,
+                    previous: None,
+                    desired_running: true,
+                    failed_hash: None,
+                });
+            }
+            Err(why) => {
+                shared.events.record(
+                    Some(&c.department),
+                    "not_recovered",
+                    Some("state_lost"),
+                    &format!(
+                        "container {} left as it is until a desired state names its department: {why}",
+                        c.name
+                    ),
+                );
+                not_recovered.push(format!("{}: {why}", c.name));
+            }
+        }
+    }
+    let (reason, moved_to) = match &store_origin {
+        Origin::MovedAside { moved_to, .. } => ("corrupt", Some(moved_to.display().to_string())),
+        Origin::Created if unknown > 0 => ("missing", None),
+        _ => return Ok(None),
+    };
+    let message = format!(
+        "state.db was {}{}; rebuilt from Docker's labels: {} department(s) recovered{}",
+        if reason == "corrupt" {
+            "unreadable"
+        } else {
+            "missing"
+        },
+        moved_to
+            .as_deref()
+            .map(|p| format!(" (kept as {p})"))
+            .unwrap_or_default(),
+        recovered.len(),
+        if not_recovered.is_empty() {
+            String::new()
+        } else {
+            format!(", {} container(s) left as they are", not_recovered.len())
+        }
+    );
+    tracing::error!(reason, "{message}");
+    shared
+        .events
+        .record(None, "state_rebuilt", Some(reason), &message);
+    Ok(Some(fleet_model::api::StateRebuilt {
+        reason: reason.to_string(),
+        moved_to,
+        at: crate::store::now_secs(),
+        recovered,
+        not_recovered,
+    }))
 }
 
 fn prefixed(id: &str, index: usize, field: &str) -> String {
