@@ -9,7 +9,8 @@
 //! Everything a script creates on the shared Docker engine (its systemd
 //! container, node id, department ids) is named from `FLEET_PKGTEST_NAME`, a
 //! `unique_name` per test, so the tests can run beside other runs of
-//! themselves. Ports: 47510-47519 (unit-runtime) and 47520-47539 (ansible-role).
+//! themselves. Ports: 47510-47519 (unit-runtime), 47520-47539 (ansible-role) and
+//! 47550-47559 (state-loss).
 
 use fleet_tests::unique_name;
 use std::path::PathBuf;
@@ -77,4 +78,9 @@ fn ansible_role_lints_installs_and_second_run_changes_nothing() {
 #[test]
 fn push_playbook_departments_migrate_to_specs_check_config_accepts() {
     run_script("migration.sh", "pkmig");
+}
+
+#[test]
+fn a_lost_or_garbage_state_db_as_installed_keeps_the_container_and_port() {
+    run_script("state-loss.sh", "pkloss");
 }
