@@ -1192,3 +1192,76 @@ fn coordinator_away_and_state_db_lost_keeps_every_container() {
         .iter()
         .any(|e| e == &format!("API_KEY=canary-{}", ids[0])));
 }
+
+#[test]
+fn renaming_a_department_onto_its_own_port_in_one_document_works() {
+    let d = daemon("renm", (42140, 42144));
+    let (old, new) = (d.dept("old"), d.dept("new"));
+    let row = apply_and_wait(&d, std::slice::from_ref(&old), |id| {
+        spec_toml(id, IMAGE_V1, "host_port = 42149")
+    })
+    .remove(&old)
+    .unwrap();
+    assert_eq!(host_port(&row), 42149);
+    // One document: `old` gone, `new` on the port `old`'s container holds.
+    fs::remove_file(d.specs_dir().join(format!("{old}.toml"))).unwrap();
+    d.write_spec(&new, &spec_toml(&new, IMAGE_V1, "host_port = 42149"));
+    d.agentctl_ok(&["apply", "--prune", "-f", d.specs_dir().to_str().unwrap()]);
+    let row = d.wait_running(&new, UP);
+    assert_eq!(host_port(&row), 42149);
+    assert!(
+        !container_exists(&container(&old)),
+        "the renamed department's old container is left"
+    );
+    assert!(d.summary(&old).is_none());
+    wait_health_ok(42149);
+}
+
+#[test]
+fn a_same_named_container_of_another_node_is_never_touched() {
+    let d = daemon("foreign", (42150, 42159));
+    let id = d.dept("a");
+    // `aio-<id>` with the department label right, the node label not ours.
+    let foreign = TestContainer::run(
+        "some-other-node",
+        &container(&id),
+        &[
+            "--label",
+            "fleet-agent.managed=true",
+            "--label",
+            &format!("fleet-agent.department={id}"),
+            "--label",
+            "fleet-agent.spec-hash=0000",
+            IMAGE_V1,
+        ],
+    );
+    d.write_spec(&id, &spec_toml(&id, IMAGE_V1, ""));
+    d.apply(&d.specs_dir());
+    std::thread::sleep(QUIET);
+    let c = foreign.inspect();
+    assert_eq!(
+        c["State"]["Running"], true,
+        "the other node's container was stopped"
+    );
+    assert_eq!(
+        c["State"]["StartedAt"],
+        inspect(&foreign.id).unwrap()["State"]["StartedAt"]
+    );
+    let row = d.summary(&id).expect("status row");
+    assert_ne!(
+        row["state"], "running",
+        "it adopted another node's container: {row}"
+    );
+    assert!(
+        row["container_id"].is_null()
+            || !foreign
+                .id
+                .starts_with(row["container_id"].as_str().unwrap_or("-")),
+        "status claims the other node's container: {row}"
+    );
+    d.agentctl_ok(&["delete", &id]);
+    assert!(
+        container_running(&foreign.id),
+        "deleting the department removed another node's container"
+    );
+}

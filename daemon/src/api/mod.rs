@@ -354,7 +354,10 @@ pub fn node_status(state: &ApiState) -> NodeStatus {
     for view in board.values() {
         *states.entry(view.state.as_str().to_string()).or_insert(0) += 1;
     }
-    let committed = board.values().map(|v| v.spec.memory_bytes()).sum();
+    let committed = board
+        .values()
+        .map(|v| v.spec.memory_bytes())
+        .fold(0u64, u64::saturating_add);
     let sync = state.sync.read().map(|s| s.clone()).unwrap_or_default();
     NodeStatus {
         node_id: shared.node_id.clone(),
