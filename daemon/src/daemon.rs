@@ -188,7 +188,13 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
     let mut coordinator_task = None;
     if let Some(coordinator) = &config.coordinator {
         coordinator_task = Some(
-            crate::coordinator::start(coordinator.clone(), node_id.clone(), state.clone()).await?,
+            crate::coordinator::start(
+                coordinator.clone(),
+                node_id.clone(),
+                state.sources(),
+                &state.extra_metrics,
+            )
+            .await?,
         );
     }
 

@@ -12,6 +12,7 @@ pub mod ports;
 pub mod recovery;
 pub mod restart;
 pub mod runtime;
+pub mod snapshot;
 pub mod store;
 pub mod supervisor;
 pub mod systemd;
