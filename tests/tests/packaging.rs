@@ -10,7 +10,7 @@
 //! container, node id, department ids) is named from `FLEET_PKGTEST_NAME`, a
 //! `unique_name` per test, so the tests can run beside other runs of
 //! themselves. Ports: 47510-47519 (unit-runtime), 47520-47539 (ansible-role) and
-//! 47550-47559 (state-loss).
+//! 47550-47559 (state-loss) and 47560-47569 (watchdog).
 
 use fleet_tests::unique_name;
 use std::path::PathBuf;
@@ -83,4 +83,9 @@ fn push_playbook_departments_migrate_to_specs_check_config_accepts() {
 #[test]
 fn a_lost_or_garbage_state_db_as_installed_keeps_the_container_and_port() {
     run_script("state-loss.sh", "pkloss");
+}
+
+#[test]
+fn the_watchdog_is_fed_under_systemd_and_a_too_long_resync_interval_is_refused() {
+    run_script("watchdog.sh", "pkwdog");
 }

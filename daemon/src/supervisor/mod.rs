@@ -746,48 +746,44 @@ impl Supervisor {
     /// department to compare itself with Docker.
     pub async fn resync_once(&self) {
         let started = std::time::Instant::now();
-        match self.shared.runtime.list(&self.shared.node_id).await {
-            Ok(containers) => {
-                self.set_docker_up(true);
-                let known = self.known_departments();
-                let may_remove = self.desired_applied.load(Ordering::Relaxed);
-                for c in containers {
-                    if known.contains(&c.department) {
-                        continue;
-                    }
-                    if !may_remove {
-                        continue;
-                    }
-                    self.shared.events.record(
-                        Some(&c.department),
-                        "orphan_removed",
-                        Some("orphan"),
-                        &format!(
-                            "removing managed container {} of unknown department",
-                            c.name
-                        ),
-                    );
-                    if c.running {
-                        let _ = self
-                            .shared
-                            .runtime
-                            .stop(&c.id, Duration::from_secs(30))
-                            .await;
-                    }
-                    if let Err(e) = self.shared.runtime.remove(&c.id).await {
-                        tracing::warn!(container = %c.name, error = %e, "Could not remove orphan.");
-                    }
-                }
-            }
+        let containers = match self.shared.runtime.list(&self.shared.node_id).await {
+            Ok(containers) => containers,
             Err(e) => {
                 tracing::debug!(error = %e, "Resync could not list containers.");
                 self.set_docker_up(false);
                 return;
             }
-        }
+        };
+        self.set_docker_up(true);
+        // The departments first: removing an orphan may take a stop timeout,
+        // and a pass cut short at its limit must not have skipped them.
         for tx in self.senders() {
             // A busy department (mid-update) skips this round rather than block the loop.
             let _ = tx.try_send(DeptMsg::Resync);
+        }
+        if self.desired_applied.load(Ordering::Relaxed) {
+            let known = self.known_departments();
+            for c in containers.iter().filter(|c| !known.contains(&c.department)) {
+                self.shared.events.record(
+                    Some(&c.department),
+                    "orphan_removed",
+                    Some("orphan"),
+                    &format!(
+                        "removing managed container {} of unknown department",
+                        c.name
+                    ),
+                );
+                if c.running {
+                    let _ = self
+                        .shared
+                        .runtime
+                        .stop(&c.id, Duration::from_secs(30))
+                        .await;
+                }
+                if let Err(e) = self.shared.runtime.remove(&c.id).await {
+                    tracing::warn!(container = %c.name, error = %e, "Could not remove orphan.");
+                }
+            }
         }
         self.shared
             .counters
