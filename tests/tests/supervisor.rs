@@ -1265,3 +1265,50 @@ fn a_same_named_container_of_another_node_is_never_touched() {
         "deleting the department removed another node's container"
     );
 }
+
+#[test]
+fn no_container_is_removed_as_an_orphan_before_the_first_sync() {
+    use fleet_tests::coordinator::StubCoordinator;
+    let mut stub = StubCoordinator::start();
+    stub.go_away();
+    let d = TestDaemon::start(TestOptions {
+        name: "orphan",
+        port_range: (42160, 42169),
+        extra_toml: format!(
+            "[coordinator]\nurl = \"{}\"\npoll_interval = \"1s\"\n",
+            stub.url()
+        ),
+        ..Default::default()
+    });
+    // A managed container of this node that no store and no label explains
+    // (as one made by an older build, without fleet-agent.spec).
+    let id = d.dept("old");
+    let old = TestContainer::run(
+        &d.node_id,
+        &container(&id),
+        &[
+            "--label",
+            "fleet-agent.managed=true",
+            "--label",
+            &format!("fleet-agent.department={id}"),
+            "--label",
+            "fleet-agent.role=primary",
+            IMAGE_V1,
+        ],
+    );
+    // Several resyncs (1s) with the coordinator away: the node does not know
+    // its desired state yet, so nothing may go.
+    std::thread::sleep(QUIET);
+    assert!(
+        container_running(&old.id),
+        "a container was removed as an orphan before any desired state was known"
+    );
+    // The coordinator's document (without that department) applies: now it goes.
+    stub.come_back();
+    stub.set_document(&d.node_id, 1, Value::Array(vec![]));
+    wait_until(
+        RESYNC,
+        "the orphan to be removed after the first sync",
+        || !container_exists(&old.id),
+    );
+}
