@@ -988,6 +988,28 @@ fn a_delete_waiting_on_a_hung_pull_blocks_no_other_department() {
     wait_until(RESYNC, "the resync loop to keep running", || {
         metric(&d, "fleet_agent_reconcile_runs_total").is_some_and(|n| n >= runs_before + 3.0)
     });
+    // Applies of other departments do not wait for the delete either.
+    let third = d.dept("c");
+    let third_file = d.write_spec(&third, &spec_toml(&third, IMAGE_V1, ""));
+    let started = std::time::Instant::now();
+    d.apply(&third_file);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "`agentctl apply` of another department took {took:?} while a delete waited on a pull"
+    );
+    d.wait_running(&third, UP);
+    // The department being deleted cannot be applied meanwhile.
+    let again = d.agentctl(&[
+        "apply",
+        "-f",
+        d.specs_dir().join(format!("{hung}.toml")).to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && stderr.contains("being deleted"),
+        "re-applying a department under deletion must be refused: {stderr}"
+    );
     for beat in ["event", "resync"] {
         let age = metric(
             &d,

@@ -95,6 +95,7 @@ impl IntoResponse for ApiError {
             ApiError::Supervisor(SupervisorError::Gone(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, vec![])
             }
+            ApiError::Supervisor(SupervisorError::Deleting(_)) => (StatusCode::CONFLICT, vec![]),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, vec![]),
             ApiError::Invalid { fields, .. } => (StatusCode::UNPROCESSABLE_ENTITY, fields),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, vec![]),

@@ -7,11 +7,12 @@
 //!
 //! Locking: one registry (department id -> mailbox, applied spec; the port
 //! pool) behind a std `Mutex` that is only ever held for map operations, never
-//! across an await. Desired-state changes (`apply`, `delete`) are serialized by
-//! `changes`, an async gate, which a delete holds while its department task
-//! stops and removes its container. The event loop, the resync loop, operator
-//! commands, readers and the watchdog never take that gate, so a slow delete
-//! never holds them up.
+//! across an await. Desired-state changes are decided under `changes`, an
+//! async gate that the event loop, the resync loop, operator commands, readers
+//! and the watchdog never take. An operator's delete marks its department
+//! under the gate and waits for the task without it; only the deletions of an
+//! `apply(prune)` are awaited under the gate (a department renamed onto its
+//! own port must not start before the old container is gone).
 
 pub mod board;
 pub mod department;
@@ -126,12 +127,17 @@ pub enum SupervisorError {
     Store(#[from] crate::store::StoreError),
     #[error("the department task of `{0}` is gone; the daemon is shutting down")]
     Gone(String),
+    #[error("department `{0}` is being deleted; try again once that delete has finished")]
+    Deleting(String),
 }
 
 struct Handle {
     tx: tokio::sync::mpsc::Sender<DeptMsg>,
     spec: DepartmentSpec,
     task: tokio::task::JoinHandle<()>,
+    /// An operator's delete is under way (see `Supervisor::delete`): the
+    /// department keeps its lease and counts until its container is gone.
+    deleting: bool,
 }
 
 /// The one registry: what runs here and on which port. Held only for map
@@ -259,6 +265,7 @@ impl Supervisor {
                     tx,
                     spec: stored.spec,
                     task,
+                    deleting: false,
                 },
             );
         }
@@ -303,16 +310,20 @@ impl Supervisor {
         prune: bool,
     ) -> Result<ApplyReport, SupervisorError> {
         let _gate = self.changes.lock().await;
-        let (current, current_pool): (BTreeMap<String, DepartmentSpec>, PortPool) = {
+        let (current, current_pool, deleting) = {
             let registry = self.registry();
-            (
-                registry
-                    .departments
-                    .iter()
-                    .map(|(id, h)| (id.clone(), h.spec.clone()))
-                    .collect(),
-                registry.pool.clone(),
-            )
+            let current: BTreeMap<String, DepartmentSpec> = registry
+                .departments
+                .iter()
+                .map(|(id, h)| (id.clone(), h.spec.clone()))
+                .collect();
+            let deleting: BTreeSet<String> = registry
+                .departments
+                .iter()
+                .filter(|(_, h)| h.deleting)
+                .map(|(id, _)| id.clone())
+                .collect();
+            (current, registry.pool.clone(), deleting)
         };
         let mut problems = Vec::new();
         let mut seen = BTreeSet::new();
@@ -324,6 +335,12 @@ impl Supervisor {
                         .map(|e| FieldError::new(prefixed(&spec.id, i, &e.field), e.message)),
                 );
             }
+            if deleting.contains(&spec.id) {
+                problems.push(FieldError::new(
+                    prefixed(&spec.id, i, "id"),
+                    SupervisorError::Deleting(spec.id.clone()).to_string(),
+                ));
+            }
             if !seen.insert(spec.id.clone()) {
                 problems.push(FieldError::new(
                     prefixed(&spec.id, i, "id"),
@@ -331,9 +348,14 @@ impl Supervisor {
                 ));
             }
         }
-        // The node after this apply.
+        // The node after this apply. A department an operator is deleting
+        // still runs (and counts) until its container is gone.
         let mut next: BTreeMap<String, DepartmentSpec> = if prune {
-            BTreeMap::new()
+            current
+                .iter()
+                .filter(|(id, _)| deleting.contains(*id))
+                .map(|(id, spec)| (id.clone(), spec.clone()))
+                .collect()
         } else {
             current.clone()
         };
@@ -438,7 +460,13 @@ impl Supervisor {
             self.delete_department(&id).await?;
             report.deleted.push(id);
         }
-        self.registry().pool = pool;
+        {
+            // Leases of departments whose delete finished meanwhile go too.
+            let mut registry = self.registry();
+            let departments = &registry.departments;
+            pool.retain_departments(|d| ports.contains_key(d) || departments.contains_key(d));
+            registry.pool = pool;
+        }
         for spec in specs {
             let id = spec.id.clone();
             let port = ports.get(&id).copied().unwrap_or_default();
@@ -473,9 +501,15 @@ impl Supervisor {
                                 restarts_by_reason: BTreeMap::new(),
                             },
                         );
-                        registry
-                            .departments
-                            .insert(id.clone(), Handle { tx, spec, task });
+                        registry.departments.insert(
+                            id.clone(),
+                            Handle {
+                                tx,
+                                spec,
+                                task,
+                                deleting: false,
+                            },
+                        );
                         report.created.push(id.clone());
                         None
                     }
@@ -509,17 +543,32 @@ impl Supervisor {
         Ok(report)
     }
 
+    /// An operator's delete. Marked under the gate, then carried out without
+    /// it: the department's task may take up to its stop timeout (or, busy in
+    /// a pull, longer), and applies of other departments must not wait for
+    /// that. Until it is done the department keeps its lease and its place in
+    /// the count, and an apply naming it is refused.
     pub async fn delete(&self, id: &str) -> Result<(), SupervisorError> {
-        let _gate = self.changes.lock().await;
-        if !self.registry().departments.contains_key(id) {
-            return Err(SupervisorError::UnknownDepartment(id.to_string()));
+        {
+            let _gate = self.changes.lock().await;
+            let mut registry = self.registry();
+            match registry.departments.get_mut(id) {
+                None => return Err(SupervisorError::UnknownDepartment(id.to_string())),
+                Some(h) if h.deleting => return Err(SupervisorError::Deleting(id.to_string())),
+                Some(h) => h.deleting = true,
+            }
         }
-        self.delete_department(id).await
+        let result = self.delete_department(id).await;
+        if result.is_err() {
+            if let Some(h) = self.registry().departments.get_mut(id) {
+                h.deleting = false;
+            }
+        }
+        result
     }
 
     /// Asks the department's task to remove its container and waits for the
-    /// answer with no registry lock held (the caller holds `changes`); then
-    /// forgets the department.
+    /// answer with no registry lock held; then forgets the department.
     async fn delete_department(&self, id: &str) -> Result<(), SupervisorError> {
         let Some(tx) = self.registry().departments.get(id).map(|h| h.tx.clone()) else {
             return Ok(());
