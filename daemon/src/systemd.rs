@@ -57,17 +57,23 @@ pub const EVENT_LOOP_STALE_AFTER: Duration = Duration::from_secs(15);
 /// Refuses a `resync_interval` with which a healthy resync loop could go
 /// quiet for longer than `WatchdogSec`.
 pub fn check_resync_interval(resync_interval: Duration, watchdog: Duration) -> Result<(), String> {
-    let stale = resync_stale_after(resync_interval);
-    if stale > watchdog || EVENT_LOOP_STALE_AFTER > watchdog {
+    if EVENT_LOOP_STALE_AFTER > watchdog {
+        return Err(format!(
+            "the unit's WatchdogSec = {} is shorter than the {} within which the Docker event loop proves itself alive (while Docker is away it waits up to 5s per attempt); set WatchdogSec to at least {}",
+            humantime::format_duration(watchdog),
+            humantime::format_duration(EVENT_LOOP_STALE_AFTER),
+            humantime::format_duration(EVENT_LOOP_STALE_AFTER),
+        ));
+    }
+    if resync_stale_after(resync_interval) > watchdog {
         let room =
             watchdog.saturating_sub(resync_pass_limit(resync_interval) + Duration::from_secs(2));
         return Err(format!(
-            "resync_interval = {} is too long for the unit's WatchdogSec = {}: the resync loop proves itself alive once per interval plus one pass (at most {}), which must fit in WatchdogSec; set resync_interval to at most {} or raise WatchdogSec (and keep WatchdogSec at least {})",
+            "resync_interval = {} is too long for the unit's WatchdogSec = {}: the resync loop proves itself alive once per interval plus one pass (at most {}), which must fit in WatchdogSec; set resync_interval to at most {} or raise WatchdogSec",
             humantime::format_duration(resync_interval),
             humantime::format_duration(watchdog),
             humantime::format_duration(resync_pass_limit(resync_interval)),
             humantime::format_duration(room),
-            humantime::format_duration(EVENT_LOOP_STALE_AFTER),
         ));
     }
     Ok(())
@@ -200,7 +206,9 @@ mod tests {
         let err = check_resync_interval(Duration::from_secs(49), wd).unwrap_err();
         assert!(err.contains("resync_interval = 49s"), "{err}");
         assert!(err.contains("at most 48s"), "{err}");
-        assert!(check_resync_interval(Duration::from_secs(1), Duration::from_secs(10)).is_err());
+        let err =
+            check_resync_interval(Duration::from_secs(1), Duration::from_secs(10)).unwrap_err();
+        assert!(err.contains("WatchdogSec = 10s is shorter"), "{err}");
     }
 
     #[test]
