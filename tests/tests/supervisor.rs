@@ -975,6 +975,7 @@ fn a_delete_waiting_on_a_hung_pull_blocks_no_other_department() {
     let started = std::time::Instant::now();
     d.agentctl_ok(&["restart", &other]);
     let took = started.elapsed();
+    eprintln!("restart of another department during the hung delete: {took:?}");
     assert!(
         took < Duration::from_secs(10),
         "`agentctl restart` of another department took {took:?} while a delete waited on a pull"
@@ -994,6 +995,7 @@ fn a_delete_waiting_on_a_hung_pull_blocks_no_other_department() {
     let started = std::time::Instant::now();
     d.apply(&third_file);
     let took = started.elapsed();
+    eprintln!("apply of another department during the hung delete: {took:?}");
     assert!(
         took < Duration::from_secs(10),
         "`agentctl apply` of another department took {took:?} while a delete waited on a pull"
