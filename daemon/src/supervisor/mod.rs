@@ -401,41 +401,29 @@ impl Supervisor {
             .filter(|id| !next.contains_key(*id))
             .cloned()
             .collect();
-        // Ports, decided on a copy so a refusal changes nothing. The ports of
-        // departments this apply removes are free for the others (their
-        // containers are gone before any new department starts), so renaming
-        // a department onto its own port in one document works; so are ports
-        // of containers no department owns any more (leases rebuilt from
-        // labels for a department the desired state dropped).
-        let mut pool = current_pool;
-        let held_by_removed: BTreeSet<u16> =
-            removed.iter().filter_map(|id| pool.lease_of(id)).collect();
-        pool.retain_departments(|d| next.contains_key(d));
-        let bind = self.shared.bind;
-        let mut ports = BTreeMap::new();
-        let mut clean: Vec<&DepartmentSpec> = specs
+        // Ports, decided on a copy so a refusal changes nothing (ports.rs).
+        let wanted: Vec<(String, Option<u16>)> = specs
             .iter()
             .filter(|s| problems_free(&problems, &s.id))
+            .map(|s| (s.id.clone(), s.host_port))
             .collect();
-        // Explicit host_ports first: otherwise a pool department earlier in
-        // the list could take the lowest free port that a later spec names,
-        // and that spec would be refused for a port nobody asked for.
-        clean.sort_by_key(|s| s.host_port.is_none());
-        for spec in clean {
-            let busy = |p: u16| !held_by_removed.contains(&p) && port_busy(bind, p);
-            match pool.assign(&spec.id, spec.host_port, busy) {
-                Ok(port) => {
-                    ports.insert(spec.id.clone(), port);
-                }
-                Err(e) => problems.push(FieldError::new(
-                    if spec.host_port.is_some() {
-                        format!("{}.host_port", spec.id)
-                    } else {
-                        "ports.range".to_string()
-                    },
-                    e.to_string(),
-                )),
-            }
+        let bind = self.shared.bind;
+        let (mut pool, ports, refused) = crate::ports::plan(
+            &current_pool,
+            &wanted,
+            |d| next.contains_key(d),
+            &removed,
+            |p| port_busy(bind, p),
+        );
+        for (id, explicit, e) in refused {
+            problems.push(FieldError::new(
+                if explicit {
+                    format!("{id}.host_port")
+                } else {
+                    "ports.range".to_string()
+                },
+                e.to_string(),
+            ));
         }
         if !problems.is_empty() {
             self.shared.events.record(
