@@ -12,12 +12,11 @@
 //! and the departments keep running on the last applied specs (the supervisor
 //! persists those itself).
 
-use crate::api::ApiState;
+use crate::metrics::MetricsSource;
+use crate::snapshot::{NodeSnapshot, Sources};
 use crate::store::{now_secs, Store, StoreError};
 use crate::supervisor::SupervisorError;
-use fleet_model::api::{
-    CoordinatorStatus, DesiredState, SyncCapacity, SyncDepartment, SyncRefusal, SyncReport,
-};
+use fleet_model::api::{CoordinatorStatus, DesiredState, SyncCapacity, SyncRefusal, SyncReport};
 use fleet_model::config::CoordinatorConfig;
 use fleet_model::spec::FieldError;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
@@ -275,7 +274,7 @@ struct Client {
     node_id: String,
     sync_url: String,
     http: reqwest::Client,
-    state: ApiState,
+    state: Sources,
     store: Arc<Store>,
     metrics: Arc<CoordinatorMetrics>,
     applied_revision: Option<i64>,
@@ -295,7 +294,8 @@ struct Client {
 pub async fn start(
     config: CoordinatorConfig,
     node_id: String,
-    state: ApiState,
+    state: Sources,
+    extra_metrics: &std::sync::RwLock<Vec<MetricsSource>>,
 ) -> Result<tokio::task::JoinHandle<()>, SyncError> {
     let mut builder = reqwest::Client::builder()
         .use_rustls_tls()
@@ -322,7 +322,7 @@ pub async fn start(
     let node_id = config.node_id.clone().unwrap_or(node_id);
     let store = state.supervisor.shared.store.clone();
     let metrics = Arc::new(CoordinatorMetrics::new());
-    if let Ok(mut extra) = state.extra_metrics.write() {
+    if let Ok(mut extra) = extra_metrics.write() {
         let m = metrics.clone();
         extra.push(Arc::new(move |out: &mut String| m.render(out)));
     }
@@ -449,26 +449,9 @@ impl Client {
     }
 
     fn report(&self) -> SyncReport {
-        let node = crate::api::node_status(&self.state);
-        let departments = self
-            .state
-            .supervisor
-            .shared
-            .board
-            .all()
-            .iter()
-            .map(|(id, view)| SyncDepartment {
-                id: id.clone(),
-                state: view.state,
-                health: view.health,
-                restarts: view.restarts(),
-                host_port: Some(view.host_port),
-                image: view.spec.image.clone(),
-                spec_hash: Some(view.spec_hash.clone()),
-                desired_running: view.desired_running,
-                reason: view.reason.clone(),
-            })
-            .collect();
+        let snapshot = NodeSnapshot::take(&self.state);
+        let node = snapshot.node_status();
+        let departments = snapshot.sync_departments();
         SyncReport {
             node_id: self.node_id.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -502,8 +485,10 @@ impl Client {
             .map_err(|e| SyncError::Unreachable(error_chain(&e)))?;
         match response.status() {
             StatusCode::NOT_MODIFIED => {
-                // The coordinator agrees the node has its current document.
+                // The coordinator agrees the node has its current document:
+                // the departments it does not list may now be removed.
                 self.set_last_refusal(None);
+                self.state.supervisor.desired_state_confirmed();
                 return Ok(Outcome::NotModified);
             }
             StatusCode::OK => {}

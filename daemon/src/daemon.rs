@@ -179,6 +179,10 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
         }
     }
     let tls = api::tcp::tls_acceptor(&config.api)?;
+    if let Some(watchdog) = crate::systemd::watchdog_interval() {
+        crate::systemd::check_resync_interval(config.resync_interval, watchdog)
+            .map_err(RunError::Config)?;
+    }
 
     let store = Arc::new(Store::open(&config.state_dir)?);
     let events = EventLog::new(store.clone());
@@ -186,11 +190,14 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
         Some(path) => load_registry_auth(path).map_err(RunError::Config)?,
         None => Default::default(),
     };
-    let runtime = Arc::new(BollardRuntime::new(
-        config.docker.socket.clone(),
-        registry_auth,
-        config.docker.pull_timeout,
-    ));
+    let runtime = Arc::new(
+        BollardRuntime::new(
+            config.docker.socket.clone(),
+            registry_auth,
+            config.docker.pull_timeout,
+        )
+        .scoped_to_node(node_id.clone()),
+    );
     let host = crate::host::HostSampler::start(Duration::from_secs(5));
     let supervisor = Supervisor::start(
         config.clone(),
@@ -233,7 +240,13 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
     let mut coordinator_task = None;
     if let Some(coordinator) = &config.coordinator {
         coordinator_task = Some(
-            crate::coordinator::start(coordinator.clone(), node_id.clone(), state.clone()).await?,
+            crate::coordinator::start(
+                coordinator.clone(),
+                node_id.clone(),
+                state.sources(),
+                &state.extra_metrics,
+            )
+            .await?,
         );
     }
 
@@ -450,7 +463,23 @@ async fn load_desired(supervisor: &Supervisor, config: &Config, sync: &RwLock<Sy
 
 /// The unit's STATUS= line: what runs, and loudly when the desired state is refused.
 async fn status_line(supervisor: &Supervisor, sync: &RwLock<SyncStatus>) -> String {
-    let running = format!("supervising {} departments", supervisor.specs().await.len());
+    let mut running = format!("supervising {} departments", supervisor.specs().len());
+    if let Some(rebuilt) = &supervisor.state_rebuilt {
+        running.push_str(&format!(
+            "; state.db was {} and was rebuilt from Docker labels ({} recovered){}; see agentctl doctor",
+            if rebuilt.reason == "corrupt" {
+                "unreadable"
+            } else {
+                "missing"
+            },
+            rebuilt.recovered.len(),
+            rebuilt
+                .moved_to
+                .as_deref()
+                .map(|p| format!(", old file kept as {p}"))
+                .unwrap_or_default()
+        ));
+    }
     let refused = sync
         .read()
         .ok()

@@ -4,22 +4,29 @@
 //! other name is under `fleet_agent_`. Labels come from bounded sets (department
 //! ids, states, reasons), never from env or secret values.
 
-use crate::api::ApiState;
+use crate::snapshot::NodeSnapshot;
 use crate::supervisor::board::DeptView;
+use crate::usage::UsageCache;
 use fleet_model::api::DeptState;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
+
+/// A subsystem's contribution to `/metrics` (WAL, coordinator): appends whole
+/// families (`# HELP`, `# TYPE`, samples) under `fleet_agent_<subsystem>_`.
+/// Push one onto `ApiState::extra_metrics` at start-up; `/metrics` calls each
+/// after the daemon's own families, so it must be cheap and never wait.
+pub type MetricsSource = std::sync::Arc<dyn Fn(&mut String) + Send + Sync>;
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-pub fn render(state: &ApiState) -> String {
+/// Renders the daemon's own families from one snapshot and the stats cache.
+pub fn render(snap: &NodeSnapshot, usage: &UsageCache) -> String {
     let mut out = String::with_capacity(8 * 1024);
-    let shared = &state.supervisor.shared;
-    let board = shared.board.all();
+    let board = &snap.departments;
 
     header(
         &mut out,
@@ -27,7 +34,7 @@ pub fn render(state: &ApiState) -> String {
         "counter",
         "Health probes run per department.",
     );
-    for (id, v) in &board {
+    for (id, v) in board {
         let _ = writeln!(
             out,
             "agent_health_checks_total{{department=\"{id}\"}} {}",
@@ -40,7 +47,7 @@ pub fn render(state: &ApiState) -> String {
         "counter",
         "Health probes that failed per department.",
     );
-    for (id, v) in &board {
+    for (id, v) in board {
         let _ = writeln!(
             out,
             "agent_health_check_failures_total{{department=\"{id}\"}} {}",
@@ -53,7 +60,7 @@ pub fn render(state: &ApiState) -> String {
         "gauge",
         "1 when the department's container is running.",
     );
-    for (id, v) in &board {
+    for (id, v) in board {
         let up = u8::from(crate::usage::running(v));
         let _ = writeln!(out, "fleet_agent_department_up{{department=\"{id}\"}} {up}");
     }
@@ -63,7 +70,7 @@ pub fn render(state: &ApiState) -> String {
         "gauge",
         "1 healthy, 0 unhealthy, -1 unknown or disabled.",
     );
-    for (id, v) in &board {
+    for (id, v) in board {
         let value = match v.health {
             fleet_model::api::Health::Healthy => 1,
             fleet_model::api::Health::Unhealthy => 0,
@@ -80,7 +87,7 @@ pub fn render(state: &ApiState) -> String {
         "gauge",
         "1 for the department's current state.",
     );
-    for (id, v) in &board {
+    for (id, v) in board {
         for s in DeptState::ALL {
             let _ = writeln!(
                 out,
@@ -96,7 +103,7 @@ pub fn render(state: &ApiState) -> String {
         "counter",
         "Restarts by the daemon, by reason.",
     );
-    for (id, v) in &board {
+    for (id, v) in board {
         for reason in ["exit", "oom", "unhealthy", "lost"] {
             let n = v.restarts_by_reason.get(reason).copied().unwrap_or(0);
             let _ = writeln!(
@@ -111,7 +118,7 @@ pub fn render(state: &ApiState) -> String {
         "histogram",
         "Health probe latency.",
     );
-    for (id, v) in &board {
+    for (id, v) in board {
         let h = &v.probe_latency_histogram;
         for (bound, count) in crate::supervisor::probe::LATENCY_BUCKETS
             .iter()
@@ -139,18 +146,14 @@ pub fn render(state: &ApiState) -> String {
         );
     }
 
-    let c = &shared.counters;
+    let c = &snap.counts;
     header(
         &mut out,
         "fleet_agent_reconcile_runs_total",
         "counter",
         "Full resyncs against Docker.",
     );
-    let _ = writeln!(
-        out,
-        "fleet_agent_reconcile_runs_total {}",
-        c.reconcile_runs.load(Ordering::Relaxed)
-    );
+    let _ = writeln!(out, "fleet_agent_reconcile_runs_total {}", c.reconcile_runs);
     header(
         &mut out,
         "fleet_agent_reconcile_duration_seconds_total",
@@ -160,7 +163,7 @@ pub fn render(state: &ApiState) -> String {
     let _ = writeln!(
         out,
         "fleet_agent_reconcile_duration_seconds_total {}",
-        c.reconcile_seconds_micros.load(Ordering::Relaxed) as f64 / 1e6
+        c.reconcile_seconds
     );
     header(
         &mut out,
@@ -171,21 +174,63 @@ pub fn render(state: &ApiState) -> String {
     let _ = writeln!(
         out,
         "fleet_agent_docker_event_stream_reconnects_total {}",
-        c.event_stream_reconnects.load(Ordering::Relaxed)
+        c.event_stream_reconnects
     );
+    header(
+        &mut out,
+        "fleet_agent_docker_events_dropped_total",
+        "counter",
+        "Docker events not handed to a department whose mailbox was full (the next resync covers them).",
+    );
+    let _ = writeln!(
+        out,
+        "fleet_agent_docker_events_dropped_total {}",
+        c.events_dropped
+    );
+    let ages = snap.heartbeat;
+    header(
+        &mut out,
+        "fleet_agent_loop_heartbeat_age_seconds",
+        "gauge",
+        "Time since the Docker event loop and the resync loop last proved they run; the systemd watchdog is fed only while both are fresh.",
+    );
+    let _ = writeln!(
+        out,
+        "fleet_agent_loop_heartbeat_age_seconds{{loop=\"event\"}} {}",
+        ages.event_loop.as_secs_f64()
+    );
+    let _ = writeln!(
+        out,
+        "fleet_agent_loop_heartbeat_age_seconds{{loop=\"resync\"}} {}",
+        ages.resync.as_secs_f64()
+    );
+    header(
+        &mut out,
+        "fleet_agent_state_rebuilt",
+        "gauge",
+        "1 when this run found state.db missing or unreadable and rebuilt the node from Docker's labels (reason: missing, corrupt).",
+    );
+    match &snap.state_rebuilt {
+        Some(rebuilt) => {
+            let _ = writeln!(
+                out,
+                "fleet_agent_state_rebuilt{{reason=\"{}\"}} 1",
+                rebuilt.reason
+            );
+        }
+        None => {
+            let _ = writeln!(out, "fleet_agent_state_rebuilt{{reason=\"none\"}} 0");
+        }
+    }
     header(
         &mut out,
         "fleet_agent_docker_up",
         "gauge",
         "1 when the Docker engine answers.",
     );
-    let _ = writeln!(
-        out,
-        "fleet_agent_docker_up {}",
-        u8::from(shared.docker_up.load(Ordering::Relaxed))
-    );
+    let _ = writeln!(out, "fleet_agent_docker_up {}", u8::from(snap.docker_up));
 
-    let sample = state.host.sample();
+    let sample = &snap.host;
     header(
         &mut out,
         "fleet_agent_host_memory_total_bytes",
@@ -244,12 +289,8 @@ pub fn render(state: &ApiState) -> String {
         "gauge",
         "max_departments of this node.",
     );
-    let _ = writeln!(
-        out,
-        "fleet_agent_departments_max {}",
-        shared.config.max_departments
-    );
-    if let Ok((low, high)) = shared.config.ports.parsed_range() {
+    let _ = writeln!(out, "fleet_agent_departments_max {}", snap.max_departments);
+    if let Some((low, high)) = snap.port_range {
         let leased = board
             .values()
             .filter(|v| v.host_port >= low && v.host_port <= high)
@@ -274,16 +315,16 @@ pub fn render(state: &ApiState) -> String {
         );
         let _ = writeln!(out, "fleet_agent_port_pool_size {size}");
     }
-    render_usage(&mut out, state, &board);
-    render_daemon(&mut out, state, &sample);
+    render_usage(&mut out, usage, board);
+    render_daemon(&mut out, snap, sample);
     out
 }
 
 /// Container CPU and memory from the stats cache (`usage.rs`), disks, and the
 /// collector's own figures. A department without a sample yet (just started,
 /// or not running) has no series here rather than a made-up zero.
-fn render_usage(out: &mut String, state: &ApiState, board: &BTreeMap<String, DeptView>) {
-    let samples = state.usage.current(board);
+fn render_usage(out: &mut String, usage: &UsageCache, board: &BTreeMap<String, DeptView>) {
+    let samples = usage.current(board);
     header(
         out,
         "fleet_agent_department_cpu_seconds_total",
@@ -324,7 +365,7 @@ fn render_usage(out: &mut String, state: &ApiState, board: &BTreeMap<String, Dep
         );
     }
 
-    let disks = state.usage.disks();
+    let disks = usage.disks();
     header(
         out,
         "fleet_agent_host_disk_total_bytes",
@@ -352,7 +393,7 @@ fn render_usage(out: &mut String, state: &ApiState, board: &BTreeMap<String, Dep
         );
     }
 
-    let c = &state.usage.counters;
+    let c = &usage.counters;
     header(
         out,
         "fleet_agent_stats_collections_total",
@@ -388,7 +429,7 @@ fn render_usage(out: &mut String, state: &ApiState, board: &BTreeMap<String, Dep
     );
 }
 
-fn render_daemon(out: &mut String, state: &ApiState, sample: &crate::host::HostSample) {
+fn render_daemon(out: &mut String, snap: &NodeSnapshot, sample: &crate::host::HostSample) {
     header(
         out,
         "fleet_agent_host_load5",
@@ -416,10 +457,7 @@ fn render_daemon(out: &mut String, state: &ApiState, sample: &crate::host::HostS
         "gauge",
         "Always 1; the daemon's version and mode as labels.",
     );
-    let mode = match state.mode {
-        crate::api::Mode::Standalone => "standalone",
-        crate::api::Mode::Coordinator => "coordinator",
-    };
+    let mode = snap.mode.as_str();
     let _ = writeln!(
         out,
         "fleet_agent_build_info{{version=\"{}\",mode=\"{mode}\"}} 1",
@@ -434,6 +472,6 @@ fn render_daemon(out: &mut String, state: &ApiState, sample: &crate::host::HostS
     let _ = writeln!(
         out,
         "fleet_agent_uptime_seconds {}",
-        state.started.elapsed().as_secs_f64()
+        snap.uptime.as_secs_f64()
     );
 }

@@ -91,6 +91,16 @@ impl PortPool {
         Ok(port)
     }
 
+    /// Records a lease found elsewhere (a container's host-port label).
+    pub fn insert_lease(&mut self, port: u16, department: &str) {
+        self.leases.insert(port, department.to_string());
+    }
+
+    /// Keeps only the leases of departments `keep` names.
+    pub fn retain_departments(&mut self, keep: impl Fn(&str) -> bool) {
+        self.leases.retain(|_, d| keep(d));
+    }
+
     pub fn release(&mut self, department: &str) {
         self.leases.retain(|_, d| d != department);
     }
@@ -100,6 +110,51 @@ impl PortPool {
             .filter(|p| !self.leases.contains_key(p))
             .count()
     }
+}
+
+/// The ports of a whole desired state, decided on a copy of `current` so a
+/// refusal changes nothing. `wanted` is (department, explicit host_port);
+/// `keep` says which departments stay (the others' leases go, including
+/// leases rebuilt from labels for departments the desired state dropped);
+/// `removed` are departments this change deletes, whose ports are free for
+/// the others although their containers still hold them (they are gone before
+/// any new department starts): so a department renamed onto its own port in
+/// one document is not refused. Explicit ports are placed first, so a pool
+/// department never takes a port a later spec names. Returns the new pool,
+/// the port of each department placed, and (department, explicit?, error)
+/// for each refused.
+#[allow(clippy::type_complexity)]
+pub fn plan(
+    current: &PortPool,
+    wanted: &[(String, Option<u16>)],
+    keep: impl Fn(&str) -> bool,
+    removed: &[String],
+    is_busy: impl Fn(u16) -> bool,
+) -> (
+    PortPool,
+    BTreeMap<String, u16>,
+    Vec<(String, bool, PortError)>,
+) {
+    let freed: std::collections::BTreeSet<u16> = removed
+        .iter()
+        .filter_map(|id| current.lease_of(id))
+        .collect();
+    let mut pool = current.clone();
+    pool.retain_departments(|d| keep(d));
+    let mut order: Vec<&(String, Option<u16>)> = wanted.iter().collect();
+    order.sort_by_key(|(_, explicit)| explicit.is_none());
+    let mut ports = BTreeMap::new();
+    let mut refused = Vec::new();
+    for (id, explicit) in order {
+        let busy = |p: u16| !freed.contains(&p) && is_busy(p);
+        match pool.assign(id, *explicit, busy) {
+            Ok(port) => {
+                ports.insert(id.clone(), port);
+            }
+            Err(e) => refused.push((id.clone(), explicit.is_some(), e)),
+        }
+    }
+    (pool, ports, refused)
 }
 
 /// Whether another process holds `port` on `bind` (we try to bind it ourselves).
@@ -128,6 +183,75 @@ mod tests {
         );
         pool.release("b");
         assert_eq!(pool.assign("d", None, |_| false).unwrap(), 8001);
+    }
+
+    fn want(id: &str, explicit: Option<u16>) -> (String, Option<u16>) {
+        (id.to_string(), explicit)
+    }
+
+    #[test]
+    fn a_rename_onto_the_same_port_in_one_document_is_placed() {
+        // `old` holds 8005 and its container still runs (busy to the OS).
+        let current = PortPool::new(8001, 8010, [(8005, "old".to_string())]);
+        let busy = |p: u16| p == 8005;
+        let (pool, ports, refused) = plan(
+            &current,
+            &[want("new", Some(8005))],
+            |d| d == "new",
+            &["old".to_string()],
+            busy,
+        );
+        assert!(refused.is_empty(), "{refused:?}");
+        assert_eq!(ports["new"], 8005);
+        assert_eq!(pool.holder(8005), Some("new"));
+        assert_eq!(pool.lease_of("old"), None);
+        // Without the removal the same port is someone else's.
+        let (_, _, refused) = plan(
+            &current,
+            &[want("new", Some(8005))],
+            |d| d == "new" || d == "old",
+            &[],
+            busy,
+        );
+        assert!(matches!(refused[0].2, PortError::LeasedToOther { .. }));
+    }
+
+    #[test]
+    fn a_departments_own_lease_is_never_busy_and_dropped_ones_free_their_port() {
+        // Leases rebuilt from labels: `a` (explicit 8007, held by its own
+        // container) and `gone` (no longer in the desired state).
+        let current = PortPool::new(
+            8001,
+            8010,
+            [(8007, "a".to_string()), (8001, "gone".to_string())],
+        );
+        let busy = |p: u16| p == 8007 || p == 8001;
+        let (pool, ports, refused) = plan(
+            &current,
+            &[want("a", Some(8007)), want("b", None)],
+            |d| d == "a" || d == "b",
+            &[],
+            busy,
+        );
+        assert!(refused.is_empty(), "{refused:?}");
+        assert_eq!(ports["a"], 8007);
+        // 8001 is no one's lease any more but still busy to the OS: skipped.
+        assert_eq!(ports["b"], 8002);
+        assert_eq!(pool.lease_of("gone"), None);
+    }
+
+    #[test]
+    fn explicit_ports_are_placed_before_pool_ports() {
+        let current = PortPool::new(8001, 8002, []);
+        let (_, ports, refused) = plan(
+            &current,
+            &[want("pool", None), want("named", Some(8001))],
+            |_| true,
+            &[],
+            |_| false,
+        );
+        assert!(refused.is_empty());
+        assert_eq!((ports["named"], ports["pool"]), (8001, 8002));
     }
 
     #[test]

@@ -157,6 +157,20 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn stats(&self, id: &str) -> Result<ContainerStats, RuntimeError>;
     /// Docker's data root (`DockerRootDir`), for the disk metric.
     async fn data_root(&self) -> Result<Option<PathBuf>, RuntimeError>;
+    /// Labels and environment of a container, read only to rebuild a lost
+    /// store (the environment holds the department's secrets). A runtime
+    /// that cannot tell answers `None`, and nothing is rebuilt from it.
+    async fn container_config(&self, _id: &str) -> Result<Option<ContainerConfig>, RuntimeError> {
+        Ok(None)
+    }
+}
+
+/// What a container was created with, as far as rebuilding needs it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ContainerConfig {
+    pub labels: HashMap<String, String>,
+    /// `KEY=value` lines.
+    pub env: Vec<String>,
 }
 
 /// Docker through bollard. The client is made on first use (and again after a
@@ -166,6 +180,10 @@ pub struct BollardRuntime {
     client: Mutex<Option<Docker>>,
     registry_auth: HashMap<String, bollard::auth::DockerCredentials>,
     pull_timeout: Duration,
+    /// When set, `inspect` answers only for containers labelled with this
+    /// node: a same-named container of another daemon (or of nobody) is
+    /// never adopted, stopped or removed by a name-based operation.
+    node: Option<String>,
 }
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -181,7 +199,14 @@ impl BollardRuntime {
             client: Mutex::new(None),
             registry_auth,
             pull_timeout,
+            node: None,
         }
+    }
+
+    /// Limits name-based operations to containers of `node` (see `node`).
+    pub fn scoped_to_node(mut self, node: impl Into<String>) -> Self {
+        self.node = Some(node.into());
+        self
     }
 
     async fn client(&self) -> Result<Docker, RuntimeError> {
@@ -336,7 +361,37 @@ impl ContainerRuntime for BollardRuntime {
             .call(|d| async move { d.inspect_container(&target, None).await })
             .await
         {
-            Ok(c) => Ok(observed_from_inspect(c)),
+            Ok(c) => {
+                if let Some(node) = &self.node {
+                    let labelled = c
+                        .config
+                        .as_ref()
+                        .and_then(|cfg| cfg.labels.as_ref())
+                        .and_then(|l| l.get(labels::NODE));
+                    if labelled != Some(node) {
+                        return Ok(None);
+                    }
+                }
+                Ok(observed_from_inspect(c))
+            }
+            Err(RuntimeError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn container_config(&self, id: &str) -> Result<Option<ContainerConfig>, RuntimeError> {
+        let target = id.to_string();
+        match self
+            .call(|d| async move { d.inspect_container(&target, None).await })
+            .await
+        {
+            Ok(c) => {
+                let config = c.config.unwrap_or_default();
+                Ok(Some(ContainerConfig {
+                    labels: config.labels.unwrap_or_default(),
+                    env: config.env.unwrap_or_default(),
+                }))
+            }
             Err(RuntimeError::NotFound(_)) => Ok(None),
             Err(e) => Err(e),
         }

@@ -8,7 +8,7 @@
 use fleet_model::api::{Event, RestartRecord};
 use fleet_model::DepartmentSpec;
 use rusqlite::{params, Connection, OptionalExtension};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +17,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("state database holds an unreadable spec for `{id}`: {message}")]
     Corrupt { id: String, message: String },
+    #[error("state database failed its integrity check: {0}")]
+    Unreadable(String),
     #[error("cannot create state directory {path}: {source}")]
     Dir {
         path: String,
@@ -38,6 +40,19 @@ pub struct StoredDepartment {
 
 pub struct Store {
     conn: Mutex<Connection>,
+    origin: Origin,
+}
+
+/// How `state.db` was found when the daemon opened it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// An existing, readable database.
+    Existing,
+    /// There was none (a first start, or one deleted): created empty.
+    Created,
+    /// It could not be read (garbage, truncated, not a database): moved aside
+    /// to `moved_to`, kept for inspection, and a new one created.
+    MovedAside { moved_to: PathBuf, error: String },
 }
 
 const SCHEMA: &str = "
@@ -81,21 +96,75 @@ const EVENTS_KEPT: i64 = 50_000;
 const RESTARTS_KEPT_PER_DEPARTMENT: i64 = 200;
 
 impl Store {
+    /// Opens `state_dir/state.db`. A database that cannot be read is never a
+    /// reason to stop supervising: it is moved aside (with its `-wal`/`-shm`
+    /// files) as `state.db.corrupt-<unix seconds>` and a new one is created;
+    /// `origin()` says which happened, so the supervisor can rebuild from
+    /// Docker's labels and say so loudly.
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Dir {
             path: state_dir.display().to_string(),
             source,
         })?;
         restrict_dir(state_dir);
-        let conn = Connection::open(state_dir.join("state.db"))?;
+        let path = state_dir.join("state.db");
+        let existed = path.exists();
+        match Self::open_file(&path) {
+            Ok(conn) => Ok(Self {
+                conn: Mutex::new(conn),
+                origin: if existed {
+                    Origin::Existing
+                } else {
+                    Origin::Created
+                },
+            }),
+            Err(error) if existed => {
+                let moved_to = move_aside(&path, now_secs()).map_err(|source| StoreError::Dir {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                tracing::error!(
+                    error = %error,
+                    moved_to = %moved_to.display(),
+                    "state.db is unreadable; moved it aside and starting with a new one, rebuilt from Docker's labels."
+                );
+                let conn = Self::open_file(&path)?;
+                Ok(Self {
+                    conn: Mutex::new(conn),
+                    origin: Origin::MovedAside {
+                        moved_to,
+                        error: error.to_string(),
+                    },
+                })
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Opens and checks one database file: the schema, SQLite's own
+    /// `quick_check`, and every stored spec parses (what start-up reads).
+    fn open_file(path: &Path) -> Result<Connection, StoreError> {
+        let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Self {
+        let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+        if check != "ok" {
+            return Err(StoreError::Unreadable(check));
+        }
+        let probe = Self {
             conn: Mutex::new(conn),
-        })
+            origin: Origin::Existing,
+        };
+        probe.departments()?;
+        probe.leases()?;
+        Ok(probe.conn.into_inner().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn origin(&self) -> &Origin {
+        &self.origin
     }
 
     pub fn open_in_memory() -> Result<Self, StoreError> {
@@ -103,6 +172,7 @@ impl Store {
         conn.execute_batch(SCHEMA)?;
         Ok(Self {
             conn: Mutex::new(conn),
+            origin: Origin::Created,
         })
     }
 
@@ -397,6 +467,36 @@ fn parse_spec(id: &str, json: &str) -> Result<DepartmentSpec, StoreError> {
     })
 }
 
+/// Renames `state.db` (and its `-wal`/`-shm` companions, which belong to it)
+/// to `state.db.corrupt-<at>[-N]`; returns the new path of the database.
+fn move_aside(path: &Path, at: i64) -> std::io::Result<PathBuf> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "state.db".into());
+    let mut target = path.with_file_name(format!("{name}.corrupt-{at}"));
+    let mut n = 1;
+    while target.exists() {
+        target = path.with_file_name(format!("{name}.corrupt-{at}-{n}"));
+        n += 1;
+    }
+    for suffix in ["-wal", "-shm"] {
+        let companion = path.with_file_name(format!("{name}{suffix}"));
+        if companion.exists() {
+            let moved = target.with_file_name(format!(
+                "{}{suffix}",
+                target
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            ));
+            std::fs::rename(&companion, moved)?;
+        }
+    }
+    std::fs::rename(path, &target)?;
+    Ok(target)
+}
+
 /// The store holds secrets: keep the directory to its owner.
 fn restrict_dir(dir: &Path) {
     use std::os::unix::fs::PermissionsExt;
@@ -456,6 +556,53 @@ mod tests {
         );
         store.delete_department("hr").unwrap();
         assert_eq!(store.leases().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn garbage_is_moved_aside_and_a_new_store_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.origin(), &Origin::Created);
+        store.put_spec(&spec("hr", "a:1")).unwrap();
+        drop(store);
+        assert_eq!(Store::open(dir.path()).unwrap().origin(), &Origin::Existing);
+
+        let garbage: Vec<u8> = (0..8192u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        std::fs::write(dir.path().join("state.db"), &garbage).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let Origin::MovedAside { moved_to, .. } = store.origin().clone() else {
+            panic!("garbage was opened as {:?}", store.origin());
+        };
+        assert!(moved_to
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("state.db.corrupt-"));
+        assert_eq!(
+            std::fs::read(&moved_to).unwrap(),
+            garbage,
+            "kept for inspection"
+        );
+        assert!(store.departments().unwrap().is_empty());
+        store.put_spec(&spec("hr", "a:2")).unwrap();
+        drop(store);
+        assert_eq!(Store::open(dir.path()).unwrap().origin(), &Origin::Existing);
+    }
+
+    #[test]
+    fn an_unparsable_spec_counts_as_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.put_spec(&spec("hr", "a:1")).unwrap();
+        store
+            .conn()
+            .execute("UPDATE departments SET spec = 'not json'", [])
+            .unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert!(matches!(store.origin(), Origin::MovedAside { .. }));
     }
 
     #[test]

@@ -168,6 +168,10 @@ pub struct NodeStatus {
     /// Standalone mode: how the last load of the spec directories went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_state: Option<DesiredStateStatus>,
+    /// Set when this run found `state.db` lost or unreadable and rebuilt the
+    /// node from Docker's labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_rebuilt: Option<StateRebuilt>,
 }
 
 /// The last load of standalone mode's desired state (`departments_dir` and the
@@ -181,6 +185,21 @@ pub struct DesiredStateStatus {
     pub problem: Option<String>,
     /// Unix seconds of that load.
     pub loaded_at: i64,
+}
+
+/// How the daemon rebuilt its store at start (`/v1/node`, `agentctl doctor`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateRebuilt {
+    /// `corrupt` (moved aside) or `missing` (managed containers ran, no store).
+    pub reason: String,
+    /// Where the unreadable file was kept, for inspection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<String>,
+    pub at: i64,
+    /// Departments rebuilt from their containers' labels.
+    pub recovered: Vec<String>,
+    /// Containers left as they are, with why (no spec label, hash mismatch).
+    pub not_recovered: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]

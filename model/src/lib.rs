@@ -19,6 +19,10 @@ pub mod labels {
     /// `primary` for the serving container, `candidate` for an update under trial.
     pub const ROLE: &str = "fleet-agent.role";
     pub const NODE: &str = "fleet-agent.node";
+    /// The department spec as JSON with every secret value masked, so a node
+    /// that lost its store can rebuild the department from what runs (the
+    /// secret values are taken back from the container's own environment).
+    pub const SPEC: &str = "fleet-agent.spec";
 }
 
 /// The container name the seed's playbook used, kept so hosts migrate with no rename.

@@ -13,6 +13,16 @@ pub const DEFAULT_CONTAINER_PORT: u16 = 8080;
 /// What a secret looks like anywhere it is shown.
 pub const MASK: &str = "********";
 
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Far above any host this runs on, far below what overflows Docker's i64.
+pub const MAX_MEMORY: ByteSize = ByteSize::gib(16 * 1024);
+/// Entries of `[env]` and of `[secrets]`, each.
+pub const MAX_ENTRIES: usize = 512;
+/// One env or secret value.
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DepartmentSpec {
@@ -335,6 +345,39 @@ impl DepartmentSpec {
                     "resources.memory",
                     "must be at least 6MiB (Docker's minimum)",
                 ));
+            } else if memory > MAX_MEMORY {
+                errors.push(FieldError::new(
+                    "resources.memory",
+                    format!("must be at most {MAX_MEMORY}"),
+                ));
+            }
+        }
+        if self.env.len() > MAX_ENTRIES {
+            errors.push(FieldError::new(
+                "env",
+                format!("has {} entries; at most {MAX_ENTRIES}", self.env.len()),
+            ));
+        }
+        if self.secrets.len() > MAX_ENTRIES {
+            errors.push(FieldError::new(
+                "secrets",
+                format!("has {} entries; at most {MAX_ENTRIES}", self.secrets.len()),
+            ));
+        }
+        for (key, value) in &self.env {
+            if value.len() > MAX_VALUE_BYTES {
+                errors.push(FieldError::new(
+                    format!("env.{key}"),
+                    format!("is {} bytes; at most {MAX_VALUE_BYTES}", value.len()),
+                ));
+            }
+        }
+        for (key, value) in &self.secrets {
+            if value.expose().len() > MAX_VALUE_BYTES {
+                errors.push(FieldError::new(
+                    format!("secrets.{key}"),
+                    format!("is longer than {MAX_VALUE_BYTES} bytes"),
+                ));
             }
         }
         if let Some(reservation) = self.resources.memory_reservation {
@@ -394,6 +437,31 @@ impl DepartmentSpec {
         if h.interval < Duration::from_millis(100) {
             errors.push(FieldError::new("health.interval", "must be at least 100ms"));
         }
+        // Upper bounds on every duration: a timer armed with an absurd one
+        // overflows the clock (a panic in the department's task) or never fires.
+        let bounded = [
+            ("health.interval", h.interval, HOUR),
+            ("health.start_period", h.start_period, HOUR),
+            ("restart.window", self.restart.window, WEEK),
+            ("restart.backoff", self.restart.backoff, HOUR),
+            ("restart.backoff_max", self.restart.backoff_max, DAY),
+            (
+                "restart.update_deadline",
+                self.restart.update_deadline,
+                HOUR,
+            ),
+        ];
+        for (field, value, max) in bounded {
+            if value > max {
+                errors.push(FieldError::new(
+                    field,
+                    format!("must be at most {}", humantime::format_duration(max)),
+                ));
+            }
+        }
+        if self.restart.max_retries > 1000 {
+            errors.push(FieldError::new("restart.max_retries", "must be 0-1000"));
+        }
         if h.timeout < Duration::from_millis(10) || h.timeout > Duration::from_secs(300) {
             errors.push(FieldError::new(
                 "health.timeout",
@@ -440,10 +508,10 @@ impl DepartmentSpec {
                     ),
                 ));
             }
-            if check.interval < Duration::from_secs(1) {
+            if check.interval < Duration::from_secs(1) || check.interval > HOUR {
                 errors.push(FieldError::new(
                     "postgres_check.interval",
-                    "must be at least 1s",
+                    "must be between 1s and 1h",
                 ));
             }
         }
@@ -675,6 +743,44 @@ mod tests {
         b.env.insert("X".into(), "1".into());
         assert_ne!(a.container_hash(8001), b.container_hash(8001));
         assert_ne!(a.container_hash(8001), a.container_hash(8002));
+    }
+
+    #[test]
+    fn absurd_durations_and_sizes_are_refused_naming_the_field() {
+        for (extra, field) in [
+            (
+                "[restart]\nbackoff = \"500000000000y\"\nbackoff_max = \"500000000000y\"\n",
+                "restart.backoff",
+            ),
+            ("[restart]\nbackoff_max = \"2d\"\n", "restart.backoff_max"),
+            ("[restart]\nwindow = \"8d\"\n", "restart.window"),
+            (
+                "[restart]\nupdate_deadline = \"2h\"\n",
+                "restart.update_deadline",
+            ),
+            ("[restart]\nmax_retries = 100000\n", "restart.max_retries"),
+            ("[health]\ninterval = \"100y\"\n", "health.interval"),
+            ("[health]\nstart_period = \"2h\"\n", "health.start_period"),
+            ("[resources]\nmemory = \"17TiB\"\n", "resources.memory"),
+        ] {
+            let text = format!("id = \"hr\"\nimage = \"aio:1\"\n{extra}");
+            let err = DepartmentSpec::from_toml("t", &text).unwrap_err();
+            assert!(
+                err.fields().iter().any(|f| f.field == field),
+                "{extra}: {err}"
+            );
+        }
+        let mut spec = minimal();
+        spec.env
+            .insert("BIG".into(), "x".repeat(MAX_VALUE_BYTES + 1));
+        assert_eq!(spec.validate().unwrap_err()[0].field, "env.BIG");
+        // The longest allowed still fit in an Instant and in Docker's i64.
+        let text = "id = \"hr\"\nimage = \"aio:1\"\n[resources]\nmemory = \"16TiB\"\n[restart]\nbackoff = \"1h\"\nbackoff_max = \"1d\"\nwindow = \"7d\"\n";
+        let spec = DepartmentSpec::from_toml("t", text).unwrap();
+        assert!(i64::try_from(spec.memory_bytes()).is_ok());
+        assert!(std::time::Instant::now()
+            .checked_add(spec.restart.window)
+            .is_some());
     }
 
     #[test]

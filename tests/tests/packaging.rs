@@ -10,7 +10,8 @@
 //! container, node id, department ids) is named from `FLEET_PKGTEST_NAME`, a
 //! `unique_name` per test, so the tests can run beside other runs of
 //! themselves. Ports: 47510-47519 (unit-runtime), 47520-47539 (ansible-role),
-//! 47540-47549 (installed-desired) and 47570-47579 (installed-wal).
+//! 47540-47549 (installed-desired), 47550-47559 (state-loss), 47560-47569
+//! (watchdog) and 47570-47579 (installed-wal).
 
 use fleet_tests::unique_name;
 use std::path::PathBuf;
@@ -88,4 +89,14 @@ fn installed_apply_delete_reload_and_a_bad_file_keep_supervising() {
 #[test]
 fn installed_wal_archives_backs_up_and_restores_to_a_time_next_to_debians_postgresql() {
     run_script("installed-wal.sh", "pkwal");
+}
+
+#[test]
+fn a_lost_or_garbage_state_db_as_installed_keeps_the_container_and_port() {
+    run_script("state-loss.sh", "pkloss");
+}
+
+#[test]
+fn the_watchdog_is_fed_under_systemd_and_a_too_long_resync_interval_is_refused() {
+    run_script("watchdog.sh", "pkwdog");
 }

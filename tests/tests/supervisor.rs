@@ -4,7 +4,8 @@
 //!
 //! Port ranges: `ten_departments...` alone uses 8001-8010 (the issue demands it);
 //! the others take ten ports each from 42000-42069, and
-//! `explicit_host_ports_...` takes 47500-47502.
+//! `explicit_host_ports_...` takes 47500-47502. The registry, locking and
+//! state-loss tests at the end take ten each from 42100-42199.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -898,4 +899,440 @@ fn sighup_rereads_agent_toml_applies_the_log_level_and_refuses_a_bad_file() {
     });
     assert!(d.log_text().contains("bogus_key"), "{}", d.log_tail(10));
     assert!(d.status()["departments"].is_array());
+}
+
+/// A sample of the daemon's `/metrics` (TCP API), if present.
+fn metric(d: &TestDaemon, series: &str) -> Option<f64> {
+    let text = d.api_get("/metrics").ok()?.body;
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn a_department_applied_at_run_time_gets_the_resync() {
+    // Started empty, so the department exists only through a run-time apply.
+    let d = daemon("rtres", (42100, 42109));
+    let id = d.dept("a");
+    apply_and_wait(&d, std::slice::from_ref(&id), |id| {
+        spec_toml(id, IMAGE_V1, "")
+    });
+    d.agentctl_ok(&["stop", &id]);
+    assert!(!container_running(&container(&id)));
+    // A start behind the daemon's back: Docker's `start` event is not one the
+    // department acts on, so only the resync can notice the operator's stop
+    // is no longer what runs.
+    docker_ok(&["start", &container(&id)]);
+    wait_until(
+        RESYNC,
+        "the resync to stop again the container the operator stopped",
+        || !container_running(&container(&id)),
+    );
+    let row = d.summary(&id).expect("status row");
+    assert_eq!(row["state"], "stopped", "{row}");
+}
+
+#[test]
+fn a_delete_waiting_on_a_hung_pull_blocks_no_other_department() {
+    // A "registry" that accepts connections and never answers: the pull of
+    // its image hangs until docker.pull_timeout.
+    let registry = hold_port(42119);
+    let d = TestDaemon::start(TestOptions {
+        name: "hung",
+        port_range: (42110, 42118),
+        extra_toml: "[docker]\npull_timeout = \"10m\"\n".into(),
+        ..Default::default()
+    });
+    let (hung, other) = (d.dept("a"), d.dept("b"));
+    apply_and_wait(&d, std::slice::from_ref(&other), |id| {
+        spec_toml(id, IMAGE_V1, "")
+    });
+    let other_before = container_id(&container(&other)).expect("container of b");
+    d.write_spec(&hung, &spec_toml(&hung, "127.0.0.1:42119/fleet/hang:1", ""));
+    d.agentctl_ok(&[
+        "apply",
+        "-f",
+        d.specs_dir().join(format!("{hung}.toml")).to_str().unwrap(),
+    ]);
+    wait_until(UP, "the hung department to be pulling", || {
+        d.summary(&hung).is_some_and(|r| r["state"] == "pulling")
+    });
+
+    // The delete waits for the department task, busy in its pull.
+    let socket = d.socket.clone();
+    let hung_id = hung.clone();
+    let _delete = std::thread::spawn(move || {
+        std::process::Command::new(bin_dir().join("agentctl"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(["delete", &hung_id])
+            .output()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let runs_before = metric(&d, "fleet_agent_reconcile_runs_total").expect("reconcile runs");
+
+    let started = std::time::Instant::now();
+    d.agentctl_ok(&["restart", &other]);
+    let took = started.elapsed();
+    eprintln!("restart of another department during the hung delete: {took:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "`agentctl restart` of another department took {took:?} while a delete waited on a pull"
+    );
+    d.wait_running(&other, UP);
+    assert_eq!(
+        container_id(&container(&other)).as_deref(),
+        Some(other_before.as_str()),
+        "restart keeps the container"
+    );
+    wait_until(RESYNC, "the resync loop to keep running", || {
+        metric(&d, "fleet_agent_reconcile_runs_total").is_some_and(|n| n >= runs_before + 3.0)
+    });
+    // Applies of other departments do not wait for the delete either.
+    let third = d.dept("c");
+    let third_file = d.write_spec(&third, &spec_toml(&third, IMAGE_V1, ""));
+    let started = std::time::Instant::now();
+    d.apply(&third_file);
+    let took = started.elapsed();
+    eprintln!("apply of another department during the hung delete: {took:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "`agentctl apply` of another department took {took:?} while a delete waited on a pull"
+    );
+    d.wait_running(&third, UP);
+    // The department being deleted cannot be applied meanwhile.
+    let again = d.agentctl(&[
+        "apply",
+        "-f",
+        d.specs_dir().join(format!("{hung}.toml")).to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && stderr.contains("being deleted"),
+        "re-applying a department under deletion must be refused: {stderr}"
+    );
+    for beat in ["event", "resync"] {
+        let age = metric(
+            &d,
+            &format!("fleet_agent_loop_heartbeat_age_seconds{{loop=\"{beat}\"}}"),
+        )
+        .expect("heartbeat metric");
+        assert!(
+            age < 5.0,
+            "the {beat} loop's heartbeat is {age}s old during the delete"
+        );
+    }
+    drop(registry);
+}
+
+/// How a test loses the daemon's store between a kill -9 and the restart.
+#[derive(Clone, Copy, Debug)]
+enum Loss {
+    Garbage,
+    Deleted,
+}
+
+fn lose_state(d: &TestDaemon, loss: Loss) {
+    let db = d.dir().join("state").join("state.db");
+    match loss {
+        Loss::Garbage => {
+            let garbage: Vec<u8> = (0..16_384u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+                .collect();
+            // Into the WAL too: after a kill -9 it still holds the newest
+            // pages (page 1 included), from which SQLite alone would recover.
+            let wal = format!("{}-wal", db.display());
+            if std::path::Path::new(&wal).exists() {
+                fs::write(&wal, &garbage).unwrap();
+            }
+            fs::write(&db, garbage).unwrap();
+        }
+        Loss::Deleted => {
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = fs::remove_file(format!("{}{suffix}", db.display()));
+            }
+        }
+    }
+}
+
+fn node_json(d: &TestDaemon) -> Value {
+    let reply = d.api_get("/v1/node").expect("GET /v1/node");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    fleet_tests::serde_json::from_str(&reply.body).unwrap()
+}
+
+/// After each loss: every department back on the same container and port,
+/// the loss reported in /v1/node, /metrics and `agentctl doctor`.
+fn assert_rebuilt(
+    d: &TestDaemon,
+    ids: &[String],
+    before: &BTreeMap<String, (String, u16)>,
+    loss: Loss,
+) {
+    for id in ids {
+        let row = d.wait_running(id, UP);
+        let (docker_id, port) = &before[id];
+        assert_eq!(host_port(&row), *port, "{loss:?}: {id} changed port");
+        assert_eq!(
+            &assert_container_matches(d, id, &row),
+            docker_id,
+            "{loss:?}: {id} was replaced"
+        );
+    }
+    let rebuilt = &node_json(d)["state_rebuilt"];
+    let reason = match loss {
+        Loss::Garbage => "corrupt",
+        Loss::Deleted => "missing",
+    };
+    assert_eq!(
+        rebuilt["reason"], reason,
+        "{loss:?}: /v1/node says {rebuilt}"
+    );
+    assert_eq!(
+        metric(
+            d,
+            &format!("fleet_agent_state_rebuilt{{reason=\"{reason}\"}}")
+        ),
+        Some(1.0)
+    );
+    let doctor = d.agentctl(&["doctor"]);
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert!(
+        !doctor.status.success() && text.contains("state.db"),
+        "{loss:?}: doctor must fail naming state.db:\n{text}"
+    );
+    if let Loss::Garbage = loss {
+        let kept = rebuilt["moved_to"].as_str().expect("moved_to").to_string();
+        assert!(
+            std::path::Path::new(&kept).exists() && kept.contains("state.db.corrupt-"),
+            "the unreadable file is kept: {kept}"
+        );
+    }
+}
+
+#[test]
+fn a_lost_or_garbage_state_db_after_kill9_adopts_every_container() {
+    let mut d = daemon("lost", (42120, 42129));
+    let ids: Vec<String> = (1..=3).map(|i| d.dept(&format!("d{i}"))).collect();
+    // One explicit host_port (its own container holds it when the store is
+    // gone) and one secret (it lives in the container's env, not a label).
+    let rows = apply_and_wait(&d, &ids, |id| {
+        if id.ends_with("d1") {
+            spec_toml(id, IMAGE_V1, "host_port = 42129")
+        } else if id.ends_with("d2") {
+            spec_toml(id, IMAGE_V1, "[secrets]\nDB_PASSWORD = \"canary-lost-1\"")
+        } else {
+            spec_toml(id, IMAGE_V1, "")
+        }
+    });
+    let before: BTreeMap<String, (String, u16)> = ids
+        .iter()
+        .map(|id| {
+            (
+                id.clone(),
+                (
+                    assert_container_matches(&d, id, &rows[id]),
+                    host_port(&rows[id]),
+                ),
+            )
+        })
+        .collect();
+    let events = d.docker_events();
+    for loss in [Loss::Garbage, Loss::Deleted] {
+        d.kill9();
+        lose_state(&d, loss);
+        d.restart();
+        assert_rebuilt(&d, &ids, &before, loss);
+    }
+    std::thread::sleep(QUIET);
+    assert_no_lifecycle(
+        &events.finish(),
+        "a lost state.db must be rebuilt from labels, not by recreating containers",
+    );
+    let labels = container_labels(&inspect(&container(&ids[1])).unwrap());
+    assert!(
+        !labels.to_string().contains("canary-lost-1"),
+        "a secret reached a label: {labels}"
+    );
+}
+
+#[test]
+fn coordinator_away_and_state_db_lost_keeps_every_container() {
+    use fleet_tests::coordinator::StubCoordinator;
+    let mut stub = StubCoordinator::start();
+    let mut d = TestDaemon::start(TestOptions {
+        name: "lostc",
+        port_range: (42130, 42139),
+        extra_toml: format!(
+            "[coordinator]\nurl = \"{}\"\npoll_interval = \"1s\"\n",
+            stub.url()
+        ),
+        ..Default::default()
+    });
+    let ids: Vec<String> = (1..=2).map(|i| d.dept(&format!("d{i}"))).collect();
+    let departments: Vec<Value> = ids
+        .iter()
+        .map(|id| {
+            fleet_tests::serde_json::json!({
+                "id": id,
+                "image": IMAGE_V1,
+                "secrets": {"API_KEY": format!("canary-{id}")},
+                "health": {"path": "/health", "interval": "1s", "timeout": "500ms", "retries": 3, "start_period": "0s"},
+                "restart": {"stop_timeout": "5s"},
+            })
+        })
+        .collect();
+    stub.set_document(&d.node_id, 1, Value::Array(departments));
+    let before: BTreeMap<String, (String, u16)> = ids
+        .iter()
+        .map(|id| {
+            let row = d.wait_running(id, UP);
+            (
+                id.clone(),
+                (assert_container_matches(&d, id, &row), host_port(&row)),
+            )
+        })
+        .collect();
+    stub.go_away();
+    let events = d.docker_events();
+    for loss in [Loss::Garbage, Loss::Deleted] {
+        d.kill9();
+        lose_state(&d, loss);
+        d.restart();
+        assert_rebuilt(&d, &ids, &before, loss);
+        // Several resyncs with the coordinator still away: nothing removed.
+        std::thread::sleep(QUIET);
+        for id in &ids {
+            assert!(container_running(&container(id)), "{loss:?}: {id} is gone");
+        }
+    }
+    assert_no_lifecycle(
+        &events.finish(),
+        "with the coordinator away, a lost store must keep every container as it is",
+    );
+    let env = container_env(&inspect(&container(&ids[0])).unwrap());
+    assert!(env
+        .iter()
+        .any(|e| e == &format!("API_KEY=canary-{}", ids[0])));
+}
+
+#[test]
+fn renaming_a_department_onto_its_own_port_in_one_document_works() {
+    let d = daemon("renm", (42140, 42144));
+    let (old, new) = (d.dept("old"), d.dept("new"));
+    let row = apply_and_wait(&d, std::slice::from_ref(&old), |id| {
+        spec_toml(id, IMAGE_V1, "host_port = 42149")
+    })
+    .remove(&old)
+    .unwrap();
+    assert_eq!(host_port(&row), 42149);
+    // One document: `old` gone, `new` on the port `old`'s container holds.
+    fs::remove_file(d.specs_dir().join(format!("{old}.toml"))).unwrap();
+    d.write_spec(&new, &spec_toml(&new, IMAGE_V1, "host_port = 42149"));
+    d.agentctl_ok(&["apply", "--prune", "-f", d.specs_dir().to_str().unwrap()]);
+    let row = d.wait_running(&new, UP);
+    assert_eq!(host_port(&row), 42149);
+    assert!(
+        !container_exists(&container(&old)),
+        "the renamed department's old container is left"
+    );
+    assert!(d.summary(&old).is_none());
+    wait_health_ok(42149);
+}
+
+#[test]
+fn a_same_named_container_of_another_node_is_never_touched() {
+    let d = daemon("foreign", (42150, 42159));
+    let id = d.dept("a");
+    // `aio-<id>` with the department label right, the node label not ours.
+    let foreign = TestContainer::run(
+        "some-other-node",
+        &container(&id),
+        &[
+            "--label",
+            "fleet-agent.managed=true",
+            "--label",
+            &format!("fleet-agent.department={id}"),
+            "--label",
+            "fleet-agent.spec-hash=0000",
+            IMAGE_V1,
+        ],
+    );
+    d.write_spec(&id, &spec_toml(&id, IMAGE_V1, ""));
+    d.apply(&d.specs_dir());
+    std::thread::sleep(QUIET);
+    let c = foreign.inspect();
+    assert_eq!(
+        c["State"]["Running"], true,
+        "the other node's container was stopped"
+    );
+    assert_eq!(
+        c["State"]["StartedAt"],
+        inspect(&foreign.id).unwrap()["State"]["StartedAt"]
+    );
+    let row = d.summary(&id).expect("status row");
+    assert_ne!(
+        row["state"], "running",
+        "it adopted another node's container: {row}"
+    );
+    assert!(
+        row["container_id"].is_null()
+            || !foreign
+                .id
+                .starts_with(row["container_id"].as_str().unwrap_or("-")),
+        "status claims the other node's container: {row}"
+    );
+    d.agentctl_ok(&["delete", &id]);
+    assert!(
+        container_running(&foreign.id),
+        "deleting the department removed another node's container"
+    );
+}
+
+#[test]
+fn no_container_is_removed_as_an_orphan_before_the_first_sync() {
+    use fleet_tests::coordinator::StubCoordinator;
+    let mut stub = StubCoordinator::start();
+    stub.go_away();
+    let d = TestDaemon::start(TestOptions {
+        name: "orphan",
+        port_range: (42160, 42169),
+        extra_toml: format!(
+            "[coordinator]\nurl = \"{}\"\npoll_interval = \"1s\"\n",
+            stub.url()
+        ),
+        ..Default::default()
+    });
+    // A managed container of this node that no store and no label explains
+    // (as one made by an older build, without fleet-agent.spec).
+    let id = d.dept("old");
+    let old = TestContainer::run(
+        &d.node_id,
+        &container(&id),
+        &[
+            "--label",
+            "fleet-agent.managed=true",
+            "--label",
+            &format!("fleet-agent.department={id}"),
+            "--label",
+            "fleet-agent.role=primary",
+            IMAGE_V1,
+        ],
+    );
+    // Several resyncs (1s) with the coordinator away: the node does not know
+    // its desired state yet, so nothing may go.
+    std::thread::sleep(QUIET);
+    assert!(
+        container_running(&old.id),
+        "a container was removed as an orphan before any desired state was known"
+    );
+    // The coordinator's document (without that department) applies: now it goes.
+    stub.come_back();
+    stub.set_document(&d.node_id, 1, Value::Array(vec![]));
+    wait_until(
+        RESYNC,
+        "the orphan to be removed after the first sync",
+        || !container_exists(&old.id),
+    );
 }

@@ -87,6 +87,31 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
                     },
                 });
             }
+            if let Some(r) = &node.state_rebuilt {
+                checks.push(Check {
+                    name: "state",
+                    ok: false,
+                    detail: format!(
+                        "at start state.db was {}{}, so the daemon rebuilt the node from Docker's labels ({} department(s) recovered{}); operator stops and restart history from before are gone. Check the departments with `agentctl status`{}; this clears at the next daemon restart",
+                        if r.reason == "corrupt" { "unreadable" } else { "missing" },
+                        r.moved_to
+                            .as_deref()
+                            .map(|p| format!(" (kept as {p})"))
+                            .unwrap_or_default(),
+                        r.recovered.len(),
+                        if r.not_recovered.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; left as they are: {}", r.not_recovered.join("; "))
+                        },
+                        if r.moved_to.is_some() {
+                            ", then inspect or delete the kept file"
+                        } else {
+                            ""
+                        }
+                    ),
+                });
+            }
             if let Some(c) = &node.coordinator {
                 checks.push(coordinator_check(c, config.as_ref()));
                 if let Some(r) = &c.last_refusal {

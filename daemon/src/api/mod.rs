@@ -6,6 +6,7 @@
 pub mod tcp;
 pub mod unix;
 
+use crate::snapshot::{NodeSnapshot, Sources};
 use crate::supervisor::board::DeptView;
 use crate::supervisor::department::OperatorCommand;
 use crate::supervisor::{Supervisor, SupervisorError};
@@ -17,8 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use fleet_model::api::{
-    ApplyRequest, CoordinatorStatus, DepartmentDetail, DepartmentSummary, ErrorBody, EventPage,
-    NodeStatus, PortLease,
+    ApplyRequest, DepartmentDetail, DepartmentSummary, ErrorBody, EventPage, PortLease,
 };
 use fleet_model::spec::FieldError;
 use fleet_model::DepartmentSpec;
@@ -39,27 +39,9 @@ pub enum Caller {
     Denied,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Mode {
-    Standalone,
-    Coordinator,
-}
+pub use crate::snapshot::{Mode, SyncStatus};
 
-/// Status the coordinator client publishes for `/v1/node`.
-#[derive(Debug, Clone, Default)]
-pub struct SyncStatus {
-    pub applied_revision: Option<i64>,
-    pub coordinator: Option<CoordinatorStatus>,
-    /// Standalone mode: the last load of the spec directories (`desired.rs`).
-    pub desired_state: Option<fleet_model::api::DesiredStateStatus>,
-}
-
-/// A subsystem's contribution to `/metrics` (WAL, coordinator): appends whole
-/// families (`# HELP`, `# TYPE`, samples) under `fleet_agent_<subsystem>_`.
-/// Push one onto `ApiState::extra_metrics` at start-up; `/metrics` calls each
-/// after the daemon's own families, so it must be cheap and never wait.
-pub type MetricsSource = Arc<dyn Fn(&mut String) + Send + Sync>;
+pub use crate::metrics::MetricsSource;
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -113,6 +95,7 @@ impl IntoResponse for ApiError {
             ApiError::Supervisor(SupervisorError::Gone(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, vec![])
             }
+            ApiError::Supervisor(SupervisorError::Deleting(_)) => (StatusCode::CONFLICT, vec![]),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, vec![]),
             ApiError::Invalid { fields, .. } => (StatusCode::UNPROCESSABLE_ENTITY, fields),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, vec![]),
@@ -349,45 +332,25 @@ pub fn summary(id: &str, view: &DeptView) -> DepartmentSummary {
     }
 }
 
-pub fn node_status(state: &ApiState) -> NodeStatus {
-    let shared = &state.supervisor.shared;
-    let board = shared.board.all();
-    let mut states = std::collections::BTreeMap::new();
-    for view in board.values() {
-        *states.entry(view.state.as_str().to_string()).or_insert(0) += 1;
+impl ApiState {
+    /// The handles the read model is taken from.
+    pub fn sources(&self) -> Sources {
+        Sources {
+            supervisor: self.supervisor.clone(),
+            started: self.started,
+            mode: self.mode,
+            sync: self.sync.clone(),
+            host: self.host.clone(),
+        }
     }
-    // What admission compares with the budget below: the reservations.
-    let admission = crate::admission::Node::of(&shared.config, shared.host_memory_bytes);
-    let committed = board
-        .values()
-        .map(|v| crate::admission::counted(&v.spec, &admission).0)
-        .fold(0u64, u64::saturating_add);
-    let sync = state.sync.read().map(|s| s.clone()).unwrap_or_default();
-    NodeStatus {
-        node_id: shared.node_id.clone(),
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        uptime_seconds: state.started.elapsed().as_secs(),
-        mode: match state.mode {
-            Mode::Standalone => "standalone".into(),
-            Mode::Coordinator => "coordinator".into(),
-        },
-        docker_reachable: shared.docker_up.load(std::sync::atomic::Ordering::Relaxed),
-        departments: board.len(),
-        max_departments: shared.config.max_departments,
-        memory_limit_bytes: shared
-            .host_memory_bytes
-            .saturating_sub(shared.config.reserved_memory.bytes()),
-        memory_committed_bytes: committed,
-        host: state.host.snapshot(),
-        applied_revision: sync.applied_revision,
-        coordinator: sync.coordinator,
-        states,
-        desired_state: sync.desired_state,
+
+    pub fn snapshot(&self) -> NodeSnapshot {
+        NodeSnapshot::take(&self.sources())
     }
 }
 
 async fn node(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    let mut status = node_status(&state);
+    let mut status = state.snapshot().node_status();
     // Uptime and the host sample drift every few seconds; a weak ETag over
     // everything else lets a poller get `304` until something it acts on
     // (departments, capacity, revision, coordinator sync) changes. The tag is
@@ -522,7 +485,7 @@ async fn events(
 }
 
 async fn ports(State(state): State<ApiState>) -> Json<Vec<PortLease>> {
-    let (pool, bind) = state.supervisor.port_table().await;
+    let (pool, bind) = state.supervisor.port_table();
     let leases = pool.leases().clone();
     let mut out: Vec<PortLease> = (pool.low..=pool.high)
         .map(|port| match leases.get(&port) {
@@ -562,7 +525,7 @@ async fn usage(State(state): State<ApiState>) -> Json<Vec<fleet_model::api::Depa
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
-    let mut text = crate::metrics::render(&state);
+    let mut text = crate::metrics::render(&state.snapshot(), &state.usage);
     if let Ok(extra) = state.extra_metrics.read() {
         for render in extra.iter() {
             render(&mut text);
@@ -621,7 +584,7 @@ async fn apply_specs(
         // departments are not the apply's to remove, so they stay as they run.
         let given: std::collections::BTreeSet<String> =
             specs.iter().map(|s| s.id.clone()).collect();
-        for running in state.supervisor.specs().await {
+        for running in state.supervisor.specs() {
             if !given.contains(&running.id) && hand_written(&sources, &running.id)?.is_some() {
                 specs.push(running);
             }

@@ -1,8 +1,18 @@
 //! The supervisor: owns the set of departments on this node. Node-wide decisions
-//! (validation of a whole desired state, capacity, port leases) happen here under
-//! one lock; everything about one department is a message to its own task
-//! (`department.rs`). Two background loops feed those tasks: the Docker event
-//! stream (react at once) and the periodic resync (catch what events missed).
+//! (validation of a whole desired state, capacity, port leases) are made whole
+//! before anything changes; everything about one department is a message to its
+//! own task (`department.rs`). Two background loops feed those tasks: the Docker
+//! event stream (react at once) and the periodic resync (catch what events
+//! missed).
+//!
+//! Locking: one registry (department id -> mailbox, applied spec; the port
+//! pool) behind a std `Mutex` that is only ever held for map operations, never
+//! across an await. Desired-state changes are decided under `changes`, an
+//! async gate that the event loop, the resync loop, operator commands, readers
+//! and the watchdog never take. An operator's delete marks its department
+//! under the gate and waits for the task without it; only the deletions of an
+//! `apply(prune)` are awaited under the gate (a department renamed onto its
+//! own port must not start before the old container is gone).
 
 pub mod board;
 pub mod department;
@@ -10,8 +20,9 @@ pub mod probe;
 
 use crate::events::EventLog;
 use crate::ports::{port_busy, PortPool};
+use crate::recovery::{SpecCatalog, SpecLabels};
 use crate::runtime::{ContainerRuntime, RuntimeEvent};
-use crate::store::Store;
+use crate::store::{Origin, Store, StoredDepartment};
 use board::Board;
 use department::{DeptActor, DeptError, DeptInit, DeptMsg, OperatorCommand};
 use fleet_model::api::ApplyReport;
@@ -23,7 +34,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{oneshot, Mutex, Semaphore};
+use tokio::sync::{oneshot, Notify, Semaphore};
 
 /// What every department task shares: read-mostly handles, no department state.
 pub struct Shared {
@@ -100,6 +111,8 @@ pub struct Counters {
     pub reconcile_seconds_micros: AtomicU64,
     pub event_stream_reconnects: AtomicU64,
     pub docker_events: AtomicU64,
+    /// Docker events not handed to a department because its mailbox was full.
+    pub events_dropped: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,28 +127,45 @@ pub enum SupervisorError {
     Store(#[from] crate::store::StoreError),
     #[error("the department task of `{0}` is gone; the daemon is shutting down")]
     Gone(String),
+    #[error("department `{0}` is being deleted; try again once that delete has finished")]
+    Deleting(String),
 }
 
 struct Handle {
     tx: tokio::sync::mpsc::Sender<DeptMsg>,
     spec: DepartmentSpec,
     task: tokio::task::JoinHandle<()>,
+    /// An operator's delete is under way (see `Supervisor::delete`): the
+    /// department keeps its lease and counts until its container is gone.
+    deleting: bool,
 }
 
+/// The one registry: what runs here and on which port. Held only for map
+/// operations (never across an await), so the event loop and the resync see a
+/// department applied at run time at once.
 struct Registry {
     pool: PortPool,
     departments: BTreeMap<String, Handle>,
 }
 
-/// Department id -> its task's mailbox, for the event loop and the resync, which
-/// must not wait behind a long apply holding the registry lock.
-type Routes = Arc<std::sync::RwLock<BTreeMap<String, tokio::sync::mpsc::Sender<DeptMsg>>>>;
-
 #[derive(Clone)]
 pub struct Supervisor {
     pub shared: Arc<Shared>,
-    registry: Arc<Mutex<Registry>>,
-    routes: Routes,
+    registry: Arc<std::sync::Mutex<Registry>>,
+    /// Serializes desired-state changes (apply, delete); see the module header.
+    changes: Arc<tokio::sync::Mutex<()>>,
+    /// Wakes the resync loop for a pass now (Docker came back).
+    resync_now: Arc<Notify>,
+    pub heartbeat: Arc<crate::systemd::Heartbeat>,
+    /// Set once a desired state has been applied since start (standalone: the
+    /// departments directory; coordinator mode: a document or a `304`). Until
+    /// then the resync removes no container as an orphan: after a lost store
+    /// the department set is not known yet.
+    desired_applied: Arc<AtomicBool>,
+    /// The specs handed to department tasks, for the `fleet-agent.spec` label.
+    catalog: Arc<SpecCatalog>,
+    /// What this run rebuilt from Docker's labels, when the store was lost.
+    pub state_rebuilt: Option<fleet_model::api::StateRebuilt>,
 }
 
 impl Supervisor {
@@ -153,6 +183,9 @@ impl Supervisor {
             .parsed_range()
             .map_err(|m| SupervisorError::Invalid(vec![FieldError::new("ports.range", m)]))?;
         let leases = store.leases()?;
+        let catalog = Arc::new(SpecCatalog::default());
+        let runtime: Arc<dyn ContainerRuntime> =
+            Arc::new(SpecLabels::new(runtime, catalog.clone()));
         let shared = Arc::new(Shared {
             node_id: config.node_id(),
             bind: config.ports.bind,
@@ -174,10 +207,12 @@ impl Supervisor {
             pool: PortPool::new(low, high, leases),
             departments: BTreeMap::new(),
         };
+        let mut stored_departments = store.departments()?;
+        let state_rebuilt =
+            rebuild_from_labels(&shared, &mut registry.pool, &mut stored_departments).await?;
         // Departments that already hold a lease keep it; of the others, those
         // naming an explicit host_port are placed before those taking a pool
         // port, so a pool department never takes a port another spec names.
-        let mut stored_departments = store.departments()?;
         stored_departments.sort_by_key(|s| {
             (
                 registry.pool.lease_of(&s.spec.id).is_none(),
@@ -209,6 +244,10 @@ impl Supervisor {
                 },
             };
             let restarts = restarts_by_reason(&store, &id);
+            catalog.register(&stored.spec, port);
+            if let Some(previous) = &stored.previous {
+                catalog.register(previous, port);
+            }
             let (tx, task) = DeptActor::spawn(
                 shared.clone(),
                 DeptInit {
@@ -226,28 +265,41 @@ impl Supervisor {
                     tx,
                     spec: stored.spec,
                     task,
+                    deleting: false,
                 },
             );
         }
-        let routes: Routes = Arc::new(std::sync::RwLock::new(
-            registry
-                .departments
-                .iter()
-                .map(|(id, h)| (id.clone(), h.tx.clone()))
-                .collect(),
-        ));
         Ok(Self {
             shared,
-            registry: Arc::new(Mutex::new(registry)),
-            routes,
+            registry: Arc::new(std::sync::Mutex::new(registry)),
+            changes: Arc::new(tokio::sync::Mutex::new(())),
+            resync_now: Arc::new(Notify::new()),
+            heartbeat: Arc::new(crate::systemd::Heartbeat::default()),
+            desired_applied: Arc::new(AtomicBool::new(false)),
+            catalog,
+            state_rebuilt,
         })
     }
 
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        // Every change to the registry is a plain map operation that cannot
+        // leave it half-done, so a poisoned lock is still consistent.
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn spawn_background(&self) -> Vec<tokio::task::JoinHandle<()>> {
-        vec![
+        let mut tasks = vec![
             tokio::spawn(self.clone().event_loop()),
             tokio::spawn(self.clone().resync_loop()),
-        ]
+        ];
+        if let Some(interval) = crate::systemd::watchdog_interval() {
+            tasks.push(tokio::spawn(crate::systemd::feed_watchdog(
+                self.heartbeat.clone(),
+                interval,
+                self.shared.config.resync_interval,
+            )));
+        }
+        tasks
     }
 
     /// Applies a set of specs as one: validated whole (ids, capacity, ports)
@@ -257,7 +309,22 @@ impl Supervisor {
         specs: Vec<DepartmentSpec>,
         prune: bool,
     ) -> Result<ApplyReport, SupervisorError> {
-        let mut registry = self.registry.lock().await;
+        let _gate = self.changes.lock().await;
+        let (current, current_pool, deleting) = {
+            let registry = self.registry();
+            let current: BTreeMap<String, DepartmentSpec> = registry
+                .departments
+                .iter()
+                .map(|(id, h)| (id.clone(), h.spec.clone()))
+                .collect();
+            let deleting: BTreeSet<String> = registry
+                .departments
+                .iter()
+                .filter(|(_, h)| h.deleting)
+                .map(|(id, _)| id.clone())
+                .collect();
+            (current, registry.pool.clone(), deleting)
+        };
         let mut problems = Vec::new();
         let mut seen = BTreeSet::new();
         for (i, spec) in specs.iter().enumerate() {
@@ -268,6 +335,12 @@ impl Supervisor {
                         .map(|e| FieldError::new(prefixed(&spec.id, i, &e.field), e.message)),
                 );
             }
+            if deleting.contains(&spec.id) {
+                problems.push(FieldError::new(
+                    prefixed(&spec.id, i, "id"),
+                    SupervisorError::Deleting(spec.id.clone()).to_string(),
+                ));
+            }
             if !seen.insert(spec.id.clone()) {
                 problems.push(FieldError::new(
                     prefixed(&spec.id, i, "id"),
@@ -275,15 +348,16 @@ impl Supervisor {
                 ));
             }
         }
-        // The node after this apply.
+        // The node after this apply. A department an operator is deleting
+        // still runs (and counts) until its container is gone.
         let mut next: BTreeMap<String, DepartmentSpec> = if prune {
-            BTreeMap::new()
-        } else {
-            registry
-                .departments
+            current
                 .iter()
-                .map(|(id, h)| (id.clone(), h.spec.clone()))
+                .filter(|(id, _)| deleting.contains(*id))
+                .map(|(id, spec)| (id.clone(), spec.clone()))
                 .collect()
+        } else {
+            current.clone()
         };
         for spec in &specs {
             next.insert(spec.id.clone(), spec.clone());
@@ -303,37 +377,34 @@ impl Supervisor {
         if let Err(mut memory) = crate::admission::admit(next.values(), changing, &node) {
             problems.append(&mut memory);
         }
-        // Ports, decided on a copy so a refusal changes nothing.
-        let mut pool = registry.pool.clone();
-        for id in registry.departments.keys() {
-            if !next.contains_key(id) {
-                pool.release(id);
-            }
-        }
-        let bind = self.shared.bind;
-        let mut ports = BTreeMap::new();
-        let mut clean: Vec<&DepartmentSpec> = specs
+        let removed: Vec<String> = current
+            .keys()
+            .filter(|id| !next.contains_key(*id))
+            .cloned()
+            .collect();
+        // Ports, decided on a copy so a refusal changes nothing (ports.rs).
+        let wanted: Vec<(String, Option<u16>)> = specs
             .iter()
             .filter(|s| problems_free(&problems, &s.id))
+            .map(|s| (s.id.clone(), s.host_port))
             .collect();
-        // Explicit host_ports first: otherwise a pool department earlier in
-        // the list could take the lowest free port that a later spec names,
-        // and that spec would be refused for a port nobody asked for.
-        clean.sort_by_key(|s| s.host_port.is_none());
-        for spec in clean {
-            match pool.assign(&spec.id, spec.host_port, |p| port_busy(bind, p)) {
-                Ok(port) => {
-                    ports.insert(spec.id.clone(), port);
-                }
-                Err(e) => problems.push(FieldError::new(
-                    if spec.host_port.is_some() {
-                        format!("{}.host_port", spec.id)
-                    } else {
-                        "ports.range".to_string()
-                    },
-                    e.to_string(),
-                )),
-            }
+        let bind = self.shared.bind;
+        let (mut pool, ports, refused) = crate::ports::plan(
+            &current_pool,
+            &wanted,
+            |d| next.contains_key(d),
+            &removed,
+            |p| port_busy(bind, p),
+        );
+        for (id, explicit, e) in refused {
+            problems.push(FieldError::new(
+                if explicit {
+                    format!("{id}.host_port")
+                } else {
+                    "ports.range".to_string()
+                },
+                e.to_string(),
+            ));
         }
         if !problems.is_empty() {
             self.shared.events.record(
@@ -354,101 +425,140 @@ impl Supervisor {
             unchanged: vec![],
             deleted: vec![],
         };
-        let removed: Vec<String> = registry
-            .departments
-            .keys()
-            .filter(|id| !next.contains_key(*id))
-            .cloned()
-            .collect();
         for id in removed {
-            self.delete_locked(&mut registry, &id).await?;
+            self.delete_department(&id).await?;
             report.deleted.push(id);
         }
-        registry.pool = pool;
+        {
+            // Leases of departments whose delete finished meanwhile go too.
+            let mut registry = self.registry();
+            let departments = &registry.departments;
+            pool.retain_departments(|d| ports.contains_key(d) || departments.contains_key(d));
+            registry.pool = pool;
+        }
         for spec in specs {
             let id = spec.id.clone();
             let port = ports.get(&id).copied().unwrap_or_default();
             self.shared.store.put_spec(&spec)?;
             self.shared.store.set_lease(&id, port)?;
-            match registry.departments.get_mut(&id) {
-                Some(handle) if handle.spec == spec => report.unchanged.push(id),
-                Some(handle) => {
-                    handle.spec = spec.clone();
+            // Decided under the lock, carried out after it: a full mailbox
+            // (a wedged department) must not hold the registry.
+            let send = {
+                let mut registry = self.registry();
+                let result = match registry.departments.get_mut(&id) {
+                    Some(handle) if handle.spec == spec => {
+                        self.catalog.register(&spec, port);
+                        report.unchanged.push(id.clone());
+                        None
+                    }
+                    Some(handle) => {
+                        handle.spec = spec.clone();
+                        self.catalog.register(&spec, port);
+                        report.updated.push(id.clone());
+                        Some((handle.tx.clone(), spec))
+                    }
+                    None => {
+                        self.catalog.register(&spec, port);
+                        let (tx, task) = DeptActor::spawn(
+                            self.shared.clone(),
+                            DeptInit {
+                                spec: spec.clone(),
+                                previous: None,
+                                port,
+                                desired_running: true,
+                                failed_hash: None,
+                                restarts_by_reason: BTreeMap::new(),
+                            },
+                        );
+                        registry.departments.insert(
+                            id.clone(),
+                            Handle {
+                                tx,
+                                spec,
+                                task,
+                                deleting: false,
+                            },
+                        );
+                        report.created.push(id.clone());
+                        None
+                    }
+                };
+                result
+            };
+            match send {
+                Some((tx, spec)) => {
                     self.shared
                         .events
                         .record(Some(&id), "spec_applied", None, "new spec applied");
-                    let _ = handle
-                        .tx
+                    // Under the gate only (applies stay in order); it waits only
+                    // when the department's mailbox (256) is full.
+                    let _ = tx
                         .send(DeptMsg::SetSpec {
                             spec: Box::new(spec),
                             host_port: port,
                         })
                         .await;
-                    report.updated.push(id);
                 }
-                None => {
-                    self.shared.events.record(
-                        Some(&id),
-                        "spec_applied",
-                        None,
-                        &format!("new department on port {port}"),
-                    );
-                    let (tx, task) = DeptActor::spawn(
-                        self.shared.clone(),
-                        DeptInit {
-                            spec: spec.clone(),
-                            previous: None,
-                            port,
-                            desired_running: true,
-                            failed_hash: None,
-                            restarts_by_reason: BTreeMap::new(),
-                        },
-                    );
-                    registry
-                        .departments
-                        .insert(id.clone(), Handle { tx, spec, task });
-                    report.created.push(id);
-                }
+                None if report.created.last() == Some(&id) => self.shared.events.record(
+                    Some(&id),
+                    "spec_applied",
+                    None,
+                    &format!("new department on port {port}"),
+                ),
+                None => {}
             }
         }
+        self.desired_applied.store(true, Ordering::Relaxed);
         Ok(report)
     }
 
+    /// An operator's delete. Marked under the gate, then carried out without
+    /// it: the department's task may take up to its stop timeout (or, busy in
+    /// a pull, longer), and applies of other departments must not wait for
+    /// that. Until it is done the department keeps its lease and its place in
+    /// the count, and an apply naming it is refused.
     pub async fn delete(&self, id: &str) -> Result<(), SupervisorError> {
-        let mut registry = self.registry.lock().await;
-        if !registry.departments.contains_key(id) {
-            return Err(SupervisorError::UnknownDepartment(id.to_string()));
+        {
+            let _gate = self.changes.lock().await;
+            let mut registry = self.registry();
+            match registry.departments.get_mut(id) {
+                None => return Err(SupervisorError::UnknownDepartment(id.to_string())),
+                Some(h) if h.deleting => return Err(SupervisorError::Deleting(id.to_string())),
+                Some(h) => h.deleting = true,
+            }
         }
-        self.delete_locked(&mut registry, id).await
+        let result = self.delete_department(id).await;
+        if result.is_err() {
+            if let Some(h) = self.registry().departments.get_mut(id) {
+                h.deleting = false;
+            }
+        }
+        result
     }
 
-    async fn delete_locked(
-        &self,
-        registry: &mut Registry,
-        id: &str,
-    ) -> Result<(), SupervisorError> {
-        let Some(handle) = registry.departments.get(id) else {
+    /// Asks the department's task to remove its container and waits for the
+    /// answer with no registry lock held; then forgets the department.
+    async fn delete_department(&self, id: &str) -> Result<(), SupervisorError> {
+        let Some(tx) = self.registry().departments.get(id).map(|h| h.tx.clone()) else {
             return Ok(());
         };
         let (reply, answer) = oneshot::channel();
-        handle
-            .tx
-            .send(DeptMsg::Delete { reply })
+        tx.send(DeptMsg::Delete { reply })
             .await
             .map_err(|_| SupervisorError::Gone(id.to_string()))?;
         answer
             .await
             .map_err(|_| SupervisorError::Gone(id.to_string()))??;
-        if let Some(handle) = registry.departments.remove(id) {
-            handle.task.abort();
+        {
+            let mut registry = self.registry();
+            if let Some(handle) = registry.departments.remove(id) {
+                handle.task.abort();
+            }
+            registry.pool.release(id);
         }
-        self.routes
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        registry.pool.release(id);
         self.shared.store.delete_department(id)?;
         self.shared.board.remove(id);
+        self.catalog.forget(id);
         Ok(())
     }
 
@@ -457,14 +567,12 @@ impl Supervisor {
         id: &str,
         command: OperatorCommand,
     ) -> Result<String, SupervisorError> {
-        let tx = {
-            let registry = self.registry.lock().await;
-            registry
-                .departments
-                .get(id)
-                .map(|h| h.tx.clone())
-                .ok_or_else(|| SupervisorError::UnknownDepartment(id.to_string()))?
-        };
+        let tx = self
+            .registry()
+            .departments
+            .get(id)
+            .map(|h| h.tx.clone())
+            .ok_or_else(|| SupervisorError::UnknownDepartment(id.to_string()))?;
         let (reply, answer) = oneshot::channel();
         tx.send(DeptMsg::Command { command, reply })
             .await
@@ -474,10 +582,8 @@ impl Supervisor {
             .map_err(|_| SupervisorError::Gone(id.to_string()))??)
     }
 
-    pub async fn specs(&self) -> Vec<DepartmentSpec> {
-        self.registry
-            .lock()
-            .await
+    pub fn specs(&self) -> Vec<DepartmentSpec> {
+        self.registry()
             .departments
             .values()
             .map(|h| h.spec.clone())
@@ -485,32 +591,57 @@ impl Supervisor {
     }
 
     /// Port pool for `agentctl ports`: (port, department) for every pool port.
-    pub async fn port_table(&self) -> (PortPool, IpAddr) {
-        (self.registry.lock().await.pool.clone(), self.shared.bind)
+    pub fn port_table(&self) -> (PortPool, IpAddr) {
+        (self.registry().pool.clone(), self.shared.bind)
+    }
+
+    /// The desired state in force was confirmed (coordinator: a `304`), so
+    /// what no department owns may go.
+    pub fn desired_state_confirmed(&self) {
+        self.desired_applied.store(true, Ordering::Relaxed);
     }
 
     pub async fn shutdown(&self) {
         self.shared.shutdown.store(true, Ordering::Relaxed);
     }
 
-    fn senders(&self) -> BTreeMap<String, tokio::sync::mpsc::Sender<DeptMsg>> {
-        self.routes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    fn sender(&self, department: &str) -> Option<tokio::sync::mpsc::Sender<DeptMsg>> {
+        self.registry()
+            .departments
+            .get(department)
+            .map(|h| h.tx.clone())
+    }
+
+    fn senders(&self) -> Vec<tokio::sync::mpsc::Sender<DeptMsg>> {
+        self.registry()
+            .departments
+            .values()
+            .map(|h| h.tx.clone())
+            .collect()
+    }
+
+    fn known_departments(&self) -> BTreeSet<String> {
+        self.registry().departments.keys().cloned().collect()
     }
 
     /// React to Docker events at once; reconnect with backoff when the engine
     /// goes away, resuming from the last event seen, then resync everything.
+    /// It stamps the heartbeat every second while it waits and never awaits a
+    /// department task (events are handed over with `try_send`).
     async fn event_loop(self) {
         let mut since: Option<i64> = None;
         let mut delay = Duration::from_millis(250);
+        let mut beat = tokio::time::interval(crate::systemd::EVENT_LOOP_BEAT);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.heartbeat.event_loop_alive();
             if self.shared.shutting_down() {
                 return;
             }
-            if self.shared.runtime.ping().await.is_err() {
+            let ping = tokio::time::timeout(Duration::from_secs(5), self.shared.runtime.ping());
+            if !matches!(ping.await, Ok(Ok(()))) {
                 self.set_docker_up(false);
+                self.heartbeat.event_loop_alive();
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
                 continue;
@@ -521,17 +652,24 @@ impl Supervisor {
             let mut stream = self.shared.runtime.events(&self.shared.node_id, since);
             if was_down {
                 // Whatever happened while we were not listening: look at everything.
-                self.resync_once().await;
+                self.resync_now.notify_one();
             }
-            while let Some(item) = stream.next().await {
+            loop {
+                let item = tokio::select! {
+                    item = stream.next() => item,
+                    _ = beat.tick() => {
+                        self.heartbeat.event_loop_alive();
+                        continue;
+                    }
+                };
                 match item {
-                    Ok(RuntimeEvent::Container {
+                    Some(Ok(RuntimeEvent::Container {
                         id,
                         department,
                         action,
                         time_nano,
                         ..
-                    }) => {
+                    })) => {
                         since = Some(time_nano + 1);
                         if action == "oom" {
                             self.shared.oom_events.record(&id);
@@ -540,27 +678,27 @@ impl Supervisor {
                             .counters
                             .docker_events
                             .fetch_add(1, Ordering::Relaxed);
-                        let target = self
-                            .registry
-                            .lock()
-                            .await
-                            .departments
-                            .get(&department)
-                            .map(|h| h.tx.clone());
-                        if let Some(tx) = target {
-                            let _ = tx
-                                .send(DeptMsg::Docker {
-                                    container_id: id,
-                                    action,
-                                    time_nano,
-                                })
-                                .await;
+                        if let Some(tx) = self.sender(&department) {
+                            let message = DeptMsg::Docker {
+                                container_id: id,
+                                action,
+                                time_nano,
+                            };
+                            if tx.try_send(message).is_err() {
+                                // A mailbox of 256 full: the department is wedged
+                                // or gone; the next resync looks at it anyway.
+                                self.shared
+                                    .counters
+                                    .events_dropped
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     }
-                    Err(e) => {
+                    Some(Err(e)) => {
                         tracing::warn!(error = %e, "Docker event stream failed; reconnecting.");
                         break;
                     }
+                    None => break,
                 }
             }
             self.shared
@@ -590,67 +728,80 @@ impl Supervisor {
         }
     }
 
+    /// One pass every `resync_interval` (or at once when the event loop saw
+    /// Docker come back), each bounded by the pass limit so a hung Docker call
+    /// cannot stop the loop; every finished or abandoned pass stamps the
+    /// heartbeat.
     async fn resync_loop(self) {
-        let mut ticker = tokio::time::interval(self.shared.config.resync_interval);
+        let interval = self.shared.config.resync_interval;
+        let limit = crate::systemd::resync_pass_limit(interval);
+        let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            ticker.tick().await;
+            self.heartbeat.resync_alive();
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = self.resync_now.notified() => {}
+            }
             if self.shared.shutting_down() {
                 return;
             }
-            self.resync_once().await;
-            crate::systemd::watchdog();
+            if tokio::time::timeout(limit, self.resync_once())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    limit = %humantime::format_duration(limit),
+                    "A resync pass took longer than its limit (Docker slow?); abandoned, retrying at the next tick."
+                );
+            }
         }
     }
 
-    /// Lists this node's managed containers, removes the ones no department owns,
-    /// and asks every department to compare itself with Docker.
+    /// Lists this node's managed containers, removes the ones no department
+    /// owns (only once a desired state has been applied since start: before
+    /// that, "unknown" may just mean "not loaded yet"), and asks every
+    /// department to compare itself with Docker.
     pub async fn resync_once(&self) {
         let started = std::time::Instant::now();
-        match self.shared.runtime.list(&self.shared.node_id).await {
-            Ok(containers) => {
-                self.set_docker_up(true);
-                let known: BTreeSet<String> = self
-                    .registry
-                    .lock()
-                    .await
-                    .departments
-                    .keys()
-                    .cloned()
-                    .collect();
-                for c in containers {
-                    if !known.contains(&c.department) {
-                        self.shared.events.record(
-                            Some(&c.department),
-                            "orphan_removed",
-                            Some("orphan"),
-                            &format!(
-                                "removing managed container {} of unknown department",
-                                c.name
-                            ),
-                        );
-                        if c.running {
-                            let _ = self
-                                .shared
-                                .runtime
-                                .stop(&c.id, Duration::from_secs(30))
-                                .await;
-                        }
-                        if let Err(e) = self.shared.runtime.remove(&c.id).await {
-                            tracing::warn!(container = %c.name, error = %e, "Could not remove orphan.");
-                        }
-                    }
-                }
-            }
+        let containers = match self.shared.runtime.list(&self.shared.node_id).await {
+            Ok(containers) => containers,
             Err(e) => {
                 tracing::debug!(error = %e, "Resync could not list containers.");
                 self.set_docker_up(false);
                 return;
             }
-        }
-        for tx in self.senders().into_values() {
+        };
+        self.set_docker_up(true);
+        // The departments first: removing an orphan may take a stop timeout,
+        // and a pass cut short at its limit must not have skipped them.
+        for tx in self.senders() {
             // A busy department (mid-update) skips this round rather than block the loop.
             let _ = tx.try_send(DeptMsg::Resync);
+        }
+        if self.desired_applied.load(Ordering::Relaxed) {
+            let known = self.known_departments();
+            for c in containers.iter().filter(|c| !known.contains(&c.department)) {
+                self.shared.events.record(
+                    Some(&c.department),
+                    "orphan_removed",
+                    Some("orphan"),
+                    &format!(
+                        "removing managed container {} of unknown department",
+                        c.name
+                    ),
+                );
+                if c.running {
+                    let _ = self
+                        .shared
+                        .runtime
+                        .stop(&c.id, Duration::from_secs(30))
+                        .await;
+                }
+                if let Err(e) = self.shared.runtime.remove(&c.id).await {
+                    tracing::warn!(container = %c.name, error = %e, "Could not remove orphan.");
+                }
+            }
         }
         self.shared
             .counters
@@ -661,6 +812,148 @@ impl Supervisor {
             .reconcile_seconds_micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
     }
+}
+
+/// After a lost or unreadable store, Docker's labels say what this node ran.
+/// Every primary container of this node whose department the store does not
+/// know gives back its port lease (`fleet-agent.host-port`) and, when its
+/// `fleet-agent.spec` label and environment rebuild a spec with its own spec
+/// hash, the department itself (persisted again, so the next start needs no
+/// labels). Anything else is left running as it is: no container is removed
+/// before a desired state has been applied (see `desired_applied`). Docker
+/// unreachable at start: nothing is rebuilt now (the departments the store
+/// knows still start), and the loss is still reported.
+async fn rebuild_from_labels(
+    shared: &Shared,
+    pool: &mut PortPool,
+    stored: &mut Vec<StoredDepartment>,
+) -> Result<Option<fleet_model::api::StateRebuilt>, SupervisorError> {
+    let store_origin = shared.store.origin().clone();
+    let listed = tokio::time::timeout(
+        Duration::from_secs(10),
+        shared.runtime.list(&shared.node_id),
+    )
+    .await;
+    let containers = match listed {
+        Ok(Ok(containers)) => containers,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "Docker unreachable at start: nothing rebuilt from labels now.");
+            Vec::new()
+        }
+        Err(_) => {
+            tracing::warn!("Docker did not list containers within 10s at start: nothing rebuilt from labels now.");
+            Vec::new()
+        }
+    };
+    let known: BTreeSet<String> = stored.iter().map(|d| d.spec.id.clone()).collect();
+    let mut recovered = Vec::new();
+    let mut not_recovered = Vec::new();
+    let mut unknown = 0usize;
+    for c in containers
+        .iter()
+        .filter(|c| c.role == "primary" && !c.department.is_empty())
+    {
+        if known.contains(&c.department) {
+            continue;
+        }
+        unknown += 1;
+        let config = match shared.runtime.container_config(&c.id).await {
+            Ok(Some(config)) => config,
+            Ok(None) => continue,
+            Err(e) => {
+                not_recovered.push(format!("{}: cannot inspect it: {e}", c.name));
+                continue;
+            }
+        };
+        let labelled_port = config
+            .labels
+            .get(fleet_model::labels::HOST_PORT)
+            .and_then(|p| p.parse::<u16>().ok())
+            .or(c.published_port);
+        if let Some(port) = labelled_port {
+            match pool.holder(port) {
+                Some(holder) if holder != c.department => {
+                    not_recovered.push(format!(
+                        "{}: its port {port} is leased to `{holder}`",
+                        c.name
+                    ));
+                    continue;
+                }
+                _ => {
+                    pool.release(&c.department);
+                    pool.insert_lease(port, &c.department);
+                    shared.store.set_lease(&c.department, port)?;
+                }
+            }
+        }
+        match crate::recovery::recover_spec(&config) {
+            Ok((spec, _port)) => {
+                shared.store.put_spec(&spec)?;
+                shared.events.record(
+                    Some(&spec.id),
+                    "recovered",
+                    Some("state_lost"),
+                    &format!(
+                        "department rebuilt from the labels of container {} (store lost)",
+                        c.name
+                    ),
+                );
+                recovered.push(spec.id.clone());
+                stored.push(StoredDepartment {
+                    spec,
+                    previous: None,
+                    desired_running: true,
+                    failed_hash: None,
+                });
+            }
+            Err(why) => {
+                shared.events.record(
+                    Some(&c.department),
+                    "not_recovered",
+                    Some("state_lost"),
+                    &format!(
+                        "container {} left as it is until a desired state names its department: {why}",
+                        c.name
+                    ),
+                );
+                not_recovered.push(format!("{}: {why}", c.name));
+            }
+        }
+    }
+    let (reason, moved_to) = match &store_origin {
+        Origin::MovedAside { moved_to, .. } => ("corrupt", Some(moved_to.display().to_string())),
+        Origin::Created if unknown > 0 => ("missing", None),
+        _ => return Ok(None),
+    };
+    let message = format!(
+        "state.db was {}{}; rebuilt from Docker's labels: {} department(s) recovered{}",
+        if reason == "corrupt" {
+            "unreadable"
+        } else {
+            "missing"
+        },
+        moved_to
+            .as_deref()
+            .map(|p| format!(" (kept as {p})"))
+            .unwrap_or_default(),
+        recovered.len(),
+        if not_recovered.is_empty() {
+            String::new()
+        } else {
+            format!(", {} container(s) left as they are", not_recovered.len())
+        }
+    );
+    tracing::error!(reason, "{message}");
+    shared
+        .events
+        .record(None, "state_rebuilt", Some(reason), &message);
+    Ok(Some(fleet_model::api::StateRebuilt {
+        reason: reason.to_string(),
+        moved_to,
+        at: crate::store::now_secs(),
+        recovered,
+        not_recovered,
+    }))
 }
 
 fn prefixed(id: &str, index: usize, field: &str) -> String {

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# State loss as installed (issue 12): the .deb in a systemd container, the
+# daemon as fleet-agent under the full sandbox, one department running. The
+# daemon is killed with SIGKILL and its store destroyed (garbage over
+# state.db and its WAL, then, the second time, state.db deleted); after
+# `systemctl start` the department must run on the SAME container and the
+# SAME port, the unreadable file must be kept beside the new one, and the
+# loss must be said in the STATUS line and by `agentctl doctor`.
+source "$(dirname "$0")/lib.sh"
+
+node=$PKGTEST_NAME
+dept=$PKGTEST_NAME-a
+# Ports 47550-47559 (the pool, then the API).
+api=127.0.0.1:47559
+ensure_image
+deb=$(ensure_deb)
+image=fleet-test-agent:1
+docker image inspect "$image" >/dev/null 2>&1 || "$PKGTEST_ROOT/tests/images/build.sh" >&2
+
+cleanup() {
+    systemd_container_down
+    remove_node_containers "$node"
+}
+trap cleanup EXIT
+cleanup
+systemd_container_up "fleet-$PKGTEST_NAME"
+
+ct_install_deb "$deb"
+in_ct tee /etc/fleet-agent/agent.toml >/dev/null <<TOML
+node_id = "$node"
+[ports]
+range = "47550-47554"
+bind = "127.0.0.1"
+[api]
+listen = "$api"
+TOML
+in_ct tee "/etc/fleet-agent/departments.d/$dept.toml" >/dev/null <<TOML
+id = "$dept"
+image = "$image"
+[health]
+interval = "1s"
+timeout = "500ms"
+start_period = "0s"
+[secrets]
+API_KEY = "canary-state-loss"
+TOML
+
+wait_healthy() {
+    for _ in $(seq 1 90); do
+        if out=$(in_ct agentctl status --json 2>/dev/null) && python3 -c '
+import json, sys
+doc = json.loads(sys.argv[1])
+ok = any(d.get("id") == sys.argv[2] and d.get("state") == "running" and d.get("health") == "healthy"
+         for d in doc.get("departments", []))
+sys.exit(0 if ok else 1)' "$out" "$dept" 2>/dev/null; then
+            return 0
+        fi
+        sleep 1
+    done
+    in_ct agentctl status >&2 || true
+    in_ct journalctl -u fleet-agentd --no-pager -n 40 >&2 || true
+    fail "department $dept is not running healthy: $1"
+}
+
+published_port() {
+    docker inspect -f '{{ range $p, $b := .NetworkSettings.Ports }}{{ range $b }}{{ .HostPort }}{{ end }}{{ end }}' "aio-$dept"
+}
+
+in_ct systemctl start fleet-agentd.service || fail "fleet-agentd did not start"
+wait_healthy "after the first start"
+id_before=$(docker inspect -f '{{ .Id }}' "aio-$dept")
+port_before=$(published_port)
+log "aio-$dept is ${id_before:0:12} on port $port_before"
+docker inspect -f '{{ json .Config.Labels }}' "aio-$dept" | grep -q canary-state-loss \
+    && fail "a secret value reached a container label"
+
+for loss in garbage deleted; do
+    log "kill -9, then $loss state.db, then start"
+    in_ct systemctl kill -s KILL fleet-agentd.service
+    # Hold off Restart=on-failure until the store is destroyed.
+    in_ct systemctl stop fleet-agentd.service || true
+    in_ct test -f /var/lib/fleet-agent/state.db || fail "no state.db to destroy"
+    case $loss in
+        garbage)
+            in_ct sh -c 'cd /var/lib/fleet-agent && for f in state.db state.db-wal; do
+                [ -e "$f" ] && head -c 16384 /dev/urandom >"$f"; done; true' ;;
+        deleted)
+            in_ct sh -c 'rm -f /var/lib/fleet-agent/state.db /var/lib/fleet-agent/state.db-wal /var/lib/fleet-agent/state.db-shm' ;;
+    esac
+    in_ct systemctl start fleet-agentd.service || {
+        in_ct journalctl -u fleet-agentd --no-pager -n 40 >&2 || true
+        fail "fleet-agentd did not start after $loss state.db"
+    }
+    wait_healthy "after $loss state.db"
+    [ "$(docker inspect -f '{{ .Id }}' "aio-$dept")" = "$id_before" ] \
+        || fail "$loss state.db: aio-$dept was replaced"
+    [ "$(published_port)" = "$port_before" ] || fail "$loss state.db: the port moved from $port_before to $(published_port)"
+    status=$(in_ct systemctl show -p StatusText --value fleet-agentd)
+    case $loss in
+        garbage) want="unreadable" ;;
+        deleted) want="missing" ;;
+    esac
+    grep -q "state.db was $want" <<<"$status" || fail "STATUS does not say state.db was $want: $status"
+    doctor=$(in_ct agentctl doctor 2>&1) && fail "doctor passes after $loss state.db:
+$doctor"
+    grep -q "state.db was $want" <<<"$doctor" || fail "doctor does not name the $loss state.db:
+$doctor"
+    [ "$(in_ct systemctl is-active fleet-agentd)" = active ] || fail "not active after $loss state.db"
+done
+in_ct sh -c 'ls /var/lib/fleet-agent/state.db.corrupt-* >/dev/null' || fail "the unreadable state.db was not kept"
+in_ct test -f /var/lib/fleet-agent/state.db || fail "no new state.db"
+log "ok: same container ${id_before:0:12}, same port $port_before after garbage and after deletion"
