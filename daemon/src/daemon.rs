@@ -233,9 +233,10 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
 
     if mode == Mode::Standalone {
         load_desired(&supervisor, &config, &state.sync).await;
-        if let Ok(mut extra) = state.extra_metrics.write() {
-            extra.push(desired_state_metric(state.sync.clone()));
-        }
+    }
+    // In both modes, so a dashboard or rule on it never meets an absent series.
+    if let Ok(mut extra) = state.extra_metrics.write() {
+        extra.push(desired_state_metric(state.sync.clone()));
     }
     let mut coordinator_task = None;
     if let Some(coordinator) = &config.coordinator {

@@ -151,5 +151,6 @@ for _ in $(seq 1 120); do
 done
 [ -n "$valid" ] || fail "fleet_agent_desired_state_valid did not return to 1 after the fix"
 ! grep -q 'REFUSED' <<<"$(status_text)" || fail "STATUS still says refused after the fix: $(status_text)"
-in_ct agentctl doctor >/dev/null || fail "agentctl doctor still fails after the fix"
+rc=0; out=$(in_ct agentctl doctor 2>&1) || rc=$?
+[ $rc -eq 0 ] || fail "agentctl doctor still fails after the fix (rc $rc): $out"
 log "ok: apply, delete, hand-written reload, bad file + restart and adoption as installed"
