@@ -6,6 +6,7 @@
 
 pub mod board;
 pub mod department;
+pub mod machine;
 pub mod probe;
 
 use crate::events::EventLog;
