@@ -204,14 +204,14 @@ pub enum Input {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CommandError {
     #[error("department `{0}` has no previous spec to roll back to")]
     NoPrevious(String),
     #[error("department `{0}` is being deleted")]
     Deleting(String),
     #[error("{0}")]
-    Runtime(String),
+    Runtime(RuntimeError),
 }
 
 #[derive(Debug, Clone)]
@@ -1195,7 +1195,7 @@ impl Machine {
                     }
                     Err(e) => self.emit(Effect::Reply {
                         to: reply,
-                        result: Err(CommandError::Runtime(e.to_string())),
+                        result: Err(CommandError::Runtime(e)),
                     }),
                     other => {
                         self.converge(ctx, other, oom_reported);
@@ -1461,7 +1461,7 @@ impl Machine {
                         if let Some(reply) = reply {
                             self.emit(Effect::Reply {
                                 to: reply,
-                                result: Err(CommandError::Runtime(e.to_string())),
+                                result: Err(CommandError::Runtime(e)),
                             });
                         } else {
                             self.reason = Some(format!("could not stop the container: {e}"));

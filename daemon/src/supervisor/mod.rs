@@ -546,8 +546,8 @@ impl Supervisor {
                         id,
                         department,
                         action,
+                        exit_code,
                         time_nano,
-                        ..
                     }) => {
                         since = Some(time_nano + 1);
                         if action == "oom" {
@@ -569,6 +569,7 @@ impl Supervisor {
                                 .send(DeptMsg::Docker {
                                     container_id: id,
                                     action,
+                                    exit_code,
                                     time_nano,
                                 })
                                 .await;
