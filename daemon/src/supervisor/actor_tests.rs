@@ -234,14 +234,10 @@ async fn with_no_store_history_the_running_container_is_adopted() {
 async fn a_lost_die_event_is_caught_by_the_resync() {
     let fake = FakeRuntime::new();
     fake.add_image("img:1");
-    // Loaded from the store at start: today only those get the resync's
-    // message (the one-registry fix is supervisor/mod.rs's, issue 12).
-    let store = memory_store();
-    store
-        .put_spec(&spec("quiet", "img:1", "backoff = \"1s\""))
+    let sup = node(&fake, memory_store(), "47650-47659").await;
+    sup.apply(vec![spec("quiet", "img:1", "backoff = \"1s\"")], false)
+        .await
         .unwrap();
-    store.set_lease("quiet", 47650).unwrap();
-    let sup = node(&fake, store, "47650-47659").await;
     until(Duration::from_secs(10), "running", || {
         state(&sup, "quiet") == Some(DeptState::Running)
     })

@@ -1106,8 +1106,11 @@ impl Machine {
                 self.stop_probe();
                 match exit_code {
                     // The event says enough: no inspect on the hot path. An
-                    // exit 137 may be an OOM kill reported late; it is looked at.
-                    Some(code) if code != 137 && !oom_reported => {
+                    // exit 137 may be an OOM kill reported late, and an exit 0
+                    // may be the engine stopping its containers on its way
+                    // down (then the inspect fails and the look after Docker is
+                    // back starts it again): both are looked at.
+                    Some(code) if code != 0 && code != 137 && !oom_reported => {
                         let mut c = current;
                         c.running = false;
                         c.status = "exited".into();

@@ -591,7 +591,19 @@ fn exit_137_is_rechecked_for_a_late_oom_report() {
 fn exit_0_under_on_failure_stays_stopped() {
     let mut t = T::new(spec("hr", "img:1", ""));
     t.start_fresh("c1");
-    t.die("c1", 0);
+    let e = t.die("c1", 0);
+    assert_eq!(t.m.state(), S::Running, "an exit 0 is looked at first");
+    let Some(Effect::Inspect { look, .. }) = e.iter().find(|e| matches!(e, Effect::Inspect { .. }))
+    else {
+        panic!("exit 0 must be inspected: {e:?}")
+    };
+    let mut dead = t.container("c1", false);
+    dead.exit_code = Some(0);
+    t.send(Input::Inspected {
+        look: *look,
+        result: Ok(Some(dead)),
+        oom_reported: false,
+    });
     assert_eq!(t.m.state(), S::Stopped);
 }
 

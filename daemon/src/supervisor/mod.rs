@@ -421,6 +421,11 @@ impl Supervisor {
                             restarts_by_reason: BTreeMap::new(),
                         },
                     );
+                    // The resync and the event loop find it through `routes`.
+                    self.routes
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id.clone(), tx.clone());
                     registry
                         .departments
                         .insert(id.clone(), Handle { tx, spec, task });
