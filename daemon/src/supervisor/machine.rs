@@ -816,7 +816,23 @@ impl Machine {
                     return; // a job aborted meanwhile
                 };
                 self.job_done(ctx, active.kind, outcome);
-                if std::mem::take(&mut self.converge_after_job) && self.job.is_none() {
+                // The look asked for while the job ran, unless the job's end
+                // goes on with Docker calls of its own: a second chain beside
+                // them would create twice. After a new job it waits for that
+                // one; after short calls their chain ends in a known state and
+                // the next resync sees the rest.
+                let continues = self.out.iter().any(|e| {
+                    matches!(
+                        e,
+                        Effect::Inspect { .. }
+                            | Effect::CheckImage { .. }
+                            | Effect::Create { .. }
+                            | Effect::Start { .. }
+                            | Effect::Remove { .. }
+                    )
+                });
+                if self.job.is_none() && std::mem::take(&mut self.converge_after_job) && !continues
+                {
                     self.look(ctx);
                 }
             }

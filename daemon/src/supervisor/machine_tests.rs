@@ -1009,3 +1009,38 @@ fn a_removed_container_is_recreated_on_its_port() {
     });
     assert!(has(&e, |e| matches!(e, Effect::CheckImage { .. })));
 }
+
+#[test]
+fn a_die_during_the_swap_stop_does_not_start_a_second_create() {
+    let mut t = running_healthy_with_new_spec("img:2");
+    let e = t.send(Input::ImageChecked {
+        image_for: ImageFor::Candidate,
+        result: Ok(true),
+    });
+    let (job, _) = job_of(&e).unwrap();
+    let e = t.send(Input::JobDone {
+        job,
+        outcome: Outcome::Proven(Ok(())),
+    });
+    let (stop, _) = job_of(&e).unwrap();
+    // The old container's `die` (our own stop) arrives before the stop returns.
+    let e = t.die("c1", 143);
+    assert!(e.is_empty(), "{e:?}");
+    let mut stopped = t.container("c1", false);
+    stopped.spec_hash = Some("old-hash".into());
+    let e = t.send(Input::JobDone {
+        job: stop,
+        outcome: Outcome::Stopped(Ok(Some(stopped))),
+    });
+    assert!(has(&e, |e| matches!(e, Effect::Remove { .. })));
+    assert!(
+        !has(&e, |e| matches!(
+            e,
+            Effect::Inspect {
+                look: Look::Converge,
+                ..
+            }
+        )),
+        "a converge beside the swap would create a second container: {e:?}"
+    );
+}
