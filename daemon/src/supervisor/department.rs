@@ -195,7 +195,16 @@ impl DeptActor {
                 time_nano,
             } => {
                 let action = match action.as_str() {
-                    "die" => DockerAction::Die { exit_code },
+                    "die" => {
+                        // For bench/restart.sh's breakdown of a restart.
+                        tracing::debug!(
+                            department = %self.machine.id(),
+                            exit_code,
+                            lag_ms = (now_nanos() - time_nano) as f64 / 1e6,
+                            "Docker die event received."
+                        );
+                        DockerAction::Die { exit_code }
+                    }
                     "destroy" => DockerAction::Destroy,
                     _ => return None,
                 };
@@ -284,8 +293,15 @@ impl DeptActor {
                 } else {
                     None
                 };
+                tracing::debug!(department = %id, gated, "Starting container.");
+                let called = Instant::now();
                 let result = runtime.start(&container_id).await;
                 drop(permit);
+                tracing::debug!(
+                    department = %id,
+                    call_ms = called.elapsed().as_secs_f64() * 1000.0,
+                    "Container start call returned."
+                );
                 return Some(Input::StartDone { result });
             }
             Effect::Remove { container_id } => {

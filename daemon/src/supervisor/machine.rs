@@ -628,6 +628,9 @@ pub struct Machine {
     tracker: RestartTracker,
     restart_at: Option<Instant>,
     pending_failure: Option<FailureReason>,
+    /// The pending restart goes through the start gate: the run ended out of
+    /// sight (a host reboot), when every department would start at once.
+    restart_gated: bool,
     pull_retry_at: Option<Instant>,
     /// Wall-clock nanoseconds of our last start: Docker events older than it
     /// are about a run already handled.
@@ -680,6 +683,7 @@ impl Machine {
             tracker: RestartTracker::default(),
             restart_at: None,
             pending_failure: None,
+            restart_gated: false,
             pull_retry_at: None,
             run_started_nano: 0,
             judged_run: None,
@@ -1679,6 +1683,11 @@ impl Machine {
                 });
                 let unhealthy = reason == FailureReason::Unhealthy;
                 self.pending_failure = Some(reason);
+                // A crash it watched restarts at once; spread by the jitter.
+                self.restart_gated = self
+                    .container
+                    .as_ref()
+                    .is_none_or(|c| self.unwatched(ctx, c));
                 if unhealthy {
                     // Stop it now rather than when the backoff ends: it serves
                     // nothing useful, and the stop (up to stop_timeout) then
@@ -1756,7 +1765,7 @@ impl Machine {
         }
         match self.container.clone() {
             Some(c) if c.running => self.stop_serving(c, AfterStop::Start, None),
-            Some(_) => self.start_existing(ctx, false),
+            Some(_) => self.start_existing(ctx, self.restart_gated),
             None => self.begin_create(false),
         }
     }

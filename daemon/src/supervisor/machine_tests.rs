@@ -1044,3 +1044,22 @@ fn a_die_during_the_swap_stop_does_not_start_a_second_create() {
         "a converge beside the swap would create a second container: {e:?}"
     );
 }
+
+#[test]
+fn a_restart_after_an_exit_nobody_watched_waits_for_the_start_gate() {
+    // After a host reboot every department finds its container exited.
+    let mut t = T::new(spec("hr", "img:1", ""));
+    t.send(Input::Init);
+    let e = t.send(Input::Inspected {
+        look: Look::Converge,
+        result: Ok(Some(t.container("c1", false))),
+        oom_reported: false,
+    });
+    assert_eq!(t.m.state(), S::Backoff, "{e:?}");
+    t.advance(Duration::from_millis(200));
+    let e = t.send(Input::TimerFired(Timer::Restart));
+    assert!(
+        has(&e, |e| matches!(e, Effect::Start { gated: true, .. })),
+        "{e:?}"
+    );
+}
