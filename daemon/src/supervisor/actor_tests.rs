@@ -6,7 +6,7 @@
 use crate::events::EventLog;
 use crate::fake_runtime::{Call, FakeRuntime, PullScript};
 use crate::store::Store;
-use crate::supervisor::department::OperatorCommand;
+use crate::supervisor::department::{DeptActor, DeptInit, DeptMsg, OperatorCommand};
 use crate::supervisor::machine::{Machine, MachineInit};
 use crate::supervisor::Supervisor;
 use fleet_model::api::DeptState;
@@ -387,4 +387,122 @@ async fn an_oom_kill_is_restarted_with_reason_oom() {
     .await;
     let view = sup.shared.board.get("mem").unwrap();
     assert_eq!(view.restarts_by_reason.get("oom"), Some(&1), "{view:?}");
+}
+
+/// One actor on its own, so the test can hand it probe results (real probes
+/// cannot pass on paused time: the clock jumps past their timeout).
+fn lone_actor(
+    fake: &FakeRuntime,
+    spec: DepartmentSpec,
+    port: u16,
+) -> (
+    Arc<crate::supervisor::Shared>,
+    tokio::sync::mpsc::Sender<DeptMsg>,
+) {
+    use crate::supervisor::{Counters, OomEvents, Shared};
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    let store = memory_store();
+    let mut config = Config::embedded_default();
+    config.node_id = Some(NODE.into());
+    let shared = Arc::new(Shared {
+        node_id: NODE.into(),
+        config: Arc::new(config),
+        store: store.clone(),
+        runtime: Arc::new(fake.clone()),
+        events: EventLog::new(store),
+        board: crate::supervisor::board::Board::default(),
+        bind: "127.0.0.1".parse().unwrap(),
+        http: crate::supervisor::probe::client(),
+        start_gate: Arc::new(tokio::sync::Semaphore::new(2)),
+        docker_up: AtomicBool::new(true),
+        engine_epoch: AtomicU64::new(1),
+        shutdown: AtomicBool::new(false),
+        counters: Counters::default(),
+        host_memory_bytes: 64 << 30,
+        oom_events: OomEvents::default(),
+    });
+    let (tx, _task) = DeptActor::spawn(
+        shared.clone(),
+        DeptInit {
+            spec,
+            previous: None,
+            port,
+            desired_running: true,
+            failed_hash: None,
+            restarts_by_reason: BTreeMap::new(),
+        },
+    );
+    (shared, tx)
+}
+
+fn healthy_spec(id: &str, image: &str) -> DepartmentSpec {
+    DepartmentSpec::from_toml(
+        "test",
+        &format!(
+            "id = \"{id}\"\nimage = \"{image}\"\n[health]\ninterval = \"30s\"\nstart_period = \"1h\"\n[restart]\nstop_timeout = \"2s\"\nupdate_deadline = \"2m\"\n"
+        ),
+    )
+    .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn delete_during_a_failing_update_proof_answers_within_stop_timeout() {
+    let fake = FakeRuntime::new();
+    fake.add_image("img:1");
+    fake.add_image("img:2");
+    let v1 = healthy_spec("pay", "img:1");
+    let old = as_before(&fake, &v1, 47690, NODE);
+    let (shared, tx) = lone_actor(&fake, v1, 47690);
+    until(Duration::from_secs(5), "adopted", || {
+        shared.board.get("pay").map(|v| v.state) == Some(DeptState::Running)
+    })
+    .await;
+    for generation in 0..20 {
+        tx.send(DeptMsg::Probe {
+            generation,
+            record: fleet_model::api::ProbeRecord {
+                at_ms: 0,
+                ok: true,
+                latency_ms: Some(1.0),
+                status: Some(200),
+                error: None,
+            },
+        })
+        .await
+        .unwrap();
+    }
+    until(Duration::from_secs(1), "healthy", || {
+        shared.board.get("pay").map(|v| v.health) == Some(fleet_model::api::Health::Healthy)
+    })
+    .await;
+    // The candidate never answers (it publishes no port): the proof would run
+    // for the whole update_deadline of 2 minutes.
+    tx.send(DeptMsg::SetSpec {
+        spec: Box::new(healthy_spec("pay", "img:2")),
+        host_port: 47690,
+    })
+    .await
+    .unwrap();
+    until(Duration::from_secs(5), "the candidate", || {
+        fake.by_name("aio-pay-next")
+            .is_some_and(|c| c.observed.running)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(shared.board.get("pay").unwrap().state, DeptState::Updating);
+    let asked = Instant::now();
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    tx.send(DeptMsg::Delete { reply }).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(3), answer)
+        .await
+        .expect("delete must answer within stop_timeout, not after the proof")
+        .unwrap()
+        .unwrap();
+    assert!(asked.elapsed() <= Duration::from_secs(3));
+    assert!(
+        fake.by_name("aio-pay-next").is_none(),
+        "candidate left behind"
+    );
+    assert!(fake.by_name("aio-pay").is_none());
+    assert!(fake.count(|c| *c == Call::Remove(old.clone())) >= 1);
 }
