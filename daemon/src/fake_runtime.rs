@@ -209,6 +209,7 @@ impl FakeRuntime {
             id: id.clone(),
             name: r.name.clone(),
             department,
+            node: r.labels.get(labels::NODE).cloned(),
             role: r.labels.get(labels::ROLE).cloned().unwrap_or_default(),
             spec_hash: r.labels.get(labels::SPEC_HASH).cloned(),
             running: false,

@@ -321,7 +321,8 @@ async fn delete_during_a_hanging_pull_answers_at_once_and_removes_only_its_own()
             MachineInit {
                 node_id: "other-node".into(),
                 bind: "127.0.0.1".parse().unwrap(),
-                spec: spec("someone", "img:other", ""),
+                // The same department id, but another node's.
+                spec: spec("hr", "img:other", ""),
                 previous: None,
                 port: 9000,
                 desired_running: true,

@@ -9,8 +9,8 @@
 use super::board::DeptView;
 pub use super::machine::OperatorCommand;
 use super::machine::{
-    CommandError, Ctx, DockerAction, Effect, Input, JobId, Machine, MachineInit, Outcome, ReplyId,
-    Timer, Work,
+    owned_by, CommandError, Ctx, DockerAction, Effect, Input, JobId, Machine, MachineInit, Outcome,
+    ReplyId, Timer, Work,
 };
 use super::probe;
 use super::Shared;
@@ -310,7 +310,7 @@ impl DeptActor {
             }
             Effect::RemoveCandidate => {
                 if let Ok(Some(stale)) = runtime.inspect(&candidate_container_name(&id)).await {
-                    if stale.department == id {
+                    if owned_by(&stale, &id, &self.shared.node_id) {
                         if let Err(e) = runtime.remove(&stale.id).await {
                             tracing::warn!(department = %id, error = %e, "Could not remove update candidate.");
                         }
@@ -444,7 +444,9 @@ impl DeptActor {
                 Work::Delete {
                     department,
                     timeout,
-                } => Outcome::Deleted(delete(&*shared.runtime, &department, timeout).await),
+                } => Outcome::Deleted(
+                    delete(&*shared.runtime, &department, &shared.node_id, timeout).await,
+                ),
             };
             let _ = tx.send(Input::JobDone { job, outcome });
         });
@@ -497,22 +499,23 @@ async fn stop(
 }
 
 /// Removes the candidate and the department's container, each only when its
-/// department label is this department's.
+/// department and node labels are this department's and this node's.
 async fn delete(
     runtime: &dyn ContainerRuntime,
     department: &str,
+    node: &str,
     timeout: Duration,
 ) -> Result<(), RuntimeError> {
     if let Some(c) = runtime
         .inspect(&candidate_container_name(department))
         .await?
     {
-        if c.department == department {
+        if owned_by(&c, department, node) {
             runtime.remove(&c.id).await?;
         }
     }
     if let Some(c) = runtime.inspect(&container_name(department)).await? {
-        if c.department == department {
+        if owned_by(&c, department, node) {
             if c.running {
                 match runtime.stop(&c.id, timeout).await {
                     Ok(()) | Err(RuntimeError::NotFound(_)) => {}
@@ -538,7 +541,7 @@ async fn prove(
 ) -> Result<(), String> {
     let runtime = &*shared.runtime;
     if let Ok(Some(stale)) = runtime.inspect(&request.name).await {
-        if stale.department == department {
+        if owned_by(&stale, department, &shared.node_id) {
             let _ = runtime.remove(&stale.id).await;
         }
     }

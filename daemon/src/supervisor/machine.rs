@@ -736,6 +736,11 @@ impl Machine {
         self.spec.container_hash(self.port)
     }
 
+    /// Labelled with this department and this node.
+    pub fn ours(&self, c: &ObservedContainer) -> bool {
+        owned_by(c, &self.id, &self.node_id)
+    }
+
     /// The one entry point: one input in, the effects to carry out out.
     pub fn handle(&mut self, ctx: Ctx, input: Input) -> Vec<Effect> {
         self.out.clear();
@@ -1166,8 +1171,8 @@ impl Machine {
         result: Result<Option<ObservedContainer>, RuntimeError>,
         oom_reported: bool,
     ) {
-        // A same-named container of another department is not ours.
-        let result = result.map(|o| o.filter(|c| c.department == self.id));
+        // A same-named container of another department or node is not ours.
+        let result = result.map(|o| o.filter(|c| self.ours(c)));
         match look {
             Look::Converge => self.converge(ctx, result, oom_reported),
             Look::AfterCreate { is_update } => {
@@ -1479,7 +1484,7 @@ impl Machine {
             },
             (JobKind::Stop { then, reply }, Outcome::Stopped(result)) => {
                 let refreshed = match result {
-                    Ok(c) => c.filter(|c| c.department == self.id),
+                    Ok(c) => c.filter(|c| self.ours(c)),
                     Err(e) => {
                         if let Some(reply) = reply {
                             self.emit(Effect::Reply {
@@ -2035,6 +2040,12 @@ impl Machine {
             postgres_check: None,
         }
     }
+}
+
+/// The department and node labels are both `department`'s and `node`'s: the
+/// check before anything found by name is adopted, stopped or removed.
+pub fn owned_by(c: &ObservedContainer, department: &str, node: &str) -> bool {
+    c.department == department && c.node.as_deref() == Some(node)
 }
 
 pub fn failure_of(c: &ObservedContainer) -> FailureReason {

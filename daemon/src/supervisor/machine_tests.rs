@@ -75,6 +75,7 @@ impl T {
             id: id.into(),
             name: container_name(self.m.id()),
             department: self.m.id().into(),
+            node: Some("n1".into()),
             role: "primary".into(),
             spec_hash: Some(self.m.hash()),
             running,
@@ -1062,4 +1063,19 @@ fn a_restart_after_an_exit_nobody_watched_waits_for_the_start_gate() {
         has(&e, |e| matches!(e, Effect::Start { gated: true, .. })),
         "{e:?}"
     );
+}
+
+#[test]
+fn a_container_of_another_node_under_the_name_is_not_adopted() {
+    let mut t = T::new(spec("hr", "img:1", ""));
+    t.send(Input::Init);
+    let mut c = t.container("c1", true);
+    c.node = Some("other-node".into());
+    let e = t.send(Input::Inspected {
+        look: Look::Converge,
+        result: Ok(Some(c)),
+        oom_reported: false,
+    });
+    assert!(t.m.container().is_none());
+    assert!(!events(&e).contains(&"adopted".to_string()), "{e:?}");
 }
