@@ -139,11 +139,13 @@ restart_breakdown() {
   docker events --since "$since" --until "$(date +%s.%N)" --filter "label=fleet-agent.node=$NODE" \
     --filter type=container --format "{{json .}}" | jq -s . >"$WORK/events-$tag.json"
   jq -Rrn --slurpfile ev "$WORK/events-$tag.json" --arg tag "$tag" '
-    def ts: (.timestamp | capture("^(?<s>[^.]+)\\.(?<f>[0-9]+)Z$")) as $t
-      | (($t.s + "Z") | fromdateiso8601) + ("0." + $t.f | tonumber);
+    def ts: if . == null then null else
+      (.timestamp | capture("^(?<s>[^.Z]+)(\\.(?<f>[0-9]+))?Z$")) as $t
+      | (($t.s + "Z") | fromdateiso8601) + ("0." + ($t.f // "0") | tonumber) end;
+    def ms($from; $to): if $from == null or $to == null then null else ($to - $from) * 1000 end;
     def med: map(select(. != null)) | sort
       | if length == 0 then "?" else (.[(length / 2 | floor)] | floor) end;
-    [inputs | fromjson? | select((.department // "") | startswith($tag))] as $log
+    [inputs | fromjson? | select((.timestamp | type) == "string" and ((.department // "") | startswith($tag)))] as $log
     | [$ev[0][] | select(.Action == "die" or .Action == "start")] as $evs
     | [$evs[] | .Actor.Attributes["fleet-agent.department"]] | unique
     | map(. as $d
@@ -151,8 +153,8 @@ restart_breakdown() {
         | ([$evs[] | select(.Actor.Attributes["fleet-agent.department"] == $d and .Action == "start" and .timeNano / 1e9 > $die)][0].timeNano / 1e9) as $start
         | ([$log[] | select(.department == $d and .message == "Docker die event received." and ts >= $die)][0] | ts) as $recv
         | ([$log[] | select(.department == $d and .message == "Starting container." and ts >= $die)][0] | ts) as $issue
-        | ([$log[] | select(.department == $d and .message == "Container start call returned." and ts >= $die)][0].call_ms) as $call
-        | {lag: (($recv - $die) * 1000), issue: (($issue - $die) * 1000), call: $call, engine: (($start - $issue) * 1000)})
+        | ([$log[] | select(.department == $d and .message == "Container start call returned." and ts >= $die)][0] | .call_ms?) as $call
+        | {lag: ms($die; $recv), issue: ms($die; $issue), call: $call, engine: ms($issue; $start)})
     | "die -> event at the task \(map(.lag) | med) ms; die -> start call \(map(.issue) | med) ms; start call \(map(.call) | med) ms; call -> start event \(map(.engine) | med) ms"
   ' "$WORK/daemon.log"
 }
