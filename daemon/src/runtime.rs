@@ -73,6 +73,8 @@ pub struct ObservedContainer {
     pub id: String,
     pub name: String,
     pub department: String,
+    /// The `fleet-agent.node` label: whose container it is.
+    pub node: Option<String>,
     pub role: String,
     pub spec_hash: Option<String>,
     pub running: bool,
@@ -297,6 +299,7 @@ fn observed_from_inspect(c: ContainerInspectResponse) -> Option<ObservedContaine
             .trim_start_matches('/')
             .to_string(),
         department: labels.get(labels::DEPARTMENT).cloned().unwrap_or_default(),
+        node: labels.get(labels::NODE).cloned(),
         role: labels
             .get(labels::ROLE)
             .cloned()

@@ -16,6 +16,7 @@
 
 pub mod board;
 pub mod department;
+pub mod machine;
 pub mod probe;
 
 use crate::events::EventLog;
@@ -667,6 +668,7 @@ impl Supervisor {
                         id,
                         department,
                         action,
+                        exit_code,
                         time_nano,
                         ..
                     })) => {
@@ -682,6 +684,7 @@ impl Supervisor {
                             let message = DeptMsg::Docker {
                                 container_id: id,
                                 action,
+                                exit_code,
                                 time_nano,
                             };
                             if tx.try_send(message).is_err() {

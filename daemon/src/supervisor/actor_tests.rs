@@ -1,0 +1,509 @@
+//! The department actor and the supervisor around it, against `FakeRuntime`
+//! on paused tokio time: what Docker was asked to do, and when.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use crate::events::EventLog;
+use crate::fake_runtime::{Call, FakeRuntime, PullScript};
+use crate::store::Store;
+use crate::supervisor::department::{DeptActor, DeptInit, DeptMsg, OperatorCommand};
+use crate::supervisor::machine::{Machine, MachineInit};
+use crate::supervisor::Supervisor;
+use fleet_model::api::DeptState;
+use fleet_model::{Config, DepartmentSpec};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+const NODE: &str = "fake-node";
+
+fn spec(id: &str, image: &str, restart: &str) -> DepartmentSpec {
+    DepartmentSpec::from_toml(
+        "test",
+        &format!(
+            "id = \"{id}\"\nimage = \"{image}\"\n[health]\nenabled = false\n[restart]\nstop_timeout = \"2s\"\n{restart}"
+        ),
+    )
+    .unwrap()
+}
+
+async fn node(fake: &FakeRuntime, store: Arc<Store>, range: &str) -> Supervisor {
+    let mut config = Config::embedded_default();
+    config.node_id = Some(NODE.into());
+    config.ports.range = range.into();
+    config.ports.bind = "127.0.0.1".parse().unwrap();
+    config.resync_interval = Duration::from_secs(2);
+    let events = EventLog::new(store.clone());
+    let sup = Supervisor::start(
+        Arc::new(config),
+        store,
+        Arc::new(fake.clone()),
+        events,
+        64 << 30,
+    )
+    .await
+    .unwrap();
+    sup.spawn_background();
+    sup
+}
+
+fn memory_store() -> Arc<Store> {
+    Arc::new(Store::open_in_memory().unwrap())
+}
+
+/// Waits (in virtual time) until `f` holds; panics naming `what` after `limit`.
+async fn until(limit: Duration, what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        if Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn state(sup: &Supervisor, id: &str) -> Option<DeptState> {
+    sup.shared.board.get(id).map(|v| v.state)
+}
+
+fn reason(sup: &Supervisor, id: &str) -> String {
+    sup.shared
+        .board
+        .get(id)
+        .and_then(|v| v.reason)
+        .unwrap_or_default()
+}
+
+fn starts(fake: &FakeRuntime) -> usize {
+    fake.count(|c| matches!(c, Call::Start(_)))
+}
+
+fn creates(fake: &FakeRuntime) -> usize {
+    fake.count(|c| matches!(c, Call::Create(_)))
+}
+
+/// The container a daemon before us would have made for `spec` on `port`.
+fn as_before(fake: &FakeRuntime, spec: &DepartmentSpec, port: u16, node: &str) -> String {
+    let m = Machine::new(
+        MachineInit {
+            node_id: node.into(),
+            bind: "127.0.0.1".parse().unwrap(),
+            spec: spec.clone(),
+            previous: None,
+            port,
+            desired_running: true,
+            failed_hash: None,
+            restarts_by_reason: BTreeMap::new(),
+        },
+        std::time::Instant::now(),
+    );
+    fake.insert(&m.create_request(false), true)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_loop_is_parked_after_max_retries() {
+    let fake = FakeRuntime::new();
+    fake.add_image("img:1");
+    fake.exit_after_start(Some((1, Duration::from_secs(2))));
+    let sup = node(&fake, memory_store(), "47610-47619").await;
+    sup.apply(
+        vec![spec("crash", "img:1", "max_retries = 2\nbackoff = \"1s\"")],
+        false,
+    )
+    .await
+    .unwrap();
+    until(Duration::from_secs(120), "crash_looping", || {
+        state(&sup, "crash") == Some(DeptState::CrashLooping)
+    })
+    .await;
+    assert_eq!(creates(&fake), 1, "{:?}", fake.calls());
+    assert_eq!(starts(&fake), 3, "one start and max_retries restarts");
+    assert!(reason(&sup, "crash").contains("exited with code 1"));
+    // Parked means parked, resyncs included.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(starts(&fake), 3);
+    let view = sup.shared.board.get("crash").unwrap();
+    assert_eq!(view.restarts_by_reason.get("exit"), Some(&2));
+    // agentctl restart un-parks.
+    sup.command("crash", OperatorCommand::Restart)
+        .await
+        .unwrap();
+    until(Duration::from_secs(5), "a start after restart", || {
+        starts(&fake) == 4
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_is_not_held_by_an_inspect_or_the_store() {
+    let fake = FakeRuntime::new();
+    fake.add_image("img:1");
+    let sup = node(&fake, memory_store(), "47620-47629").await;
+    sup.apply(vec![spec("fast", "img:1", "backoff = \"100ms\"")], false)
+        .await
+        .unwrap();
+    until(Duration::from_secs(10), "running", || {
+        state(&sup, "fast") == Some(DeptState::Running)
+    })
+    .await;
+    let id = fake.by_name("aio-fast").unwrap().observed.id;
+    fake.clear_calls();
+    let died = Instant::now();
+    fake.exit(&id, 3);
+    until(Duration::from_secs(5), "the restart", || starts(&fake) == 1).await;
+    let took = died.elapsed();
+    assert!(
+        took >= Duration::from_millis(80) && took <= Duration::from_millis(150),
+        "die -> start took {took:?}; backoff is 100ms (-20% jitter)"
+    );
+    // Between the die and the start: no inspect (the event carried the exit code).
+    let calls = fake.calls();
+    let start_at = calls
+        .iter()
+        .position(|c| matches!(c, Call::Start(_)))
+        .unwrap();
+    assert!(
+        !calls[..start_at]
+            .iter()
+            .any(|c| matches!(c, Call::Inspect(_))),
+        "{calls:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_running_container_is_adopted_with_zero_creates() {
+    let fake = FakeRuntime::new();
+    fake.add_image("img:1");
+    let store = memory_store();
+    let s = spec("keep", "img:1", "");
+    store.put_spec(&s).unwrap();
+    store.set_lease("keep", 47630).unwrap();
+    let id = as_before(&fake, &s, 47630, NODE);
+    let sup = node(&fake, store, "47630-47639").await;
+    until(Duration::from_secs(10), "running", || {
+        state(&sup, "keep") == Some(DeptState::Running)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(creates(&fake), 0);
+    assert_eq!(starts(&fake), 0);
+    assert_eq!(
+        fake.count(|c| matches!(c, Call::Stop(_) | Call::Remove(_))),
+        0
+    );
+    assert_eq!(
+        sup.shared
+            .board
+            .get("keep")
+            .unwrap()
+            .container_id
+            .as_deref(),
+        Some(id.as_str())
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_no_store_history_the_running_container_is_adopted() {
+    let fake = FakeRuntime::new();
+    fake.add_image("img:1");
+    let s = spec("lost", "img:1", "");
+    // The store is new (lost or moved aside); the spec comes back by apply and
+    // the pool gives the same lowest port.
+    let id = as_before(&fake, &s, 47640, NODE);
+    let sup = node(&fake, memory_store(), "47640-47649").await;
+    sup.apply(vec![s], false).await.unwrap();
+    until(Duration::from_secs(10), "running", || {
+        state(&sup, "lost") == Some(DeptState::Running)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(creates(&fake) + starts(&fake), 0, "{:?}", fake.calls());
+    assert_eq!(
+        sup.shared
+            .board
+            .get("lost")
+            .unwrap()
+            .container_id
+            .as_deref(),
+        Some(id.as_str())
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_die_event_is_caught_by_the_resync() {
+    let fake = FakeRuntime::new();
+    fake.add_image("img:1");
+    let sup = node(&fake, memory_store(), "47650-47659").await;
+    sup.apply(vec![spec("quiet", "img:1", "backoff = \"1s\"")], false)
+        .await
+        .unwrap();
+    until(Duration::from_secs(10), "running", || {
+        state(&sup, "quiet") == Some(DeptState::Running)
+    })
+    .await;
+    let id = fake.by_name("aio-quiet").unwrap().observed.id;
+    fake.lose_events(true);
+    fake.exit(&id, 1);
+    // resync_interval 2s, backoff 1s.
+    until(
+        Duration::from_secs(6),
+        "a restart without the die event",
+        || starts(&fake) == 2,
+    )
+    .await;
+    until(Duration::from_secs(5), "running again", || {
+        state(&sup, "quiet") == Some(DeptState::Running)
+    })
+    .await;
+    assert_eq!(creates(&fake), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_update_replaces_and_a_failed_pull_rolls_back_leaving_it_running() {
+    let fake = FakeRuntime::new();
+    fake.add_image("img:1");
+    fake.add_image("img:2");
+    let sup = node(&fake, memory_store(), "47660-47669").await;
+    sup.apply(vec![spec("upd", "img:1", "")], false)
+        .await
+        .unwrap();
+    until(Duration::from_secs(10), "v1 running", || {
+        state(&sup, "upd") == Some(DeptState::Running)
+    })
+    .await;
+    sup.apply(vec![spec("upd", "img:2", "")], false)
+        .await
+        .unwrap();
+    until(Duration::from_secs(10), "v2 running", || {
+        fake.by_name("aio-upd")
+            .is_some_and(|c| c.observed.image.as_deref() == Some("img:2") && c.observed.running)
+            && state(&sup, "upd") == Some(DeptState::Running)
+    })
+    .await;
+    assert_eq!(creates(&fake), 2);
+    let v2 = fake.by_name("aio-upd").unwrap().observed.id;
+
+    // An image the registry does not have: the pull fails, v2 keeps running.
+    fake.script_pull(PullScript::Fail("manifest unknown".into()));
+    sup.apply(vec![spec("upd", "img:missing", "")], false)
+        .await
+        .unwrap();
+    until(Duration::from_secs(30), "the rollback", || {
+        reason(&sup, "upd").contains("rolled back")
+    })
+    .await;
+    assert_eq!(state(&sup, "upd"), Some(DeptState::Running));
+    assert!(reason(&sup, "upd").contains("pull of img:missing failed"));
+    let now = fake.by_name("aio-upd").unwrap().observed;
+    assert_eq!(now.id, v2, "the serving container was not touched");
+    assert!(now.running);
+    assert_eq!(
+        sup.shared.board.get("upd").unwrap().spec.image,
+        "img:2",
+        "back on the previous spec"
+    );
+    // The failed spec is not retried in a loop.
+    let pulls = fake.count(|c| matches!(c, Call::Pull(_)));
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(fake.count(|c| matches!(c, Call::Pull(_))), pulls);
+}
+
+#[tokio::test(start_paused = true)]
+async fn delete_during_a_hanging_pull_answers_at_once_and_removes_only_its_own() {
+    let fake = FakeRuntime::new();
+    fake.add_image("img:other");
+    fake.script_pull(PullScript::Hang);
+    // Someone else's containers under names this department would use, and
+    // another department's on the same engine: none of them may go.
+    let not_ours_next = {
+        let m = Machine::new(
+            MachineInit {
+                node_id: "other-node".into(),
+                bind: "127.0.0.1".parse().unwrap(),
+                // The same department id, but another node's.
+                spec: spec("hr", "img:other", ""),
+                previous: None,
+                port: 9000,
+                desired_running: true,
+                failed_hash: None,
+                restarts_by_reason: BTreeMap::new(),
+            },
+            std::time::Instant::now(),
+        );
+        let mut r = m.create_request(true);
+        r.name = "aio-hr-next".into();
+        fake.insert(&r, true)
+    };
+    let other_dept = as_before(&fake, &spec("sales", "img:other", ""), 9001, "other-node");
+
+    let sup = node(&fake, memory_store(), "47670-47679").await;
+    sup.apply(vec![spec("hr", "img:never", "")], false)
+        .await
+        .unwrap();
+    until(Duration::from_secs(10), "pulling", || {
+        state(&sup, "hr") == Some(DeptState::Pulling)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(3), sup.delete("hr"))
+        .await
+        .expect("delete during a pull must answer within stop_timeout")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(sup.shared.board.get("hr").is_none());
+    let removed: Vec<Call> = fake
+        .calls()
+        .into_iter()
+        .filter(|c| matches!(c, Call::Remove(_) | Call::Stop(_)))
+        .collect();
+    assert!(
+        !removed.contains(&Call::Remove(not_ours_next.clone()))
+            && !removed.contains(&Call::Stop(not_ours_next.clone()))
+            && !removed.contains(&Call::Remove(other_dept.clone())),
+        "{removed:?}"
+    );
+    assert!(fake.by_name("aio-hr-next").is_some());
+    assert_eq!(fake.containers().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_oom_kill_is_restarted_with_reason_oom() {
+    let fake = FakeRuntime::new();
+    fake.add_image("img:1");
+    let sup = node(&fake, memory_store(), "47680-47689").await;
+    sup.apply(vec![spec("mem", "img:1", "backoff = \"1s\"")], false)
+        .await
+        .unwrap();
+    until(Duration::from_secs(10), "running", || {
+        state(&sup, "mem") == Some(DeptState::Running)
+    })
+    .await;
+    let id = fake.by_name("aio-mem").unwrap().observed.id;
+    fake.oom_kill(&id);
+    until(Duration::from_secs(10), "the restart", || {
+        starts(&fake) == 2
+    })
+    .await;
+    let view = sup.shared.board.get("mem").unwrap();
+    assert_eq!(view.restarts_by_reason.get("oom"), Some(&1), "{view:?}");
+}
+
+/// One actor on its own, so the test can hand it probe results (real probes
+/// cannot pass on paused time: the clock jumps past their timeout).
+fn lone_actor(
+    fake: &FakeRuntime,
+    spec: DepartmentSpec,
+    port: u16,
+) -> (
+    Arc<crate::supervisor::Shared>,
+    tokio::sync::mpsc::Sender<DeptMsg>,
+) {
+    use crate::supervisor::{Counters, OomEvents, Shared};
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    let store = memory_store();
+    let mut config = Config::embedded_default();
+    config.node_id = Some(NODE.into());
+    let shared = Arc::new(Shared {
+        node_id: NODE.into(),
+        config: Arc::new(config),
+        store: store.clone(),
+        runtime: Arc::new(fake.clone()),
+        events: EventLog::new(store),
+        board: crate::supervisor::board::Board::default(),
+        bind: "127.0.0.1".parse().unwrap(),
+        http: crate::supervisor::probe::client(),
+        start_gate: Arc::new(tokio::sync::Semaphore::new(2)),
+        docker_up: AtomicBool::new(true),
+        engine_epoch: AtomicU64::new(1),
+        shutdown: AtomicBool::new(false),
+        counters: Counters::default(),
+        host_memory_bytes: 64 << 30,
+        oom_events: OomEvents::default(),
+    });
+    let (tx, _task) = DeptActor::spawn(
+        shared.clone(),
+        DeptInit {
+            spec,
+            previous: None,
+            port,
+            desired_running: true,
+            failed_hash: None,
+            restarts_by_reason: BTreeMap::new(),
+        },
+    );
+    (shared, tx)
+}
+
+fn healthy_spec(id: &str, image: &str) -> DepartmentSpec {
+    DepartmentSpec::from_toml(
+        "test",
+        &format!(
+            "id = \"{id}\"\nimage = \"{image}\"\n[health]\ninterval = \"30s\"\nstart_period = \"1h\"\n[restart]\nstop_timeout = \"2s\"\nupdate_deadline = \"2m\"\n"
+        ),
+    )
+    .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn delete_during_a_failing_update_proof_answers_within_stop_timeout() {
+    let fake = FakeRuntime::new();
+    fake.add_image("img:1");
+    fake.add_image("img:2");
+    let v1 = healthy_spec("pay", "img:1");
+    let old = as_before(&fake, &v1, 47690, NODE);
+    let (shared, tx) = lone_actor(&fake, v1, 47690);
+    until(Duration::from_secs(5), "adopted", || {
+        shared.board.get("pay").map(|v| v.state) == Some(DeptState::Running)
+    })
+    .await;
+    for generation in 0..20 {
+        tx.send(DeptMsg::Probe {
+            generation,
+            record: fleet_model::api::ProbeRecord {
+                at_ms: 0,
+                ok: true,
+                latency_ms: Some(1.0),
+                status: Some(200),
+                error: None,
+            },
+        })
+        .await
+        .unwrap();
+    }
+    until(Duration::from_secs(1), "healthy", || {
+        shared.board.get("pay").map(|v| v.health) == Some(fleet_model::api::Health::Healthy)
+    })
+    .await;
+    // The candidate never answers (it publishes no port): the proof would run
+    // for the whole update_deadline of 2 minutes.
+    tx.send(DeptMsg::SetSpec {
+        spec: Box::new(healthy_spec("pay", "img:2")),
+        host_port: 47690,
+    })
+    .await
+    .unwrap();
+    until(Duration::from_secs(5), "the candidate", || {
+        fake.by_name("aio-pay-next")
+            .is_some_and(|c| c.observed.running)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(shared.board.get("pay").unwrap().state, DeptState::Updating);
+    let asked = Instant::now();
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    tx.send(DeptMsg::Delete { reply }).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(3), answer)
+        .await
+        .expect("delete must answer within stop_timeout, not after the proof")
+        .unwrap()
+        .unwrap();
+    assert!(asked.elapsed() <= Duration::from_secs(3));
+    assert!(
+        fake.by_name("aio-pay-next").is_none(),
+        "candidate left behind"
+    );
+    assert!(fake.by_name("aio-pay").is_none());
+    assert!(fake.count(|c| *c == Call::Remove(old.clone())) >= 1);
+}
