@@ -604,6 +604,74 @@ fn wal_same_segment_twice_ok_different_content_refused() {
     assert!(events.to_string().contains("wal_conflict"), "{events}");
 }
 
+// --- the caller's system_id ---------------------------------------------------
+
+/// The PostgreSQL user names the cluster in each call: a host serves only the
+/// cluster it runs (here: pinned by the first push, as without pg_wal_dir), so
+/// another host's WAL in a shared bucket can be neither read nor planted.
+#[test]
+fn wal_another_clusters_push_and_fetch_are_refused() {
+    let archive = tempfile::tempdir().unwrap();
+    let mut daemon = wal_daemon(
+        "walsys",
+        (46080, 46089),
+        &format!("target = \"file://{}\"", archive.path().display()),
+    );
+    let work = tempfile::tempdir().unwrap();
+    let name = "000000010000000000000003";
+    let seg = segment_file(work.path(), name, 3);
+    let push = |d: &TestDaemon, sysid: &str, path: &Path| {
+        d.agentctl(&["wal", "push", "--system-id", sysid, path.to_str().unwrap()])
+    };
+    let fetch = |d: &TestDaemon, sysid: &str, name: &str| {
+        d.agentctl(&[
+            "wal",
+            "fetch",
+            "--system-id",
+            sysid,
+            name,
+            work.path().join("fetched").to_str().unwrap(),
+        ])
+    };
+    let out = push(&daemon, "4343", &seg);
+    assert!(out.status.success(), "{out:?}");
+    // Another host's cluster: a planted future segment and a .history, a read.
+    let history = work.path().join("00000002.history");
+    fs::write(&history, "1\t0/9000000\tno recovery target specified\n").unwrap();
+    for round in 0..2 {
+        for path in [&seg, &history] {
+            let out = push(&daemon, "4444", path);
+            assert_eq!(out.status.code(), Some(2), "{out:?}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("4444 is not a cluster this host archives (4343)"),
+                "{err}"
+            );
+        }
+        let out = fetch(&daemon, "4343", name);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            fs::read(work.path().join("fetched")).unwrap(),
+            fs::read(&seg).unwrap()
+        );
+        let out = fetch(&daemon, "4444", name);
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        // The pin outlives a restart.
+        if round == 0 {
+            daemon.restart();
+        }
+    }
+    assert!(
+        !archive.path().join("4444").exists(),
+        "another cluster's WAL was stored"
+    );
+    let m = metrics(&daemon);
+    assert!(
+        m.contains("fleet_agent_wal_failures_total{kind=\"foreign_cluster\"} 3"),
+        "{m}"
+    );
+}
+
 // --- 5. bad names, symlinks -------------------------------------------------------
 
 #[test]
@@ -662,6 +730,10 @@ fn wal_bad_names_and_symlinks_are_refused() {
     }
     assert!(inside.is_empty(), "{inside:?}");
     // A fetch of something not archived exits 1 (recovery ends normally on it).
+    // The host serves only its own clusters: cluster 5 becomes one by a push.
+    let seg = segment_file(work.path(), "000000010000000000000008", 1);
+    let out = push(seg.to_str().unwrap());
+    assert!(out.status.success(), "{out:?}");
     let out = daemon.agentctl(&[
         "wal",
         "fetch",

@@ -366,6 +366,8 @@ impl WalService {
             })
         })
         .await?;
+        // Recovery in the restored directory fetches this cluster's WAL.
+        self.pin(sysid)?;
         (self.events)(
             "wal_restore",
             &format!(
