@@ -94,9 +94,16 @@ impl Pg {
     }
 
     fn init(&mut self, archive_command: &str) {
+        self.init_with(archive_command, &[]);
+    }
+
+    /// `init` with more initdb arguments (e.g. `--wal-segsize=64`).
+    fn init_with(&mut self, archive_command: &str, initdb: &[&str]) {
         ok(self
             .as_postgres("initdb")
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .args(["-A", "trust", "-U", "postgres", "--no-sync"])
+            .args(initdb)
+            .arg("-D")
             .arg(&self.data));
         let conf = format!(
             "\nport = {port}\nlisten_addresses = ''\nunix_socket_directories = '{sock}'\n\
@@ -1228,6 +1235,55 @@ fn archived_backups(archive: &Path, sysid: u64) -> Vec<serde_json::Value> {
         .collect();
     out.sort_by_key(|m| m["id"].as_str().unwrap_or_default().to_string());
     out
+}
+
+/// A cluster made with 64 MiB segments: the manifest names the segment
+/// PostgreSQL itself names for the start point, so retention keeps what the
+/// kept base backup needs.
+#[test]
+fn wal_64mib_segments_manifest_and_retention_follow_the_cluster() {
+    let mut pg = Pg::new(47103);
+    let archive = tempfile::tempdir().unwrap();
+    let daemon = wal_daemon(
+        "wal64",
+        (47050, 47059),
+        &format!(
+            "target = \"file://{}\"\npostgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\n",
+            archive.path().display(),
+            pg.conninfo(),
+            pg.data.display()
+        ),
+    );
+    pg.init_with(&archive_command(&daemon), &["--wal-segsize=64"]);
+    assert_eq!(pg.sql("SHOW wal_segment_size"), "64MB");
+    // Into segment 3 and beyond, where 16 MiB arithmetic names segment 12+.
+    for _ in 0..3 {
+        pg.sql("CREATE TABLE IF NOT EXISTS t(x int); INSERT INTO t VALUES (1)");
+        pg.switch_and_wait(Duration::from_secs(60));
+    }
+    let out = daemon.agentctl(&["backup", "create", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let start_lsn = manifest["start_lsn"].as_str().unwrap();
+    let expected = pg.sql(&format!(
+        "SELECT pg_walfile_name('{start_lsn}') /* timeline {} */",
+        manifest["timeline"]
+    ));
+    assert_eq!(manifest["start_wal"], expected.as_str(), "{manifest}");
+    assert_eq!(manifest["wal_segment_bytes"], 64u64 << 20, "{manifest}");
+    // Retention to this backup keeps every segment from its start on.
+    pg.switch_and_wait(Duration::from_secs(60));
+    let out = daemon.agentctl(&["backup", "prune", "--window", "0s"]);
+    assert!(out.status.success(), "{out:?}");
+    let kept = keys(archive.path());
+    let wal_dir = format!("{}/wal/", pg.sysid());
+    let want = format!("{wal_dir}{expected}.zst");
+    assert!(kept.contains(&want), "{want} was deleted: {kept:?}");
+    let older = format!("{wal_dir}000000010000000000000001.zst");
+    assert!(
+        !kept.contains(&older),
+        "retention deleted nothing: {kept:?}"
+    );
 }
 
 #[test]

@@ -28,11 +28,19 @@ pub struct Manifest {
     pub end_lsn: String,
     /// The first WAL segment a restore of this backup needs.
     pub start_wal: String,
+    /// The cluster's `wal_segment_size` when the backup was taken (manifests
+    /// written before this field: PostgreSQL's default, 16 MiB).
+    #[serde(default = "default_segment_bytes")]
+    pub wal_segment_bytes: u64,
     /// Uncompressed tar bytes.
     pub bytes: u64,
     pub compressed_bytes: u64,
     /// SHA-256 of `base.tar.zst`, checked before a restore unpacks it.
     pub sha256: String,
+}
+
+fn default_segment_bytes() -> u64 {
+    names::DEFAULT_SEGMENT_BYTES
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -200,6 +208,15 @@ impl WalService {
         let sysid = crate::pg::system_identifier(&conninfo)
             .await
             .map_err(|e| WalError::Postgres(e.to_string()))?;
+        // Names follow from LSNs only with the cluster's own segment size.
+        let segment_bytes = crate::pg::wal_segment_bytes(&conninfo)
+            .await
+            .map_err(|e| WalError::Postgres(e.to_string()))?;
+        if !names::is_segment_size(segment_bytes) {
+            return Err(WalError::Postgres(format!(
+                "wal_segment_size is {segment_bytes} bytes, not a power of two from 1 MiB to 1 GiB"
+            )));
+        }
         let started = SystemTime::now();
         let id = humantime::format_rfc3339_millis(started)
             .to_string()
@@ -225,7 +242,7 @@ impl WalService {
                 stderr.trim()
             ))
         })?;
-        let start_wal = names::segment_for_lsn(timeline, &start_lsn)
+        let start_wal = names::segment_for_lsn(timeline, &start_lsn, segment_bytes)
             .ok_or_else(|| WalError::Backup(format!("bad start point {start_lsn}")))?;
         let secs = |t: SystemTime| {
             t.duration_since(UNIX_EPOCH)
@@ -243,6 +260,7 @@ impl WalService {
             start_lsn,
             end_lsn: end.unwrap_or_default(),
             start_wal,
+            wal_segment_bytes: segment_bytes,
             bytes,
             compressed_bytes: compressed,
             sha256: sha,

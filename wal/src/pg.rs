@@ -89,3 +89,16 @@ pub async fn system_identifier(conninfo: &str) -> Result<u64, sqlx::Error> {
     let id: String = row.try_get("id")?;
     id.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
+
+/// `wal_segment_size` in bytes (set by `initdb --wal-segsize`, 16 MiB by default).
+pub async fn wal_segment_bytes(conninfo: &str) -> Result<u64, sqlx::Error> {
+    let mut conn = connect_options(conninfo).connect().await?;
+    // pg_settings gives it in bytes (unit 'B') on every supported version.
+    let row = sqlx::query(
+        "SELECT setting::bigint AS bytes FROM pg_settings WHERE name = 'wal_segment_size'",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    let bytes: i64 = row.try_get("bytes")?;
+    u64::try_from(bytes).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}

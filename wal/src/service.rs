@@ -19,8 +19,6 @@ use tokio::sync::Semaphore;
 /// Records one event in the daemon's event log: (kind, message).
 pub type EventSink = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
-/// Size PostgreSQL gives a WAL segment by default; backlog bytes are counted in it.
-pub const SEGMENT_BYTES: u64 = 16 << 20;
 /// Segments fetched ahead of the one recovery asks for.
 const PREFETCH: usize = 8;
 /// Under the state directory: segments fetched ahead for recovery.
@@ -567,7 +565,11 @@ impl WalService {
             if let Some(wal) = name.strip_suffix(".ready") {
                 backlog.count += 1;
                 if names::classify(wal) == Some(names::WalKind::Segment) {
-                    backlog.bytes += SEGMENT_BYTES;
+                    // The file's own size: segments are whatever the cluster
+                    // was made with (initdb --wal-segsize).
+                    backlog.bytes += std::fs::metadata(dir.join(wal))
+                        .map(|m| m.len())
+                        .unwrap_or(names::DEFAULT_SEGMENT_BYTES);
                 }
                 if let Ok(age) = entry
                     .metadata()
@@ -755,7 +757,10 @@ impl WalService {
         self.counters.fetched.fetch_add(1, Ordering::Relaxed);
         if names::classify(name) == Some(names::WalKind::Segment) {
             self.clean_prefetch(&dir, name).await;
-            for next in names::next_segments(name, PREFETCH) {
+            // A segment is as long as the cluster's segment size, which
+            // decides the names that follow it.
+            let segment_bytes = content.len() as u64;
+            for next in names::next_segments(name, PREFETCH, segment_bytes) {
                 let key = format!("{sysid}/{next}");
                 if tokio::fs::metadata(dir.join(&next)).await.is_ok() {
                     continue;
