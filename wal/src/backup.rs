@@ -39,6 +39,26 @@ pub struct Manifest {
     pub sha256: String,
 }
 
+/// What `create_backup` makes ids of (an RFC 3339 time without separators,
+/// `20261203T135501123Z`): letters and digits only, so an id is one path segment.
+fn is_backup_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// A manifest is used only for the backup at its own key, of its own cluster.
+fn check_manifest(m: &Manifest, key_id: &str, sysid: u64) -> Result<(), &'static str> {
+    if m.id != key_id {
+        return Err("its id differs from the directory it is in");
+    }
+    if m.system_identifier != sysid.to_string() {
+        return Err("its system_identifier differs from the cluster directory it is in");
+    }
+    if names::classify(&m.start_wal) != Some(names::WalKind::Segment) {
+        return Err("its start_wal is not a WAL segment name");
+    }
+    Ok(())
+}
+
 fn default_segment_bytes() -> u64 {
     names::DEFAULT_SEGMENT_BYTES
 }
@@ -296,10 +316,28 @@ impl WalService {
     pub async fn list_backups(&self, sysid: u64) -> Result<Vec<Manifest>, WalError> {
         let entries = self.target.list(&backups_prefix(sysid)).await?;
         let mut out = Vec::new();
+        let prefix = backups_prefix(sysid);
         for entry in entries.iter().filter(|e| e.key.ends_with("/manifest.json")) {
+            // Keys are derived from where the manifest lies, never from what it
+            // says: a manifest planted in a shared bucket must not steer
+            // retention's deletes or a restore outside its own directory.
+            let Some(id) = entry
+                .key
+                .strip_prefix(&prefix)
+                .and_then(|k| k.strip_suffix("/manifest.json"))
+                .filter(|id| is_backup_id(id))
+            else {
+                tracing::warn!(key = %entry.key, "Ignoring a backup manifest at an unexpected key.");
+                continue;
+            };
             if let Some(bytes) = self.target.get(&entry.key).await? {
                 match serde_json::from_slice::<Manifest>(&bytes) {
-                    Ok(m) => out.push(m),
+                    Ok(m) => match check_manifest(&m, id, sysid) {
+                        Ok(()) => out.push(m),
+                        Err(why) => {
+                            tracing::warn!(key = %entry.key, why, "Ignoring a backup manifest.")
+                        }
+                    },
                     Err(e) => {
                         tracing::warn!(key = %entry.key, error = %e, "Unreadable backup manifest.")
                     }
@@ -641,6 +679,65 @@ mod tests {
             backup: None,
             restore_command: "true".into(),
         }
+    }
+
+    fn manifest(id: &str, finished_unix: u64) -> Manifest {
+        Manifest {
+            id: id.into(),
+            system_identifier: "7001".into(),
+            started_at: String::new(),
+            finished_at: String::new(),
+            started_unix: finished_unix,
+            finished_unix,
+            timeline: 1,
+            start_lsn: "0/2000028".into(),
+            end_lsn: String::new(),
+            start_wal: "000000010000000000000002".into(),
+            wal_segment_bytes: names::DEFAULT_SEGMENT_BYTES,
+            bytes: 0,
+            compressed_bytes: 0,
+            sha256: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_planted_manifest_cannot_make_retention_delete_outside_the_archive() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let archive = dir.path().join("archive");
+        let put = |key: &str, m: &Manifest| {
+            let path = archive.join(key);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            std::fs::write(path, serde_json::to_vec(m).expect("json")).expect("write");
+        };
+        // What an attacker can reach: files beside the archive.
+        let victim = dir.path().join("victim");
+        std::fs::create_dir_all(&victim).expect("mkdir");
+        std::fs::write(victim.join("manifest.json"), b"keep").expect("write");
+        std::fs::write(victim.join("base.tar.zst"), b"keep").expect("write");
+        put(
+            "7001/backups/planted/manifest.json",
+            &manifest("../../../victim", 1),
+        );
+        put(
+            "7001/backups/20261203T000000000Z/manifest.json",
+            &manifest("20261203T000000000Z", 2),
+        );
+        std::fs::write(
+            archive.join("7001/backups/20261203T000000000Z/base.tar.zst"),
+            b"x",
+        )
+        .expect("write");
+        let wal = service(&archive, &dir.path().join("state"));
+        let listed = wal.list_backups(7001).await.expect("list");
+        assert_eq!(
+            listed.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+            vec!["20261203T000000000Z"]
+        );
+        wal.apply_retention_for(Some(7001), Some(Duration::ZERO))
+            .await
+            .expect("retention");
+        assert!(victim.join("manifest.json").exists() && victim.join("base.tar.zst").exists());
+        assert!(!is_backup_id("a/b") && !is_backup_id("..") && !is_backup_id(""));
     }
 
     #[tokio::test]

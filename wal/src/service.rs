@@ -167,6 +167,15 @@ pub fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether the valve may tell PostgreSQL that `name` is archived when it is
+/// not: only a segment, and only past the backlog limit. A `.history` file
+/// (a promotion's timeline history) or a `.backup` file is small, cannot fill
+/// the disk, and without it the archive cannot follow the timeline or find the
+/// backup's end, so those keep failing until the archive works.
+pub fn valve_may_acknowledge(name: &str, backlog: u64, limit: u64) -> bool {
+    names::classify(name) == Some(names::WalKind::Segment) && backlog > limit
+}
+
 /// What [`WalService::admit`] decides for a caller's cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
@@ -509,7 +518,7 @@ impl WalService {
                 if matches!(e, WalError::Target(_)) {
                     if let Some(limit) = self.config.valve_backlog {
                         let backlog = self.backlog().bytes;
-                        if backlog > limit.bytes() {
+                        if valve_may_acknowledge(name, backlog, limit.bytes()) {
                             self.counters.valve.fetch_add(1, Ordering::Relaxed);
                             if !self.valve_announced.swap(true, Ordering::Relaxed) {
                                 (self.events)(
@@ -1124,6 +1133,28 @@ async fn write_prefetched(dir: &Path, name: &str, content: Vec<u8>) -> std::io::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_valve_acknowledges_segments_only() {
+        let (past, limit) = (100 << 20, 40 << 20);
+        assert!(valve_may_acknowledge(
+            "000000010000000000000005",
+            past,
+            limit
+        ));
+        assert!(!valve_may_acknowledge(
+            "000000010000000000000005",
+            limit,
+            limit
+        ));
+        for kept in [
+            "00000002.history",
+            "000000010000000000000002.00000028.backup",
+            "000000010000000000000005.partial",
+        ] {
+            assert!(!valve_may_acknowledge(kept, past, limit), "{kept}");
+        }
+    }
 
     #[test]
     fn only_this_hosts_clusters_are_admitted() {
