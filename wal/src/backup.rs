@@ -161,16 +161,53 @@ fn run_basebackup(
     conninfo: &str,
     out: &Path,
     level: i32,
+    timeout: Duration,
 ) -> Result<(u64, u64, String, String), WalError> {
-    let mut child = std::process::Command::new("pg_basebackup")
-        .args([
+    run_backup_program(
+        std::ffi::OsStr::new("pg_basebackup"),
+        &[
             "-d", conninfo, "-D", "-", "-F", "t", "-X", "fetch", "-c", "fast", "-v", "-w",
-        ])
+        ],
+        out,
+        level,
+        timeout,
+    )
+}
+
+/// The body of [`run_basebackup`], for any program writing a tar to stdout.
+/// It never waits for a child that may still be writing: on a local write
+/// error (disk full) the pipe is closed and the child killed, and a watchdog
+/// kills it once `timeout` has passed, so a scheduled backup cannot hang.
+fn run_backup_program(
+    program: &std::ffi::OsStr,
+    args: &[&str],
+    out: &Path,
+    level: i32,
+    timeout: Duration,
+) -> Result<(u64, u64, String, String), WalError> {
+    let mut child = std::process::Command::new(program)
+        .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| WalError::Backup(format!("cannot run pg_basebackup: {e}")))?;
+        .map_err(|e| WalError::Backup(format!("cannot run {}: {e}", program.to_string_lossy())))?;
+    let name = program.to_string_lossy().into_owned();
+    // Until the child is waited for below its pid cannot be reused, so the
+    // watchdog's kill can only reach this child.
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let timed_out = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let watchdog = {
+        let timed_out = timed_out.clone();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(timeout)
+            {
+                timed_out.store(true, Ordering::Relaxed);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        })
+    };
     let stderr = child.stderr.take();
     let stderr_thread = std::thread::spawn(move || {
         let mut text = String::new();
@@ -182,10 +219,45 @@ fn run_basebackup(
         }
         text
     });
+    let result = copy_compressed(&mut child, out, level);
+    // On a failed write the child may be blocked on a full pipe: stop it
+    // before waiting. After success this is a no-op on an exited child.
+    if result.is_err() {
+        let _ = child.kill();
+    }
+    let status = child.wait();
+    let _ = done.send(());
+    let _ = watchdog.join();
+    let stderr_text = stderr_thread.join().unwrap_or_default();
+    if timed_out.load(Ordering::Relaxed) {
+        return Err(WalError::Backup(format!(
+            "{name} did not finish within {} and was killed (wal.backup_timeout): {}",
+            humantime::format_duration(timeout),
+            stderr_text.trim()
+        )));
+    }
+    let (bytes, compressed, sha) = result?;
+    let status = status.map_err(|e| WalError::Backup(format!("{name}: {e}")))?;
+    if !status.success() {
+        return Err(WalError::Backup(format!(
+            "{name} failed ({status}): {}",
+            stderr_text.trim()
+        )));
+    }
+    Ok((bytes, compressed, sha, stderr_text))
+}
+
+/// The child's stdout, zstd-compressed, into `out` (fsynced); the pipe is
+/// closed when this returns, whatever happened.
+fn copy_compressed(
+    child: &mut std::process::Child,
+    out: &Path,
+    level: i32,
+) -> Result<(u64, u64, String), WalError> {
     let stdout = child
         .stdout
         .take()
-        .ok_or_else(|| WalError::Backup("pg_basebackup has no stdout".into()))?;
+        .ok_or_else(|| WalError::Backup("the backup program has no stdout".into()))?;
     let io_err = |e: std::io::Error| WalError::Backup(format!("{}: {e}", out.display()));
     let file = std::fs::File::create(out).map_err(io_err)?;
     let hashing = Hashing {
@@ -198,25 +270,13 @@ fn run_basebackup(
         inner: stdout,
         count: 0,
     };
-    let copied = std::io::copy(&mut reader, &mut encoder);
-    let status = child
-        .wait()
-        .map_err(|e| WalError::Backup(format!("pg_basebackup: {e}")))?;
-    let stderr_text = stderr_thread.join().unwrap_or_default();
-    if !status.success() {
-        return Err(WalError::Backup(format!(
-            "pg_basebackup failed ({status}): {}",
-            stderr_text.trim()
-        )));
-    }
-    copied.map_err(io_err)?;
+    std::io::copy(&mut reader, &mut encoder).map_err(io_err)?;
     let hashing = encoder.finish().map_err(io_err)?;
     hashing.inner.sync_all().map_err(io_err)?;
     Ok((
         reader.count,
         hashing.count,
         hex::encode(hashing.hasher.finalize()),
-        stderr_text,
     ))
 }
 
@@ -249,7 +309,8 @@ impl WalService {
         let level = self.config.compression_level;
         let (bytes, compressed, sha, stderr) = {
             let local = local.clone();
-            blocking(move || run_basebackup(&conninfo, &local, level)).await
+            let timeout = self.config.backup_timeout;
+            blocking(move || run_basebackup(&conninfo, &local, level, timeout)).await
         }
         .inspect_err(|_| {
             let _ = std::fs::remove_file(&local);
@@ -679,6 +740,59 @@ mod tests {
             backup: None,
             restore_command: "true".into(),
         }
+    }
+
+    /// A stand-in for pg_basebackup: a shell script.
+    fn backup_program(script: &str) -> (std::ffi::OsString, Vec<String>) {
+        ("sh".into(), vec!["-c".into(), script.into()])
+    }
+
+    #[test]
+    fn a_full_disk_fails_the_backup_instead_of_hanging() {
+        // Writes forever; /dev/full refuses every write (ENOSPC).
+        let (program, args) = backup_program("exec cat /dev/zero");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let began = std::time::Instant::now();
+        let err = run_backup_program(
+            &program,
+            &args,
+            Path::new("/dev/full"),
+            1,
+            Duration::from_secs(60),
+        )
+        .expect_err("no space");
+        assert!(err.to_string().contains("/dev/full"), "{err}");
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            began.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_stalled_backup_is_killed_at_its_timeout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (program, args) = backup_program("echo started >&2; exec sleep 600");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let began = std::time::Instant::now();
+        let err = run_backup_program(
+            &program,
+            &args,
+            &dir.path().join("b.tar.zst"),
+            1,
+            Duration::from_secs(1),
+        )
+        .expect_err("timeout");
+        let text = err.to_string();
+        assert!(
+            text.contains("did not finish within 1s") && text.contains("wal.backup_timeout"),
+            "{text}"
+        );
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            began.elapsed()
+        );
     }
 
     fn manifest(id: &str, finished_unix: u64) -> Manifest {
