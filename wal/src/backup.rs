@@ -424,6 +424,7 @@ impl WalService {
             ),
             None => None,
         };
+        check_restore_target(&request.to)?;
         let sysid = self.restore_sysid(given).await?;
         let target_unix = target.map(|t| t.unix_seconds());
         let pg_target = target.map(|t| t.to_postgres());
@@ -443,17 +444,6 @@ impl WalService {
             })
         })?;
         let to = request.to.clone();
-        if !to.is_absolute() {
-            return Err(WalError::BadRequest("--to must be an absolute path".into()));
-        }
-        if let Ok(mut entries) = std::fs::read_dir(&to) {
-            if entries.next().is_some() {
-                return Err(WalError::BadRequest(format!(
-                    "{} is not empty; restore into a new or empty directory",
-                    to.display()
-                )));
-            }
-        }
         let temp_dir = self.state_dir.join("wal-backup-tmp");
         tokio::fs::create_dir_all(&temp_dir)
             .await
@@ -659,6 +649,9 @@ fn unpack(
         )));
     }
     std::fs::create_dir_all(to).map_err(err)?;
+    // A symlinked --to: everything below works on the directory it names (a
+    // chown of the link alone would leave the tree root's).
+    let to = &std::fs::canonicalize(to).map_err(err)?;
     let owner = std::fs::metadata(to).map_err(err)?;
     let decoder =
         zstd::stream::read::Decoder::new(std::fs::File::open(local).map_err(err)?).map_err(err)?;
@@ -708,7 +701,53 @@ fn unpack(
     }
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    sync_tree(to).map_err(err)?;
+    if let Some(parent) = to.parent() {
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
+    }
     Ok(bytes)
+}
+
+/// `--to` must be absolute and a new or empty directory. A directory that
+/// cannot be read is refused, not taken for empty.
+fn check_restore_target(to: &Path) -> Result<(), WalError> {
+    if !to.is_absolute() {
+        return Err(WalError::BadRequest("--to must be an absolute path".into()));
+    }
+    match std::fs::read_dir(to) {
+        Ok(mut entries) => match entries.next() {
+            None => Ok(()),
+            Some(_) => Err(WalError::BadRequest(format!(
+                "{} is not empty; restore into a new or empty directory",
+                to.display()
+            ))),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(WalError::BadRequest(format!(
+            "cannot tell whether {} is empty: {e}; restore into a new or empty directory",
+            to.display()
+        ))),
+    }
+}
+
+/// fsync of every file and directory under `path` (directories after their
+/// entries), so a restored data directory and its recovery settings survive a
+/// crash right after the restore reports success. Symlinks (tablespaces) are
+/// not followed; their directory entry is synced with their parent.
+fn sync_tree(path: &Path) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(path)?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            sync_tree(&entry?.path())?;
+        }
+        std::fs::File::open(path)?.sync_all()
+    } else if meta.is_file() {
+        std::fs::File::open(path)?.sync_all()
+    } else {
+        Ok(())
+    }
 }
 
 fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
@@ -739,6 +778,79 @@ mod tests {
             system_identifier: system_id.map(str::to_string),
             backup: None,
             restore_command: "true".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn restore_refuses_a_to_it_cannot_read_before_any_download() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let archive = dir.path().join("archive");
+        std::fs::create_dir_all(archive.join("7001/backups")).expect("mkdir");
+        // read_dir fails (ENOTDIR): not "empty".
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"x").expect("write");
+        let wal = service(&archive, &dir.path().join("state"));
+        let err = wal
+            .restore(restore_to(&file, Some("7001")))
+            .await
+            .expect_err("not a directory");
+        assert!(
+            matches!(&err, WalError::BadRequest(m) if m.contains("cannot tell whether") && m.contains("a-file")),
+            "{err}"
+        );
+    }
+
+    /// A base backup of `files` as `create_backup` stores it, and its manifest.
+    fn tar_zst(dir: &Path, files: &[(&str, &[u8])]) -> (PathBuf, Manifest) {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, content) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(content.len() as u64);
+            header.set_mode(0o600);
+            header.set_cksum();
+            builder
+                .append_data(&mut header, name, *content)
+                .expect("tar");
+        }
+        let tar = builder.into_inner().expect("tar");
+        let compressed = zstd::encode_all(&tar[..], 1).expect("zstd");
+        let path = dir.join("base.tar.zst");
+        std::fs::write(&path, &compressed).expect("write");
+        let mut m = manifest("20261203T000000000Z", 1);
+        m.sha256 = hex::encode(Sha256::digest(&compressed));
+        (path, m)
+    }
+
+    #[test]
+    fn a_symlinked_to_is_handed_over_whole() {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::metadata("/proc/self")
+            .map(|m| m.uid())
+            .unwrap_or(1)
+            != 0
+        {
+            return; // chown to another user needs root
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (local, m) = tar_zst(
+            dir.path(),
+            &[("PG_VERSION", b"15\n"), ("global/pg_control", b"c")],
+        );
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).expect("mkdir");
+        std::os::unix::fs::chown(&real, Some(65534), Some(65534)).expect("chown");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        unpack(&local, &link, &m, None, "true").expect("unpack");
+        for path in [
+            "PG_VERSION",
+            "global",
+            "global/pg_control",
+            "recovery.signal",
+            "postgresql.auto.conf",
+        ] {
+            let meta = std::fs::symlink_metadata(real.join(path)).expect(path);
+            assert_eq!((meta.uid(), meta.gid()), (65534, 65534), "{path}");
         }
     }
 
