@@ -23,6 +23,11 @@ pub struct Manifest {
     pub finished_at: String,
     pub started_unix: u64,
     pub finished_unix: u64,
+    /// When the backup finished, in microseconds since the epoch: the base for
+    /// a target time must have finished before it, to the microsecond as
+    /// target times are (absent in older manifests: see [`Manifest::finished_micros`]).
+    #[serde(default)]
+    pub finished_unix_micros: Option<u64>,
     pub timeline: u32,
     pub start_lsn: String,
     pub end_lsn: String,
@@ -57,6 +62,27 @@ fn check_manifest(m: &Manifest, key_id: &str, sysid: u64) -> Result<(), &'static
         return Err("its start_wal is not a WAL segment name");
     }
     Ok(())
+}
+
+impl Manifest {
+    /// When the backup finished. For a manifest with whole seconds only, the
+    /// end of that second: a backup is never taken as finished earlier than
+    /// it did.
+    pub fn finished_micros(&self) -> u64 {
+        self.finished_unix_micros.unwrap_or_else(|| {
+            self.finished_unix
+                .saturating_add(1)
+                .saturating_mul(1_000_000)
+        })
+    }
+}
+
+/// The base for recovery to `target_micros` (since the epoch): the newest
+/// backup that finished strictly before it; without a target, the newest.
+pub fn choose_base(backups: &[Manifest], target_micros: Option<i64>) -> Option<&Manifest> {
+    backups.iter().rev().find(|m| {
+        target_micros.is_none_or(|t| i64::try_from(m.finished_micros()).is_ok_and(|f| f < t))
+    })
 }
 
 fn default_segment_bytes() -> u64 {
@@ -337,6 +363,10 @@ impl WalService {
             finished_at: rfc3339(finished),
             started_unix: secs(started),
             finished_unix: secs(finished),
+            finished_unix_micros: finished
+                .duration_since(UNIX_EPOCH)
+                .ok()
+                .and_then(|d| u64::try_from(d.as_micros()).ok()),
             timeline,
             start_lsn,
             end_lsn: end.unwrap_or_default(),
@@ -426,16 +456,12 @@ impl WalService {
         };
         check_restore_target(&request.to)?;
         let sysid = self.restore_sysid(given).await?;
-        let target_unix = target.map(|t| t.unix_seconds());
+        let target_micros = target.map(|t| t.unix_micros());
         let pg_target = target.map(|t| t.to_postgres());
         let backups = self.list_backups(sysid).await?;
         let chosen = match &request.backup {
             Some(id) => backups.iter().find(|m| &m.id == id).cloned(),
-            None => backups
-                .iter()
-                .rev()
-                .find(|m| target_unix.is_none_or(|t| (m.finished_unix as f64) < t))
-                .cloned(),
+            None => choose_base(&backups, target_micros).cloned(),
         }
         .ok_or_else(|| {
             WalError::NotFound(match &request.target_time {
@@ -781,6 +807,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_base_for_a_time_finished_before_it_to_the_microsecond() {
+        let mut early = manifest("a", 100);
+        early.finished_unix_micros = Some(100_200_000);
+        let mut late = manifest("b", 100);
+        late.finished_unix_micros = Some(100_900_000);
+        let both = [early, late];
+        let id = |t: i64| choose_base(&both, Some(t)).map(|m| m.id.clone());
+        // Same second: the backup that finished at .9 is no base for .5.
+        assert_eq!(id(100_500_000).as_deref(), Some("a"));
+        assert_eq!(id(100_900_001).as_deref(), Some("b"));
+        assert_eq!(id(100_900_000).as_deref(), Some("a"));
+        assert_eq!(id(100_100_000), None);
+        // Seconds only (older manifests): taken as finished at the second's end.
+        let old = [manifest("c", 100)];
+        assert_eq!(
+            choose_base(&old, Some(100_500_000)).map(|m| m.id.as_str()),
+            None
+        );
+        assert_eq!(
+            choose_base(&old, Some(101_500_000)).map(|m| m.id.as_str()),
+            Some("c")
+        );
+    }
+
     #[tokio::test]
     async fn restore_refuses_a_to_it_cannot_read_before_any_download() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -915,6 +966,7 @@ mod tests {
             finished_at: String::new(),
             started_unix: finished_unix,
             finished_unix,
+            finished_unix_micros: None,
             timeline: 1,
             start_lsn: "0/2000028".into(),
             end_lsn: String::new(),
