@@ -189,11 +189,14 @@ fn run_basebackup(
     level: i32,
     timeout: Duration,
 ) -> Result<(u64, u64, String, String), WalError> {
+    let (conninfo, password) = crate::pg::split_password(conninfo)
+        .map_err(|e| WalError::Backup(format!("wal.postgres: {e}")))?;
     run_backup_program(
         std::ffi::OsStr::new("pg_basebackup"),
         &[
-            "-d", conninfo, "-D", "-", "-F", "t", "-X", "fetch", "-c", "fast", "-v", "-w",
+            "-d", &conninfo, "-D", "-", "-F", "t", "-X", "fetch", "-c", "fast", "-v", "-w",
         ],
+        password.as_deref(),
         out,
         level,
         timeout,
@@ -207,11 +210,16 @@ fn run_basebackup(
 fn run_backup_program(
     program: &std::ffi::OsStr,
     args: &[&str],
+    password: Option<&str>,
     out: &Path,
     level: i32,
     timeout: Duration,
 ) -> Result<(u64, u64, String, String), WalError> {
-    let mut child = std::process::Command::new(program)
+    let mut command = std::process::Command::new(program);
+    if let Some(password) = password {
+        command.env("PGPASSWORD", password);
+    }
+    let mut child = command
         .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -919,6 +927,7 @@ mod tests {
         let err = run_backup_program(
             &program,
             &args,
+            None,
             Path::new("/dev/full"),
             1,
             Duration::from_secs(60),
@@ -941,6 +950,7 @@ mod tests {
         let err = run_backup_program(
             &program,
             &args,
+            None,
             &dir.path().join("b.tar.zst"),
             1,
             Duration::from_secs(1),
