@@ -358,6 +358,9 @@ pub struct WalConfig {
     pub valve_backlog: Option<ByteSize>,
     #[serde(default = "default_compression_level")]
     pub compression_level: i32,
+    /// A base backup still running after this is killed and fails (an event).
+    #[serde(default = "default_backup_timeout", with = "humantime_serde")]
+    pub backup_timeout: Duration,
     /// The socket of the WAL service when it runs on its own as the PostgreSQL
     /// user (`fleet-agentd wal-serve`, fleet-agent-wal.service). Set: fleet-agentd
     /// does not run the WAL service itself and shows its status and metrics from
@@ -369,6 +372,9 @@ pub struct WalConfig {
 
 fn default_postgres_user() -> String {
     "postgres".into()
+}
+fn default_backup_timeout() -> Duration {
+    Duration::from_secs(6 * 3600)
 }
 fn default_recovery_window() -> Duration {
     Duration::from_secs(7 * 24 * 3600)
@@ -624,6 +630,12 @@ impl Config {
                 problems.push(FieldError::new(
                     "wal.backup_interval",
                     "must be at least 1s (absent: backups by hand only)",
+                ));
+            }
+            if wal.backup_timeout < Duration::from_secs(1) {
+                problems.push(FieldError::new(
+                    "wal.backup_timeout",
+                    "must be at least 1s (default 6h)",
                 ));
             }
         }

@@ -4,7 +4,8 @@
 # debootstrap root, reached with the community.docker.docker connection),
 # installs and configures the agent, and the second run changes nothing.
 # Before them, a run with a set the daemon would refuse stops, says why, and
-# leaves the push playbook's containers alone.
+# leaves the push playbook's containers alone. A WAL host's agent.toml is
+# checked statically (rendered through the role's preview entry point).
 # The host starts as the push playbook left it: two aio-<id> containers on the
 # playbook's ports, which the agent must take over under the same names/ports.
 source "$(dirname "$0")/lib.sh"
@@ -35,6 +36,26 @@ log "ansible-lint, syntax check"
     || { cat "$work/lint.log" >&2; fail "ansible-lint failed"; }
 (cd "$PKGTEST_ROOT/ansible" && ansible-playbook --syntax-check site.yml) >"$work/syntax.log" 2>&1 \
     || { cat "$work/syntax.log" >&2; fail "syntax check failed"; }
+
+# A WAL host, statically (the systemd container has no PostgreSQL): the
+# agent.toml the role renders points fleet-agentd at fleet-agent-wal.service's
+# socket and passes check-config; the role enables that unit for a WAL target.
+log "WAL host: rendered agent.toml"
+(cd "$PKGTEST_ROOT/ansible" && ANSIBLE_NOCOLOR=1 ansible localhost -m include_role \
+    -a 'name=fleet_agent tasks_from=preview' -e fleet_agent_preview_dir="$work/wal" \
+    -e fleet_agent_node_id="$node" -e fleet_agent_wal_target="file://$work/archive" \
+    -e fleet_agent_wal_pg_wal_dir=/var/lib/postgresql/15/main/pg_wal -e fleet_agent_wal_backup_interval=24h) \
+    >"$work/wal-preview.log" 2>&1 || { cat "$work/wal-preview.log" >&2; fail "rendering a WAL host's agent.toml failed"; }
+walconf=$(sed -n '/^\[wal\]$/,$p' "$work/wal/agent.toml")
+for line in "target = \"file://$work/archive\"" 'socket = "/run/fleet-agent-wal/wal.sock"' \
+    'postgres = "host=/var/run/postgresql port=5432 user=postgres"' \
+    'pg_wal_dir = "/var/lib/postgresql/15/main/pg_wal"' 'backup_interval = "24h"'; do
+    grep -qxF "$line" <<<"$walconf" || { cat "$work/wal/agent.toml" >&2; fail "the role's [wal] lacks: $line"; }
+done
+"$PKGTEST_BIN_DIR/fleet-agentd" check-config --config-only --config "$work/wal/agent.toml" >"$work/wal-check.log" 2>&1 \
+    || { cat "$work/wal-check.log" >&2; fail "check-config refuses the role's WAL agent.toml"; }
+grep -qF 'name: fleet-agent-wal.service' "$PKGTEST_ROOT/ansible/roles/fleet_agent/tasks/service.yml" \
+    || fail "the role does not manage fleet-agent-wal.service"
 
 ensure_image
 deb=$(ensure_deb)

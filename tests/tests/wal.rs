@@ -94,9 +94,16 @@ impl Pg {
     }
 
     fn init(&mut self, archive_command: &str) {
+        self.init_with(archive_command, &[]);
+    }
+
+    /// `init` with more initdb arguments (e.g. `--wal-segsize=64`).
+    fn init_with(&mut self, archive_command: &str, initdb: &[&str]) {
         ok(self
             .as_postgres("initdb")
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .args(["-A", "trust", "-U", "postgres", "--no-sync"])
+            .args(initdb)
+            .arg("-D")
             .arg(&self.data));
         let conf = format!(
             "\nport = {port}\nlisten_addresses = ''\nunix_socket_directories = '{sock}'\n\
@@ -604,6 +611,74 @@ fn wal_same_segment_twice_ok_different_content_refused() {
     assert!(events.to_string().contains("wal_conflict"), "{events}");
 }
 
+// --- the caller's system_id ---------------------------------------------------
+
+/// The PostgreSQL user names the cluster in each call: a host serves only the
+/// cluster it runs (here: pinned by the first push, as without pg_wal_dir), so
+/// another host's WAL in a shared bucket can be neither read nor planted.
+#[test]
+fn wal_another_clusters_push_and_fetch_are_refused() {
+    let archive = tempfile::tempdir().unwrap();
+    let mut daemon = wal_daemon(
+        "walsys",
+        (46080, 46089),
+        &format!("target = \"file://{}\"", archive.path().display()),
+    );
+    let work = tempfile::tempdir().unwrap();
+    let name = "000000010000000000000003";
+    let seg = segment_file(work.path(), name, 3);
+    let push = |d: &TestDaemon, sysid: &str, path: &Path| {
+        d.agentctl(&["wal", "push", "--system-id", sysid, path.to_str().unwrap()])
+    };
+    let fetch = |d: &TestDaemon, sysid: &str, name: &str| {
+        d.agentctl(&[
+            "wal",
+            "fetch",
+            "--system-id",
+            sysid,
+            name,
+            work.path().join("fetched").to_str().unwrap(),
+        ])
+    };
+    let out = push(&daemon, "4343", &seg);
+    assert!(out.status.success(), "{out:?}");
+    // Another host's cluster: a planted future segment and a .history, a read.
+    let history = work.path().join("00000002.history");
+    fs::write(&history, "1\t0/9000000\tno recovery target specified\n").unwrap();
+    for round in 0..2 {
+        for path in [&seg, &history] {
+            let out = push(&daemon, "4444", path);
+            assert_eq!(out.status.code(), Some(2), "{out:?}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("4444 is not a cluster this host archives (4343)"),
+                "{err}"
+            );
+        }
+        let out = fetch(&daemon, "4343", name);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            fs::read(work.path().join("fetched")).unwrap(),
+            fs::read(&seg).unwrap()
+        );
+        let out = fetch(&daemon, "4444", name);
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        // The pin outlives a restart.
+        if round == 0 {
+            daemon.restart();
+        }
+    }
+    assert!(
+        !archive.path().join("4444").exists(),
+        "another cluster's WAL was stored"
+    );
+    let m = metrics(&daemon);
+    assert!(
+        m.contains("fleet_agent_wal_failures_total{kind=\"foreign_cluster\"} 3"),
+        "{m}"
+    );
+}
+
 // --- 5. bad names, symlinks -------------------------------------------------------
 
 #[test]
@@ -662,6 +737,10 @@ fn wal_bad_names_and_symlinks_are_refused() {
     }
     assert!(inside.is_empty(), "{inside:?}");
     // A fetch of something not archived exits 1 (recovery ends normally on it).
+    // The host serves only its own clusters: cluster 5 becomes one by a push.
+    let seg = segment_file(work.path(), "000000010000000000000008", 1);
+    let out = push(seg.to_str().unwrap());
+    assert!(out.status.success(), "{out:?}");
     let out = daemon.agentctl(&[
         "wal",
         "fetch",
@@ -1156,6 +1235,55 @@ fn archived_backups(archive: &Path, sysid: u64) -> Vec<serde_json::Value> {
         .collect();
     out.sort_by_key(|m| m["id"].as_str().unwrap_or_default().to_string());
     out
+}
+
+/// A cluster made with 64 MiB segments: the manifest names the segment
+/// PostgreSQL itself names for the start point, so retention keeps what the
+/// kept base backup needs.
+#[test]
+fn wal_64mib_segments_manifest_and_retention_follow_the_cluster() {
+    let mut pg = Pg::new(47103);
+    let archive = tempfile::tempdir().unwrap();
+    let daemon = wal_daemon(
+        "wal64",
+        (47050, 47059),
+        &format!(
+            "target = \"file://{}\"\npostgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\n",
+            archive.path().display(),
+            pg.conninfo(),
+            pg.data.display()
+        ),
+    );
+    pg.init_with(&archive_command(&daemon), &["--wal-segsize=64"]);
+    assert_eq!(pg.sql("SHOW wal_segment_size"), "64MB");
+    // Into segment 3 and beyond, where 16 MiB arithmetic names segment 12+.
+    for _ in 0..3 {
+        pg.sql("CREATE TABLE IF NOT EXISTS t(x int); INSERT INTO t VALUES (1)");
+        pg.switch_and_wait(Duration::from_secs(60));
+    }
+    let out = daemon.agentctl(&["backup", "create", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let start_lsn = manifest["start_lsn"].as_str().unwrap();
+    let expected = pg.sql(&format!(
+        "SELECT pg_walfile_name('{start_lsn}') /* timeline {} */",
+        manifest["timeline"]
+    ));
+    assert_eq!(manifest["start_wal"], expected.as_str(), "{manifest}");
+    assert_eq!(manifest["wal_segment_bytes"], 64u64 << 20, "{manifest}");
+    // Retention to this backup keeps every segment from its start on.
+    pg.switch_and_wait(Duration::from_secs(60));
+    let out = daemon.agentctl(&["backup", "prune", "--window", "0s"]);
+    assert!(out.status.success(), "{out:?}");
+    let kept = keys(archive.path());
+    let wal_dir = format!("{}/wal/", pg.sysid());
+    let want = format!("{wal_dir}{expected}.zst");
+    assert!(kept.contains(&want), "{want} was deleted: {kept:?}");
+    let older = format!("{wal_dir}000000010000000000000001.zst");
+    assert!(
+        !kept.contains(&older),
+        "retention deleted nothing: {kept:?}"
+    );
 }
 
 #[test]

@@ -23,16 +23,70 @@ pub struct Manifest {
     pub finished_at: String,
     pub started_unix: u64,
     pub finished_unix: u64,
+    /// When the backup finished, in microseconds since the epoch: the base for
+    /// a target time must have finished before it, to the microsecond as
+    /// target times are (absent in older manifests: see [`Manifest::finished_micros`]).
+    #[serde(default)]
+    pub finished_unix_micros: Option<u64>,
     pub timeline: u32,
     pub start_lsn: String,
     pub end_lsn: String,
     /// The first WAL segment a restore of this backup needs.
     pub start_wal: String,
+    /// The cluster's `wal_segment_size` when the backup was taken (manifests
+    /// written before this field: PostgreSQL's default, 16 MiB).
+    #[serde(default = "default_segment_bytes")]
+    pub wal_segment_bytes: u64,
     /// Uncompressed tar bytes.
     pub bytes: u64,
     pub compressed_bytes: u64,
     /// SHA-256 of `base.tar.zst`, checked before a restore unpacks it.
     pub sha256: String,
+}
+
+/// What `create_backup` makes ids of (an RFC 3339 time without separators,
+/// `20261203T135501123Z`): letters and digits only, so an id is one path segment.
+fn is_backup_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// A manifest is used only for the backup at its own key, of its own cluster.
+fn check_manifest(m: &Manifest, key_id: &str, sysid: u64) -> Result<(), &'static str> {
+    if m.id != key_id {
+        return Err("its id differs from the directory it is in");
+    }
+    if m.system_identifier != sysid.to_string() {
+        return Err("its system_identifier differs from the cluster directory it is in");
+    }
+    if names::classify(&m.start_wal) != Some(names::WalKind::Segment) {
+        return Err("its start_wal is not a WAL segment name");
+    }
+    Ok(())
+}
+
+impl Manifest {
+    /// When the backup finished. For a manifest with whole seconds only, the
+    /// end of that second: a backup is never taken as finished earlier than
+    /// it did.
+    pub fn finished_micros(&self) -> u64 {
+        self.finished_unix_micros.unwrap_or_else(|| {
+            self.finished_unix
+                .saturating_add(1)
+                .saturating_mul(1_000_000)
+        })
+    }
+}
+
+/// The base for recovery to `target_micros` (since the epoch): the newest
+/// backup that finished strictly before it; without a target, the newest.
+pub fn choose_base(backups: &[Manifest], target_micros: Option<i64>) -> Option<&Manifest> {
+    backups.iter().rev().find(|m| {
+        target_micros.is_none_or(|t| i64::try_from(m.finished_micros()).is_ok_and(|f| f < t))
+    })
+}
+
+fn default_segment_bytes() -> u64 {
+    names::DEFAULT_SEGMENT_BYTES
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,16 +187,61 @@ fn run_basebackup(
     conninfo: &str,
     out: &Path,
     level: i32,
+    timeout: Duration,
 ) -> Result<(u64, u64, String, String), WalError> {
-    let mut child = std::process::Command::new("pg_basebackup")
-        .args([
-            "-d", conninfo, "-D", "-", "-F", "t", "-X", "fetch", "-c", "fast", "-v", "-w",
-        ])
+    let (conninfo, password) = crate::pg::split_password(conninfo)
+        .map_err(|e| WalError::Backup(format!("wal.postgres: {e}")))?;
+    run_backup_program(
+        std::ffi::OsStr::new("pg_basebackup"),
+        &[
+            "-d", &conninfo, "-D", "-", "-F", "t", "-X", "fetch", "-c", "fast", "-v", "-w",
+        ],
+        password.as_deref(),
+        out,
+        level,
+        timeout,
+    )
+}
+
+/// The body of [`run_basebackup`], for any program writing a tar to stdout.
+/// It never waits for a child that may still be writing: on a local write
+/// error (disk full) the pipe is closed and the child killed, and a watchdog
+/// kills it once `timeout` has passed, so a scheduled backup cannot hang.
+fn run_backup_program(
+    program: &std::ffi::OsStr,
+    args: &[&str],
+    password: Option<&str>,
+    out: &Path,
+    level: i32,
+    timeout: Duration,
+) -> Result<(u64, u64, String, String), WalError> {
+    let mut command = std::process::Command::new(program);
+    if let Some(password) = password {
+        command.env("PGPASSWORD", password);
+    }
+    let mut child = command
+        .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| WalError::Backup(format!("cannot run pg_basebackup: {e}")))?;
+        .map_err(|e| WalError::Backup(format!("cannot run {}: {e}", program.to_string_lossy())))?;
+    let name = program.to_string_lossy().into_owned();
+    // Until the child is waited for below its pid cannot be reused, so the
+    // watchdog's kill can only reach this child.
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let timed_out = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let watchdog = {
+        let timed_out = timed_out.clone();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(timeout)
+            {
+                timed_out.store(true, Ordering::Relaxed);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        })
+    };
     let stderr = child.stderr.take();
     let stderr_thread = std::thread::spawn(move || {
         let mut text = String::new();
@@ -154,10 +253,45 @@ fn run_basebackup(
         }
         text
     });
+    let result = copy_compressed(&mut child, out, level);
+    // On a failed write the child may be blocked on a full pipe: stop it
+    // before waiting. After success this is a no-op on an exited child.
+    if result.is_err() {
+        let _ = child.kill();
+    }
+    let status = child.wait();
+    let _ = done.send(());
+    let _ = watchdog.join();
+    let stderr_text = stderr_thread.join().unwrap_or_default();
+    if timed_out.load(Ordering::Relaxed) {
+        return Err(WalError::Backup(format!(
+            "{name} did not finish within {} and was killed (wal.backup_timeout): {}",
+            humantime::format_duration(timeout),
+            stderr_text.trim()
+        )));
+    }
+    let (bytes, compressed, sha) = result?;
+    let status = status.map_err(|e| WalError::Backup(format!("{name}: {e}")))?;
+    if !status.success() {
+        return Err(WalError::Backup(format!(
+            "{name} failed ({status}): {}",
+            stderr_text.trim()
+        )));
+    }
+    Ok((bytes, compressed, sha, stderr_text))
+}
+
+/// The child's stdout, zstd-compressed, into `out` (fsynced); the pipe is
+/// closed when this returns, whatever happened.
+fn copy_compressed(
+    child: &mut std::process::Child,
+    out: &Path,
+    level: i32,
+) -> Result<(u64, u64, String), WalError> {
     let stdout = child
         .stdout
         .take()
-        .ok_or_else(|| WalError::Backup("pg_basebackup has no stdout".into()))?;
+        .ok_or_else(|| WalError::Backup("the backup program has no stdout".into()))?;
     let io_err = |e: std::io::Error| WalError::Backup(format!("{}: {e}", out.display()));
     let file = std::fs::File::create(out).map_err(io_err)?;
     let hashing = Hashing {
@@ -170,25 +304,13 @@ fn run_basebackup(
         inner: stdout,
         count: 0,
     };
-    let copied = std::io::copy(&mut reader, &mut encoder);
-    let status = child
-        .wait()
-        .map_err(|e| WalError::Backup(format!("pg_basebackup: {e}")))?;
-    let stderr_text = stderr_thread.join().unwrap_or_default();
-    if !status.success() {
-        return Err(WalError::Backup(format!(
-            "pg_basebackup failed ({status}): {}",
-            stderr_text.trim()
-        )));
-    }
-    copied.map_err(io_err)?;
+    std::io::copy(&mut reader, &mut encoder).map_err(io_err)?;
     let hashing = encoder.finish().map_err(io_err)?;
     hashing.inner.sync_all().map_err(io_err)?;
     Ok((
         reader.count,
         hashing.count,
         hex::encode(hashing.hasher.finalize()),
-        stderr_text,
     ))
 }
 
@@ -200,6 +322,15 @@ impl WalService {
         let sysid = crate::pg::system_identifier(&conninfo)
             .await
             .map_err(|e| WalError::Postgres(e.to_string()))?;
+        // Names follow from LSNs only with the cluster's own segment size.
+        let segment_bytes = crate::pg::wal_segment_bytes(&conninfo)
+            .await
+            .map_err(|e| WalError::Postgres(e.to_string()))?;
+        if !names::is_segment_size(segment_bytes) {
+            return Err(WalError::Postgres(format!(
+                "wal_segment_size is {segment_bytes} bytes, not a power of two from 1 MiB to 1 GiB"
+            )));
+        }
         let started = SystemTime::now();
         let id = humantime::format_rfc3339_millis(started)
             .to_string()
@@ -212,7 +343,8 @@ impl WalService {
         let level = self.config.compression_level;
         let (bytes, compressed, sha, stderr) = {
             let local = local.clone();
-            blocking(move || run_basebackup(&conninfo, &local, level)).await
+            let timeout = self.config.backup_timeout;
+            blocking(move || run_basebackup(&conninfo, &local, level, timeout)).await
         }
         .inspect_err(|_| {
             let _ = std::fs::remove_file(&local);
@@ -225,7 +357,7 @@ impl WalService {
                 stderr.trim()
             ))
         })?;
-        let start_wal = names::segment_for_lsn(timeline, &start_lsn)
+        let start_wal = names::segment_for_lsn(timeline, &start_lsn, segment_bytes)
             .ok_or_else(|| WalError::Backup(format!("bad start point {start_lsn}")))?;
         let secs = |t: SystemTime| {
             t.duration_since(UNIX_EPOCH)
@@ -239,10 +371,15 @@ impl WalService {
             finished_at: rfc3339(finished),
             started_unix: secs(started),
             finished_unix: secs(finished),
+            finished_unix_micros: finished
+                .duration_since(UNIX_EPOCH)
+                .ok()
+                .and_then(|d| u64::try_from(d.as_micros()).ok()),
             timeline,
             start_lsn,
             end_lsn: end.unwrap_or_default(),
             start_wal,
+            wal_segment_bytes: segment_bytes,
             bytes,
             compressed_bytes: compressed,
             sha256: sha,
@@ -278,10 +415,28 @@ impl WalService {
     pub async fn list_backups(&self, sysid: u64) -> Result<Vec<Manifest>, WalError> {
         let entries = self.target.list(&backups_prefix(sysid)).await?;
         let mut out = Vec::new();
+        let prefix = backups_prefix(sysid);
         for entry in entries.iter().filter(|e| e.key.ends_with("/manifest.json")) {
+            // Keys are derived from where the manifest lies, never from what it
+            // says: a manifest planted in a shared bucket must not steer
+            // retention's deletes or a restore outside its own directory.
+            let Some(id) = entry
+                .key
+                .strip_prefix(&prefix)
+                .and_then(|k| k.strip_suffix("/manifest.json"))
+                .filter(|id| is_backup_id(id))
+            else {
+                tracing::warn!(key = %entry.key, "Ignoring a backup manifest at an unexpected key.");
+                continue;
+            };
             if let Some(bytes) = self.target.get(&entry.key).await? {
                 match serde_json::from_slice::<Manifest>(&bytes) {
-                    Ok(m) => out.push(m),
+                    Ok(m) => match check_manifest(&m, id, sysid) {
+                        Ok(()) => out.push(m),
+                        Err(why) => {
+                            tracing::warn!(key = %entry.key, why, "Ignoring a backup manifest.")
+                        }
+                    },
                     Err(e) => {
                         tracing::warn!(key = %entry.key, error = %e, "Unreadable backup manifest.")
                     }
@@ -307,17 +462,14 @@ impl WalService {
             ),
             None => None,
         };
+        check_restore_target(&request.to)?;
         let sysid = self.restore_sysid(given).await?;
-        let target_unix = target.map(|t| t.unix_seconds());
+        let target_micros = target.map(|t| t.unix_micros());
         let pg_target = target.map(|t| t.to_postgres());
         let backups = self.list_backups(sysid).await?;
         let chosen = match &request.backup {
             Some(id) => backups.iter().find(|m| &m.id == id).cloned(),
-            None => backups
-                .iter()
-                .rev()
-                .find(|m| target_unix.is_none_or(|t| (m.finished_unix as f64) < t))
-                .cloned(),
+            None => choose_base(&backups, target_micros).cloned(),
         }
         .ok_or_else(|| {
             WalError::NotFound(match &request.target_time {
@@ -326,17 +478,6 @@ impl WalService {
             })
         })?;
         let to = request.to.clone();
-        if !to.is_absolute() {
-            return Err(WalError::BadRequest("--to must be an absolute path".into()));
-        }
-        if let Ok(mut entries) = std::fs::read_dir(&to) {
-            if entries.next().is_some() {
-                return Err(WalError::BadRequest(format!(
-                    "{} is not empty; restore into a new or empty directory",
-                    to.display()
-                )));
-            }
-        }
         let temp_dir = self.state_dir.join("wal-backup-tmp");
         tokio::fs::create_dir_all(&temp_dir)
             .await
@@ -366,6 +507,8 @@ impl WalService {
             })
         })
         .await?;
+        // Recovery in the restored directory fetches this cluster's WAL.
+        self.pin(sysid)?;
         (self.events)(
             "wal_restore",
             &format!(
@@ -540,6 +683,9 @@ fn unpack(
         )));
     }
     std::fs::create_dir_all(to).map_err(err)?;
+    // A symlinked --to: everything below works on the directory it names (a
+    // chown of the link alone would leave the tree root's).
+    let to = &std::fs::canonicalize(to).map_err(err)?;
     let owner = std::fs::metadata(to).map_err(err)?;
     let decoder =
         zstd::stream::read::Decoder::new(std::fs::File::open(local).map_err(err)?).map_err(err)?;
@@ -589,7 +735,53 @@ fn unpack(
     }
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    sync_tree(to).map_err(err)?;
+    if let Some(parent) = to.parent() {
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
+    }
     Ok(bytes)
+}
+
+/// `--to` must be absolute and a new or empty directory. A directory that
+/// cannot be read is refused, not taken for empty.
+fn check_restore_target(to: &Path) -> Result<(), WalError> {
+    if !to.is_absolute() {
+        return Err(WalError::BadRequest("--to must be an absolute path".into()));
+    }
+    match std::fs::read_dir(to) {
+        Ok(mut entries) => match entries.next() {
+            None => Ok(()),
+            Some(_) => Err(WalError::BadRequest(format!(
+                "{} is not empty; restore into a new or empty directory",
+                to.display()
+            ))),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(WalError::BadRequest(format!(
+            "cannot tell whether {} is empty: {e}; restore into a new or empty directory",
+            to.display()
+        ))),
+    }
+}
+
+/// fsync of every file and directory under `path` (directories after their
+/// entries), so a restored data directory and its recovery settings survive a
+/// crash right after the restore reports success. Symlinks (tablespaces) are
+/// not followed; their directory entry is synced with their parent.
+fn sync_tree(path: &Path) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(path)?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            sync_tree(&entry?.path())?;
+        }
+        std::fs::File::open(path)?.sync_all()
+    } else if meta.is_file() {
+        std::fs::File::open(path)?.sync_all()
+    } else {
+        Ok(())
+    }
 }
 
 fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
@@ -621,6 +813,219 @@ mod tests {
             backup: None,
             restore_command: "true".into(),
         }
+    }
+
+    #[test]
+    fn the_base_for_a_time_finished_before_it_to_the_microsecond() {
+        let mut early = manifest("a", 100);
+        early.finished_unix_micros = Some(100_200_000);
+        let mut late = manifest("b", 100);
+        late.finished_unix_micros = Some(100_900_000);
+        let both = [early, late];
+        let id = |t: i64| choose_base(&both, Some(t)).map(|m| m.id.clone());
+        // Same second: the backup that finished at .9 is no base for .5.
+        assert_eq!(id(100_500_000).as_deref(), Some("a"));
+        assert_eq!(id(100_900_001).as_deref(), Some("b"));
+        assert_eq!(id(100_900_000).as_deref(), Some("a"));
+        assert_eq!(id(100_100_000), None);
+        // Seconds only (older manifests): taken as finished at the second's end.
+        let old = [manifest("c", 100)];
+        assert_eq!(
+            choose_base(&old, Some(100_500_000)).map(|m| m.id.as_str()),
+            None
+        );
+        assert_eq!(
+            choose_base(&old, Some(101_500_000)).map(|m| m.id.as_str()),
+            Some("c")
+        );
+    }
+
+    #[tokio::test]
+    async fn restore_refuses_a_to_it_cannot_read_before_any_download() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let archive = dir.path().join("archive");
+        std::fs::create_dir_all(archive.join("7001/backups")).expect("mkdir");
+        // read_dir fails (ENOTDIR): not "empty".
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"x").expect("write");
+        let wal = service(&archive, &dir.path().join("state"));
+        let err = wal
+            .restore(restore_to(&file, Some("7001")))
+            .await
+            .expect_err("not a directory");
+        assert!(
+            matches!(&err, WalError::BadRequest(m) if m.contains("cannot tell whether") && m.contains("a-file")),
+            "{err}"
+        );
+    }
+
+    /// A base backup of `files` as `create_backup` stores it, and its manifest.
+    fn tar_zst(dir: &Path, files: &[(&str, &[u8])]) -> (PathBuf, Manifest) {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, content) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(content.len() as u64);
+            header.set_mode(0o600);
+            header.set_cksum();
+            builder
+                .append_data(&mut header, name, *content)
+                .expect("tar");
+        }
+        let tar = builder.into_inner().expect("tar");
+        let compressed = zstd::encode_all(&tar[..], 1).expect("zstd");
+        let path = dir.join("base.tar.zst");
+        std::fs::write(&path, &compressed).expect("write");
+        let mut m = manifest("20261203T000000000Z", 1);
+        m.sha256 = hex::encode(Sha256::digest(&compressed));
+        (path, m)
+    }
+
+    #[test]
+    fn a_symlinked_to_is_handed_over_whole() {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::metadata("/proc/self")
+            .map(|m| m.uid())
+            .unwrap_or(1)
+            != 0
+        {
+            return; // chown to another user needs root
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (local, m) = tar_zst(
+            dir.path(),
+            &[("PG_VERSION", b"15\n"), ("global/pg_control", b"c")],
+        );
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).expect("mkdir");
+        std::os::unix::fs::chown(&real, Some(65534), Some(65534)).expect("chown");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        unpack(&local, &link, &m, None, "true").expect("unpack");
+        for path in [
+            "PG_VERSION",
+            "global",
+            "global/pg_control",
+            "recovery.signal",
+            "postgresql.auto.conf",
+        ] {
+            let meta = std::fs::symlink_metadata(real.join(path)).expect(path);
+            assert_eq!((meta.uid(), meta.gid()), (65534, 65534), "{path}");
+        }
+    }
+
+    /// A stand-in for pg_basebackup: a shell script.
+    fn backup_program(script: &str) -> (std::ffi::OsString, Vec<String>) {
+        ("sh".into(), vec!["-c".into(), script.into()])
+    }
+
+    #[test]
+    fn a_full_disk_fails_the_backup_instead_of_hanging() {
+        // Writes forever; /dev/full refuses every write (ENOSPC).
+        let (program, args) = backup_program("exec cat /dev/zero");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let began = std::time::Instant::now();
+        let err = run_backup_program(
+            &program,
+            &args,
+            None,
+            Path::new("/dev/full"),
+            1,
+            Duration::from_secs(60),
+        )
+        .expect_err("no space");
+        assert!(err.to_string().contains("/dev/full"), "{err}");
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            began.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_stalled_backup_is_killed_at_its_timeout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (program, args) = backup_program("echo started >&2; exec sleep 600");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let began = std::time::Instant::now();
+        let err = run_backup_program(
+            &program,
+            &args,
+            None,
+            &dir.path().join("b.tar.zst"),
+            1,
+            Duration::from_secs(1),
+        )
+        .expect_err("timeout");
+        let text = err.to_string();
+        assert!(
+            text.contains("did not finish within 1s") && text.contains("wal.backup_timeout"),
+            "{text}"
+        );
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            began.elapsed()
+        );
+    }
+
+    fn manifest(id: &str, finished_unix: u64) -> Manifest {
+        Manifest {
+            id: id.into(),
+            system_identifier: "7001".into(),
+            started_at: String::new(),
+            finished_at: String::new(),
+            started_unix: finished_unix,
+            finished_unix,
+            finished_unix_micros: None,
+            timeline: 1,
+            start_lsn: "0/2000028".into(),
+            end_lsn: String::new(),
+            start_wal: "000000010000000000000002".into(),
+            wal_segment_bytes: names::DEFAULT_SEGMENT_BYTES,
+            bytes: 0,
+            compressed_bytes: 0,
+            sha256: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_planted_manifest_cannot_make_retention_delete_outside_the_archive() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let archive = dir.path().join("archive");
+        let put = |key: &str, m: &Manifest| {
+            let path = archive.join(key);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            std::fs::write(path, serde_json::to_vec(m).expect("json")).expect("write");
+        };
+        // What an attacker can reach: files beside the archive.
+        let victim = dir.path().join("victim");
+        std::fs::create_dir_all(&victim).expect("mkdir");
+        std::fs::write(victim.join("manifest.json"), b"keep").expect("write");
+        std::fs::write(victim.join("base.tar.zst"), b"keep").expect("write");
+        put(
+            "7001/backups/planted/manifest.json",
+            &manifest("../../../victim", 1),
+        );
+        put(
+            "7001/backups/20261203T000000000Z/manifest.json",
+            &manifest("20261203T000000000Z", 2),
+        );
+        std::fs::write(
+            archive.join("7001/backups/20261203T000000000Z/base.tar.zst"),
+            b"x",
+        )
+        .expect("write");
+        let wal = service(&archive, &dir.path().join("state"));
+        let listed = wal.list_backups(7001).await.expect("list");
+        assert_eq!(
+            listed.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+            vec!["20261203T000000000Z"]
+        );
+        wal.apply_retention_for(Some(7001), Some(Duration::ZERO))
+            .await
+            .expect("retention");
+        assert!(victim.join("manifest.json").exists() && victim.join("base.tar.zst").exists());
+        assert!(!is_backup_id("a/b") && !is_backup_id("..") && !is_backup_id(""));
     }
 
     #[tokio::test]

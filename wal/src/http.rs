@@ -22,6 +22,7 @@ impl IntoResponse for WalError {
             }
             WalError::Conflict { .. } => StatusCode::CONFLICT,
             WalError::NotFound(_) => StatusCode::NOT_FOUND,
+            WalError::ForeignCluster { .. } => StatusCode::FORBIDDEN,
             WalError::Target(_) => StatusCode::SERVICE_UNAVAILABLE,
             WalError::Corrupt { .. } | WalError::Postgres(_) => StatusCode::BAD_GATEWAY,
             WalError::Backup(_) | WalError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -111,6 +112,14 @@ async fn push(
     let sysid = service
         .resolve_sysid(q.system_id)
         .inspect_err(|e| service.fail(e))?;
+    if !crate::names::is_valid(&q.name) {
+        let e = WalError::BadName(q.name.clone());
+        service.fail(&e);
+        return Err(e);
+    }
+    service
+        .admit(sysid, true)
+        .inspect_err(|e| service.fail(e))?;
     if let (Some(dev), Some(ino), Some(size), Some(mtime_ns), true) =
         (q.dev, q.ino, q.size, q.mtime_ns, body.is_empty())
     {
@@ -146,6 +155,12 @@ async fn fetch(
     Query(q): Query<SysQuery>,
 ) -> Result<Response, WalError> {
     let sysid = service.resolve_sysid(q.system_id)?;
+    if !crate::names::is_valid(&name) {
+        return Err(WalError::BadName(name));
+    }
+    service
+        .admit(sysid, false)
+        .inspect_err(|e| service.fail(e))?;
     let content = service.fetch(sysid, &name).await.inspect_err(|e| {
         if !matches!(e, WalError::NotFound(_)) {
             service.fail(e)

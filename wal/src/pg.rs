@@ -14,28 +14,90 @@ pub fn system_identifier_from_control(data_dir: &Path) -> Option<u64> {
     Some(u64::from_ne_bytes(first))
 }
 
-/// libpq key/value connection string (`host=/var/run/postgresql port=5432 user=postgres`)
-/// to sqlx options. Values with spaces may be single-quoted.
-pub fn connect_options(conninfo: &str) -> PgConnectOptions {
-    let mut options = PgConnectOptions::new_without_pgpass();
-    let mut rest = conninfo.trim();
-    while !rest.is_empty() {
-        let Some((key, after)) = rest.split_once('=') else {
-            break;
-        };
-        let after = after.trim_start();
-        let (value, next) = if let Some(quoted) = after.strip_prefix('\'') {
-            match quoted.split_once('\'') {
-                Some((v, n)) => (v.to_string(), n),
-                None => (quoted.to_string(), ""),
+/// A libpq key/value connection string (`host=/var/run/postgresql port=5432
+/// user=postgres`) as libpq reads it: `key = value` with optional spaces around
+/// `=`, values single-quoted or bare, `\\` escaping inside either. Errors name
+/// the problem; nothing of a value is ever printed (it may be a password).
+pub fn parse_conninfo(conninfo: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    let mut chars = conninfo.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            return Ok(out);
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next() != Some('=') {
+            // A URI may carry a password: never echo it.
+            if key.contains("://") {
+                return Err("a postgres:// URI is not supported here; write libpq key=value pairs (host=... port=... user=...)".into());
+            }
+            return Err(format!("`{key}` has no `=` (libpq key=value pairs)"));
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next() {
+                    None => return Err(format!("the value of `{key}` has no closing quote")),
+                    Some('\'') => break,
+                    Some('\\') => value.extend(chars.next()),
+                    Some(c) => value.push(c),
+                }
             }
         } else {
-            match after.split_once(char::is_whitespace) {
-                Some((v, n)) => (v.to_string(), n),
-                None => (after.to_string(), ""),
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    value.extend(chars.next());
+                } else {
+                    value.push(c);
+                }
             }
-        };
-        options = match key.trim() {
+        }
+        out.push((key, value));
+    }
+}
+
+/// Pairs back to a string libpq reads as the same pairs.
+pub fn render_conninfo(pairs: &[(String, String)]) -> String {
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The connection string for a child's argv without its password, and the
+/// password to hand over in `PGPASSWORD` instead: argv is visible to every
+/// user in `ps`, the environment is not.
+pub fn split_password(conninfo: &str) -> Result<(String, Option<String>), String> {
+    // A URI goes to pg_basebackup as it was (a password in it stays in argv:
+    // docs/wal.md says to use key=value pairs).
+    if conninfo.trim_start().starts_with("postgres://")
+        || conninfo.trim_start().starts_with("postgresql://")
+    {
+        return Ok((conninfo.to_string(), None));
+    }
+    let pairs = parse_conninfo(conninfo)?;
+    let password = pairs
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "password")
+        .map(|(_, v)| v.clone());
+    let rest: Vec<_> = pairs.into_iter().filter(|(k, _)| k != "password").collect();
+    Ok((render_conninfo(&rest), password))
+}
+
+/// The connection string to sqlx options. Keys sqlx has no use for are
+/// ignored here (pg_basebackup gets the whole string).
+pub fn connect_options(conninfo: &str) -> PgConnectOptions {
+    let mut options = PgConnectOptions::new_without_pgpass();
+    for (key, value) in parse_conninfo(conninfo).unwrap_or_default() {
+        options = match key.as_str() {
             "host" => options.host(&value),
             "port" => match value.parse() {
                 Ok(p) => options.port(p),
@@ -44,9 +106,14 @@ pub fn connect_options(conninfo: &str) -> PgConnectOptions {
             "user" => options.username(&value),
             "password" => options.password(&value),
             "dbname" => options.database(&value),
+            "sslmode" => match value.parse() {
+                Ok(mode) => options.ssl_mode(mode),
+                Err(_) => options,
+            },
+            "sslrootcert" => options.ssl_root_cert(value.as_str()),
+            "application_name" => options.application_name(&value),
             _ => options,
         };
-        rest = next.trim_start();
     }
     options
 }
@@ -88,4 +155,62 @@ pub async fn system_identifier(conninfo: &str) -> Result<u64, sqlx::Error> {
         .await?;
     let id: String = row.try_get("id")?;
     id.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+/// `wal_segment_size` in bytes (set by `initdb --wal-segsize`, 16 MiB by default).
+pub async fn wal_segment_bytes(conninfo: &str) -> Result<u64, sqlx::Error> {
+    let mut conn = connect_options(conninfo).connect().await?;
+    // pg_settings gives it in bytes (unit 'B') on every supported version.
+    let row = sqlx::query(
+        "SELECT setting::bigint AS bytes FROM pg_settings WHERE name = 'wal_segment_size'",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    let bytes: i64 = row.try_get("bytes")?;
+    u64::try_from(bytes).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conninfo_is_read_as_libpq_reads_it() {
+        let pairs = parse_conninfo(
+            "host = /var/run/postgresql port=5432 password='it\\'s \\\\ s' sslmode=require",
+        )
+        .unwrap();
+        assert_eq!(
+            pairs,
+            vec![
+                ("host".into(), "/var/run/postgresql".into()),
+                ("port".into(), "5432".into()),
+                ("password".into(), "it's \\ s".into()),
+                ("sslmode".into(), "require".into()),
+            ]
+        );
+        assert_eq!(parse_conninfo(&render_conninfo(&pairs)).unwrap(), pairs);
+        let err = parse_conninfo("host=/tmp password='secret").unwrap_err();
+        assert!(err.contains("password") && !err.contains("secret"), "{err}");
+        assert!(parse_conninfo("host").unwrap_err().contains("host"));
+        let err = parse_conninfo("postgres://u:secret@h/db").unwrap_err();
+        assert!(
+            !err.contains("secret") && err.contains("key=value"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_password_leaves_argv_and_other_keys_stay() {
+        let (rest, password) =
+            split_password("host=/tmp user=postgres password='p w' sslmode=verify-full").unwrap();
+        assert_eq!(password.as_deref(), Some("p w"));
+        assert!(
+            !rest.contains("p w") && !rest.contains("password"),
+            "{rest}"
+        );
+        assert!(rest.contains("sslmode='verify-full'"), "{rest}");
+        let (rest, password) = split_password("host=/tmp").unwrap();
+        assert_eq!((rest.as_str(), password), ("host='/tmp'", None));
+    }
 }

@@ -9,7 +9,7 @@ use crate::target::{Put, Target, TargetError};
 use bytes::Bytes;
 use fleet_model::config::WalConfig;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,8 +19,6 @@ use tokio::sync::Semaphore;
 /// Records one event in the daemon's event log: (kind, message).
 pub type EventSink = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
-/// Size PostgreSQL gives a WAL segment by default; backlog bytes are counted in it.
-pub const SEGMENT_BYTES: u64 = 16 << 20;
 /// Segments fetched ahead of the one recovery asks for.
 const PREFETCH: usize = 8;
 /// Under the state directory: segments fetched ahead for recovery.
@@ -28,6 +26,10 @@ const PREFETCH_DIR: &str = "wal-prefetch";
 /// How long a request waits for background work on the same name (a
 /// look-ahead upload, a prefetch) before doing the work itself.
 const JOB_WAIT: Duration = Duration::from_secs(30);
+/// Under the state directory: the clusters this host archives besides the
+/// configured one (learned on the first push, or restored here), one system
+/// identifier a line.
+pub const CLUSTERS_FILE: &str = "wal-clusters";
 /// How often the schedule looks at the backup interval (at most).
 const SCHEDULE_TICK: Duration = Duration::from_secs(10);
 
@@ -55,6 +57,12 @@ pub enum WalError {
     },
     #[error("the cluster's system identifier is unknown: run from the data directory, pass --system-id, or set wal.pg_wal_dir")]
     NoSystemId,
+    #[error("system identifier {given} is not a cluster this host archives ({bound}); WAL of other clusters is neither stored nor served here. A cluster made anew on this host (new initdb) is admitted once wal.pg_wal_dir points at it, or after removing {file} when no pg_wal_dir is set")]
+    ForeignCluster {
+        given: u64,
+        bound: String,
+        file: String,
+    },
     #[error("PostgreSQL: {0}")]
     Postgres(String),
     #[error("{0}")]
@@ -73,6 +81,7 @@ impl WalError {
             WalError::Target(_) => "target",
             WalError::Corrupt { .. } => "checksum",
             WalError::NoSystemId => "invalid",
+            WalError::ForeignCluster { .. } => "foreign_cluster",
             WalError::Postgres(_) => "postgres",
             WalError::Backup(_) => "backup",
             WalError::Internal(_) => "internal",
@@ -135,6 +144,8 @@ pub struct WalService {
     pub counters: Counters,
     /// The system identifier of the cluster in `pg_wal_dir`, if configured.
     default_sysid: Mutex<Option<u64>>,
+    /// Clusters admitted besides the configured one ([`CLUSTERS_FILE`]).
+    pinned: Mutex<BTreeSet<u64>>,
     /// key -> sha256 of what is known to be stored (pushed or verified here).
     stored: Mutex<HashMap<String, String>>,
     /// Serialises work on one name; bounded by hashing names onto slots.
@@ -154,6 +165,83 @@ pub fn now_unix() -> u64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Whether the valve may tell PostgreSQL that `name` is archived when it is
+/// not: only a segment, and only past the backlog limit. A `.history` file
+/// (a promotion's timeline history) or a `.backup` file is small, cannot fill
+/// the disk, and without it the archive cannot follow the timeline or find the
+/// backup's end, so those keep failing until the archive works.
+pub fn valve_may_acknowledge(name: &str, backlog: u64, limit: u64) -> bool {
+    names::classify(name) == Some(names::WalKind::Segment) && backlog > limit
+}
+
+/// What [`WalService::admit`] decides for a caller's cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Admit,
+    /// Admit, and pin it: the host knew no cluster and this is a push.
+    Pin,
+    Refuse,
+}
+
+/// `configured`: the cluster in `pg_wal_dir`; `pinned`: those learned or
+/// restored here. Only a push may pin, and only on a host that knows none:
+/// otherwise any caller could make itself a cluster of this host.
+pub fn admission(
+    configured: Option<u64>,
+    pinned: &BTreeSet<u64>,
+    sysid: u64,
+    learn: bool,
+) -> Admission {
+    if configured == Some(sysid) || pinned.contains(&sysid) {
+        Admission::Admit
+    } else if learn && configured.is_none() && pinned.is_empty() {
+        Admission::Pin
+    } else {
+        Admission::Refuse
+    }
+}
+
+fn read_pinned(path: &Path) -> Result<BTreeSet<u64>, WalError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
+        Err(e) => {
+            return Err(WalError::Internal(format!(
+                "cannot read {}: {e}",
+                path.display()
+            )))
+        }
+    };
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            l.parse::<u64>().map_err(|_| {
+                WalError::Internal(format!(
+                    "{}: `{l}` is not a system identifier (one number a line); fix or remove the file",
+                    path.display()
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Temp file, fsync, rename: a crash leaves the old list or the new one.
+fn write_pinned(path: &Path, ids: &BTreeSet<u64>) -> std::io::Result<()> {
+    use std::io::Write;
+    let temp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&temp)?;
+    for id in ids {
+        writeln!(file, "{id}")?;
+    }
+    file.sync_all()?;
+    std::fs::rename(&temp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 pub fn wal_key(sysid: u64, name: &str) -> String {
@@ -186,6 +274,7 @@ impl WalService {
             events,
             counters: Counters::default(),
             default_sysid: Mutex::new(sysid),
+            pinned: Mutex::new(read_pinned(&state_dir.join(CLUSTERS_FILE))?),
             stored: Mutex::new(HashMap::new()),
             slots: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
             uploading: Jobs::default(),
@@ -222,6 +311,74 @@ impl WalService {
             return *guard;
         }
         None
+    }
+
+    /// The trust boundary of push and fetch: the caller (PostgreSQL's user)
+    /// names the cluster, so only the clusters this host runs are served.
+    /// `learn`: a push on a host that knows none pins the caller's cluster.
+    pub fn admit(&self, sysid: u64, learn: bool) -> Result<(), WalError> {
+        let pinned = self
+            .pinned
+            .lock()
+            .map_err(|_| WalError::Internal("WAL cluster list lock poisoned".into()))?
+            .clone();
+        let mut configured = self.default_sysid();
+        if admission(configured, &pinned, sysid, learn) == Admission::Refuse {
+            // The configured cluster may have been made anew (initdb) since it was read.
+            configured = self.reread_default_sysid();
+        }
+        match admission(configured, &pinned, sysid, learn) {
+            Admission::Admit => Ok(()),
+            Admission::Pin => self.pin(sysid),
+            Admission::Refuse => Err(WalError::ForeignCluster {
+                given: sysid,
+                bound: {
+                    let all: BTreeSet<u64> = configured.into_iter().chain(pinned).collect();
+                    if all.is_empty() {
+                        "none yet: the first push pins one".to_string()
+                    } else {
+                        all.iter()
+                            .map(u64::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                },
+                file: self.state_dir.join(CLUSTERS_FILE).display().to_string(),
+            }),
+        }
+    }
+
+    /// Admits `sysid` from now on and remembers it across restarts (a restore
+    /// here, or the first push on a host without `pg_wal_dir`).
+    pub fn pin(&self, sysid: u64) -> Result<(), WalError> {
+        let mut pinned = self
+            .pinned
+            .lock()
+            .map_err(|_| WalError::Internal("WAL cluster list lock poisoned".into()))?;
+        if pinned.contains(&sysid) {
+            return Ok(());
+        }
+        let mut next = pinned.clone();
+        next.insert(sysid);
+        let path = self.state_dir.join(CLUSTERS_FILE);
+        write_pinned(&path, &next)
+            .map_err(|e| WalError::Internal(format!("cannot write {}: {e}", path.display())))?;
+        *pinned = next;
+        tracing::info!(system_identifier = sysid, file = %path.display(), "This host now archives WAL of this cluster.");
+        Ok(())
+    }
+
+    fn reread_default_sysid(&self) -> Option<u64> {
+        let fresh = self
+            .config
+            .pg_wal_dir
+            .as_ref()
+            .and_then(|d| d.parent())
+            .and_then(crate::pg::system_identifier_from_control);
+        if let (Some(id), Ok(mut guard)) = (fresh, self.default_sysid.lock()) {
+            *guard = Some(id);
+        }
+        fresh.or_else(|| self.default_sysid())
     }
 
     pub fn resolve_sysid(&self, given: Option<u64>) -> Result<u64, WalError> {
@@ -361,7 +518,7 @@ impl WalService {
                 if matches!(e, WalError::Target(_)) {
                     if let Some(limit) = self.config.valve_backlog {
                         let backlog = self.backlog().bytes;
-                        if backlog > limit.bytes() {
+                        if valve_may_acknowledge(name, backlog, limit.bytes()) {
                             self.counters.valve.fetch_add(1, Ordering::Relaxed);
                             if !self.valve_announced.swap(true, Ordering::Relaxed) {
                                 (self.events)(
@@ -417,7 +574,11 @@ impl WalService {
             if let Some(wal) = name.strip_suffix(".ready") {
                 backlog.count += 1;
                 if names::classify(wal) == Some(names::WalKind::Segment) {
-                    backlog.bytes += SEGMENT_BYTES;
+                    // The file's own size: segments are whatever the cluster
+                    // was made with (initdb --wal-segsize).
+                    backlog.bytes += std::fs::metadata(dir.join(wal))
+                        .map(|m| m.len())
+                        .unwrap_or(names::DEFAULT_SEGMENT_BYTES);
                 }
                 if let Ok(age) = entry
                     .metadata()
@@ -605,7 +766,10 @@ impl WalService {
         self.counters.fetched.fetch_add(1, Ordering::Relaxed);
         if names::classify(name) == Some(names::WalKind::Segment) {
             self.clean_prefetch(&dir, name).await;
-            for next in names::next_segments(name, PREFETCH) {
+            // A segment is as long as the cluster's segment size, which
+            // decides the names that follow it.
+            let segment_bytes = content.len() as u64;
+            for next in names::next_segments(name, PREFETCH, segment_bytes) {
                 let key = format!("{sysid}/{next}");
                 if tokio::fs::metadata(dir.join(&next)).await.is_ok() {
                     continue;
@@ -779,6 +943,7 @@ impl WalService {
         for kind in [
             "invalid",
             "conflict",
+            "foreign_cluster",
             "not_found",
             "target",
             "checksum",
@@ -968,6 +1133,57 @@ async fn write_prefetched(dir: &Path, name: &str, content: Vec<u8>) -> std::io::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_valve_acknowledges_segments_only() {
+        let (past, limit) = (100 << 20, 40 << 20);
+        assert!(valve_may_acknowledge(
+            "000000010000000000000005",
+            past,
+            limit
+        ));
+        assert!(!valve_may_acknowledge(
+            "000000010000000000000005",
+            limit,
+            limit
+        ));
+        for kept in [
+            "00000002.history",
+            "000000010000000000000002.00000028.backup",
+            "000000010000000000000005.partial",
+        ] {
+            assert!(!valve_may_acknowledge(kept, past, limit), "{kept}");
+        }
+    }
+
+    #[test]
+    fn only_this_hosts_clusters_are_admitted() {
+        let none = BTreeSet::new();
+        let pinned: BTreeSet<u64> = [7].into();
+        // The configured cluster, and those pinned here.
+        assert_eq!(admission(Some(1), &none, 1, false), Admission::Admit);
+        assert_eq!(admission(None, &pinned, 7, false), Admission::Admit);
+        assert_eq!(admission(Some(1), &pinned, 7, true), Admission::Admit);
+        // Another cluster, by push or fetch, once the host knows one.
+        assert_eq!(admission(Some(1), &none, 2, true), Admission::Refuse);
+        assert_eq!(admission(None, &pinned, 2, true), Admission::Refuse);
+        assert_eq!(admission(Some(1), &pinned, 2, false), Admission::Refuse);
+        // A host that knows none: the first push pins, a fetch learns nothing.
+        assert_eq!(admission(None, &none, 3, true), Admission::Pin);
+        assert_eq!(admission(None, &none, 3, false), Admission::Refuse);
+    }
+
+    #[test]
+    fn pinned_clusters_survive_a_restart_and_a_bad_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CLUSTERS_FILE);
+        assert!(read_pinned(&path).unwrap().is_empty());
+        write_pinned(&path, &[5, 9].into()).unwrap();
+        assert_eq!(read_pinned(&path).unwrap(), [5, 9].into());
+        std::fs::write(&path, "5\nnine\n").unwrap();
+        let err = read_pinned(&path).unwrap_err().to_string();
+        assert!(err.contains(CLUSTERS_FILE) && err.contains("nine"), "{err}");
+    }
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_failed_job_backs_off_and_a_waiter_wakes_when_it_ends() {

@@ -22,6 +22,11 @@ impl TargetTime {
     }
 
     /// Seconds since the epoch, with the fraction.
+    /// Microseconds since the epoch, exactly (the precision PostgreSQL keeps).
+    pub fn unix_micros(&self) -> i64 {
+        self.0.timestamp_micros()
+    }
+
     pub fn unix_seconds(&self) -> f64 {
         self.0.timestamp_micros() as f64 / 1e6
     }
