@@ -2,8 +2,9 @@
 //! `Config` with every problem reported at once. With no file at all the daemon
 //! runs on `Config::embedded_default()`.
 
+use crate::located::{self, at_prefix, ParseProblem, Position};
 use crate::size::ByteSize;
-use crate::spec::{join_fields, FieldError};
+use crate::spec::FieldError;
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -397,13 +398,34 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("{path}: {}", join_fields(.problems))]
+    #[error("{}", .problem.in_source(&.path.display().to_string()))]
+    Parse {
+        path: PathBuf,
+        problem: ParseProblem,
+    },
+    /// Each problem's position is where its key is written (`None`: not written,
+    /// e.g. a default that a set key contradicts).
+    #[error("{}", show_invalid(.path, .problems, .positions))]
     Invalid {
         path: PathBuf,
         problems: Vec<FieldError>,
+        positions: Vec<Option<Position>>,
     },
+}
+
+/// One line per problem, `path:line:column: field: message`, when there are
+/// several; one line otherwise.
+fn show_invalid(path: &Path, problems: &[FieldError], positions: &[Option<Position>]) -> String {
+    let name = path.display().to_string();
+    problems
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let at = positions.get(i).copied().flatten();
+            format!("{}: {}: {}", at_prefix(&name, at), p.field, p.message)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Where the config came from, for messages and `check-config`.
@@ -429,12 +451,16 @@ impl Config {
     }
 
     pub fn from_toml_str(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let config: Config = located::from_toml(text).map_err(|problem| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: e.to_string().trim().replace('\n', " "),
+            problem,
         })?;
         config.validate().map_err(|problems| ConfigError::Invalid {
             path: path.to_path_buf(),
+            positions: problems
+                .iter()
+                .map(|p| located::locate_toml(text, &p.field))
+                .collect(),
             problems,
         })?;
         Ok(config)

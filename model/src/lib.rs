@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod config;
+pub mod located;
 pub mod size;
 pub mod spec;
 

@@ -321,7 +321,9 @@ impl Supervisor {
         // and that spec would be refused for a port nobody asked for.
         clean.sort_by_key(|s| s.host_port.is_none());
         for spec in clean {
-            match pool.assign(&spec.id, spec.host_port, |p| port_busy(bind, p)) {
+            match (pool.admit_explicit(spec.host_port))
+                .and_then(|()| pool.assign(&spec.id, spec.host_port, |p| port_busy(bind, p)))
+            {
                 Ok(port) => {
                     ports.insert(spec.id.clone(), port);
                 }
