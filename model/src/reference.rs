@@ -167,7 +167,7 @@ pub const CONFIG_DOCS: &[(&str, &str)] = &[
     ("wal.recovery_window", "Retention: base backups and WAL needed to restore any point this far back are kept."),
     ("wal.parallel_uploads", "Segments uploaded at once by the look-ahead uploader (1-64)."),
     ("wal.pg_wal_dir", "pg_wal directory whose archive_status/*.ready the daemon uploads ahead."),
-    ("wal.backup_interval", "Base backup schedule (24h); absent: by hand only (agentctl backup)."),
+    ("wal.backup_interval", "Base backup schedule (24h); absent: by hand only (agentctl backup create)."),
     ("wal.valve_backlog", "Protective valve: acknowledge segments unarchived past this backlog (absent: off)."),
     ("wal.compression_level", "zstd level of stored segments (1-22)."),
 ];
