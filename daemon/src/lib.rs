@@ -10,6 +10,7 @@ pub mod host;
 pub mod logging;
 pub mod metrics;
 pub mod ports;
+pub mod process;
 pub mod restart;
 pub mod runtime;
 pub mod store;

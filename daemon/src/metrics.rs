@@ -389,6 +389,9 @@ fn render_usage(out: &mut String, state: &ApiState, board: &BTreeMap<String, Dep
 }
 
 fn render_daemon(out: &mut String, state: &ApiState, sample: &crate::host::HostSample) {
+    if let Some(process) = crate::process::sample() {
+        crate::process::render(out, &process);
+    }
     header(
         out,
         "fleet_agent_host_load5",

@@ -180,6 +180,11 @@ fn metrics_show_a_healthy_a_crash_looping_and_an_unhealthy_department() {
     });
 
     promtool(&["check", "metrics"], &packaging(), Some(&text));
+    // The daemon's own process figures, under Prometheus' standard names.
+    assert!(must(&text, "process_resident_memory_bytes") > 1e6);
+    assert!(must(&text, "process_cpu_seconds_total") > 0.0);
+    assert!(must(&text, "process_open_fds") >= 3.0);
+    assert!(must(&text, "process_max_fds") >= must(&text, "process_open_fds"));
 
     let series =
         |name: &str, id: &str, extra: &str| format!("{name}{{department=\"{id}\"{extra}}}");
