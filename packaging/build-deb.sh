@@ -54,14 +54,18 @@ done
 stage="$root/packaging/generated/root"
 rm -rf "$root/packaging/generated"
 man1="$stage/usr/share/man/man1"
+man5="$stage/usr/share/man/man5"
 man8="$stage/usr/share/man/man8"
-mkdir -p "$man1" "$man8" \
+mkdir -p "$man1" "$man5" "$man8" \
     "$stage/usr/share/bash-completion/completions" \
     "$stage/usr/share/zsh/vendor-completions" \
     "$stage/usr/share/fish/vendor_completions.d"
 
 "$bin_dir/agentctl" man --out-dir "$man1"
 "$bin_dir/fleet-agentd" man --out-dir "$man8"
+# agent.toml(5) and fleet-department(5), generated from the config types.
+"$bin_dir/fleet-agentd" config reference --format man >"$man5/agent.toml.5"
+"$bin_dir/fleet-agentd" config reference --spec --format man >"$man5/fleet-department.5"
 "$bin_dir/agentctl" completions bash >"$stage/usr/share/bash-completion/completions/agentctl"
 "$bin_dir/agentctl" completions zsh >"$stage/usr/share/zsh/vendor-completions/_agentctl"
 "$bin_dir/agentctl" completions fish >"$stage/usr/share/fish/vendor_completions.d/agentctl.fish"

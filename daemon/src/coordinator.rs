@@ -175,15 +175,20 @@ pub fn parse_document(body: &[u8], applied: Option<i64>) -> Result<DesiredState,
         reason,
         fields: vec![],
     };
-    let document: DesiredState = serde_json::from_slice(body).map_err(|e| {
-        refuse(
-            format!(
-                "the document is not a valid desired state: {}",
-                redact_serde(&e)
-            ),
-            peek_revision(body),
-        )
-    })?;
+    let document: DesiredState =
+        fleet_model::located::from_json_hiding_values(body).map_err(|p| {
+            let at =
+                p.at.map(|at| format!(" (line {}, column {})", at.line, at.column));
+            refuse(
+                format!(
+                    "the document is not a valid desired state: {}: {}{}",
+                    p.field,
+                    p.message,
+                    at.unwrap_or_default()
+                ),
+                peek_revision(body),
+            )
+        })?;
     if document.revision < 0 {
         return Err(refuse(
             format!("revision {} is negative", document.revision),
@@ -214,37 +219,6 @@ fn peek_revision(body: &[u8]) -> Option<i64> {
     serde_json::from_slice::<Peek>(body)
         .ok()
         .map(|p| p.revision)
-}
-
-/// serde's message without the offending value: a misplaced secret must not
-/// end up in the event log or the daemon's log.
-fn redact_serde(e: &serde_json::Error) -> String {
-    let message = e.to_string();
-    let message = match message.split_once(" at line ") {
-        Some((m, _)) => m.to_string(),
-        None => message,
-    };
-    let cleaned = if message.starts_with("invalid type:") || message.starts_with("invalid value:") {
-        // "invalid type: string \"hunter2\", expected u16" -> keep the kinds only.
-        let (head, expected) = message
-            .split_once(", expected")
-            .map(|(h, x)| (h.to_string(), format!(", expected{x}")))
-            .unwrap_or((message.clone(), String::new()));
-        let kind = head
-            .split_whitespace()
-            .nth(2)
-            .unwrap_or("value")
-            .trim_end_matches(',');
-        let what = head.split(':').next().unwrap_or("invalid value");
-        format!("{what}: a {kind}{expected}")
-    } else {
-        message
-    };
-    if e.line() > 0 {
-        format!("{cleaned} (line {}, column {})", e.line(), e.column())
-    } else {
-        cleaned
-    }
 }
 
 /// Reads the coordinator token: the first non-comment line of a file that only
@@ -809,6 +783,21 @@ mod tests {
         let refusal = parse_document(body, None).unwrap_err();
         assert!(!refusal.reason.contains("hunter2"), "{}", refusal.reason);
         assert!(!refusal.reason.contains("12345"), "{}", refusal.reason);
+        assert!(
+            refusal
+                .reason
+                .contains("departments[0].secrets.K: invalid type"),
+            "{}",
+            refusal.reason
+        );
+        let body = br#"{"revision": 1, "departments": [{"id": "a1", "image": "i", "container_port": "hunter2"}]}"#;
+        let refusal = parse_document(body, None).unwrap_err();
+        assert!(!refusal.reason.contains("hunter2"), "{}", refusal.reason);
+        assert!(
+            refusal.reason.contains("departments[0].container_port"),
+            "{}",
+            refusal.reason
+        );
     }
 
     #[test]

@@ -121,7 +121,13 @@ fn judge_desired(
         ));
     }
     let mut ports = std::collections::BTreeMap::new();
+    let (low, high) = config.ports.parsed_range().unwrap_or((0, u16::MAX));
+    let pool = crate::ports::PortPool::new(low, high, []);
     for spec in specs {
+        if let Err(e) = pool.admit_explicit(spec.host_port) {
+            let field = format!("{}.host_port", spec.id);
+            problems.push(format!("{}: {e}", in_file(&field, desired)));
+        }
         if let Some(port) = spec.host_port {
             if let Some(other) = ports.insert(port, spec.id.clone()) {
                 problems.push(format!(

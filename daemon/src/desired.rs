@@ -15,7 +15,7 @@
 //! files, and so is a directory with any bad file: the departments then keep
 //! their last applied specs (from the store).
 
-use fleet_model::spec::{FieldError, SpecError};
+use fleet_model::spec::FieldError;
 use fleet_model::{Config, DepartmentSpec};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -188,69 +188,7 @@ fn read_dir_specs(dir: &Path) -> Result<Vec<(PathBuf, Parsed)>, DesiredError> {
 /// the key at fault (or of the parse error), so an operator can go straight there.
 pub fn parse_file(path: &Path, text: &str) -> Parsed {
     let name = path.display().to_string();
-    match DepartmentSpec::from_toml(&name, text) {
-        Ok(spec) => Ok(spec),
-        Err(SpecError::Parse { message, .. }) => {
-            // The deserializer's own error carries the span of the bad key or
-            // value (SpecError keeps only its message).
-            let at = toml::from_str::<DepartmentSpec>(text)
-                .err()
-                .and_then(|e| e.span())
-                .map(|span| position(text, span.start));
-            let field = SpecError::Parse {
-                source_name: name.clone(),
-                message: message.clone(),
-            }
-            .fields()
-            .into_iter()
-            .next()
-            .map(|f| f.field)
-            .unwrap_or_else(|| "document".into());
-            let at = at.or_else(|| locate(text, &field));
-            Err(vec![FieldError::new(
-                format!("{}: {field}", at_prefix(&name, at)),
-                message,
-            )])
-        }
-        Err(SpecError::Invalid(fields)) => Err(fields
-            .into_iter()
-            .map(|f| {
-                let at = locate(text, &f.field);
-                FieldError::new(format!("{}: {}", at_prefix(&name, at), f.field), f.message)
-            })
-            .collect()),
-    }
-}
-
-fn at_prefix(name: &str, at: Option<(usize, usize)>) -> String {
-    match at {
-        Some((line, column)) => format!("{name}:{line}:{column}"),
-        None => name.to_string(),
-    }
-}
-
-/// 1-based line and column of byte `offset` in `text`.
-fn position(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, column)
-}
-
-/// Where the key of a dotted field (`resources.memory`, `env.FOO`) is written.
-fn locate(text: &str, field: &str) -> Option<(usize, usize)> {
-    let doc = toml_edit::ImDocument::parse(text).ok()?;
-    let mut table: &dyn toml_edit::TableLike = doc.as_table();
-    let mut span = None;
-    for part in field.split('.') {
-        let (key, item) = table.get_key_value(part)?;
-        span = key.span().or_else(|| item.span());
-        match item.as_table_like() {
-            Some(inner) => table = inner,
-            None => break,
-        }
-    }
-    span.map(|s| position(text, s.start))
+    DepartmentSpec::from_toml(&name, text).map_err(|e| e.in_file(&name, text))
 }
 
 /// Writes `spec` as `<dir>/<id>.toml` (mode 0600: it holds secrets) atomically.
@@ -407,7 +345,10 @@ mod tests {
         .unwrap();
         let err = load(&src).unwrap_err().to_string();
         assert!(err.contains("b.toml:2:1: id: `../x`"), "{err}");
-        assert!(err.contains("c.toml:4:1: memroy"), "{err}");
+        assert!(
+            err.contains("c.toml:4:1: resources.memroy: unknown field"),
+            "{err}"
+        );
         assert!(!err.contains("a.toml"), "{err}");
     }
 

@@ -67,4 +67,19 @@ impl EventLog {
             .events_after(after, department, limit)
             .unwrap_or_default()
     }
+
+    /// The events of `after < seq <= upto` that pass the filter: the oldest
+    /// `limit`, or with `newest` the newest `limit` (`agentctl events -n`).
+    pub fn query(
+        &self,
+        range: (i64, i64),
+        department: Option<&str>,
+        since_ms: Option<i64>,
+        limit: usize,
+        newest: bool,
+    ) -> Vec<Event> {
+        self.store
+            .events_matching(range, department, since_ms, limit, newest)
+            .unwrap_or_default()
+    }
 }

@@ -8,7 +8,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::runtime::{
-    ContainerRuntime, ContainerStats, CreateRequest, ObservedContainer, RuntimeError, RuntimeEvent,
+    ContainerRuntime, ContainerStats, CreateRequest, LogQuery, ObservedContainer, RuntimeError,
+    RuntimeEvent,
 };
 use async_trait::async_trait;
 use fleet_model::labels;
@@ -404,8 +405,7 @@ impl ContainerRuntime for FakeRuntime {
     fn logs(
         &self,
         _id: &str,
-        _tail: Option<usize>,
-        _follow: bool,
+        _query: &LogQuery,
     ) -> BoxStream<'static, Result<bytes::Bytes, RuntimeError>> {
         futures_util::stream::empty().boxed()
     }

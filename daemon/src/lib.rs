@@ -13,6 +13,7 @@ pub mod host;
 pub mod logging;
 pub mod metrics;
 pub mod ports;
+pub mod process;
 pub mod recovery;
 pub mod restart;
 pub mod runtime;

@@ -40,11 +40,35 @@ enum Command {
     /// Run only the WAL service ([wal]) on its own socket, as the PostgreSQL user
     /// (fleet-agent-wal.service; docs/wal.md).
     WalServe,
+    /// The configuration: the effective one, or the generated reference.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Write the man page fleet-agentd.8 (used by the package build).
     #[command(hide = true)]
     Man {
         #[arg(long)]
         out_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration (every key, defaults filled in) as TOML;
+    /// passwords in connection strings and URLs are masked.
+    Show,
+    /// Print the reference of every key with its default, generated from the
+    /// configuration types (what docs/agent.toml.md and agent.toml(5) are).
+    #[command(after_help = "Examples:
+  fleet-agentd config reference > docs/agent.toml.md
+  fleet-agentd config reference --spec > docs/department-spec.md
+  fleet-agentd config reference --format man | man -l -")]
+    Reference {
+        /// The department spec instead of agent.toml.
+        #[arg(long)]
+        spec: bool,
+        /// markdown or man.
+        #[arg(long, default_value = "markdown", value_parser = ["markdown", "man"])]
+        format: String,
     },
 }
 
@@ -66,6 +90,18 @@ fn main() -> ExitCode {
     if let Some(Command::Man { out_dir }) = &cli.command {
         return write_man_page(out_dir);
     }
+    if let Some(Command::Config(ConfigCommand::Reference { spec, format })) = &cli.command {
+        use fleet_model::reference as r;
+        let version = env!("CARGO_PKG_VERSION");
+        let text = match (*spec, format.as_str()) {
+            (false, "man") => r::config_man_page(version),
+            (true, "man") => r::spec_man_page(version),
+            (false, _) => r::config_markdown(),
+            (true, _) => r::spec_markdown(),
+        };
+        print!("{text}");
+        return ExitCode::SUCCESS;
+    }
     let (mut config, source) = match Config::locate(cli.config.as_deref()) {
         Ok(found) => found,
         Err(e) => {
@@ -85,6 +121,25 @@ fn main() -> ExitCode {
     }
     match cli.command.unwrap_or(Command::Run) {
         Command::Man { out_dir } => write_man_page(&out_dir),
+        Command::Config(ConfigCommand::Show) => match config.redacted().to_toml() {
+            Ok(text) => {
+                match &source {
+                    fleet_model::config::ConfigSource::File(path) => {
+                        println!("# effective configuration from {}", path.display())
+                    }
+                    fleet_model::config::ConfigSource::EmbeddedDefault => {
+                        println!("# effective configuration: the embedded default (no file)")
+                    }
+                }
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("fleet-agentd: cannot render the configuration: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Config(ConfigCommand::Reference { .. }) => ExitCode::SUCCESS,
         Command::CheckConfig { config_only } => match fleet_agentd::check_config(
             &config,
             &source,

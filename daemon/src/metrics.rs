@@ -430,6 +430,9 @@ fn render_usage(out: &mut String, usage: &UsageCache, board: &BTreeMap<String, D
 }
 
 fn render_daemon(out: &mut String, snap: &NodeSnapshot, sample: &crate::host::HostSample) {
+    if let Some(process) = crate::process::sample() {
+        crate::process::render(out, &process);
+    }
     header(
         out,
         "fleet_agent_host_load5",

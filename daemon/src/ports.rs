@@ -13,6 +13,10 @@ pub enum PortError {
     )]
     Busy { port: u16 },
     #[error(
+        "host_port {port} is outside the [ports] range {low}-{high}, the only ports HAProxy and the firewall know; pick a port in {low}-{high} or leave host_port out"
+    )]
+    OutsidePool { port: u16, low: u16, high: u16 },
+    #[error(
         "no free port left in the pool {low}-{high}; widen [ports] range or remove a department"
     )]
     PoolExhausted { low: u16, high: u16 },
@@ -48,6 +52,21 @@ impl PortPool {
 
     pub fn leases(&self) -> &BTreeMap<u16, String> {
         &self.leases
+    }
+
+    /// Whether a new spec's explicit `host_port` is one of the pool's. Checked when
+    /// a desired state is applied, not when the store is loaded at start, so a
+    /// department applied before this rule keeps running and only a new apply is
+    /// refused (visibly) until its spec is fixed.
+    pub fn admit_explicit(&self, explicit: Option<u16>) -> Result<(), PortError> {
+        match explicit {
+            Some(port) if port < self.low || port > self.high => Err(PortError::OutsidePool {
+                port,
+                low: self.low,
+                high: self.high,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Decides the port of `department`: its explicit `host_port` if it has one,
@@ -165,6 +184,25 @@ pub fn port_busy(bind: std::net::IpAddr, port: u16) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn explicit_ports_outside_the_pool_are_refused_naming_the_range() {
+        let pool = PortPool::new(8001, 8010, []);
+        let err = pool.admit_explicit(Some(22)).unwrap_err();
+        assert_eq!(
+            err,
+            PortError::OutsidePool {
+                port: 22,
+                low: 8001,
+                high: 8010
+            }
+        );
+        assert!(err.to_string().contains("[ports] range 8001-8010"), "{err}");
+        assert!(pool.admit_explicit(Some(8011)).is_err());
+        assert!(pool.admit_explicit(Some(8001)).is_ok());
+        assert!(pool.admit_explicit(Some(8010)).is_ok());
+        assert!(pool.admit_explicit(None).is_ok());
+    }
 
     #[test]
     fn leases_are_sticky_and_busy_ports_skipped() {

@@ -14,7 +14,7 @@
 //! department adopts its container untouched instead of replacing it.
 
 use crate::runtime::{
-    ContainerConfig, ContainerRuntime, ContainerStats, CreateRequest, ObservedContainer,
+    ContainerConfig, ContainerRuntime, ContainerStats, CreateRequest, LogQuery, ObservedContainer,
     RuntimeError, RuntimeEvent,
 };
 use async_trait::async_trait;
@@ -186,10 +186,9 @@ impl ContainerRuntime for SpecLabels {
     fn logs(
         &self,
         id: &str,
-        tail: Option<usize>,
-        follow: bool,
+        query: &LogQuery,
     ) -> BoxStream<'static, Result<bytes::Bytes, RuntimeError>> {
-        self.inner.logs(id, tail, follow)
+        self.inner.logs(id, query)
     }
     async fn stats(&self, id: &str) -> Result<ContainerStats, RuntimeError> {
         self.inner.stats(id).await

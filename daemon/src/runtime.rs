@@ -153,8 +153,7 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     fn logs(
         &self,
         id: &str,
-        tail: Option<usize>,
-        follow: bool,
+        query: &LogQuery,
     ) -> BoxStream<'static, Result<bytes::Bytes, RuntimeError>>;
     async fn stats(&self, id: &str) -> Result<ContainerStats, RuntimeError>;
     /// Docker's data root (`DockerRootDir`), for the disk metric.
@@ -173,6 +172,18 @@ pub struct ContainerConfig {
     pub labels: HashMap<String, String>,
     /// `KEY=value` lines.
     pub env: Vec<String>,
+}
+
+/// What part of a container's output to stream, as Docker's logs API takes it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogQuery {
+    /// Only the last N lines.
+    pub tail: Option<usize>,
+    pub follow: bool,
+    /// Only lines written at or after this Unix time.
+    pub since_secs: Option<i64>,
+    /// Prefix each line with Docker's RFC 3339 timestamp.
+    pub timestamps: bool,
 }
 
 /// Docker through bollard. The client is made on first use (and again after a
@@ -565,9 +576,14 @@ impl ContainerRuntime for BollardRuntime {
     fn logs(
         &self,
         id: &str,
-        tail: Option<usize>,
-        follow: bool,
+        query: &LogQuery,
     ) -> BoxStream<'static, Result<bytes::Bytes, RuntimeError>> {
+        let LogQuery {
+            tail,
+            follow,
+            since_secs,
+            timestamps,
+        } = *query;
         let Some(client) = self.cached() else {
             return Box::pin(futures_util::stream::once(async {
                 Err(RuntimeError::Unavailable("not connected yet".into()))
@@ -579,6 +595,9 @@ impl ContainerRuntime for BollardRuntime {
             .stderr(true)
             .follow(follow)
             .tail(&tail)
+            // Docker's `since` is Unix seconds in an i32 (until 2038); 0 is "all".
+            .since(since_secs.map_or(0, |s| i32::try_from(s.max(0)).unwrap_or(i32::MAX)))
+            .timestamps(timestamps)
             .build();
         let client = if follow {
             client.with_timeout(Duration::from_secs(u32::MAX as u64))

@@ -414,6 +414,36 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Events with `after < seq <= upto`, at or after `since_ms`, of one department
+    /// or all: the oldest `limit` of them, or with `newest` the newest `limit`;
+    /// oldest first either way.
+    pub fn events_matching(
+        &self,
+        range: (i64, i64),
+        department: Option<&str>,
+        since_ms: Option<i64>,
+        limit: usize,
+        newest: bool,
+    ) -> Result<Vec<Event>, StoreError> {
+        let conn = self.conn();
+        let order = if newest { "DESC" } else { "ASC" };
+        let mut stmt = conn.prepare(&format!(
+            "SELECT seq, at_ms, department, kind, reason, message FROM events
+             WHERE seq > ?1 AND seq <= ?2 AND (?3 IS NULL OR department = ?3)
+               AND (?4 IS NULL OR at_ms >= ?4)
+             ORDER BY seq {order} LIMIT ?5"
+        ))?;
+        let rows = stmt.query_map(
+            params![range.0, range.1, department, since_ms, limit as i64],
+            row_to_event,
+        )?;
+        let mut events: Vec<Event> = rows.collect::<Result<_, _>>()?;
+        if newest {
+            events.reverse();
+        }
+        Ok(events)
+    }
+
     /// The newest `limit` events of one department, oldest first.
     pub fn recent_events(&self, department: &str, limit: usize) -> Result<Vec<Event>, StoreError> {
         let conn = self.conn();
@@ -615,5 +645,39 @@ mod tests {
         assert!(b.seq > a.seq);
         assert_eq!(store.events_after(a.seq, None, 10).unwrap().len(), 1);
         assert_eq!(store.recent_events("hr", 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn events_matching_takes_the_newest_or_oldest_in_range() {
+        let store = Store::open_in_memory().unwrap();
+        let seqs: Vec<i64> = (0..5)
+            .map(|i| {
+                let dept = if i % 2 == 0 { "hr" } else { "it" };
+                store.append_event(Some(dept), "k", None, "m").unwrap().seq
+            })
+            .collect();
+        let last = seqs[4];
+        let newest = store
+            .events_matching((0, last), Some("hr"), None, 2, true)
+            .unwrap();
+        assert_eq!(
+            newest.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [seqs[2], seqs[4]]
+        );
+        let oldest = store
+            .events_matching((0, last), None, None, 2, false)
+            .unwrap();
+        assert_eq!(
+            oldest.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [seqs[0], seqs[1]]
+        );
+        let bounded = store
+            .events_matching((0, seqs[1]), None, None, 10, true)
+            .unwrap();
+        assert_eq!(bounded.len(), 2);
+        let future = store
+            .events_matching((0, last), None, Some(i64::MAX), 10, true)
+            .unwrap();
+        assert!(future.is_empty());
     }
 }

@@ -2,8 +2,9 @@
 //! `Config` with every problem reported at once. With no file at all the daemon
 //! runs on `Config::embedded_default()`.
 
+use crate::located::{self, at_prefix, ParseProblem, Position};
 use crate::size::ByteSize;
-use crate::spec::{join_fields, FieldError};
+use crate::spec::FieldError;
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -415,13 +416,55 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("{path}: {}", join_fields(.problems))]
+    #[error("{}", .problem.in_source(&.path.display().to_string()))]
+    Parse {
+        path: PathBuf,
+        problem: ParseProblem,
+    },
+    /// Each problem's position is where its key is written (`None`: not written,
+    /// e.g. a default that a set key contradicts).
+    #[error("{}", show_invalid(.path, .problems, .positions))]
     Invalid {
         path: PathBuf,
         problems: Vec<FieldError>,
+        positions: Vec<Option<Position>>,
     },
+}
+
+/// One line per problem, `path:line:column: field: message`, when there are
+/// several; one line otherwise.
+fn show_invalid(path: &Path, problems: &[FieldError], positions: &[Option<Position>]) -> String {
+    let name = path.display().to_string();
+    problems
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let at = positions.get(i).copied().flatten();
+            format!("{}: {}: {}", at_prefix(&name, at), p.field, p.message)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// `password=...` of a libpq string and `user:password@` of a URL, masked.
+fn mask_password(text: &str) -> String {
+    let mask = crate::spec::MASK;
+    if let Some((scheme, rest)) = text.split_once("://") {
+        if let Some((userinfo, host)) = rest.split_once('@') {
+            if let Some((user, _)) = userinfo.split_once(':') {
+                return format!("{scheme}://{user}:{mask}@{host}");
+            }
+        }
+    }
+    text.split(' ')
+        .map(|part| match part.split_once('=') {
+            Some((key, _)) if key.trim().eq_ignore_ascii_case("password") => {
+                format!("{key}={mask}")
+            }
+            _ => part.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Where the config came from, for messages and `check-config`.
@@ -447,15 +490,39 @@ impl Config {
     }
 
     pub fn from_toml_str(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let config: Config = located::from_toml(text).map_err(|problem| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: e.to_string().trim().replace('\n', " "),
+            problem,
         })?;
         config.validate().map_err(|problems| ConfigError::Invalid {
             path: path.to_path_buf(),
+            positions: problems
+                .iter()
+                .map(|p| located::locate_toml(text, &p.field))
+                .collect(),
             problems,
         })?;
         Ok(config)
+    }
+
+    /// The config as it may be shown: a password in `wal.postgres` or in the
+    /// coordinator's URL is replaced by the mask.
+    pub fn redacted(&self) -> Self {
+        let mut c = self.clone();
+        if let Some(wal) = &mut c.wal {
+            if let Some(pg) = &mut wal.postgres {
+                *pg = mask_password(pg);
+            }
+        }
+        if let Some(coordinator) = &mut c.coordinator {
+            coordinator.url = mask_password(&coordinator.url);
+        }
+        c
+    }
+
+    /// TOML of every key, defaults filled in (`fleet-agentd config show`).
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
     }
 
     pub fn load_file(path: &Path) -> Result<Self, ConfigError> {
@@ -764,6 +831,22 @@ mod tests {
         assert_eq!(interval, Some(Duration::from_secs(3)));
         let err = Config::from_toml_str(Path::new("t"), &wal("0s")).unwrap_err();
         assert!(err.to_string().contains("wal.backup_interval"), "{err}");
+    }
+
+    #[test]
+    fn show_masks_passwords_and_lists_every_key() {
+        let text = "[wal]\ntarget = \"file:///w\"\npostgres = \"host=/run dbname=x password=s3cret user=a\"\n[coordinator]\nurl = \"https://n:t0ken@c.example\"\n";
+        let config = Config::from_toml_str(Path::new("a.toml"), text).unwrap();
+        let shown = config.redacted().to_toml().unwrap();
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("t0ken"),
+            "{shown}"
+        );
+        assert!(shown.contains("password=********"), "{shown}");
+        assert!(shown.contains("https://n:********@c.example"), "{shown}");
+        assert!(shown.contains("pull_timeout = \"10m\""), "{shown}");
+        // What is shown reads back as the same config.
+        Config::from_toml_str(Path::new("shown.toml"), &shown).unwrap();
     }
 
     #[test]

@@ -4,6 +4,8 @@
 
 pub mod api;
 pub mod config;
+pub mod located;
+pub mod reference;
 pub mod size;
 pub mod spec;
 

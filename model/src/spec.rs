@@ -2,6 +2,7 @@
 //! `departments.d/*.toml`, sent by `agentctl apply` or by the coordinator as JSON.
 //! Validation collects every problem at once and names the field of each.
 
+use crate::located::{self, at_prefix, ParseProblem};
 use crate::size::ByteSize;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -235,10 +236,11 @@ impl fmt::Display for FieldError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
-    #[error("{source_name}: {message}")]
+    /// The document is not a spec: broken syntax, a wrong type, an unknown key.
+    #[error("{}", .problem.in_source(.source_name))]
     Parse {
         source_name: String,
-        message: String,
+        problem: ParseProblem,
     },
     #[error("{}", join_fields(.0))]
     Invalid(Vec<FieldError>),
@@ -247,28 +249,40 @@ pub enum SpecError {
 impl SpecError {
     pub fn fields(&self) -> Vec<FieldError> {
         match self {
-            SpecError::Parse { message, .. } => vec![FieldError::new(
-                field_from_parse_message(message),
-                message.clone(),
-            )],
+            SpecError::Parse { problem, .. } => {
+                let message = match problem.at {
+                    Some(at) => format!(
+                        "{} (line {}, column {})",
+                        problem.message, at.line, at.column
+                    ),
+                    None => problem.message.clone(),
+                };
+                vec![FieldError::new(problem.field.clone(), message)]
+            }
             SpecError::Invalid(f) => f.clone(),
         }
     }
-}
 
-/// serde names the key in its message; pull it out so the API can report a field.
-fn field_from_parse_message(message: &str) -> String {
-    if let Some(rest) = message.split("unknown field `").nth(1) {
-        if let Some(name) = rest.split('`').next() {
-            return name.to_string();
+    /// Every problem with the field prefixed by `name:line:column` of the key at
+    /// fault in the TOML `text` it came from, so an operator can go straight there.
+    pub fn in_file(&self, name: &str, text: &str) -> Vec<FieldError> {
+        match self {
+            SpecError::Parse { problem, .. } => vec![FieldError::new(
+                format!("{}: {}", at_prefix(name, problem.at), problem.field),
+                problem.message.clone(),
+            )],
+            SpecError::Invalid(fields) => fields
+                .iter()
+                .map(|f| {
+                    let at = located::locate_toml(text, &f.field);
+                    FieldError::new(
+                        format!("{}: {}", at_prefix(name, at), f.field),
+                        f.message.clone(),
+                    )
+                })
+                .collect(),
         }
     }
-    if let Some(rest) = message.split("missing field `").nth(1) {
-        if let Some(name) = rest.split('`').next() {
-            return name.to_string();
-        }
-    }
-    "document".to_string()
 }
 
 pub fn join_fields(fields: &[FieldError]) -> String {
@@ -281,19 +295,21 @@ pub fn join_fields(fields: &[FieldError]) -> String {
 
 impl DepartmentSpec {
     pub fn from_toml(source_name: &str, text: &str) -> Result<Self, SpecError> {
-        let spec: DepartmentSpec = toml::from_str(text).map_err(|e| SpecError::Parse {
-            source_name: source_name.to_string(),
-            message: e.message().to_string(),
-        })?;
+        let spec: DepartmentSpec =
+            located::from_toml(text).map_err(|problem| SpecError::Parse {
+                source_name: source_name.to_string(),
+                problem,
+            })?;
         spec.validate().map_err(SpecError::Invalid)?;
         Ok(spec)
     }
 
     pub fn from_json(source_name: &str, text: &str) -> Result<Self, SpecError> {
-        let spec: DepartmentSpec = serde_json::from_str(text).map_err(|e| SpecError::Parse {
-            source_name: source_name.to_string(),
-            message: e.to_string(),
-        })?;
+        let spec: DepartmentSpec =
+            located::from_json(text.as_bytes()).map_err(|problem| SpecError::Parse {
+                source_name: source_name.to_string(),
+                problem,
+            })?;
         spec.validate().map_err(SpecError::Invalid)?;
         Ok(spec)
     }

@@ -23,6 +23,8 @@ expect_file -rw-r--r-- usr/lib/systemd/system/fleet-agent-wal.service
 expect_file -rw-r--r-- etc/fleet-agent/agent.toml
 expect_file -rw-r--r-- usr/share/man/man1/agentctl.1.gz
 expect_file -rw-r--r-- usr/share/man/man8/fleet-agentd.8.gz
+expect_file -rw-r--r-- usr/share/man/man5/agent.toml.5.gz
+expect_file -rw-r--r-- usr/share/man/man5/fleet-department.5.gz
 expect_file -rw-r--r-- usr/share/bash-completion/completions/agentctl
 expect_file -rw-r--r-- usr/share/zsh/vendor-completions/_agentctl
 expect_file -rw-r--r-- usr/share/fish/vendor_completions.d/agentctl.fish
@@ -59,6 +61,9 @@ dpkg-deb -x "$deb" "$data"
 "$data/usr/bin/fleet-agentd" --help >/dev/null || fail "packaged fleet-agentd does not run"
 zcat "$data/usr/share/man/man8/fleet-agentd.8.gz" | grep -q 'check\\-config' \
     || fail "fleet-agentd(8) does not document check-config"
+# agent.toml(5) is generated from the config types: it knows the [wal.s3] keys.
+zcat "$data/usr/share/man/man5/agent.toml.5.gz" | grep -q 'wal.s3.credentials_file' \
+    || fail "agent.toml(5) does not document wal.s3.credentials_file"
 grep -q 'status' "$data/usr/share/bash-completion/completions/agentctl" \
     || fail "bash completion does not know agentctl status"
 log "ok: $(dpkg-deb -f "$deb" Package) $(dpkg-deb -f "$deb" Version), $(stat -c %s "$deb") bytes"

@@ -134,7 +134,7 @@ rc=0; out=$(in_ct agentctl doctor 2>&1) || rc=$?
 [ $rc -ne 0 ] && grep -q 'FAIL desired state.*typo.toml:1:1: id' <<<"$out" \
     || fail "agentctl doctor does not fail on the refused desired state naming typo.toml (rc $rc): $out"
 [ "$(metric fleet_agent_desired_state_valid)" = 0 ] || fail "fleet_agent_desired_state_valid is not 0"
-in_ct agentctl events 2>/dev/null | grep -q 'desired_state_refused' || fail "no desired_state_refused event"
+in_ct agentctl events --after 0 2>/dev/null | grep -q 'desired_state_refused' || fail "no desired_state_refused event"
 gone "$applied" || fail "aio-$applied came back after the restart"
 # Supervised: the daemon restarts the killed container itself (Docker's
 # restart policy is `no`).

@@ -192,7 +192,7 @@ fn coordinator_revision_converges_and_only_changed_department_is_touched() {
     );
     let c = inspect(&format!("aio-{}", ids[1])).unwrap();
     assert!(container_env(&c).contains(&"FOO=2".to_string()));
-    let log = d.agentctl_ok(&["events", "--json"]);
+    let log = d.agentctl_ok(&["events", "--after", "0", "--json"]);
     assert!(
         log.contains("desired_state_applied"),
         "no desired_state_applied event: {log}"

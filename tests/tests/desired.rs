@@ -104,9 +104,12 @@ fn hand_written_and_applied_specs_live_apart_and_a_bad_load_keeps_supervising() 
     let n: Value = serde_json::from_str(&n).unwrap();
     assert_eq!(n["desired_state"]["valid"], false, "{n}");
     let problem = n["desired_state"]["problem"].as_str().unwrap_or_default();
-    assert!(problem.contains("typo.toml:4:1: intervall"), "{problem}");
+    assert!(
+        problem.contains("typo.toml:4:1: health.intervall: unknown field"),
+        "{problem}"
+    );
     assert_eq!(desired_valid_metric(&d).as_deref(), Some("0"));
-    let events = d.agentctl_ok(&["events"]);
+    let events = d.agentctl_ok(&["events", "--after", "0"]);
     assert!(events.contains("desired_state_refused"), "{events}");
     assert_eq!(
         container_id(&format!("aio-{hand}")).as_deref(),

@@ -180,6 +180,11 @@ fn metrics_show_a_healthy_a_crash_looping_and_an_unhealthy_department() {
     });
 
     promtool(&["check", "metrics"], &packaging(), Some(&text));
+    // The daemon's own process figures, under Prometheus' standard names.
+    assert!(must(&text, "process_resident_memory_bytes") > 1e6);
+    assert!(must(&text, "process_cpu_seconds_total") > 0.0);
+    assert!(must(&text, "process_open_fds") >= 3.0);
+    assert!(must(&text, "process_max_fds") >= must(&text, "process_open_fds"));
 
     let series =
         |name: &str, id: &str, extra: &str| format!("{name}{{department=\"{id}\"{extra}}}");
@@ -379,6 +384,66 @@ fn alert_rules_pass_promtool_check_and_test() {
     assert!(rules.contains(
         "(rate(agent_health_check_failures_total[5m]) / rate(agent_health_checks_total[5m])) > 0.05"
     ));
+}
+
+/// Every alert rule links its own section of docs/runbook.md, and the promtool
+/// unit tests see every alert both firing and staying quiet.
+#[test]
+fn every_alert_has_a_runbook_section_and_tests_that_fire_and_stay_quiet() {
+    let dir = packaging().join("prometheus");
+    let rules = std::fs::read_to_string(dir.join("fleet-agent-rules.yml")).unwrap();
+    let tests = std::fs::read_to_string(dir.join("fleet-agent-rules.test.yml")).unwrap();
+    let runbook = std::fs::read_to_string(workspace_root().join("docs/runbook.md")).unwrap();
+    let headings: BTreeSet<String> = runbook
+        .lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .map(|h| h.trim().to_lowercase())
+        .collect();
+    // (alert, runbook_url) in file order.
+    let mut alerts: Vec<(String, Option<String>)> = Vec::new();
+    for line in rules.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("- alert: ") {
+            alerts.push((name.trim().to_string(), None));
+        } else if let Some(url) = line.strip_prefix("runbook_url: ") {
+            alerts.last_mut().expect("runbook_url inside a rule").1 =
+                Some(url.trim_matches('"').to_string());
+        }
+    }
+    assert!(alerts.len() >= 20, "{alerts:?}");
+    // (alert, fires) of every alert_rule_test entry.
+    let mut cases: BTreeSet<(String, bool)> = BTreeSet::new();
+    let lines: Vec<&str> = tests.lines().map(str::trim).collect();
+    for (i, line) in lines.iter().enumerate() {
+        if let Some(name) = line.strip_prefix("alertname: ") {
+            let next = lines[i + 1..].iter().find(|l| !l.is_empty()).unwrap();
+            cases.insert((name.to_string(), *next != "exp_alerts: []"));
+        }
+    }
+    for (name, url) in &alerts {
+        let url = url
+            .as_deref()
+            .unwrap_or_else(|| panic!("{name} has no runbook_url"));
+        let anchor = url.rsplit_once("docs/runbook.md#").map(|(_, a)| a);
+        assert_eq!(anchor, Some(name.to_lowercase().as_str()), "{name}: {url}");
+        assert!(
+            headings.contains(&name.to_lowercase()),
+            "docs/runbook.md has no section `## {name}`"
+        );
+        assert!(
+            cases.contains(&(name.clone(), true)),
+            "no test sees {name} fire"
+        );
+        assert!(
+            cases.contains(&(name.clone(), false)),
+            "no test sees {name} stay quiet"
+        );
+    }
+    for heading in &headings {
+        assert!(
+            alerts.iter().any(|(n, _)| n.to_lowercase() == *heading),
+            "docs/runbook.md section `{heading}` has no alert"
+        );
+    }
 }
 
 /// Metric names (ours: `fleet_agent_*`, `agent_health_*`) in a PromQL text.

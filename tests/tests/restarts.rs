@@ -53,7 +53,7 @@ fn show(d: &TestDaemon, id: &str) -> Value {
 }
 
 fn dept_events(d: &TestDaemon, id: &str) -> Vec<Value> {
-    d.agentctl_json(&["events", "--department", id])["events"]
+    d.agentctl_json(&["events", "--after", "0", "--department", id])["events"]
         .as_array()
         .cloned()
         .unwrap_or_default()
@@ -749,7 +749,7 @@ fn serial_docker_engine_restart_is_survived_with_one_container_per_department() 
             );
         }
     }
-    let log = d.agentctl_json(&["events"])["events"]
+    let log = d.agentctl_json(&["events", "--after", "0"])["events"]
         .as_array()
         .cloned()
         .unwrap_or_default();

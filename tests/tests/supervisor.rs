@@ -630,6 +630,7 @@ fn invalid_specs_are_refused_naming_the_field_and_change_nothing() {
     let bad2 = d.dept("b2");
     let bad3 = d.dept("b3");
     let bad4 = d.dept("b4");
+    let bad5 = d.dept("b5");
     let cases = [
         ("id", spec_toml("../x", IMAGE_V1, ""), "id:"),
         (
@@ -646,6 +647,11 @@ fn invalid_specs_are_refused_naming_the_field_and_change_nothing() {
             "duplicate host_port",
             spec_toml(&bad4, IMAGE_V1, "host_port = 42050\n"),
             "host_port:",
+        ),
+        (
+            "host_port outside the pool",
+            spec_toml(&bad5, IMAGE_V1, "host_port = 22\n"),
+            "[ports] range 42050-42059",
         ),
     ];
     let events = d.docker_events();
@@ -676,7 +682,7 @@ fn invalid_specs_are_refused_naming_the_field_and_change_nothing() {
         BTreeSet::from([good.clone()]),
         "only the good department may exist"
     );
-    for id in [&bad2, &bad3, &bad4] {
+    for id in [&bad2, &bad3, &bad4, &bad5] {
         assert!(
             !container_exists(&container(id)),
             "a container was made for the refused {id}"

@@ -607,7 +607,7 @@ fn wal_same_segment_twice_ok_different_content_refused() {
         m.contains("fleet_agent_wal_failures_total{kind=\"conflict\"} 1"),
         "{m}"
     );
-    let events = daemon.agentctl_json(&["events"]);
+    let events = daemon.agentctl_json(&["events", "--after", "0"]);
     assert!(events.to_string().contains("wal_conflict"), "{events}");
 }
 
@@ -1076,7 +1076,7 @@ fn metric_value(metrics: &str, name: &str) -> Option<f64> {
 
 /// Every event in the daemon's log as (kind, message).
 fn events(daemon: &TestDaemon) -> Vec<(String, String)> {
-    let page = daemon.agentctl_json(&["events"]);
+    let page = daemon.agentctl_json(&["events", "--after", "0"]);
     page["events"]
         .as_array()
         .unwrap()

@@ -60,11 +60,13 @@ pub fn read_specs(paths: &[PathBuf]) -> anyhow::Result<Vec<DepartmentSpec>> {
     for file in files {
         let text = std::fs::read_to_string(&file)
             .with_context(|| format!("cannot read {}", file.display()))?;
-        match DepartmentSpec::from_toml(&file.display().to_string(), &text) {
+        let name = file.display().to_string();
+        match DepartmentSpec::from_toml(&name, &text) {
             Ok(spec) => specs.push(spec),
             Err(e) => {
-                for f in e.fields() {
-                    problems.push(format!("  {}: {}: {}", file.display(), f.field, f.message));
+                // Each field is `file:line:column: field`, as the daemon reports it.
+                for f in e.in_file(&name, &text) {
+                    problems.push(format!("  {}: {}", f.field, f.message));
                 }
             }
         }

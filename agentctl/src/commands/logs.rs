@@ -1,4 +1,5 @@
-//! `agentctl logs <id> [-f] [--tail N]`: the container's output, streamed.
+//! `agentctl logs <id> [-f] [--tail N] [--since T] [--timestamps]`: the
+//! container's output, streamed.
 
 use crate::client::Client;
 use anyhow::Context;
@@ -7,6 +8,10 @@ use hyper::Method;
 use std::io::Write;
 
 #[derive(clap::Args)]
+#[command(after_help = "Examples:
+  agentctl logs hr --tail 50
+  agentctl logs hr --since 10m --timestamps
+  agentctl logs hr -f --since 2026-12-03T13:00:00Z")]
 pub struct Args {
     /// Department id.
     id: String,
@@ -16,12 +21,26 @@ pub struct Args {
     /// Only the last N lines.
     #[arg(long)]
     tail: Option<usize>,
+    /// Only output since a time (RFC 3339, UTC) or a duration ago (10m, 2h).
+    #[arg(long, value_name = "TIME|DURATION")]
+    since: Option<String>,
+    /// Prefix each line with the time Docker received it.
+    #[arg(short = 't', long)]
+    timestamps: bool,
 }
 
 pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
     let mut path = format!("/v1/departments/{}/logs?follow={}", args.id, args.follow);
     if let Some(n) = args.tail {
         path.push_str(&format!("&tail={n}"));
+    }
+    if let Some(since) = &args.since {
+        let ms = super::events::parse_since(since, std::time::SystemTime::now())?;
+        // Docker counts whole seconds; round down so the named second is included.
+        path.push_str(&format!("&since={}", ms / 1000));
+    }
+    if args.timestamps {
+        path.push_str("&timestamps=true");
     }
     let response = client.send(Method::GET, &path, None).await?;
     if !response.status().is_success() {

@@ -420,6 +420,10 @@ struct EventsQuery {
     // u32 so that what the document allows (up to 2^32 - 1) is exactly what
     // parses; the value is then clamped to a page size.
     limit: Option<u32>,
+    /// The newest `tail` events instead of the oldest after `after`.
+    tail: Option<u32>,
+    /// Only events at or after this Unix time in milliseconds.
+    since_ms: Option<i64>,
 }
 
 /// `wait` of `/v1/events`: digits and a unit, `ms` or `s` (`500ms`, `30s`),
@@ -462,10 +466,28 @@ async fn events(
             .min(state.supervisor.shared.config.api.max_event_wait),
         None => Duration::ZERO,
     };
+    let department = q.department.as_deref();
+    if let Some(tail) = q.tail {
+        if q.wait.is_some() {
+            return Err(ApiError::BadRequest(
+                "tail: answers at once; follow with after=<next>&wait=..".into(),
+            ));
+        }
+        // `next` is the end of the log when the page was cut, not its last
+        // event: a follower continues from there, replaying nothing.
+        let upto = log.latest().max(q.after);
+        let tail = tail.min(5000) as usize;
+        let page = log.query((q.after, upto), department, q.since_ms, tail, true);
+        return Ok(Json(EventPage {
+            events: page,
+            next: upto,
+        })
+        .into_response());
+    }
     let mut rx = log.subscribe();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let page = log.page(q.after, q.department.as_deref(), limit);
+        let page = log.query((q.after, i64::MAX), department, q.since_ms, limit, false);
         if !page.is_empty() || tokio::time::Instant::now() >= deadline {
             let next = page.last().map(|e| e.seq).unwrap_or(q.after.max(0));
             return Ok(Json(EventPage { events: page, next }).into_response());
@@ -721,6 +743,10 @@ struct LogsQuery {
     tail: Option<usize>,
     #[serde(default)]
     follow: bool,
+    /// Unix seconds.
+    since: Option<i64>,
+    #[serde(default)]
+    timestamps: bool,
 }
 
 async fn logs(
@@ -737,11 +763,15 @@ async fn logs(
     let container = view
         .container_id
         .ok_or_else(|| ApiError::Conflict(format!("department `{id}` has no container yet")))?;
-    let stream = state
-        .supervisor
-        .shared
-        .runtime
-        .logs(&container, q.tail, q.follow);
+    let stream = state.supervisor.shared.runtime.logs(
+        &container,
+        &crate::runtime::LogQuery {
+            tail: q.tail,
+            follow: q.follow,
+            since_secs: q.since,
+            timestamps: q.timestamps,
+        },
+    );
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .body(Body::from_stream(stream))

@@ -383,6 +383,18 @@ impl Supervisor {
             .filter(|id| !next.contains_key(*id))
             .cloned()
             .collect();
+        // An explicit port outside the pool is refused: HAProxy and the
+        // firewall only know the pool.
+        let outside: Vec<FieldError> = specs
+            .iter()
+            .filter_map(|s| {
+                current_pool
+                    .admit_explicit(s.host_port)
+                    .err()
+                    .map(|e| FieldError::new(format!("{}.host_port", s.id), e.to_string()))
+            })
+            .collect();
+        problems.extend(outside);
         // Ports, decided on a copy so a refusal changes nothing (ports.rs).
         let wanted: Vec<(String, Option<u16>)> = specs
             .iter()
