@@ -42,7 +42,7 @@ log "ansible-lint, syntax check"
 # socket and passes check-config; the role enables that unit for a WAL target.
 log "WAL host: rendered agent.toml"
 (cd "$PKGTEST_ROOT/ansible" && ANSIBLE_NOCOLOR=1 ansible localhost -m include_role \
-    -a 'name=fleet_agent tasks_from=preview' -e fleet_agent_preview_dir="$work/wal" \
+    -a 'name=fleet_agent tasks_from=preview' -e fleet_agent_preview_dir="$work/wal" -e fleet_agent_preview_config="$work/wal/agent.toml" \
     -e fleet_agent_node_id="$node" -e fleet_agent_wal_target="file://$work/archive" \
     -e fleet_agent_wal_pg_wal_dir=/var/lib/postgresql/15/main/pg_wal -e fleet_agent_wal_backup_interval=24h) \
     >"$work/wal-preview.log" 2>&1 || { cat "$work/wal-preview.log" >&2; fail "rendering a WAL host's agent.toml failed"; }

@@ -28,10 +28,10 @@ fn page(d: &TestDaemon, args: &[&str]) -> Vec<Value> {
 fn refuse_one(d: &TestDaemon, id: &str) {
     let path = d.write_spec(
         id,
-        &spec_toml(id, IMAGE_V1, "[resources]\nmemory = \"100TiB\"\n"),
+        &spec_toml(id, IMAGE_V1, "[resources]\nmemory = \"10TiB\"\n"),
     );
     let out = d.agentctl(&["apply", "-f", path.to_str().unwrap()]);
-    assert!(!out.status.success(), "a 100TiB department was accepted");
+    assert!(!out.status.success(), "a 10TiB department was accepted");
 }
 
 /// `agentctl events -f <args> --json`, its stdout lines on a channel.

@@ -468,11 +468,8 @@ async fn events(
     };
     let department = q.department.as_deref();
     if let Some(tail) = q.tail {
-        if q.wait.is_some() {
-            return Err(ApiError::BadRequest(
-                "tail: answers at once; follow with after=<next>&wait=..".into(),
-            ));
-        }
+        // A tail is answered at once (any `wait` is not applied); a follower
+        // continues with after=<next>&wait=...
         // `next` is the end of the log when the page was cut, not its last
         // event: a follower continues from there, replaying nothing.
         let upto = log.latest().max(q.after);
