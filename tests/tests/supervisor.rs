@@ -1034,7 +1034,10 @@ fn a_delete_waiting_on_a_hung_pull_blocks_no_other_department() {
         took < Duration::from_secs(30),
         "agentctl delete during a hung pull took {took:?}: the pull must be aborted, not waited for"
     );
-    assert!(d.summary(&hung).is_none(), "the deleted department is still listed");
+    assert!(
+        d.summary(&hung).is_none(),
+        "the deleted department is still listed"
+    );
     drop(registry);
 }
 
