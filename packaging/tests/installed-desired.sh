@@ -21,27 +21,8 @@ applied=$PKGTEST_NAME-a
 hand=$PKGTEST_NAME-h
 # Ports 47540-47549 (the pool 47540-47544, then the API).
 api=127.0.0.1:47549
-ensure_image
-deb=$(ensure_deb)
 image=fleet-test-agent:1
-docker image inspect "$image" >/dev/null 2>&1 || "$PKGTEST_ROOT/tests/images/build.sh" >&2
-
-cleanup() {
-    systemd_container_down
-    remove_node_containers "$node"
-}
-# On a failure, what the daemon saw, before the container goes.
-on_exit() {
-    if [ "$1" -ne 0 ] && [ -n "${SD_CT:-}" ]; then
-        in_ct agentctl status >&2 || true
-        in_ct systemctl status --no-pager fleet-agentd >&2 || true
-        in_ct journalctl -u fleet-agentd --no-pager -n 60 >&2 || true
-    fi
-    cleanup
-}
-trap 'on_exit $?' EXIT
-cleanup
-systemd_container_up "fleet-$PKGTEST_NAME"
+installed_node_up "$node"
 
 journal() { in_ct journalctl -u fleet-agentd --no-pager -n "${1:-30}" >&2 || true; }
 
@@ -76,7 +57,6 @@ start_period = "0s"
 TOML
 }
 
-ct_install_deb "$deb"
 in_ct tee /etc/fleet-agent/agent.toml >/dev/null <<TOML
 node_id = "$node"
 [ports]
@@ -134,7 +114,10 @@ rc=0; out=$(in_ct agentctl doctor 2>&1) || rc=$?
 [ $rc -ne 0 ] && grep -q 'FAIL desired state.*typo.toml:1:1: id' <<<"$out" \
     || fail "agentctl doctor does not fail on the refused desired state naming typo.toml (rc $rc): $out"
 [ "$(metric fleet_agent_desired_state_valid)" = 0 ] || fail "fleet_agent_desired_state_valid is not 0"
-in_ct agentctl events --after 0 2>/dev/null | grep -q 'desired_state_refused' || fail "no desired_state_refused event"
+# Whole output first: `| grep -q` would stop reading at the first match,
+# agentctl would die of SIGPIPE, and pipefail would call that a miss.
+events=$(in_ct agentctl events --after 0 2>/dev/null) || fail "agentctl events failed"
+grep -q 'desired_state_refused' <<<"$events" || fail "no desired_state_refused event"
 gone "$applied" || fail "aio-$applied came back after the restart"
 # Supervised: the daemon restarts the killed container itself (Docker's
 # restart policy is `no`).

@@ -217,6 +217,36 @@ ct_install_deb() {
         rm -f /usr/sbin/policy-rc.d; [ $rc -eq 0 ] || cat /tmp/install.log; exit $rc' sh "$ct_deb" || fail "install failed"
 }
 
+# The start of an as-installed scenario: the cached root and the .deb, the
+# test agent image, and this test's systemd container with the .deb installed
+# (not started: the scenario's own agent.toml goes in first). On exit the
+# container and every container of node $1 are removed; when the scenario
+# failed, what the daemon saw is printed first. Sets SD_CT and PKGTEST_DEB.
+installed_node_up() {
+    PKGTEST_NODE=$1
+    ensure_image
+    PKGTEST_DEB=$(ensure_deb)
+    docker image inspect fleet-test-agent:1 >/dev/null 2>&1 || "$PKGTEST_ROOT/tests/images/build.sh" >&2
+    trap '_installed_node_exit $?' EXIT
+    _installed_node_cleanup
+    systemd_container_up "fleet-$PKGTEST_NAME"
+    ct_install_deb "$PKGTEST_DEB"
+}
+
+_installed_node_cleanup() {
+    systemd_container_down
+    remove_node_containers "$PKGTEST_NODE"
+}
+
+_installed_node_exit() {
+    if [ "$1" -ne 0 ] && [ -n "${SD_CT:-}" ]; then
+        in_ct agentctl status >&2 || true
+        in_ct systemctl status --no-pager fleet-agentd >&2 || true
+        in_ct journalctl -u fleet-agentd --no-pager -n 60 >&2 || true
+    fi
+    _installed_node_cleanup
+}
+
 # Removes every container the test daemon with this node id created.
 remove_node_containers() {
     local node=$1 ids

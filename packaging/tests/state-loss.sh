@@ -12,20 +12,8 @@ node=$PKGTEST_NAME
 dept=$PKGTEST_NAME-a
 # Ports 47550-47559 (the pool, then the API).
 api=127.0.0.1:47559
-ensure_image
-deb=$(ensure_deb)
 image=fleet-test-agent:1
-docker image inspect "$image" >/dev/null 2>&1 || "$PKGTEST_ROOT/tests/images/build.sh" >&2
-
-cleanup() {
-    systemd_container_down
-    remove_node_containers "$node"
-}
-trap cleanup EXIT
-cleanup
-systemd_container_up "fleet-$PKGTEST_NAME"
-
-ct_install_deb "$deb"
+installed_node_up "$node"
 in_ct tee /etc/fleet-agent/agent.toml >/dev/null <<TOML
 node_id = "$node"
 [ports]

@@ -120,7 +120,9 @@ $(tail -c 3000 <<<"$journal")"
 # A department's events carry DEPARTMENT= and EVENT= fields to filter on.
 found=""
 for _ in $(seq 1 20); do
-    if in_ct journalctl DEPARTMENT="$dept" EVENT=state_running -o cat --no-pager 2>/dev/null | grep -q 'starting -> running'; then
+    # Whole output first (see installed-desired.sh: grep -q and SIGPIPE).
+    entries=$(in_ct journalctl DEPARTMENT="$dept" EVENT=state_running -o cat --no-pager 2>/dev/null || true)
+    if grep -q 'starting -> running' <<<"$entries"; then
         found=1; break
     fi
     sleep 0.5

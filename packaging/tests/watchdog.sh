@@ -10,19 +10,8 @@ node=$PKGTEST_NAME
 dept=$PKGTEST_NAME-a
 # Ports 47560-47569 (the pool, then the API).
 api=127.0.0.1:47569
-ensure_image
-deb=$(ensure_deb)
 image=fleet-test-agent:1
-docker image inspect "$image" >/dev/null 2>&1 || "$PKGTEST_ROOT/tests/images/build.sh" >&2
-
-cleanup() {
-    systemd_container_down
-    remove_node_containers "$node"
-}
-trap cleanup EXIT
-cleanup
-systemd_container_up "fleet-$PKGTEST_NAME"
-ct_install_deb "$deb"
+installed_node_up "$node"
 
 write_config() {
     in_ct tee /etc/fleet-agent/agent.toml >/dev/null <<TOML
@@ -65,7 +54,8 @@ sleep 50
     fail "the daemon was restarted: the watchdog was not fed"
 }
 [ "$(in_ct systemctl show -p NRestarts --value fleet-agentd)" = 0 ] || fail "NRestarts is not 0"
-in_ct journalctl -u fleet-agentd --no-pager | grep -qi "watchdog timeout" && fail "systemd reported a watchdog timeout"
+journal=$(in_ct journalctl -u fleet-agentd --no-pager)
+grep -qi "watchdog timeout" <<<"$journal" && fail "systemd reported a watchdog timeout"
 in_ct agentctl status --json >/dev/null || fail "agentctl status failed"
 
 log "a resync_interval that cannot fit in WatchdogSec is refused"
