@@ -5,7 +5,8 @@
 #   1. installs the tools it needs if missing (C toolchain and static libc for the
 #      test agent, cargo-nextest),
 #   2. brings up every service in SERVICES (Docker, ...), installing them if missing,
-#   3. builds the workspace once (`cargo build --workspace --bins --tests`),
+#   3. moves Linux's ephemeral ports above the tests' fixed ones (49152-60999),
+#      then builds the workspace once (`cargo build --workspace --bins --tests`),
 #   4. builds the test images (tests/images/build.sh),
 #   5. runs cargo nextest in two phases: every test not named `serial_*` in
 #      parallel, then the `serial_*` tests one at a time (they may restart dockerd
@@ -262,6 +263,22 @@ setup_services() {
   done
 }
 
+# --- ports -------------------------------------------------------------------
+# The tests listen on fixed loopback ports in 42000-48999. Linux's default
+# ephemeral range (32768-60999) now and then hands one of them to an outgoing
+# connection first (seen: "host_port 47500 is held by another process on this
+# host"); IANA's dynamic range (49152-65535) keeps the two apart.
+ephemeral_ports() {
+  local want="49152 60999" now file=/proc/sys/net/ipv4/ip_local_port_range
+  now=$(tr -s '\t ' ' ' <"$file")
+  [[ $now == "$want" ]] && return
+  if echo "$want" >"$file" 2>/dev/null; then
+    info "ephemeral ports: $want (were $now)"
+  else
+    info "cannot set $file to $want (not root?); a test may meet its port taken"
+  fi
+}
+
 # --- build -------------------------------------------------------------------
 
 build() {
@@ -297,6 +314,8 @@ main() {
     setup_tools
     setup_services
   fi
+  step "ports"
+  ephemeral_ports
   build
   run_phase "parallel (everything but serial_*)" \
     --test-threads "${FLEET_TEST_THREADS:-4}" -E "not $SERIAL" "$@"

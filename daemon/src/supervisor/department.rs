@@ -135,6 +135,9 @@ impl DeptActor {
             work_tx,
             done: false,
         };
+        // On the board before spawn returns: an `apply` that answered
+        // "created" is then followed by a readable department, never a 404.
+        actor.publish();
         let handle = tokio::spawn(actor.run(rx, work_rx));
         (tx, handle)
     }
@@ -144,7 +147,6 @@ impl DeptActor {
         mut rx: mpsc::Receiver<DeptMsg>,
         mut work_rx: mpsc::UnboundedReceiver<Input>,
     ) {
-        self.publish();
         self.feed(Input::Init).await;
         self.publish();
         while !self.done {
