@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 /// after the daemon's own families, so it must be cheap and never wait.
 pub type MetricsSource = std::sync::Arc<dyn Fn(&mut String) + Send + Sync>;
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+pub(crate) fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }

@@ -72,10 +72,8 @@ pub fn sample() -> Option<ProcessSample> {
 /// The `process_*` families of `s`.
 pub fn render(out: &mut String, s: &ProcessSample) {
     let mut family = |name: &str, kind: &str, help: &str, value: String| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
+        crate::metrics::header(out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
     };
     family(
         "process_cpu_seconds_total",
