@@ -1991,6 +1991,9 @@ impl Machine {
             (labels::SPEC_HASH.to_string(), self.hash()),
             (labels::HOST_PORT.to_string(), self.port.to_string()),
             (labels::NODE.to_string(), self.node_id.clone()),
+            // What a node that lost its store rebuilds the department from
+            // (recovery.rs); secrets masked, their values stay in the env.
+            (labels::SPEC.to_string(), crate::recovery::spec_label(spec)),
             (
                 labels::ROLE.to_string(),
                 if candidate { "candidate" } else { "primary" }.to_string(),

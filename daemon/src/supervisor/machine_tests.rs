@@ -359,6 +359,14 @@ fn nothing_there_creates_through_the_gate_and_ends_running() {
     assert_eq!(request.host_port, Some(8001));
     assert_eq!(request.labels[labels::NODE], "n1");
     assert_eq!(request.labels[labels::HOST_PORT], "8001");
+    // The request carries what a node that lost its store rebuilds it from.
+    let config = crate::runtime::ContainerConfig {
+        labels: request.labels.clone(),
+        env: request.env.clone(),
+    };
+    let (rebuilt, port) =
+        crate::recovery::recover_spec(&config).expect("rebuilt from the request's labels");
+    assert_eq!((rebuilt.id.as_str(), port), ("hr", 8001));
     assert_eq!(t.m.state(), S::Starting);
     t.send(Input::Created {
         is_update: false,

@@ -21,7 +21,6 @@ pub mod probe;
 
 use crate::events::EventLog;
 use crate::ports::{port_busy, PortPool};
-use crate::recovery::{SpecCatalog, SpecLabels};
 use crate::runtime::{ContainerRuntime, RuntimeEvent};
 use crate::store::{Origin, Store, StoredDepartment};
 use board::Board;
@@ -163,8 +162,6 @@ pub struct Supervisor {
     /// then the resync removes no container as an orphan: after a lost store
     /// the department set is not known yet.
     desired_applied: Arc<AtomicBool>,
-    /// The specs handed to department tasks, for the `fleet-agent.spec` label.
-    catalog: Arc<SpecCatalog>,
     /// What this run rebuilt from Docker's labels, when the store was lost.
     pub state_rebuilt: Option<fleet_model::api::StateRebuilt>,
 }
@@ -184,9 +181,6 @@ impl Supervisor {
             .parsed_range()
             .map_err(|m| SupervisorError::Invalid(vec![FieldError::new("ports.range", m)]))?;
         let leases = store.leases()?;
-        let catalog = Arc::new(SpecCatalog::default());
-        let runtime: Arc<dyn ContainerRuntime> =
-            Arc::new(SpecLabels::new(runtime, catalog.clone()));
         let shared = Arc::new(Shared {
             node_id: config.node_id(),
             bind: config.ports.bind,
@@ -245,10 +239,6 @@ impl Supervisor {
                 },
             };
             let restarts = restarts_by_reason(&store, &id);
-            catalog.register(&stored.spec, port);
-            if let Some(previous) = &stored.previous {
-                catalog.register(previous, port);
-            }
             let (tx, task) = DeptActor::spawn(
                 shared.clone(),
                 DeptInit {
@@ -277,7 +267,6 @@ impl Supervisor {
             resync_now: Arc::new(Notify::new()),
             heartbeat: Arc::new(crate::systemd::Heartbeat::default()),
             desired_applied: Arc::new(AtomicBool::new(false)),
-            catalog,
             state_rebuilt,
         })
     }
@@ -460,18 +449,15 @@ impl Supervisor {
                 let mut registry = self.registry();
                 let result = match registry.departments.get_mut(&id) {
                     Some(handle) if handle.spec == spec => {
-                        self.catalog.register(&spec, port);
                         report.unchanged.push(id.clone());
                         None
                     }
                     Some(handle) => {
                         handle.spec = spec.clone();
-                        self.catalog.register(&spec, port);
                         report.updated.push(id.clone());
                         Some((handle.tx.clone(), spec))
                     }
                     None => {
-                        self.catalog.register(&spec, port);
                         let (tx, task) = DeptActor::spawn(
                             self.shared.clone(),
                             DeptInit {
@@ -571,7 +557,6 @@ impl Supervisor {
         }
         self.shared.store.delete_department(id)?;
         self.shared.board.remove(id);
-        self.catalog.forget(id);
         Ok(())
     }
 
