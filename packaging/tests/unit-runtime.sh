@@ -12,23 +12,10 @@ node=$PKGTEST_NAME
 dept=$PKGTEST_NAME-a
 # Ports 47510-47519 (the pool, then the API).
 api=127.0.0.1:47519
-ensure_image
-deb=$(ensure_deb)
 image=fleet-test-agent:1
-docker image inspect "$image" >/dev/null 2>&1 || "$PKGTEST_ROOT/tests/images/build.sh" >&2
-
-cleanup() {
-    systemd_container_down
-    remove_node_containers "$node"
-    docker rm -f "aio-$dept" >/dev/null 2>&1 || true
-}
-trap cleanup EXIT
-cleanup
-systemd_container_up "fleet-$PKGTEST_NAME"
-
 # Installed the way the Ansible role does it, except that the first start waits
 # until this test's config is in place (its ports must not collide).
-ct_install_deb "$deb"
+installed_node_up "$node"
 in_ct tee /etc/fleet-agent/agent.toml >/dev/null <<TOML
 node_id = "$node"
 [ports]
