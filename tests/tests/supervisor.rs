@@ -1175,7 +1175,7 @@ fn a_lost_or_garbage_state_db_after_kill9_adopts_every_container() {
 #[test]
 fn coordinator_away_and_state_db_lost_keeps_every_container() {
     use fleet_tests::coordinator::StubCoordinator;
-    let mut stub = StubCoordinator::start();
+    let mut stub = StubCoordinator::start_on(48300);
     let mut d = TestDaemon::start(TestOptions {
         name: "lostc",
         port_range: (42130, 42139),
@@ -1308,7 +1308,7 @@ fn a_same_named_container_of_another_node_is_never_touched() {
 #[test]
 fn no_container_is_removed_as_an_orphan_before_the_first_sync() {
     use fleet_tests::coordinator::StubCoordinator;
-    let mut stub = StubCoordinator::start();
+    let mut stub = StubCoordinator::start_on(48301);
     stub.go_away();
     let d = TestDaemon::start(TestOptions {
         name: "orphan",
