@@ -137,6 +137,12 @@ fn judge_desired(
             }
         }
     }
+    for spec in specs {
+        for f in crate::hardening::check(spec, &config.containers) {
+            let field = format!("{}.{}", spec.id, f.field);
+            problems.push(format!("{}: {}", in_file(&field, desired), f.message));
+        }
+    }
     let node = crate::admission::Node::of(config, crate::host::total_memory_bytes());
     let verdict = crate::admission::admit(specs, |_| false, &node).map_err(|fields| {
         problems.extend(
@@ -202,7 +208,8 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
             registry_auth,
             config.docker.pull_timeout,
         )
-        .scoped_to_node(node_id.clone()),
+        .scoped_to_node(node_id.clone())
+        .with_containers(&config.containers),
     );
     let host = crate::host::HostSampler::start(Duration::from_secs(5));
     let supervisor = Supervisor::start(

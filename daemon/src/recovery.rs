@@ -46,10 +46,15 @@ pub fn recover_spec(config: &ContainerConfig) -> Result<(DepartmentSpec, u16), S
         .filter_map(|line| line.split_once('='))
         .collect();
     for (key, value) in spec.secrets.iter_mut() {
+        // Files mode: the value is in the container's secrets directory.
         let found = env
             .get(key.as_str())
-            .ok_or_else(|| format!("secret {key} is not in the container's environment"))?;
-        *value = Secret::new(*found);
+            .copied()
+            .or_else(|| config.secret_files.get(key).map(String::as_str))
+            .ok_or_else(|| {
+                format!("secret {key} is neither in the container's environment nor in its secret files")
+            })?;
+        *value = Secret::new(found);
     }
     spec.validate().map_err(|errors| {
         format!(
@@ -84,6 +89,7 @@ mod tests {
                 (labels::SPEC_HASH.to_string(), spec.container_hash(port)),
             ]),
             env: env.iter().map(|s| s.to_string()).collect(),
+            secret_files: HashMap::new(),
         }
     }
 
