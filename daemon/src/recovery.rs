@@ -120,4 +120,23 @@ mod tests {
         old.labels.remove(labels::SPEC);
         assert!(recover_spec(&old).unwrap_err().contains("older"));
     }
+
+    #[test]
+    fn in_files_mode_the_secret_files_give_the_values_back() {
+        let mut spec = spec();
+        spec.secrets_mode = Some(fleet_model::spec::SecretsMode::Files);
+        let mut config = config_of(
+            &spec,
+            8003,
+            &["MODE=x", "DB_PASSWORD_FILE=/run/secrets/DB_PASSWORD"],
+        );
+        assert!(recover_spec(&config)
+            .unwrap_err()
+            .contains("neither in the container's environment nor in its secret files"));
+        config
+            .secret_files
+            .insert("DB_PASSWORD".into(), "canary-42".into());
+        let (back, _) = recover_spec(&config).unwrap();
+        assert_eq!(back, spec);
+    }
 }
