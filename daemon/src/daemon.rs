@@ -398,11 +398,22 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
 /// `<id>.<field>` with the file that defines department `<id>` in front, so
 /// a node-wide refusal (memory, ports) names the file to edit too.
 fn in_file(field: &str, desired: &crate::desired::Desired) -> String {
-    match field
-        .split_once('.')
-        .and_then(|(id, _)| desired.files.get(id))
-    {
-        Some((_, path)) => format!("{}: {field}", path.display()),
+    let Some((id, rest)) = field.split_once('.') else {
+        return field.to_string();
+    };
+    match desired.files.get(id) {
+        Some((_, path)) => {
+            // file:line:column of the key at fault, as the parse refusals say
+            // it (a list element is found by its key).
+            let key = rest.split('[').next().unwrap_or(rest);
+            let at = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|text| fleet_model::located::locate_toml(&text, key));
+            format!(
+                "{}: {field}",
+                fleet_model::located::at_prefix(&path.display().to_string(), at)
+            )
+        }
         None => field.to_string(),
     }
 }
