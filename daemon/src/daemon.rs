@@ -137,6 +137,12 @@ fn judge_desired(
             }
         }
     }
+    for spec in specs {
+        for f in crate::hardening::check(spec, &config.containers) {
+            let field = format!("{}.{}", spec.id, f.field);
+            problems.push(format!("{}: {}", in_file(&field, desired), f.message));
+        }
+    }
     let node = crate::admission::Node::of(config, crate::host::total_memory_bytes());
     let verdict = crate::admission::admit(specs, |_| false, &node).map_err(|fields| {
         problems.extend(
@@ -202,7 +208,8 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
             registry_auth,
             config.docker.pull_timeout,
         )
-        .scoped_to_node(node_id.clone()),
+        .scoped_to_node(node_id.clone())
+        .with_containers(&config.containers),
     );
     let host = crate::host::HostSampler::start(Duration::from_secs(5));
     let supervisor = Supervisor::start(
@@ -391,11 +398,22 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
 /// `<id>.<field>` with the file that defines department `<id>` in front, so
 /// a node-wide refusal (memory, ports) names the file to edit too.
 fn in_file(field: &str, desired: &crate::desired::Desired) -> String {
-    match field
-        .split_once('.')
-        .and_then(|(id, _)| desired.files.get(id))
-    {
-        Some((_, path)) => format!("{}: {field}", path.display()),
+    let Some((id, rest)) = field.split_once('.') else {
+        return field.to_string();
+    };
+    match desired.files.get(id) {
+        Some((_, path)) => {
+            // file:line:column of the key at fault, as the parse refusals say
+            // it (a list element is found by its key).
+            let key = rest.split('[').next().unwrap_or(rest);
+            let at = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|text| fleet_model::located::locate_toml(&text, key));
+            format!(
+                "{}: {field}",
+                fleet_model::located::at_prefix(&path.display().to_string(), at)
+            )
+        }
         None => field.to_string(),
     }
 }

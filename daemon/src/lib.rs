@@ -9,6 +9,7 @@ pub mod events;
 /// In-memory engine for tests (also for `tests/` with the `fake-runtime` feature).
 #[cfg(any(test, feature = "fake-runtime"))]
 pub mod fake_runtime;
+pub mod hardening;
 pub mod host;
 pub mod logging;
 pub mod metrics;

@@ -46,10 +46,15 @@ pub fn recover_spec(config: &ContainerConfig) -> Result<(DepartmentSpec, u16), S
         .filter_map(|line| line.split_once('='))
         .collect();
     for (key, value) in spec.secrets.iter_mut() {
+        // Files mode: the value is in the container's secrets directory.
         let found = env
             .get(key.as_str())
-            .ok_or_else(|| format!("secret {key} is not in the container's environment"))?;
-        *value = Secret::new(*found);
+            .copied()
+            .or_else(|| config.secret_files.get(key).map(String::as_str))
+            .ok_or_else(|| {
+                format!("secret {key} is neither in the container's environment nor in its secret files")
+            })?;
+        *value = Secret::new(found);
     }
     spec.validate().map_err(|errors| {
         format!(
@@ -84,6 +89,7 @@ mod tests {
                 (labels::SPEC_HASH.to_string(), spec.container_hash(port)),
             ]),
             env: env.iter().map(|s| s.to_string()).collect(),
+            secret_files: HashMap::new(),
         }
     }
 
@@ -113,5 +119,24 @@ mod tests {
         let mut old = config_of(&spec, 8003, &[]);
         old.labels.remove(labels::SPEC);
         assert!(recover_spec(&old).unwrap_err().contains("older"));
+    }
+
+    #[test]
+    fn in_files_mode_the_secret_files_give_the_values_back() {
+        let mut spec = spec();
+        spec.secrets_mode = Some(fleet_model::spec::SecretsMode::Files);
+        let mut config = config_of(
+            &spec,
+            8003,
+            &["MODE=x", "DB_PASSWORD_FILE=/run/secrets/DB_PASSWORD"],
+        );
+        assert!(recover_spec(&config)
+            .unwrap_err()
+            .contains("neither in the container's environment nor in its secret files"));
+        config
+            .secret_files
+            .insert("DB_PASSWORD".into(), "canary-42".into());
+        let (back, _) = recover_spec(&config).unwrap();
+        assert_eq!(back, spec);
     }
 }

@@ -6,7 +6,7 @@
 use async_trait::async_trait;
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, EventMessage, HostConfig, HostConfigLogConfig,
-    PortBinding, RestartPolicy, RestartPolicyNameEnum,
+    Mount, MountType, NetworkCreateRequest, PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder,
@@ -104,6 +104,42 @@ pub struct CreateRequest {
     pub memory: Option<i64>,
     pub memory_reservation: Option<i64>,
     pub stop_timeout: Duration,
+    /// The network joined; created (inter-container communication off) when missing.
+    pub network: String,
+    pub pids_limit: i64,
+    /// Added back after dropping every capability.
+    pub cap_add: Vec<String>,
+    pub init: bool,
+    pub read_only_root: bool,
+    /// Size of the /tmp tmpfs (read-only roots only).
+    pub tmpfs_bytes: Option<u64>,
+    pub no_new_privileges: bool,
+    /// Files mode: written under the secrets directory and bind-mounted
+    /// read-only on `/run/secrets`; `None` in env mode.
+    pub secret_files: Option<SecretFiles>,
+}
+
+/// The secret files of one container, in files mode. `key` names its
+/// directory under the node's secrets directory (container name and spec
+/// hash, so an update's new container never rewrites the files of the one
+/// still serving).
+#[derive(Clone, PartialEq)]
+pub struct SecretFiles {
+    pub key: String,
+    pub files: Vec<(String, fleet_model::spec::Secret)>,
+}
+
+impl std::fmt::Debug for SecretFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The values are Secret (masked); say which files, not what is in them.
+        f.debug_struct("SecretFiles")
+            .field("key", &self.key)
+            .field(
+                "files",
+                &self.files.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -164,6 +200,12 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn container_config(&self, _id: &str) -> Result<Option<ContainerConfig>, RuntimeError> {
         Ok(None)
     }
+    /// (Re)writes a container's secret files before it starts: the
+    /// directory is on a tmpfs, gone after a reboot while the container
+    /// stays. A runtime without a file system of its own does nothing.
+    async fn put_secrets(&self, _files: &SecretFiles) -> Result<(), RuntimeError> {
+        Ok(())
+    }
 }
 
 /// What a container was created with, as far as rebuilding needs it.
@@ -172,6 +214,9 @@ pub struct ContainerConfig {
     pub labels: HashMap<String, String>,
     /// `KEY=value` lines.
     pub env: Vec<String>,
+    /// Files mode: the secret files' contents by name, read back from the
+    /// secrets directory the `fleet-agent.secrets` label names.
+    pub secret_files: HashMap<String, String>,
 }
 
 /// What part of a container's output to stream, as Docker's logs API takes it.
@@ -197,6 +242,14 @@ pub struct BollardRuntime {
     /// node: a same-named container of another daemon (or of nobody) is
     /// never adopted, stopped or removed by a name-based operation.
     node: Option<String>,
+    /// Files-mode secrets are written under here.
+    secrets_dir: PathBuf,
+    /// The node's own network: the one a created network gets the bridge
+    /// name for.
+    node_network: String,
+    bridge_name: String,
+    /// Networks known to exist, so a create costs no extra call.
+    networks: Mutex<std::collections::HashSet<String>>,
 }
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -213,7 +266,139 @@ impl BollardRuntime {
             registry_auth,
             pull_timeout,
             node: None,
+            secrets_dir: fleet_model::config::ContainersConfig::default().secrets_dir,
+            node_network: String::new(),
+            bridge_name: String::new(),
+            networks: Mutex::new(Default::default()),
         }
+    }
+
+    /// Where secret files go, and which network gets the bridge name.
+    pub fn with_containers(mut self, c: &fleet_model::config::ContainersConfig) -> Self {
+        self.secrets_dir = c.secrets_dir.clone();
+        self.node_network = c.network.clone();
+        self.bridge_name = c.bridge_name.clone();
+        self
+    }
+
+    /// Makes sure `name` exists: adopted as it is when present (an
+    /// operator's own network keeps its settings), else created as a bridge
+    /// with inter-container communication off, so departments on it reach
+    /// the host and the outside but not each other.
+    async fn ensure_network(&self, name: &str) -> Result<(), RuntimeError> {
+        if self
+            .networks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
+        {
+            return Ok(());
+        }
+        let target = name.to_string();
+        match self
+            .call(|d| async move { d.inspect_network(&target, None).await })
+            .await
+        {
+            Ok(n) => {
+                let icc = n
+                    .options
+                    .as_ref()
+                    .and_then(|o| o.get("com.docker.network.bridge.enable_icc"))
+                    .map(String::as_str);
+                if icc != Some("false") {
+                    tracing::warn!(
+                        network = name,
+                        "Departments join network {name}, which allows inter-container communication: they can reach each other's containers (recreate it, or let the agent create it)."
+                    );
+                }
+            }
+            Err(RuntimeError::NotFound(_)) => {
+                let mut options = HashMap::from([(
+                    "com.docker.network.bridge.enable_icc".to_string(),
+                    "false".to_string(),
+                )]);
+                if name == self.node_network && !self.bridge_name.is_empty() {
+                    options.insert(
+                        "com.docker.network.bridge.name".into(),
+                        self.bridge_name.clone(),
+                    );
+                }
+                let request = NetworkCreateRequest {
+                    name: name.to_string(),
+                    driver: Some("bridge".into()),
+                    options: Some(options),
+                    labels: Some(HashMap::from([(
+                        labels::MANAGED.to_string(),
+                        "true".to_string(),
+                    )])),
+                    ..Default::default()
+                };
+                match self
+                    .call(|d| async move { d.create_network(request).await })
+                    .await
+                {
+                    Ok(_) => tracing::info!(
+                        network = name,
+                        "Created network {name} (inter-container communication off)."
+                    ),
+                    // Another daemon on this engine made it meanwhile.
+                    Err(RuntimeError::Conflict(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        self.networks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string());
+        Ok(())
+    }
+
+    async fn remove_container(&self, id: &str) -> Result<(), RuntimeError> {
+        let id = id.to_string();
+        match self
+            .call(|d| async move {
+                d.remove_container(
+                    &id,
+                    Some(
+                        RemoveContainerOptionsBuilder::default()
+                            .force(true)
+                            .v(true)
+                            .build(),
+                    ),
+                )
+                .await
+            })
+            .await
+        {
+            Err(RuntimeError::NotFound(_)) => Ok(()),
+            // "removal already in progress"
+            Err(RuntimeError::Conflict(m)) if m.contains("in progress") => Ok(()),
+            other => other,
+        }
+    }
+
+    /// The `fleet-agent.secrets` label of a container about to be removed
+    /// (`None` in env mode, or when it is already gone).
+    async fn secrets_key_of(&self, id: &str) -> Option<String> {
+        let target = id.to_string();
+        let c = self
+            .call(|d| async move { d.inspect_container(&target, None).await })
+            .await
+            .ok()?;
+        c.config?.labels?.get(labels::SECRETS).cloned()
+    }
+
+    fn secrets_path(&self, key: &str) -> Option<PathBuf> {
+        // The key is built by the core from a container name and a hex
+        // hash; anything else (a hand-made label) is never a path here.
+        let ok = !key.is_empty()
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
+            && !key.starts_with('.');
+        ok.then(|| self.secrets_dir.join(key))
     }
 
     /// Limits name-based operations to containers of `node` (see `node`).
@@ -401,9 +586,20 @@ impl ContainerRuntime for BollardRuntime {
         {
             Ok(c) => {
                 let config = c.config.unwrap_or_default();
+                let labels = config.labels.unwrap_or_default();
+                let secret_files = match labels
+                    .get(labels::SECRETS)
+                    .and_then(|k| self.secrets_path(k))
+                {
+                    Some(dir) => tokio::task::spawn_blocking(move || read_secret_files(&dir))
+                        .await
+                        .unwrap_or_default(),
+                    None => HashMap::new(),
+                };
                 Ok(Some(ContainerConfig {
-                    labels: config.labels.unwrap_or_default(),
+                    labels,
                     env: config.env.unwrap_or_default(),
+                    secret_files,
                 }))
             }
             Err(RuntimeError::NotFound(_)) => Ok(None),
@@ -411,7 +607,45 @@ impl ContainerRuntime for BollardRuntime {
         }
     }
 
+    async fn put_secrets(&self, files: &SecretFiles) -> Result<(), RuntimeError> {
+        let dir = self
+            .secrets_path(&files.key)
+            .ok_or_else(|| RuntimeError::Refused {
+                status: 400,
+                message: format!("`{}` is not a secrets directory name", files.key),
+            })?;
+        let root = self.secrets_dir.clone();
+        let files = files.files.clone();
+        tokio::task::spawn_blocking(move || write_secret_files(&root, &dir, &files))
+            .await
+            .map_err(|e| RuntimeError::Unavailable(e.to_string()))?
+            .map_err(|e| RuntimeError::Refused {
+                status: 500,
+                message: format!("cannot write the secret files: {e}"),
+            })
+    }
+
     async fn create(&self, r: &CreateRequest) -> Result<String, RuntimeError> {
+        self.ensure_network(&r.network).await?;
+        let mut mounts = Vec::new();
+        if let Some(files) = &r.secret_files {
+            self.put_secrets(files).await?;
+            let source = self.secrets_path(&files.key).unwrap_or_default();
+            mounts.push(Mount {
+                target: Some(fleet_model::spec::SECRETS_MOUNT.into()),
+                source: Some(source.to_string_lossy().into_owned()),
+                typ: Some(MountType::BIND),
+                read_only: Some(true),
+                ..Default::default()
+            });
+        }
+        let mut security_opt = Vec::new();
+        if r.no_new_privileges {
+            security_opt.push("no-new-privileges:true".to_string());
+        }
+        let tmpfs = r.tmpfs_bytes.filter(|_| r.read_only_root).map(|bytes| {
+            HashMap::from([("/tmp".to_string(), format!("rw,nosuid,nodev,size={bytes}"))])
+        });
         let port_key = format!("{}/tcp", r.container_port);
         let binding = PortBinding {
             host_ip: Some(r.bind.to_string()),
@@ -424,7 +658,17 @@ impl ContainerRuntime for BollardRuntime {
             memory_swap: r.memory,
             memory_reservation: r.memory_reservation,
             nano_cpus: r.nano_cpus,
-            security_opt: Some(vec!["no-new-privileges:true".into()]),
+            security_opt: Some(security_opt),
+            network_mode: Some(r.network.clone()),
+            pids_limit: Some(r.pids_limit),
+            // Nothing by default; a spec adds back what its image needs,
+            // within the node's allowlist (hardening.rs).
+            cap_drop: Some(vec!["ALL".into()]),
+            cap_add: (!r.cap_add.is_empty()).then(|| r.cap_add.clone()),
+            init: Some(r.init),
+            readonly_rootfs: Some(r.read_only_root),
+            tmpfs,
+            mounts: (!mounts.is_empty()).then_some(mounts),
             log_config: Some(HostConfigLogConfig {
                 typ: Some("json-file".into()),
                 config: Some(HashMap::from([
@@ -450,15 +694,28 @@ impl ContainerRuntime for BollardRuntime {
             ..Default::default()
         };
         let name = r.name.clone();
-        let created = self
-            .call(|d| async move {
+        let attempt = |body: ContainerCreateBody| {
+            let name = name.clone();
+            self.call(|d| async move {
                 d.create_container(
                     Some(CreateContainerOptionsBuilder::default().name(&name).build()),
                     body,
                 )
                 .await
             })
-            .await?;
+        };
+        let created = match attempt(body.clone()).await {
+            // Removed behind our back since we last saw it: make it again.
+            Err(RuntimeError::NotFound(m)) if m.contains("network") => {
+                self.networks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&r.network);
+                self.ensure_network(&r.network).await?;
+                attempt(body).await?
+            }
+            other => other?,
+        };
         Ok(created.id)
     }
 
@@ -489,27 +746,18 @@ impl ContainerRuntime for BollardRuntime {
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
-        let id = id.to_string();
-        match self
-            .call(|d| async move {
-                d.remove_container(
-                    &id,
-                    Some(
-                        RemoveContainerOptionsBuilder::default()
-                            .force(true)
-                            .v(true)
-                            .build(),
-                    ),
-                )
-                .await
+        let secrets = self.secrets_key_of(id).await;
+        self.remove_container(id).await?;
+        if let Some(dir) = secrets.as_deref().and_then(|k| self.secrets_path(k)) {
+            let _ = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "Could not remove a removed container's secret files.");
+                }
+                _ => {}
             })
-            .await
-        {
-            Err(RuntimeError::NotFound(_)) => Ok(()),
-            // "removal already in progress"
-            Err(RuntimeError::Conflict(m)) if m.contains("in progress") => Ok(()),
-            other => other,
+            .await;
         }
+        Ok(())
     }
 
     async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
@@ -654,6 +902,56 @@ impl ContainerRuntime for BollardRuntime {
         let info = self.call(|d| async move { d.info().await }).await?;
         Ok(info.docker_root_dir.map(PathBuf::from))
     }
+}
+
+/// Writes one container's secret files: `root` 0700 (only the daemon's user
+/// and root get past it on the host), the container's directory 0755 and
+/// each file 0444, so whatever user the image runs as reads them inside the
+/// container, where the directory is the only way to them. Modes are set
+/// explicitly: the unit's UMask would take the bits the container needs.
+/// Each file is replaced by a rename, never seen half-written.
+fn write_secret_files(
+    root: &std::path::Path,
+    dir: &std::path::Path,
+    files: &[(String, fleet_model::spec::Secret)],
+) -> std::io::Result<()> {
+    use std::fs;
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(root)?;
+    fs::set_permissions(root, fs::Permissions::from_mode(0o700))?;
+    match fs::create_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
+    for (name, value) in files {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(value.expose().as_bytes())?;
+        drop(f);
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444))?;
+        fs::rename(&tmp, dir.join(name))?;
+    }
+    Ok(())
+}
+
+/// The files of a secrets directory by name; unreadable ones are left out
+/// (the rebuild then says which secret it lacks).
+fn read_secret_files(dir: &std::path::Path) -> HashMap<String, String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return HashMap::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            if name.starts_with('.') {
+                return None;
+            }
+            Some((name, std::fs::read_to_string(e.path()).ok()?))
+        })
+        .collect()
 }
 
 fn async_stream_events(

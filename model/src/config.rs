@@ -66,6 +66,10 @@ pub struct Config {
     pub api: ApiConfig,
     #[serde(default)]
     pub docker: DockerConfig,
+    /// What every department container is created with, and the bounds a
+    /// spec's `network`, `secrets_mode` and `[security]` must stay in.
+    #[serde(default)]
+    pub containers: ContainersConfig,
     #[serde(default)]
     pub coordinator: Option<CoordinatorConfig>,
     #[serde(default)]
@@ -264,6 +268,170 @@ impl ApiConfig {
                 self.listen
             )
         })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainersConfig {
+    /// The Docker network department containers join (the seed's playbook
+    /// used `aio_network`). Created when missing, with inter-container
+    /// communication off; adopted as it is when present.
+    #[serde(default = "default_network")]
+    pub network: String,
+    /// Other networks a spec's `network` may name.
+    #[serde(default)]
+    pub allowed_networks: Vec<String>,
+    /// Linux name of the bridge of a network the agent creates (at most 15
+    /// characters), so a host firewall rule can name it; empty lets Docker
+    /// pick `br-<id>`.
+    #[serde(default = "default_bridge_name")]
+    pub bridge_name: String,
+    /// PID limit of a department that does not set `security.pids_limit`.
+    #[serde(default = "default_pids_limit")]
+    pub pids_limit: i64,
+    /// The largest `security.pids_limit` a spec may ask for.
+    #[serde(default = "default_max_pids_limit")]
+    pub max_pids_limit: i64,
+    /// Capabilities a spec may add back with `security.cap_add`; every other
+    /// capability is dropped.
+    #[serde(default = "default_allowed_capabilities")]
+    pub allowed_capabilities: Vec<String>,
+    /// Whether a department without `security.read_only_root` gets a
+    /// read-only root file system.
+    #[serde(default)]
+    pub read_only_root: bool,
+    /// Whether a spec may set `security.read_only_root = false`.
+    #[serde(default = "default_true")]
+    pub allow_writable_root: bool,
+    /// Size of the /tmp tmpfs of a read-only root, unless the spec says.
+    #[serde(default = "default_tmpfs_size")]
+    pub tmpfs_size: ByteSize,
+    /// Whether a spec may set `security.no_new_privileges = false`.
+    #[serde(default)]
+    pub allow_new_privileges: bool,
+    /// `secrets_mode` of a spec that does not set it: "env" or "files"
+    /// ("files" is recommended; "env" stays for images that cannot read one).
+    #[serde(default = "default_secrets_mode")]
+    pub secrets_mode: crate::spec::SecretsMode,
+    /// Where the daemon writes secret files for `files` mode: a tmpfs the
+    /// engine can read (bind-mounted read-only into the container). Under
+    /// the shipped unit only /run/fleet-agent is writable to the daemon.
+    #[serde(default = "default_secrets_dir")]
+    pub secrets_dir: PathBuf,
+}
+
+fn default_network() -> String {
+    "aio_network".into()
+}
+fn default_bridge_name() -> String {
+    "aio0".into()
+}
+fn default_pids_limit() -> i64 {
+    512
+}
+fn default_max_pids_limit() -> i64 {
+    4096
+}
+fn default_allowed_capabilities() -> Vec<String> {
+    [
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FOWNER",
+        "SETGID",
+        "SETUID",
+        "NET_BIND_SERVICE",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn default_tmpfs_size() -> ByteSize {
+    ByteSize::mib(64)
+}
+fn default_secrets_mode() -> crate::spec::SecretsMode {
+    crate::spec::SecretsMode::Env
+}
+fn default_secrets_dir() -> PathBuf {
+    "/run/fleet-agent/secrets".into()
+}
+
+impl Default for ContainersConfig {
+    fn default() -> Self {
+        Self {
+            network: default_network(),
+            allowed_networks: Vec::new(),
+            bridge_name: default_bridge_name(),
+            pids_limit: default_pids_limit(),
+            max_pids_limit: default_max_pids_limit(),
+            allowed_capabilities: default_allowed_capabilities(),
+            read_only_root: false,
+            allow_writable_root: true,
+            tmpfs_size: default_tmpfs_size(),
+            allow_new_privileges: false,
+            secrets_mode: default_secrets_mode(),
+            secrets_dir: default_secrets_dir(),
+        }
+    }
+}
+
+impl ContainersConfig {
+    fn validate(&self, problems: &mut Vec<FieldError>) {
+        for (field, name) in std::iter::once(("containers.network".to_string(), &self.network))
+            .chain(
+                self.allowed_networks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| (format!("containers.allowed_networks[{i}]"), n)),
+            )
+        {
+            if let Err(m) = crate::spec::validate_network_name(name) {
+                problems.push(FieldError::new(field, m));
+            }
+        }
+        let bridge_ok = self.bridge_name.len() <= 15
+            && self
+                .bridge_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !bridge_ok {
+            problems.push(FieldError::new(
+                "containers.bridge_name",
+                "must be an interface name of at most 15 characters (letters, digits, '_', '-', '.'), or empty",
+            ));
+        }
+        let max = crate::spec::MAX_PIDS_LIMIT;
+        if !(16..=max).contains(&self.max_pids_limit) {
+            problems.push(FieldError::new(
+                "containers.max_pids_limit",
+                format!("must be 16-{max}"),
+            ));
+        }
+        if !(16..=self.max_pids_limit.max(16)).contains(&self.pids_limit) {
+            problems.push(FieldError::new(
+                "containers.pids_limit",
+                "must be at least 16 and at most containers.max_pids_limit",
+            ));
+        }
+        for (i, cap) in self.allowed_capabilities.iter().enumerate() {
+            if let Err(m) = crate::spec::validate_capability(cap) {
+                problems.push(FieldError::new(
+                    format!("containers.allowed_capabilities[{i}]"),
+                    m,
+                ));
+            }
+        }
+        if self.tmpfs_size < ByteSize::mib(1) || self.tmpfs_size > ByteSize::gib(64) {
+            problems.push(FieldError::new(
+                "containers.tmpfs_size",
+                "must be between 1MiB and 64GiB",
+            ));
+        }
+        if !self.secrets_dir.is_absolute() {
+            problems.push(FieldError::new(
+                "containers.secrets_dir",
+                "must be an absolute path (the engine bind-mounts from it)",
+            ));
+        }
     }
 }
 
@@ -552,6 +720,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), Vec<FieldError>> {
         let mut problems = Vec::new();
+        self.containers.validate(&mut problems);
         if let Some(node_id) = &self.node_id {
             if !valid_node_id(node_id) {
                 problems.push(FieldError::new(
@@ -758,6 +927,7 @@ fn unreachable_default() -> Config {
         ports: PortsConfig::default(),
         api: ApiConfig::default(),
         docker: DockerConfig::default(),
+        containers: ContainersConfig::default(),
         coordinator: None,
         wal: None,
     }

@@ -25,6 +25,9 @@ pub mod labels {
     /// that lost its store can rebuild the department from what runs (the
     /// secret values are taken back from the container's own environment).
     pub const SPEC: &str = "fleet-agent.spec";
+    /// In `secrets_mode = "files"`: the directory (under the node's
+    /// `[containers] secrets_dir`) holding this container's secret files.
+    pub const SECRETS: &str = "fleet-agent.secrets";
 }
 
 /// The container name the seed's playbook used, kept so hosts migrate with no rename.

@@ -49,7 +49,79 @@ pub struct DepartmentSpec {
     /// restarts the container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postgres_check: Option<PostgresCheck>,
+    /// The Docker network the container joins; default the node's
+    /// `[containers] network`. Only the node's network or one of its
+    /// `allowed_networks` is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// How `[secrets]` reach the container; default the node's
+    /// `[containers] secrets_mode`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets_mode: Option<SecretsMode>,
+    /// Container hardening; every key unset takes the node's default, and
+    /// the node's `[containers]` bounds what may be asked for.
+    #[serde(default, skip_serializing_if = "SecuritySpec::is_unset")]
+    pub security: SecuritySpec,
 }
+
+/// Where a department's secret values are put for its container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SecretsMode {
+    /// In the container's environment: visible in `docker inspect` and in the
+    /// engine's `config.v2.json`. For images that cannot read a file.
+    Env,
+    /// One read-only file per secret under `/run/secrets` (a bind mount of a
+    /// directory on the daemon's tmpfs), `<NAME>_FILE` in the environment
+    /// pointing at it. The recommended mode.
+    Files,
+}
+
+impl SecretsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecretsMode::Env => "env",
+            SecretsMode::Files => "files",
+        }
+    }
+}
+
+/// Per-department hardening; `None` is "the node's default".
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecuritySpec {
+    /// Docker's PidsLimit (processes and threads of the container).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_limit: Option<i64>,
+    /// Capabilities added back after dropping all; each must be in the node's
+    /// `[containers] allowed_capabilities`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cap_add: Option<Vec<String>>,
+    /// Docker's init as PID 1 (signal forwarding, zombie reaping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<bool>,
+    /// Read-only root file system, with a tmpfs on /tmp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only_root: Option<bool>,
+    /// Size of the /tmp tmpfs of a read-only root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tmpfs_size: Option<ByteSize>,
+    /// `no-new-privileges`: setuid binaries gain nothing. Turning it off
+    /// needs the node's `allow_new_privileges`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_new_privileges: Option<bool>,
+}
+
+impl SecuritySpec {
+    pub fn is_unset(&self) -> bool {
+        *self == SecuritySpec::default()
+    }
+}
+
+/// Where secret files appear inside a container in `files` mode.
+pub const SECRETS_MOUNT: &str = "/run/secrets";
+/// Largest PID limit a spec may name at all (the node's bound is lower).
+pub const MAX_PIDS_LIMIT: i64 = 1 << 22;
 
 fn default_container_port() -> u16 {
     DEFAULT_CONTAINER_PORT
@@ -512,6 +584,46 @@ impl DepartmentSpec {
                 "must be longer than 0s",
             ));
         }
+        if let Some(network) = &self.network {
+            if let Err(message) = validate_network_name(network) {
+                errors.push(FieldError::new("network", message));
+            }
+        }
+        if self.secrets_mode == Some(SecretsMode::Files) {
+            for key in self.secrets.keys() {
+                let pointer = format!("{key}_FILE");
+                if self.env.contains_key(&pointer) {
+                    errors.push(FieldError::new(
+                        format!("env.{pointer}"),
+                        format!(
+                            "is where secrets_mode = \"files\" points at secret {key}; rename it"
+                        ),
+                    ));
+                }
+            }
+        }
+        let sec = &self.security;
+        if let Some(pids) = sec.pids_limit {
+            if !(16..=MAX_PIDS_LIMIT).contains(&pids) {
+                errors.push(FieldError::new(
+                    "security.pids_limit",
+                    format!("must be 16-{MAX_PIDS_LIMIT} (processes and threads)"),
+                ));
+            }
+        }
+        for (i, cap) in sec.cap_add.iter().flatten().enumerate() {
+            if let Err(message) = validate_capability(cap) {
+                errors.push(FieldError::new(format!("security.cap_add[{i}]"), message));
+            }
+        }
+        if let Some(size) = sec.tmpfs_size {
+            if size < ByteSize::mib(1) || size > ByteSize::gib(64) {
+                errors.push(FieldError::new(
+                    "security.tmpfs_size",
+                    "must be between 1MiB and 64GiB",
+                ));
+            }
+        }
         if let Some(check) = &self.postgres_check {
             if !self.env.contains_key(&check.url_from)
                 && !self.secrets.contains_key(&check.url_from)
@@ -565,6 +677,14 @@ impl DepartmentSpec {
             memory_reservation: Option<u64>,
             env: &'a BTreeMap<String, String>,
             secrets: BTreeMap<&'a str, &'a str>,
+            // Left out when unset, like memory_reservation: specs written
+            // before them keep their hash.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            network: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            secrets_mode: Option<SecretsMode>,
+            #[serde(skip_serializing_if = "SecuritySpec::is_unset")]
+            security: &'a SecuritySpec,
         }
         let defining = Defining {
             image: &self.image,
@@ -579,6 +699,9 @@ impl DepartmentSpec {
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.expose()))
                 .collect(),
+            network: self.network.as_deref(),
+            secrets_mode: self.secrets_mode,
+            security: &self.security,
         };
         // BTreeMaps keep the serialisation canonical.
         let bytes = serde_json::to_vec(&defining).unwrap_or_default();
@@ -613,6 +736,47 @@ fn valid_env_name(name: &str) -> bool {
         _ => return false,
     }
     name.len() <= 256 && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Docker's network name rule, minus the networks that would undo the
+/// isolation (`host`, `none`) or the default bridge's shared segment.
+pub fn validate_network_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if !first_ok
+        || name.len() > 64
+        || !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    {
+        return Err(format!(
+            "`{}` is not a Docker network name (a-z, A-Z, 0-9, '_', '.', '-', starting with a letter or digit, at most 64)",
+            name.escape_debug()
+        ));
+    }
+    if matches!(name, "host" | "none" | "bridge" | "default") {
+        return Err(format!(
+            "`{name}` is Docker's own network, where departments are not isolated; name a bridge network such as \"aio_network\""
+        ));
+    }
+    Ok(())
+}
+
+/// A capability as Docker names it without the `CAP_` prefix.
+pub fn validate_capability(cap: &str) -> Result<(), String> {
+    if cap.eq_ignore_ascii_case("ALL") {
+        return Err("ALL undoes the hardening; name the capabilities needed".into());
+    }
+    let ok = !cap.is_empty()
+        && cap.len() <= 32
+        && !cap.starts_with("CAP_")
+        && cap.chars().all(|c| c.is_ascii_uppercase() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{}` is not a capability name such as \"NET_BIND_SERVICE\" (upper case, no CAP_ prefix)",
+            cap.escape_debug()
+        ))
+    }
 }
 
 fn validate_image(image: &str) -> Result<(), String> {

@@ -169,7 +169,8 @@ root_install() {
 
 # A container of the base image with systemd as PID 1, the host's Docker
 # socket and the host's network (so the daemon's probes reach the department
-# ports it publishes on the host's loopback). Sets SD_CT.
+# ports it publishes on the host's loopback). A scenario may set the array
+# PKGTEST_CT_ARGS to more `docker run` arguments (a bind mount). Sets SD_CT.
 systemd_container_up() {
     local name=$1
     SD_CT=$name
@@ -181,6 +182,7 @@ systemd_container_up() {
         --cgroupns=host -v /sys/fs/cgroup:/sys/fs/cgroup:rw \
         --tmpfs /run --tmpfs /run/lock --tmpfs /tmp \
         -v /var/run/docker.sock:/var/run/docker.sock \
+        ${PKGTEST_CT_ARGS[@]+"${PKGTEST_CT_ARGS[@]}"} \
         -e container=docker "$PKGTEST_IMAGE" /lib/systemd/systemd >/dev/null
     local state=""
     for _ in $(seq 1 60); do

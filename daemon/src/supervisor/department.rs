@@ -120,6 +120,7 @@ impl DeptActor {
                 desired_running: init.desired_running,
                 failed_hash: init.failed_hash,
                 restarts_by_reason: init.restarts_by_reason,
+                containers: std::sync::Arc::new(shared.config.containers.clone()),
             },
             Instant::now().into_std(),
         );
@@ -297,7 +298,16 @@ impl DeptActor {
                 };
                 tracing::debug!(department = %id, gated, "Starting container.");
                 let called = Instant::now();
-                let result = runtime.start(&container_id).await;
+                // Files mode: the secrets live on a tmpfs and are gone after a
+                // reboot, while the stopped container is not; write them again.
+                let put = match self.machine.create_request(false).secret_files {
+                    Some(files) => runtime.put_secrets(&files).await,
+                    None => Ok(()),
+                };
+                let result = match put {
+                    Ok(()) => runtime.start(&container_id).await,
+                    Err(e) => Err(e),
+                };
                 drop(permit);
                 tracing::debug!(
                     department = %id,

@@ -18,9 +18,10 @@
 use super::board::DeptView;
 use super::probe::LatencyHistogram;
 use crate::restart::{Decision, FailureReason, RestartTracker};
-use crate::runtime::{CreateRequest, ObservedContainer, RuntimeError};
+use crate::runtime::{CreateRequest, ObservedContainer, RuntimeError, SecretFiles};
 use fleet_model::api::{DeptState, Health, ProbeRecord};
 use fleet_model::spec::HealthSpec;
+use fleet_model::spec::SecretsMode;
 use fleet_model::{candidate_container_name, container_name, labels, DepartmentSpec};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
@@ -609,11 +610,14 @@ pub struct MachineInit {
     pub desired_running: bool,
     pub failed_hash: Option<String>,
     pub restarts_by_reason: BTreeMap<String, u64>,
+    /// The node's `[containers]`: network, hardening and secrets defaults.
+    pub containers: std::sync::Arc<fleet_model::config::ContainersConfig>,
 }
 
 pub struct Machine {
     id: String,
     node_id: String,
+    containers: std::sync::Arc<fleet_model::config::ContainersConfig>,
     bind: IpAddr,
     spec: DepartmentSpec,
     previous: Option<DepartmentSpec>,
@@ -671,6 +675,7 @@ impl Machine {
         Machine {
             id: init.spec.id.clone(),
             node_id: init.node_id,
+            containers: init.containers,
             bind: init.bind,
             spec: init.spec,
             previous: init.previous,
@@ -1979,13 +1984,35 @@ impl Machine {
     pub fn create_request(&self, candidate: bool) -> CreateRequest {
         let spec = &self.spec;
         let host_port = if candidate { None } else { Some(self.port) };
+        let hardening = crate::hardening::resolve(spec, &self.containers);
         let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        env.extend(
-            spec.secrets
-                .iter()
-                .map(|(k, v)| format!("{k}={}", v.expose())),
-        );
-        let labels = HashMap::from([
+        let name = if candidate {
+            candidate_container_name(&self.id)
+        } else {
+            container_name(&self.id)
+        };
+        let secret_files = match hardening.secrets_mode {
+            SecretsMode::Env => {
+                env.extend(
+                    spec.secrets
+                        .iter()
+                        .map(|(k, v)| format!("{k}={}", v.expose())),
+                );
+                None
+            }
+            SecretsMode::Files => {
+                env.extend(crate::hardening::file_pointers(spec));
+                Some(SecretFiles {
+                    key: format!("{name}.{}", self.hash()),
+                    files: spec
+                        .secrets
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                })
+            }
+        };
+        let mut labels = HashMap::from([
             (labels::MANAGED.to_string(), "true".to_string()),
             (labels::DEPARTMENT.to_string(), self.id.clone()),
             (labels::SPEC_HASH.to_string(), self.hash()),
@@ -1999,12 +2026,13 @@ impl Machine {
                 if candidate { "candidate" } else { "primary" }.to_string(),
             ),
         ]);
+        if let Some(files) = &secret_files {
+            // Where the runtime finds the files again to remove them with
+            // the container, and a lost store finds the values.
+            labels.insert(labels::SECRETS.to_string(), files.key.clone());
+        }
         CreateRequest {
-            name: if candidate {
-                candidate_container_name(&self.id)
-            } else {
-                container_name(&self.id)
-            },
+            name,
             image: spec.image.clone(),
             env,
             labels,
@@ -2015,6 +2043,14 @@ impl Machine {
             memory: spec.resources.memory.map(|m| m.bytes() as i64),
             memory_reservation: spec.resources.memory_reservation.map(|m| m.bytes() as i64),
             stop_timeout: spec.restart.stop_timeout,
+            network: hardening.network,
+            pids_limit: hardening.pids_limit,
+            cap_add: hardening.cap_add,
+            init: hardening.init,
+            read_only_root: hardening.read_only_root,
+            tmpfs_bytes: hardening.tmpfs_bytes,
+            no_new_privileges: hardening.no_new_privileges,
+            secret_files,
         }
     }
 

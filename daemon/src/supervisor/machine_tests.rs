@@ -37,6 +37,7 @@ impl T {
                 desired_running: true,
                 failed_hash: None,
                 restarts_by_reason: BTreeMap::new(),
+                containers: Default::default(),
             },
             t0,
         );
@@ -363,6 +364,7 @@ fn nothing_there_creates_through_the_gate_and_ends_running() {
     let config = crate::runtime::ContainerConfig {
         labels: request.labels.clone(),
         env: request.env.clone(),
+        secret_files: Default::default(),
     };
     let (rebuilt, port) =
         crate::recovery::recover_spec(&config).expect("rebuilt from the request's labels");
@@ -1086,4 +1088,55 @@ fn a_container_of_another_node_under_the_name_is_not_adopted() {
     });
     assert!(t.m.container().is_none());
     assert!(!events(&e).contains(&"adopted".to_string()), "{e:?}");
+}
+
+#[test]
+fn every_create_request_is_hardened_and_joins_the_network() {
+    let t = T::new(spec(
+        "hr",
+        "img:1",
+        "[secrets]\nDB_PASSWORD = \"canary-77\"\n",
+    ));
+    let r = t.m.create_request(false);
+    assert_eq!(r.network, "aio_network");
+    assert_eq!(r.pids_limit, 512);
+    assert!(r.cap_add.is_empty() && r.init && r.no_new_privileges);
+    assert!(!r.read_only_root && r.tmpfs_bytes.is_none());
+    // Env mode (the node default): the value is in the environment.
+    assert!(r.env.contains(&"DB_PASSWORD=canary-77".to_string()));
+    assert!(r.secret_files.is_none());
+    assert!(!r.labels.contains_key(labels::SECRETS));
+}
+
+#[test]
+fn files_mode_keeps_secret_values_out_of_env_and_labels() {
+    let extra = "[security]\nread_only_root = true\npids_limit = 64\n[secrets]\nDB_PASSWORD = \"canary-77\"\n";
+    let files_spec = |extra: &str| {
+        let mut s = spec("hr", "img:1", extra);
+        s.secrets_mode = Some(fleet_model::spec::SecretsMode::Files);
+        s
+    };
+    let t = T::new(files_spec(extra));
+    for candidate in [false, true] {
+        let r = t.m.create_request(candidate);
+        let shown = format!("{:?} {:?} {:?}", r.env, r.labels, r.secret_files);
+        assert!(!shown.contains("canary-77"), "{shown}");
+        assert!(r
+            .env
+            .contains(&"DB_PASSWORD_FILE=/run/secrets/DB_PASSWORD".to_string()));
+        let files = r.secret_files.expect("files mode carries the files");
+        assert_eq!(files.files[0].0, "DB_PASSWORD");
+        assert_eq!(files.files[0].1.expose(), "canary-77");
+        // One directory per container and spec hash: an update's candidate
+        // never rewrites the files of the container still serving.
+        let name = if candidate { "aio-hr-next" } else { "aio-hr" };
+        assert_eq!(files.key, format!("{name}.{}", t.m.hash()));
+        assert_eq!(r.labels[labels::SECRETS], files.key);
+        assert!(r.read_only_root);
+        assert_eq!(r.tmpfs_bytes, Some(64 << 20));
+        assert_eq!(r.pids_limit, 64);
+    }
+    // A rotated secret is a new hash, so a new container (and directory).
+    let rotated = T::new(files_spec(&extra.replace("canary-77", "canary-78")));
+    assert_ne!(rotated.m.hash(), t.m.hash());
 }

@@ -384,6 +384,15 @@ impl Supervisor {
             })
             .collect();
         problems.extend(outside);
+        // Network, hardening and secrets mode within the node's bounds.
+        for spec in &specs {
+            for f in crate::hardening::check(spec, &self.shared.config.containers) {
+                problems.push(FieldError::new(
+                    format!("{}.{}", spec.id, f.field),
+                    f.message,
+                ));
+            }
+        }
         // Ports, decided on a copy so a refusal changes nothing (ports.rs).
         let wanted: Vec<(String, Option<u16>)> = specs
             .iter()

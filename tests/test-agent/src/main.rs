@@ -75,7 +75,11 @@ fn main() {
     for stream in listener.incoming() {
         match stream {
             Ok(stream) => {
-                thread::spawn(move || serve(stream, settings, started));
+                // Under a PID limit (after /spawn) a thread may not be had:
+                // the connection is dropped, the server lives on.
+                if let Err(e) = thread::Builder::new().spawn(move || serve(stream, settings, started)) {
+                    say(&format!("cannot serve a connection: {e}"));
+                }
             }
             Err(e) => say(&format!("accept failed: {e}")),
         }
@@ -110,6 +114,57 @@ fn serve(mut stream: TcpStream, settings: &Settings, started: Instant) {
         }
         "/version" => respond(&mut stream, method, 200, &settings.version, &[]),
         "/" => respond(&mut stream, method, 200, "fleet test-agent", &[]),
+        _ if path.starts_with("/connect/") => {
+            // A TCP connect from inside the container, for the isolation tests.
+            let target = &path["/connect/".len()..];
+            match target.parse::<SocketAddr>() {
+                Ok(addr) => match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                    Ok(_) => respond(&mut stream, method, 200, "connected", &[]),
+                    Err(e) => respond(&mut stream, method, 502, &format!("failed: {e}"), &[]),
+                },
+                Err(_) => respond(&mut stream, method, 400, "not an address", &[]),
+            }
+        }
+        _ if path.starts_with("/spawn/") => {
+            // A thread bomb bounded by the count asked for: how many tasks
+            // the PID limit lets it have. Each lives 3 s, then the agent
+            // recovers.
+            let wanted: usize = path["/spawn/".len()..].parse().unwrap_or(0);
+            let mut got = 0;
+            for _ in 0..wanted {
+                match thread::Builder::new()
+                    .stack_size(64 * 1024)
+                    .spawn(|| thread::sleep(Duration::from_secs(3)))
+                {
+                    Ok(_) => got += 1,
+                    Err(_) => break,
+                }
+            }
+            respond(&mut stream, method, 200, &format!("spawned {got} of {wanted}"), &[])
+        }
+        _ if path.starts_with("/file/") => {
+            // The secret file <NAME>_FILE names: its length and FNV-1a hash,
+            // so a test checks the content without the value on the wire.
+            let name = &path["/file/".len()..];
+            match std::env::var(format!("{name}_FILE")).ok().map(|p| std::fs::read(&p)) {
+                Some(Ok(bytes)) => {
+                    let mut hash: u64 = 0xcbf29ce484222325;
+                    for b in &bytes {
+                        hash = (hash ^ *b as u64).wrapping_mul(0x100000001b3);
+                    }
+                    respond(&mut stream, method, 200, &format!("{} {hash:016x}", bytes.len()), &[])
+                }
+                Some(Err(e)) => respond(&mut stream, method, 403, &format!("unreadable: {e}"), &[]),
+                None => respond(&mut stream, method, 404, "no such _FILE variable", &[]),
+            }
+        }
+        _ if path == "/write-root" => {
+            // Whether the root file system takes a write (read-only root tests).
+            match std::fs::write("/fleet-write-probe", b"x") {
+                Ok(()) => respond(&mut stream, method, 200, "written", &[]),
+                Err(e) => respond(&mut stream, method, 409, &format!("refused: {e}"), &[]),
+            }
+        }
         _ => match path.strip_prefix("/env/") {
             // Presence only: the tests prove a secret reached the container
             // without the value ever crossing the wire.
