@@ -250,6 +250,11 @@ pub struct BollardRuntime {
     bridge_name: String,
     /// Networks known to exist, so a create costs no extra call.
     networks: Mutex<std::collections::HashSet<String>>,
+    /// One inspect-then-create at a time: an engine on API 1.41 (Debian's
+    /// docker.io 20.10) does not refuse a second network of the same name
+    /// unless asked (`CheckDuplicate`, which bollard's request type lacks), so
+    /// two departments starting at once would each make one.
+    network_gate: tokio::sync::Mutex<()>,
 }
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -270,6 +275,7 @@ impl BollardRuntime {
             node_network: String::new(),
             bridge_name: String::new(),
             networks: Mutex::new(Default::default()),
+            network_gate: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -286,6 +292,15 @@ impl BollardRuntime {
     /// with inter-container communication off, so departments on it reach
     /// the host and the outside but not each other.
     async fn ensure_network(&self, name: &str) -> Result<(), RuntimeError> {
+        if self
+            .networks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
+        {
+            return Ok(());
+        }
+        let _gate = self.network_gate.lock().await;
         if self
             .networks
             .lock()
