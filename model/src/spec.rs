@@ -145,6 +145,14 @@ pub struct RestartSpec {
     /// department rolls back to its previous spec.
     #[serde(default = "default_update_deadline", with = "humantime_serde")]
     pub update_deadline: Duration,
+    /// Behind HAProxy (`[haproxy]`): how long a container taken out of
+    /// rotation may finish its in-flight requests before it gets SIGTERM.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_policy() -> RestartPolicy {
@@ -176,6 +184,7 @@ impl Default for RestartSpec {
             backoff_max: default_backoff_max(),
             stop_timeout: default_stop_timeout(),
             update_deadline: default_update_deadline(),
+            drain_timeout: default_drain_timeout(),
         }
     }
 }
@@ -510,6 +519,12 @@ impl DepartmentSpec {
             errors.push(FieldError::new(
                 "restart.update_deadline",
                 "must be longer than 0s",
+            ));
+        }
+        if r.drain_timeout > Duration::from_secs(3600) {
+            errors.push(FieldError::new(
+                "restart.drain_timeout",
+                "must be at most 1h",
             ));
         }
         if let Some(check) = &self.postgres_check {

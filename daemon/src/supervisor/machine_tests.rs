@@ -37,6 +37,7 @@ impl T {
                 desired_running: true,
                 failed_hash: None,
                 restarts_by_reason: BTreeMap::new(),
+                drain: None,
             },
             t0,
         );
@@ -252,6 +253,23 @@ fn the_allowed_pairs_are_exactly_the_diagram() {
         (S::Running, S::Failed),
         (S::Updating, S::Failed),
         (S::RollingBack, S::Failed),
+        // Draining: from what may stop a serving container, to what follows a stop.
+        (S::Pending, S::Draining),
+        (S::Starting, S::Draining),
+        (S::Running, S::Draining),
+        (S::Backoff, S::Draining),
+        (S::CrashLooping, S::Draining),
+        (S::Updating, S::Draining),
+        (S::RollingBack, S::Draining),
+        (S::Failed, S::Draining),
+        (S::Draining, S::Pulling),
+        (S::Draining, S::Starting),
+        (S::Draining, S::Running),
+        (S::Draining, S::Backoff),
+        (S::Draining, S::CrashLooping),
+        (S::Draining, S::Updating),
+        (S::Draining, S::Stopped),
+        (S::Draining, S::Failed),
     ];
     for from in S::ALL {
         for to in S::ALL {
