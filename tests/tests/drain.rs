@@ -42,7 +42,31 @@ const KILL: Ports = Ports {
     front: (43170, 43171),
 };
 
+/// The images of this file: `tests/images/build.sh` with `TAG_PREFIX=drain-`
+/// (the agent's `/sleep` and graceful SIGTERM, under tags no other checkout's
+/// build replaces).
+const V1: &str = "fleet-test-agent:drain-1";
+const V2: &str = "fleet-test-agent:drain-2";
+const BAD: &str = "fleet-test-agent:drain-bad";
+
+fn build_images() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let out = Command::new("bash")
+            .arg(workspace_root().join("tests/images/build.sh"))
+            .env("TAG_PREFIX", "drain-")
+            .output()
+            .expect("run tests/images/build.sh");
+        assert!(
+            out.status.success(),
+            "tests/images/build.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
 fn daemon(name: &'static str, p: &Ports) -> TestDaemon {
+    build_images();
     TestDaemon::start(TestOptions {
         name,
         port_range: p.dept,
@@ -256,8 +280,8 @@ fn restart_update_rollback_and_delete_refuse_no_request_behind_haproxy() {
     let d = daemon("dr", &MAIN);
     let a = d.dept("a");
     let b = d.dept("b");
-    d.apply(&d.write_spec(&a, &spec(&a, "fleet-test-agent:1")));
-    d.apply(&d.write_spec(&b, &spec(&b, "fleet-test-agent:1")));
+    d.apply(&d.write_spec(&a, &spec(&a, V1)));
+    d.apply(&d.write_spec(&b, &spec(&b, V1)));
     let sa = d.wait_running(&a, Duration::from_secs(60));
     d.wait_running(&b, Duration::from_secs(60));
     assert!(sa["standby_port"].as_u64().is_some(), "{sa}");
@@ -302,10 +326,10 @@ fn restart_update_rollback_and_delete_refuse_no_request_behind_haproxy() {
     // over while the old container drains.
     let from = Instant::now();
     longs.extend(long_requests(MAIN.front.0, 3));
-    d.apply(&d.write_spec(&a, &spec(&a, "fleet-test-agent:2")));
+    d.apply(&d.write_spec(&a, &spec(&a, V2)));
     wait_for(Duration::from_secs(90), "update to :2", || {
         let s = d.summary(&a)?;
-        (s["image"] == "fleet-test-agent:2").then_some(())
+        (s["image"] == V2).then_some(())
     });
     wait_settled(&d, &a, Duration::from_secs(90));
     wait_front(MAIN.front.0, "2");
@@ -318,12 +342,12 @@ fn restart_update_rollback_and_delete_refuse_no_request_behind_haproxy() {
     // A bad image: never healthy, rolled back; the old container never stops.
     let from = Instant::now();
     longs.extend(long_requests(MAIN.front.0, 2));
-    d.apply(&d.write_spec(&a, &spec(&a, "fleet-test-agent:bad")));
+    d.apply(&d.write_spec(&a, &spec(&a, BAD)));
     wait_until(Duration::from_secs(60), "the bad update to roll back", || {
         events_of(&d, &a).contains("update_failed")
     });
     let s = wait_settled(&d, &a, Duration::from_secs(60));
-    assert_eq!(s["image"], "fleet-test-agent:2", "{s}");
+    assert_eq!(s["image"], V2, "{s}");
     phases.push(Phase {
         name: "rollback",
         from,
@@ -402,8 +426,8 @@ fn a_killed_daemon_does_not_disturb_traffic_behind_haproxy() {
     let mut d = daemon("drk", &KILL);
     let a = d.dept("a");
     let b = d.dept("b");
-    d.apply(&d.write_spec(&a, &spec(&a, "fleet-test-agent:1")));
-    d.apply(&d.write_spec(&b, &spec(&b, "fleet-test-agent:1")));
+    d.apply(&d.write_spec(&a, &spec(&a, V1)));
+    d.apply(&d.write_spec(&b, &spec(&b, V1)));
     d.wait_running(&a, Duration::from_secs(60));
     d.wait_running(&b, Duration::from_secs(60));
     let backends = d.agentctl_ok(&["haproxy-config"]);

@@ -792,8 +792,13 @@ impl Machine {
             probe_failures: 0,
             latency: LatencyHistogram::default(),
             restarts_by_reason: init.restarts_by_reason,
+            // Nothing serves on the standby port until a stand-in is proven:
+            // HAProxy sends it nothing even while its check still passes.
+            agent: AgentSlots {
+                primary_drain_from: None,
+                standby_drain_from: init.drain.as_ref().map(|_| now),
+            },
             drain: init.drain,
-            agent: AgentSlots::default(),
             bridge_since: None,
             drain_view: None,
             out: Vec::new(),
@@ -1086,9 +1091,8 @@ impl Machine {
                 to: reply,
                 result: Ok(format!("{}: superseded by a later command", self.id)),
             }),
-            // Left running on the standby port; the next hand-over, or the
-            // next start, retires it.
-            JobKind::Retire => self.agent.standby_drain_from = None,
+            // Left running on the standby port (still drained); the next
+            // hand-over, or the next start, retires it.
             _ => {}
         }
     }
@@ -1323,6 +1327,10 @@ impl Machine {
                     self.watch(ctx, &c);
                     self.container = Some(c);
                     self.start_probe(ctx);
+                    if !self.spec.health.enabled {
+                        // No probe to wait for: HAProxy's own check decides.
+                        self.agent.primary_drain_from = None;
+                    }
                     self.transition(TransitionReason::Started);
                     if std::mem::take(&mut self.announce_update) {
                         self.event("updated", None, format!("now running {}", self.spec.image));
@@ -1621,6 +1629,7 @@ impl Machine {
                     if self.drain.is_some() && self.standby_port().is_some() {
                         // Kept running on the standby port: the hand-over's stand-in.
                         self.bridge_since = Some(ctx.now);
+                        self.agent.standby_drain_from = None;
                     }
                     self.swap(ctx)
                 }
@@ -1630,6 +1639,7 @@ impl Machine {
                 match result {
                     Ok(()) => {
                         self.bridge_since = Some(ctx.now);
+                        self.agent.standby_drain_from = None;
                         self.event(
                             "stand_in_up",
                             Some("drain"),
@@ -1660,16 +1670,19 @@ impl Machine {
                 }
             }
             (JobKind::Retire, Outcome::Retired(result)) => {
-                self.agent.standby_drain_from = None;
                 match result {
                     Ok(()) => self.bridge_since = None,
                     Err(e) => self.reason = Some(format!("could not remove the stand-in: {e}")),
                 }
             }
             (JobKind::Stop { then, reply }, Outcome::Stopped(result)) => {
-                // Stopped (or not): its health check now decides, as for any
-                // container; a started one takes connections again.
-                self.agent.primary_drain_from = None;
+                // A container stopped to be started again (or replaced) stays
+                // drained until it answers its probe: HAProxy's check may
+                // still pass for a moment after the stop, and a connection
+                // sent then would be refused and retried late.
+                if matches!(then, AfterStop::Refresh | AfterStop::Unwanted) {
+                    self.agent.primary_drain_from = None;
+                }
                 let refreshed = match result {
                     Ok(c) => c.filter(|c| self.ours(c)),
                     Err(e) => {
@@ -2081,9 +2094,13 @@ impl Machine {
         let Some(drain) = self.drain.clone() else {
             return;
         };
-        // At start nothing says the primary is up in HAProxy yet; after a
-        // hand-over it answered its probe just now: give HAProxy time to see it.
-        let from = ctx.now + drain.settle;
+        // After a hand-over the primary answered its probe just now: HAProxy
+        // gets time to see it up before the stand-in stops taking
+        // connections. A standby already drained (at start) stays drained.
+        let from = match self.agent.standby_drain_from {
+            Some(t) if t <= ctx.now => t,
+            _ => ctx.now + drain.settle,
+        };
         self.agent.standby_drain_from = Some(from);
         if self.bridge_since.is_some() {
             self.drain_view = Some(DrainView {
@@ -2262,6 +2279,8 @@ impl Machine {
                 self.event("healthy", None, "health probe passed".into());
             }
             self.health = Health::Healthy;
+            // Healthy again after a drained stop: new connections welcome.
+            self.agent.primary_drain_from = None;
             self.maybe_retire(ctx);
             return;
         }
