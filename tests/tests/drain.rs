@@ -220,7 +220,12 @@ fn long_requests(port: u16, n: usize) -> Vec<JoinHandle<Sample>> {
 fn all_ok(what: &str, samples: &[Sample]) {
     let bad: Vec<&Sample> = samples
         .iter()
-        .filter(|s| s.result.as_ref().map(|c| !(200..300).contains(c)).unwrap_or(true))
+        .filter(|s| {
+            s.result
+                .as_ref()
+                .map(|c| !(200..300).contains(c))
+                .unwrap_or(true)
+        })
         .collect();
     assert!(
         bad.is_empty(),
@@ -248,11 +253,9 @@ fn wait_front(port: u16, want_version: &str) {
     wait_until(
         Duration::from_secs(30),
         &format!("HAProxy on {port} to serve version {want_version}"),
-        || {
-            match c.get(format!("http://127.0.0.1:{port}/version")).send() {
-                Ok(r) if r.status() == 200 => r.text().unwrap_or_default() == want_version,
-                _ => false,
-            }
+        || match c.get(format!("http://127.0.0.1:{port}/version")).send() {
+            Ok(r) if r.status() == 200 => r.text().unwrap_or_default() == want_version,
+            _ => false,
         },
     );
 }
@@ -272,7 +275,9 @@ fn p99(mut l: Vec<Duration>) -> Duration {
         return Duration::ZERO;
     }
     l.sort();
-    l[((l.len() as f64 * 0.99).ceil() as usize).saturating_sub(1).min(l.len() - 1)]
+    l[((l.len() as f64 * 0.99).ceil() as usize)
+        .saturating_sub(1)
+        .min(l.len() - 1)]
 }
 
 #[test]
@@ -343,9 +348,11 @@ fn restart_update_rollback_and_delete_refuse_no_request_behind_haproxy() {
     let from = Instant::now();
     longs.extend(long_requests(MAIN.front.0, 2));
     d.apply(&d.write_spec(&a, &spec(&a, BAD)));
-    wait_until(Duration::from_secs(60), "the bad update to roll back", || {
-        events_of(&d, &a).contains("update_failed")
-    });
+    wait_until(
+        Duration::from_secs(60),
+        "the bad update to roll back",
+        || events_of(&d, &a).contains("update_failed"),
+    );
     let s = wait_settled(&d, &a, Duration::from_secs(60));
     assert_eq!(s["image"], V2, "{s}");
     phases.push(Phase {
@@ -370,7 +377,10 @@ fn restart_update_rollback_and_delete_refuse_no_request_behind_haproxy() {
     let short_b = stream_b.finish();
 
     all_ok(&format!("short requests to {a}"), &short_a);
-    all_ok(&format!("short requests to {b} (the other department)"), &short_b);
+    all_ok(
+        &format!("short requests to {b} (the other department)"),
+        &short_b,
+    );
     let long: Vec<Sample> = longs
         .into_iter()
         .chain(before_delete)

@@ -1636,6 +1636,7 @@ impl Machine {
                 Err(why) => self.update_failed(ctx, why),
             },
             (JobKind::Bridge { then, reply }, Outcome::Proven(result)) => {
+                let proven = result.is_ok();
                 match result {
                     Ok(()) => {
                         self.bridge_since = Some(ctx.now);
@@ -1657,7 +1658,7 @@ impl Machine {
                     ),
                 }
                 match self.container.clone() {
-                    Some(c) if c.running => self.stop_serving(ctx, c, then, reply),
+                    Some(c) if c.running => self.stop_serving_with(ctx, c, then, reply, proven),
                     _ => {
                         if let Some(reply) = reply {
                             self.emit(Effect::Reply {
@@ -1669,12 +1670,10 @@ impl Machine {
                     }
                 }
             }
-            (JobKind::Retire, Outcome::Retired(result)) => {
-                match result {
-                    Ok(()) => self.bridge_since = None,
-                    Err(e) => self.reason = Some(format!("could not remove the stand-in: {e}")),
-                }
-            }
+            (JobKind::Retire, Outcome::Retired(result)) => match result {
+                Ok(()) => self.bridge_since = None,
+                Err(e) => self.reason = Some(format!("could not remove the stand-in: {e}")),
+            },
             (JobKind::Stop { then, reply }, Outcome::Stopped(result)) => {
                 // A container stopped to be started again (or replaced) stays
                 // drained until it answers its probe: HAProxy's check may
@@ -1990,6 +1989,19 @@ impl Machine {
         then: AfterStop,
         reply: Option<ReplyId>,
     ) {
+        self.stop_serving_with(ctx, c, then, reply, true)
+    }
+
+    /// `stand_in`: false after a stand-in failed to come up (the stop goes on
+    /// without one; in-flight requests still finish).
+    fn stop_serving_with(
+        &mut self,
+        ctx: Ctx,
+        c: ObservedContainer,
+        then: AfterStop,
+        reply: Option<ReplyId>,
+        stand_in: bool,
+    ) {
         let timeout = if then == AfterStop::Swap {
             self.previous
                 .as_ref()
@@ -2016,6 +2028,7 @@ impl Machine {
             }
         };
         if hand_over
+            && stand_in
             && self.bridge_since.is_none()
             && self.standby_port().is_some()
             && self.spec.health.enabled
