@@ -12,6 +12,8 @@
 //! With `DRAIN_BENCH=1` the first test prints, per change, the worst short
 //! request latency beside the steady-state p99 of the same run (bench/drain.sh).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use fleet_tests::*;
 use std::fs;
 use std::path::Path;

@@ -2147,7 +2147,7 @@ impl Machine {
     }
 
     fn drain_progress(&mut self, ctx: Ctx, job: JobId, connections: Option<u32>, done: bool) {
-        if !self.job.as_ref().is_some_and(|j| j.id == job) {
+        if self.job.as_ref().is_none_or(|j| j.id != job) {
             return;
         }
         let Some(view) = &mut self.drain_view else {
