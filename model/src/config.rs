@@ -929,6 +929,39 @@ mod tests {
     }
 
     #[test]
+    fn the_hand_over_needs_a_standby_pool_as_long_as_the_range_and_apart_from_it() {
+        let fields = |text: &str| -> Vec<String> {
+            match Config::from_toml_str(Path::new("t"), text) {
+                Ok(_) => vec![],
+                Err(ConfigError::Invalid { problems, .. }) => {
+                    problems.into_iter().map(|p| p.field).collect()
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let haproxy = "[haproxy]\nagent_listen = \"127.0.0.1:8099\"\n";
+        let good =
+            format!("[ports]\nrange = \"8001-8010\"\nstandby_range = \"8101-8110\"\n{haproxy}");
+        assert_eq!(fields(&good), Vec::<String>::new());
+        let c = Config::from_toml_str(Path::new("t"), &good).unwrap();
+        let h = c.haproxy.unwrap();
+        // (rise + 1) * check_inter + agent_inter, with the defaults 2, 1s, 1s.
+        assert_eq!(h.settle(), Duration::from_secs(4));
+        assert_eq!(fields(haproxy), ["haproxy"]);
+        assert_eq!(
+            fields("[ports]\nrange = \"8001-8010\"\nstandby_range = \"8101-8105\"\n"),
+            ["ports.standby_range"]
+        );
+        assert_eq!(
+            fields("[ports]\nrange = \"8001-8010\"\nstandby_range = \"8005-8014\"\n"),
+            ["ports.standby_range"]
+        );
+        let bad_agent =
+            "[ports]\nstandby_range = \"8101-8110\"\n[haproxy]\nagent_listen = \"here\"\n";
+        assert_eq!(fields(bad_agent), ["haproxy.agent_listen"]);
+    }
+
+    #[test]
     fn wal_backup_interval_may_be_short_but_not_zero() {
         let wal = |interval: &str| {
             format!("[wal]\ntarget = \"file:///tmp/a\"\nbackup_interval = \"{interval}\"\n")
