@@ -83,7 +83,7 @@ setup_tools() {
 # Each service is a function `service_<name>` that makes sure <name> is installed
 # and running, is idempotent, and says what it did. To add one (postgresql-15,
 # s3s-fs, promtool, ...), write the function below and add its name to SERVICES.
-SERVICES=(docker registry schemathesis packaging promtool postgresql moto)
+SERVICES=(docker registry schemathesis packaging promtool postgresql moto haproxy)
 
 service_docker() {
   if docker info >/dev/null 2>&1; then
@@ -202,6 +202,20 @@ service_packaging() {
   mkdir -p "$cache"
   info "preparing the package tests' Debian root in the background (log: $cache/prepare.log)"
   bash "$ROOT/packaging/tests/prepare.sh" >"$cache/prepare.log" 2>&1 &
+}
+
+# Debian's haproxy in front of the departments (tests/tests/drain.rs, bench/drain.sh).
+# Each test runs its own haproxy process with a generated config; the system
+# service is never started (policy-rc.d or no init keeps the package from it).
+service_haproxy() {
+  if command -v haproxy >/dev/null; then
+    info "haproxy is installed ($(haproxy -v 2>&1 | head -n1))"
+    return
+  fi
+  RUNLEVEL=1 apt_install haproxy
+  if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null; then
+    systemctl disable --now haproxy >/dev/null 2>&1 || true
+  fi
 }
 
 # promtool checks /metrics, the alert rules and their unit tests (tests/tests/metrics.rs).

@@ -58,6 +58,8 @@ pub enum Command {
     Events(commands::events::Args),
     /// The host port pool and who holds each port.
     Ports(commands::ports::Args),
+    /// HAProxy backend lines (both ports, checks, agent-check) for this node's departments.
+    HaproxyConfig(commands::haproxy::Args),
     /// Check Docker, config, disk, clock, coordinator and the daemon, and say what is wrong.
     Doctor(commands::doctor::Args),
     /// PostgreSQL WAL archive: push (archive_command), fetch (restore_command), status.
@@ -107,6 +109,7 @@ async fn main() -> ExitCode {
         Command::Logs(args) => commands::logs::run(&client, args).await,
         Command::Events(args) => commands::events::run(&client, args).await,
         Command::Ports(args) => commands::ports::run(&client, args).await,
+        Command::HaproxyConfig(args) => commands::haproxy::run(&client, args).await,
         Command::Doctor(args) => commands::doctor::run(&client, args).await,
         Command::Wal(command) => {
             commands::wal::wal(&commands::wal::client(cli.socket), command).await

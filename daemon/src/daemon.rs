@@ -333,6 +333,23 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
         policy,
     )));
 
+    if let Some(haproxy) = &config.haproxy {
+        // Validated at load; HAProxy asks it which port of a department takes
+        // new connections (drain.rs). It reads the status board only.
+        let addr = haproxy.agent_addr().map_err(RunError::Config)?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| RunError::Listen {
+                addr: addr.to_string(),
+                source,
+            })?;
+        tracing::info!(listen = %addr, "HAProxy agent listener up.");
+        tasks.push(tokio::spawn(crate::drain::serve_agent(
+            listener,
+            supervisor.shared.board.clone(),
+        )));
+    }
+
     if let Some(addr) = listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await

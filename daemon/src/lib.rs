@@ -5,6 +5,7 @@ pub mod admission;
 pub mod api;
 pub mod coordinator;
 pub mod desired;
+pub mod drain;
 pub mod events;
 /// In-memory engine for tests (also for `tests/` with the `fake-runtime` feature).
 #[cfg(any(test, feature = "fake-runtime"))]

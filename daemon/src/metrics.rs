@@ -99,6 +99,41 @@ pub fn render(snap: &NodeSnapshot, usage: &UsageCache) -> String {
     }
     header(
         &mut out,
+        "fleet_agent_department_drain_connections",
+        "gauge",
+        "Established connections of the port draining now, where they can be counted.",
+    );
+    for (id, v) in board {
+        if let Some(d) = v.drain.as_ref().filter(|d| d.took.is_none()) {
+            if let Some(n) = d.connections {
+                let _ = writeln!(
+                    out,
+                    "fleet_agent_department_drain_connections{{department=\"{id}\",slot=\"{}\"}} {n}",
+                    d.slot.as_str()
+                );
+            }
+        }
+    }
+    header(
+        &mut out,
+        "fleet_agent_department_drain_seconds",
+        "gauge",
+        "How long the drain in progress has taken, or the last one took.",
+    );
+    let now = std::time::Instant::now();
+    for (id, v) in board {
+        if let Some(d) = &v.drain {
+            let _ = writeln!(
+                out,
+                "fleet_agent_department_drain_seconds{{department=\"{id}\",slot=\"{}\",active=\"{}\"}} {:.3}",
+                d.slot.as_str(),
+                d.took.is_none(),
+                d.seconds(now)
+            );
+        }
+    }
+    header(
+        &mut out,
         "fleet_agent_department_restarts_total",
         "counter",
         "Restarts by the daemon, by reason.",

@@ -17,6 +17,8 @@ pub enum DeptState {
     CrashLooping,
     Updating,
     RollingBack,
+    /// Out of HAProxy's rotation, finishing in-flight requests before SIGTERM.
+    Draining,
     Stopped,
     Failed,
 }
@@ -32,12 +34,13 @@ impl DeptState {
             DeptState::CrashLooping => "crash_looping",
             DeptState::Updating => "updating",
             DeptState::RollingBack => "rolling_back",
+            DeptState::Draining => "draining",
             DeptState::Stopped => "stopped",
             DeptState::Failed => "failed",
         }
     }
 
-    pub const ALL: [DeptState; 10] = [
+    pub const ALL: [DeptState; 11] = [
         DeptState::Pending,
         DeptState::Pulling,
         DeptState::Starting,
@@ -46,6 +49,7 @@ impl DeptState {
         DeptState::CrashLooping,
         DeptState::Updating,
         DeptState::RollingBack,
+        DeptState::Draining,
         DeptState::Stopped,
         DeptState::Failed,
     ];
@@ -92,6 +96,25 @@ pub struct DepartmentSummary {
     pub reason: Option<String>,
     /// Whether an operator stopped it; a stopped department is not restarted.
     pub desired_running: bool,
+    /// The hand-over port beside `host_port` (`[ports] standby_range`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby_port: Option<u16>,
+    /// The drain in progress, or the last one (`[haproxy]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainStatus>,
+}
+
+/// A container taken out of HAProxy's rotation and finishing its requests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrainStatus {
+    /// `primary` (host_port) or `standby` (standby_port).
+    pub slot: String,
+    /// True while it drains; false: the last drain, finished.
+    pub active: bool,
+    /// Established connections to the slot's port; absent: cannot be known.
+    pub connections: Option<u32>,
+    /// How long it drained (so far).
+    pub seconds: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -74,6 +74,8 @@ pub struct Config {
     pub coordinator: Option<CoordinatorConfig>,
     #[serde(default)]
     pub wal: Option<WalConfig>,
+    #[serde(default)]
+    pub haproxy: Option<HaproxyConfig>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -144,6 +146,9 @@ pub struct PortsConfig {
     pub range: String,
     #[serde(default = "default_bind")]
     pub bind: IpAddr,
+    /// The standby (hand-over) ports, one per port of `range`, same length.
+    #[serde(default)]
+    pub standby_range: Option<String>,
 }
 
 fn default_port_range() -> String {
@@ -158,6 +163,7 @@ impl Default for PortsConfig {
         Self {
             range: default_port_range(),
             bind: default_bind(),
+            standby_range: None,
         }
     }
 }
@@ -165,12 +171,24 @@ impl Default for PortsConfig {
 impl PortsConfig {
     /// The pool as an inclusive range; `validate` has already checked it parses.
     pub fn parsed_range(&self) -> Result<(u16, u16), String> {
-        let (low, high) = self.range.split_once('-').ok_or_else(|| {
-            format!(
-                "`{}` is not a range; write it like \"8001-8010\"",
-                self.range
-            )
-        })?;
+        parse_port_range(&self.range)
+    }
+
+    /// The standby pool, if configured: `Ok(None)` when absent.
+    pub fn parsed_standby_range(&self) -> Result<Option<(u16, u16)>, String> {
+        self.standby_range
+            .as_deref()
+            .map(parse_port_range)
+            .transpose()
+    }
+}
+
+/// `low-high`, inclusive.
+fn parse_port_range(range: &str) -> Result<(u16, u16), String> {
+    {
+        let (low, high) = range
+            .split_once('-')
+            .ok_or_else(|| format!("`{range}` is not a range; write it like \"8001-8010\""))?;
         let low: u16 = low
             .trim()
             .parse()
@@ -182,10 +200,52 @@ impl PortsConfig {
         if low == 0 || high < low {
             return Err(format!(
                 "`{}` must go from a low port to a higher one, such as \"8001-8010\"",
-                self.range
+                range
             ));
         }
         Ok((low, high))
+    }
+}
+
+/// `[haproxy]`: the node tells the HAProxy tier which of a department's two
+/// ports takes new connections (HAProxy's agent-check), so restarts and
+/// updates hand over without refusing a connection (docs/architecture.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaproxyConfig {
+    /// host:port of the agent-check listener.
+    pub agent_listen: String,
+    #[serde(default = "default_check_inter", with = "humantime_serde")]
+    pub check_inter: Duration,
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    #[serde(default = "default_rise")]
+    pub fall: u32,
+    #[serde(default = "default_check_inter", with = "humantime_serde")]
+    pub agent_inter: Duration,
+}
+
+fn default_check_inter() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_rise() -> u32 {
+    2
+}
+
+impl HaproxyConfig {
+    pub fn agent_addr(&self) -> Result<std::net::SocketAddr, String> {
+        self.agent_listen.parse().map_err(|_| {
+            format!(
+                "`{}` is not host:port, such as \"127.0.0.1:8099\"",
+                self.agent_listen
+            )
+        })
+    }
+
+    /// How long after a replacement answers its health probe HAProxy has
+    /// surely seen it up (rise checks), and a new agent answer besides.
+    pub fn settle(&self) -> Duration {
+        self.check_inter * (self.rise + 1) + self.agent_inter
     }
 }
 
@@ -767,8 +827,54 @@ impl Config {
                 "must be one of auto, text, json, journald",
             ));
         }
-        if let Err(message) = self.ports.parsed_range() {
-            problems.push(FieldError::new("ports.range", message));
+        let range = self.ports.parsed_range();
+        if let Err(message) = &range {
+            problems.push(FieldError::new("ports.range", message.clone()));
+        }
+        match (self.ports.parsed_standby_range(), range) {
+            (Err(message), _) => problems.push(FieldError::new("ports.standby_range", message)),
+            (Ok(Some((slow, shigh))), Ok((low, high))) => {
+                if shigh - slow != high - low {
+                    problems.push(FieldError::new(
+                        "ports.standby_range",
+                        format!(
+                            "must hold as many ports as ports.range ({}), one standby port per department port",
+                            high - low + 1
+                        ),
+                    ));
+                } else if slow <= high && low <= shigh {
+                    problems.push(FieldError::new(
+                        "ports.standby_range",
+                        "must not overlap ports.range",
+                    ));
+                }
+            }
+            _ => {}
+        }
+        if let Some(h) = &self.haproxy {
+            if self.ports.standby_range.is_none() {
+                problems.push(FieldError::new(
+                    "haproxy",
+                    "needs ports.standby_range: a hand-over needs a second port per department",
+                ));
+            }
+            if let Err(message) = h.agent_addr() {
+                problems.push(FieldError::new("haproxy.agent_listen", message));
+            }
+            if h.rise == 0 || h.rise > 100 || h.fall == 0 || h.fall > 100 {
+                problems.push(FieldError::new(
+                    "haproxy.rise",
+                    "rise and fall must be 1-100",
+                ));
+            }
+            if h.check_inter < Duration::from_millis(100)
+                || h.agent_inter < Duration::from_millis(100)
+            {
+                problems.push(FieldError::new(
+                    "haproxy.check_inter",
+                    "check_inter and agent_inter must be at least 100ms",
+                ));
+            }
         }
         match self.api.listen_addr() {
             Err(message) => problems.push(FieldError::new("api.listen", message)),
@@ -930,6 +1036,7 @@ fn unreachable_default() -> Config {
         containers: ContainersConfig::default(),
         coordinator: None,
         wal: None,
+        haproxy: None,
     }
 }
 
@@ -989,6 +1096,39 @@ mod tests {
         };
         let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, ["max_departments", "ports.range", "api.token_file"]);
+    }
+
+    #[test]
+    fn the_hand_over_needs_a_standby_pool_as_long_as_the_range_and_apart_from_it() {
+        let fields = |text: &str| -> Vec<String> {
+            match Config::from_toml_str(Path::new("t"), text) {
+                Ok(_) => vec![],
+                Err(ConfigError::Invalid { problems, .. }) => {
+                    problems.into_iter().map(|p| p.field).collect()
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let haproxy = "[haproxy]\nagent_listen = \"127.0.0.1:8099\"\n";
+        let good =
+            format!("[ports]\nrange = \"8001-8010\"\nstandby_range = \"8101-8110\"\n{haproxy}");
+        assert_eq!(fields(&good), Vec::<String>::new());
+        let c = Config::from_toml_str(Path::new("t"), &good).unwrap();
+        let h = c.haproxy.unwrap();
+        // (rise + 1) * check_inter + agent_inter, with the defaults 2, 1s, 1s.
+        assert_eq!(h.settle(), Duration::from_secs(4));
+        assert_eq!(fields(haproxy), ["haproxy"]);
+        assert_eq!(
+            fields("[ports]\nrange = \"8001-8010\"\nstandby_range = \"8101-8105\"\n"),
+            ["ports.standby_range"]
+        );
+        assert_eq!(
+            fields("[ports]\nrange = \"8001-8010\"\nstandby_range = \"8005-8014\"\n"),
+            ["ports.standby_range"]
+        );
+        let bad_agent =
+            "[ports]\nstandby_range = \"8101-8110\"\n[haproxy]\nagent_listen = \"here\"\n";
+        assert_eq!(fields(bad_agent), ["haproxy.agent_listen"]);
     }
 
     #[test]

@@ -217,6 +217,14 @@ pub struct RestartSpec {
     /// department rolls back to its previous spec.
     #[serde(default = "default_update_deadline", with = "humantime_serde")]
     pub update_deadline: Duration,
+    /// Behind HAProxy (`[haproxy]`): how long a container taken out of
+    /// rotation may finish its in-flight requests before it gets SIGTERM.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_policy() -> RestartPolicy {
@@ -248,6 +256,7 @@ impl Default for RestartSpec {
             backoff_max: default_backoff_max(),
             stop_timeout: default_stop_timeout(),
             update_deadline: default_update_deadline(),
+            drain_timeout: default_drain_timeout(),
         }
     }
 }
@@ -623,6 +632,12 @@ impl DepartmentSpec {
                     "must be between 1MiB and 64GiB",
                 ));
             }
+        }
+        if r.drain_timeout > Duration::from_secs(3600) {
+            errors.push(FieldError::new(
+                "restart.drain_timeout",
+                "must be at most 1h",
+            ));
         }
         if let Some(check) = &self.postgres_check {
             if !self.env.contains_key(&check.url_from)

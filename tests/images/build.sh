@@ -4,6 +4,10 @@
 #   fleet-test-agent:2    AGENT_VERSION=2
 #   fleet-test-agent:bad  NEVER_HEALTHY=1 (/health always 503)
 # Idempotent: an image whose label records the current binary's SHA-256 is kept.
+# TAG_PREFIX=drain- builds fleet-test-agent:drain-1/-2/-bad instead: tests that
+# need a newer agent than other worktrees build (tests/tests/drain.rs) use
+# their own tags, so a rebuild from another checkout cannot swap the image
+# under them.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -40,6 +44,7 @@ build_image() {
   fi
 }
 
-build_image 1 --build-arg AGENT_VERSION=1
-build_image 2 --build-arg AGENT_VERSION=2
-build_image bad --build-arg AGENT_VERSION=1 --build-arg NEVER_HEALTHY=1
+prefix="${TAG_PREFIX:-}"
+build_image "${prefix}1" --build-arg AGENT_VERSION=1
+build_image "${prefix}2" --build-arg AGENT_VERSION=2
+build_image "${prefix}bad" --build-arg AGENT_VERSION=1 --build-arg NEVER_HEALTHY=1

@@ -99,6 +99,8 @@ pub struct TestOptions {
     pub log_level: &'static str,
     /// Extra lines of the `[api]` table (`token_file = "..."`, limits, TLS).
     pub api_toml: String,
+    /// Extra lines of the `[ports]` table (`standby_range = "..."`).
+    pub ports_toml: String,
 }
 
 impl Default for TestOptions {
@@ -109,6 +111,7 @@ impl Default for TestOptions {
             extra_toml: String::new(),
             log_level: "info",
             api_toml: String::new(),
+            ports_toml: String::new(),
         }
     }
 }
@@ -165,6 +168,7 @@ resync_interval = "1s"
 [ports]
 range = "{low}-{high}"
 bind = "127.0.0.1"
+{ports_extra}
 
 [api]
 listen = "{api_addr}"
@@ -179,6 +183,7 @@ level = "{level}"
             departments_dir = departments_dir.display(),
             extra = options.extra_toml,
             api_extra = options.api_toml,
+            ports_extra = options.ports_toml,
             level = options.log_level,
         );
         let config_path = root.join("agent.toml");

@@ -11,7 +11,8 @@
 //! `unique_name` per test, so the tests can run beside other runs of
 //! themselves. Ports: 47510-47519 (unit-runtime), 47520-47539 (ansible-role),
 //! 47540-47549 (installed-desired), 47550-47559 (state-loss), 47560-47569
-//! (watchdog), 47570-47579 (installed-wal) and 47620-47629 (installed-hardening).
+//! (watchdog), 47570-47579 (installed-wal), 47600-47619 (installed-drain) and
+//! 47620-47629 (installed-hardening).
 
 use fleet_tests::unique_name;
 use std::path::PathBuf;
@@ -94,6 +95,11 @@ fn installed_wal_archives_backs_up_and_restores_to_a_time_next_to_debians_postgr
 #[test]
 fn a_lost_or_garbage_state_db_as_installed_keeps_the_container_and_port() {
     run_script("state-loss.sh", "pkloss");
+}
+
+#[test]
+fn installed_restart_hands_over_behind_haproxy_and_drains_as_fleet_agent() {
+    run_script("installed-drain.sh", "pkdrain");
 }
 
 #[test]

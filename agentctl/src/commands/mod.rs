@@ -6,6 +6,7 @@ pub mod delete;
 pub mod doctor;
 pub mod events;
 pub mod generate;
+pub mod haproxy;
 pub mod logs;
 pub mod ports;
 pub mod show;

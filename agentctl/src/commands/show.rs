@@ -41,6 +41,25 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
         or_dash(s.host_port),
         d.spec.container_port
     );
+    if let Some(standby) = s.standby_port {
+        say!("standby     {standby} (hand-over port behind HAProxy)");
+    }
+    if let Some(d) = &s.drain {
+        let left = match d.connections {
+            Some(n) => format!("{n} connection(s)"),
+            None => "connections unknown".to_string(),
+        };
+        say!(
+            "drain       {} {} {:.1}s, {left}",
+            d.slot,
+            if d.active {
+                "draining for"
+            } else {
+                "last drained in"
+            },
+            d.seconds
+        );
+    }
     say!("image       {}", s.image);
     say!(
         "container   {}",

@@ -220,7 +220,40 @@ pub fn admin_routes() -> Router<ApiState> {
         )
         .route("/v1/departments/{id}/logs", get(logs))
         .route("/v1/departments/{id}/{action}", post(command))
+        .route("/v1/haproxy", get(haproxy_config))
         .layer(axum::middleware::map_response(json_rejections))
+}
+
+/// `agentctl haproxy-config`: the backend lines for this node's departments,
+/// from the daemon's own view of ports and health paths.
+async fn haproxy_config(State(state): State<ApiState>) -> Response {
+    let shared = &state.supervisor.shared;
+    let Some(haproxy) = &shared.config.haproxy else {
+        return ApiError::Conflict(
+            "[haproxy] is not configured in agent.toml: there is no hand-over to configure HAProxy for (docs/install.md)".into(),
+        )
+        .into_response();
+    };
+    let backends: Vec<crate::drain::Backend> = shared
+        .board
+        .all()
+        .into_iter()
+        .map(|(id, v)| crate::drain::Backend {
+            id,
+            port: v.host_port,
+            standby_port: v.standby_port,
+            health_path: v.spec.health.enabled.then(|| v.spec.health.path.clone()),
+        })
+        .collect();
+    let text = crate::drain::haproxy_backends(&shared.node_id, shared.bind, haproxy, &backends);
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        )],
+        text,
+    )
+        .into_response()
 }
 
 /// Paths the WAL caller may use; everything else is refused to it.
@@ -329,6 +362,13 @@ pub fn summary(id: &str, view: &DeptView) -> DepartmentSummary {
             .map(|p| format!("pulling: {p}"))
             .or_else(|| view.reason.clone()),
         desired_running: view.desired_running,
+        standby_port: view.standby_port,
+        drain: view.drain.as_ref().map(|d| fleet_model::api::DrainStatus {
+            slot: d.slot.as_str().to_string(),
+            active: d.took.is_none(),
+            connections: d.connections,
+            seconds: d.seconds(std::time::Instant::now()),
+        }),
     }
 }
 

@@ -96,6 +96,7 @@ fn as_before(fake: &FakeRuntime, spec: &DepartmentSpec, port: u16, node: &str) -
             failed_hash: None,
             restarts_by_reason: BTreeMap::new(),
             containers: Default::default(),
+            drain: None,
         },
         std::time::Instant::now(),
     );
@@ -330,6 +331,7 @@ async fn delete_during_a_hanging_pull_answers_at_once_and_removes_only_its_own()
                 failed_hash: None,
                 restarts_by_reason: BTreeMap::new(),
                 containers: Default::default(),
+                drain: None,
             },
             std::time::Instant::now(),
         );

@@ -27,6 +27,30 @@ pub struct DeptView {
     pub probe_latency_histogram: crate::supervisor::probe::LatencyHistogram,
     pub pull_progress: Option<String>,
     pub postgres_check: Option<ProbeRecord>,
+    /// The hand-over port (`[haproxy]` with `[ports] standby_range`).
+    pub standby_port: Option<u16>,
+    /// What the agent listener tells HAProxy of each port.
+    pub agent: crate::drain::AgentSlots,
+    /// The drain in progress, or the last one.
+    pub drain: Option<DrainView>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DrainView {
+    pub slot: crate::drain::Slot,
+    pub since: std::time::Instant,
+    /// Established connections at the last count; `None`: cannot be known.
+    pub connections: Option<u32>,
+    /// Set once it ended: how long it took.
+    pub took: Option<std::time::Duration>,
+}
+
+impl DrainView {
+    pub fn seconds(&self, now: std::time::Instant) -> f64 {
+        self.took
+            .unwrap_or_else(|| now.saturating_duration_since(self.since))
+            .as_secs_f64()
+    }
 }
 
 impl DeptView {
@@ -65,5 +89,37 @@ impl Board {
 
     pub fn all(&self) -> BTreeMap<String, DeptView> {
         self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A plain view for tests of readers.
+    pub(crate) fn view() -> DeptView {
+        let spec = DepartmentSpec::from_toml("t", "id = \"hr\"\nimage = \"a:1\"\n").expect("spec");
+        DeptView {
+            spec_hash: spec.container_hash(8001),
+            spec,
+            previous: None,
+            host_port: 8001,
+            state: DeptState::Running,
+            health: Health::Healthy,
+            reason: None,
+            container_id: None,
+            started_at: None,
+            desired_running: true,
+            probes: VecDeque::new(),
+            restarts_by_reason: BTreeMap::new(),
+            probe_total: 0,
+            probe_failures: 0,
+            probe_latency_histogram: Default::default(),
+            pull_progress: None,
+            postgres_check: None,
+            standby_port: None,
+            agent: Default::default(),
+            drain: None,
+        }
     }
 }

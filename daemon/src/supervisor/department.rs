@@ -9,8 +9,8 @@
 use super::board::DeptView;
 pub use super::machine::OperatorCommand;
 use super::machine::{
-    owned_by, CommandError, Ctx, DockerAction, Effect, Input, JobId, Machine, MachineInit, Outcome,
-    ReplyId, Timer, Work,
+    owned_by, CommandError, Ctx, DockerAction, DrainWait, Effect, Input, JobId, Machine,
+    MachineInit, Outcome, ReplyId, Timer, Work,
 };
 use super::probe;
 use super::Shared;
@@ -121,6 +121,7 @@ impl DeptActor {
                 failed_hash: init.failed_hash,
                 restarts_by_reason: init.restarts_by_reason,
                 containers: std::sync::Arc::new(shared.config.containers.clone()),
+                drain: crate::drain::DrainConfig::from_config(&shared.config),
             },
             Instant::now().into_std(),
         );
@@ -431,6 +432,7 @@ impl DeptActor {
                     probe_timeout,
                     every,
                     deadline,
+                    keep,
                 } => Outcome::Proven(
                     prove(
                         &shared,
@@ -440,13 +442,25 @@ impl DeptActor {
                         probe_timeout,
                         every,
                         deadline,
+                        keep,
                     )
                     .await,
                 ),
                 Work::Stop {
                     container_id,
                     timeout,
-                } => Outcome::Stopped(stop(&*shared.runtime, &container_id, timeout).await),
+                    drain,
+                } => {
+                    if let Some(wait) = drain {
+                        drain_port(wait, job, &tx).await;
+                    }
+                    Outcome::Stopped(stop(&*shared.runtime, &container_id, timeout).await)
+                }
+                Work::Retire {
+                    department,
+                    wait,
+                    timeout,
+                } => Outcome::Retired(retire(&shared, &department, wait, timeout, job, &tx).await),
                 Work::OomCheck {
                     container_id,
                     started_at,
@@ -456,9 +470,15 @@ impl DeptActor {
                 Work::Delete {
                     department,
                     timeout,
-                } => Outcome::Deleted(
-                    delete(&*shared.runtime, &department, &shared.node_id, timeout).await,
-                ),
+                    drain,
+                } => {
+                    if let Some(wait) = drain {
+                        drain_port(wait, job, &tx).await;
+                    }
+                    Outcome::Deleted(
+                        delete(&*shared.runtime, &department, &shared.node_id, timeout).await,
+                    )
+                }
             };
             let _ = tx.send(Input::JobDone { job, outcome });
         });
@@ -510,6 +530,73 @@ async fn stop(
     }
 }
 
+/// How often a draining port's connections are counted.
+const DRAIN_POLL: Duration = Duration::from_millis(200);
+
+/// Waits `after` (HAProxy has the `drain` answer by then), then until the
+/// port has no established connection or `timeout` passed; where the count
+/// cannot be known, the whole `timeout`. Reports each count, then the end.
+async fn drain_port(wait: DrainWait, job: JobId, tx: &mpsc::UnboundedSender<Input>) {
+    tokio::time::sleep(wait.after).await;
+    let until = Instant::now() + wait.timeout;
+    let mut last = None;
+    loop {
+        let count = tokio::task::spawn_blocking(move || crate::drain::connections_to(wait.port))
+            .await
+            .unwrap_or(None);
+        if count != last {
+            let _ = tx.send(Input::DrainProgress {
+                job,
+                connections: count,
+                done: false,
+            });
+            last = count;
+        }
+        if count == Some(0) || Instant::now() >= until {
+            break;
+        }
+        tokio::time::sleep(DRAIN_POLL.min(until.saturating_duration_since(Instant::now()))).await;
+    }
+    let _ = tx.send(Input::DrainProgress {
+        job,
+        connections: last,
+        done: true,
+    });
+}
+
+/// Drains the stand-in (`aio-<id>-next`) if one of this department runs,
+/// then stops and removes it.
+async fn retire(
+    shared: &Shared,
+    department: &str,
+    wait: DrainWait,
+    timeout: Duration,
+    job: JobId,
+    tx: &mpsc::UnboundedSender<Input>,
+) -> Result<(), RuntimeError> {
+    let runtime = &*shared.runtime;
+    let Some(c) = runtime
+        .inspect(&candidate_container_name(department))
+        .await?
+    else {
+        return Ok(());
+    };
+    if !owned_by(&c, department, &shared.node_id) {
+        return Ok(());
+    }
+    if c.running {
+        drain_port(wait, job, tx).await;
+        match runtime.stop(&c.id, timeout).await {
+            Ok(()) | Err(RuntimeError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    match runtime.remove(&c.id).await {
+        Ok(()) | Err(RuntimeError::NotFound(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Removes the candidate and the department's container, each only when its
 /// department and node labels are this department's and this node's.
 async fn delete(
@@ -541,7 +628,9 @@ async fn delete(
 }
 
 /// Runs the update candidate and probes it until healthy or `deadline`; the
-/// candidate is removed either way (and by the actor when this is aborted).
+/// candidate is removed either way (and by the actor when this is aborted),
+/// except when `keep` and healthy: the stand-in of a hand-over.
+#[allow(clippy::too_many_arguments)]
 async fn prove(
     shared: &Shared,
     department: &str,
@@ -550,6 +639,7 @@ async fn prove(
     probe_timeout: Duration,
     every: Duration,
     deadline: Duration,
+    keep: bool,
 ) -> Result<(), String> {
     let runtime = &*shared.runtime;
     if let Ok(Some(stale)) = runtime.inspect(&request.name).await {
@@ -572,6 +662,9 @@ async fn prove(
         deadline,
     )
     .await;
+    if keep && outcome.is_ok() {
+        return outcome;
+    }
     if let Err(e) = runtime.remove(&id).await {
         tracing::warn!(department = %department, error = %e, "Could not remove update candidate.");
     }

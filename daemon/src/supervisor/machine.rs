@@ -15,8 +15,9 @@
 //! cancellable task. While a job runs, Docker events and resyncs are not
 //! judged; the job's end is followed by a fresh look at the container.
 
-use super::board::DeptView;
+use super::board::{DeptView, DrainView};
 use super::probe::LatencyHistogram;
+use crate::drain::{AgentSlots, DrainConfig, Slot};
 use crate::restart::{Decision, FailureReason, RestartTracker};
 use crate::runtime::{CreateRequest, ObservedContainer, RuntimeError, SecretFiles};
 use fleet_model::api::{DeptState, Health, ProbeRecord};
@@ -114,17 +115,27 @@ pub enum Work {
         image: String,
     },
     /// Create `aio-<id>-next` from `request`, start it, probe it until healthy
-    /// or `deadline`, and remove it either way.
+    /// or `deadline`, and remove it, unless `keep` and it proved healthy (the
+    /// stand-in on the standby port of a hand-over).
     Prove {
         request: Box<CreateRequest>,
         health_path: String,
         probe_timeout: Duration,
         every: Duration,
         deadline: Duration,
+        keep: bool,
     },
-    /// Stop, then inspect again.
+    /// Drain first when asked (progress comes back as `DrainProgress`), then
+    /// stop, then inspect again.
     Stop {
         container_id: String,
+        timeout: Duration,
+        drain: Option<DrainWait>,
+    },
+    /// Drain the stand-in on the standby port, then stop and remove it (if ours).
+    Retire {
+        department: String,
+        wait: DrainWait,
         timeout: Duration,
     },
     /// Look again, for a moment, at an exit 137 without Docker's OOM flag.
@@ -132,11 +143,22 @@ pub enum Work {
         container_id: String,
         started_at: Option<i64>,
     },
-    /// Remove the candidate and the department's container, if ours.
+    /// Remove the candidate and the department's container, if ours; drain
+    /// the container first when asked.
     Delete {
         department: String,
         timeout: Duration,
+        drain: Option<DrainWait>,
     },
+}
+
+/// Waiting for a port's in-flight connections: from `after` (HAProxy has
+/// seen the `drain` answer by then) until none is left or `timeout` more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainWait {
+    pub port: u16,
+    pub after: Duration,
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -144,6 +166,7 @@ pub enum Outcome {
     Pulled(Result<(), String>),
     Proven(Result<(), String>),
     Stopped(Result<Option<ObservedContainer>, RuntimeError>),
+    Retired(Result<(), RuntimeError>),
     OomVerdict { oom: bool },
     Deleted(Result<(), RuntimeError>),
 }
@@ -198,6 +221,13 @@ pub enum Input {
     PullProgress {
         job: JobId,
         line: String,
+    },
+    /// A drain's count of established connections (`None`: unknown);
+    /// `done`: the drain is over and the stop begins.
+    DrainProgress {
+        job: JobId,
+        connections: Option<u32>,
+        done: bool,
     },
     JobDone {
         job: JobId,
@@ -321,6 +351,10 @@ pub enum TransitionReason {
     UpdateFailed {
         why: String,
     },
+    /// Out of HAProxy's rotation before the stop.
+    Drain {
+        message: String,
+    },
     OperatorStop,
     /// Exit 0 under `on-failure`: done, not failed.
     ExitedCleanly {
@@ -349,6 +383,7 @@ impl TransitionReason {
             R::CrashLoop { .. } => DeptState::CrashLooping,
             R::NewSpec { .. } => DeptState::Updating,
             R::UpdateFailed { .. } => DeptState::RollingBack,
+            R::Drain { .. } => DeptState::Draining,
             R::OperatorStop | R::ExitedCleanly { .. } => DeptState::Stopped,
             R::NotRestarted { .. } | R::PullFailed { .. } | R::NoPrevious { .. } => {
                 DeptState::Failed
@@ -368,6 +403,7 @@ impl TransitionReason {
             R::NewSpec { .. } => "update",
             R::Failed { failure, .. } => failure.label(),
             R::CrashLoop { .. } => "crash_loop",
+            R::Drain { .. } => "drain",
             R::OperatorStop => "operator",
             R::ExitedCleanly { .. } | R::NotRestarted { .. } => "policy",
         }
@@ -388,6 +424,7 @@ impl TransitionReason {
             R::RolledBack { message }
             | R::CrashLoop { message }
             | R::NewSpec { message }
+            | R::Drain { message }
             | R::ExitedCleanly { message }
             | R::NotRestarted { message }
             | R::PullFailed { message } => Some(message.clone()),
@@ -409,6 +446,7 @@ impl TransitionReason {
             R::CrashLoop { .. } => "max_retries within window",
             R::NewSpec { .. } => "new container-defining spec",
             R::UpdateFailed { .. } => "candidate not healthy / pull failed",
+            R::Drain { .. } => "drain before stop (restart, update swap, stop)",
             R::OperatorStop => "agentctl stop",
             R::ExitedCleanly { .. } => "exit 0 the policy does not restart",
             R::NotRestarted { .. } => "failure the policy does not restart",
@@ -419,15 +457,15 @@ impl TransitionReason {
 }
 
 use DeptState::{
-    Backoff, CrashLooping, Failed, Pending, Pulling, RollingBack, Running, Starting, Stopped,
-    Updating,
+    Backoff, CrashLooping, Draining, Failed, Pending, Pulling, RollingBack, Running, Starting,
+    Stopped, Updating,
 };
 
 /// The state diagram: for each target state, the states it may be reached
-/// from. `transition` refuses any other pair. A future `draining` state (drain
-/// behind HAProxy before SIGTERM) sits between the states that stop a serving
-/// container (running, updating) and the stop itself; every such stop goes
-/// through `Machine::stop_serving`.
+/// from. `transition` refuses any other pair. `draining` (out of HAProxy's
+/// rotation, finishing in-flight requests before SIGTERM) sits between the
+/// states that stop a serving container and the stop itself; every such stop
+/// goes through `Machine::stop_serving`.
 pub const EDGES: &[(DeptState, &[DeptState])] = &[
     (Pending, &[]),
     (
@@ -442,6 +480,7 @@ pub const EDGES: &[(DeptState, &[DeptState])] = &[
             CrashLooping,
             Updating,
             RollingBack,
+            Draining,
         ],
     ),
     (
@@ -456,6 +495,7 @@ pub const EDGES: &[(DeptState, &[DeptState])] = &[
             CrashLooping,
             Updating,
             RollingBack,
+            Draining,
         ],
     ),
     (
@@ -468,10 +508,17 @@ pub const EDGES: &[(DeptState, &[DeptState])] = &[
             Failed,
             Stopped,
             RollingBack,
+            Draining,
         ],
     ),
-    (Backoff, &[Pending, Starting, Running, RollingBack]),
-    (CrashLooping, &[Pending, Starting, Running, RollingBack]),
+    (
+        Backoff,
+        &[Pending, Starting, Running, RollingBack, Draining],
+    ),
+    (
+        CrashLooping,
+        &[Pending, Starting, Running, RollingBack, Draining],
+    ),
     (
         Updating,
         &[
@@ -483,9 +530,23 @@ pub const EDGES: &[(DeptState, &[DeptState])] = &[
             Failed,
             Stopped,
             CrashLooping,
+            Draining,
         ],
     ),
     (RollingBack, &[Updating]),
+    (
+        Draining,
+        &[
+            Pending,
+            Starting,
+            Running,
+            Backoff,
+            CrashLooping,
+            Updating,
+            RollingBack,
+            Failed,
+        ],
+    ),
     (
         Stopped,
         &[
@@ -498,11 +559,20 @@ pub const EDGES: &[(DeptState, &[DeptState])] = &[
             Updating,
             RollingBack,
             Failed,
+            Draining,
         ],
     ),
     (
         Failed,
-        &[Pending, Pulling, Starting, Running, Updating, RollingBack],
+        &[
+            Pending,
+            Pulling,
+            Starting,
+            Running,
+            Updating,
+            RollingBack,
+            Draining,
+        ],
     ),
 ];
 
@@ -530,6 +600,7 @@ pub fn reasons_into(to: DeptState) -> Vec<&'static str> {
         TransitionReason::CrashLoop { message: s() },
         TransitionReason::NewSpec { message: s() },
         TransitionReason::UpdateFailed { why: s() },
+        TransitionReason::Drain { message: s() },
         TransitionReason::OperatorStop,
         TransitionReason::ExitedCleanly { message: s() },
         TransitionReason::NotRestarted { message: s() },
@@ -583,10 +654,17 @@ enum JobKind {
         image_for: ImageFor,
     },
     Prove,
+    /// The stand-in of a hand-over proving itself on the standby port; then
+    /// the stop it was started for.
+    Bridge {
+        then: AfterStop,
+        reply: Option<ReplyId>,
+    },
     Stop {
         then: AfterStop,
         reply: Option<ReplyId>,
     },
+    Retire,
     OomCheck {
         failed_at: Instant,
     },
@@ -612,6 +690,8 @@ pub struct MachineInit {
     pub restarts_by_reason: BTreeMap<String, u64>,
     /// The node's `[containers]`: network, hardening and secrets defaults.
     pub containers: std::sync::Arc<fleet_model::config::ContainersConfig>,
+    /// `[haproxy]` with a standby pool: stops drain, restarts hand over.
+    pub drain: Option<DrainConfig>,
 }
 
 pub struct Machine {
@@ -667,6 +747,14 @@ pub struct Machine {
     latency: LatencyHistogram,
     restarts_by_reason: BTreeMap<String, u64>,
 
+    drain: Option<DrainConfig>,
+    /// What HAProxy is told of the two ports.
+    agent: AgentSlots,
+    /// When a stand-in of the current spec came up on the standby port and is
+    /// serving (`aio-<id>-next`); `None`: nothing runs there.
+    bridge_since: Option<Instant>,
+    drain_view: Option<DrainView>,
+
     out: Vec<Effect>,
 }
 
@@ -709,6 +797,15 @@ impl Machine {
             probe_failures: 0,
             latency: LatencyHistogram::default(),
             restarts_by_reason: init.restarts_by_reason,
+            // Nothing serves on the standby port until a stand-in is proven:
+            // HAProxy sends it nothing even while its check still passes.
+            agent: AgentSlots {
+                primary_drain_from: None,
+                standby_drain_from: init.drain.as_ref().map(|_| now),
+            },
+            drain: init.drain,
+            bridge_since: None,
+            drain_view: None,
             out: Vec::new(),
         }
     }
@@ -770,7 +867,12 @@ impl Machine {
     fn dispatch(&mut self, ctx: Ctx, input: Input) {
         match input {
             Input::Init => {
-                self.emit(Effect::RemoveCandidate);
+                match (&self.drain, self.standby_port()) {
+                    // A stand-in left by a daemon that died mid-hand-over may
+                    // be serving: drain it rather than cut its requests.
+                    (Some(_), Some(standby)) => self.begin_retire(ctx, standby),
+                    _ => self.emit(Effect::RemoveCandidate),
+                }
                 self.look(ctx);
             }
             Input::SetSpec { spec, host_port } => self.set_spec(ctx, *spec, host_port),
@@ -779,11 +881,32 @@ impl Machine {
                 self.abort_job();
                 self.cancel_timers();
                 self.stop_probe();
+                // Behind HAProxy the container finishes its requests first;
+                // new connections then go nowhere (the department is going).
+                let serving = self.container.as_ref().is_some_and(|c| c.running);
+                let drain = match &self.drain {
+                    Some(d) if serving => {
+                        self.agent.primary_drain_from = Some(ctx.now);
+                        self.drain_view = Some(DrainView {
+                            slot: Slot::Primary,
+                            since: ctx.now,
+                            connections: None,
+                            took: None,
+                        });
+                        Some(DrainWait {
+                            port: self.port,
+                            after: d.noticed(),
+                            timeout: self.spec.restart.drain_timeout,
+                        })
+                    }
+                    _ => None,
+                };
                 self.begin(
                     JobKind::Delete { reply },
                     Work::Delete {
                         department: self.id.clone(),
                         timeout: self.spec.restart.stop_timeout,
+                        drain,
                     },
                 );
             }
@@ -825,6 +948,11 @@ impl Machine {
                     self.pull_progress = Some(line);
                 }
             }
+            Input::DrainProgress {
+                job,
+                connections,
+                done,
+            } => self.drain_progress(ctx, job, connections, done),
             Input::JobDone { job, outcome } => {
                 let Some(active) = self.job.take_if(|j| j.id == job) else {
                     return; // a job aborted meanwhile
@@ -856,7 +984,7 @@ impl Machine {
     /// During a delete only its own result counts; commands are answered.
     fn while_deleting(&mut self, ctx: Ctx, input: Input) {
         match input {
-            Input::JobDone { .. } => self.dispatch(ctx, input),
+            Input::JobDone { .. } | Input::DrainProgress { .. } => self.dispatch(ctx, input),
             Input::Command { reply, .. } => self.emit(Effect::Reply {
                 to: reply,
                 result: Err(CommandError::Deleting(self.id.clone())),
@@ -946,8 +1074,21 @@ impl Machine {
     fn abort_job(&mut self) {
         let Some(job) = self.job.take() else { return };
         self.emit(Effect::Abort { job: job.id });
+        if self.agent.primary_drain_from.take().is_some() {
+            // The stop it drained for is off: the container serves again.
+            self.drain_view = None;
+        }
         match job.kind {
             JobKind::Prove => self.emit(Effect::RemoveCandidate),
+            JobKind::Bridge { reply, .. } => {
+                self.emit(Effect::RemoveCandidate);
+                if let Some(reply) = reply {
+                    self.emit(Effect::Reply {
+                        to: reply,
+                        result: Ok(format!("{}: superseded by a later command", self.id)),
+                    });
+                }
+            }
             JobKind::Pull { .. } => self.pull_progress = None,
             JobKind::Stop {
                 reply: Some(reply), ..
@@ -955,6 +1096,8 @@ impl Machine {
                 to: reply,
                 result: Ok(format!("{}: superseded by a later command", self.id)),
             }),
+            // Left running on the standby port (still drained); the next
+            // hand-over, or the next start, retires it.
             _ => {}
         }
     }
@@ -1039,7 +1182,7 @@ impl Machine {
                 self.abort_job();
                 self.stop_probe();
                 match self.container.clone() {
-                    Some(c) => self.stop_serving(c, AfterStop::OperatorStopped, Some(reply)),
+                    Some(c) => self.stop_serving(ctx, c, AfterStop::OperatorStopped, Some(reply)),
                     None => {
                         self.transition(TransitionReason::OperatorStop);
                         self.emit(Effect::Reply {
@@ -1069,8 +1212,7 @@ impl Machine {
                 self.failed_hash = None;
                 match self.container.clone() {
                     Some(c) if c.spec_hash.as_deref() == Some(self.hash().as_str()) => {
-                        self.stop_probe();
-                        self.stop_serving(c, AfterStop::Start, Some(reply));
+                        self.stop_serving(ctx, c, AfterStop::Start, Some(reply));
                     }
                     _ => {
                         self.look(ctx);
@@ -1190,6 +1332,10 @@ impl Machine {
                     self.watch(ctx, &c);
                     self.container = Some(c);
                     self.start_probe(ctx);
+                    if !self.spec.health.enabled {
+                        // No probe to wait for: HAProxy's own check decides.
+                        self.agent.primary_drain_from = None;
+                    }
                     self.transition(TransitionReason::Started);
                     if std::mem::take(&mut self.announce_update) {
                         self.event("updated", None, format!("now running {}", self.spec.image));
@@ -1296,10 +1442,10 @@ impl Machine {
                 if !self.desired_running {
                     // Someone started it behind our back; the operator said stop.
                     self.stop_probe();
-                    self.stop_serving(c, AfterStop::Unwanted, None);
+                    self.stop_serving(ctx, c, AfterStop::Unwanted, None);
                 } else if matches!(
                     self.state,
-                    Pending | Starting | Stopped | Failed | Backoff | Pulling
+                    Pending | Starting | Stopped | Failed | Backoff | Pulling | Draining
                 ) && self.restart_at.is_none()
                 {
                     self.transition(TransitionReason::Adopted);
@@ -1484,10 +1630,63 @@ impl Machine {
                 }
             }
             (JobKind::Prove, Outcome::Proven(result)) => match result {
-                Ok(()) => self.swap(ctx),
+                Ok(()) => {
+                    if self.drain.is_some() && self.standby_port().is_some() {
+                        // Kept running on the standby port: the hand-over's stand-in.
+                        self.bridge_since = Some(ctx.now);
+                        self.agent.standby_drain_from = None;
+                    }
+                    self.swap(ctx)
+                }
                 Err(why) => self.update_failed(ctx, why),
             },
+            (JobKind::Bridge { then, reply }, Outcome::Proven(result)) => {
+                let proven = result.is_ok();
+                match result {
+                    Ok(()) => {
+                        self.bridge_since = Some(ctx.now);
+                        self.agent.standby_drain_from = None;
+                        self.event(
+                            "stand_in_up",
+                            Some("drain"),
+                            format!(
+                                "stand-in healthy on port {}; draining port {} next",
+                                self.standby_port().unwrap_or_default(),
+                                self.port
+                            ),
+                        );
+                    }
+                    Err(why) => self.event(
+                        "stand_in_failed",
+                        Some("drain"),
+                        format!("no stand-in for the hand-over ({why}); stopping without one"),
+                    ),
+                }
+                match self.container.clone() {
+                    Some(c) if c.running => self.stop_serving_with(ctx, c, then, reply, proven),
+                    _ => {
+                        if let Some(reply) = reply {
+                            self.emit(Effect::Reply {
+                                to: reply,
+                                result: Ok(format!("{} restarted", self.id)),
+                            });
+                        }
+                        self.look(ctx);
+                    }
+                }
+            }
+            (JobKind::Retire, Outcome::Retired(result)) => match result {
+                Ok(()) => self.bridge_since = None,
+                Err(e) => self.reason = Some(format!("could not remove the stand-in: {e}")),
+            },
             (JobKind::Stop { then, reply }, Outcome::Stopped(result)) => {
+                // A container stopped to be started again (or replaced) stays
+                // drained until it answers its probe: HAProxy's check may
+                // still pass for a moment after the stop, and a connection
+                // sent then would be refused and retried late.
+                if matches!(then, AfterStop::Refresh | AfterStop::Unwanted) {
+                    self.agent.primary_drain_from = None;
+                }
                 let refreshed = match result {
                     Ok(c) => c.filter(|c| self.ours(c)),
                     Err(e) => {
@@ -1704,7 +1903,7 @@ impl Machine {
                     // overlaps the backoff instead of adding to it.
                     self.stop_probe();
                     if let Some(c) = self.container.clone().filter(|c| c.running) {
-                        self.stop_serving(c, AfterStop::Refresh, None);
+                        self.stop_serving(ctx, c, AfterStop::Refresh, None);
                     }
                 }
             }
@@ -1774,15 +1973,40 @@ impl Machine {
             return;
         }
         match self.container.clone() {
-            Some(c) if c.running => self.stop_serving(c, AfterStop::Start, None),
+            Some(c) if c.running => self.stop_serving(ctx, c, AfterStop::Start, None),
             Some(_) => self.start_existing(ctx, self.restart_gated),
             None => self.begin_create(false),
         }
     }
 
-    /// Every stop of a container that may be serving goes through here (the
-    /// place a future `draining` step goes: drain behind HAProxy, then stop).
-    fn stop_serving(&mut self, c: ObservedContainer, then: AfterStop, reply: Option<ReplyId>) {
+    /// Every stop of a container that may be serving goes through here.
+    /// Behind HAProxy (`[haproxy]`), a restart or an update swap of a healthy
+    /// container first brings up a stand-in of the current spec on the
+    /// standby port (unless one is up already: the proven update candidate),
+    /// waits until HAProxy has seen it up, then drains the old one (`drain`
+    /// for its port, in-flight requests finish up to `drain_timeout`) and only
+    /// then stops it. `agentctl stop` drains too; then nothing takes new
+    /// connections, as asked.
+    fn stop_serving(
+        &mut self,
+        ctx: Ctx,
+        c: ObservedContainer,
+        then: AfterStop,
+        reply: Option<ReplyId>,
+    ) {
+        self.stop_serving_with(ctx, c, then, reply, true)
+    }
+
+    /// `stand_in`: false after a stand-in failed to come up (the stop goes on
+    /// without one; in-flight requests still finish).
+    fn stop_serving_with(
+        &mut self,
+        ctx: Ctx,
+        c: ObservedContainer,
+        then: AfterStop,
+        reply: Option<ReplyId>,
+        stand_in: bool,
+    ) {
         let timeout = if then == AfterStop::Swap {
             self.previous
                 .as_ref()
@@ -1791,13 +2015,178 @@ impl Machine {
         } else {
             self.spec.restart.stop_timeout
         };
+        let hand_over = matches!(then, AfterStop::Start | AfterStop::Swap);
+        let drains = c.running && (hand_over || then == AfterStop::OperatorStopped);
+        let drain = match self.drain.clone() {
+            Some(d) if drains => d,
+            _ => {
+                self.stop_probe();
+                self.begin(
+                    JobKind::Stop { then, reply },
+                    Work::Stop {
+                        container_id: c.id,
+                        timeout,
+                        drain: None,
+                    },
+                );
+                return;
+            }
+        };
+        if hand_over
+            && stand_in
+            && self.bridge_since.is_none()
+            && self.standby_port().is_some()
+            && self.spec.health.enabled
+            && self.health == Health::Healthy
+        {
+            return self.begin_bridge(then, reply);
+        }
+        self.stop_probe();
+        // New connections go to the stand-in once HAProxy has had time to see
+        // it up; until then the old container keeps taking them.
+        let drain_from = match self.bridge_since {
+            Some(up) if hand_over => (up + drain.settle).max(ctx.now),
+            _ => ctx.now,
+        };
+        self.agent.primary_drain_from = Some(drain_from);
+        self.drain_view = Some(DrainView {
+            slot: Slot::Primary,
+            since: drain_from,
+            connections: None,
+            took: None,
+        });
+        let wait = DrainWait {
+            port: self.port,
+            after: drain_from.saturating_duration_since(ctx.now) + drain.noticed(),
+            timeout: self.spec.restart.drain_timeout,
+        };
+        let to = match (hand_over, self.standby_port()) {
+            (true, Some(standby)) if self.bridge_since.is_some() => {
+                format!("new connections go to port {standby}")
+            }
+            _ => "new connections go nowhere".to_string(),
+        };
+        self.transition(TransitionReason::Drain {
+            message: format!(
+                "draining port {} before the stop (up to {}); {to}",
+                self.port,
+                humantime::format_duration(self.spec.restart.drain_timeout)
+            ),
+        });
         self.begin(
             JobKind::Stop { then, reply },
             Work::Stop {
                 container_id: c.id,
                 timeout,
+                drain: Some(wait),
             },
         );
+    }
+
+    /// The stand-in of a hand-over: the current spec on the standby port,
+    /// proven healthy like an update candidate and kept running.
+    fn begin_bridge(&mut self, then: AfterStop, reply: Option<ReplyId>) {
+        let Some(standby) = self.standby_port() else {
+            return;
+        };
+        self.reason = Some(format!(
+            "starting a stand-in on port {standby} before the stop"
+        ));
+        let request = self.create_request_on(true, Some(standby));
+        self.begin(
+            JobKind::Bridge { then, reply },
+            Work::Prove {
+                request: Box::new(request),
+                health_path: self.spec.health.path.clone(),
+                probe_timeout: self.spec.health.timeout,
+                every: self.spec.health.interval.min(Duration::from_secs(1)),
+                deadline: self.spec.restart.update_deadline,
+                keep: true,
+            },
+        );
+    }
+
+    /// Drain the stand-in on the standby port (the department's own port is
+    /// serving again, or, at start, whatever a dead daemon left), then remove it.
+    fn begin_retire(&mut self, ctx: Ctx, standby: u16) {
+        let Some(drain) = self.drain.clone() else {
+            return;
+        };
+        // After a hand-over the primary answered its probe just now: HAProxy
+        // gets time to see it up before the stand-in stops taking
+        // connections. A standby already drained (at start) stays drained.
+        let from = match self.agent.standby_drain_from {
+            Some(t) if t <= ctx.now => t,
+            _ => ctx.now + drain.settle,
+        };
+        self.agent.standby_drain_from = Some(from);
+        if self.bridge_since.is_some() {
+            self.drain_view = Some(DrainView {
+                slot: Slot::Standby,
+                since: from,
+                connections: None,
+                took: None,
+            });
+        }
+        self.begin(
+            JobKind::Retire,
+            Work::Retire {
+                department: self.id.clone(),
+                wait: DrainWait {
+                    port: standby,
+                    after: drain.settle + drain.noticed(),
+                    timeout: self.spec.restart.drain_timeout,
+                },
+                timeout: self.spec.restart.stop_timeout,
+            },
+        );
+    }
+
+    /// After a hand-over, once the department's own container is healthy.
+    fn maybe_retire(&mut self, ctx: Ctx) {
+        if self.bridge_since.is_some() && self.job.is_none() && self.state == Running {
+            if let Some(standby) = self.standby_port() {
+                self.begin_retire(ctx, standby);
+            }
+        }
+    }
+
+    fn drain_progress(&mut self, ctx: Ctx, job: JobId, connections: Option<u32>, done: bool) {
+        if self.job.as_ref().is_none_or(|j| j.id != job) {
+            return;
+        }
+        let Some(view) = &mut self.drain_view else {
+            return;
+        };
+        view.connections = connections;
+        if done && view.took.is_none() {
+            let took = ctx.now.saturating_duration_since(view.since);
+            view.took = Some(took);
+            let slot = view.slot;
+            let port = match slot {
+                Slot::Primary => Some(self.port),
+                Slot::Standby => self.standby_port(),
+            };
+            let left = match connections {
+                Some(0) => "no connection left".to_string(),
+                Some(n) => format!("{n} connection(s) still open at drain_timeout"),
+                None => "connections cannot be counted here; waited drain_timeout".to_string(),
+            };
+            self.event(
+                "drained",
+                Some("drain"),
+                format!(
+                    "{} port {} drained in {}: {left}",
+                    slot.as_str(),
+                    port.unwrap_or_default(),
+                    humantime::format_duration(round_ms(took))
+                ),
+            );
+        }
+    }
+
+    pub fn standby_port(&self) -> Option<u16> {
+        self.drain.as_ref().and_then(|d| d.standby_for(self.port))
     }
 
     /// Replace `old` with a container of the current spec. When the old one is
@@ -1835,7 +2224,10 @@ impl Machine {
     }
 
     fn begin_prove(&mut self) {
-        let request = self.create_request(true);
+        // Behind HAProxy the candidate proves itself on the standby port and
+        // stays there as the stand-in of the swap.
+        let standby = self.drain.as_ref().and(self.standby_port());
+        let request = self.create_request_on(true, standby);
         self.reason = Some(format!(
             "proving {} healthy before the swap",
             self.spec.image
@@ -1848,13 +2240,14 @@ impl Machine {
                 probe_timeout: self.spec.health.timeout,
                 every: self.spec.health.interval.min(Duration::from_secs(1)),
                 deadline: self.spec.restart.update_deadline,
+                keep: standby.is_some(),
             },
         );
     }
 
     fn swap(&mut self, ctx: Ctx) {
         match self.container.clone() {
-            Some(c) if c.running => self.stop_serving(c, AfterStop::Swap, None),
+            Some(c) if c.running => self.stop_serving(ctx, c, AfterStop::Swap, None),
             Some(c) => self.emit(Effect::Remove { container_id: c.id }),
             None => self.create(ctx, true),
         }
@@ -1904,6 +2297,9 @@ impl Machine {
                 self.event("healthy", None, "health probe passed".into());
             }
             self.health = Health::Healthy;
+            // Healthy again after a drained stop: new connections welcome.
+            self.agent.primary_drain_from = None;
+            self.maybe_retire(ctx);
             return;
         }
         let in_start_period = self.health != Health::Healthy
@@ -1982,8 +2378,12 @@ impl Machine {
     // --- values --------------------------------------------------------------------
 
     pub fn create_request(&self, candidate: bool) -> CreateRequest {
+        self.create_request_on(candidate, if candidate { None } else { Some(self.port) })
+    }
+
+    /// `host_port`: `None` lets Docker choose (a candidate without a standby port).
+    fn create_request_on(&self, candidate: bool, host_port: Option<u16>) -> CreateRequest {
         let spec = &self.spec;
-        let host_port = if candidate { None } else { Some(self.port) };
         let hardening = crate::hardening::resolve(spec, &self.containers);
         let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let name = if candidate {
@@ -2078,6 +2478,9 @@ impl Machine {
             probe_latency_histogram: self.latency.clone(),
             pull_progress: self.pull_progress.clone(),
             postgres_check: None,
+            standby_port: self.standby_port(),
+            agent: self.agent,
+            drain: self.drain_view.clone(),
         }
     }
 }

@@ -38,6 +38,7 @@ impl T {
                 failed_hash: None,
                 restarts_by_reason: BTreeMap::new(),
                 containers: Default::default(),
+                drain: None,
             },
             t0,
         );
@@ -253,6 +254,23 @@ fn the_allowed_pairs_are_exactly_the_diagram() {
         (S::Running, S::Failed),
         (S::Updating, S::Failed),
         (S::RollingBack, S::Failed),
+        // Draining: from what may stop a serving container, to what follows a stop.
+        (S::Pending, S::Draining),
+        (S::Starting, S::Draining),
+        (S::Running, S::Draining),
+        (S::Backoff, S::Draining),
+        (S::CrashLooping, S::Draining),
+        (S::Updating, S::Draining),
+        (S::RollingBack, S::Draining),
+        (S::Failed, S::Draining),
+        (S::Draining, S::Pulling),
+        (S::Draining, S::Starting),
+        (S::Draining, S::Running),
+        (S::Draining, S::Backoff),
+        (S::Draining, S::CrashLooping),
+        (S::Draining, S::Updating),
+        (S::Draining, S::Stopped),
+        (S::Draining, S::Failed),
     ];
     for from in S::ALL {
         for to in S::ALL {
@@ -1139,4 +1157,202 @@ fn files_mode_keeps_secret_values_out_of_env_and_labels() {
     // A rotated secret is a new hash, so a new container (and directory).
     let rotated = T::new(files_spec(&extra.replace("canary-77", "canary-78")));
     assert_ne!(rotated.m.hash(), t.m.hash());
+}
+
+// --- draining behind HAProxy ------------------------------------------------------
+
+fn drain_config() -> DrainConfig {
+    DrainConfig {
+        range_low: 8001,
+        range_high: 8010,
+        standby_low: 8101,
+        settle: Duration::from_secs(4),
+        agent_inter: Duration::from_secs(1),
+    }
+}
+
+impl T {
+    /// Running and healthy with `[haproxy]`; the start-up retire (nothing on
+    /// the standby port) is done.
+    fn draining_ready(id: &str) -> T {
+        let mut t = T::new(spec("hr", "img:1", ""));
+        t.m.drain = Some(drain_config());
+        t.m.agent.standby_drain_from = Some(t.ctx().now);
+        t.start_fresh(id);
+        t.send(Input::JobDone {
+            job: 1,
+            outcome: Outcome::Retired(Ok(())),
+        });
+        t.healthy();
+        t
+    }
+}
+
+#[test]
+fn a_restart_behind_haproxy_hands_over_to_a_stand_in_then_drains_and_retires_it() {
+    let mut t = T::draining_ready("c1");
+    let now = t.ctx().now;
+    assert!(t
+        .m
+        .view()
+        .agent
+        .standby_drain_from
+        .is_some_and(|f| f <= now));
+    assert_eq!(t.m.view().standby_port, Some(8101));
+
+    // The stand-in first: the current spec, proven on the standby port, kept.
+    let out = t.send(Input::Command {
+        command: OperatorCommand::Restart,
+        reply: 7,
+    });
+    let (bridge, work) = job_of(&out).expect("a stand-in job");
+    match work {
+        Work::Prove { request, keep, .. } => {
+            assert!(keep);
+            assert_eq!(request.host_port, Some(8101));
+            assert_eq!(request.name, candidate_container_name("hr"));
+        }
+        other => panic!("expected the stand-in's proof, got {other:?}"),
+    }
+    assert_eq!(
+        t.m.state(),
+        S::Running,
+        "it serves while the stand-in comes up"
+    );
+
+    // Proven: the standby port is ready; the old one drains once HAProxy had
+    // time to see the stand-in up (settle), then waits for its connections.
+    t.advance(Duration::from_secs(1));
+    let proven_at = t.ctx().now;
+    let out = t.send(Input::JobDone {
+        job: bridge,
+        outcome: Outcome::Proven(Ok(())),
+    });
+    let (stop, work) = job_of(&out).expect("a stop job");
+    match work {
+        Work::Stop { drain, .. } => {
+            let wait = drain.expect("the stop drains");
+            assert_eq!(wait.port, 8001);
+            assert_eq!(
+                wait.after,
+                Duration::from_secs(4) + drain_config().noticed()
+            );
+            assert_eq!(
+                wait.timeout,
+                Duration::from_secs(30),
+                "drain_timeout's default"
+            );
+        }
+        other => panic!("expected a draining stop, got {other:?}"),
+    }
+    assert_eq!(t.m.state(), S::Draining);
+    assert!(events(&out).contains(&"state_draining".to_string()));
+    let agent = t.m.view().agent;
+    assert_eq!(agent.standby_drain_from, None);
+    assert_eq!(
+        agent.primary_drain_from,
+        Some(proven_at + Duration::from_secs(4))
+    );
+
+    // Drained: reported with its count, then stopped and started again.
+    t.send(Input::DrainProgress {
+        job: stop,
+        connections: Some(2),
+        done: false,
+    });
+    assert_eq!(t.m.view().drain.unwrap().connections, Some(2));
+    t.advance(Duration::from_secs(6));
+    let out = t.send(Input::DrainProgress {
+        job: stop,
+        connections: Some(0),
+        done: true,
+    });
+    assert!(events(&out).contains(&"drained".to_string()));
+    let drained = t.m.view().drain.unwrap();
+    assert_eq!(drained.took, Some(Duration::from_secs(2)));
+    let out = t.send(Input::JobDone {
+        job: stop,
+        outcome: Outcome::Stopped(Ok(Some(t.container("c1", false)))),
+    });
+    assert!(has(&out, |e| matches!(e, Effect::Start { .. })));
+    assert!(
+        t.m.view().agent.primary_drain_from.is_some(),
+        "drained until its probe passes again"
+    );
+    t.send(Input::StartDone { result: Ok(()) });
+    let running = t.container("c1", true);
+    t.send(Input::Inspected {
+        look: Look::AfterStart,
+        result: Ok(Some(running)),
+        oom_reported: false,
+    });
+    assert_eq!(t.m.state(), S::Running);
+
+    // Healthy again: ready, and the stand-in is drained and removed.
+    let generation = t.m.probe_generation();
+    let out = t.send(Input::Probe {
+        generation,
+        record: ProbeRecord {
+            at_ms: 0,
+            ok: true,
+            latency_ms: Some(1.0),
+            status: Some(200),
+            error: None,
+        },
+    });
+    assert_eq!(t.m.view().agent.primary_drain_from, None);
+    let (retire, work) = job_of(&out).expect("the stand-in is retired");
+    match work {
+        Work::Retire { wait, .. } => assert_eq!(wait.port, 8101),
+        other => panic!("expected the retire, got {other:?}"),
+    }
+    assert!(t.m.view().agent.standby_drain_from.is_some());
+    t.send(Input::JobDone {
+        job: retire,
+        outcome: Outcome::Retired(Ok(())),
+    });
+    assert!(
+        t.m.view().agent.standby_drain_from.is_some(),
+        "nothing serves there now"
+    );
+    assert_eq!(t.m.state(), S::Running);
+}
+
+#[test]
+fn an_operator_stop_behind_haproxy_drains_first_and_a_stand_in_that_fails_is_skipped() {
+    let mut t = T::draining_ready("c1");
+    let out = t.send(Input::Command {
+        command: OperatorCommand::Stop,
+        reply: 1,
+    });
+    let (stop, work) = job_of(&out).expect("a stop job");
+    assert!(matches!(
+        work,
+        Work::Stop {
+            drain: Some(DrainWait { port: 8001, .. }),
+            ..
+        }
+    ));
+    assert_eq!(t.m.state(), S::Draining);
+    let stopped = t.container("c1", false);
+    t.send(Input::JobDone {
+        job: stop,
+        outcome: Outcome::Stopped(Ok(Some(stopped))),
+    });
+    assert_eq!(t.m.state(), S::Stopped);
+
+    // A restart whose stand-in never gets healthy stops without one.
+    let mut t = T::draining_ready("c2");
+    let out = t.send(Input::Command {
+        command: OperatorCommand::Restart,
+        reply: 2,
+    });
+    let (bridge, _) = job_of(&out).unwrap();
+    let out = t.send(Input::JobDone {
+        job: bridge,
+        outcome: Outcome::Proven(Err("never healthy".into())),
+    });
+    assert!(events(&out).contains(&"stand_in_failed".to_string()));
+    let (_, work) = job_of(&out).expect("the stop goes on");
+    assert!(matches!(work, Work::Stop { drain: Some(_), .. }));
 }

@@ -7,8 +7,14 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::exit;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
+
+/// Set by SIGTERM/SIGINT: stop taking requests, exit once the in-flight ones are done.
+static TERMINATING: AtomicBool = AtomicBool::new(false);
+/// Requests being served right now.
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
 struct Settings {
     port: u16,
@@ -75,9 +81,19 @@ fn main() {
     for stream in listener.incoming() {
         match stream {
             Ok(stream) => {
+                if TERMINATING.load(Ordering::SeqCst) {
+                    // Graceful stop: new connections are refused (closed unanswered).
+                    drop(stream);
+                    continue;
+                }
+                IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
                 // Under a PID limit (after /spawn) a thread may not be had:
                 // the connection is dropped, the server lives on.
-                if let Err(e) = thread::Builder::new().spawn(move || serve(stream, settings, started)) {
+                if let Err(e) = thread::Builder::new().spawn(move || {
+                    serve(stream, settings, started);
+                    IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+                }) {
+                    IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
                     say(&format!("cannot serve a connection: {e}"));
                 }
             }
@@ -113,6 +129,15 @@ fn serve(mut stream: TcpStream, settings: &Settings, started: Instant) {
             }
         }
         "/version" => respond(&mut stream, method, 200, &settings.version, &[]),
+        _ if path.starts_with("/sleep/") => match parse_duration(&path["/sleep/".len()..]) {
+            // A long request (a call in progress): answered after the delay,
+            // also when SIGTERM came meanwhile.
+            Some(d) if d <= Duration::from_secs(600) => {
+                thread::sleep(d);
+                respond(&mut stream, method, 200, &format!("slept {}", &path["/sleep/".len()..]), &[])
+            }
+            _ => respond(&mut stream, method, 404, "bad duration", &[]),
+        },
         "/" => respond(&mut stream, method, 200, "fleet test-agent", &[]),
         _ if path.starts_with("/connect/") => {
             // A TCP connect from inside the container, for the isolation tests.
@@ -219,16 +244,26 @@ fn respond(stream: &mut TcpStream, method: &str, status: u16, body: &str, header
 }
 
 fn install_sigterm_handler(ignore: bool) {
-    extern "C" fn exit_now(_signal: libc::c_int) {
-        // Only async-signal-safe calls here.
-        unsafe { libc::_exit(0) }
+    extern "C" fn terminate(_signal: libc::c_int) {
+        // Only async-signal-safe work here: an atomic store.
+        TERMINATING.store(true, Ordering::SeqCst);
+    }
+    if !ignore {
+        // Graceful stop: exit as soon as no request is in flight (at once when idle).
+        thread::spawn(|| loop {
+            if TERMINATING.load(Ordering::SeqCst) && IN_FLIGHT.load(Ordering::SeqCst) == 0 {
+                say("SIGTERM: no request in flight; exiting");
+                exit(0);
+            }
+            thread::sleep(Duration::from_millis(20));
+        });
     }
     // PID 1 in a container ignores SIGTERM unless a handler is installed, so the
     // default path must install one for `docker stop` to be prompt.
     let handler = if ignore {
         libc::SIG_IGN
     } else {
-        exit_now as extern "C" fn(libc::c_int) as libc::sighandler_t
+        terminate as extern "C" fn(libc::c_int) as libc::sighandler_t
     };
     unsafe {
         libc::signal(libc::SIGTERM, handler);
