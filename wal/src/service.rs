@@ -158,7 +158,26 @@ pub struct WalService {
     prefetching: Jobs,
     uploads: Arc<Semaphore>,
     valve_announced: std::sync::atomic::AtomicBool,
+    /// The last archive probe and when it ran: `GET /v1/wal` is also the TCP
+    /// API's, so a poller must not turn every call into a write to the archive.
+    probed: Mutex<Option<(std::time::Instant, ArchiveProbe)>>,
 }
+
+/// Whether the archive target answered the last probe ([`Target::probe`]).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ArchiveProbe {
+    pub reachable: bool,
+    /// Why not, in the target's own words.
+    pub error: Option<String>,
+    pub latency_ms: u64,
+    /// Unix time of the probe.
+    pub checked_unix: u64,
+}
+
+/// How long a probe result is reused.
+const PROBE_REUSE: Duration = Duration::from_secs(10);
+/// A probe that takes longer than this counts as unreachable.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn now_unix() -> u64 {
     SystemTime::now()
@@ -282,6 +301,7 @@ impl WalService {
             prefetching: Jobs::default(),
             uploads: Arc::new(Semaphore::new(parallel)),
             valve_announced: Default::default(),
+            probed: Mutex::new(None),
             config,
         }))
     }
@@ -824,7 +844,41 @@ impl WalService {
         }
     }
 
+    /// Probes the archive target, or reuses a probe younger than [`PROBE_REUSE`].
+    pub async fn probe_archive(&self) -> ArchiveProbe {
+        let fresh = self
+            .probed
+            .lock()
+            .ok()
+            .and_then(|p| p.clone())
+            .filter(|(at, _)| at.elapsed() < PROBE_REUSE);
+        if let Some((_, probe)) = fresh {
+            return probe;
+        }
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(PROBE_TIMEOUT, self.target.probe()).await;
+        let error = match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!(
+                "no answer within {}",
+                humantime::format_duration(PROBE_TIMEOUT)
+            )),
+        };
+        let probe = ArchiveProbe {
+            reachable: error.is_none(),
+            error,
+            latency_ms: started.elapsed().as_millis() as u64,
+            checked_unix: now_unix(),
+        };
+        if let Ok(mut slot) = self.probed.lock() {
+            *slot = Some((std::time::Instant::now(), probe.clone()));
+        }
+        probe
+    }
+
     pub async fn status(&self) -> WalStatus {
+        let archive = self.probe_archive().await;
         let backlog = self.backlog();
         let archiver = match &self.config.postgres {
             Some(conninfo) => Some(
@@ -837,6 +891,7 @@ impl WalService {
         let last_backup = self.last_backup_unix().await;
         WalStatus {
             target: self.target.describe(),
+            archive,
             system_identifier: self.default_sysid().map(|s| s.to_string()),
             pg_wal_dir: self.config.pg_wal_dir.clone(),
             ready_count: backlog.count,
@@ -970,6 +1025,8 @@ pub struct Backlog {
 #[derive(Debug, Clone, Serialize)]
 pub struct WalStatus {
     pub target: String,
+    /// The archive target's answer to a probe ([`WalService::probe_archive`]).
+    pub archive: ArchiveProbe,
     pub system_identifier: Option<String>,
     pub pg_wal_dir: Option<PathBuf>,
     pub ready_count: u64,
