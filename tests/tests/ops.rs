@@ -7,9 +7,13 @@
 // with its cause, which is what unwrap/expect do here.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use fleet_tests::{wait_for, TestDaemon, TestOptions};
+use fleet_tests::{
+    http_get, spec_toml_with_restart, wait_for, wait_until, workspace_root, TestDaemon,
+    TestOptions, IMAGE_V1,
+};
 use serde_json::Value;
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// One check of `agentctl doctor --json` against the test daemon's config.
 fn doctor(d: &TestDaemon) -> Vec<Value> {
@@ -82,4 +86,165 @@ fn doctor_checks_that_the_archive_answers() {
     );
     let out = d.agentctl(&["doctor", "--config", d.config_path.to_str().unwrap()]);
     assert!(!out.status.success(), "doctor passes a broken archive");
+}
+
+/// Prometheus' own server (Debian's `prometheus`; scripts/test.sh
+/// `service_prometheus`) on loopback, with its data in a temp dir; killed on drop.
+struct Prometheus {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// Scrapes `targets` as job `fleet-agent` every second and evaluates the
+    /// shipped rules every second; the rules' own `for:` stay as shipped.
+    fn start(port: u16, targets: &[String]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = workspace_root().join("packaging/prometheus/fleet-agent-rules.yml");
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n  evaluation_interval: 1s\nrule_files:\n  - {rules:?}\nscrape_configs:\n  - job_name: fleet-agent\n    static_configs:\n      - targets: {targets:?}\n",
+            rules = rules.display().to_string(),
+        );
+        std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("run prometheus (scripts/test.sh installs it: service_prometheus)");
+        let p = Prometheus { child, port, dir };
+        wait_until(Duration::from_secs(30), "prometheus to be ready", || {
+            http_get(port, "/-/ready").is_ok_and(|r| r.status == 200)
+        });
+        p
+    }
+
+    fn get(&self, path: &str) -> Value {
+        let reply = http_get(self.port, path).unwrap();
+        assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+        serde_json::from_str(&reply.body).unwrap()
+    }
+
+    /// `/api/v1/alerts`: every pending or firing alert.
+    fn alerts(&self) -> Vec<Value> {
+        self.get("/api/v1/alerts")["data"]["alerts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn alert<'a>(alerts: &'a [Value], name: &str, label: &str, value: &str) -> Option<&'a Value> {
+    alerts
+        .iter()
+        .find(|a| a["labels"]["alertname"] == name && a["labels"][label] == value)
+}
+
+/// The shipped rules, loaded by a real Prometheus scraping two daemons: a
+/// crash-looping department on one raises `FleetDepartmentCrashLooping`
+/// (`for: 1m`), the other daemon stopped raises `FleetAgentDown` (`for: 2m`),
+/// and neither alert names what is fine (the healthy daemon, the healthy
+/// department). Waits out the rules' own `for:`, so it takes about 2.5 minutes.
+#[test]
+fn a_real_prometheus_raises_the_crash_loop_and_agent_down_alerts() {
+    let up = TestDaemon::start(TestOptions {
+        name: "op2",
+        port_range: (43652, 43655),
+        ..Default::default()
+    });
+    let mut down = TestDaemon::start(TestOptions {
+        name: "op3",
+        port_range: (43656, 43657),
+        ..Default::default()
+    });
+    let ok = up.dept("ok");
+    let crash = up.dept("crash");
+    up.write_spec(
+        &ok,
+        &spec_toml_with_restart(&ok, IMAGE_V1, "", "stop_timeout = \"2s\"\n"),
+    );
+    up.write_spec(
+        &crash,
+        &spec_toml_with_restart(
+            &crash,
+            IMAGE_V1,
+            "[env]\nCRASH_AFTER = \"1s\"\nEXIT_CODE = \"3\"\n",
+            "stop_timeout = \"2s\"\nmax_retries = 2\nbackoff = \"1s\"\nwindow = \"10m\"\n",
+        ),
+    );
+    up.apply(&up.specs_dir());
+    let prom = Prometheus::start(43690, &[up.api_addr.to_string(), down.api_addr.to_string()]);
+    wait_until(
+        Duration::from_secs(30),
+        "both daemons scraped as up",
+        || {
+            let r = prom.get("/api/v1/query?query=up%7Bjob%3D%22fleet-agent%22%7D%20%3D%3D%201");
+            r["data"]["result"].as_array().is_some_and(|a| a.len() == 2)
+        },
+    );
+    down.stop(Duration::from_secs(60));
+    let stopped_at = Instant::now();
+    let (up_instance, down_instance) = (up.api_addr.to_string(), down.api_addr.to_string());
+
+    let alerts = wait_for(
+        Duration::from_secs(240),
+        "FleetDepartmentCrashLooping and FleetAgentDown to fire",
+        || {
+            let alerts = prom.alerts();
+            let firing = |a: Option<&Value>| a.is_some_and(|a| a["state"] == "firing");
+            (firing(alert(
+                &alerts,
+                "FleetDepartmentCrashLooping",
+                "department",
+                &crash,
+            )) && firing(alert(&alerts, "FleetAgentDown", "instance", &down_instance)))
+            .then_some(alerts)
+        },
+    );
+    let took = stopped_at.elapsed();
+    assert!(
+        alert(&alerts, "FleetAgentDown", "instance", &up_instance).is_none(),
+        "the daemon that runs is reported down: {alerts:?}"
+    );
+    for name in ["FleetDepartmentCrashLooping", "FleetDepartmentFailed"] {
+        assert!(
+            alert(&alerts, name, "department", &ok).is_none(),
+            "{name} for the healthy department: {alerts:?}"
+        );
+    }
+    let crash_alert = alert(&alerts, "FleetDepartmentCrashLooping", "department", &crash).unwrap();
+    assert!(
+        crash_alert["annotations"]["runbook_url"]
+            .as_str()
+            .is_some_and(|u| u.ends_with("#fleetdepartmentcrashlooping")),
+        "{crash_alert}"
+    );
+    assert!(
+        !prom.log().contains("level=error"),
+        "prometheus logged errors:\n{}",
+        prom.log()
+    );
+    eprintln!("both alerts fired {took:?} after the daemon stopped");
 }
