@@ -329,6 +329,7 @@ pub fn summary(id: &str, view: &DeptView) -> DepartmentSummary {
             .map(|p| format!("pulling: {p}"))
             .or_else(|| view.reason.clone()),
         desired_running: view.desired_running,
+        progress: view.progress.clone(),
     }
 }
 

@@ -26,6 +26,7 @@ pub struct DeptView {
     /// Probe latencies (seconds) not yet folded into the metrics histogram.
     pub probe_latency_histogram: crate::supervisor::probe::LatencyHistogram,
     pub pull_progress: Option<String>,
+    pub progress: Option<fleet_model::api::Progress>,
     pub postgres_check: Option<ProbeRecord>,
 }
 

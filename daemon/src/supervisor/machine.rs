@@ -197,6 +197,7 @@ pub enum Input {
     PullProgress {
         job: JobId,
         line: String,
+        progress: fleet_model::api::Progress,
     },
     JobDone {
         job: JobId,
@@ -651,6 +652,8 @@ pub struct Machine {
     /// Something asked for a look while a job ran.
     converge_after_job: bool,
     pull_progress: Option<String>,
+    /// Bytes and rate of the pull under way.
+    progress: Option<fleet_model::api::Progress>,
 
     health: Health,
     probing: bool,
@@ -694,6 +697,7 @@ impl Machine {
             next_job: 0,
             converge_after_job: false,
             pull_progress: None,
+            progress: None,
             health: Health::Unknown,
             probing: false,
             probe_generation: 0,
@@ -815,9 +819,14 @@ impl Machine {
                 }
                 Err(e) => self.reason = Some(format!("could not remove old container: {e}")),
             },
-            Input::PullProgress { job, line } => {
+            Input::PullProgress {
+                job,
+                line,
+                progress,
+            } => {
                 if self.job.as_ref().is_some_and(|j| j.id == job) {
                     self.pull_progress = Some(line);
+                    self.progress = Some(progress);
                 }
             }
             Input::JobDone { job, outcome } => {
@@ -943,7 +952,10 @@ impl Machine {
         self.emit(Effect::Abort { job: job.id });
         match job.kind {
             JobKind::Prove => self.emit(Effect::RemoveCandidate),
-            JobKind::Pull { .. } => self.pull_progress = None,
+            JobKind::Pull { .. } => {
+                self.pull_progress = None;
+                self.progress = None;
+            }
             JobKind::Stop {
                 reply: Some(reply), ..
             } => self.emit(Effect::Reply {
@@ -1446,6 +1458,7 @@ impl Machine {
         match (kind, outcome) {
             (JobKind::Pull { image, image_for }, Outcome::Pulled(result)) => {
                 self.pull_progress = None;
+                self.progress = None;
                 match result {
                     Ok(()) => {
                         self.event("pulled", None, format!("pulled {image}"));
@@ -2041,6 +2054,7 @@ impl Machine {
             probe_failures: self.probe_failures,
             probe_latency_histogram: self.latency.clone(),
             pull_progress: self.pull_progress.clone(),
+            progress: self.progress.clone(),
             postgres_check: None,
         }
     }
