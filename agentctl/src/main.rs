@@ -13,6 +13,7 @@ macro_rules! say {
 mod client;
 mod commands;
 mod output;
+mod progress;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

@@ -86,8 +86,12 @@ impl PullTracker {
         }
     }
 
-    /// The progress `elapsed_seconds` after the pull of `image` began.
-    pub fn progress(&self, image: &str, elapsed_seconds: f64) -> Progress {
+    /// The progress `elapsed_seconds` after the pull of `image` began; none
+    /// before the engine named a layer (it is still resolving the tag).
+    pub fn progress(&self, image: &str, elapsed_seconds: f64) -> Option<Progress> {
+        if self.layers.is_empty() {
+            return None;
+        }
         let fetched: Vec<&Layer> = self.layers.values().filter(|l| !l.present).collect();
         let done_bytes: u64 = fetched.iter().map(|l| l.downloaded).sum();
         // Docker learns a layer's size only when its download starts.
@@ -102,7 +106,7 @@ impl PullTracker {
         if present > 0 {
             detail.push_str(&format!(", {present} already present"));
         }
-        Progress {
+        Some(Progress {
             operation: "pull".into(),
             subject: image.to_string(),
             done_bytes,
@@ -113,8 +117,8 @@ impl PullTracker {
                 0.0
             },
             elapsed_seconds,
-            detail: (!self.layers.is_empty()).then_some(detail),
-        }
+            detail: Some(detail),
+        })
     }
 }
 
@@ -149,7 +153,7 @@ mod tests {
         ] {
             t.observe(&e);
         }
-        let p = t.progress("img:2", 2.0);
+        let p = t.progress("img:2", 2.0).unwrap();
         assert_eq!(p.done_bytes, 1000);
         assert_eq!(p.total_bytes, None, "c's size is not known yet");
         assert_eq!(p.bytes_per_second, 500.0);
@@ -163,7 +167,7 @@ mod tests {
         ] {
             t.observe(&e);
         }
-        let p = t.progress("img:2", 4.0);
+        let p = t.progress("img:2", 4.0).unwrap();
         assert_eq!((p.done_bytes, p.total_bytes), (3500, Some(6000)));
         assert_eq!(
             p.line(),
@@ -177,7 +181,7 @@ mod tests {
         ] {
             t.observe(&e);
         }
-        let p = t.progress("img:2", 5.0);
+        let p = t.progress("img:2", 5.0).unwrap();
         assert_eq!((p.done_bytes, p.total_bytes), (6000, Some(6000)));
         assert_eq!(
             p.detail.as_deref(),
@@ -189,11 +193,11 @@ mod tests {
     fn an_image_with_every_layer_present_moves_nothing() {
         let mut t = PullTracker::default();
         t.observe(&ev("a", "Already exists", None, None));
-        let p = t.progress("img", 1.0);
+        let p = t.progress("img", 1.0).unwrap();
         assert_eq!(
             (p.done_bytes, p.total_bytes, p.bytes_per_second),
             (0, None, 0.0)
         );
-        assert_eq!(PullTracker::default().progress("img", 0.0).detail, None);
+        assert!(PullTracker::default().progress("img", 0.0).is_none());
     }
 }

@@ -8,11 +8,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use fleet_tests::{
-    http_get, spec_toml_with_restart, wait_for, wait_until, workspace_root, TestDaemon,
-    TestOptions, IMAGE_V1,
+    docker, docker_ok, http_get, spec_toml_with_restart, wait_for, wait_until, workspace_root,
+    TestDaemon, TestOptions, IMAGE_V1,
 };
 use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::thread;
 use std::time::{Duration, Instant};
 
 /// One check of `agentctl doctor --json` against the test daemon's config.
@@ -247,4 +250,206 @@ fn a_real_prometheus_raises_the_crash_loop_and_agent_down_alerts() {
         prom.log()
     );
     eprintln!("both alerts fired {took:?} after the daemon stopped");
+}
+
+/// Debian's `docker-registry` on loopback with its own storage; killed on drop.
+struct Registry {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    fn start(port: u16) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("/usr/bin/docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start docker-registry (scripts/test.sh installs it)");
+        wait_until(Duration::from_secs(30), "the registry to answer", || {
+            http_get(port, "/v2/").is_ok_and(|r| r.status == 200)
+        });
+        Registry { child, _dir: dir }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct ImageCleanup(String);
+
+impl Drop for ImageCleanup {
+    fn drop(&mut self) {
+        let _ = docker(&["rmi", &self.0]);
+    }
+}
+
+/// A TCP relay from `listen` to `upstream` that hands out at most `rate`
+/// bytes a second towards the client: a slow link to the registry, so a pull
+/// of the small test image lasts long enough to be watched.
+fn slow_link(listen: u16, upstream: u16, rate: usize) {
+    let listener = TcpListener::bind(("127.0.0.1", listen)).unwrap();
+    thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                continue;
+            };
+            let (mut c_read, mut s_write) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            thread::spawn(move || {
+                let _ = std::io::copy(&mut c_read, &mut s_write);
+                let _ = s_write.shutdown(Shutdown::Write);
+            });
+            let (mut s_read, mut c_write) = (server, client);
+            thread::spawn(move || {
+                let chunk = 4096;
+                let pause = Duration::from_secs_f64(chunk as f64 / rate as f64);
+                let mut buf = vec![0u8; chunk];
+                loop {
+                    match s_read.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if c_write.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            thread::sleep(pause);
+                        }
+                    }
+                }
+                let _ = c_write.shutdown(Shutdown::Write);
+            });
+        }
+    });
+}
+
+/// A pull from a loopback registry over a slow link: while it runs the API
+/// shows its bytes (growing) and rate in `progress`, and `agentctl apply
+/// --wait` into a pipe prints plain progress lines (no bar, no terminal
+/// codes); once the department runs, no progress is left.
+#[test]
+fn a_pull_shows_its_progress_in_the_api_and_as_plain_lines() {
+    let (registry_port, slow_port) = (43660, 43661);
+    let _registry = Registry::start(registry_port);
+    slow_link(slow_port, registry_port, 48 * 1024);
+    let d = TestDaemon::start(TestOptions {
+        name: "op4",
+        port_range: (43662, 43665),
+        ..Default::default()
+    });
+    let repo = format!("agent-{}", d.tag);
+    let pushed = format!("127.0.0.1:{registry_port}/{repo}:1");
+    // A layer of its own (the test image's layers are on this engine
+    // already, and a pull would move nothing): 640 KiB that do not compress.
+    let context = tempfile::tempdir().unwrap();
+    let mut blob = vec![0u8; 640 * 1024];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
+    for b in blob.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(context.path().join("blob"), &blob).unwrap();
+    std::fs::write(
+        context.path().join("Dockerfile"),
+        format!("FROM {IMAGE_V1}\nCOPY blob /blob\n"),
+    )
+    .unwrap();
+    docker_ok(&[
+        "build",
+        "-q",
+        "-t",
+        &pushed,
+        context.path().to_str().unwrap(),
+    ]);
+    docker_ok(&["push", &pushed]);
+    docker_ok(&["rmi", &pushed]);
+    let image = format!("127.0.0.1:{slow_port}/{repo}:1");
+    let _cleanup = ImageCleanup(image.clone());
+    assert!(!docker(&["image", "inspect", &image]).status.success());
+
+    let id = d.dept("pull");
+    let path = d.write_spec(
+        &id,
+        &spec_toml_with_restart(&id, &image, "", "stop_timeout = \"2s\"\n"),
+    );
+    let mut apply = Command::new(fleet_tests::bin_dir().join("agentctl"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["apply", "--wait", "-f", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let mut seen: Vec<Value> = Vec::new();
+    wait_until(Duration::from_secs(120), "the pull to be over", || {
+        let reply = d.api_get(&format!("/v1/departments/{id}")).unwrap();
+        let row: Value = serde_json::from_str(&reply.body).unwrap();
+        if let Some(p) = row.get("progress").filter(|p| !p.is_null()) {
+            seen.push(p.clone());
+        }
+        thread::sleep(Duration::from_millis(200));
+        row["state"] == "running"
+    });
+    let output = apply.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "apply --wait failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!(
+        "apply --wait printed:\n{stdout}\nthe API showed {} progress samples",
+        seen.len()
+    );
+
+    let done: Vec<u64> = seen
+        .iter()
+        .map(|p| p["done_bytes"].as_u64().unwrap())
+        .collect();
+    assert!(
+        done.windows(2).any(|w| w[1] > w[0]),
+        "the API's progress did not grow while the pull ran: {seen:?}"
+    );
+    let last = seen.last().unwrap();
+    assert_eq!(last["operation"], "pull");
+    assert_eq!(last["subject"], image.as_str());
+    assert!(last["bytes_per_second"].as_f64().unwrap() > 0.0, "{last}");
+    assert!(
+        last["detail"].as_str().unwrap().contains("layers"),
+        "{last}"
+    );
+
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with(&format!("{id}: pull {image}: ")))
+        .collect();
+    assert!(
+        !lines.is_empty() && lines.iter().all(|l| l.contains("/s")),
+        "no plain progress lines:\n{stdout}"
+    );
+    assert!(
+        !stdout.contains('\r') && !stdout.contains('\x1b'),
+        "terminal codes in piped output:\n{stdout:?}"
+    );
+    let row: Value =
+        serde_json::from_str(&d.api_get(&format!("/v1/departments/{id}")).unwrap().body).unwrap();
+    assert!(row.get("progress").is_none(), "{row}");
 }

@@ -197,7 +197,7 @@ pub enum Input {
     PullProgress {
         job: JobId,
         line: String,
-        progress: fleet_model::api::Progress,
+        progress: Option<fleet_model::api::Progress>,
     },
     JobDone {
         job: JobId,
@@ -826,7 +826,7 @@ impl Machine {
             } => {
                 if self.job.as_ref().is_some_and(|j| j.id == job) {
                     self.pull_progress = Some(line);
-                    self.progress = Some(progress);
+                    self.progress = progress;
                 }
             }
             Input::JobDone { job, outcome } => {
