@@ -11,7 +11,7 @@
 //! `unique_name` per test, so the tests can run beside other runs of
 //! themselves. Ports: 47510-47519 (unit-runtime), 47520-47539 (ansible-role),
 //! 47540-47549 (installed-desired), 47550-47559 (state-loss), 47560-47569
-//! (watchdog) and 47570-47579 (installed-wal).
+//! (watchdog), 47570-47579 (installed-wal) and 47710-47719 (installed-ops).
 
 use fleet_tests::unique_name;
 use std::path::PathBuf;
@@ -99,4 +99,9 @@ fn a_lost_or_garbage_state_db_as_installed_keeps_the_container_and_port() {
 #[test]
 fn the_watchdog_is_fed_under_systemd_and_a_too_long_resync_interval_is_refused() {
     run_script("watchdog.sh", "pkwdog");
+}
+
+#[test]
+fn installed_doctor_checks_the_archive_and_the_clock_as_the_operator_and_sandboxed() {
+    run_script("installed-ops.sh", "pkops");
 }
