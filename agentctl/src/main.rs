@@ -59,7 +59,7 @@ pub enum Command {
     Events(commands::events::Args),
     /// The host port pool and who holds each port.
     Ports(commands::ports::Args),
-    /// Check Docker, config, disk, clock, coordinator and the daemon, and say what is wrong.
+    /// Check Docker, config, disk, clock sync, coordinator, WAL archive and the daemon, and say what is wrong.
     Doctor(commands::doctor::Args),
     /// PostgreSQL WAL archive: push (archive_command), fetch (restore_command), status.
     #[command(subcommand)]

@@ -16,19 +16,28 @@ pub struct ProgressView {
     multi: Option<MultiProgress>,
     bars: BTreeMap<String, ProgressBar>,
     printed: BTreeMap<String, Instant>,
+    /// Without bars: print plain lines (not when stdout carries `--json`).
+    plain: bool,
 }
 
 impl ProgressView {
     /// Bars when stderr is a terminal, plain lines otherwise.
     pub fn new() -> Self {
-        Self::with_bars(std::io::stderr().is_terminal())
+        Self::with_bars(std::io::stderr().is_terminal(), true)
     }
 
-    pub fn with_bars(bars: bool) -> Self {
+    /// For a command whose stdout is `--json` when `json`: bars on a
+    /// terminal, else nothing (a script reads the JSON).
+    pub fn beside_json(json: bool) -> Self {
+        Self::with_bars(std::io::stderr().is_terminal(), !json)
+    }
+
+    pub fn with_bars(bars: bool, plain: bool) -> Self {
         ProgressView {
             multi: bars.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())),
             bars: BTreeMap::new(),
             printed: BTreeMap::new(),
+            plain,
         }
     }
 
@@ -45,6 +54,9 @@ impl ProgressView {
     /// `key`'s operation moved on.
     pub fn update(&mut self, key: &str, progress: &Progress) {
         let Some(multi) = &self.multi else {
+            if !self.plain {
+                return;
+            }
             let due = self
                 .printed
                 .get(key)

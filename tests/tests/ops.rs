@@ -389,7 +389,7 @@ fn a_pull_shows_its_progress_in_the_api_and_as_plain_lines() {
         &id,
         &spec_toml_with_restart(&id, &image, "", "stop_timeout = \"2s\"\n"),
     );
-    let mut apply = Command::new(fleet_tests::bin_dir().join("agentctl"))
+    let apply = Command::new(fleet_tests::bin_dir().join("agentctl"))
         .arg("--socket")
         .arg(&d.socket)
         .args(["apply", "--wait", "-f", path.to_str().unwrap()])
