@@ -338,27 +338,14 @@ fn slow_link(listen: u16, upstream: u16, rate: usize) {
     });
 }
 
-/// A pull from a loopback registry over a slow link: while it runs the API
-/// shows its bytes (growing) and rate in `progress`, and `agentctl apply
-/// --wait` into a pipe prints plain progress lines (no bar, no terminal
-/// codes); once the department runs, no progress is left.
-#[test]
-fn a_pull_shows_its_progress_in_the_api_and_as_plain_lines() {
-    let (registry_port, slow_port) = (43660, 43661);
-    let _registry = Registry::start(registry_port);
-    slow_link(slow_port, registry_port, 48 * 1024);
-    let d = TestDaemon::start(TestOptions {
-        name: "op4",
-        port_range: (43662, 43665),
-        ..Default::default()
-    });
-    let repo = format!("agent-{}", d.tag);
-    let pushed = format!("127.0.0.1:{registry_port}/{repo}:1");
-    // A layer of its own (the test image's layers are on this engine
-    // already, and a pull would move nothing): 640 KiB that do not compress.
+/// Builds an image with a 640 KiB layer of its own (the test image's layers
+/// are on this engine already, and a pull would move nothing), pushes it to
+/// the registry and removes it here; returns its name through the slow link.
+fn fresh_image(registry_port: u16, slow_port: u16, repo: &str, seed: u64) -> String {
+    let pushed = format!("127.0.0.1:{registry_port}/{repo}:{seed}");
     let context = tempfile::tempdir().unwrap();
     let mut blob = vec![0u8; 640 * 1024];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()) ^ (seed << 32);
     for b in blob.iter_mut() {
         x ^= x << 13;
         x ^= x >> 7;
@@ -380,7 +367,25 @@ fn a_pull_shows_its_progress_in_the_api_and_as_plain_lines() {
     ]);
     docker_ok(&["push", &pushed]);
     docker_ok(&["rmi", &pushed]);
-    let image = format!("127.0.0.1:{slow_port}/{repo}:1");
+    format!("127.0.0.1:{slow_port}/{repo}:{seed}")
+}
+
+/// A pull from a loopback registry over a slow link: while it runs the API
+/// shows its bytes (growing) and rate in `progress`, and `agentctl apply
+/// --wait` into a pipe prints plain progress lines (no bar, no terminal
+/// codes); once the department runs, no progress is left. A second pull,
+/// waited for on a pty, draws a bar and prints no plain progress lines.
+#[test]
+fn a_pull_shows_its_progress_in_the_api_as_plain_lines_and_as_a_bar() {
+    let (registry_port, slow_port) = (43660, 43661);
+    let _registry = Registry::start(registry_port);
+    slow_link(slow_port, registry_port, 48 * 1024);
+    let d = TestDaemon::start(TestOptions {
+        name: "op4",
+        port_range: (43662, 43665),
+        ..Default::default()
+    });
+    let image = fresh_image(registry_port, slow_port, &format!("agent-{}", d.tag), 1);
     let _cleanup = ImageCleanup(image.clone());
     assert!(!docker(&["image", "inspect", &image]).status.success());
 
@@ -452,4 +457,38 @@ fn a_pull_shows_its_progress_in_the_api_and_as_plain_lines() {
     let row: Value =
         serde_json::from_str(&d.api_get(&format!("/v1/departments/{id}")).unwrap().body).unwrap();
     assert!(row.get("progress").is_none(), "{row}");
+
+    // On a terminal (a pty from script(1)) the same wait draws a bar instead.
+    let image = fresh_image(registry_port, slow_port, &format!("agent-{}", d.tag), 2);
+    let _cleanup2 = ImageCleanup(image.clone());
+    let id = d.dept("tty");
+    let path = d.write_spec(
+        &id,
+        &spec_toml_with_restart(&id, &image, "", "stop_timeout = \"2s\"\n"),
+    );
+    let command = format!(
+        "{} --socket {} apply --wait -f {}",
+        fleet_tests::bin_dir().join("agentctl").display(),
+        d.socket.display(),
+        path.display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("TERM", "xterm")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run script(1) (util-linux)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "apply --wait on a pty failed: {text:?}"
+    );
+    assert!(
+        text.contains(&format!("{id}: pull {image} [")) && text.contains('\x1b'),
+        "no progress bar on a terminal: {text:?}"
+    );
+    assert!(
+        !text.contains(&format!("{id}: pull {image}: ")),
+        "plain progress lines on a terminal: {text:?}"
+    );
 }
