@@ -292,11 +292,16 @@ impl Drop for Registry {
     }
 }
 
-struct ImageCleanup(String);
+/// Images a test pulled, removed on drop. Declared before the daemon, so it
+/// drops after it: the daemon's drop removes the containers using them first.
+#[derive(Default)]
+struct ImageCleanup(Vec<String>);
 
 impl Drop for ImageCleanup {
     fn drop(&mut self) {
-        let _ = docker(&["rmi", &self.0]);
+        for image in &self.0 {
+            let _ = docker(&["rmi", image]);
+        }
     }
 }
 
@@ -380,13 +385,14 @@ fn a_pull_shows_its_progress_in_the_api_as_plain_lines_and_as_a_bar() {
     let (registry_port, slow_port) = (43660, 43661);
     let _registry = Registry::start(registry_port);
     slow_link(slow_port, registry_port, 48 * 1024);
+    let mut pulled = ImageCleanup::default();
     let d = TestDaemon::start(TestOptions {
         name: "op4",
         port_range: (43662, 43665),
         ..Default::default()
     });
     let image = fresh_image(registry_port, slow_port, &format!("agent-{}", d.tag), 1);
-    let _cleanup = ImageCleanup(image.clone());
+    pulled.0.push(image.clone());
     assert!(!docker(&["image", "inspect", &image]).status.success());
 
     let id = d.dept("pull");
@@ -460,7 +466,7 @@ fn a_pull_shows_its_progress_in_the_api_as_plain_lines_and_as_a_bar() {
 
     // On a terminal (a pty from script(1)) the same wait draws a bar instead.
     let image = fresh_image(registry_port, slow_port, &format!("agent-{}", d.tag), 2);
-    let _cleanup2 = ImageCleanup(image.clone());
+    pulled.0.push(image.clone());
     let id = d.dept("tty");
     let path = d.write_spec(
         &id,
