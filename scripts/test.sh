@@ -83,7 +83,7 @@ setup_tools() {
 # Each service is a function `service_<name>` that makes sure <name> is installed
 # and running, is idempotent, and says what it did. To add one (postgresql-15,
 # s3s-fs, promtool, ...), write the function below and add its name to SERVICES.
-SERVICES=(docker registry schemathesis packaging promtool postgresql moto haproxy)
+SERVICES=(docker registry schemathesis packaging promtool prometheus postgresql moto haproxy)
 
 service_docker() {
   if docker info >/dev/null 2>&1; then
@@ -242,6 +242,32 @@ service_promtool() {
   install -m 0755 "$tmp/usr/bin/promtool" /usr/local/bin/promtool
   rm -rf "$tmp"
   info "promtool is installed ($(promtool --version 2>&1 | head -n1))"
+}
+
+# The Prometheus server for tests/tests/ops.rs, which starts its own on
+# loopback (scraping daemons under test, with the shipped alert rules). Only
+# the binary is taken out of Debian's package: installing it would start the
+# system service (and its node exporter) for nothing.
+service_prometheus() {
+  if command -v prometheus >/dev/null; then
+    info "prometheus is installed ($(prometheus --version 2>&1 | head -n1))"
+    return
+  fi
+  command -v apt-get >/dev/null || fail "prometheus is missing and apt-get is not available; install Prometheus' server binary by hand"
+  if [[ $APT_UPDATED == 0 ]]; then
+    info "apt-get update"
+    apt-get update -qq
+    APT_UPDATED=1
+  fi
+  local tmp
+  tmp="$(mktemp -d)"
+  chmod 0755 "$tmp" # apt-get download runs as _apt
+  info "extracting the prometheus server from Debian's prometheus package"
+  (cd "$tmp" && apt-get download -qq prometheus >/dev/null)
+  dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tmp" ./usr/bin/prometheus
+  install -m 0755 "$tmp/usr/bin/prometheus" /usr/local/bin/prometheus
+  rm -rf "$tmp"
+  info "prometheus is installed ($(prometheus --version 2>&1 | head -n1))"
 }
 
 # PostgreSQL 15 binaries for the WAL tests (each test runs its own throwaway

@@ -13,6 +13,7 @@ macro_rules! say {
 mod client;
 mod commands;
 mod output;
+mod progress;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -60,7 +61,7 @@ pub enum Command {
     Ports(commands::ports::Args),
     /// HAProxy backend lines (both ports, checks, agent-check) for this node's departments.
     HaproxyConfig(commands::haproxy::Args),
-    /// Check Docker, config, disk, clock, coordinator and the daemon, and say what is wrong.
+    /// Check Docker, config, disk, clock sync, coordinator, WAL archive and the daemon, and say what is wrong.
     Doctor(commands::doctor::Args),
     /// PostgreSQL WAL archive: push (archive_command), fetch (restore_command), status.
     #[command(subcommand)]

@@ -367,14 +367,19 @@ impl ContainerRuntime for FakeRuntime {
     async fn pull(
         &self,
         image: &str,
-        progress: mpsc::UnboundedSender<String>,
+        progress: mpsc::UnboundedSender<crate::pull_progress::PullEvent>,
     ) -> Result<(), RuntimeError> {
         let script = {
             let mut state = self.lock();
             state.calls.push(Call::Pull(image.to_string()));
             state.pull.clone()
         };
-        let _ = progress.send(format!("pulling {image}"));
+        let _ = progress.send(crate::pull_progress::PullEvent {
+            layer: Some("layer".into()),
+            status: "Downloading".into(),
+            current: Some(512),
+            total: Some(1024),
+        });
         match script {
             PullScript::Succeed => {
                 tokio::time::sleep(Duration::from_secs(1)).await;

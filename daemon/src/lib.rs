@@ -16,6 +16,7 @@ pub mod logging;
 pub mod metrics;
 pub mod ports;
 pub mod process;
+pub mod pull_progress;
 pub mod recovery;
 pub mod restart;
 pub mod runtime;

@@ -174,11 +174,11 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn stop(&self, id: &str, timeout: Duration) -> Result<(), RuntimeError>;
     async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
     async fn image_present(&self, image: &str) -> Result<bool, RuntimeError>;
-    /// Pulls `image`, sending human progress lines to `progress`.
+    /// Pulls `image`, sending each message of the engine's stream to `progress`.
     async fn pull(
         &self,
         image: &str,
-        progress: tokio::sync::mpsc::UnboundedSender<String>,
+        progress: tokio::sync::mpsc::UnboundedSender<crate::pull_progress::PullEvent>,
     ) -> Result<(), RuntimeError>;
     /// Container events of `node`'s managed containers from `since_nano` on.
     fn events(
@@ -790,7 +790,7 @@ impl ContainerRuntime for BollardRuntime {
     async fn pull(
         &self,
         image: &str,
-        progress: tokio::sync::mpsc::UnboundedSender<String>,
+        progress: tokio::sync::mpsc::UnboundedSender<crate::pull_progress::PullEvent>,
     ) -> Result<(), RuntimeError> {
         let client = self.client().await?;
         let credentials = self.credentials_for(image);
@@ -801,20 +801,17 @@ impl ContainerRuntime for BollardRuntime {
         let work = async {
             while let Some(item) = stream.next().await {
                 let info = item.map_err(RuntimeError::from)?;
-                let mut line = String::new();
-                if let Some(id) = &info.id {
-                    line.push_str(id);
-                    line.push_str(": ");
-                }
-                if let Some(status) = &info.status {
-                    line.push_str(status);
-                }
-                if let Some(p) = &info.progress_detail {
-                    if let (Some(current), Some(total)) = (p.current, p.total) {
-                        line.push_str(&format!(" {current}/{total}"));
-                    }
-                }
-                let _ = progress.send(line);
+                let detail = info.progress_detail.as_ref();
+                let _ = progress.send(crate::pull_progress::PullEvent {
+                    layer: info.id.clone(),
+                    status: info.status.clone().unwrap_or_default(),
+                    current: detail
+                        .and_then(|p| p.current)
+                        .and_then(|v| u64::try_from(v).ok()),
+                    total: detail
+                        .and_then(|p| p.total)
+                        .and_then(|v| u64::try_from(v).ok()),
+                });
             }
             Ok::<(), RuntimeError>(())
         };

@@ -102,6 +102,9 @@ pub struct DepartmentSummary {
     /// The drain in progress, or the last one (`[haproxy]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain: Option<DrainStatus>,
+    /// The long operation under way (an image pull), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
 }
 
 /// A container taken out of HAProxy's rotation and finishing its requests.
@@ -115,6 +118,59 @@ pub struct DrainStatus {
     pub connections: Option<u32>,
     /// How long it drained (so far).
     pub seconds: f64,
+}
+
+/// How far a long operation (an image pull, a base backup, a restore) is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// `pull`, `backup` or `restore`.
+    pub operation: String,
+    /// What it works on: the image, the backup.
+    pub subject: String,
+    /// Bytes moved so far (a pull: compressed layer bytes downloaded).
+    pub done_bytes: u64,
+    /// All it will move, once that is known (a pull: once every layer's size is).
+    pub total_bytes: Option<u64>,
+    /// `done_bytes` over the time since the operation began.
+    pub bytes_per_second: f64,
+    pub elapsed_seconds: f64,
+    /// More, in words (a pull: "2 of 5 layers downloaded").
+    pub detail: Option<String>,
+}
+
+impl Progress {
+    /// One line for logs and plain output: `12.3MiB of 40.0MiB (30%), 2.1MiB/s, 2 of 5 layers`.
+    pub fn line(&self) -> String {
+        let mut out = bytes(self.done_bytes);
+        if let Some(total) = self.total_bytes.filter(|t| *t > 0) {
+            out.push_str(&format!(
+                " of {} ({}%)",
+                bytes(total),
+                (self.done_bytes.min(total) * 100) / total
+            ));
+        }
+        out.push_str(&format!(", {}/s", bytes(self.bytes_per_second as u64)));
+        if let Some(detail) = &self.detail {
+            out.push_str(", ");
+            out.push_str(detail);
+        }
+        out
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n}B")
+    } else {
+        format!("{value:.1}{}", UNITS[unit])
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

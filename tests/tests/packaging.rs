@@ -11,8 +11,8 @@
 //! `unique_name` per test, so the tests can run beside other runs of
 //! themselves. Ports: 47510-47519 (unit-runtime), 47520-47539 (ansible-role),
 //! 47540-47549 (installed-desired), 47550-47559 (state-loss), 47560-47569
-//! (watchdog), 47570-47579 (installed-wal), 47600-47619 (installed-drain) and
-//! 47620-47629 (installed-hardening).
+//! (watchdog), 47570-47579 (installed-wal), 47600-47619 (installed-drain),
+//! 47620-47629 (installed-hardening) and 47710-47719 (installed-ops).
 
 use fleet_tests::unique_name;
 use std::path::PathBuf;
@@ -110,4 +110,9 @@ fn the_watchdog_is_fed_under_systemd_and_a_too_long_resync_interval_is_refused()
 #[test]
 fn installed_network_hardening_and_secrets_as_files_under_the_unit() {
     run_script("installed-hardening.sh", "pkhard");
+}
+
+#[test]
+fn installed_doctor_checks_the_archive_and_the_clock_as_the_operator_and_sandboxed() {
+    run_script("installed-ops.sh", "pkops");
 }

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -154,12 +155,15 @@ fn parse_points(stderr: &str) -> (Option<(String, u32)>, Option<String>) {
 struct Counting<R> {
     inner: R,
     count: u64,
+    /// The same count, for `GET /v1/wal`'s progress while the work runs.
+    shared: Arc<AtomicU64>,
 }
 
 impl<R: Read> Read for Counting<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.count += n as u64;
+        self.shared.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
 }
@@ -188,6 +192,7 @@ fn run_basebackup(
     out: &Path,
     level: i32,
     timeout: Duration,
+    done: Arc<AtomicU64>,
 ) -> Result<(u64, u64, String, String), WalError> {
     let (conninfo, password) = crate::pg::split_password(conninfo)
         .map_err(|e| WalError::Backup(format!("wal.postgres: {e}")))?;
@@ -200,6 +205,7 @@ fn run_basebackup(
         out,
         level,
         timeout,
+        done,
     )
 }
 
@@ -214,6 +220,7 @@ fn run_backup_program(
     out: &Path,
     level: i32,
     timeout: Duration,
+    moved: Arc<AtomicU64>,
 ) -> Result<(u64, u64, String, String), WalError> {
     let mut command = std::process::Command::new(program);
     if let Some(password) = password {
@@ -253,7 +260,7 @@ fn run_backup_program(
         }
         text
     });
-    let result = copy_compressed(&mut child, out, level);
+    let result = copy_compressed(&mut child, out, level, moved);
     // On a failed write the child may be blocked on a full pipe: stop it
     // before waiting. After success this is a no-op on an exited child.
     if result.is_err() {
@@ -287,6 +294,7 @@ fn copy_compressed(
     child: &mut std::process::Child,
     out: &Path,
     level: i32,
+    done: Arc<AtomicU64>,
 ) -> Result<(u64, u64, String), WalError> {
     let stdout = child
         .stdout
@@ -303,6 +311,7 @@ fn copy_compressed(
     let mut reader = Counting {
         inner: stdout,
         count: 0,
+        shared: done,
     };
     std::io::copy(&mut reader, &mut encoder).map_err(io_err)?;
     let hashing = encoder.finish().map_err(io_err)?;
@@ -341,10 +350,13 @@ impl WalService {
             .map_err(|e| WalError::Backup(format!("{}: {e}", temp_dir.display())))?;
         let local = temp_dir.join(format!("{id}.tar.zst"));
         let level = self.config.compression_level;
+        // pg_basebackup does not say its total up front.
+        let op = self.begin_operation("backup", &id, None, "reading from pg_basebackup");
         let (bytes, compressed, sha, stderr) = {
             let local = local.clone();
             let timeout = self.config.backup_timeout;
-            blocking(move || run_basebackup(&conninfo, &local, level, timeout)).await
+            let done = op.done.clone();
+            blocking(move || run_basebackup(&conninfo, &local, level, timeout, done)).await
         }
         .inspect_err(|_| {
             let _ = std::fs::remove_file(&local);
@@ -384,6 +396,10 @@ impl WalService {
             compressed_bytes: compressed,
             sha256: sha,
         };
+        op.phase(&format!(
+            "uploading {} compressed",
+            crate::service::human_bytes(compressed)
+        ));
         let base = format!("{}{id}/", backups_prefix(sysid));
         let uploaded = self
             .target
@@ -484,6 +500,15 @@ impl WalService {
             .map_err(|e| WalError::Backup(format!("{}: {e}", temp_dir.display())))?;
         let local = temp_dir.join(format!("restore-{}.tar.zst", chosen.id));
         let key = format!("{}{}/base.tar.zst", backups_prefix(sysid), chosen.id);
+        let op = self.begin_operation(
+            "restore",
+            &chosen.id,
+            Some(chosen.bytes),
+            &format!(
+                "downloading {} compressed",
+                crate::service::human_bytes(chosen.compressed_bytes)
+            ),
+        );
         if !self.target.get_to_file(&key, &local).await? {
             return Err(WalError::NotFound(key));
         }
@@ -491,6 +516,8 @@ impl WalService {
         let target_time = pg_target;
         let command = request.restore_command.clone();
         let unpack_to = to.clone();
+        op.phase("checking and unpacking");
+        let done = op.done.clone();
         let unpacked = blocking(move || {
             unpack(
                 &local,
@@ -498,6 +525,7 @@ impl WalService {
                 &manifest,
                 target_time.as_deref(),
                 &command,
+                done,
             )
             .inspect(|_| {
                 let _ = std::fs::remove_file(&local);
@@ -661,6 +689,7 @@ fn unpack(
     manifest: &Manifest,
     target_time: Option<&str>,
     restore_command: &str,
+    done: Arc<AtomicU64>,
 ) -> Result<u64, WalError> {
     let err = |e: std::io::Error| {
         // Under fleet-agent-wal.service only some paths are writable.
@@ -692,6 +721,7 @@ fn unpack(
     let mut counting = Counting {
         inner: decoder,
         count: 0,
+        shared: done,
     };
     let mut archive = tar::Archive::new(&mut counting);
     archive.set_preserve_permissions(true);
@@ -900,7 +930,7 @@ mod tests {
         std::os::unix::fs::chown(&real, Some(65534), Some(65534)).expect("chown");
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&real, &link).expect("symlink");
-        unpack(&local, &link, &m, None, "true").expect("unpack");
+        unpack(&local, &link, &m, None, "true", Default::default()).expect("unpack");
         for path in [
             "PG_VERSION",
             "global",
@@ -931,6 +961,7 @@ mod tests {
             Path::new("/dev/full"),
             1,
             Duration::from_secs(60),
+            Default::default(),
         )
         .expect_err("no space");
         assert!(err.to_string().contains("/dev/full"), "{err}");
@@ -954,6 +985,7 @@ mod tests {
             &dir.path().join("b.tar.zst"),
             1,
             Duration::from_secs(1),
+            Default::default(),
         )
         .expect_err("timeout");
         let text = err.to_string();

@@ -158,7 +158,81 @@ pub struct WalService {
     prefetching: Jobs,
     uploads: Arc<Semaphore>,
     valve_announced: std::sync::atomic::AtomicBool,
+    /// The last archive probe and when it ran: `GET /v1/wal` is also the TCP
+    /// API's, so a poller must not turn every call into a write to the archive.
+    probed: Mutex<Option<(std::time::Instant, ArchiveProbe)>>,
+    /// The base backup or restore under way, for `GET /v1/wal`'s `progress`.
+    operation: Arc<Mutex<Option<Running>>>,
 }
+
+/// A base backup or a restore while it runs.
+struct Running {
+    operation: &'static str,
+    subject: String,
+    started: std::time::Instant,
+    done: Arc<AtomicU64>,
+    total: Option<u64>,
+    phase: String,
+}
+
+/// Held while a long operation runs; dropping it (done, failed or
+/// cancelled) takes the operation off the status.
+pub struct OperationGuard {
+    slot: Arc<Mutex<Option<Running>>>,
+    /// Bytes moved so far; the work adds to it.
+    pub done: Arc<AtomicU64>,
+}
+
+impl OperationGuard {
+    /// The step under way, in words.
+    pub fn phase(&self, phase: &str) {
+        if let Ok(mut slot) = self.slot.lock() {
+            if let Some(running) = slot.as_mut() {
+                running.phase = phase.to_string();
+            }
+        }
+    }
+}
+
+impl Drop for OperationGuard {
+    fn drop(&mut self) {
+        if let Ok(mut slot) = self.slot.lock() {
+            *slot = None;
+        }
+    }
+}
+
+/// `12.3MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n}B")
+    } else {
+        format!("{value:.1}{}", UNITS[unit])
+    }
+}
+
+/// Whether the archive target answered the last probe ([`Target::probe`]).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ArchiveProbe {
+    pub reachable: bool,
+    /// Why not, in the target's own words.
+    pub error: Option<String>,
+    pub latency_ms: u64,
+    /// Unix time of the probe.
+    pub checked_unix: u64,
+}
+
+/// How long a probe result is reused.
+const PROBE_REUSE: Duration = Duration::from_secs(10);
+/// A probe that takes longer than this counts as unreachable.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn now_unix() -> u64 {
     SystemTime::now()
@@ -282,6 +356,8 @@ impl WalService {
             prefetching: Jobs::default(),
             uploads: Arc::new(Semaphore::new(parallel)),
             valve_announced: Default::default(),
+            probed: Mutex::new(None),
+            operation: Arc::new(Mutex::new(None)),
             config,
         }))
     }
@@ -824,7 +900,87 @@ impl WalService {
         }
     }
 
+    /// Puts a long operation on the status until the guard is dropped.
+    pub fn begin_operation(
+        &self,
+        operation: &'static str,
+        subject: &str,
+        total: Option<u64>,
+        phase: &str,
+    ) -> OperationGuard {
+        let done = Arc::new(AtomicU64::new(0));
+        if let Ok(mut slot) = self.operation.lock() {
+            *slot = Some(Running {
+                operation,
+                subject: subject.to_string(),
+                started: std::time::Instant::now(),
+                done: done.clone(),
+                total,
+                phase: phase.to_string(),
+            });
+        }
+        OperationGuard {
+            slot: self.operation.clone(),
+            done,
+        }
+    }
+
+    /// The base backup or restore under way, if any.
+    pub fn progress(&self) -> Option<fleet_model::api::Progress> {
+        let slot = self.operation.lock().ok()?;
+        let running = slot.as_ref()?;
+        let elapsed = running.started.elapsed().as_secs_f64();
+        let done = running.done.load(Ordering::Relaxed);
+        Some(fleet_model::api::Progress {
+            operation: running.operation.to_string(),
+            subject: running.subject.clone(),
+            done_bytes: done,
+            total_bytes: running.total,
+            bytes_per_second: if elapsed > 0.0 {
+                done as f64 / elapsed
+            } else {
+                0.0
+            },
+            elapsed_seconds: elapsed,
+            detail: Some(running.phase.clone()),
+        })
+    }
+
+    /// Probes the archive target, or reuses a probe younger than [`PROBE_REUSE`].
+    pub async fn probe_archive(&self) -> ArchiveProbe {
+        let fresh = self
+            .probed
+            .lock()
+            .ok()
+            .and_then(|p| p.clone())
+            .filter(|(at, _)| at.elapsed() < PROBE_REUSE);
+        if let Some((_, probe)) = fresh {
+            return probe;
+        }
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(PROBE_TIMEOUT, self.target.probe()).await;
+        let error = match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!(
+                "no answer within {}",
+                humantime::format_duration(PROBE_TIMEOUT)
+            )),
+        };
+        let probe = ArchiveProbe {
+            reachable: error.is_none(),
+            error,
+            latency_ms: started.elapsed().as_millis() as u64,
+            checked_unix: now_unix(),
+        };
+        if let Ok(mut slot) = self.probed.lock() {
+            *slot = Some((std::time::Instant::now(), probe.clone()));
+        }
+        probe
+    }
+
     pub async fn status(&self) -> WalStatus {
+        let archive = self.probe_archive().await;
         let backlog = self.backlog();
         let archiver = match &self.config.postgres {
             Some(conninfo) => Some(
@@ -837,6 +993,8 @@ impl WalService {
         let last_backup = self.last_backup_unix().await;
         WalStatus {
             target: self.target.describe(),
+            archive,
+            progress: self.progress(),
             system_identifier: self.default_sysid().map(|s| s.to_string()),
             pg_wal_dir: self.config.pg_wal_dir.clone(),
             ready_count: backlog.count,
@@ -970,6 +1128,12 @@ pub struct Backlog {
 #[derive(Debug, Clone, Serialize)]
 pub struct WalStatus {
     pub target: String,
+    /// The archive target's answer to a probe ([`WalService::probe_archive`]).
+    pub archive: ArchiveProbe,
+    /// The base backup or restore under way (bytes read from pg_basebackup,
+    /// bytes unpacked); absent when none runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<fleet_model::api::Progress>,
     pub system_identifier: Option<String>,
     pub pg_wal_dir: Option<PathBuf>,
     pub ready_count: u64,
@@ -1133,6 +1297,34 @@ async fn write_prefetched(dir: &Path, name: &str, content: Vec<u8>) -> std::io::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_running_operation_is_on_the_status_until_its_guard_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let config: WalConfig = toml::from_str(&format!(
+            "target = \"file://{}\"",
+            dir.path().join("archive").display()
+        ))
+        .unwrap();
+        let service = WalService::new(config, dir.path(), Arc::new(|_: &str, _: &str| {})).unwrap();
+        assert!(service.status().await.progress.is_none());
+        let op = service.begin_operation("restore", "20261204T", Some(4096), "downloading");
+        op.done.fetch_add(1024, Ordering::Relaxed);
+        op.phase("checking and unpacking");
+        let p = service
+            .status()
+            .await
+            .progress
+            .expect("progress while it runs");
+        assert_eq!(
+            (p.operation.as_str(), p.subject.as_str()),
+            ("restore", "20261204T")
+        );
+        assert_eq!((p.done_bytes, p.total_bytes), (1024, Some(4096)));
+        assert_eq!(p.detail.as_deref(), Some("checking and unpacking"));
+        drop(op);
+        assert!(service.progress().is_none());
+    }
 
     #[test]
     fn the_valve_acknowledges_segments_only() {

@@ -415,6 +415,35 @@ impl Target {
         }
     }
 
+    /// Whether the archive answers as a push needs it to. A file target must
+    /// list its root and take a new file there (an unmounted or read-only
+    /// archive fails both); an S3 target must list under its prefix, which
+    /// proves the endpoint, the bucket and the credentials without writing.
+    pub async fn probe(&self) -> Result<(), TargetError> {
+        match self {
+            Target::File { root } => {
+                let root = root.clone();
+                blocking(move || {
+                    std::fs::read_dir(&root).map_err(io(&root))?;
+                    let probe = root.join(format!(".fleet-probe-{}", std::process::id()));
+                    std::fs::write(&probe, b"probe").map_err(io(&root))?;
+                    std::fs::remove_file(&probe).map_err(io(&probe))?;
+                    Ok(())
+                })
+                .await
+            }
+            Target::S3 {
+                store,
+                prefix: base,
+                ..
+            } => {
+                let at = (!base.is_empty()).then(|| ObjectPath::from(base.as_str()));
+                store.list_with_delimiter(at.as_ref()).await?;
+                Ok(())
+            }
+        }
+    }
+
     pub async fn delete(&self, key: &str) -> Result<(), TargetError> {
         match self {
             Target::File { root } => {
@@ -547,7 +576,26 @@ fn file_list(root: &Path, dir: &Path, out: &mut Vec<Entry>) -> Result<(), Target
 
 #[cfg(test)]
 mod tests {
-    use super::refuses_conditional_put;
+    use super::{refuses_conditional_put, Target};
+
+    #[tokio::test]
+    async fn a_file_archive_that_vanished_or_is_no_directory_fails_the_probe() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("archive");
+        std::fs::create_dir(&root).unwrap();
+        let target = Target::File { root: root.clone() };
+        target.probe().await.expect("a present archive answers");
+        assert_eq!(
+            std::fs::read_dir(&root).unwrap().count(),
+            0,
+            "the probe leaves nothing behind"
+        );
+        std::fs::remove_dir(&root).unwrap();
+        let gone = target.probe().await.unwrap_err().to_string();
+        assert!(gone.contains(&root.display().to_string()), "{gone}");
+        std::fs::write(&root, "not a directory").unwrap();
+        assert!(target.probe().await.is_err());
+    }
 
     #[test]
     fn knows_a_store_without_conditional_put() {

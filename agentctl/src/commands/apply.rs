@@ -176,12 +176,17 @@ async fn last_event(client: &Client, id: &str) -> anyhow::Result<i64> {
 
 /// Prints the department's events logged since `cursor` (pull started, pulled,
 /// update failed, ...): steps too quick for the status poll are not missed.
-async fn print_new_events(client: &Client, id: &str, cursor: &mut i64) -> anyhow::Result<()> {
+async fn print_new_events(
+    client: &Client,
+    id: &str,
+    cursor: &mut i64,
+    out: &crate::progress::ProgressView,
+) -> anyhow::Result<()> {
     let page: EventPage = client
         .get(&format!("/v1/events?after={cursor}&department={id}"))
         .await?;
     for e in &page.events {
-        say!("{id}: event {}: {}", e.kind, e.message);
+        out.say(&format!("{id}: event {}: {}", e.kind, e.message));
     }
     *cursor = page.next.max(*cursor);
     Ok(())
@@ -198,6 +203,7 @@ async fn wait(
         specs.iter().map(|s| (s.id.clone(), (s, false))).collect();
     let mut last_line: BTreeMap<String, String> = BTreeMap::new();
     let mut failed = Vec::new();
+    let mut bars = crate::progress::ProgressView::new();
     // The first look may still show the old spec: the department task takes
     // the new one a moment after the apply returns, so a rollback is only
     // believed once the new hash has been seen or the reason says so.
@@ -205,26 +211,35 @@ async fn wait(
         let mut finished = Vec::new();
         for (id, (spec, saw_new)) in pending.iter_mut() {
             let cursor = cursors.entry(id.clone()).or_default();
-            print_new_events(client, id, cursor).await?;
+            print_new_events(client, id, cursor, &bars).await?;
             let detail: DepartmentDetail = client.get(&format!("/v1/departments/{id}")).await?;
             let row = &detail.summary;
+            // While a pull reports its bytes, the engine's own line (the
+            // reason) changes with every message: the bar or the progress
+            // lines say it instead.
+            let reason = match &row.progress {
+                Some(_) => None,
+                None => row.reason.as_deref(),
+            };
             let line = format!(
                 "{id}: {} ({}){}",
                 row.state.as_str(),
                 row.health.as_str(),
-                row.reason
-                    .as_deref()
-                    .map(|r| format!(": {r}"))
-                    .unwrap_or_default()
+                reason.map(|r| format!(": {r}")).unwrap_or_default()
             );
             if last_line.get(id) != Some(&line) {
-                say!("{line}");
+                bars.say(&line);
                 last_line.insert(id.clone(), line.clone());
+            }
+            match &row.progress {
+                Some(progress) => bars.update(id, progress),
+                None => bars.done(id),
             }
             match judge(&detail, spec, saw_new) {
                 Outcome::Waiting => {}
                 Outcome::Done => finished.push(id.clone()),
                 Outcome::Failed => {
+                    bars.done(id);
                     finished.push(id.clone());
                     failed.push(line);
                 }

@@ -19,6 +19,9 @@ pub struct Args {
 struct Check {
     name: &'static str,
     ok: bool,
+    /// Passed without proof (doctor could not look); never fails the run.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    warn: bool,
     detail: String,
 }
 
@@ -28,6 +31,7 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
         Ok((config, source)) => {
             checks.push(Check {
                 name: "config",
+                warn: false,
                 ok: true,
                 detail: match source {
                     fleet_model::config::ConfigSource::File(p) => {
@@ -43,6 +47,7 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
         Err(e) => {
             checks.push(Check {
                 name: "config",
+                warn: false,
                 ok: false,
                 detail: format!("{e}; fix it, then run `fleet-agentd check-config`"),
             });
@@ -53,6 +58,7 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
         Ok(node) => {
             checks.push(Check {
                 name: "daemon",
+                warn: false,
                 ok: true,
                 detail: format!(
                     "fleet-agentd {} answers on {}",
@@ -62,6 +68,7 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
             });
             checks.push(Check {
                 name: "docker",
+                warn: false,
                 ok: node.docker_reachable,
                 detail: if node.docker_reachable {
                     "the daemon reaches the Docker engine".into()
@@ -72,6 +79,7 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
             if let Some(d) = &node.desired_state {
                 checks.push(Check {
                     name: "desired state",
+                    warn: false,
                     ok: d.valid,
                     detail: match &d.problem {
                         None => format!(
@@ -90,6 +98,7 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
             if let Some(r) = &node.state_rebuilt {
                 checks.push(Check {
                     name: "state",
+                    warn: false,
                     ok: false,
                     detail: format!(
                         "at start state.db was {}{}, so the daemon rebuilt the node from Docker's labels ({} department(s) recovered{}); operator stops and restart history from before are gone. Check the departments with `agentctl status`{}; this clears at the next daemon restart",
@@ -117,6 +126,7 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
                 if let Some(r) = &c.last_refusal {
                     checks.push(Check {
                         name: "desired state",
+                        warn: false,
                         ok: false,
                         detail: format!(
                             "the node refused the coordinator's document{}: {}; it keeps revision {}. Fix the document on the coordinator",
@@ -132,6 +142,7 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
         }
         Err(e) => checks.push(Check {
             name: "daemon",
+            warn: false,
             ok: false,
             detail: format!("{e:#}"),
         }),
@@ -149,6 +160,7 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
         checks.push(Check {
             name: "disk",
             ok,
+            warn: false,
             detail: if total == 0 {
                 format!("{} does not exist yet", config.state_dir.display())
             } else {
@@ -162,19 +174,10 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
             },
         });
     }
-    let clock_ok = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() > 1_700_000_000)
-        .unwrap_or(false);
-    checks.push(Check {
-        name: "clock",
-        ok: clock_ok,
-        detail: if clock_ok {
-            "system clock looks sane".into()
-        } else {
-            "system clock is before 2023; enable NTP (timedatectl set-ntp true)".into()
-        },
-    });
+    if let Some(check) = archive_check(client, config.as_ref()).await {
+        checks.push(check);
+    }
+    checks.push(clock_check(&read_clock().await));
     let failed = checks.iter().filter(|c| !c.ok).count();
     if args.json.json {
         crate::output::json(&checks)?;
@@ -182,7 +185,11 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
         for c in &checks {
             say!(
                 "{} {:<12} {}",
-                if c.ok { "ok  " } else { "FAIL" },
+                match (c.ok, c.warn) {
+                    (false, _) => "FAIL",
+                    (true, true) => "warn",
+                    (true, false) => "ok  ",
+                },
                 c.name,
                 c.detail
             );
@@ -243,6 +250,7 @@ fn coordinator_check(c: &CoordinatorStatus, config: Option<&fleet_model::Config>
     };
     Check {
         name: "coordinator",
+        warn: false,
         ok: !c.stale,
         detail,
     }
@@ -257,6 +265,7 @@ fn token_check(path: &std::path::Path) -> Check {
     let shown = path.display();
     let fail = |detail: String| Check {
         name: "coord. token",
+        warn: false,
         ok: false,
         detail,
     };
@@ -282,6 +291,7 @@ fn token_check(path: &std::path::Path) -> Check {
             if has_token {
                 Check {
                     name: "coord. token",
+                    warn: false,
                     ok: true,
                     detail: format!("{shown} holds a token and is closed to others"),
                 }
@@ -295,9 +305,363 @@ fn token_check(path: &std::path::Path) -> Check {
         // owns, which says nothing about the daemon.
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Check {
             name: "coord. token",
+            warn: false,
             ok: true,
             detail: format!("{shown} is closed to others; run doctor as root to check its content"),
         },
         Err(e) => fail(format!("{shown}: {e}")),
+    }
+}
+
+/// The WAL archive as the WAL service last probed it (`GET /v1/wal`, on the
+/// daemon's socket: the daemon relays it from fleet-agent-wal.service when
+/// `wal.socket` is set). None when this node archives no WAL.
+async fn archive_check(client: &Client, config: Option<&fleet_model::Config>) -> Option<Check> {
+    let wal = config.and_then(|c| c.wal.as_ref())?;
+    Some(archive_verdict(
+        &wal.target,
+        wal.socket.is_some(),
+        client.get::<serde_json::Value>("/v1/wal").await,
+    ))
+}
+
+fn archive_verdict(
+    target: &str,
+    separate_unit: bool,
+    status: anyhow::Result<serde_json::Value>,
+) -> Check {
+    let fail = |detail: String| Check {
+        name: "archive",
+        warn: false,
+        ok: false,
+        detail,
+    };
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => {
+            return fail(format!(
+                "the WAL service does not answer ({e:#}); {}",
+                if separate_unit {
+                    "check `systemctl status fleet-agent-wal` and `journalctl -u fleet-agent-wal`"
+                } else {
+                    "check `systemctl status fleet-agentd` and the [wal] table"
+                }
+            ))
+        }
+    };
+    let archive = &status["archive"];
+    let reachable = archive["reachable"].as_bool();
+    let target = status["target"].as_str().unwrap_or(target);
+    match reachable {
+        Some(true) => Check {
+            name: "archive",
+            warn: false,
+            ok: true,
+            detail: format!(
+                "{target} answers (probe took {} ms)",
+                archive["latency_ms"].as_u64().unwrap_or(0)
+            ),
+        },
+        Some(false) => {
+            let why = archive["error"].as_str().unwrap_or("no reason given");
+            let fix = if target.starts_with("s3://") {
+                "check [wal.s3] endpoint and region, the bucket, the credentials file and the network to the store"
+            } else {
+                "check that the directory exists, is mounted and is writable by the WAL service's user (postgres under fleet-agent-wal.service)"
+            };
+            fail(format!(
+                "{target} is not reachable: {why}; WAL is not being archived, {fix}, then run `agentctl wal status`"
+            ))
+        }
+        None => fail(format!(
+            "the WAL service did not report on {target}; it may be older than this agentctl: upgrade fleet-agent and restart it"
+        )),
+    }
+}
+
+/// What the host says about its clock's synchronisation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ClockSync {
+    /// `timedatectl show`: `NTP` (a sync service is enabled) and
+    /// `NTPSynchronized` (the kernel's clock is not marked unsynchronised).
+    Timedated { ntp: Option<bool>, synced: bool },
+    /// `chronyc tracking` on a host without timedated: its leap status.
+    Chrony { leap_status: String },
+    /// Nothing could tell; why.
+    Unknown(String),
+}
+
+struct Clock {
+    /// Seconds since the Unix epoch, 0 if before it.
+    now_unix: u64,
+    sync: ClockSync,
+}
+
+/// timedatectl first (systemd-timesyncd, chrony and ntpd all clear the
+/// kernel's unsynchronised flag, which is what timedated reports); chronyc on
+/// a host without timedated or D-Bus.
+async fn read_clock() -> Clock {
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let timedatectl = query(
+        "timedatectl",
+        &["show", "--property=NTP", "--property=NTPSynchronized"],
+    )
+    .await;
+    let sync = match timedatectl.as_deref().map(parse_timedatectl) {
+        Ok(Some(sync)) => sync,
+        other => {
+            let why = match other {
+                Err(e) => e.clone(),
+                _ => "timedatectl gave no NTPSynchronized".into(),
+            };
+            match query("chronyc", &["-n", "tracking"]).await {
+                Ok(out) => match parse_chrony(&out) {
+                    Some(sync) => sync,
+                    None => {
+                        ClockSync::Unknown(format!("{why}; chronyc tracking gave no leap status"))
+                    }
+                },
+                // systemd-timesyncd touches this on every synchronisation,
+                // readable without D-Bus.
+                Err(_) if std::path::Path::new(TIMESYNCD_SYNCHRONIZED).exists() => {
+                    ClockSync::Timedated {
+                        ntp: Some(true),
+                        synced: true,
+                    }
+                }
+                Err(e) => ClockSync::Unknown(format!("{why}; {e}")),
+            }
+        }
+    };
+    Clock { now_unix, sync }
+}
+
+/// Runs a read-only query command with a short deadline, its stdout or why not.
+async fn query(program: &str, args: &[&str]) -> Result<String, String> {
+    let output = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| format!("`{program}` gave no answer within 5s"))?
+    .map_err(|e| format!("`{program}`: {e}"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        let err = String::from_utf8_lossy(&output.stderr);
+        Err(format!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            err.lines().last().unwrap_or("").trim()
+        ))
+    }
+}
+
+fn parse_timedatectl(out: &str) -> Option<ClockSync> {
+    let value = |key: &str| {
+        out.lines()
+            .filter_map(|l| l.split_once('='))
+            .find(|(k, _)| k.trim() == key)
+            .map(|(_, v)| v.trim() == "yes")
+    };
+    Some(ClockSync::Timedated {
+        ntp: value("NTP"),
+        synced: value("NTPSynchronized")?,
+    })
+}
+
+fn parse_chrony(out: &str) -> Option<ClockSync> {
+    out.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim() == "Leap status")
+        .map(|(_, v)| ClockSync::Chrony {
+            leap_status: v.trim().to_string(),
+        })
+}
+
+const TIMESYNCD_SYNCHRONIZED: &str = "/run/systemd/timesync/synchronized";
+
+/// Wall clocks before this (2023-11-14) are certainly wrong: the build is newer.
+const SANE_AFTER_UNIX: u64 = 1_700_000_000;
+
+fn clock_check(clock: &Clock) -> Check {
+    let fail = |detail: String| Check {
+        name: "clock",
+        warn: false,
+        ok: false,
+        detail,
+    };
+    if clock.now_unix < SANE_AFTER_UNIX {
+        return fail(
+            "the system clock is before 2023; set it and enable NTP: `timedatectl set-ntp true`"
+                .into(),
+        );
+    }
+    match &clock.sync {
+        ClockSync::Timedated { synced: true, .. } => Check {
+            name: "clock",
+            warn: false,
+            ok: true,
+            detail: "synchronized with NTP (timedatectl: NTPSynchronized=yes)".into(),
+        },
+        ClockSync::Timedated { ntp: Some(false), .. } => fail(
+            "not synchronized and no NTP service is enabled (timedatectl: NTP=no); run `timedatectl set-ntp true` (systemd-timesyncd) or install chrony".into(),
+        ),
+        ClockSync::Timedated { .. } => fail(
+            "not synchronized yet although NTP is enabled (timedatectl: NTPSynchronized=no); check `timedatectl timesync-status` (or `chronyc sources`) and that UDP port 123 reaches the NTP servers".into(),
+        ),
+        ClockSync::Chrony { leap_status } if leap_status != "Not synchronised" => Check {
+            name: "clock",
+            warn: false,
+            ok: true,
+            detail: format!("synchronized by chrony (leap status: {leap_status})"),
+        },
+        ClockSync::Chrony { .. } => fail(
+            "chrony runs but has not synchronized (leap status: Not synchronised); check `chronyc sources` and that UDP port 123 reaches the NTP servers".into(),
+        ),
+        // A host without timedated's D-Bus (a container, a minimal system)
+        // need not be wrong: say so without failing the run.
+        ClockSync::Unknown(why) => Check {
+            name: "clock",
+            ok: true,
+            warn: true,
+            detail: format!(
+                "cannot tell whether the clock is synchronized ({why}); on a systemd host install systemd-timesyncd and run `timedatectl set-ntp true`, or install chrony"
+            ),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn clock(sync: ClockSync) -> Check {
+        clock_check(&Clock {
+            now_unix: NOW,
+            sync,
+        })
+    }
+
+    #[test]
+    fn timedatectl_output_is_read() {
+        assert_eq!(
+            parse_timedatectl("NTP=yes\nNTPSynchronized=no\n"),
+            Some(ClockSync::Timedated {
+                ntp: Some(true),
+                synced: false
+            })
+        );
+        assert_eq!(
+            parse_timedatectl("NTPSynchronized=yes\n"),
+            Some(ClockSync::Timedated {
+                ntp: None,
+                synced: true
+            })
+        );
+        assert_eq!(parse_timedatectl(""), None);
+        assert_eq!(
+            parse_chrony("Reference ID    : 7F7F0101 ()\nLeap status     : Not synchronised\n"),
+            Some(ClockSync::Chrony {
+                leap_status: "Not synchronised".into()
+            })
+        );
+    }
+
+    #[test]
+    fn a_synchronized_clock_passes() {
+        for sync in [
+            ClockSync::Timedated {
+                ntp: Some(true),
+                synced: true,
+            },
+            ClockSync::Chrony {
+                leap_status: "Normal".into(),
+            },
+        ] {
+            let c = clock(sync.clone());
+            assert!(c.ok, "{sync:?}: {}", c.detail);
+        }
+    }
+
+    #[test]
+    fn an_unsynchronized_clock_fails_and_names_the_fix() {
+        let cases = [
+            (
+                ClockSync::Timedated {
+                    ntp: Some(false),
+                    synced: false,
+                },
+                "timedatectl set-ntp true",
+            ),
+            (
+                ClockSync::Timedated {
+                    ntp: Some(true),
+                    synced: false,
+                },
+                "UDP port 123",
+            ),
+            (
+                ClockSync::Chrony {
+                    leap_status: "Not synchronised".into(),
+                },
+                "chronyc sources",
+            ),
+        ];
+        for (sync, fix) in cases {
+            let c = clock(sync.clone());
+            assert!(!c.ok, "{sync:?}");
+            assert!(c.detail.contains(fix), "{sync:?}: {}", c.detail);
+        }
+        let unknown = clock(ClockSync::Unknown("no timedatectl".into()));
+        assert!(unknown.ok && unknown.warn && unknown.detail.contains("install chrony"));
+        let before = clock_check(&Clock {
+            now_unix: 1_000_000_000,
+            sync: ClockSync::Timedated {
+                ntp: Some(true),
+                synced: true,
+            },
+        });
+        assert!(!before.ok && before.detail.contains("before 2023"));
+    }
+
+    #[test]
+    fn an_archive_that_answers_passes_and_one_that_does_not_names_the_fix() {
+        let ok = archive_verdict(
+            "file:///a",
+            true,
+            Ok(
+                serde_json::json!({"target": "file:///a", "archive": {"reachable": true, "latency_ms": 3}}),
+            ),
+        );
+        assert!(ok.ok, "{}", ok.detail);
+        let down = archive_verdict(
+            "s3://b/p",
+            true,
+            Ok(
+                serde_json::json!({"target": "s3://b/p", "archive": {"reachable": false, "error": "connection refused"}}),
+            ),
+        );
+        assert!(!down.ok);
+        assert!(
+            down.detail.contains("connection refused") && down.detail.contains("[wal.s3]"),
+            "{}",
+            down.detail
+        );
+        let gone = archive_verdict("file:///a", true, Err(anyhow::anyhow!("503")));
+        assert!(
+            !gone.ok && gone.detail.contains("systemctl status fleet-agent-wal"),
+            "{}",
+            gone.detail
+        );
     }
 }

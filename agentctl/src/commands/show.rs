@@ -35,6 +35,9 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
             .map(|r| format!(": {r}"))
             .unwrap_or_default()
     );
+    if let Some(p) = &s.progress {
+        say!("progress    {} {}: {}", p.operation, p.subject, p.line());
+    }
     say!("health      {}", s.health.as_str());
     say!(
         "port        {} -> {}",

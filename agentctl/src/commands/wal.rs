@@ -16,7 +16,7 @@ use serde_json::Value;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A failure with the exit code it must produce.
 #[derive(Debug)]
@@ -381,34 +381,43 @@ async fn status(client: &Client, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Waits for a long request, telling a person on a terminal that it is still going.
+/// Waits for a long request, showing the WAL service's `progress` for it
+/// (`GET /v1/wal`, once a second): a bar on a terminal, plain lines otherwise
+/// (none beside `--json`).
 async fn with_progress<T>(
+    client: &Client,
     what: &str,
+    json: bool,
     call: impl std::future::Future<Output = Result<T>>,
 ) -> Result<T> {
-    use std::io::IsTerminal;
-    let started = Instant::now();
-    let tty = std::io::stderr().is_terminal();
-    let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    let mut view = crate::progress::ProgressView::beside_json(json);
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.tick().await;
     tokio::pin!(call);
-    loop {
+    let result = loop {
         tokio::select! {
-            result = &mut call => return result,
+            result = &mut call => break result,
             _ = ticker.tick() => {
-                if tty {
-                    eprintln!("{what}: still running ({}s)", started.elapsed().as_secs());
+                // A status that fails to come is no reason to stop waiting.
+                if let Ok(status) = client.get::<Value>("/v1/wal").await {
+                    if let Ok(p) = serde_json::from_value::<fleet_model::api::Progress>(status["progress"].clone()) {
+                        view.update(what, &p);
+                    }
                 }
             }
         }
-    }
+    };
+    view.done(what);
+    result
 }
 
 pub async fn backup(client: &Client, command: BackupCommand) -> Result<()> {
     match command {
         BackupCommand::Create { json } => {
             let manifest: Value = with_progress(
+                client,
                 "base backup",
+                json.json,
                 client.post(Method::POST, "/v1/wal/backups", &serde_json::json!({})),
             )
             .await?;
@@ -507,7 +516,9 @@ pub async fn restore(client: &Client, args: RestoreArgs) -> Result<()> {
         "restore_command": restore_command,
     });
     let report: Value = with_progress(
+        client,
         "restore",
+        args.json.json,
         client.post(Method::POST, "/v1/wal/restore", &request),
     )
     .await?;

@@ -369,6 +369,7 @@ pub fn summary(id: &str, view: &DeptView) -> DepartmentSummary {
             connections: d.connections,
             seconds: d.seconds(std::time::Instant::now()),
         }),
+        progress: view.progress.clone(),
     }
 }
 

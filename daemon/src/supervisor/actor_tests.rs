@@ -511,3 +511,40 @@ async fn delete_during_a_failing_update_proof_answers_within_stop_timeout() {
     assert!(fake.by_name("aio-pay").is_none());
     assert!(fake.count(|c| *c == Call::Remove(old.clone())) >= 1);
 }
+
+/// While a pull runs, the board (what the API reads) carries its bytes and
+/// rate; once the pull is aborted by a delete nothing stale is left.
+#[tokio::test(start_paused = true)]
+async fn a_running_pull_shows_its_bytes_and_rate_on_the_board() {
+    let fake = FakeRuntime::new();
+    fake.script_pull(PullScript::Hang);
+    let sup = node(&fake, memory_store(), "47680-47689").await;
+    sup.apply(vec![spec("hr", "img:slow", "")], false)
+        .await
+        .unwrap();
+    until(
+        Duration::from_secs(10),
+        "pull progress on the board",
+        || {
+            sup.shared
+                .board
+                .get("hr")
+                .is_some_and(|v| v.progress.is_some())
+        },
+    )
+    .await;
+    let view = sup.shared.board.get("hr").unwrap();
+    assert_eq!(view.state, DeptState::Pulling);
+    let progress = view.progress.unwrap();
+    assert_eq!(progress.operation, "pull");
+    assert_eq!(progress.subject, "img:slow");
+    // The fake engine reports one layer half downloaded.
+    assert_eq!(
+        (progress.done_bytes, progress.total_bytes),
+        (512, Some(1024))
+    );
+    let summary = crate::api::summary("hr", &sup.shared.board.get("hr").unwrap());
+    assert_eq!(summary.progress.map(|p| p.done_bytes), Some(512));
+    sup.delete("hr").await.unwrap();
+    assert!(sup.shared.board.get("hr").is_none());
+}

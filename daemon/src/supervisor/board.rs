@@ -26,6 +26,7 @@ pub struct DeptView {
     /// Probe latencies (seconds) not yet folded into the metrics histogram.
     pub probe_latency_histogram: crate::supervisor::probe::LatencyHistogram,
     pub pull_progress: Option<String>,
+    pub progress: Option<fleet_model::api::Progress>,
     pub postgres_check: Option<ProbeRecord>,
     /// The hand-over port (`[haproxy]` with `[ports] standby_range`).
     pub standby_port: Option<u16>,
@@ -116,6 +117,7 @@ pub(crate) mod tests {
             probe_failures: 0,
             probe_latency_histogram: Default::default(),
             pull_progress: None,
+            progress: None,
             postgres_check: None,
             standby_port: None,
             agent: Default::default(),

@@ -499,6 +499,9 @@ impl DeptActor {
 
 // --- long work, each a task of its own -------------------------------------------
 
+/// How often a pull's progress reaches the board.
+const PULL_PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
 async fn pull(
     runtime: &dyn ContainerRuntime,
     image: &str,
@@ -508,10 +511,25 @@ async fn pull(
     let (progress_tx, mut progress) = mpsc::unbounded_channel();
     let pulling = runtime.pull(image, progress_tx);
     tokio::pin!(pulling);
+    let started = tokio::time::Instant::now();
+    let mut tracker = crate::pull_progress::PullTracker::default();
+    // Docker streams a message every few kilobytes per layer; the department
+    // task (and the board) hear about it at most this often.
+    let mut last_sent: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
-            Some(line) = progress.recv() => {
-                let _ = tx.send(Input::PullProgress { job, line });
+            Some(event) = progress.recv() => {
+                tracker.observe(&event);
+                let now = tokio::time::Instant::now();
+                if last_sent.is_some_and(|at| now - at < PULL_PROGRESS_EVERY) {
+                    continue;
+                }
+                last_sent = Some(now);
+                let _ = tx.send(Input::PullProgress {
+                    job,
+                    line: event.line(),
+                    progress: tracker.progress(image, (now - started).as_secs_f64()),
+                });
             }
             result = &mut pulling => return result.map_err(|e| e.to_string()),
         }

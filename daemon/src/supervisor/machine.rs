@@ -221,6 +221,7 @@ pub enum Input {
     PullProgress {
         job: JobId,
         line: String,
+        progress: Option<fleet_model::api::Progress>,
     },
     /// A drain's count of established connections (`None`: unknown);
     /// `done`: the drain is over and the stop begins.
@@ -735,6 +736,8 @@ pub struct Machine {
     /// Something asked for a look while a job ran.
     converge_after_job: bool,
     pull_progress: Option<String>,
+    /// Bytes and rate of the pull under way.
+    progress: Option<fleet_model::api::Progress>,
 
     health: Health,
     probing: bool,
@@ -787,6 +790,7 @@ impl Machine {
             next_job: 0,
             converge_after_job: false,
             pull_progress: None,
+            progress: None,
             health: Health::Unknown,
             probing: false,
             probe_generation: 0,
@@ -943,9 +947,14 @@ impl Machine {
                 }
                 Err(e) => self.reason = Some(format!("could not remove old container: {e}")),
             },
-            Input::PullProgress { job, line } => {
+            Input::PullProgress {
+                job,
+                line,
+                progress,
+            } => {
                 if self.job.as_ref().is_some_and(|j| j.id == job) {
                     self.pull_progress = Some(line);
+                    self.progress = progress;
                 }
             }
             Input::DrainProgress {
@@ -1089,7 +1098,10 @@ impl Machine {
                     });
                 }
             }
-            JobKind::Pull { .. } => self.pull_progress = None,
+            JobKind::Pull { .. } => {
+                self.pull_progress = None;
+                self.progress = None;
+            }
             JobKind::Stop {
                 reply: Some(reply), ..
             } => self.emit(Effect::Reply {
@@ -1597,6 +1609,7 @@ impl Machine {
         match (kind, outcome) {
             (JobKind::Pull { image, image_for }, Outcome::Pulled(result)) => {
                 self.pull_progress = None;
+                self.progress = None;
                 match result {
                     Ok(()) => {
                         self.event("pulled", None, format!("pulled {image}"));
@@ -2477,6 +2490,7 @@ impl Machine {
             probe_failures: self.probe_failures,
             probe_latency_histogram: self.latency.clone(),
             pull_progress: self.pull_progress.clone(),
+            progress: self.progress.clone(),
             postgres_check: None,
             standby_port: self.standby_port(),
             agent: self.agent,
