@@ -628,15 +628,29 @@ fn compatible_from(conn: &Connection) -> Result<u32, StoreError> {
     Ok(value.map_or(0, |v| v.trim().parse().unwrap_or(u32::MAX)))
 }
 
-/// The schema version of an open store and what applied it (for `state info`).
+/// One applied migration: its version, when (unix seconds) and by which binary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedMigration {
+    pub version: u32,
+    pub applied_at: i64,
+    pub applied_by: String,
+}
+
 impl Store {
-    pub fn schema(&self) -> Result<(u32, Vec<(u32, i64, String)>), StoreError> {
+    /// The schema version of the open file and the migrations applied to it.
+    pub fn schema(&self) -> Result<(u32, Vec<AppliedMigration>), StoreError> {
         let conn = self.conn();
         let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         let mut stmt = conn.prepare(
             "SELECT version, applied_at, applied_by FROM schema_migrations ORDER BY version",
         )?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        let rows = stmt.query_map([], |r| {
+            Ok(AppliedMigration {
+                version: r.get(0)?,
+                applied_at: r.get(1)?,
+                applied_by: r.get(2)?,
+            })
+        })?;
         Ok((version, rows.collect::<Result<_, _>>()?))
     }
 }
@@ -915,7 +929,7 @@ mod tests {
         let (version, history) = store.schema().unwrap();
         assert_eq!(version, schema_version());
         assert_eq!(history.len(), MIGRATIONS.len());
-        assert!(history[0].2.starts_with("fleet-agentd "));
+        assert!(history[0].applied_by.starts_with("fleet-agentd "));
         // The copy from before is the v0 file, still usable by the old code.
         let copy = dir.path().join("state.db.schema-v0");
         assert_eq!(user_version(&copy), 0);
