@@ -53,6 +53,12 @@ enum Command {
     /// The configuration: the effective one, or the generated reference.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Open state.db as the daemon does (migrating it to this version's schema)
+    /// and print its schema version, the migrations applied, the departments
+    /// and port leases it remembers. Run it as the daemon's user.
+    #[command(after_help = "Examples:
+  sudo -u fleet-agent fleet-agentd state     # after an upgrade: the schema and what was kept")]
+    State,
     /// Write the man page fleet-agentd.8 (used by the package build).
     #[command(hide = true)]
     Man {
@@ -150,6 +156,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Config(ConfigCommand::Reference { .. }) => ExitCode::SUCCESS,
+        Command::State => print_state(&config.state_dir),
         Command::CheckConfig { config_only } => match fleet_agentd::check_config(
             &config,
             &source,
@@ -204,6 +211,58 @@ fn main() -> ExitCode {
                     }
                 }
             }
+        }
+    }
+}
+
+fn print_state(state_dir: &std::path::Path) -> ExitCode {
+    use fleet_agentd::store::Store;
+    let summary = Store::open(state_dir).and_then(|store| {
+        let (version, migrations) = store.schema()?;
+        let departments = store.departments()?;
+        let leases = store.leases()?;
+        Ok((
+            store.origin().clone(),
+            version,
+            migrations,
+            departments,
+            leases,
+        ))
+    });
+    match summary {
+        Ok((origin, version, migrations, departments, leases)) => {
+            println!("state.db: {}", state_dir.join("state.db").display());
+            println!("origin: {origin:?}");
+            println!(
+                "schema: version {version} (this binary knows up to {})",
+                fleet_agentd::store::schema_version()
+            );
+            for m in migrations {
+                println!(
+                    "migration: {} applied at {} by {}",
+                    m.version, m.applied_at, m.applied_by
+                );
+            }
+            for d in departments {
+                println!(
+                    "department: {} {} {}",
+                    d.spec.id,
+                    d.spec.image,
+                    if d.desired_running {
+                        "running"
+                    } else {
+                        "stopped"
+                    }
+                );
+            }
+            for (port, department) in leases {
+                println!("lease: {port} {department}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fleet-agentd: {e}");
+            ExitCode::FAILURE
         }
     }
 }
