@@ -879,6 +879,25 @@ mod tests {
     }
 
     #[test]
+    fn docker_log_driver_and_options_are_read_and_a_bad_driver_is_named() {
+        let c = Config::from_toml_str(
+            Path::new("t"),
+            "[docker]\nlog_driver = \"local\"\nlog_options = { max-size = \"50m\" }\n",
+        )
+        .unwrap();
+        assert_eq!(c.docker.log_driver.as_deref(), Some("local"));
+        assert_eq!(c.docker.log_options["max-size"], "50m");
+        assert!(DockerConfig::default().log_driver.is_none());
+        let err = Config::from_toml_str(Path::new("t"), "[docker]\nlog_driver = \"json file\"\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("docker.log_driver"), "{err}");
+        let err =
+            Config::from_toml_str(Path::new("t"), "[docker]\nlog_options = { \"\" = \"x\" }\n")
+                .unwrap_err();
+        assert!(err.to_string().contains("docker.log_options"), "{err}");
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         let err = Config::from_toml_str(Path::new("t"), "max_deparments = 3\n").unwrap_err();
         assert!(err.to_string().contains("max_deparments"), "{err}");
