@@ -11,7 +11,8 @@
 //! `unique_name` per test, so the tests can run beside other runs of
 //! themselves. Ports: 47510-47519 (unit-runtime), 47520-47539 (ansible-role),
 //! 47540-47549 (installed-desired), 47550-47559 (state-loss), 47560-47569
-//! (watchdog) and 47570-47579 (installed-wal).
+//! (watchdog), 47570-47579 (installed-wal) and 47700-47709 (installed-upgrade;
+//! ansible-role's static S3 preview names 47700/47701 without binding them).
 
 use fleet_tests::unique_name;
 use std::path::PathBuf;
@@ -99,4 +100,9 @@ fn a_lost_or_garbage_state_db_as_installed_keeps_the_container_and_port() {
 #[test]
 fn the_watchdog_is_fed_under_systemd_and_a_too_long_resync_interval_is_refused() {
     run_script("watchdog.sh", "pkwdog");
+}
+
+#[test]
+fn an_upgrade_as_installed_migrates_state_db_and_keeps_containers_and_stops() {
+    run_script("installed-upgrade.sh", "pkupg");
 }
