@@ -54,12 +54,15 @@ impl Sections {
         entries(&mut out, "ENVIRONMENT", self.environment);
         entries(&mut out, "FILES", self.files);
         if let Some(examples) = &self.examples {
-            // after_help starts with its own "Examples:" heading for --help.
-            let body = examples
-                .trim()
-                .strip_prefix("Examples:")
-                .unwrap_or(examples.trim())
-                .trim_matches('\n');
+            // after_help has its own "Examples:" heading for --help; what comes
+            // before it (wal push's exit codes) becomes NOTES.
+            let (notes, body) = examples
+                .split_once("Examples:")
+                .unwrap_or(("", examples.as_str()));
+            if !notes.trim().is_empty() {
+                out.push_str(&format!(".SH NOTES\n{}\n", escape(notes.trim())));
+            }
+            let body = body.trim_matches('\n');
             out.push_str(".SH EXAMPLES\n.nf\n");
             out.push_str(&escape(body));
             out.push_str("\n.fi\n");
@@ -174,7 +177,9 @@ mod tests {
             exit_status: CTL_EXIT,
             environment: CTL_ENVIRONMENT,
             files: CTL_FILES,
-            examples: Some("Examples:\n  agentctl wal push pg_wal/0001\n.hidden".into()),
+            examples: Some(
+                "Exit status: 0 ok.\n\nExamples:\n  agentctl wal push pg_wal/0001\n.hidden".into(),
+            ),
             see_also: "fleet-agentd(8)",
         }
         .roff();
@@ -189,6 +194,7 @@ mod tests {
         assert!(text.contains("\\fBFLEET_AGENT_SOCKET\\fR"));
         assert!(text.contains("agentctl wal push"));
         assert!(!text.contains("Examples:"));
+        assert!(text.contains(".SH NOTES\nExit status: 0 ok.\n"), "{text}");
         assert!(text.contains("\n\\&.hidden\n"), "{text}");
         assert!(text.contains("fleet\\-agentd(8)"));
     }
