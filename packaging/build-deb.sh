@@ -72,6 +72,19 @@ mkdir -p "$man1" "$man5" "$man8" \
 # -n: no name or timestamp in the gzip header, so builds are reproducible.
 find "$stage/usr/share/man" -type f -name '*.[0-9]' -exec gzip -9n {} +
 
+# The guides and examples, as /usr/share/doc/fleet-agent/ (README.Debian
+# first). Like dh_compress, guides over 4 KiB are gzipped; README.Debian and the
+# examples stay plain for copying.
+doc="$stage/usr/share/doc/fleet-agent"
+mkdir -p "$doc/examples/departments"
+install -m 0644 "$root/packaging/debian/README.Debian" "$doc/"
+for guide in install wal migrating runbook metrics agent.toml department-spec architecture; do
+    install -m 0644 "$root/docs/$guide.md" "$doc/"
+done
+install -m 0644 "$root/examples/agent.toml" "$doc/examples/"
+install -m 0644 "$root"/examples/departments/*.toml "$doc/examples/departments/"
+find "$doc" -maxdepth 1 -name '*.md' -size +4k -exec gzip -9n {} +
+
 # Monitoring files another part of the project may add to packaging/:
 # "<glob relative to packaging/>  <install dir>". Missing ones are skipped.
 optional_assets=(

@@ -23,7 +23,14 @@ use std::process::ExitCode;
 #[command(
     name = "agentctl",
     version,
-    about = "Control the fleet-agent daemon on this host"
+    about = "Control the fleet-agent daemon on this host",
+    after_help = "Examples:
+  agentctl status                       # every department, its port and health
+  agentctl apply -f hr.toml --wait      # add or change a department
+  agentctl logs hr -f                   # its container's output
+  agentctl events -n 20                 # what happened lately
+  agentctl doctor                       # what is wrong with this host
+  agentctl wal status                   # the WAL archive (hosts with [wal])"
 )]
 pub struct Cli {
     /// Control socket (default: $FLEET_AGENT_SOCKET, /run/fleet-agent/agentctl.sock, or the embedded default's).

@@ -208,6 +208,10 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
             registry_auth,
             config.docker.pull_timeout,
         )
+        .with_logging(
+            config.docker.log_driver.clone(),
+            config.docker.log_options.clone(),
+        )
         .scoped_to_node(node_id.clone())
         .with_containers(&config.containers),
     );

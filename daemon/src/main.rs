@@ -12,7 +12,13 @@ use std::process::ExitCode;
 #[command(
     name = "fleet-agentd",
     version,
-    about = "fleet-agent node daemon: runs department containers from a desired state"
+    about = "fleet-agent node daemon: runs department containers from a desired state",
+    after_help = "Examples:
+  fleet-agentd check-config                  # what the unit's ExecStartPre checks, and every spec
+  fleet-agentd config show                   # the effective configuration, secrets masked
+  fleet-agentd --config ./agent.toml --log-format text   # in the foreground, for a trial
+  sudo systemctl reload fleet-agentd         # re-read departments.d after editing a spec
+  journalctl -u fleet-agentd -f              # what the daemon does"
 )]
 struct Cli {
     /// Config file (default: $FLEET_AGENT_CONFIG, then /etc/fleet-agent/agent.toml, then the embedded default).
@@ -31,6 +37,10 @@ enum Command {
     Run,
     /// Validate the config and (standalone) the whole desired state as the
     /// daemon would judge it: spec files, capacity, ports, memory admission.
+    #[command(after_help = "Examples:
+  fleet-agentd check-config
+  fleet-agentd check-config --config-only --config /etc/fleet-agent/agent.toml
+  sudo -u fleet-agent fleet-agentd check-config   # as the unit runs it")]
     CheckConfig {
         /// Check agent.toml and the files it names (tokens, TLS) only: what the
         /// daemon needs to start (the unit's ExecStartPre).
@@ -43,6 +53,12 @@ enum Command {
     /// The configuration: the effective one, or the generated reference.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Open state.db as the daemon does (migrating it to this version's schema)
+    /// and print its schema version, the migrations applied, the departments
+    /// and port leases it remembers. Run it as the daemon's user.
+    #[command(after_help = "Examples:
+  sudo -u fleet-agent fleet-agentd state     # after an upgrade: the schema and what was kept")]
+    State,
     /// Write the man page fleet-agentd.8 (used by the package build).
     #[command(hide = true)]
     Man {
@@ -140,6 +156,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Config(ConfigCommand::Reference { .. }) => ExitCode::SUCCESS,
+        Command::State => print_state(&config.state_dir),
         Command::CheckConfig { config_only } => match fleet_agentd::check_config(
             &config,
             &source,
@@ -198,25 +215,73 @@ fn main() -> ExitCode {
     }
 }
 
+fn print_state(state_dir: &std::path::Path) -> ExitCode {
+    use fleet_agentd::store::Store;
+    let summary = Store::open(state_dir).and_then(|store| {
+        let (version, migrations) = store.schema()?;
+        let departments = store.departments()?;
+        let leases = store.leases()?;
+        Ok((
+            store.origin().clone(),
+            version,
+            migrations,
+            departments,
+            leases,
+        ))
+    });
+    match summary {
+        Ok((origin, version, migrations, departments, leases)) => {
+            println!("state.db: {}", state_dir.join("state.db").display());
+            println!("origin: {origin:?}");
+            println!(
+                "schema: version {version} (this binary knows up to {})",
+                fleet_agentd::store::schema_version()
+            );
+            for m in migrations {
+                println!(
+                    "migration: {} applied at {} by {}",
+                    m.version, m.applied_at, m.applied_by
+                );
+            }
+            for d in departments {
+                println!(
+                    "department: {} {} {}",
+                    d.spec.id,
+                    d.spec.image,
+                    if d.desired_running {
+                        "running"
+                    } else {
+                        "stopped"
+                    }
+                );
+            }
+            for (port, department) in leases {
+                println!("lease: {port} {department}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fleet-agentd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// fleet-agentd(8) and a page per subcommand (fleet-agentd-check-config(8),
-/// ...), generated from the CLI definition above so they cannot drift.
+/// ...), generated from the CLI definition above so they cannot drift, with
+/// the exit codes, environment and files of fleet_model::manpage.
 fn write_man_page(out_dir: &std::path::Path) -> ExitCode {
     use clap::CommandFactory;
-    let mut cmd = Cli::command().disable_help_subcommand(true);
-    cmd.build();
-    let pages = std::iter::once(cmd.clone())
-        .chain(cmd.get_subcommands().filter(|c| !c.is_hide_set()).cloned());
-    let result = std::fs::create_dir_all(out_dir).and_then(|()| {
-        pages
-            .map(|page| {
-                clap_mangen::Man::new(page)
-                    .section("8")
-                    .generate_to(out_dir)
-            })
-            .collect::<Result<Vec<_>, _>>()
-    });
-    match result {
-        Ok(_) => ExitCode::SUCCESS,
+    use fleet_model::manpage as m;
+    let root = m::Sections {
+        exit_status: m::DAEMON_EXIT,
+        environment: m::DAEMON_ENVIRONMENT,
+        files: m::DAEMON_FILES,
+        examples: None,
+        see_also: "agentctl(1), agent.toml(5), fleet-department(5), systemctl(1), journalctl(1)",
+    };
+    match m::generate_to(Cli::command(), "8", &root, out_dir) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!(
                 "fleet-agentd: cannot write the man pages to {}: {e}",

@@ -16,7 +16,7 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use fleet_model::labels;
 use futures_util::stream::{BoxStream, StreamExt};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -255,6 +255,38 @@ pub struct BollardRuntime {
     /// unless asked (`CheckDuplicate`, which bollard's request type lacks), so
     /// two departments starting at once would each make one.
     network_gate: tokio::sync::Mutex<()>,
+    /// `[docker] log_driver` (None: the engine's default) and `log_options`.
+    log_driver: Option<String>,
+    log_options: BTreeMap<String, String>,
+}
+
+/// Drivers whose files grow on the host's disk until a `max-size` stops them.
+const FILE_LOG_DRIVERS: &[&str] = &["json-file", "local"];
+
+/// The `LogConfig` of a department container: the configured driver (or, as
+/// `None`, the engine's default `engine_driver`) with the configured options,
+/// plus a size cap where the driver writes files and no cap is configured.
+pub fn container_log_config(
+    driver: Option<&str>,
+    options: &BTreeMap<String, String>,
+    engine_driver: &str,
+) -> HostConfigLogConfig {
+    let mut config: HashMap<String, String> = options
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if FILE_LOG_DRIVERS.contains(&driver.unwrap_or(engine_driver)) {
+        config
+            .entry("max-size".into())
+            .or_insert_with(|| "10m".into());
+        config
+            .entry("max-file".into())
+            .or_insert_with(|| "3".into());
+    }
+    HostConfigLogConfig {
+        typ: driver.map(str::to_string),
+        config: (!config.is_empty()).then_some(config),
+    }
 }
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -276,6 +308,8 @@ impl BollardRuntime {
             bridge_name: String::new(),
             networks: Mutex::new(Default::default()),
             network_gate: tokio::sync::Mutex::new(()),
+            log_driver: None,
+            log_options: BTreeMap::new(),
         }
     }
 
@@ -414,6 +448,34 @@ impl BollardRuntime {
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
             && !key.starts_with('.');
         ok.then(|| self.secrets_dir.join(key))
+    }
+
+    /// How department containers log (`[docker] log_driver`, `log_options`).
+    pub fn with_logging(
+        mut self,
+        driver: Option<String>,
+        options: BTreeMap<String, String>,
+    ) -> Self {
+        self.log_driver = driver;
+        self.log_options = options;
+        self
+    }
+
+    /// The engine's default logging driver, asked only when none is configured.
+    async fn log_config(&self) -> Result<HostConfigLogConfig, RuntimeError> {
+        let engine_driver = match &self.log_driver {
+            Some(_) => String::new(),
+            None => self
+                .call(|d| async move { d.info().await })
+                .await?
+                .logging_driver
+                .unwrap_or_default(),
+        };
+        Ok(container_log_config(
+            self.log_driver.as_deref(),
+            &self.log_options,
+            &engine_driver,
+        ))
     }
 
     /// Limits name-based operations to containers of `node` (see `node`).
@@ -684,13 +746,7 @@ impl ContainerRuntime for BollardRuntime {
             readonly_rootfs: Some(r.read_only_root),
             tmpfs,
             mounts: (!mounts.is_empty()).then_some(mounts),
-            log_config: Some(HostConfigLogConfig {
-                typ: Some("json-file".into()),
-                config: Some(HashMap::from([
-                    ("max-size".into(), "10m".into()),
-                    ("max-file".into(), "3".into()),
-                ])),
-            }),
+            log_config: Some(self.log_config().await?),
             // The daemon owns every restart (backoff, crash loops, unhealthy);
             // Docker restarting too would double them.
             restart_policy: Some(RestartPolicy {
@@ -1067,4 +1123,58 @@ pub fn load_registry_auth(
             (host, creds)
         })
         .collect())
+}
+
+#[cfg(test)]
+mod log_config_tests {
+    use super::*;
+
+    fn opts(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn config_of(c: &HostConfigLogConfig) -> BTreeMap<String, String> {
+        c.config.clone().unwrap_or_default().into_iter().collect()
+    }
+
+    #[test]
+    fn the_engines_file_driver_gets_a_cap_and_keeps_its_type() {
+        let c = container_log_config(None, &BTreeMap::new(), "json-file");
+        assert_eq!(
+            c.typ, None,
+            "the engine's own driver, not a copy of its name"
+        );
+        assert_eq!(
+            config_of(&c),
+            opts(&[("max-file", "3"), ("max-size", "10m")])
+        );
+        let c = container_log_config(None, &BTreeMap::new(), "local");
+        assert_eq!(config_of(&c).len(), 2);
+    }
+
+    #[test]
+    fn a_driver_without_files_gets_only_what_is_configured() {
+        let c = container_log_config(None, &BTreeMap::new(), "journald");
+        assert_eq!((c.typ, c.config), (None, None));
+        let c = container_log_config(
+            Some("journald"),
+            &opts(&[("tag", "{{.Name}}")]),
+            "json-file",
+        );
+        assert_eq!(c.typ.as_deref(), Some("journald"));
+        assert_eq!(config_of(&c), opts(&[("tag", "{{.Name}}")]));
+    }
+
+    #[test]
+    fn configured_caps_win_and_a_missing_one_is_filled() {
+        let c = container_log_config(Some("local"), &opts(&[("max-size", "50m")]), "journald");
+        assert_eq!(c.typ.as_deref(), Some("local"));
+        assert_eq!(
+            config_of(&c),
+            opts(&[("max-file", "3"), ("max-size", "50m")])
+        );
+    }
 }

@@ -19,6 +19,24 @@ pub enum StoreError {
     Corrupt { id: String, message: String },
     #[error("state database failed its integrity check: {0}")]
     Unreadable(String),
+    #[error(
+        "{path} has schema version {found}, written by a newer fleet-agentd that made it \
+unusable for binaries knowing versions below {needs}; this one knows up to {known}. \
+Install the newer package again, or move state.db aside (the daemon then rebuilds \
+from Docker's labels; see docs/install.md, Upgrading)"
+    )]
+    TooNew {
+        path: String,
+        found: u32,
+        known: u32,
+        needs: u32,
+    },
+    #[error("state database migration to schema version {version} failed: {source}")]
+    Migration {
+        version: u32,
+        #[source]
+        source: rusqlite::Error,
+    },
     #[error("cannot create state directory {path}: {source}")]
     Dir {
         path: String,
@@ -55,41 +73,47 @@ pub enum Origin {
     MovedAside { moved_to: PathBuf, error: String },
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS departments (
-    id TEXT PRIMARY KEY,
-    spec TEXT NOT NULL,
-    previous_spec TEXT,
-    desired_running INTEGER NOT NULL DEFAULT 1,
-    failed_hash TEXT,
-    updated_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS port_leases (
-    port INTEGER PRIMARY KEY,
-    department TEXT NOT NULL UNIQUE
-);
-CREATE TABLE IF NOT EXISTS restarts (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    department TEXT NOT NULL,
-    at INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    exit_code INTEGER
-);
-CREATE INDEX IF NOT EXISTS restarts_by_department ON restarts(department, id);
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    at_ms INTEGER NOT NULL,
-    department TEXT,
-    kind TEXT NOT NULL,
-    reason TEXT,
-    message TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_by_department ON events(department, seq);
-CREATE TABLE IF NOT EXISTS meta (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-";
+/// One step of the schema, applied in order; `PRAGMA user_version` holds the
+/// last one applied. A migration only ever adds (tables, columns with a
+/// default, indexes) unless `breaks_older` says otherwise, so that the
+/// previous .deb still runs on a migrated file (a rollback).
+pub struct Migration {
+    pub version: u32,
+    pub sql: &'static str,
+    /// Binaries that know only earlier versions cannot use the file once this
+    /// has run (a dropped or renamed column, a changed meaning): they refuse it
+    /// instead of misreading it.
+    pub breaks_older: bool,
+}
+
+/// Version 0 is the unversioned schema of the first releases; version 1 is
+/// that same schema (`IF NOT EXISTS`, so a v0 file only gains the history
+/// table) plus the record of which binary applied which migration.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sql: concat!(
+        include_str!("store_v0.sql"),
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY,
+    applied_at INTEGER NOT NULL,
+    applied_by TEXT NOT NULL
+);"
+    ),
+    breaks_older: false,
+}];
+
+/// The newest schema version this binary knows.
+pub fn schema_version() -> u32 {
+    latest(MIGRATIONS)
+}
+
+fn latest(migrations: &[Migration]) -> u32 {
+    migrations.last().map_or(0, |m| m.version)
+}
+
+/// `meta` key: the lowest schema version a binary must know to use the file
+/// (the newest applied migration with `breaks_older`).
+const COMPATIBLE_FROM: &str = "schema_compatible_from";
 
 /// Events and restart rows kept; older ones are trimmed so the file stays small.
 const EVENTS_KEPT: i64 = 50_000;
@@ -101,7 +125,20 @@ impl Store {
     /// files) as `state.db.corrupt-<unix seconds>` and a new one is created;
     /// `origin()` says which happened, so the supervisor can rebuild from
     /// Docker's labels and say so loudly.
+    ///
+    /// The schema is brought up to this binary's version first (`MIGRATIONS`,
+    /// each in its own transaction, after a copy of the file as
+    /// `state.db.schema-v<old>`). A file from a newer binary is used as it is
+    /// when that binary's migrations left it readable to this one, and
+    /// refused (`StoreError::TooNew`, never moved aside) when they did not.
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(state_dir, MIGRATIONS)
+    }
+
+    pub(crate) fn open_with(
+        state_dir: &Path,
+        migrations: &[Migration],
+    ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Dir {
             path: state_dir.display().to_string(),
             source,
@@ -109,7 +146,7 @@ impl Store {
         restrict_dir(state_dir);
         let path = state_dir.join("state.db");
         let existed = path.exists();
-        match Self::open_file(&path) {
+        match Self::open_file(&path, existed, migrations) {
             Ok(conn) => Ok(Self {
                 conn: Mutex::new(conn),
                 origin: if existed {
@@ -118,6 +155,11 @@ impl Store {
                     Origin::Created
                 },
             }),
+            // A newer binary's file is intact: moving it aside would lose
+            // what that binary could still read after going forward again.
+            // A failed migration is rolled back whole and says nothing about
+            // the file, only about this binary.
+            Err(error @ (StoreError::TooNew { .. } | StoreError::Migration { .. })) => Err(error),
             Err(error) if existed => {
                 let moved_to = move_aside(&path, now_secs()).map_err(|source| StoreError::Dir {
                     path: path.display().to_string(),
@@ -128,7 +170,7 @@ impl Store {
                     moved_to = %moved_to.display(),
                     "state.db is unreadable; moved it aside and starting with a new one, rebuilt from Docker's labels."
                 );
-                let conn = Self::open_file(&path)?;
+                let conn = Self::open_file(&path, false, migrations)?;
                 Ok(Self {
                     conn: Mutex::new(conn),
                     origin: Origin::MovedAside {
@@ -143,17 +185,21 @@ impl Store {
 
     /// Opens and checks one database file: the schema, SQLite's own
     /// `quick_check`, and every stored spec parses (what start-up reads).
-    fn open_file(path: &Path) -> Result<Connection, StoreError> {
-        let conn = Connection::open(path)?;
+    fn open_file(
+        path: &Path,
+        existed: bool,
+        migrations: &[Migration],
+    ) -> Result<Connection, StoreError> {
+        let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
         let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
         if check != "ok" {
             return Err(StoreError::Unreadable(check));
         }
+        migrate(&mut conn, path, existed, migrations)?;
         let probe = Self {
             conn: Mutex::new(conn),
             origin: Origin::Existing,
@@ -168,8 +214,8 @@ impl Store {
     }
 
     pub fn open_in_memory() -> Result<Self, StoreError> {
-        let conn = Connection::open_in_memory()?;
-        conn.execute_batch(SCHEMA)?;
+        let mut conn = Connection::open_in_memory()?;
+        migrate(&mut conn, Path::new(":memory:"), false, MIGRATIONS)?;
         Ok(Self {
             conn: Mutex::new(conn),
             origin: Origin::Created,
@@ -479,6 +525,136 @@ impl Store {
     }
 }
 
+/// Brings the file at `path` to the newest version of `migrations`, or checks
+/// that a newer file is still usable by a binary that knows them.
+fn migrate(
+    conn: &mut Connection,
+    path: &Path,
+    existed: bool,
+    migrations: &[Migration],
+) -> Result<(), StoreError> {
+    let found: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let known = latest(migrations);
+    if found > known {
+        let needs = compatible_from(conn)?;
+        if needs > known {
+            return Err(StoreError::TooNew {
+                path: path.display().to_string(),
+                found,
+                known,
+                needs,
+            });
+        }
+        tracing::warn!(
+            found,
+            known,
+            "state.db was migrated by a newer fleet-agentd; using it as it is (its migrations keep it readable to this version)."
+        );
+        return Ok(());
+    }
+    if found == known {
+        return Ok(());
+    }
+    // A copy from before the migration, for going back to the previous
+    // package after a migration that older binaries cannot use.
+    let tables: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'",
+        [],
+        |r| r.get(0),
+    )?;
+    if existed && tables > 0 {
+        let copy = path.with_file_name(format!(
+            "{}.schema-v{found}",
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "state.db".into())
+        ));
+        let _ = std::fs::remove_file(&copy);
+        conn.execute("VACUUM INTO ?1", [copy.to_string_lossy()])?;
+    }
+    for m in migrations.iter().filter(|m| m.version > found) {
+        let step = |conn: &mut Connection| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            tx.execute_batch(m.sql)?;
+            tx.execute(
+                "INSERT OR REPLACE INTO schema_migrations (version, applied_at, applied_by)
+                 VALUES (?1, ?2, ?3)",
+                params![
+                    m.version,
+                    now_secs(),
+                    concat!("fleet-agentd ", env!("CARGO_PKG_VERSION"))
+                ],
+            )?;
+            if m.breaks_older {
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                     ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    params![COMPATIBLE_FROM, m.version.to_string()],
+                )?;
+            }
+            // user_version lives in the file header and is written by this
+            // transaction: a crash leaves the old version with the old schema.
+            tx.pragma_update(None, "user_version", m.version)?;
+            tx.commit()
+        };
+        step(conn).map_err(|source| StoreError::Migration {
+            version: m.version,
+            source,
+        })?;
+    }
+    if existed {
+        tracing::info!(from = found, to = known, "state.db schema migrated.");
+    }
+    Ok(())
+}
+
+fn compatible_from(conn: &Connection) -> Result<u32, StoreError> {
+    let has_meta: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_meta {
+        return Ok(0);
+    }
+    let value: Option<String> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            [COMPATIBLE_FROM],
+            |r| r.get(0),
+        )
+        .optional()?;
+    // Unparsable means a binary this one cannot understand wrote it.
+    Ok(value.map_or(0, |v| v.trim().parse().unwrap_or(u32::MAX)))
+}
+
+/// One applied migration: its version, when (unix seconds) and by which binary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedMigration {
+    pub version: u32,
+    pub applied_at: i64,
+    pub applied_by: String,
+}
+
+impl Store {
+    /// The schema version of the open file and the migrations applied to it.
+    pub fn schema(&self) -> Result<(u32, Vec<AppliedMigration>), StoreError> {
+        let conn = self.conn();
+        let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let mut stmt = conn.prepare(
+            "SELECT version, applied_at, applied_by FROM schema_migrations ORDER BY version",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(AppliedMigration {
+                version: r.get(0)?,
+                applied_at: r.get(1)?,
+                applied_by: r.get(2)?,
+            })
+        })?;
+        Ok((version, rows.collect::<Result<_, _>>()?))
+    }
+}
+
 fn row_to_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
     Ok(Event {
         seq: r.get(0)?,
@@ -679,5 +855,237 @@ mod tests {
             .events_matching((0, last), None, Some(i64::MAX), 10, true)
             .unwrap();
         assert!(future.is_empty());
+    }
+
+    /// A state.db written by the code before schema versions (commit 957e8dd):
+    /// departments hr (with a previous spec) and it (stopped), two leases, a
+    /// restart, two events and the applied revision.
+    const V0_FILE: &[u8] = include_bytes!("../testdata/state-v0.db");
+
+    fn v0_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("state.db"), V0_FILE).unwrap();
+        dir
+    }
+
+    fn user_version(path: &Path) -> u32 {
+        Connection::open(path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    fn assert_v0_content(store: &Store) {
+        let departments = store.departments().unwrap();
+        let ids: Vec<&str> = departments.iter().map(|d| d.spec.id.as_str()).collect();
+        assert_eq!(ids, ["hr", "it"]);
+        assert_eq!(departments[0].spec.image, "fleet-test-agent:2");
+        assert_eq!(
+            departments[0].previous.as_ref().map(|p| p.image.as_str()),
+            Some("fleet-test-agent:1")
+        );
+        assert!(departments[0].desired_running);
+        assert!(!departments[1].desired_running);
+        assert_eq!(
+            store.leases().unwrap(),
+            vec![(8001, "hr".to_string()), (8002, "it".to_string())]
+        );
+        let restarts = store.restart_history("hr", 10).unwrap();
+        assert_eq!(restarts.len(), 1);
+        assert_eq!(restarts[0].exit_code, Some(3));
+        assert_eq!(store.last_event_seq().unwrap(), 2);
+        assert_eq!(
+            store.meta("applied_revision").unwrap().as_deref(),
+            Some("7")
+        );
+    }
+
+    /// MIGRATIONS plus one more: what the next release adding a column looks like.
+    fn with_next(sql: &'static str, breaks_older: bool) -> Vec<Migration> {
+        let mut list: Vec<Migration> = MIGRATIONS
+            .iter()
+            .map(|m| Migration {
+                version: m.version,
+                sql: m.sql,
+                breaks_older: m.breaks_older,
+            })
+            .collect();
+        list.push(Migration {
+            version: schema_version() + 1,
+            sql,
+            breaks_older,
+        });
+        list
+    }
+
+    #[test]
+    fn a_v0_file_is_migrated_keeping_everything_and_copied_first() {
+        let dir = v0_dir();
+        let path = dir.path().join("state.db");
+        assert_eq!(user_version(&path), 0);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.origin(), &Origin::Existing);
+        assert_v0_content(&store);
+        let (version, history) = store.schema().unwrap();
+        assert_eq!(version, schema_version());
+        assert_eq!(history.len(), MIGRATIONS.len());
+        assert!(history[0].applied_by.starts_with("fleet-agentd "));
+        // The copy from before is the v0 file, still usable by the old code.
+        let copy = dir.path().join("state.db.schema-v0");
+        assert_eq!(user_version(&copy), 0);
+        let old: i64 = Connection::open(&copy)
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM departments", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(old, 2);
+        store.put_spec(&spec("ops", "a:1")).unwrap();
+        drop(store);
+
+        std::fs::remove_file(&copy).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.departments().unwrap().len(), 3);
+        assert!(!copy.exists(), "an up-to-date file is not copied again");
+    }
+
+    #[test]
+    fn a_new_file_starts_at_the_newest_version_without_a_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.schema().unwrap().0, schema_version());
+        drop(store);
+        assert_eq!(user_version(&dir.path().join("state.db")), schema_version());
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!names.iter().any(|n| n.contains(".schema-v")), "{names:?}");
+        assert_eq!(
+            Store::open_in_memory().unwrap().schema().unwrap().0,
+            schema_version()
+        );
+    }
+
+    #[test]
+    fn an_added_column_breaks_neither_the_upgrade_nor_the_rollback() {
+        let dir = v0_dir();
+        let next = with_next(
+            "ALTER TABLE departments ADD COLUMN note TEXT NOT NULL DEFAULT '';",
+            false,
+        );
+        // The next release migrates v0 straight to its newest version.
+        let store = Store::open_with(dir.path(), &next).unwrap();
+        assert_eq!(store.schema().unwrap().0, schema_version() + 1);
+        assert_v0_content(&store);
+        store.put_spec(&spec("ops", "a:1")).unwrap();
+        drop(store);
+
+        // Back to this release (the previous .deb): the file is newer than it
+        // knows, but readable, so it is used as it is and not migrated down.
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.origin(), &Origin::Existing);
+        assert_eq!(store.schema().unwrap().0, schema_version() + 1);
+        assert_v0_content_plus(&store, "ops");
+        store.put_spec(&spec("ops", "a:2")).unwrap();
+        store.set_lease("ops", 8003).unwrap();
+        store.append_event(Some("ops"), "k", None, "m").unwrap();
+        drop(store);
+
+        // And forward again: the next release finds its column and the rows
+        // the older binary wrote (with the column's default).
+        let store = Store::open_with(dir.path(), &next).unwrap();
+        let ops = store
+            .departments()
+            .unwrap()
+            .into_iter()
+            .find(|d| d.spec.id == "ops")
+            .unwrap();
+        assert_eq!(ops.spec.image, "a:2");
+        let note: String = store
+            .conn()
+            .query_row("SELECT note FROM departments WHERE id = 'ops'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(note, "");
+    }
+
+    fn assert_v0_content_plus(store: &Store, extra: &str) {
+        let ids: Vec<String> = store
+            .departments()
+            .unwrap()
+            .into_iter()
+            .map(|d| d.spec.id)
+            .collect();
+        assert_eq!(ids, ["hr", "it", extra]);
+    }
+
+    #[test]
+    fn a_file_a_newer_binary_made_unusable_is_refused_and_left_in_place() {
+        let dir = v0_dir();
+        // What it changes does not matter here, only that it says older
+        // binaries must not use the file afterwards.
+        let next = with_next("CREATE TABLE departments_v2 (id TEXT PRIMARY KEY);", true);
+        drop(Store::open_with(dir.path(), &next).unwrap());
+
+        let error = match Store::open(dir.path()) {
+            Ok(_) => panic!("a file this binary cannot use was opened"),
+            Err(e) => e,
+        };
+        let StoreError::TooNew {
+            found,
+            known,
+            needs,
+            ..
+        } = &error
+        else {
+            panic!("expected TooNew, got {error}");
+        };
+        assert_eq!(
+            (*found, *known, *needs),
+            (schema_version() + 1, schema_version(), schema_version() + 1)
+        );
+        let message = error.to_string();
+        assert!(message.contains("newer fleet-agentd"), "{message}");
+        assert!(message.contains("move state.db aside"), "{message}");
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.contains(&"state.db".to_string()), "{names:?}");
+        assert!(!names.iter().any(|n| n.contains("corrupt")), "{names:?}");
+        // The binary that made it still opens it.
+        assert_v0_content(&Store::open_with(dir.path(), &next).unwrap());
+    }
+
+    #[test]
+    fn a_failing_migration_rolls_back_whole_and_leaves_the_file_in_place() {
+        let dir = v0_dir();
+        drop(Store::open(dir.path()).unwrap());
+        let next = with_next(
+            "ALTER TABLE departments ADD COLUMN note TEXT; SELECT * FROM no_such_table;",
+            false,
+        );
+        let error = match Store::open_with(dir.path(), &next) {
+            Ok(_) => panic!("a failing migration was reported as applied"),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(error, StoreError::Migration { version, .. } if version == schema_version() + 1),
+            "{error}"
+        );
+        let path = dir.path().join("state.db");
+        assert_eq!(user_version(&path), schema_version());
+        let has_note: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('departments') WHERE name = 'note'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(has_note, 0, "the failed step left its column behind");
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.origin(), &Origin::Existing);
+        assert_v0_content(&store);
     }
 }

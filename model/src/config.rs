@@ -505,6 +505,15 @@ pub struct DockerConfig {
     pub registry_auth_file: Option<PathBuf>,
     #[serde(default = "default_pull_timeout", with = "humantime_serde")]
     pub pull_timeout: Duration,
+    /// Logging driver of the department containers (`json-file`, `local`,
+    /// `journald`, ...); absent: the engine's own default.
+    #[serde(default)]
+    pub log_driver: Option<String>,
+    /// The driver's `--log-opt`s. With `json-file` or `local` (chosen here or
+    /// the engine's default) a missing `max-size` / `max-file` becomes 10m / 3,
+    /// so a chatty department cannot fill the disk.
+    #[serde(default)]
+    pub log_options: std::collections::BTreeMap<String, String>,
 }
 
 fn default_docker_socket() -> PathBuf {
@@ -520,6 +529,8 @@ impl Default for DockerConfig {
             socket: default_docker_socket(),
             registry_auth_file: None,
             pull_timeout: default_pull_timeout(),
+            log_driver: None,
+            log_options: Default::default(),
         }
     }
 }
@@ -900,6 +911,24 @@ impl Config {
                 "needs api.tls_cert and api.tls_key",
             ));
         }
+        if let Some(driver) = &self.docker.log_driver {
+            if driver.is_empty()
+                || !driver
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
+            {
+                problems.push(FieldError::new(
+                    "docker.log_driver",
+                    "must be a Docker logging driver name such as json-file, local or journald (leave it out for the engine's default)",
+                ));
+            }
+        }
+        if self.docker.log_options.keys().any(|k| k.trim().is_empty()) {
+            problems.push(FieldError::new(
+                "docker.log_options",
+                "option names must not be empty",
+            ));
+        }
         if self.api.max_connections == 0 || self.api.max_connections > 100_000 {
             problems.push(FieldError::new("api.max_connections", "must be 1-100000"));
         }
@@ -1157,6 +1186,25 @@ mod tests {
         assert!(shown.contains("pull_timeout = \"10m\""), "{shown}");
         // What is shown reads back as the same config.
         Config::from_toml_str(Path::new("shown.toml"), &shown).unwrap();
+    }
+
+    #[test]
+    fn docker_log_driver_and_options_are_read_and_a_bad_driver_is_named() {
+        let c = Config::from_toml_str(
+            Path::new("t"),
+            "[docker]\nlog_driver = \"local\"\nlog_options = { max-size = \"50m\" }\n",
+        )
+        .unwrap();
+        assert_eq!(c.docker.log_driver.as_deref(), Some("local"));
+        assert_eq!(c.docker.log_options["max-size"], "50m");
+        assert!(DockerConfig::default().log_driver.is_none());
+        let err = Config::from_toml_str(Path::new("t"), "[docker]\nlog_driver = \"json file\"\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("docker.log_driver"), "{err}");
+        let err =
+            Config::from_toml_str(Path::new("t"), "[docker]\nlog_options = { \"\" = \"x\" }\n")
+                .unwrap_err();
+        assert!(err.to_string().contains("docker.log_options"), "{err}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod config;
 pub mod located;
+pub mod manpage;
 pub mod reference;
 pub mod size;
 pub mod spec;

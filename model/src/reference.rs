@@ -162,6 +162,8 @@ pub const CONFIG_DOCS: &[(&str, &str)] = &[
     ("containers.allow_new_privileges", "Whether a spec may set security.no_new_privileges = false."),
     ("containers.secrets_mode", "secrets_mode of a spec without one: \"files\" (recommended) or \"env\"."),
     ("containers.secrets_dir", "Where files-mode secrets are written (a tmpfs the engine can read; the unit allows /run/fleet-agent only)."),
+    ("docker.log_driver", "Logging driver of department containers (json-file, local, journald, ...); absent: the engine's default. Applies to containers created after the change."),
+    ("docker.log_options", "The driver's options (--log-opt); with json-file or local a missing max-size/max-file becomes 10m/3 (an engine-wide cap in daemon.json is overridden: repeat it here)."),
     ("coordinator", "Pull the desired state from a coordinator instead of departments_dir (absent: standalone)."),
     ("coordinator.url", "Base URL; the node calls POST {url}/v1/nodes/{node_id}/sync. Required."),
     ("coordinator.node_id", "The name the coordinator knows this node by; defaults to the top-level node_id."),

@@ -30,6 +30,13 @@ expect_file -rw-r--r-- usr/share/zsh/vendor-completions/_agentctl
 expect_file -rw-r--r-- usr/share/fish/vendor_completions.d/agentctl.fish
 expect_file -rw-r--r-- usr/share/doc/fleet-agent/copyright
 expect_file -rw-r--r-- usr/share/doc/fleet-agent/changelog.Debian.gz
+expect_file -rw-r--r-- usr/share/doc/fleet-agent/README.Debian
+expect_file -rw-r--r-- usr/share/doc/fleet-agent/install.md.gz
+expect_file -rw-r--r-- usr/share/doc/fleet-agent/wal.md.gz
+expect_file -rw-r--r-- usr/share/doc/fleet-agent/runbook.md.gz
+expect_file -rw-r--r-- usr/share/doc/fleet-agent/agent.toml.md.gz
+expect_file -rw-r--r-- usr/share/doc/fleet-agent/examples/agent.toml
+expect_file -rw-r--r-- usr/share/doc/fleet-agent/examples/departments/demo.toml
 # One man page per visible agentctl subcommand besides the main one.
 [ "$(grep -c './usr/share/man/man1/agentctl-.*\.1\.gz$' <<<"$listing")" -ge 5 ] \
     || fail "expected a man page per agentctl subcommand:
@@ -53,6 +60,8 @@ done
 grep -q 'adduser .*fleet-agent docker' "$ctl/postinst" || fail "postinst does not add fleet-agent to docker"
 depends=$(dpkg-deb -f "$deb" Depends)
 grep -qF 'docker.io | docker-ce' <<<"$depends" || fail "Depends is '$depends'"
+recommends=$(dpkg-deb -f "$deb" Recommends)
+grep -qw 'postgresql-client' <<<"$recommends" || fail "Recommends is '$recommends', expected postgresql-client (pg_basebackup)"
 
 # The packaged binaries are the real ones: their man pages name every command.
 data=$(mktemp -d); trap 'rm -rf "$ctl" "$data"' EXIT
@@ -64,6 +73,22 @@ zcat "$data/usr/share/man/man8/fleet-agentd.8.gz" | grep -q 'check\\-config' \
 # agent.toml(5) is generated from the config types: it knows the [wal.s3] keys.
 zcat "$data/usr/share/man/man5/agent.toml.5.gz" | grep -q 'wal.s3.credentials_file' \
     || fail "agent.toml(5) does not document wal.s3.credentials_file"
+# The hand-written sections of the two main pages (fleet_model::manpage).
+for page in man8/fleet-agentd.8.gz man1/agentctl.1.gz; do
+    text=$(zcat "$data/usr/share/man/$page")
+    for section in 'EXIT STATUS' ENVIRONMENT FILES EXAMPLES; do
+        grep -qE "^\.SH \"?$section\"?\$" <<<"$text" || fail "$page has no $section section"
+    done
+done
+ctl_page=$(zcat "$data/usr/share/man/man1/agentctl.1.gz")
+grep -q 'FLEET_AGENT_WAL_SOCKET' <<<"$ctl_page" || fail "agentctl(1) ENVIRONMENT misses FLEET_AGENT_WAL_SOCKET"
+grep -q 'a different file is already archived' <<<"$ctl_page" || fail "agentctl(1) EXIT STATUS misses the wal push codes"
+"$data/usr/bin/agentctl" --help | grep -q '^Examples:' || fail "agentctl --help shows no examples"
+"$data/usr/bin/fleet-agentd" --help | grep -q '^Examples:' || fail "fleet-agentd --help shows no examples"
+# The guides: README.Debian points at them, install.md says how to upgrade.
+grep -q 'install.md' "$data/usr/share/doc/fleet-agent/README.Debian" || fail "README.Debian does not point at the guides"
+zcat "$data/usr/share/doc/fleet-agent/install.md.gz" | grep -q '^## 6. Upgrading' \
+    || fail "install.md has no Upgrading section"
 grep -q 'status' "$data/usr/share/bash-completion/completions/agentctl" \
     || fail "bash completion does not know agentctl status"
 log "ok: $(dpkg-deb -f "$deb" Package) $(dpkg-deb -f "$deb" Version), $(stat -c %s "$deb") bytes"

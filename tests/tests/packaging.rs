@@ -12,7 +12,9 @@
 //! themselves. Ports: 47510-47519 (unit-runtime), 47520-47539 (ansible-role),
 //! 47540-47549 (installed-desired), 47550-47559 (state-loss), 47560-47569
 //! (watchdog), 47570-47579 (installed-wal), 47600-47619 (installed-drain),
-//! 47620-47629 (installed-hardening) and 47710-47719 (installed-ops).
+//! 47620-47629 (installed-hardening), 47700-47709 (installed-upgrade;
+//! ansible-role's static S3 preview names 47700/47701 without binding them) and
+//! 47710-47719 (installed-ops).
 
 use fleet_tests::unique_name;
 use std::path::PathBuf;
@@ -115,4 +117,9 @@ fn installed_network_hardening_and_secrets_as_files_under_the_unit() {
 #[test]
 fn installed_doctor_checks_the_archive_and_the_clock_as_the_operator_and_sandboxed() {
     run_script("installed-ops.sh", "pkops");
+}
+
+#[test]
+fn an_upgrade_as_installed_migrates_state_db_and_keeps_containers_and_stops() {
+    run_script("installed-upgrade.sh", "pkupg");
 }

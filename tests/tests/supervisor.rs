@@ -5,7 +5,8 @@
 //! Port ranges: `ten_departments...` alone uses 8001-8010 (the issue demands it);
 //! the others take ten ports each from 42000-42069, and
 //! `explicit_host_ports_...` takes 47500-47502. The registry, locking and
-//! state-loss tests at the end take ten each from 42100-42199.
+//! state-loss tests at the end take ten each from 42100-42199;
+//! `container_logging_...` takes 43600-43619.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -1349,5 +1350,73 @@ fn no_container_is_removed_as_an_orphan_before_the_first_sync() {
         RESYNC,
         "the orphan to be removed after the first sync",
         || !container_exists(&old.id),
+    );
+}
+
+/// The LogConfig a department container was created with, as the engine has it.
+fn log_config_of(id: &str) -> (String, BTreeMap<String, String>) {
+    let c = inspect(&container(id)).unwrap_or_else(|| panic!("no container for {id}"));
+    let log = &c["HostConfig"]["LogConfig"];
+    let options = log["Config"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    (
+        log["Type"].as_str().unwrap_or_default().to_string(),
+        options,
+    )
+}
+
+#[test]
+fn container_logging_is_the_engines_driver_capped_or_what_docker_config_names() {
+    let engine_driver = docker_ok(&["info", "--format", "{{.LoggingDriver}}"])
+        .trim()
+        .to_string();
+
+    // Default: the engine's own driver; a size cap where it writes files.
+    let d = daemon("lg1", (43600, 43609));
+    let id = d.dept("a");
+    d.write_spec(&id, &spec_toml(&id, IMAGE_V1, ""));
+    d.apply(&d.specs_dir());
+    d.wait_running(&id, UP);
+    let (driver, options) = log_config_of(&id);
+    assert_eq!(driver, engine_driver);
+    if ["json-file", "local"].contains(&engine_driver.as_str()) {
+        assert_eq!(options.get("max-size").map(String::as_str), Some("10m"));
+        assert_eq!(options.get("max-file").map(String::as_str), Some("3"));
+    }
+    drop(d);
+
+    // [docker] log_driver and log_options: taken as given, the missing cap filled.
+    let d = TestDaemon::start(TestOptions {
+        name: "lg2",
+        port_range: (43610, 43619),
+        extra_toml: "[docker]\nlog_driver = \"local\"\nlog_options = { max-size = \"2m\", compress = \"false\" }\n".into(),
+        ..Default::default()
+    });
+    let id = d.dept("b");
+    d.write_spec(&id, &spec_toml(&id, IMAGE_V1, ""));
+    d.apply(&d.specs_dir());
+    d.wait_running(&id, UP);
+    let (driver, options) = log_config_of(&id);
+    assert_eq!(driver, "local");
+    assert_eq!(
+        options,
+        BTreeMap::from([
+            ("compress".to_string(), "false".to_string()),
+            ("max-file".to_string(), "3".to_string()),
+            ("max-size".to_string(), "2m".to_string()),
+        ])
+    );
+    // The driver is one `docker logs` (and so `agentctl logs`) can read.
+    let logs = d.agentctl(&["logs", &id]);
+    assert!(
+        logs.status.success(),
+        "agentctl logs failed with the local driver: {}",
+        String::from_utf8_lossy(&logs.stderr)
     );
 }

@@ -32,10 +32,16 @@ pub fn completions(args: CompletionsArgs) -> anyhow::Result<()> {
 }
 
 pub fn man(args: ManArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.out_dir)
-        .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
+    use fleet_model::manpage as m;
+    let root = m::Sections {
+        exit_status: m::CTL_EXIT,
+        environment: m::CTL_ENVIRONMENT,
+        files: m::CTL_FILES,
+        examples: None,
+        see_also: "fleet-agentd(8), agent.toml(5), fleet-department(5)",
+    };
     // One page per visible command (hidden ones, like this, get none), named
     // the git way so `man agentctl-apply` finds it.
-    clap_mangen::generate_to(crate::Cli::command(), &args.out_dir)
+    m::generate_to(crate::Cli::command(), "1", &root, &args.out_dir)
         .with_context(|| format!("cannot write man pages to {}", args.out_dir.display()))
 }

@@ -60,6 +60,14 @@ fn exit(code: u8, message: impl Into<String>) -> anyhow::Error {
 #[derive(clap::Subcommand)]
 pub enum WalCommand {
     /// archive_command: hand one WAL file to the daemon; exit 0 once it is durably archived.
+    #[command(
+        after_help = "Exit status: 0 archived (or already archived, identical), 2 refused file,
+3 a different file is archived under this name, 4 daemon not reachable,
+5 archive target failed (PostgreSQL retries), 6 anything else.
+
+Examples:
+  archive_command = 'agentctl wal push %p'     # postgresql.conf"
+    )]
     Push {
         /// The file (`%p`, relative to the data directory PostgreSQL runs this in).
         path: PathBuf,
@@ -70,6 +78,13 @@ pub enum WalCommand {
         json: JsonFlag,
     },
     /// restore_command: write the archived file `name` to `dest`; exit 1 if it is not archived.
+    #[command(
+        after_help = "Exit status: 0 written, 1 not in the archive (recovery ends there), 2 refused
+name, 4 daemon not reachable, 5 archive target failed, 6 anything else.
+
+Examples:
+  restore_command = 'agentctl wal fetch %f %p'   # set by agentctl restore"
+    )]
     Fetch {
         /// The WAL file name (`%f`).
         name: String,
@@ -110,6 +125,10 @@ pub enum BackupCommand {
 }
 
 #[derive(clap::Args)]
+#[command(after_help = "Examples:
+  agentctl backup list
+  agentctl restore --to /var/lib/postgresql/15/restored --target-time '2026-12-03 11:22:02.144437+00'
+  agentctl restore --to /srv/pg-copy                  # replay all archived WAL")]
 pub struct RestoreArgs {
     /// New (or empty) data directory to restore into; it keeps its owner.
     #[arg(long)]
