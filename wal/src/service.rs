@@ -30,6 +30,8 @@ const JOB_WAIT: Duration = Duration::from_secs(30);
 /// configured one (learned on the first push, or restored here), one system
 /// identifier a line.
 pub const CLUSTERS_FILE: &str = "wal-clusters";
+/// PostgreSQL's largest segment size (`initdb --wal-segsize=1024`).
+pub const MAX_SEGMENT_BYTES: u64 = 1 << 30;
 /// How often the schedule looks at the backup interval (at most).
 const SCHEDULE_TICK: Duration = Duration::from_secs(10);
 
@@ -69,6 +71,10 @@ pub enum WalError {
     Backup(String),
     #[error("{0}")]
     Internal(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{calls} pushes are already under way (wal.parallel_uploads); try again shortly")]
+    Busy { calls: usize },
 }
 
 impl WalError {
@@ -85,6 +91,8 @@ impl WalError {
             WalError::Postgres(_) => "postgres",
             WalError::Backup(_) => "backup",
             WalError::Internal(_) => "internal",
+            WalError::TooLarge(_) => "invalid",
+            WalError::Busy { .. } => "busy",
         }
     }
 }
@@ -157,6 +165,10 @@ pub struct WalService {
     /// Prefetches under way, by `<sysid>/<name>`.
     prefetching: Jobs,
     uploads: Arc<Semaphore>,
+    /// Pushes with a body in progress ([`WalService::push_permit`]).
+    pub(crate) push_calls: Arc<Semaphore>,
+    /// The cluster's segment size as seen in `pg_wal_dir`, once known.
+    segment_bytes: AtomicU64,
     valve_announced: std::sync::atomic::AtomicBool,
 }
 
@@ -281,9 +293,56 @@ impl WalService {
             identities: Mutex::new(HashMap::new()),
             prefetching: Jobs::default(),
             uploads: Arc::new(Semaphore::new(parallel)),
+            push_calls: Arc::new(Semaphore::new(parallel)),
+            segment_bytes: AtomicU64::new(0),
             valve_announced: Default::default(),
             config,
         }))
+    }
+
+    /// A slot for one push that carries content, or [`WalError::Busy`] at
+    /// once: PostgreSQL's archiver pushes one file at a time, so more calls than
+    /// `parallel_uploads` in flight are not PostgreSQL, and each holds up to a
+    /// compressed segment in memory. Refused calls are told to retry (503 with
+    /// `Retry-After`), which agentctl honours.
+    pub fn push_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, WalError> {
+        self.push_calls
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| WalError::Busy {
+                calls: self.config.parallel_uploads.max(1),
+            })
+    }
+
+    /// The largest body a push may carry: the cluster's segment size when
+    /// `pg_wal_dir` shows it (its segment files are exactly that long; history
+    /// and backup files are far smaller), else PostgreSQL's largest segment
+    /// size, 1 GiB.
+    pub fn push_limit(&self) -> u64 {
+        let known = self.segment_bytes.load(Ordering::Relaxed);
+        if known > 0 {
+            return known;
+        }
+        let Some(dir) = &self.config.pg_wal_dir else {
+            return MAX_SEGMENT_BYTES;
+        };
+        let found = std::fs::read_dir(dir).ok().and_then(|entries| {
+            entries.flatten().find_map(|e| {
+                let name = e.file_name();
+                let name = name.to_str()?;
+                (names::classify(name) == Some(names::WalKind::Segment))
+                    .then(|| e.metadata().ok().map(|m| m.len()))
+                    .flatten()
+                    .filter(|len| names::is_segment_size(*len))
+            })
+        });
+        match found {
+            Some(bytes) => {
+                self.segment_bytes.store(bytes, Ordering::Relaxed);
+                bytes
+            }
+            None => MAX_SEGMENT_BYTES,
+        }
     }
 
     /// Starts the look-ahead uploader, the backup schedule and retention.
@@ -506,9 +565,9 @@ impl WalService {
         &self,
         sysid: u64,
         name: &str,
-        content: Bytes,
+        content: Content,
     ) -> Result<PushOutcome, WalError> {
-        match self.push(sysid, name, Content::Bytes(content)).await {
+        match self.push(sysid, name, content).await {
             Ok(outcome) => {
                 self.valve_announced.store(false, Ordering::Relaxed);
                 Ok(outcome)
@@ -950,6 +1009,7 @@ impl WalService {
             "postgres",
             "backup",
             "internal",
+            "busy",
         ] {
             let _ = writeln!(
                 out,
@@ -992,6 +1052,8 @@ pub struct WalStatus {
 pub enum Content {
     Bytes(Bytes),
     File(std::fs::File),
+    /// A request body read as it arrives (from a blocking thread).
+    Stream(Box<dyn std::io::Read + Send>),
 }
 
 impl Content {
@@ -999,6 +1061,7 @@ impl Content {
         match self {
             Content::Bytes(bytes) => Box::new(std::io::Cursor::new(bytes)),
             Content::File(file) => Box::new(file),
+            Content::Stream(reader) => reader,
         }
     }
 }

@@ -156,6 +156,10 @@ fn local_system_id() -> Option<u64> {
     Some(u64::from_ne_bytes(first))
 }
 
+/// How long a push waits on a busy WAL service before it gives up (exit 5,
+/// PostgreSQL retries the segment).
+const BUSY_PATIENCE: Duration = Duration::from_secs(30);
+
 fn error_text(status: StatusCode, body: &[u8]) -> String {
     serde_json::from_slice::<ErrorBody>(body)
         .map(|b| b.error)
@@ -250,15 +254,44 @@ async fn push(client: &Client, path: &Path, system_id: Option<u64>, json: bool) 
     let mut content = Vec::with_capacity(meta.len() as usize);
     std::io::Read::read_to_end(&mut file, &mut content)
         .map_err(|e| exit(code::REFUSED, format!("{}: {e}", path.display())))?;
-    let (status, body) = client
-        .exchange(
-            Method::POST,
-            &format!("/v1/wal/push?{query}"),
-            Some(Bytes::from(content)),
-            "application/octet-stream",
-        )
-        .await
-        .map_err(|e| exit(code::NO_DAEMON, format!("{e:#}")))?;
+    let content = Bytes::from(content);
+    // A busy service (more pushes in flight than it takes) answers 503 with
+    // Retry-After; waiting here keeps PostgreSQL's archiver from counting a
+    // failure and backing off for a minute. A target failure has no such header.
+    let deadline = std::time::Instant::now() + BUSY_PATIENCE;
+    let (status, body) = loop {
+        let response = client
+            .send_typed(
+                Method::POST,
+                &format!("/v1/wal/push?{query}"),
+                Some(content.clone()),
+                "application/octet-stream",
+            )
+            .await
+            .map_err(|e| exit(code::NO_DAEMON, format!("{e:#}")))?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(hyper::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .map_err(|e| exit(code::NO_DAEMON, format!("reading the answer: {e}")))?;
+        match retry_after {
+            Some(secs) if status == StatusCode::SERVICE_UNAVAILABLE => {
+                let wait = Duration::from_secs(secs.clamp(1, 5));
+                if std::time::Instant::now() + wait > deadline {
+                    break (status, body);
+                }
+                tokio::time::sleep(wait).await;
+            }
+            _ => break (status, body),
+        }
+    };
     if !status.is_success() {
         return Err(exit(code_for(status), error_text(status, &body)));
     }
