@@ -1591,3 +1591,77 @@ fn wal_s3_store_refuses_an_overwrite_the_daemon_cannot_see() {
         .expect("stored");
     assert!(again == stored, "the stored object changed");
 }
+
+// --- verify and the restore drill (issue 13): daemons 43500-43539, PostgreSQL 43540-43559 ---
+
+/// The archived names (without `.zst`) of cluster `sysid`, sorted.
+fn archived_names(archive: &Path, sysid: u64) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(archive.join(format!("{sysid}/wal")))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .trim_end_matches(".zst")
+                .to_string()
+        })
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn wal_verify_names_a_gap_and_a_checksum_failure() {
+    let mut pg = Pg::new(43540);
+    let archive = tempfile::tempdir().unwrap();
+    let daemon = file_wal_daemon("walverif", (43500, 43509), &pg, archive.path());
+    pg.init(&archive_command(&daemon));
+    let sysid = pg.sysid();
+    let backup = daemon.agentctl_json(&["backup", "create"]);
+    pg.sql("CREATE TABLE filler (x int)");
+    for _ in 0..4 {
+        pg.sql("INSERT INTO filler SELECT generate_series(1, 1000)");
+        pg.switch_and_wait(Duration::from_secs(120));
+    }
+    let report = daemon.agentctl_json(&["wal", "verify"]);
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["from"], backup["start_wal"], "{report}");
+    assert!(report["segments"].as_u64().unwrap() >= 5, "{report}");
+    assert!(metrics(&daemon).contains("fleet_agent_wal_verify_ok 1"));
+
+    let segments: Vec<String> = archived_names(archive.path(), sysid)
+        .into_iter()
+        .filter(|n| n.len() == 24 && n.as_str() > backup["start_wal"].as_str().unwrap())
+        .collect();
+    assert!(segments.len() >= 4, "{segments:?}");
+    let wal_dir = archive.path().join(format!("{sysid}/wal"));
+    let missing = &segments[1];
+    fs::remove_file(wal_dir.join(format!("{missing}.zst"))).unwrap();
+    let damaged = &segments[2];
+    let path = wal_dir.join(format!("{damaged}.zst"));
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(&path, bytes).unwrap();
+
+    let out = daemon.agentctl(&["wal", "verify", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["gaps"], serde_json::json!([missing]), "{report}");
+    assert_eq!(
+        report["checksum_failures"][0]["name"].as_str(),
+        Some(damaged.as_str()),
+        "{report}"
+    );
+    let text = metrics(&daemon);
+    assert!(text.contains("fleet_agent_wal_verify_ok 0"), "{text}");
+    assert!(text.contains("fleet_agent_wal_verify_problems 2"), "{text}");
+    assert!(events(&daemon)
+        .iter()
+        .any(|(kind, message)| kind == "wal_verify_failed" && message.contains(missing.as_str())));
+    // The age of the newest archived segment (the RPO bound) is exported.
+    assert!(metric_value(&text, "fleet_agent_wal_newest_archived_age_seconds").is_some());
+}

@@ -86,6 +86,7 @@ pub fn router(service: Arc<WalService>) -> Router {
         .route("/v1/wal/backups", get(list_backups).post(create_backup))
         .route("/v1/wal/restore", post(restore))
         .route("/v1/wal/retention", post(retention))
+        .route("/v1/wal/verify", post(verify))
         .with_state(service)
 }
 
@@ -241,6 +242,13 @@ async fn restore(
     Json(request): Json<RestoreRequest>,
 ) -> Result<Response, WalError> {
     Ok(Json(service.restore(request).await?).into_response())
+}
+
+async fn verify(
+    State(service): State<Arc<WalService>>,
+    Query(q): Query<SysQuery>,
+) -> Result<Response, WalError> {
+    Ok(Json(service.verify(q.system_id).await?).into_response())
 }
 
 async fn retention(

@@ -11,5 +11,6 @@ pub mod pg;
 pub mod service;
 pub mod target;
 pub mod times;
+pub mod verify;
 
 pub use service::{EventSink, PushOutcome, WalError, WalService};

@@ -142,6 +142,13 @@ pub struct Counters {
     pub failures: Mutex<BTreeMap<&'static str, u64>>,
     pub last_push_unix: AtomicU64,
     pub last_backup_unix: AtomicU64,
+    /// The last `verify`: 1 ok / 0 not, its problem count, and when (0: never).
+    pub verify_ok: AtomicU64,
+    pub verify_problems: AtomicU64,
+    pub verify_unix: AtomicU64,
+    /// When this service last stored a segment (0: none since it started;
+    /// the metric is then absent rather than claiming an age it does not know).
+    pub newest_archived_unix: AtomicU64,
 }
 
 pub struct WalService {
@@ -513,6 +520,11 @@ impl WalService {
                 self.counters
                     .last_push_unix
                     .store(now_unix(), Ordering::Relaxed);
+                if names::classify(name) == Some(names::WalKind::Segment) {
+                    self.counters
+                        .newest_archived_unix
+                        .store(now_unix(), Ordering::Relaxed);
+                }
                 Ok(PushOutcome::Stored)
             }
             Put::Exists => {
@@ -984,6 +996,36 @@ impl WalService {
             "gauge",
             last_push.to_string(),
         );
+        let newest = c.newest_archived_unix.load(Ordering::Relaxed);
+        if newest > 0 {
+            gauge(
+                "fleet_agent_wal_newest_archived_age_seconds",
+                "Seconds since the newest WAL segment reached the archive (the RPO bound; archive_timeout caps it while the database writes).",
+                "gauge",
+                now_unix().saturating_sub(newest).to_string(),
+            );
+        }
+        let verified = c.verify_unix.load(Ordering::Relaxed);
+        if verified > 0 {
+            gauge(
+                "fleet_agent_wal_verify_ok",
+                "1 if the last `agentctl wal verify` found the archive complete from the oldest kept base backup on, 0 if not.",
+                "gauge",
+                c.verify_ok.load(Ordering::Relaxed).to_string(),
+            );
+            gauge(
+                "fleet_agent_wal_verify_problems",
+                "Gaps, checksum failures and timeline switches without .history found by the last verify.",
+                "gauge",
+                c.verify_problems.load(Ordering::Relaxed).to_string(),
+            );
+            gauge(
+                "fleet_agent_wal_verify_timestamp_seconds",
+                "Unix time of the last verify.",
+                "gauge",
+                verified.to_string(),
+            );
+        }
         let last_backup = c.last_backup_unix.load(Ordering::Relaxed);
         if last_backup > 0 {
             gauge(
@@ -1169,7 +1211,7 @@ impl Jobs {
 }
 
 /// Runs CPU-heavy or blocking work off the async workers.
-pub(crate) async fn blocking<T: Send + 'static>(
+pub async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, WalError> + Send + 'static,
 ) -> Result<T, WalError> {
     tokio::task::spawn_blocking(work)

@@ -78,6 +78,15 @@ pub enum WalCommand {
         #[arg(long)]
         system_id: Option<u64>,
     },
+    /// Walk the archive from the oldest kept base backup to the newest segment:
+    /// gaps, timeline switches, checksum failures (every object is read). Exit 1 on a problem.
+    Verify {
+        /// The cluster (default: the configured one).
+        #[arg(long)]
+        system_id: Option<u64>,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// Archiver state: PostgreSQL's counters, the .ready backlog, what was shipped.
     Status {
         #[command(flatten)]
@@ -193,6 +202,63 @@ pub async fn wal(client: &Client, command: WalCommand) -> Result<()> {
             system_id,
         } => fetch(client, &name, &dest, system_id.or_else(local_system_id)).await,
         WalCommand::Status { json } => status(client, json.json).await,
+        WalCommand::Verify { system_id, json } => verify(client, system_id, json.json).await,
+    }
+}
+
+async fn verify(client: &Client, system_id: Option<u64>, json: bool) -> Result<()> {
+    let report: Value = with_progress(
+        "verify",
+        client.post(
+            Method::POST,
+            &format!("/v1/wal/verify?{}", sys_query(system_id)),
+            &serde_json::json!({}),
+        ),
+    )
+    .await?;
+    let ok = report["ok"].as_bool().unwrap_or(false);
+    if json {
+        output::json(&report)?;
+    } else {
+        let s = |k: &str| report[k].as_str().unwrap_or("-").to_string();
+        say!("cluster:            {}", s("system_identifier"));
+        say!("from base backup:   {}", s("base_backup"));
+        say!(
+            "segments:           {} .. {} ({} present)",
+            s("from"),
+            s("to"),
+            report["segments"]
+        );
+        say!("objects checked:    {}", report["objects_checked"]);
+        for gap in report["gaps"].as_array().into_iter().flatten() {
+            say!("GAP:                {}", gap.as_str().unwrap_or("?"));
+        }
+        for f in report["checksum_failures"].as_array().into_iter().flatten() {
+            say!(
+                "CHECKSUM:           {}: {}",
+                f["name"].as_str().unwrap_or("?"),
+                f["error"].as_str().unwrap_or("?")
+            );
+        }
+        for t in report["timeline_switches"].as_array().into_iter().flatten() {
+            say!(
+                "timeline switch:    {} -> {} at {}{}",
+                t["from"],
+                t["to"],
+                t["at"].as_str().unwrap_or("?"),
+                if t["history_archived"].as_bool().unwrap_or(false) {
+                    ""
+                } else {
+                    " (NO .history archived)"
+                }
+            );
+        }
+        say!("result:             {}", if ok { "ok" } else { "PROBLEMS" });
+    }
+    if ok {
+        Ok(())
+    } else {
+        Err(exit(1, "the archive has problems (see above)"))
     }
 }
 
