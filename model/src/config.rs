@@ -369,6 +369,14 @@ pub struct WalConfig {
     /// PostgreSQL's rights, i.e. run as root).
     #[serde(default)]
     pub socket: Option<PathBuf>,
+    /// PostgreSQL's programs for the restore drill (absent: Debian's
+    /// `/usr/lib/postgresql/<PG_VERSION of the backup>/bin`).
+    #[serde(default)]
+    pub pg_bin_dir: Option<PathBuf>,
+    /// Where restore drills make their scratch data directory (absent:
+    /// `<state_dir>/wal-drill`); the PostgreSQL user must be able to reach it.
+    #[serde(default)]
+    pub drill_dir: Option<PathBuf>,
 }
 
 fn default_postgres_user() -> String {

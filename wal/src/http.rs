@@ -87,6 +87,7 @@ pub fn router(service: Arc<WalService>) -> Router {
         .route("/v1/wal/restore", post(restore))
         .route("/v1/wal/retention", post(retention))
         .route("/v1/wal/verify", post(verify))
+        .route("/v1/wal/drill", post(drill))
         .with_state(service)
 }
 
@@ -249,6 +250,13 @@ async fn verify(
     Query(q): Query<SysQuery>,
 ) -> Result<Response, WalError> {
     Ok(Json(service.verify(q.system_id).await?).into_response())
+}
+
+async fn drill(
+    State(service): State<Arc<WalService>>,
+    Json(request): Json<crate::drill::DrillRequest>,
+) -> Result<Response, WalError> {
+    Ok(Json(service.drill(request).await?).into_response())
 }
 
 async fn retention(

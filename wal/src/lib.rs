@@ -5,6 +5,7 @@
 
 pub mod backup;
 pub mod codec;
+pub mod drill;
 pub mod http;
 pub mod names;
 pub mod pg;

@@ -149,6 +149,10 @@ pub struct Counters {
     /// When this service last stored a segment (0: none since it started;
     /// the metric is then absent rather than claiming an age it does not know).
     pub newest_archived_unix: AtomicU64,
+    /// The last restore drill: 1 ok / 0 failed, its RTO, when (0: never).
+    pub drill_ok: AtomicU64,
+    pub drill_rto_millis: AtomicU64,
+    pub drill_unix: AtomicU64,
 }
 
 pub struct WalService {
@@ -177,6 +181,8 @@ pub struct WalService {
     /// The cluster's segment size as seen in `pg_wal_dir`, once known.
     segment_bytes: AtomicU64,
     valve_announced: std::sync::atomic::AtomicBool,
+    /// One restore drill at a time.
+    pub(crate) drill_lock: tokio::sync::Mutex<()>,
 }
 
 pub fn now_unix() -> u64 {
@@ -303,6 +309,7 @@ impl WalService {
             push_calls: Arc::new(Semaphore::new(parallel)),
             segment_bytes: AtomicU64::new(0),
             valve_announced: Default::default(),
+            drill_lock: tokio::sync::Mutex::new(()),
             config,
         }))
     }
@@ -1024,6 +1031,27 @@ impl WalService {
                 "Unix time of the last verify.",
                 "gauge",
                 verified.to_string(),
+            );
+        }
+        let drilled = c.drill_unix.load(Ordering::Relaxed);
+        if drilled > 0 {
+            gauge(
+                "fleet_agent_wal_drill_ok",
+                "1 if the last restore drill restored, replayed to the newest archived segment and answered the sanity query, 0 if not.",
+                "gauge",
+                c.drill_ok.load(Ordering::Relaxed).to_string(),
+            );
+            gauge(
+                "fleet_agent_wal_drill_rto_seconds",
+                "Measured recovery time of the last restore drill (download, unpack, replay, promotion, first query).",
+                "gauge",
+                format!("{:.3}", c.drill_rto_millis.load(Ordering::Relaxed) as f64 / 1000.0),
+            );
+            gauge(
+                "fleet_agent_wal_drill_timestamp_seconds",
+                "Unix time of the last restore drill.",
+                "gauge",
+                drilled.to_string(),
             );
         }
         let last_backup = c.last_backup_unix.load(Ordering::Relaxed);

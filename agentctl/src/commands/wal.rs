@@ -87,6 +87,16 @@ pub enum WalCommand {
         #[command(flatten)]
         json: JsonFlag,
     },
+    /// Restore drill: restore the newest base backup into a scratch directory, replay
+    /// all archived WAL on a throwaway PostgreSQL, run a sanity query, report the RTO,
+    /// clean up. Exit 1 if it fails (the report names a missing segment).
+    Drill {
+        /// The cluster (default: the configured one, else the only one in the archive).
+        #[arg(long)]
+        system_id: Option<u64>,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// Archiver state: PostgreSQL's counters, the .ready backlog, what was shipped.
     Status {
         #[command(flatten)]
@@ -203,6 +213,62 @@ pub async fn wal(client: &Client, command: WalCommand) -> Result<()> {
         } => fetch(client, &name, &dest, system_id.or_else(local_system_id)).await,
         WalCommand::Status { json } => status(client, json.json).await,
         WalCommand::Verify { system_id, json } => verify(client, system_id, json.json).await,
+        WalCommand::Drill { system_id, json } => drill(client, system_id, json.json).await,
+    }
+}
+
+/// The `restore_command` a restored cluster gets: this agentctl, on this socket.
+fn own_restore_command(client: &Client) -> Result<String> {
+    let exe = std::env::current_exe().context("cannot find agentctl's own path")?;
+    let socket = std::fs::canonicalize(client.socket()).unwrap_or(client.socket().to_path_buf());
+    Ok(format!(
+        "{} --socket {} wal fetch %f %p",
+        shell_word(&exe.to_string_lossy()),
+        shell_word(&socket.to_string_lossy())
+    ))
+}
+
+async fn drill(client: &Client, system_id: Option<u64>, json: bool) -> Result<()> {
+    let request = serde_json::json!({
+        "system_identifier": system_id.map(|i| i.to_string()),
+        "restore_command": own_restore_command(client)?,
+    });
+    let report: Value = with_progress(
+        "restore drill",
+        client.post(Method::POST, "/v1/wal/drill", &request),
+    )
+    .await?;
+    let ok = report["ok"].as_bool().unwrap_or(false);
+    if json {
+        output::json(&report)?;
+    } else {
+        let s = |k: &str| report[k].as_str().unwrap_or("-").to_string();
+        say!("cluster:            {}", s("system_identifier"));
+        say!("base backup:        {}", s("backup"));
+        say!(
+            "replayed to:        {} (archive ends at {})",
+            s("replayed_to"),
+            s("expected_end")
+        );
+        say!(
+            "RTO:                {:.1}s (restore {:.1}s, replay {:.1}s)",
+            report["rto_seconds"].as_f64().unwrap_or(0.0),
+            report["restore_seconds"].as_f64().unwrap_or(0.0),
+            report["replay_seconds"].as_f64().unwrap_or(0.0)
+        );
+        if let Some(missing) = report["missing_segment"].as_str() {
+            say!("MISSING:            {missing}");
+        }
+        if let Some(error) = report["error"].as_str() {
+            say!("FAILED:             {error}");
+        } else {
+            say!("result:             ok");
+        }
+    }
+    if ok {
+        Ok(())
+    } else {
+        Err(exit(1, "the restore drill failed (see above)"))
     }
 }
 
@@ -586,18 +652,12 @@ fn shell_word(s: &str) -> String {
 }
 
 pub async fn restore(client: &Client, args: RestoreArgs) -> Result<()> {
-    let exe = std::env::current_exe().context("cannot find agentctl's own path")?;
     let to = if args.to.is_absolute() {
         args.to.clone()
     } else {
         std::env::current_dir()?.join(&args.to)
     };
-    let socket = std::fs::canonicalize(client.socket()).unwrap_or(client.socket().to_path_buf());
-    let restore_command = format!(
-        "{} --socket {} wal fetch %f %p",
-        shell_word(&exe.to_string_lossy()),
-        shell_word(&socket.to_string_lossy())
-    );
+    let restore_command = own_restore_command(client)?;
     let request = serde_json::json!({
         "to": to,
         "target_time": args.target_time,
