@@ -377,6 +377,9 @@ pub struct WalConfig {
     /// `<state_dir>/wal-drill`); the PostgreSQL user must be able to reach it.
     #[serde(default)]
     pub drill_dir: Option<PathBuf>,
+    /// Restore drill schedule ("7d"); absent: by hand only (`agentctl wal drill`).
+    #[serde(default, with = "humantime_serde::option")]
+    pub drill_interval: Option<Duration>,
 }
 
 fn default_postgres_user() -> String {
@@ -705,6 +708,15 @@ impl Config {
                 problems.push(FieldError::new(
                     "wal.backup_interval",
                     "must be at least 1s (absent: backups by hand only)",
+                ));
+            }
+            if wal
+                .drill_interval
+                .is_some_and(|i| i < Duration::from_secs(60))
+            {
+                problems.push(FieldError::new(
+                    "wal.drill_interval",
+                    "must be at least 1m: each drill restores a whole cluster (absent: drills by hand only)",
                 ));
             }
             if wal.backup_timeout < Duration::from_secs(1) {

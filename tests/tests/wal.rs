@@ -1695,8 +1695,7 @@ fn wal_drill_restores_replays_and_names_a_missing_segment() {
     }
     let newest = archived_names(archive.path(), sysid)
         .into_iter()
-        .filter(|n| n.len() == 24)
-        .next_back()
+        .rfind(|n| n.len() == 24)
         .unwrap();
 
     let report = daemon.agentctl_json(&["wal", "drill"]);

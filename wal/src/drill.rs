@@ -23,8 +23,21 @@ const REPLAY_TIMEOUT: Duration = Duration::from_secs(3600);
 #[serde(deny_unknown_fields)]
 pub struct DrillRequest {
     pub system_identifier: Option<String>,
-    /// The `restore_command` the throwaway server uses (agentctl passes its own path and socket).
-    pub restore_command: String,
+    /// The `restore_command` the throwaway server uses (agentctl passes its own
+    /// path and socket); absent (the schedule): [`default_restore_command`].
+    #[serde(default)]
+    pub restore_command: Option<String>,
+}
+
+/// The agentctl installed beside this binary, finding the socket as it always
+/// does (`$FLEET_AGENT_WAL_SOCKET`, the WAL unit's socket, the daemon's).
+pub fn default_restore_command() -> String {
+    let agentctl = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("agentctl")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/agentctl"));
+    format!("{} wal fetch %f %p", agentctl.display())
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -243,7 +256,10 @@ impl WalService {
             target_time: None,
             system_identifier: Some(sysid.to_string()),
             backup: Some(newest.id.clone()),
-            restore_command: request.restore_command.clone(),
+            restore_command: request
+                .restore_command
+                .clone()
+                .unwrap_or_else(default_restore_command),
         })
         .await?;
         report.restore_seconds = began.elapsed().as_secs_f64();

@@ -756,8 +756,22 @@ impl WalService {
             i.clamp(Duration::from_secs(1), SCHEDULE_TICK)
         });
         let mut last_retention = std::time::Instant::now();
+        let mut last_drill = std::time::Instant::now();
         loop {
             tokio::time::sleep(tick).await;
+            if let Some(interval) = self.config.drill_interval {
+                if last_drill.elapsed() >= interval {
+                    last_drill = std::time::Instant::now();
+                    // The outcome is recorded (metrics, event) by the drill itself.
+                    let request = crate::drill::DrillRequest {
+                        system_identifier: None,
+                        restore_command: None,
+                    };
+                    if let Err(e) = self.drill(request).await {
+                        tracing::warn!(error = %e, "Scheduled restore drill could not start.");
+                    }
+                }
+            }
             if let Some(interval) = self.config.backup_interval {
                 let last = self.last_backup_unix().await;
                 if now_unix().saturating_sub(last) >= interval.as_secs() {
