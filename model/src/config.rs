@@ -842,6 +842,21 @@ mod tests {
     }
 
     #[test]
+    fn wal_drill_interval_is_off_by_default_and_at_least_a_minute() {
+        let wal = |extra: &str| format!("[wal]\ntarget = \"file:///tmp/a\"\n{extra}");
+        let c = Config::from_toml_str(Path::new("t"), &wal("")).unwrap();
+        assert_eq!(c.wal.and_then(|w| w.drill_interval), None);
+        let c = Config::from_toml_str(Path::new("t"), &wal("drill_interval = \"7d\"\n")).unwrap();
+        assert_eq!(
+            c.wal.and_then(|w| w.drill_interval),
+            Some(Duration::from_secs(7 * 86400))
+        );
+        let err =
+            Config::from_toml_str(Path::new("t"), &wal("drill_interval = \"10s\"\n")).unwrap_err();
+        assert!(err.to_string().contains("wal.drill_interval"), "{err}");
+    }
+
+    #[test]
     fn wal_backup_interval_may_be_short_but_not_zero() {
         let wal = |interval: &str| {
             format!("[wal]\ntarget = \"file:///tmp/a\"\nbackup_interval = \"{interval}\"\n")
