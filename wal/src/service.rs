@@ -146,8 +146,9 @@ pub struct Counters {
     pub verify_ok: AtomicU64,
     pub verify_problems: AtomicU64,
     pub verify_unix: AtomicU64,
-    /// When this service last stored a segment (0: none since it started;
-    /// the metric is then absent rather than claiming an age it does not know).
+    /// When the newest segment reached the archive: this service's last upload,
+    /// or after a start the archive listing's newest segment (0: unknown; the
+    /// metric is then absent rather than claiming an age it does not know).
     pub newest_archived_unix: AtomicU64,
     /// The last restore drill: 1 ok / 0 failed, its RTO, when (0: never).
     pub drill_ok: AtomicU64,
@@ -368,7 +369,46 @@ impl WalService {
         }
         let me = self.clone();
         tasks.push(tokio::spawn(async move { me.schedule_loop().await }));
+        let me = self.clone();
+        tasks.push(tokio::spawn(async move { me.seed_newest_archived().await }));
         tasks
+    }
+
+    /// After a start, the RPO age comes from the archive itself (the newest
+    /// segment's time in the listing) until this service stores one, so a
+    /// restart followed by a stall is not hidden by an absent metric.
+    pub async fn seed_newest_archived(&self) {
+        let Some(sysid) = self.default_sysid() else {
+            return;
+        };
+        let prefix = format!("{sysid}/wal/");
+        let newest = match self.target.list(&prefix).await {
+            Ok(entries) => entries
+                .iter()
+                .filter(|e| {
+                    e.key
+                        .strip_prefix(&prefix)
+                        .and_then(|k| k.strip_suffix(".zst"))
+                        .and_then(names::classify)
+                        == Some(names::WalKind::Segment)
+                })
+                .filter_map(|e| e.modified.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs())
+                .max(),
+            Err(e) => {
+                tracing::debug!(error = %e, "Cannot list the archive for the newest segment.");
+                None
+            }
+        };
+        if let Some(newest) = newest {
+            // Only if no upload has set it meanwhile (that one is newer).
+            let _ = self.counters.newest_archived_unix.compare_exchange(
+                0,
+                newest,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
     }
 
     pub fn default_sysid(&self) -> Option<u64> {
@@ -1301,6 +1341,40 @@ mod tests {
         ] {
             assert!(!valve_may_acknowledge(kept, past, limit), "{kept}");
         }
+    }
+
+    #[tokio::test]
+    async fn after_a_start_the_rpo_age_comes_from_the_archive() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pg_wal = dir.path().join("data/pg_wal");
+        std::fs::create_dir_all(&pg_wal).expect("pg_wal");
+        std::fs::create_dir_all(dir.path().join("data/global")).expect("global");
+        let mut control = 77u64.to_ne_bytes().to_vec();
+        control.resize(8192, 0);
+        std::fs::write(dir.path().join("data/global/pg_control"), control).expect("pg_control");
+        let archive = dir.path().join("archive");
+        std::fs::create_dir_all(archive.join("77/wal")).expect("archive");
+        std::fs::write(archive.join("77/wal/000000010000000000000003.zst"), b"x").expect("object");
+        let config: WalConfig = toml::from_str(&format!(
+            "target = \"file://{}\"\npg_wal_dir = \"{}\"",
+            archive.display(),
+            pg_wal.display()
+        ))
+        .expect("config");
+        let service =
+            WalService::new(config, dir.path(), Arc::new(|_: &str, _: &str| {})).expect("service");
+        let mut text = String::new();
+        service.render_metrics(&mut text);
+        assert!(!text.contains("fleet_agent_wal_newest_archived_age_seconds"));
+        service.seed_newest_archived().await;
+        let mut text = String::new();
+        service.render_metrics(&mut text);
+        let age: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("fleet_agent_wal_newest_archived_age_seconds "))
+            .and_then(|v| v.parse().ok())
+            .expect("the age is exported");
+        assert!(age < 600, "{age}");
     }
 
     #[test]
