@@ -608,6 +608,17 @@ pub struct WalConfig {
     /// PostgreSQL's rights, i.e. run as root).
     #[serde(default)]
     pub socket: Option<PathBuf>,
+    /// PostgreSQL's programs for the restore drill (absent: Debian's
+    /// `/usr/lib/postgresql/<PG_VERSION of the backup>/bin`).
+    #[serde(default)]
+    pub pg_bin_dir: Option<PathBuf>,
+    /// Where restore drills make their scratch data directory (absent:
+    /// `<state_dir>/wal-drill`); the PostgreSQL user must be able to reach it.
+    #[serde(default)]
+    pub drill_dir: Option<PathBuf>,
+    /// Restore drill schedule ("7d"); absent: by hand only (`agentctl wal drill`).
+    #[serde(default, with = "humantime_serde::option")]
+    pub drill_interval: Option<Duration>,
 }
 
 fn default_postgres_user() -> String {
@@ -1003,6 +1014,15 @@ impl Config {
                     "must be at least 1s (absent: backups by hand only)",
                 ));
             }
+            if wal
+                .drill_interval
+                .is_some_and(|i| i < Duration::from_secs(60))
+            {
+                problems.push(FieldError::new(
+                    "wal.drill_interval",
+                    "must be at least 1m: each drill restores a whole cluster (absent: drills by hand only)",
+                ));
+            }
             if wal.backup_timeout < Duration::from_secs(1) {
                 problems.push(FieldError::new(
                     "wal.backup_timeout",
@@ -1158,6 +1178,21 @@ mod tests {
         let bad_agent =
             "[ports]\nstandby_range = \"8101-8110\"\n[haproxy]\nagent_listen = \"here\"\n";
         assert_eq!(fields(bad_agent), ["haproxy.agent_listen"]);
+    }
+
+    #[test]
+    fn wal_drill_interval_is_off_by_default_and_at_least_a_minute() {
+        let wal = |extra: &str| format!("[wal]\ntarget = \"file:///tmp/a\"\n{extra}");
+        let c = Config::from_toml_str(Path::new("t"), &wal("")).unwrap();
+        assert_eq!(c.wal.and_then(|w| w.drill_interval), None);
+        let c = Config::from_toml_str(Path::new("t"), &wal("drill_interval = \"7d\"\n")).unwrap();
+        assert_eq!(
+            c.wal.and_then(|w| w.drill_interval),
+            Some(Duration::from_secs(7 * 86400))
+        );
+        let err =
+            Config::from_toml_str(Path::new("t"), &wal("drill_interval = \"10s\"\n")).unwrap_err();
+        assert!(err.to_string().contains("wal.drill_interval"), "{err}");
     }
 
     #[test]

@@ -193,6 +193,9 @@ pub const CONFIG_DOCS: &[(&str, &str)] = &[
     ("wal.valve_backlog", "Protective valve: acknowledge segments unarchived past this backlog (absent: off)."),
     ("wal.compression_level", "zstd level of stored segments (1-22)."),
     ("wal.backup_timeout", "A base backup still running after this is killed and fails with an event."),
+    ("wal.pg_bin_dir", "PostgreSQL's programs (pg_ctl, psql) for the restore drill; absent: /usr/lib/postgresql/<PG_VERSION of the backup>/bin."),
+    ("wal.drill_dir", "Scratch directory of restore drills (agentctl wal drill); absent: <state_dir>/wal-drill. The PostgreSQL user must reach it; it needs room for one restored cluster."),
+    ("wal.drill_interval", "Restore drill schedule (7d): restore the newest base backup, replay, query, measure the RTO, clean up; absent: by hand only (agentctl wal drill)."),
     ("wal.socket", "The WAL service's socket (fleet-agent-wal.service); set: fleet-agentd relays /v1/wal and WAL metrics from it and does no WAL work itself."),
 ];
 

@@ -18,6 +18,7 @@ source "$(dirname "$0")/lib.sh"
 # SIGPIPE, and pipefail turns a match into a failure.
 
 node=$PKGTEST_NAME
+# (verify and the drill: no new ports; the drill's server has only a socket.)
 # Ports 47570-47579: PostgreSQL 47570 (15/main) and 47576 (15/restored), the
 # department pool 47571-47574, the API 47575, moto 47577.
 pg_port=47570
@@ -188,6 +189,23 @@ got=$(psql_at $restored_port 'SELECT count(*) FROM pgbench_history')
 [ "$got" = "$history" ] || fail "restored pgbench_history has $got rows, expected $history"
 in_ct grep -q "fleet-agent-wal/wal.sock wal fetch" /var/lib/postgresql/15/restored/postgresql.auto.conf \
     || fail "restore_command does not use the WAL service's socket"
+
+# --- verify and the restore drill, run by the WAL service (User=postgres) as
+# docs/wal.md says: the whole chain checks, and a drill restores the newest
+# backup into /var/lib/fleet-agent-wal/wal-drill, replays, answers a query.
+log "agentctl wal verify"
+out=$(in_ct agentctl wal verify 2>&1) || { journal fleet-agent-wal; fail "agentctl wal verify: $out"; }
+grep -q 'result: *ok' <<<"$out" || fail "wal verify said: $out"
+log "agentctl wal drill"
+out=$(in_ct agentctl wal drill --json 2>&1) || { journal fleet-agent-wal; fail "agentctl wal drill: $out"; }
+python3 -c 'import json,sys; d=json.loads(sys.argv[1]); assert d["ok"] and d["rto_seconds"] > 0 and d["replayed_to"][8:] == d["expected_end"][8:], d' "$out" \
+    || fail "the drill report is not a success: $out"
+log "drill RTO $(python3 -c 'import json,sys; print(round(json.loads(sys.argv[1])["rto_seconds"], 1))' "$out") s"
+[ -z "$(in_ct ls -A /var/lib/fleet-agent-wal/wal-drill)" ] || fail "the drill left its scratch directory behind"
+# fleet-agentd relays the WAL service's metrics every 5 s.
+drill_relayed() { m=$(http_get /metrics) && grep -qE '^fleet_agent_wal_drill_ok 1$' <<<"$m" && grep -qE '^fleet_agent_wal_verify_ok 1$' <<<"$m"; }
+wait_for 20 "fleet-agentd's /metrics shows no fleet_agent_wal_drill_ok 1 / verify_ok 1" drill_relayed
+in_ct journalctl -u fleet-agent-wal EVENT=wal_drill_ok --no-pager -q | grep -q . || fail "no wal_drill_ok event in the WAL unit's journal"
 
 # --- The same archive on S3, credentials where docs/wal.md keeps them (only
 # root can read them; the unit hands the WAL service its copy).

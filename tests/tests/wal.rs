@@ -1591,3 +1591,165 @@ fn wal_s3_store_refuses_an_overwrite_the_daemon_cannot_see() {
         .expect("stored");
     assert!(again == stored, "the stored object changed");
 }
+
+// --- verify and the restore drill (issue 13): daemons 43500-43539, PostgreSQL 43540-43559 ---
+
+/// The archived names (without `.zst`) of cluster `sysid`, sorted.
+fn archived_names(archive: &Path, sysid: u64) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(archive.join(format!("{sysid}/wal")))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .trim_end_matches(".zst")
+                .to_string()
+        })
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn wal_verify_names_a_gap_and_a_checksum_failure() {
+    let mut pg = Pg::new(43540);
+    let archive = tempfile::tempdir().unwrap();
+    let daemon = file_wal_daemon("walverif", (43500, 43509), &pg, archive.path());
+    pg.init(&archive_command(&daemon));
+    let sysid = pg.sysid();
+    let backup = daemon.agentctl_json(&["backup", "create"]);
+    pg.sql("CREATE TABLE filler (x int)");
+    for _ in 0..4 {
+        pg.sql("INSERT INTO filler SELECT generate_series(1, 1000)");
+        pg.switch_and_wait(Duration::from_secs(120));
+    }
+    let report = daemon.agentctl_json(&["wal", "verify"]);
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["from"], backup["start_wal"], "{report}");
+    assert!(report["segments"].as_u64().unwrap() >= 5, "{report}");
+    assert!(metrics(&daemon).contains("fleet_agent_wal_verify_ok 1"));
+
+    let segments: Vec<String> = archived_names(archive.path(), sysid)
+        .into_iter()
+        .filter(|n| n.len() == 24 && n.as_str() > backup["start_wal"].as_str().unwrap())
+        .collect();
+    assert!(segments.len() >= 4, "{segments:?}");
+    let wal_dir = archive.path().join(format!("{sysid}/wal"));
+    let missing = &segments[1];
+    fs::remove_file(wal_dir.join(format!("{missing}.zst"))).unwrap();
+    let damaged = &segments[2];
+    let path = wal_dir.join(format!("{damaged}.zst"));
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(&path, bytes).unwrap();
+
+    let out = daemon.agentctl(&["wal", "verify", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["gaps"], serde_json::json!([missing]), "{report}");
+    assert_eq!(
+        report["checksum_failures"][0]["name"].as_str(),
+        Some(damaged.as_str()),
+        "{report}"
+    );
+    let text = metrics(&daemon);
+    assert!(text.contains("fleet_agent_wal_verify_ok 0"), "{text}");
+    assert!(text.contains("fleet_agent_wal_verify_problems 2"), "{text}");
+    assert!(events(&daemon)
+        .iter()
+        .any(|(kind, message)| kind == "wal_verify_failed" && message.contains(missing.as_str())));
+    // The age of the newest archived segment (the RPO bound) is exported.
+    assert!(metric_value(&text, "fleet_agent_wal_newest_archived_age_seconds").is_some());
+}
+
+#[test]
+fn wal_drill_restores_replays_and_names_a_missing_segment() {
+    let mut pg = Pg::new(43541);
+    let archive = tempfile::tempdir().unwrap();
+    // The daemon runs as root here and its state dir is 0750: the drill's
+    // server (as postgres) gets a scratch directory it can reach.
+    let drills = tempfile::tempdir().unwrap();
+    open_up(drills.path());
+    let daemon = wal_daemon(
+        "waldrill",
+        (43510, 43519),
+        &format!(
+            "target = \"file://{}\"\npostgres = \"{}\"\npg_wal_dir = \"{}/pg_wal\"\ndrill_dir = \"{}/d\"\n",
+            archive.path().display(),
+            pg.conninfo(),
+            pg.data.display(),
+            drills.path().display()
+        ),
+    );
+    pg.init(&archive_command(&daemon));
+    let sysid = pg.sysid();
+    pg.pgbench(&["-i", "-s", "2"]);
+    let backup = daemon.agentctl_json(&["backup", "create"]);
+    for _ in 0..3 {
+        pg.pgbench(&["-t", "200", "-c", "2"]);
+        pg.switch_and_wait(Duration::from_secs(120));
+    }
+    let newest = archived_names(archive.path(), sysid)
+        .into_iter()
+        .rfind(|n| n.len() == 24)
+        .unwrap();
+
+    let report = daemon.agentctl_json(&["wal", "drill"]);
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["backup"], backup["id"], "{report}");
+    assert_eq!(
+        report["expected_end"].as_str(),
+        Some(newest.as_str()),
+        "{report}"
+    );
+    // Replay reached the newest segment (the promoted server names it on its new timeline).
+    assert_eq!(
+        report["replayed_to"].as_str().map(|s| &s[8..]),
+        Some(&newest[8..]),
+        "{report}"
+    );
+    assert!(report["rto_seconds"].as_f64().unwrap() > 0.0, "{report}");
+    let text = metrics(&daemon);
+    assert!(text.contains("fleet_agent_wal_drill_ok 1"), "{text}");
+    assert!(metric_value(&text, "fleet_agent_wal_drill_rto_seconds").unwrap() > 0.0);
+    assert!(events(&daemon)
+        .iter()
+        .any(|(kind, _)| kind == "wal_drill_ok"));
+    // Cleaned up: no scratch directory, no server left running.
+    let scratch = drills.path().join("d");
+    let left: Vec<_> = fs::read_dir(&scratch)
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+
+    // A segment between the backup and the end goes missing: the drill fails and names it.
+    let segments: Vec<String> = archived_names(archive.path(), sysid)
+        .into_iter()
+        .filter(|n| n.len() == 24 && n.as_str() > backup["start_wal"].as_str().unwrap())
+        .collect();
+    assert!(segments.len() >= 3, "{segments:?}");
+    let missing = &segments[segments.len() - 2];
+    fs::remove_file(archive.path().join(format!("{sysid}/wal/{missing}.zst"))).unwrap();
+    let out = daemon.agentctl(&["wal", "drill", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(
+        report["missing_segment"].as_str(),
+        Some(missing.as_str()),
+        "{report}"
+    );
+    assert!(
+        report["error"].as_str().unwrap().contains(missing.as_str()),
+        "{report}"
+    );
+    let text = metrics(&daemon);
+    assert!(text.contains("fleet_agent_wal_drill_ok 0"), "{text}");
+    assert!(events(&daemon)
+        .iter()
+        .any(|(kind, message)| kind == "wal_drill_failed" && message.contains(missing.as_str())));
+}

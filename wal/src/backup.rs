@@ -562,7 +562,7 @@ impl WalService {
     /// The cluster a restore is for: the one given, else the configured
     /// cluster's (`pg_wal_dir`), else the only cluster in the archive. With
     /// several and none named, the error lists them.
-    async fn restore_sysid(&self, given: Option<u64>) -> Result<u64, WalError> {
+    pub(crate) async fn restore_sysid(&self, given: Option<u64>) -> Result<u64, WalError> {
         if let Some(id) = given.or_else(|| self.default_sysid()) {
             return Ok(id);
         }

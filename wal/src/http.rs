@@ -4,9 +4,9 @@
 
 use crate::backup::RestoreRequest;
 use crate::service::{PushOutcome, WalError, WalService};
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -26,15 +26,26 @@ impl IntoResponse for WalError {
             WalError::Target(_) => StatusCode::SERVICE_UNAVAILABLE,
             WalError::Corrupt { .. } | WalError::Postgres(_) => StatusCode::BAD_GATEWAY,
             WalError::Backup(_) | WalError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            WalError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            WalError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
         };
-        (
+        let busy = matches!(self, WalError::Busy { .. });
+        let mut response = (
             status,
             Json(ErrorBody {
                 error: self.to_string(),
                 fields: vec![],
             }),
         )
-            .into_response()
+            .into_response();
+        if busy {
+            // A target failure is also 503, without this header: only a busy
+            // service tells the caller when to come back.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 
@@ -63,20 +74,20 @@ struct RetentionQuery {
     window: Option<String>,
 }
 
-/// The largest WAL file accepted (PostgreSQL's maximum segment size).
-const MAX_SEGMENT: usize = 1 << 30;
-
 pub fn router(service: Arc<WalService>) -> Router {
     Router::new()
         .route(
             "/v1/wal/push",
-            post(push).layer(DefaultBodyLimit::max(MAX_SEGMENT)),
+            // The body is streamed, and bounded by push_limit in the handler.
+            post(push).layer(DefaultBodyLimit::disable()),
         )
         .route("/v1/wal/fetch/{name}", get(fetch))
         .route("/v1/wal", get(status))
         .route("/v1/wal/backups", get(list_backups).post(create_backup))
         .route("/v1/wal/restore", post(restore))
         .route("/v1/wal/retention", post(retention))
+        .route("/v1/wal/verify", post(verify))
+        .route("/v1/wal/drill", post(drill))
         .with_state(service)
 }
 
@@ -107,7 +118,8 @@ pub fn read_router(service: Arc<WalService>) -> Router {
 async fn push(
     State(service): State<Arc<WalService>>,
     Query(q): Query<PushQuery>,
-    body: Bytes,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, WalError> {
     let sysid = service
         .resolve_sysid(q.system_id)
@@ -120,8 +132,15 @@ async fn push(
     service
         .admit(sysid, true)
         .inspect_err(|e| service.fail(e))?;
-    if let (Some(dev), Some(ino), Some(size), Some(mtime_ns), true) =
-        (q.dev, q.ino, q.size, q.mtime_ns, body.is_empty())
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        // HTTP/1 without Content-Length or chunking is an empty body (agentctl's
+        // identity question); hyper reports that as an exact size of 0.
+        .or_else(|| axum::body::HttpBody::size_hint(&body).exact());
+    if let (Some(dev), Some(ino), Some(size), Some(mtime_ns), Some(0)) =
+        (q.dev, q.ino, q.size, q.mtime_ns, length)
     {
         let id = crate::service::FileId {
             dev,
@@ -145,7 +164,33 @@ async fn push(
         )
             .into_response());
     }
-    let outcome = service.push_from_postgres(sysid, &q.name, body).await?;
+    // The length is checked before a byte is read, so an oversized or
+    // unannounced body costs nothing; the body itself is never gathered: it
+    // goes piece by piece into the pass that hashes and compresses it.
+    let limit = service.push_limit();
+    let length = match length {
+        Some(n) if n <= limit => n,
+        Some(n) => {
+            let e = WalError::TooLarge(format!(
+                "`{}` is {n} bytes; a WAL file here is at most {limit} bytes (the cluster's segment size)",
+                q.name
+            ));
+            service.fail(&e);
+            return Err(e);
+        }
+        None => {
+            return Err(WalError::BadRequest(
+                "a push needs a Content-Length (agentctl wal push sends one)".into(),
+            ))
+        }
+    };
+    let _permit = service.push_permit().inspect_err(|e| service.fail(e))?;
+    let stream = futures_util::TryStreamExt::map_err(body.into_data_stream(), |e| {
+        std::io::Error::other(e.to_string())
+    });
+    let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
+    let content = crate::service::Content::Stream(Box::new(std::io::Read::take(reader, length)));
+    let outcome = service.push_from_postgres(sysid, &q.name, content).await?;
     Ok(Json(serde_json::json!({ "name": q.name, "outcome": outcome })).into_response())
 }
 
@@ -200,6 +245,20 @@ async fn restore(
     Ok(Json(service.restore(request).await?).into_response())
 }
 
+async fn verify(
+    State(service): State<Arc<WalService>>,
+    Query(q): Query<SysQuery>,
+) -> Result<Response, WalError> {
+    Ok(Json(service.verify(q.system_id).await?).into_response())
+}
+
+async fn drill(
+    State(service): State<Arc<WalService>>,
+    Json(request): Json<crate::drill::DrillRequest>,
+) -> Result<Response, WalError> {
+    Ok(Json(service.drill(request).await?).into_response())
+}
+
 async fn retention(
     State(service): State<Arc<WalService>>,
     Query(q): Query<RetentionQuery>,
@@ -212,4 +271,135 @@ async fn retention(
         None => None,
     };
     Ok(Json(service.apply_retention(window).await?).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Request;
+    use bytes::Bytes;
+    use tower::ServiceExt;
+
+    /// A service whose `pg_wal_dir` holds one 1 MiB segment (so pushes are
+    /// capped at 1 MiB) with `parallel_uploads = 2`.
+    fn service(dir: &std::path::Path) -> Arc<WalService> {
+        let pg_wal = dir.join("pg_wal");
+        std::fs::create_dir_all(pg_wal.join("archive_status")).expect("pg_wal");
+        std::fs::write(pg_wal.join("000000010000000000000001"), vec![0u8; 1 << 20])
+            .expect("segment");
+        std::fs::create_dir_all(dir.join("archive")).expect("archive");
+        let config: fleet_model::config::WalConfig = toml::from_str(&format!(
+            "target = \"file://{}\"\npg_wal_dir = \"{}\"\nparallel_uploads = 2",
+            dir.join("archive").display(),
+            pg_wal.display()
+        ))
+        .expect("config");
+        WalService::new(config, dir, Arc::new(|_: &str, _: &str| {})).expect("service")
+    }
+
+    type Chunk = Result<Bytes, std::io::Error>;
+
+    /// A body that yields what is sent on the channel, and ends when it closes.
+    fn slow_body() -> (tokio::sync::mpsc::Sender<Chunk>, Body) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(4);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|chunk| (chunk, rx))
+        });
+        (tx, Body::from_stream(stream))
+    }
+
+    fn push(name: &str, length: u64, body: Body) -> Request<Body> {
+        Request::post(format!("/v1/wal/push?name={name}&system_id=7"))
+            .header(header::CONTENT_LENGTH, length)
+            .body(body)
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn a_push_larger_than_a_segment_is_refused_before_its_body_is_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let router = router(service(dir.path()));
+        // The body never arrives: a refusal that waited for it would hang.
+        let (_tx, body) = slow_body();
+        let response = router
+            .clone()
+            .oneshot(push("000000010000000000000002", (1 << 20) + 1, body))
+            .await
+            .expect("answer");
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        // Exactly the segment size is a segment.
+        let response = router
+            .oneshot(push(
+                "000000010000000000000002",
+                1 << 20,
+                Body::from(vec![1u8; 1 << 20]),
+            ))
+            .await
+            .expect("answer");
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn pushes_beyond_parallel_uploads_are_told_to_retry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let service = service(dir.path());
+        let router = router(service.clone());
+        // Two pushes whose bodies arrive slowly hold both slots.
+        let mut senders = Vec::new();
+        let mut calls = Vec::new();
+        for i in 2..4 {
+            let (tx, body) = slow_body();
+            senders.push(tx);
+            let request = push(&format!("00000001000000000000000{i}"), 8, body);
+            calls.push(tokio::spawn(router.clone().oneshot(request)));
+        }
+        while service.push_calls.available_permits() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let response = router
+            .clone()
+            .oneshot(push(
+                "000000010000000000000004",
+                8,
+                Body::from(vec![4u8; 8]),
+            ))
+            .await
+            .expect("answer");
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            response
+                .headers()
+                .get(header::RETRY_AFTER)
+                .map(|v| v.as_bytes()),
+            Some(&b"1"[..])
+        );
+        // Once the slow bodies are complete, the retried push goes through.
+        for tx in &senders {
+            tx.try_send(Ok(Bytes::from(vec![9u8; 8]))).expect("send");
+        }
+        drop(senders);
+        for call in calls {
+            let answer = call.await.expect("task").expect("answer");
+            assert_eq!(answer.status(), StatusCode::OK);
+        }
+        let response = router
+            .oneshot(push(
+                "000000010000000000000004",
+                8,
+                Body::from(vec![4u8; 8]),
+            ))
+            .await
+            .expect("answer");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            service
+                .counters
+                .failures
+                .lock()
+                .map(|f| f.get("busy").copied())
+                .ok()
+                .flatten(),
+            Some(1)
+        );
+    }
 }

@@ -5,11 +5,13 @@
 
 pub mod backup;
 pub mod codec;
+pub mod drill;
 pub mod http;
 pub mod names;
 pub mod pg;
 pub mod service;
 pub mod target;
 pub mod times;
+pub mod verify;
 
 pub use service::{EventSink, PushOutcome, WalError, WalService};

@@ -30,6 +30,8 @@ const JOB_WAIT: Duration = Duration::from_secs(30);
 /// configured one (learned on the first push, or restored here), one system
 /// identifier a line.
 pub const CLUSTERS_FILE: &str = "wal-clusters";
+/// PostgreSQL's largest segment size (`initdb --wal-segsize=1024`).
+pub const MAX_SEGMENT_BYTES: u64 = 1 << 30;
 /// How often the schedule looks at the backup interval (at most).
 const SCHEDULE_TICK: Duration = Duration::from_secs(10);
 
@@ -69,6 +71,10 @@ pub enum WalError {
     Backup(String),
     #[error("{0}")]
     Internal(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{calls} pushes are already under way (wal.parallel_uploads); try again shortly")]
+    Busy { calls: usize },
 }
 
 impl WalError {
@@ -85,6 +91,8 @@ impl WalError {
             WalError::Postgres(_) => "postgres",
             WalError::Backup(_) => "backup",
             WalError::Internal(_) => "internal",
+            WalError::TooLarge(_) => "invalid",
+            WalError::Busy { .. } => "busy",
         }
     }
 }
@@ -134,6 +142,18 @@ pub struct Counters {
     pub failures: Mutex<BTreeMap<&'static str, u64>>,
     pub last_push_unix: AtomicU64,
     pub last_backup_unix: AtomicU64,
+    /// The last `verify`: 1 ok / 0 not, its problem count, and when (0: never).
+    pub verify_ok: AtomicU64,
+    pub verify_problems: AtomicU64,
+    pub verify_unix: AtomicU64,
+    /// When the newest segment reached the archive: this service's last upload,
+    /// or after a start the archive listing's newest segment (0: unknown; the
+    /// metric is then absent rather than claiming an age it does not know).
+    pub newest_archived_unix: AtomicU64,
+    /// The last restore drill: 1 ok / 0 failed, its RTO, when (0: never).
+    pub drill_ok: AtomicU64,
+    pub drill_rto_millis: AtomicU64,
+    pub drill_unix: AtomicU64,
 }
 
 pub struct WalService {
@@ -157,12 +177,18 @@ pub struct WalService {
     /// Prefetches under way, by `<sysid>/<name>`.
     prefetching: Jobs,
     uploads: Arc<Semaphore>,
+    /// Pushes with a body in progress ([`WalService::push_permit`]).
+    pub(crate) push_calls: Arc<Semaphore>,
+    /// The cluster's segment size as seen in `pg_wal_dir`, once known.
+    segment_bytes: AtomicU64,
     valve_announced: std::sync::atomic::AtomicBool,
     /// The last archive probe and when it ran: `GET /v1/wal` is also the TCP
     /// API's, so a poller must not turn every call into a write to the archive.
     probed: Mutex<Option<(std::time::Instant, ArchiveProbe)>>,
     /// The base backup or restore under way, for `GET /v1/wal`'s `progress`.
     operation: Arc<Mutex<Option<Running>>>,
+    /// One restore drill at a time.
+    pub(crate) drill_lock: tokio::sync::Mutex<()>,
 }
 
 /// A base backup or a restore while it runs.
@@ -355,11 +381,59 @@ impl WalService {
             identities: Mutex::new(HashMap::new()),
             prefetching: Jobs::default(),
             uploads: Arc::new(Semaphore::new(parallel)),
+            push_calls: Arc::new(Semaphore::new(parallel)),
+            segment_bytes: AtomicU64::new(0),
             valve_announced: Default::default(),
             probed: Mutex::new(None),
             operation: Arc::new(Mutex::new(None)),
+            drill_lock: tokio::sync::Mutex::new(()),
             config,
         }))
+    }
+
+    /// A slot for one push that carries content, or [`WalError::Busy`] at
+    /// once: PostgreSQL's archiver pushes one file at a time, so more calls than
+    /// `parallel_uploads` in flight are not PostgreSQL, and each holds up to a
+    /// compressed segment in memory. Refused calls are told to retry (503 with
+    /// `Retry-After`), which agentctl honours.
+    pub fn push_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, WalError> {
+        self.push_calls
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| WalError::Busy {
+                calls: self.config.parallel_uploads.max(1),
+            })
+    }
+
+    /// The largest body a push may carry: the cluster's segment size when
+    /// `pg_wal_dir` shows it (its segment files are exactly that long; history
+    /// and backup files are far smaller), else PostgreSQL's largest segment
+    /// size, 1 GiB.
+    pub fn push_limit(&self) -> u64 {
+        let known = self.segment_bytes.load(Ordering::Relaxed);
+        if known > 0 {
+            return known;
+        }
+        let Some(dir) = &self.config.pg_wal_dir else {
+            return MAX_SEGMENT_BYTES;
+        };
+        let found = std::fs::read_dir(dir).ok().and_then(|entries| {
+            entries.flatten().find_map(|e| {
+                let name = e.file_name();
+                let name = name.to_str()?;
+                (names::classify(name) == Some(names::WalKind::Segment))
+                    .then(|| e.metadata().ok().map(|m| m.len()))
+                    .flatten()
+                    .filter(|len| names::is_segment_size(*len))
+            })
+        });
+        match found {
+            Some(bytes) => {
+                self.segment_bytes.store(bytes, Ordering::Relaxed);
+                bytes
+            }
+            None => MAX_SEGMENT_BYTES,
+        }
     }
 
     /// Starts the look-ahead uploader, the backup schedule and retention.
@@ -371,7 +445,46 @@ impl WalService {
         }
         let me = self.clone();
         tasks.push(tokio::spawn(async move { me.schedule_loop().await }));
+        let me = self.clone();
+        tasks.push(tokio::spawn(async move { me.seed_newest_archived().await }));
         tasks
+    }
+
+    /// After a start, the RPO age comes from the archive itself (the newest
+    /// segment's time in the listing) until this service stores one, so a
+    /// restart followed by a stall is not hidden by an absent metric.
+    pub async fn seed_newest_archived(&self) {
+        let Some(sysid) = self.default_sysid() else {
+            return;
+        };
+        let prefix = format!("{sysid}/wal/");
+        let newest = match self.target.list(&prefix).await {
+            Ok(entries) => entries
+                .iter()
+                .filter(|e| {
+                    e.key
+                        .strip_prefix(&prefix)
+                        .and_then(|k| k.strip_suffix(".zst"))
+                        .and_then(names::classify)
+                        == Some(names::WalKind::Segment)
+                })
+                .filter_map(|e| e.modified.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs())
+                .max(),
+            Err(e) => {
+                tracing::debug!(error = %e, "Cannot list the archive for the newest segment.");
+                None
+            }
+        };
+        if let Some(newest) = newest {
+            // Only if no upload has set it meanwhile (that one is newer).
+            let _ = self.counters.newest_archived_unix.compare_exchange(
+                0,
+                newest,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
     }
 
     pub fn default_sysid(&self) -> Option<u64> {
@@ -530,6 +643,11 @@ impl WalService {
                 self.counters
                     .last_push_unix
                     .store(now_unix(), Ordering::Relaxed);
+                if names::classify(name) == Some(names::WalKind::Segment) {
+                    self.counters
+                        .newest_archived_unix
+                        .store(now_unix(), Ordering::Relaxed);
+                }
                 Ok(PushOutcome::Stored)
             }
             Put::Exists => {
@@ -582,9 +700,9 @@ impl WalService {
         &self,
         sysid: u64,
         name: &str,
-        content: Bytes,
+        content: Content,
     ) -> Result<PushOutcome, WalError> {
-        match self.push(sysid, name, Content::Bytes(content)).await {
+        match self.push(sysid, name, content).await {
             Ok(outcome) => {
                 self.valve_announced.store(false, Ordering::Relaxed);
                 Ok(outcome)
@@ -754,8 +872,22 @@ impl WalService {
             i.clamp(Duration::from_secs(1), SCHEDULE_TICK)
         });
         let mut last_retention = std::time::Instant::now();
+        let mut last_drill = std::time::Instant::now();
         loop {
             tokio::time::sleep(tick).await;
+            if let Some(interval) = self.config.drill_interval {
+                if last_drill.elapsed() >= interval {
+                    last_drill = std::time::Instant::now();
+                    // The outcome is recorded (metrics, event) by the drill itself.
+                    let request = crate::drill::DrillRequest {
+                        system_identifier: None,
+                        restore_command: None,
+                    };
+                    if let Err(e) = self.drill(request).await {
+                        tracing::warn!(error = %e, "Scheduled restore drill could not start.");
+                    }
+                }
+            }
             if let Some(interval) = self.config.backup_interval {
                 let last = self.last_backup_unix().await;
                 if now_unix().saturating_sub(last) >= interval.as_secs() {
@@ -1083,6 +1215,57 @@ impl WalService {
             "gauge",
             last_push.to_string(),
         );
+        let newest = c.newest_archived_unix.load(Ordering::Relaxed);
+        if newest > 0 {
+            gauge(
+                "fleet_agent_wal_newest_archived_age_seconds",
+                "Seconds since the newest WAL segment reached the archive (the RPO bound; archive_timeout caps it while the database writes).",
+                "gauge",
+                now_unix().saturating_sub(newest).to_string(),
+            );
+        }
+        let verified = c.verify_unix.load(Ordering::Relaxed);
+        if verified > 0 {
+            gauge(
+                "fleet_agent_wal_verify_ok",
+                "1 if the last `agentctl wal verify` found the archive complete from the oldest kept base backup on, 0 if not.",
+                "gauge",
+                c.verify_ok.load(Ordering::Relaxed).to_string(),
+            );
+            gauge(
+                "fleet_agent_wal_verify_problems",
+                "Gaps, checksum failures and timeline switches without .history found by the last verify.",
+                "gauge",
+                c.verify_problems.load(Ordering::Relaxed).to_string(),
+            );
+            gauge(
+                "fleet_agent_wal_verify_timestamp_seconds",
+                "Unix time of the last verify.",
+                "gauge",
+                verified.to_string(),
+            );
+        }
+        let drilled = c.drill_unix.load(Ordering::Relaxed);
+        if drilled > 0 {
+            gauge(
+                "fleet_agent_wal_drill_ok",
+                "1 if the last restore drill restored, replayed to the newest archived segment and answered the sanity query, 0 if not.",
+                "gauge",
+                c.drill_ok.load(Ordering::Relaxed).to_string(),
+            );
+            gauge(
+                "fleet_agent_wal_drill_rto_seconds",
+                "Measured recovery time of the last restore drill (download, unpack, replay, promotion, first query).",
+                "gauge",
+                format!("{:.3}", c.drill_rto_millis.load(Ordering::Relaxed) as f64 / 1000.0),
+            );
+            gauge(
+                "fleet_agent_wal_drill_timestamp_seconds",
+                "Unix time of the last restore drill.",
+                "gauge",
+                drilled.to_string(),
+            );
+        }
         let last_backup = c.last_backup_unix.load(Ordering::Relaxed);
         if last_backup > 0 {
             gauge(
@@ -1108,6 +1291,7 @@ impl WalService {
             "postgres",
             "backup",
             "internal",
+            "busy",
         ] {
             let _ = writeln!(
                 out,
@@ -1156,6 +1340,8 @@ pub struct WalStatus {
 pub enum Content {
     Bytes(Bytes),
     File(std::fs::File),
+    /// A request body read as it arrives (from a blocking thread).
+    Stream(Box<dyn std::io::Read + Send>),
 }
 
 impl Content {
@@ -1163,6 +1349,7 @@ impl Content {
         match self {
             Content::Bytes(bytes) => Box::new(std::io::Cursor::new(bytes)),
             Content::File(file) => Box::new(file),
+            Content::Stream(reader) => reader,
         }
     }
 }
@@ -1270,7 +1457,7 @@ impl Jobs {
 }
 
 /// Runs CPU-heavy or blocking work off the async workers.
-pub(crate) async fn blocking<T: Send + 'static>(
+pub async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, WalError> + Send + 'static,
 ) -> Result<T, WalError> {
     tokio::task::spawn_blocking(work)
@@ -1346,6 +1533,40 @@ mod tests {
         ] {
             assert!(!valve_may_acknowledge(kept, past, limit), "{kept}");
         }
+    }
+
+    #[tokio::test]
+    async fn after_a_start_the_rpo_age_comes_from_the_archive() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pg_wal = dir.path().join("data/pg_wal");
+        std::fs::create_dir_all(&pg_wal).expect("pg_wal");
+        std::fs::create_dir_all(dir.path().join("data/global")).expect("global");
+        let mut control = 77u64.to_ne_bytes().to_vec();
+        control.resize(8192, 0);
+        std::fs::write(dir.path().join("data/global/pg_control"), control).expect("pg_control");
+        let archive = dir.path().join("archive");
+        std::fs::create_dir_all(archive.join("77/wal")).expect("archive");
+        std::fs::write(archive.join("77/wal/000000010000000000000003.zst"), b"x").expect("object");
+        let config: WalConfig = toml::from_str(&format!(
+            "target = \"file://{}\"\npg_wal_dir = \"{}\"",
+            archive.display(),
+            pg_wal.display()
+        ))
+        .expect("config");
+        let service =
+            WalService::new(config, dir.path(), Arc::new(|_: &str, _: &str| {})).expect("service");
+        let mut text = String::new();
+        service.render_metrics(&mut text);
+        assert!(!text.contains("fleet_agent_wal_newest_archived_age_seconds"));
+        service.seed_newest_archived().await;
+        let mut text = String::new();
+        service.render_metrics(&mut text);
+        let age: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("fleet_agent_wal_newest_archived_age_seconds "))
+            .and_then(|v| v.parse().ok())
+            .expect("the age is exported");
+        assert!(age < 600, "{age}");
     }
 
     #[test]

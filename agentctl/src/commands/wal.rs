@@ -93,6 +93,25 @@ Examples:
         #[arg(long)]
         system_id: Option<u64>,
     },
+    /// Walk the archive from the oldest kept base backup to the newest segment:
+    /// gaps, timeline switches, checksum failures (every object is read). Exit 1 on a problem.
+    Verify {
+        /// The cluster (default: the configured one).
+        #[arg(long)]
+        system_id: Option<u64>,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Restore drill: restore the newest base backup into a scratch directory, replay
+    /// all archived WAL on a throwaway PostgreSQL, run a sanity query, report the RTO,
+    /// clean up. Exit 1 if it fails (the report names a missing segment).
+    Drill {
+        /// The cluster (default: the configured one, else the only one in the archive).
+        #[arg(long)]
+        system_id: Option<u64>,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// Archiver state: PostgreSQL's counters, the .ready backlog, what was shipped.
     Status {
         #[command(flatten)]
@@ -175,6 +194,10 @@ fn local_system_id() -> Option<u64> {
     Some(u64::from_ne_bytes(first))
 }
 
+/// How long a push waits on a busy WAL service before it gives up (exit 5,
+/// PostgreSQL retries the segment).
+const BUSY_PATIENCE: Duration = Duration::from_secs(30);
+
 fn error_text(status: StatusCode, body: &[u8]) -> String {
     serde_json::from_slice::<ErrorBody>(body)
         .map(|b| b.error)
@@ -208,6 +231,123 @@ pub async fn wal(client: &Client, command: WalCommand) -> Result<()> {
             system_id,
         } => fetch(client, &name, &dest, system_id.or_else(local_system_id)).await,
         WalCommand::Status { json } => status(client, json.json).await,
+        WalCommand::Verify { system_id, json } => verify(client, system_id, json.json).await,
+        WalCommand::Drill { system_id, json } => drill(client, system_id, json.json).await,
+    }
+}
+
+/// The `restore_command` a restored cluster gets: this agentctl, on this socket.
+fn own_restore_command(client: &Client) -> Result<String> {
+    let exe = std::env::current_exe().context("cannot find agentctl's own path")?;
+    let socket = std::fs::canonicalize(client.socket()).unwrap_or(client.socket().to_path_buf());
+    Ok(format!(
+        "{} --socket {} wal fetch %f %p",
+        shell_word(&exe.to_string_lossy()),
+        shell_word(&socket.to_string_lossy())
+    ))
+}
+
+async fn drill(client: &Client, system_id: Option<u64>, json: bool) -> Result<()> {
+    let request = serde_json::json!({
+        "system_identifier": system_id.map(|i| i.to_string()),
+        "restore_command": own_restore_command(client)?,
+    });
+    let report: Value = with_progress(
+        client,
+        "restore drill",
+        json,
+        client.post(Method::POST, "/v1/wal/drill", &request),
+    )
+    .await?;
+    let ok = report["ok"].as_bool().unwrap_or(false);
+    if json {
+        output::json(&report)?;
+    } else {
+        let s = |k: &str| report[k].as_str().unwrap_or("-").to_string();
+        say!("cluster:            {}", s("system_identifier"));
+        say!("base backup:        {}", s("backup"));
+        say!(
+            "replayed to:        {} (archive ends at {})",
+            s("replayed_to"),
+            s("expected_end")
+        );
+        say!(
+            "RTO:                {:.1}s (restore {:.1}s, replay {:.1}s)",
+            report["rto_seconds"].as_f64().unwrap_or(0.0),
+            report["restore_seconds"].as_f64().unwrap_or(0.0),
+            report["replay_seconds"].as_f64().unwrap_or(0.0)
+        );
+        if let Some(missing) = report["missing_segment"].as_str() {
+            say!("MISSING:            {missing}");
+        }
+        if let Some(error) = report["error"].as_str() {
+            say!("FAILED:             {error}");
+        } else {
+            say!("result:             ok");
+        }
+    }
+    if ok {
+        Ok(())
+    } else {
+        Err(exit(1, "the restore drill failed (see above)"))
+    }
+}
+
+async fn verify(client: &Client, system_id: Option<u64>, json: bool) -> Result<()> {
+    let report: Value = with_progress(
+        client,
+        "verify",
+        json,
+        client.post(
+            Method::POST,
+            &format!("/v1/wal/verify?{}", sys_query(system_id)),
+            &serde_json::json!({}),
+        ),
+    )
+    .await?;
+    let ok = report["ok"].as_bool().unwrap_or(false);
+    if json {
+        output::json(&report)?;
+    } else {
+        let s = |k: &str| report[k].as_str().unwrap_or("-").to_string();
+        say!("cluster:            {}", s("system_identifier"));
+        say!("from base backup:   {}", s("base_backup"));
+        say!(
+            "segments:           {} .. {} ({} present)",
+            s("from"),
+            s("to"),
+            report["segments"]
+        );
+        say!("objects checked:    {}", report["objects_checked"]);
+        for gap in report["gaps"].as_array().into_iter().flatten() {
+            say!("GAP:                {}", gap.as_str().unwrap_or("?"));
+        }
+        for f in report["checksum_failures"].as_array().into_iter().flatten() {
+            say!(
+                "CHECKSUM:           {}: {}",
+                f["name"].as_str().unwrap_or("?"),
+                f["error"].as_str().unwrap_or("?")
+            );
+        }
+        for t in report["timeline_switches"].as_array().into_iter().flatten() {
+            say!(
+                "timeline switch:    {} -> {} at {}{}",
+                t["from"],
+                t["to"],
+                t["at"].as_str().unwrap_or("?"),
+                if t["history_archived"].as_bool().unwrap_or(false) {
+                    ""
+                } else {
+                    " (NO .history archived)"
+                }
+            );
+        }
+        say!("result:             {}", if ok { "ok" } else { "PROBLEMS" });
+    }
+    if ok {
+        Ok(())
+    } else {
+        Err(exit(1, "the archive has problems (see above)"))
     }
 }
 
@@ -269,15 +409,44 @@ async fn push(client: &Client, path: &Path, system_id: Option<u64>, json: bool) 
     let mut content = Vec::with_capacity(meta.len() as usize);
     std::io::Read::read_to_end(&mut file, &mut content)
         .map_err(|e| exit(code::REFUSED, format!("{}: {e}", path.display())))?;
-    let (status, body) = client
-        .exchange(
-            Method::POST,
-            &format!("/v1/wal/push?{query}"),
-            Some(Bytes::from(content)),
-            "application/octet-stream",
-        )
-        .await
-        .map_err(|e| exit(code::NO_DAEMON, format!("{e:#}")))?;
+    let content = Bytes::from(content);
+    // A busy service (more pushes in flight than it takes) answers 503 with
+    // Retry-After; waiting here keeps PostgreSQL's archiver from counting a
+    // failure and backing off for a minute. A target failure has no such header.
+    let deadline = std::time::Instant::now() + BUSY_PATIENCE;
+    let (status, body) = loop {
+        let response = client
+            .send_typed(
+                Method::POST,
+                &format!("/v1/wal/push?{query}"),
+                Some(content.clone()),
+                "application/octet-stream",
+            )
+            .await
+            .map_err(|e| exit(code::NO_DAEMON, format!("{e:#}")))?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(hyper::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .map_err(|e| exit(code::NO_DAEMON, format!("reading the answer: {e}")))?;
+        match retry_after {
+            Some(secs) if status == StatusCode::SERVICE_UNAVAILABLE => {
+                let wait = Duration::from_secs(secs.clamp(1, 5));
+                if std::time::Instant::now() + wait > deadline {
+                    break (status, body);
+                }
+                tokio::time::sleep(wait).await;
+            }
+            _ => break (status, body),
+        }
+    };
     if !status.is_success() {
         return Err(exit(code_for(status), error_text(status, &body)));
     }
@@ -515,18 +684,12 @@ fn shell_word(s: &str) -> String {
 }
 
 pub async fn restore(client: &Client, args: RestoreArgs) -> Result<()> {
-    let exe = std::env::current_exe().context("cannot find agentctl's own path")?;
     let to = if args.to.is_absolute() {
         args.to.clone()
     } else {
         std::env::current_dir()?.join(&args.to)
     };
-    let socket = std::fs::canonicalize(client.socket()).unwrap_or(client.socket().to_path_buf());
-    let restore_command = format!(
-        "{} --socket {} wal fetch %f %p",
-        shell_word(&exe.to_string_lossy()),
-        shell_word(&socket.to_string_lossy())
-    );
+    let restore_command = own_restore_command(client)?;
     let request = serde_json::json!({
         "to": to,
         "target_time": args.target_time,
