@@ -95,6 +95,7 @@ fn as_before(fake: &FakeRuntime, spec: &DepartmentSpec, port: u16, node: &str) -
             desired_running: true,
             failed_hash: None,
             restarts_by_reason: BTreeMap::new(),
+            hash_key: fleet_model::spec::HashKey::from_bytes(crate::store::TEST_HASH_KEY),
         },
         std::time::Instant::now(),
     );
@@ -328,6 +329,7 @@ async fn delete_during_a_hanging_pull_answers_at_once_and_removes_only_its_own()
                 desired_running: true,
                 failed_hash: None,
                 restarts_by_reason: BTreeMap::new(),
+                hash_key: fleet_model::spec::HashKey::from_bytes(crate::store::TEST_HASH_KEY),
             },
             std::time::Instant::now(),
         );

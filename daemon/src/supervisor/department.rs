@@ -120,6 +120,7 @@ impl DeptActor {
                 desired_running: init.desired_running,
                 failed_hash: init.failed_hash,
                 restarts_by_reason: init.restarts_by_reason,
+                hash_key: shared.store.hash_key().clone(),
             },
             Instant::now().into_std(),
         );
