@@ -252,3 +252,91 @@ fn connections_that_never_authenticate_do_not_use_up_the_listener() {
     );
     drop(idle);
 }
+
+/// A department as the coordinator sends it: fast probes, quick stop.
+fn coordinator_dept(id: &str) -> fleet_tests::serde_json::Value {
+    fleet_tests::serde_json::json!({
+        "id": id,
+        "image": IMAGE_V1,
+        "health": {"path": "/health", "interval": "1s", "timeout": "500ms", "retries": 3, "start_period": "0s"},
+        "restart": {"stop_timeout": "5s"},
+    })
+}
+
+#[test]
+fn an_idle_node_sends_its_whole_status_only_when_it_changed() {
+    use fleet_tests::coordinator::StubCoordinator;
+    let t0 = Instant::now();
+    let stub = StubCoordinator::start();
+    stub.echo_status_digest();
+    let d = TestDaemon::start(TestOptions {
+        name: "ap6",
+        port_range: (43450, 43459),
+        extra_toml: format!(
+            "[coordinator]\nurl = \"{}\"\npoll_interval = \"300ms\"\n",
+            stub.url()
+        ),
+        ..Default::default()
+    });
+    let node = d.node_id.clone();
+    let id = d.dept("s");
+    stub.set_document(
+        &node,
+        1,
+        fleet_tests::serde_json::json!([coordinator_dept(&id)]),
+    );
+    d.wait_running(&id, Duration::from_secs(120));
+    // Idle: after one whole report of the running department, the syncs
+    // carry the digest only, and the coordinator still answers each (304).
+    let full = stub.wait_sync(
+        &node,
+        t0,
+        QUIET,
+        "a whole report of the running department",
+        |s| {
+            s.body["departments"][0]["state"] == "running"
+                && s.body["departments"][0]["health"] == "healthy"
+        },
+    );
+    assert!(full.status_digest.is_some());
+    std::thread::sleep(Duration::from_secs(3));
+    let idle: Vec<_> = stub
+        .syncs(&node)
+        .into_iter()
+        .filter(|s| s.at > full.at + Duration::from_millis(100))
+        .collect();
+    assert!(idle.len() >= 4, "only {} syncs in 3 s", idle.len());
+    let empty = idle.iter().filter(|s| s.body_bytes == 0).count();
+    assert!(
+        empty + 1 >= idle.len(),
+        "an idle node kept sending whole bodies: {:?}",
+        idle.iter().map(|s| s.body_bytes).collect::<Vec<_>>()
+    );
+    assert!(idle.iter().all(|s| s.answered == 304));
+    // A change is sent whole at the next sync.
+    let before_stop = Instant::now();
+    d.agentctl_ok(&["stop", &id]);
+    let changed = stub.wait_sync(&node, before_stop, QUIET, "the stop reported whole", |s| {
+        s.body["departments"][0]["desired_running"] == false
+    });
+    assert!(changed.body_bytes > 0);
+    // A coordinator that lost what it held (a restart) gets the whole status
+    // at the next sync, as does one that never echoes.
+    std::thread::sleep(Duration::from_secs(1));
+    stub.forget_status();
+    let after = Instant::now();
+    stub.wait_sync(
+        &node,
+        after,
+        QUIET,
+        "a whole report after the coordinator forgot",
+        |s| s.body_bytes > 0,
+    );
+    let metrics = d.api_get("/metrics").unwrap().body;
+    let omitted = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("fleet_agent_coordinator_status_omitted_total "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .expect("fleet_agent_coordinator_status_omitted_total");
+    assert!(omitted >= 3.0, "{omitted}");
+}
