@@ -11,7 +11,7 @@
 //! `unique_name` per test, so the tests can run beside other runs of
 //! themselves. Ports: 47510-47519 (unit-runtime), 47520-47539 (ansible-role),
 //! 47540-47549 (installed-desired), 47550-47559 (state-loss), 47560-47569
-//! (watchdog) and 47570-47579 (installed-wal).
+//! (watchdog), 47570-47579 (installed-wal) and 47660-47669 (installed-api).
 
 use fleet_tests::unique_name;
 use std::path::PathBuf;
@@ -94,6 +94,11 @@ fn installed_wal_archives_backs_up_and_restores_to_a_time_next_to_debians_postgr
 #[test]
 fn a_lost_or_garbage_state_db_as_installed_keeps_the_container_and_port() {
     run_script("state-loss.sh", "pkloss");
+}
+
+#[test]
+fn installed_api_token_default_rotation_and_an_unprivileged_flood() {
+    run_script("installed-api.sh", "pkapi");
 }
 
 #[test]
