@@ -135,7 +135,7 @@ pub const CONFIG_DOCS: &[(&str, &str)] = &[
     ("ports.bind", "Address the department ports are published on (HAProxy's side)."),
     ("api", "The read-only TCP API and /metrics."),
     ("api.listen", "host:port; an empty string turns the TCP listener off."),
-    ("api.token_file", "Bearer token(s), one per line (two during rotation); required off loopback."),
+    ("api.token_file", "Bearer token(s), one per line (two during rotation; a third is an error), re-read on SIGHUP; required off loopback. Unset: the daemon generates <state_dir>/api.token (0640) and requires it."),
     ("api.tls_cert", "PEM certificate chain; with tls_key the listener speaks TLS."),
     ("api.tls_key", "PEM private key of tls_cert."),
     ("api.tls_client_ca", "PEM bundle of CAs whose client certificates are then required."),
