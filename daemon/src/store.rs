@@ -572,6 +572,50 @@ pub fn now_millis() -> i64 {
         .unwrap_or(0)
 }
 
+/// Reads the node's spec-hash key, or creates it (0600, written whole then
+/// renamed) on the first start. It lives in its own file so that losing or
+/// moving aside `state.db` keeps every container's hash checkable: the store
+/// is rebuilt from the labels and the containers are adopted. A file that
+/// does not hold a key is moved aside like a garbage store and a new key made
+/// (the containers are then replaced once, as their hashes cannot be checked).
+pub fn load_hash_key(path: &Path) -> std::io::Result<HashKey> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            if let Some(key) = HashKey::parse(&text) {
+                return Ok(key);
+            }
+            let aside = path.with_extension(format!("key.corrupt-{}", now_secs()));
+            tracing::error!(
+                key = %path.display(),
+                moved_to = %aside.display(),
+                "The spec-hash key file holds no key; moved it aside and made a new one (containers whose hash cannot be checked are replaced once)."
+            );
+            std::fs::rename(path, &aside)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let key = HashKey::from_bytes(rand::random());
+    let tmp = path.with_extension("key.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(format!("{}\n", key.to_hex()).as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -730,48 +774,4 @@ mod tests {
             .unwrap();
         assert!(future.is_empty());
     }
-}
-
-/// Reads the node's spec-hash key, or creates it (0600, written whole then
-/// renamed) on the first start. It lives in its own file so that losing or
-/// moving aside `state.db` keeps every container's hash checkable: the store
-/// is rebuilt from the labels and the containers are adopted. A file that
-/// does not hold a key is moved aside like a garbage store and a new key made
-/// (the containers are then replaced once, as their hashes cannot be checked).
-pub fn load_hash_key(path: &Path) -> std::io::Result<HashKey> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            if let Some(key) = HashKey::parse(&text) {
-                return Ok(key);
-            }
-            let aside = path.with_extension(format!("key.corrupt-{}", now_secs()));
-            tracing::error!(
-                key = %path.display(),
-                moved_to = %aside.display(),
-                "The spec-hash key file holds no key; moved it aside and made a new one (containers whose hash cannot be checked are replaced once)."
-            );
-            std::fs::rename(path, &aside)?;
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let key = HashKey::from_bytes(rand::random());
-    let tmp = path.with_extension("key.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(format!("{}\n", key.to_hex()).as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(key)
 }
