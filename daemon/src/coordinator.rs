@@ -861,6 +861,37 @@ mod tests {
         let mut out = String::new();
         m.render(&mut out);
         assert!(out.contains("\nfleet_agent_applied_revision 7\n"), "{out}");
-        assert_eq!(out.matches("# TYPE").count(), 7);
+        assert_eq!(out.matches("# TYPE").count(), 8);
+    }
+
+    #[test]
+    fn the_status_digest_ignores_the_report_time_and_nothing_else() {
+        let report = SyncReport {
+            node_id: "n1".into(),
+            agent_version: "0".into(),
+            applied_revision: Some(3),
+            applied_etag: Some("\"e\"".into()),
+            reported_at: 1000,
+            docker_reachable: true,
+            capacity: SyncCapacity {
+                departments: 1,
+                max_departments: 10,
+                memory_limit_bytes: 1 << 30,
+                memory_committed_bytes: 0,
+            },
+            departments: vec![],
+            last_refusal: None,
+        };
+        let digest = status_digest(&report);
+        assert_eq!(digest.len(), 34, "{digest}");
+        let mut later = report.clone();
+        later.reported_at = 2000;
+        assert_eq!(status_digest(&later), digest);
+        let mut changed = report.clone();
+        changed.docker_reachable = false;
+        assert_ne!(status_digest(&changed), digest);
+        let mut changed = report;
+        changed.capacity.departments = 2;
+        assert_ne!(status_digest(&changed), digest);
     }
 }
