@@ -6,7 +6,7 @@
 # Baseline, measured in the same run with the same wrk settings: nginx serving
 # the same bytes as a static file (the cheapest way to answer an HTTP GET).
 #
-#   bash bench/poll.sh     # rewrites its section of docs/benchmarks.md
+#   bash bench/poll.sh     # rewrites its section of docs/benchmarks.md (then runs bench/idle-sync.sh)
 #
 # Environment: FLEET_BIN_DIR (default target/release, built if missing),
 # BENCH_SECONDS (per run, default 10), BENCH_CONNECTIONS (default 32),
@@ -213,3 +213,12 @@ path (goal: under 0.1%). Per 1,000 polls: $(awk -v u="$N_CPU" 'BEGIN { printf "%
 and $(awk -v u="$M_CPU" 'BEGIN { printf "%.1f", u }') ms of CPU.
 EOF
 say "wrote the poll section of $OUT"
+
+# The other half of polling at fleet scale, the node's own sync to the
+# coordinator (bytes and CPU per idle sync before and after the status digest,
+# and a stand-in coordinator at 10,000 nodes / 15 s): its own script and section.
+# BENCH_SYNC=0 skips it.
+if [[ "${BENCH_SYNC:-1}" != 0 ]]; then
+  cleanup; trap - EXIT # this script's daemon and nginx would share the CPUs
+  FLEET_BIN_DIR="$BIN" BENCH_OUT="$OUT" bash bench/idle-sync.sh
+fi

@@ -43,6 +43,9 @@ const BACKOFF_BASE: Duration = Duration::from_millis(500);
 /// event) more often than this: refusals stay reported on every sync anyway.
 const RETRY_REFUSED_AFTER: Duration = Duration::from_secs(60);
 
+/// Request and answer header of the status digest (`status_digest`).
+pub const STATUS_DIGEST: &str = "fleet-status-digest";
+
 const META_ETAG: &str = "coordinator.etag";
 const META_DOCUMENT: &str = "coordinator.document";
 const META_PENDING: &str = "coordinator.pending";
@@ -81,6 +84,8 @@ pub struct CoordinatorMetrics {
     failures: AtomicU64,
     refusals: AtomicU64,
     syncs: AtomicU64,
+    /// Syncs sent without a body: the coordinator already held that status.
+    status_omitted: AtomicU64,
     /// Highest revision any document carried, applied or not; `i64::MIN` = none.
     desired_revision: AtomicI64,
     applied_revision: AtomicI64,
@@ -116,6 +121,12 @@ impl CoordinatorMetrics {
             "counter",
             "Completed syncs with the coordinator (304 or 200).",
             Some(self.syncs.load(Ordering::Relaxed).to_string()),
+        );
+        family(
+            "fleet_agent_coordinator_status_omitted_total",
+            "counter",
+            "Syncs sent without the status body because the coordinator echoed its digest (nothing changed since).",
+            Some(self.status_omitted.load(Ordering::Relaxed).to_string()),
         );
         family(
             "fleet_agent_coordinator_sync_failures_total",
@@ -256,6 +267,10 @@ struct Client {
     last_refusal: Option<SyncRefusal>,
     /// Body digest of the last refused document and when it was refused.
     refused_digest: Option<([u8; 32], Instant)>,
+    /// The status digest the coordinator said it holds (its last answer's
+    /// `Fleet-Status-Digest`): while the node's status still has that digest,
+    /// a sync sends no body.
+    status_seen: Option<String>,
     failures: u32,
     last_success: Option<Instant>,
     last_success_at: Option<i64>,
@@ -318,6 +333,7 @@ pub async fn start(
             .filter(|v| !v.is_empty())
             .and_then(|v| serde_json::from_str(&v).ok()),
         refused_digest: None,
+        status_seen: None,
         failures: 0,
         last_success: None,
         last_success_at: None,
@@ -445,7 +461,24 @@ impl Client {
     }
 
     async fn sync_once(&mut self) -> Result<Outcome, SyncError> {
-        let mut request = self.http.post(&self.sync_url).json(&self.report());
+        let report = self.report();
+        let digest = status_digest(&report);
+        let mut request = self
+            .http
+            .post(&self.sync_url)
+            .header(STATUS_DIGEST, &digest);
+        // The whole status only when the coordinator does not already hold
+        // it: an idle node's sync is then a request head (a lease renewal,
+        // as kubelet's split of Lease from NodeStatus), while a coordinator
+        // that never echoes the digest always gets the whole body.
+        if self.status_seen.as_deref() == Some(digest.as_str()) {
+            self.metrics.status_omitted.fetch_add(1, Ordering::Relaxed);
+        } else {
+            request = request.json(&report);
+        }
+        // Forgotten until the answer says again: a failed sync, or a
+        // coordinator that lost its memory, gets the whole status next time.
+        self.status_seen = None;
         if let Some(etag) = &self.etag {
             request = request.header(IF_NONE_MATCH, etag);
         }
@@ -457,6 +490,13 @@ impl Client {
             .send()
             .await
             .map_err(|e| SyncError::Unreachable(error_chain(&e)))?;
+        if matches!(response.status(), StatusCode::OK | StatusCode::NOT_MODIFIED) {
+            self.status_seen = response
+                .headers()
+                .get(STATUS_DIGEST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+        }
         match response.status() {
             StatusCode::NOT_MODIFIED => {
                 // The coordinator agrees the node has its current document:
@@ -735,6 +775,17 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// The digest of a status report without its `reported_at`: equal for two
+/// syncs exactly when the coordinator would learn nothing new from the second.
+/// Quoted, like an ETag.
+pub fn status_digest(report: &SyncReport) -> String {
+    let mut unstamped = report.clone();
+    unstamped.reported_at = 0;
+    let bytes = serde_json::to_vec(&unstamped).unwrap_or_default();
+    let digest = Sha256::digest(&bytes);
+    format!("\"{}\"", hex::encode(&digest[..16]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -810,6 +861,37 @@ mod tests {
         let mut out = String::new();
         m.render(&mut out);
         assert!(out.contains("\nfleet_agent_applied_revision 7\n"), "{out}");
-        assert_eq!(out.matches("# TYPE").count(), 7);
+        assert_eq!(out.matches("# TYPE").count(), 8);
+    }
+
+    #[test]
+    fn the_status_digest_ignores_the_report_time_and_nothing_else() {
+        let report = SyncReport {
+            node_id: "n1".into(),
+            agent_version: "0".into(),
+            applied_revision: Some(3),
+            applied_etag: Some("\"e\"".into()),
+            reported_at: 1000,
+            docker_reachable: true,
+            capacity: SyncCapacity {
+                departments: 1,
+                max_departments: 10,
+                memory_limit_bytes: 1 << 30,
+                memory_committed_bytes: 0,
+            },
+            departments: vec![],
+            last_refusal: None,
+        };
+        let digest = status_digest(&report);
+        assert_eq!(digest.len(), 34, "{digest}");
+        let mut later = report.clone();
+        later.reported_at = 2000;
+        assert_eq!(status_digest(&later), digest);
+        let mut changed = report.clone();
+        changed.docker_reachable = false;
+        assert_ne!(status_digest(&changed), digest);
+        let mut changed = report;
+        changed.capacity.departments = 2;
+        assert_ne!(status_digest(&changed), digest);
     }
 }

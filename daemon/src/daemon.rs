@@ -179,12 +179,17 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
 
     // Refuse a TCP listener off loopback without a token before touching anything.
     let listen = config.api.listen_addr().map_err(RunError::Config)?;
-    let tokens = match &config.api.token_file {
-        Some(path) => api::tcp::Tokens::load(path)?,
+    // Without `api.token_file` the daemon makes its own token (0640 under the
+    // state directory): loopback is open to every local user, and the read API
+    // shows env values and events the control socket refuses them.
+    let tokens = match listen {
+        Some(_) => {
+            api::tcp::Tokens::configured(config.api.token_file.as_deref(), &config.state_dir)?
+        }
         None => api::tcp::Tokens::none(),
     };
     if let Some(addr) = listen {
-        if !addr.ip().is_loopback() && !tokens.required() {
+        if !addr.ip().is_loopback() && config.api.token_file.is_none() {
             return Err(RunError::Config(format!(
                 "api.listen {addr} is not loopback, so api.token_file is required"
             )));
@@ -335,6 +340,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
         unix_listener,
         unix_router,
         policy,
+        api::unix::SocketLimits::default(),
     )));
 
     if let Some(haproxy) = &config.haproxy {
@@ -398,6 +404,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
         &source,
         config_text.as_deref(),
         &state.sync,
+        &tokens,
     )
     .await?;
 
@@ -637,12 +644,33 @@ fn reread_config(path: &std::path::Path, source: &ConfigSource, start_text: Opti
     }
 }
 
+/// SIGHUP's half about the API token file: read again, so a token is rotated
+/// without a restart. A bad file (missing, open to others, empty, more than
+/// two tokens) is refused loudly and the tokens in force stay.
+fn reload_tokens(tokens: &api::tcp::Tokens) {
+    let Some(path) = tokens.path() else {
+        return;
+    };
+    match tokens.reload() {
+        Ok(count) => tracing::info!(
+            token_file = %path.display(),
+            tokens = count,
+            "Reload: API token file re-read; {count} token(s) accepted."
+        ),
+        Err(e) => tracing::error!(
+            token_file = %path.display(),
+            "Reload: API token file refused, the tokens in force stay: {e}"
+        ),
+    }
+}
+
 async fn wait_for_signals(
     supervisor: &Supervisor,
     config: &Config,
     source: &ConfigSource,
     config_text: Option<&str>,
     sync: &RwLock<SyncStatus>,
+    tokens: &api::tcp::Tokens,
 ) -> Result<(), RunError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
@@ -662,6 +690,7 @@ async fn wait_for_signals(
                 if let ConfigSource::File(path) = source {
                     reread_config(path, source, config_text);
                 }
+                reload_tokens(tokens);
                 if config.coordinator.is_none() {
                     load_desired(supervisor, config, sync).await;
                 }

@@ -12,7 +12,7 @@
 //! department adopts its container untouched instead of replacing it.
 
 use crate::runtime::ContainerConfig;
-use fleet_model::spec::Secret;
+use fleet_model::spec::{HashKey, Secret};
 use fleet_model::{labels, DepartmentSpec};
 use std::collections::BTreeMap;
 
@@ -23,8 +23,12 @@ pub fn spec_label(spec: &DepartmentSpec) -> String {
 
 /// The spec a container was created from, rebuilt from its labels and
 /// environment. Refused (with why) unless it hashes to `labels`' spec hash
-/// with `labels`' host port.
-pub fn recover_spec(config: &ContainerConfig) -> Result<(DepartmentSpec, u16), String> {
+/// with `labels`' host port under the node's key (`key`; the key file
+/// outlives `state.db`).
+pub fn recover_spec(
+    config: &ContainerConfig,
+    key: &HashKey,
+) -> Result<(DepartmentSpec, u16), String> {
     let label = config
         .labels
         .get(labels::SPEC)
@@ -62,7 +66,10 @@ pub fn recover_spec(config: &ContainerConfig) -> Result<(DepartmentSpec, u16), S
             fleet_model::spec::join_fields(&errors)
         )
     })?;
-    if spec.container_hash(port) != *expected {
+    // The keyed hash, or the unkeyed one of a container an earlier version
+    // created: either way the label and the environment rebuild exactly the
+    // spec the container was made from.
+    if !spec.hash_matches(expected, port, key) {
         return Err("the spec rebuilt from its labels does not hash to its spec-hash label".into());
     }
     Ok((spec, port))
@@ -81,12 +88,19 @@ mod tests {
         .unwrap()
     }
 
+    fn key() -> HashKey {
+        HashKey::from_bytes([9; 32])
+    }
+
     fn config_of(spec: &DepartmentSpec, port: u16, env: &[&str]) -> ContainerConfig {
         ContainerConfig {
             labels: HashMap::from([
                 (labels::SPEC.to_string(), spec_label(spec)),
                 (labels::HOST_PORT.to_string(), port.to_string()),
-                (labels::SPEC_HASH.to_string(), spec.container_hash(port)),
+                (
+                    labels::SPEC_HASH.to_string(),
+                    spec.container_hash(port, &key()),
+                ),
             ]),
             env: env.iter().map(|s| s.to_string()).collect(),
             secret_files: HashMap::new(),
@@ -102,7 +116,7 @@ mod tests {
             8003,
             &["PATH=/bin", "MODE=x", "DB_PASSWORD=canary-42"],
         );
-        let (back, port) = recover_spec(&config).unwrap();
+        let (back, port) = recover_spec(&config, &key()).unwrap();
         assert_eq!(port, 8003);
         assert_eq!(back, spec);
     }
@@ -111,14 +125,33 @@ mod tests {
     fn a_rebuilt_spec_must_hash_like_the_container() {
         let spec = spec();
         let wrong_secret = config_of(&spec, 8003, &["MODE=x", "DB_PASSWORD=other"]);
-        assert!(recover_spec(&wrong_secret)
+        assert!(recover_spec(&wrong_secret, &key())
             .unwrap_err()
             .contains("does not hash"));
         let missing = config_of(&spec, 8003, &["MODE=x"]);
-        assert!(recover_spec(&missing).unwrap_err().contains("DB_PASSWORD"));
+        assert!(recover_spec(&missing, &key())
+            .unwrap_err()
+            .contains("DB_PASSWORD"));
+        // Rebuilt right, but checked under another node's key.
+        let right = config_of(&spec, 8003, &["MODE=x", "DB_PASSWORD=canary-42"]);
+        assert!(recover_spec(&right, &HashKey::from_bytes([8; 32]))
+            .unwrap_err()
+            .contains("does not hash"));
         let mut old = config_of(&spec, 8003, &[]);
         old.labels.remove(labels::SPEC);
-        assert!(recover_spec(&old).unwrap_err().contains("older"));
+        assert!(recover_spec(&old, &key()).unwrap_err().contains("older"));
+    }
+
+    #[test]
+    fn a_container_labelled_by_an_earlier_version_is_recovered_too() {
+        let spec = spec();
+        let mut config = config_of(&spec, 8003, &["MODE=x", "DB_PASSWORD=canary-42"]);
+        config.labels.insert(
+            labels::SPEC_HASH.to_string(),
+            spec.legacy_container_hash(8003),
+        );
+        let (back, _) = recover_spec(&config, &key()).unwrap();
+        assert_eq!(back, spec);
     }
 
     #[test]
@@ -130,13 +163,13 @@ mod tests {
             8003,
             &["MODE=x", "DB_PASSWORD_FILE=/run/secrets/DB_PASSWORD"],
         );
-        assert!(recover_spec(&config)
+        assert!(recover_spec(&config, &key())
             .unwrap_err()
             .contains("neither in the container's environment nor in its secret files"));
         config
             .secret_files
             .insert("DB_PASSWORD".into(), "canary-42".into());
-        let (back, _) = recover_spec(&config).unwrap();
+        let (back, _) = recover_spec(&config, &key()).unwrap();
         assert_eq!(back, spec);
     }
 }

@@ -6,6 +6,7 @@
 //! from here.
 
 use fleet_model::api::{Event, RestartRecord};
+use fleet_model::spec::HashKey;
 use fleet_model::DepartmentSpec;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
@@ -59,7 +60,14 @@ pub struct StoredDepartment {
 pub struct Store {
     conn: Mutex<Connection>,
     origin: Origin,
+    hash_key: HashKey,
 }
+
+/// The key of an in-memory store (tests only: it has no state directory).
+pub const TEST_HASH_KEY: [u8; 32] = [0x5a; 32];
+
+/// The file of the node's spec-hash key, beside `state.db` but not in it.
+pub const HASH_KEY_FILE: &str = "spec-hash.key";
 
 /// How `state.db` was found when the daemon opened it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,11 +152,17 @@ impl Store {
             source,
         })?;
         restrict_dir(state_dir);
+        let hash_key =
+            load_hash_key(&state_dir.join(HASH_KEY_FILE)).map_err(|source| StoreError::Dir {
+                path: state_dir.join(HASH_KEY_FILE).display().to_string(),
+                source,
+            })?;
         let path = state_dir.join("state.db");
         let existed = path.exists();
         match Self::open_file(&path, existed, migrations) {
             Ok(conn) => Ok(Self {
                 conn: Mutex::new(conn),
+                hash_key,
                 origin: if existed {
                     Origin::Existing
                 } else {
@@ -173,6 +187,7 @@ impl Store {
                 let conn = Self::open_file(&path, false, migrations)?;
                 Ok(Self {
                     conn: Mutex::new(conn),
+                    hash_key,
                     origin: Origin::MovedAside {
                         moved_to,
                         error: error.to_string(),
@@ -203,6 +218,7 @@ impl Store {
         let probe = Self {
             conn: Mutex::new(conn),
             origin: Origin::Existing,
+            hash_key: HashKey::from_bytes([0; 32]),
         };
         probe.departments()?;
         probe.leases()?;
@@ -219,7 +235,13 @@ impl Store {
         Ok(Self {
             conn: Mutex::new(conn),
             origin: Origin::Created,
+            hash_key: HashKey::from_bytes(TEST_HASH_KEY),
         })
+    }
+
+    /// The node's key for spec hashes (`DepartmentSpec::container_hash`).
+    pub fn hash_key(&self) -> &HashKey {
+        &self.hash_key
     }
 
     /// Runs `write` with `synchronous=NORMAL`, which in WAL mode commits
@@ -726,6 +748,50 @@ pub fn now_millis() -> i64 {
         .unwrap_or(0)
 }
 
+/// Reads the node's spec-hash key, or creates it (0600, written whole then
+/// renamed) on the first start. It lives in its own file so that losing or
+/// moving aside `state.db` keeps every container's hash checkable: the store
+/// is rebuilt from the labels and the containers are adopted. A file that
+/// does not hold a key is moved aside like a garbage store and a new key made
+/// (the containers are then replaced once, as their hashes cannot be checked).
+pub fn load_hash_key(path: &Path) -> std::io::Result<HashKey> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            if let Some(key) = HashKey::parse(&text) {
+                return Ok(key);
+            }
+            let aside = path.with_extension(format!("key.corrupt-{}", now_secs()));
+            tracing::error!(
+                key = %path.display(),
+                moved_to = %aside.display(),
+                "The spec-hash key file holds no key; moved it aside and made a new one (containers whose hash cannot be checked are replaced once)."
+            );
+            std::fs::rename(path, &aside)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let key = HashKey::from_bytes(rand::random());
+    let tmp = path.with_extension("key.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(format!("{}\n", key.to_hex()).as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -762,6 +828,34 @@ mod tests {
         );
         store.delete_department("hr").unwrap();
         assert_eq!(store.leases().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_spec_hash_key_outlives_a_lost_or_garbage_state_db() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path()).unwrap().hash_key().clone();
+        let file = dir.path().join(HASH_KEY_FILE);
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        std::fs::remove_file(dir.path().join("state.db")).unwrap();
+        let after_loss = Store::open(dir.path()).unwrap();
+        assert_eq!(after_loss.hash_key().bytes(), first.bytes());
+        drop(after_loss);
+        std::fs::write(dir.path().join("state.db"), b"garbage, not a database").unwrap();
+        let moved = Store::open(dir.path()).unwrap();
+        assert!(matches!(moved.origin(), Origin::MovedAside { .. }));
+        assert_eq!(moved.hash_key().bytes(), first.bytes());
+        // Another node's directory has another key.
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(
+            Store::open(other.path()).unwrap().hash_key().bytes(),
+            first.bytes()
+        );
+        // A key file that holds no key is replaced, not trusted.
+        std::fs::write(&file, "not hex").unwrap();
+        let renewed = load_hash_key(&file).unwrap();
+        assert_ne!(renewed.bytes(), first.bytes());
     }
 
     #[test]

@@ -134,13 +134,16 @@ pub async fn serve(config: Config, source: ConfigSource) -> Result<(), RunError>
     // The same rules as the control socket, with one difference: this
     // process's own user is the PostgreSQL user, and it gets only what the
     // PostgreSQL user gets there (push and fetch), not everything.
-    let policy = api::unix::Policy {
-        own_uid: 0,
-        ..api::unix::Policy::resolve(&config.admin_group, Some(&wal.postgres_user))
-    };
+    let policy =
+        api::unix::Policy::resolve(&config.admin_group, Some(&wal.postgres_user)).without_own_uid();
     let listener = api::unix::bind(&socket)?;
     let mut tasks = service.spawn_background();
-    tasks.push(tokio::spawn(api::unix::serve(listener, router, policy)));
+    tasks.push(tokio::spawn(api::unix::serve(
+        listener,
+        router,
+        policy,
+        api::unix::SocketLimits::default(),
+    )));
     tracing::info!(
         target = %service.target.describe(),
         socket = %socket.display(),

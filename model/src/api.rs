@@ -318,6 +318,12 @@ pub struct ApplyReport {
     pub updated: Vec<String>,
     pub unchanged: Vec<String>,
     pub deleted: Vec<String>,
+    /// The spec hash each applied department has once it runs the applied
+    /// spec (`spec_hash` of `/v1/departments/{id}`). The hash is keyed with a
+    /// key only the daemon holds, so a client cannot compute it; `agentctl
+    /// apply --wait` compares with these.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub spec_hashes: std::collections::BTreeMap<String, String>,
 }
 
 /// The coordinator's desired state for one node.

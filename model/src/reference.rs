@@ -136,7 +136,7 @@ pub const CONFIG_DOCS: &[(&str, &str)] = &[
     ("ports.standby_range", "low-high, as many ports as range: each department's hand-over port (its port's offset in range); needed by [haproxy]."),
     ("api", "The read-only TCP API and /metrics."),
     ("api.listen", "host:port; an empty string turns the TCP listener off."),
-    ("api.token_file", "Bearer token(s), one per line (two during rotation); required off loopback."),
+    ("api.token_file", "Bearer token(s), one per line (two during rotation; a third is an error), re-read on SIGHUP; required off loopback. Unset: the daemon generates <state_dir>/api.token (0640) and requires it."),
     ("api.tls_cert", "PEM certificate chain; with tls_key the listener speaks TLS."),
     ("api.tls_key", "PEM private key of tls_cert."),
     ("api.tls_client_ca", "PEM bundle of CAs whose client certificates are then required."),

@@ -674,11 +674,11 @@ impl DepartmentSpec {
         copy
     }
 
-    /// Hash of what defines the container (not probe or restart settings, which
-    /// change without a new container), with the host port actually assigned.
-    /// Secrets are part of it so a rotated secret replaces the container; only the
-    /// digest is ever shown.
-    pub fn container_hash(&self, host_port: u16) -> String {
+    /// What defines the container (not probe or restart settings, which
+    /// change without a new container), with the host port actually assigned,
+    /// as canonical bytes. Secrets are part of it so a rotated secret replaces
+    /// the container.
+    fn defining_bytes(&self, host_port: u16) -> Vec<u8> {
         #[derive(Serialize)]
         struct Defining<'a> {
             image: &'a str,
@@ -719,13 +719,80 @@ impl DepartmentSpec {
             security: &self.security,
         };
         // BTreeMaps keep the serialisation canonical.
-        let bytes = serde_json::to_vec(&defining).unwrap_or_default();
-        let digest = Sha256::digest(&bytes);
+        serde_json::to_vec(&defining).unwrap_or_default()
+    }
+
+    /// The change-detection hash: HMAC-SHA256 under the node's `HashKey`, so
+    /// nobody without the key can test guesses of a secret against it (every
+    /// other input is shown next to it). `k1-` tells it from the unkeyed
+    /// digest of earlier versions (`legacy_container_hash`).
+    pub fn container_hash(&self, host_port: u16, key: &HashKey) -> String {
+        use hmac::Mac;
+        let Ok(mut mac) = hmac::Hmac::<Sha256>::new_from_slice(key.bytes()) else {
+            // Unreachable: HMAC takes a key of any length.
+            return String::new();
+        };
+        mac.update(&self.defining_bytes(host_port));
+        let digest = mac.finalize().into_bytes();
+        format!("{KEYED_PREFIX}{}", hex::encode(&digest[..12]))
+    }
+
+    /// The unkeyed, truncated SHA-256 containers created before the keyed
+    /// hash carry. Only compared with such a container's label, so an upgrade
+    /// adopts it instead of replacing it; never computed for a new one.
+    pub fn legacy_container_hash(&self, host_port: u16) -> String {
+        let digest = Sha256::digest(self.defining_bytes(host_port));
         hex::encode(&digest[..12])
+    }
+
+    /// Whether a container labelled `label` was created from this spec on
+    /// `host_port`: the keyed hash, or the unkeyed one of a container an
+    /// earlier version created.
+    pub fn hash_matches(&self, label: &str, host_port: u16, key: &HashKey) -> bool {
+        if label.starts_with(KEYED_PREFIX) {
+            label == self.container_hash(host_port, key)
+        } else {
+            label == self.legacy_container_hash(host_port)
+        }
     }
 
     pub fn memory_bytes(&self) -> u64 {
         self.resources.memory.map(ByteSize::bytes).unwrap_or(0)
+    }
+}
+
+/// Marks a keyed spec hash (`DepartmentSpec::container_hash`).
+pub const KEYED_PREFIX: &str = "k1-";
+
+/// The node's secret key for spec hashes (`<state_dir>/spec-hash.key`). It is
+/// kept apart from `state.db`, so a lost or unreadable store still finds
+/// every container's hash checkable and adopts it.
+#[derive(Clone)]
+pub struct HashKey(std::sync::Arc<[u8; 32]>);
+
+impl std::fmt::Debug for HashKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HashKey(..)")
+    }
+}
+
+impl HashKey {
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(std::sync::Arc::new(bytes))
+    }
+
+    /// The key in its file's form: 64 hex digits.
+    pub fn parse(text: &str) -> Option<Self> {
+        let bytes: [u8; 32] = hex::decode(text.trim()).ok()?.try_into().ok()?;
+        Some(Self::from_bytes(bytes))
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(*self.0)
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.0[..]
     }
 }
 
@@ -847,13 +914,16 @@ mod tests {
         // The digest the build before memory_reservation gave this spec: an
         // upgrade must not replace every running container.
         let spec = DepartmentSpec::from_toml("t", "id = \"hr\"\nimage = \"a:1\"\n").unwrap();
-        assert_eq!(spec.container_hash(8001), "b7907964540c6a372eb09f24");
+        assert_eq!(spec.legacy_container_hash(8001), "b7907964540c6a372eb09f24");
         let reserved = DepartmentSpec::from_toml(
             "t",
             "id = \"hr\"\nimage = \"a:1\"\n[resources]\nmemory = \"64MiB\"\nmemory_reservation = \"32MiB\"\n",
         )
         .unwrap();
-        assert_eq!(reserved.container_hash(8001), "4649b254a14d38afae94faf2");
+        assert_eq!(
+            reserved.legacy_container_hash(8001),
+            "4649b254a14d38afae94faf2"
+        );
         let over = DepartmentSpec::from_toml(
             "t",
             "id = \"hr\"\nimage = \"a:1\"\n[resources]\nmemory = \"64MiB\"\nmemory_reservation = \"65MiB\"\n",
@@ -931,13 +1001,54 @@ mod tests {
 
     #[test]
     fn hash_ignores_probe_settings_but_not_env() {
+        let key = HashKey::from_bytes([7; 32]);
         let a = minimal();
         let mut b = a.clone();
         b.health.interval = Duration::from_secs(5);
-        assert_eq!(a.container_hash(8001), b.container_hash(8001));
+        assert_eq!(a.container_hash(8001, &key), b.container_hash(8001, &key));
         b.env.insert("X".into(), "1".into());
-        assert_ne!(a.container_hash(8001), b.container_hash(8001));
-        assert_ne!(a.container_hash(8001), a.container_hash(8002));
+        assert_ne!(a.container_hash(8001, &key), b.container_hash(8001, &key));
+        assert_ne!(a.container_hash(8001, &key), a.container_hash(8002, &key));
+    }
+
+    #[test]
+    fn without_the_key_a_secret_guess_cannot_be_tested_against_the_hash() {
+        let with_secret = |value: &str| {
+            DepartmentSpec::from_toml(
+                "t",
+                &format!("id = \"hr\"\nimage = \"aio:1\"\n[secrets]\nDB_PASSWORD = \"{value}\"\n"),
+            )
+            .unwrap()
+        };
+        let spec = with_secret("hunter2");
+        let node = HashKey::from_bytes([1; 32]);
+        let shown = spec.container_hash(8001, &node);
+        assert!(shown.starts_with(KEYED_PREFIX), "{shown}");
+        // An outsider knows every other input (the label, the API) and guesses
+        // the secret right, but has no key: the unkeyed digest or any other
+        // key gives something else.
+        let guess = with_secret("hunter2");
+        assert_ne!(guess.legacy_container_hash(8001), shown);
+        assert_ne!(
+            guess.container_hash(8001, &HashKey::from_bytes([0; 32])),
+            shown
+        );
+        assert_eq!(guess.container_hash(8001, &node), shown);
+        // A rotated secret still changes it.
+        assert_ne!(with_secret("hunter3").container_hash(8001, &node), shown);
+    }
+
+    #[test]
+    fn a_container_of_an_earlier_version_matches_by_its_unkeyed_hash() {
+        let key = HashKey::from_bytes([3; 32]);
+        let spec = minimal();
+        assert!(spec.hash_matches(&spec.legacy_container_hash(8001), 8001, &key));
+        assert!(spec.hash_matches(&spec.container_hash(8001, &key), 8001, &key));
+        assert!(!spec.hash_matches(&spec.legacy_container_hash(8002), 8001, &key));
+        let other = HashKey::from_bytes([4; 32]);
+        assert!(!spec.hash_matches(&spec.container_hash(8001, &other), 8001, &key));
+        assert_eq!(HashKey::parse(&key.to_hex()).unwrap().bytes(), key.bytes());
+        assert!(HashKey::parse("abc").is_none());
     }
 
     #[test]

@@ -42,7 +42,7 @@ running() { [ "$(docker inspect -f '{{ .State.Running }}' "aio-$1" 2>/dev/null)"
 gone() { ! docker inspect "aio-$1" >/dev/null 2>&1; }
 cid() { docker inspect -f '{{ .Id }}' "aio-$1"; }
 metric() {
-    in_ct python3 -c "import urllib.request; print(urllib.request.urlopen('http://$api/metrics', timeout=5).read().decode())" \
+    api_get "$api" /metrics \
         | awk -v n="$1" '$1 == n { print $2 }'
 }
 status_text() { in_ct systemctl show -p StatusText --value fleet-agentd; }

@@ -139,7 +139,7 @@ grep -q 'system identifier:  [0-9]' <<<"$out" || fail "wal status knows no syste
 in_ct agentctl backup prune >/dev/null || fail "agentctl backup prune failed"
 
 # fleet-agentd relays the WAL service: /v1/wal and the WAL metrics on its API.
-http_get() { in_ct python3 -c "import urllib.request,sys; print(urllib.request.urlopen('http://$api'+sys.argv[1], timeout=5).read().decode())" "$1"; }
+http_get() { api_get "$api" "$1"; }
 status=$(http_get /v1/wal) || fail "fleet-agentd's GET /v1/wal failed"
 python3 -c 'import json,sys; d=json.loads(sys.argv[1]); assert d["pushed_segments"] > 0, d' "$status" \
     || fail "fleet-agentd's /v1/wal does not show the WAL service's figures: $status"

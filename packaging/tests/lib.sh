@@ -249,6 +249,26 @@ _installed_node_exit() {
     _installed_node_cleanup
 }
 
+# api_get ADDR PATH: GET on the node's TCP API as an operator who may read
+# its token: `api.token_file` of /etc/fleet-agent/agent.toml, else the one the
+# daemon generated (<state_dir>/api.token, 0640 fleet-agent:fleet-agent).
+api_get() {
+    in_ct python3 - "$1" "$2" <<'PY'
+import sys, tomllib, urllib.request
+addr, path = sys.argv[1], sys.argv[2]
+try:
+    with open("/etc/fleet-agent/agent.toml", "rb") as f:
+        cfg = tomllib.load(f)
+except FileNotFoundError:
+    cfg = {}
+token_file = cfg.get("api", {}).get("token_file") or cfg.get("state_dir", "/var/lib/fleet-agent") + "/api.token"
+with open(token_file) as f:
+    token = [l.strip() for l in f if l.strip() and not l.startswith("#")][0]
+request = urllib.request.Request("http://" + addr + path, headers={"Authorization": "Bearer " + token})
+print(urllib.request.urlopen(request, timeout=5).read().decode())
+PY
+}
+
 # Removes every container the test daemon with this node id created.
 remove_node_containers() {
     local node=$1 ids

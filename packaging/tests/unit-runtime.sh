@@ -78,7 +78,7 @@ done
     || fail "aio-$dept does not carry the node label"
 
 # Host metrics read from /proc under ProtectProc=invisible.
-metrics=$(in_ct python3 -c "import urllib.request; print(urllib.request.urlopen('http://$api/metrics', timeout=5).read().decode())") \
+metrics=$(api_get "$api" /metrics) \
     || fail "GET /metrics failed"
 python3 -c '
 import sys

@@ -43,6 +43,10 @@ pub struct RecordedSync {
     pub body: Value,
     /// The status the stand-in answered.
     pub answered: u16,
+    /// The node's `Fleet-Status-Digest` header.
+    pub status_digest: Option<String>,
+    /// Bytes of the request body (0: the node sent its digest only).
+    pub body_bytes: usize,
     pub at: Instant,
 }
 
@@ -51,6 +55,10 @@ struct State {
     replies: HashMap<String, Reply>,
     syncs: Vec<RecordedSync>,
     token: Option<String>,
+    /// Echo `Fleet-Status-Digest` (the node then omits unchanged bodies).
+    echo_status: bool,
+    /// The digest of the last whole status each node sent.
+    held_status: HashMap<String, String>,
 }
 
 pub struct StubCoordinator {
@@ -121,6 +129,17 @@ impl StubCoordinator {
     /// From now on every sync must carry `Authorization: Bearer <token>` (else `401`).
     pub fn require_token(&self, token: &str) {
         self.state.lock().unwrap().token = Some(token.to_string());
+    }
+
+    /// From now on answer with `Fleet-Status-Digest` naming the last whole
+    /// status each node sent, as a coordinator that keeps node status does.
+    pub fn echo_status_digest(&self) {
+        self.state.lock().unwrap().echo_status = true;
+    }
+
+    /// Forgets every node's status, as a restarted coordinator would.
+    pub fn forget_status(&self) {
+        self.state.lock().unwrap().held_status.clear();
     }
 
     /// Serves `{"revision": revision, "departments": departments}` to `node`
@@ -290,13 +309,24 @@ fn handle(mut stream: TcpStream, state: &Mutex<State>) {
             }) => (200, Some(etag), body, content_length),
         },
     };
+    let status_digest = headers.get("fleet-status-digest").cloned();
+    let mut echo = None;
     if let Some(node) = node {
+        let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        if guard.echo_status && (status == 200 || status == 304) {
+            if let (Some(digest), false) = (&status_digest, parsed.is_null()) {
+                guard.held_status.insert(node.clone(), digest.clone());
+            }
+            echo = guard.held_status.get(&node).cloned();
+        }
         guard.syncs.push(RecordedSync {
             node_id: node,
             if_none_match,
             authorization,
-            body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+            body: parsed,
             answered: status,
+            status_digest,
+            body_bytes: body.len(),
             at: Instant::now(),
         });
     }
@@ -315,6 +345,9 @@ fn handle(mut stream: TcpStream, state: &Mutex<State>) {
     }
     if status == 200 {
         head.push_str("Content-Type: application/json\r\n");
+    }
+    if let Some(digest) = echo {
+        head.push_str(&format!("Fleet-Status-Digest: {digest}\r\n"));
     }
     if content_length && status != 304 {
         head.push_str(&format!("Content-Length: {}\r\n", payload.len()));

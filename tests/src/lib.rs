@@ -436,9 +436,18 @@ level = "{level}"
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
-    /// GET on the daemon's TCP API.
+    /// GET on the daemon's TCP API, with the token the daemon generated when
+    /// no `api.token_file` is configured (none otherwise).
     pub fn api_get(&self, path: &str) -> Result<HttpReply, String> {
-        http_get_addr(self.api_addr, path)
+        http_get_auth(self.api_addr, path, self.api_token().as_deref())
+    }
+
+    /// The token the daemon generated in its state directory
+    /// (`<state_dir>/api.token`), if it did.
+    pub fn api_token(&self) -> Option<String> {
+        fs::read_to_string(self.dir.path().join("state").join("api.token"))
+            .ok()
+            .map(|t| t.trim().to_string())
     }
 
     /// Lists `(name, id)` of every container carrying this daemon's node label.
@@ -678,16 +687,26 @@ pub fn http_get(port: u16, path: &str) -> Result<HttpReply, String> {
 }
 
 pub fn http_get_addr(addr: SocketAddr, path: &str) -> Result<HttpReply, String> {
+    http_get_auth(addr, path, None)
+}
+
+/// GET with `Authorization: Bearer <token>` when a token is given.
+pub fn http_get_auth(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> Result<HttpReply, String> {
     let client = reqwest::blocking::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(5))
         .no_proxy()
         .build()
         .map_err(|e| e.to_string())?;
-    let response = client
-        .get(format!("http://{addr}{path}"))
-        .send()
-        .map_err(|e| e.to_string())?;
+    let mut request = client.get(format!("http://{addr}{path}"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().map_err(|e| e.to_string())?;
     let status = response.status().as_u16();
     let headers = response
         .headers()

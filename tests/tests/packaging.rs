@@ -12,9 +12,9 @@
 //! themselves. Ports: 47510-47519 (unit-runtime), 47520-47539 (ansible-role),
 //! 47540-47549 (installed-desired), 47550-47559 (state-loss), 47560-47569
 //! (watchdog), 47570-47579 (installed-wal), 47600-47619 (installed-drain),
-//! 47620-47629 (installed-hardening), 47700-47709 (installed-upgrade;
-//! ansible-role's static S3 preview names 47700/47701 without binding them) and
-//! 47710-47719 (installed-ops).
+//! 47620-47629 (installed-hardening), 47660-47669 (installed-api),
+//! 47700-47709 (installed-upgrade; ansible-role's static S3 preview names
+//! 47700/47701 without binding them) and 47710-47719 (installed-ops).
 
 use fleet_tests::unique_name;
 use std::path::PathBuf;
@@ -102,6 +102,11 @@ fn a_lost_or_garbage_state_db_as_installed_keeps_the_container_and_port() {
 #[test]
 fn installed_restart_hands_over_behind_haproxy_and_drains_as_fleet_agent() {
     run_script("installed-drain.sh", "pkdrain");
+}
+
+#[test]
+fn installed_api_token_default_rotation_and_an_unprivileged_flood() {
+    run_script("installed-api.sh", "pkapi");
 }
 
 #[test]

@@ -189,6 +189,51 @@ pub struct WalService {
     operation: Arc<Mutex<Option<Running>>>,
     /// One restore drill at a time.
     pub(crate) drill_lock: tokio::sync::Mutex<()>,
+    /// `pg_stat_archiver` as last read: `GET /v1/wal` (a poller, a dashboard,
+    /// anyone with the token) never opens more than one PostgreSQL connection
+    /// at a time, nor more than one per `ARCHIVER_TTL`.
+    archiver: Cached<Result<crate::pg::ArchiverStats, String>>,
+    /// When the archive was last listed for the newest backup while none was
+    /// known, so a node without backups does not list its target per request.
+    backups_listed: Mutex<Option<std::time::Instant>>,
+}
+
+/// How long a `pg_stat_archiver` reading is served from memory.
+pub const ARCHIVER_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long "no backup in the archive" is believed before listing again.
+const BACKUPS_LISTED_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A value computed at most once per `ttl`: callers that arrive while it is
+/// being computed wait for that computation instead of starting their own.
+pub struct Cached<T> {
+    ttl: std::time::Duration,
+    slot: tokio::sync::Mutex<Option<(std::time::Instant, T)>>,
+}
+
+impl<T: Clone> Cached<T> {
+    pub fn new(ttl: std::time::Duration) -> Self {
+        Self {
+            ttl,
+            slot: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub async fn get_or<F: std::future::Future<Output = T>>(
+        &self,
+        compute: impl FnOnce() -> F,
+    ) -> T {
+        // Held across the computation on purpose: it is this task's own
+        // work, and the next callers are meant to wait for its answer.
+        let mut slot = self.slot.lock().await;
+        if let Some((at, value)) = slot.as_ref() {
+            if at.elapsed() < self.ttl {
+                return value.clone();
+            }
+        }
+        let value = compute().await;
+        *slot = Some((std::time::Instant::now(), value.clone()));
+        value
+    }
 }
 
 /// A base backup or a restore while it runs.
@@ -387,6 +432,8 @@ impl WalService {
             probed: Mutex::new(None),
             operation: Arc::new(Mutex::new(None)),
             drill_lock: tokio::sync::Mutex::new(()),
+            archiver: Cached::new(ARCHIVER_TTL),
+            backups_listed: Mutex::new(None),
             config,
         }))
     }
@@ -932,6 +979,16 @@ impl WalService {
         if known > 0 {
             return known;
         }
+        {
+            let mut listed = self
+                .backups_listed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if listed.is_some_and(|at| at.elapsed() < BACKUPS_LISTED_TTL) {
+                return 0;
+            }
+            *listed = Some(std::time::Instant::now());
+        }
         let latest = match self.default_sysid() {
             Some(sysid) => self
                 .list_backups(sysid)
@@ -1116,9 +1173,13 @@ impl WalService {
         let backlog = self.backlog();
         let archiver = match &self.config.postgres {
             Some(conninfo) => Some(
-                crate::pg::archiver_stats(conninfo)
-                    .await
-                    .map_err(|e| e.to_string()),
+                self.archiver
+                    .get_or(|| async {
+                        crate::pg::archiver_stats(conninfo)
+                            .await
+                            .map_err(|e| e.to_string())
+                    })
+                    .await,
             ),
             None => None,
         };
@@ -1511,6 +1572,43 @@ mod tests {
         assert_eq!(p.detail.as_deref(), Some("checking and unpacking"));
         drop(op);
         assert!(service.progress().is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_status_readers_share_one_reading() {
+        let cache: Arc<Cached<u32>> = Arc::new(Cached::new(std::time::Duration::from_secs(60)));
+        let readings = Arc::new(AtomicU64::new(0));
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let cache = cache.clone();
+                let readings = readings.clone();
+                tokio::spawn(async move {
+                    cache
+                        .get_or(|| async {
+                            readings.fetch_add(1, Ordering::SeqCst);
+                            // A slow PostgreSQL: everyone arrives meanwhile.
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            7
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), 7);
+        }
+        assert_eq!(
+            readings.load(Ordering::SeqCst),
+            1,
+            "one connection, not one per request"
+        );
+        let stale: Cached<u32> = Cached::new(std::time::Duration::ZERO);
+        assert_eq!(stale.get_or(|| async { 1 }).await, 1);
+        assert_eq!(
+            stale.get_or(|| async { 2 }).await,
+            2,
+            "read again once stale"
+        );
     }
 
     #[test]

@@ -113,7 +113,14 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
         }
     }
     if args.wait {
-        wait(client, &specs, cursors, args.wait_timeout).await?;
+        wait(
+            client,
+            &specs,
+            &report.spec_hashes,
+            cursors,
+            args.wait_timeout,
+        )
+        .await?;
     }
     if args.json.json {
         return output::json(&report);
@@ -133,10 +140,28 @@ enum Outcome {
 /// whether it ever took the new spec: if it did and then went back, the update
 /// was rolled back. A rollback finished before the first look shows as the
 /// applied spec sitting in `previous_spec` with a "rolled back" reason.
-fn judge(detail: &DepartmentDetail, applied: &DepartmentSpec, saw_new: &mut bool) -> Outcome {
+/// `expected_hash` is the daemon's hash of the applied spec (`ApplyReport::
+/// spec_hashes`; the hash is keyed, so agentctl cannot compute it itself).
+fn judge(
+    detail: &DepartmentDetail,
+    applied: &DepartmentSpec,
+    expected_hash: Option<&str>,
+    saw_new: &mut bool,
+) -> Outcome {
     let row = &detail.summary;
-    let expected_hash = applied.container_hash(row.host_port.unwrap_or_default());
-    let on_new = row.spec_hash.as_deref() == Some(expected_hash.as_str());
+    let on_new = match expected_hash {
+        Some(hash) => row.spec_hash.as_deref() == Some(hash),
+        // A daemon from before the keyed hash does not say; its hash is the
+        // unkeyed one.
+        None => {
+            row.spec_hash.as_deref()
+                == Some(
+                    applied
+                        .legacy_container_hash(row.host_port.unwrap_or_default())
+                        .as_str(),
+                )
+        }
+    };
     if on_new {
         *saw_new = true;
         let healthy = matches!(row.health, Health::Healthy | Health::Disabled);
@@ -195,6 +220,7 @@ async fn print_new_events(
 async fn wait(
     client: &Client,
     specs: &[DepartmentSpec],
+    hashes: &BTreeMap<String, String>,
     mut cursors: BTreeMap<String, i64>,
     timeout: Duration,
 ) -> anyhow::Result<()> {
@@ -235,7 +261,8 @@ async fn wait(
                 Some(progress) => bars.update(id, progress),
                 None => bars.done(id),
             }
-            match judge(&detail, spec, saw_new) {
+            let expected = hashes.get(id).map(String::as_str);
+            match judge(&detail, spec, expected, saw_new) {
                 Outcome::Waiting => {}
                 Outcome::Done => finished.push(id.clone()),
                 Outcome::Failed => {

@@ -97,6 +97,7 @@ fn as_before(fake: &FakeRuntime, spec: &DepartmentSpec, port: u16, node: &str) -
             restarts_by_reason: BTreeMap::new(),
             containers: Default::default(),
             drain: None,
+            hash_key: fleet_model::spec::HashKey::from_bytes(crate::store::TEST_HASH_KEY),
         },
         std::time::Instant::now(),
     );
@@ -332,6 +333,7 @@ async fn delete_during_a_hanging_pull_answers_at_once_and_removes_only_its_own()
                 restarts_by_reason: BTreeMap::new(),
                 containers: Default::default(),
                 drain: None,
+                hash_key: fleet_model::spec::HashKey::from_bytes(crate::store::TEST_HASH_KEY),
             },
             std::time::Instant::now(),
         );

@@ -101,7 +101,10 @@ pub(crate) mod tests {
     pub(crate) fn view() -> DeptView {
         let spec = DepartmentSpec::from_toml("t", "id = \"hr\"\nimage = \"a:1\"\n").expect("spec");
         DeptView {
-            spec_hash: spec.container_hash(8001),
+            spec_hash: spec.container_hash(
+                8001,
+                &fleet_model::spec::HashKey::from_bytes(crate::store::TEST_HASH_KEY),
+            ),
             spec,
             previous: None,
             host_port: 8001,

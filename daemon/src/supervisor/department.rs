@@ -122,6 +122,7 @@ impl DeptActor {
                 restarts_by_reason: init.restarts_by_reason,
                 containers: std::sync::Arc::new(shared.config.containers.clone()),
                 drain: crate::drain::DrainConfig::from_config(&shared.config),
+                hash_key: shared.store.hash_key().clone(),
             },
             Instant::now().into_std(),
         );

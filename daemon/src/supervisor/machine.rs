@@ -21,8 +21,8 @@ use crate::drain::{AgentSlots, DrainConfig, Slot};
 use crate::restart::{Decision, FailureReason, RestartTracker};
 use crate::runtime::{CreateRequest, ObservedContainer, RuntimeError, SecretFiles};
 use fleet_model::api::{DeptState, Health, ProbeRecord};
-use fleet_model::spec::HealthSpec;
 use fleet_model::spec::SecretsMode;
+use fleet_model::spec::{HashKey, HealthSpec};
 use fleet_model::{candidate_container_name, container_name, labels, DepartmentSpec};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
@@ -693,12 +693,15 @@ pub struct MachineInit {
     pub containers: std::sync::Arc<fleet_model::config::ContainersConfig>,
     /// `[haproxy]` with a standby pool: stops drain, restarts hand over.
     pub drain: Option<DrainConfig>,
+    /// The node's key for spec hashes.
+    pub hash_key: HashKey,
 }
 
 pub struct Machine {
     id: String,
     node_id: String,
     containers: std::sync::Arc<fleet_model::config::ContainersConfig>,
+    hash_key: HashKey,
     bind: IpAddr,
     spec: DepartmentSpec,
     previous: Option<DepartmentSpec>,
@@ -767,6 +770,7 @@ impl Machine {
             id: init.spec.id.clone(),
             node_id: init.node_id,
             containers: init.containers,
+            hash_key: init.hash_key,
             bind: init.bind,
             spec: init.spec,
             previous: init.previous,
@@ -839,7 +843,14 @@ impl Machine {
         self.job.is_some()
     }
     pub fn hash(&self) -> String {
-        self.spec.container_hash(self.port)
+        self.spec.container_hash(self.port, &self.hash_key)
+    }
+
+    /// Whether a container with this `fleet-agent.spec-hash` runs the current
+    /// spec: by the keyed hash, or by the unkeyed one of a container an
+    /// earlier version created (adopted, not replaced, by the upgrade).
+    pub fn is_current(&self, label: Option<&str>) -> bool {
+        label.is_some_and(|l| self.spec.hash_matches(l, self.port, &self.hash_key))
     }
 
     /// Labelled with this department and this node.
@@ -1150,7 +1161,7 @@ impl Machine {
     // --- inputs ------------------------------------------------------------------
 
     fn set_spec(&mut self, ctx: Ctx, spec: DepartmentSpec, host_port: u16) {
-        let new_hash = spec.container_hash(host_port);
+        let new_hash = spec.container_hash(host_port, &self.hash_key);
         let changed = new_hash != self.hash();
         if self.failed_hash.as_deref().is_some_and(|f| f != new_hash) {
             self.failed_hash = None;
@@ -1223,7 +1234,7 @@ impl Machine {
                 self.abort_job();
                 self.failed_hash = None;
                 match self.container.clone() {
-                    Some(c) if c.spec_hash.as_deref() == Some(self.hash().as_str()) => {
+                    Some(c) if self.is_current(c.spec_hash.as_deref()) => {
                         self.stop_serving(ctx, c, AfterStop::Start, Some(reply));
                     }
                     _ => {
@@ -1372,9 +1383,8 @@ impl Machine {
                 Err(e) => self.reason = Some(format!("cannot inspect container: {e}")),
             },
             Look::ForStart { reply } => {
-                let hash = self.hash();
                 match result {
-                    Ok(Some(c)) if !c.running && c.spec_hash.as_deref() == Some(hash.as_str()) => {
+                    Ok(Some(c)) if !c.running && self.is_current(c.spec_hash.as_deref()) => {
                         // Stopped on purpose: start it as it is rather than let
                         // converge judge that exit as a failure.
                         self.container = Some(c);
@@ -1431,7 +1441,7 @@ impl Machine {
                     self.begin_create(false);
                 }
             }
-            Some(c) if c.spec_hash.as_deref() != Some(hash.as_str()) => {
+            Some(c) if !self.is_current(c.spec_hash.as_deref()) => {
                 if self.failed_hash.as_deref() != Some(hash.as_str()) {
                     self.begin_update(c);
                 }

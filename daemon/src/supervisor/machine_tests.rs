@@ -39,6 +39,7 @@ impl T {
                 restarts_by_reason: BTreeMap::new(),
                 containers: Default::default(),
                 drain: None,
+                hash_key: fleet_model::spec::HashKey::from_bytes(crate::store::TEST_HASH_KEY),
             },
             t0,
         );
@@ -342,6 +343,41 @@ fn a_running_container_of_the_same_spec_is_adopted_untouched() {
 }
 
 #[test]
+fn a_container_an_earlier_version_labelled_with_the_unkeyed_hash_is_adopted_untouched() {
+    // The upgrade to the keyed spec hash: the running container's label holds
+    // the old digest, which Docker cannot relabel; it is still this spec.
+    let mut t = T::new(spec("hr", "img:1", "[secrets]\nDB_PASSWORD = \"s3cret\"\n"));
+    t.send(Input::Init);
+    let mut c = t.container("c1", true);
+    c.spec_hash = Some(t.m.spec().legacy_container_hash(8001));
+    let e = t.send(Input::Inspected {
+        look: Look::Converge,
+        result: Ok(Some(c.clone())),
+        oom_reported: false,
+    });
+    assert_eq!(t.m.state(), S::Running);
+    assert_eq!(events(&e), vec!["adopted", "state_running"]);
+    assert!(!has(&e, |e| matches!(
+        e,
+        Effect::Create { .. } | Effect::Start { .. } | Effect::Remove { .. } | Effect::Begin { .. }
+    )));
+    // What is shown is the keyed hash, never the old guessable digest.
+    assert!(t.m.hash().starts_with(fleet_model::spec::KEYED_PREFIX));
+    assert_ne!(Some(t.m.hash()), c.spec_hash);
+    // The unkeyed digest of another spec is still a change.
+    let mut t = T::new(spec("hr", "img:1", "[secrets]\nDB_PASSWORD = \"s3cret\"\n"));
+    t.send(Input::Init);
+    let mut other = t.container("c1", true);
+    other.spec_hash = Some(spec("hr", "img:0", "").legacy_container_hash(8001));
+    let e = t.send(Input::Inspected {
+        look: Look::Converge,
+        result: Ok(Some(other)),
+        oom_reported: false,
+    });
+    assert!(!events(&e).contains(&"adopted".to_string()), "{e:?}");
+}
+
+#[test]
 fn a_container_of_another_department_under_the_name_is_not_adopted() {
     let mut t = T::new(spec("hr", "img:1", ""));
     t.send(Input::Init);
@@ -384,8 +420,11 @@ fn nothing_there_creates_through_the_gate_and_ends_running() {
         env: request.env.clone(),
         secret_files: Default::default(),
     };
-    let (rebuilt, port) =
-        crate::recovery::recover_spec(&config).expect("rebuilt from the request's labels");
+    let (rebuilt, port) = crate::recovery::recover_spec(
+        &config,
+        &fleet_model::spec::HashKey::from_bytes(crate::store::TEST_HASH_KEY),
+    )
+    .expect("rebuilt from the request's labels");
     assert_eq!((rebuilt.id.as_str(), port), ("hr", 8001));
     assert_eq!(t.m.state(), S::Starting);
     t.send(Input::Created {

@@ -435,6 +435,7 @@ impl Supervisor {
             updated: vec![],
             unchanged: vec![],
             deleted: vec![],
+            spec_hashes: BTreeMap::new(),
         };
         for id in removed {
             self.delete_department(&id).await?;
@@ -450,6 +451,10 @@ impl Supervisor {
         for spec in specs {
             let id = spec.id.clone();
             let port = ports.get(&id).copied().unwrap_or_default();
+            report.spec_hashes.insert(
+                id.clone(),
+                spec.container_hash(port, self.shared.store.hash_key()),
+            );
             self.shared.store.put_spec(&spec)?;
             self.shared.store.set_lease(&id, port)?;
             // Decided under the lock, carried out after it: a full mailbox
@@ -895,7 +900,7 @@ async fn rebuild_from_labels(
                 }
             }
         }
-        match crate::recovery::recover_spec(&config) {
+        match crate::recovery::recover_spec(&config, shared.store.hash_key()) {
             Ok((spec, _port)) => {
                 shared.store.put_spec(&spec)?;
                 shared.events.record(
