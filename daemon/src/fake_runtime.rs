@@ -8,8 +8,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::runtime::{
-    ContainerRuntime, ContainerStats, CreateRequest, LogQuery, ObservedContainer, RuntimeError,
-    RuntimeEvent,
+    ContainerConfig, ContainerRuntime, ContainerStats, CreateRequest, LogQuery, ObservedContainer,
+    RuntimeError, RuntimeEvent,
 };
 use async_trait::async_trait;
 use fleet_model::labels;
@@ -48,6 +48,7 @@ pub enum PullScript {
 pub struct FakeContainer {
     pub observed: ObservedContainer,
     pub labels: HashMap<String, String>,
+    pub env: Vec<String>,
     pub host_port: Option<u16>,
 }
 
@@ -68,6 +69,11 @@ struct State {
     subscribers: Vec<mpsc::UnboundedSender<Result<RuntimeEvent, RuntimeError>>>,
     /// Bumped on every start, so a scripted exit of an older run does nothing.
     runs: HashMap<String, u64>,
+    /// The engine's own record of every event (lost ones included), with the
+    /// container's node and role labels, for `past_events`.
+    history: Vec<(Option<String>, String, RuntimeEvent)>,
+    /// Node and role label of every container ever created.
+    meta: HashMap<String, (Option<String>, String)>,
 }
 
 #[derive(Clone, Default)]
@@ -183,9 +189,6 @@ impl FakeRuntime {
     }
 
     fn emit(state: &mut State, id: &str, department: &str, action: &str, exit_code: Option<i64>) {
-        if state.lose_events {
-            return;
-        }
         let event = RuntimeEvent::Container {
             id: id.to_string(),
             department: department.to_string(),
@@ -193,6 +196,11 @@ impl FakeRuntime {
             exit_code,
             time_nano: now_nanos(),
         };
+        let (node, role) = state.meta.get(id).cloned().unwrap_or_default();
+        state.history.push((node, role, event.clone()));
+        if state.lose_events {
+            return;
+        }
         state
             .subscribers
             .retain(|tx| tx.send(Ok(event.clone())).is_ok());
@@ -221,11 +229,15 @@ impl FakeRuntime {
             published_port: r.host_port,
             image: Some(r.image.clone()),
         };
+        state
+            .meta
+            .insert(id.clone(), (observed.node.clone(), observed.role.clone()));
         state.containers.insert(
             id.clone(),
             FakeContainer {
                 observed,
                 labels: r.labels.clone(),
+                env: r.env.clone(),
                 host_port: r.host_port,
             },
         );
@@ -338,8 +350,13 @@ impl ContainerRuntime for FakeRuntime {
     async fn stop(&self, id: &str, _timeout: Duration) -> Result<(), RuntimeError> {
         let mut state = self.lock();
         state.calls.push(Call::Stop(id.to_string()));
-        if !state.containers.contains_key(id) {
+        let Some(c) = state.containers.get(id) else {
             return Err(RuntimeError::NotFound(id.to_string()));
+        };
+        if c.observed.running {
+            // Docker's order for a requested stop: kill (SIGTERM), then die.
+            let department = c.observed.department.clone();
+            Self::emit(&mut state, id, &department, "kill", None);
         }
         Self::exit_locked(&mut state, id, 143, false);
         Ok(())
@@ -351,6 +368,7 @@ impl ContainerRuntime for FakeRuntime {
         if let Some(c) = state.containers.remove(id) {
             let department = c.observed.department.clone();
             if c.observed.running {
+                Self::emit(&mut state, id, &department, "kill", None);
                 Self::emit(&mut state, id, &department, "die", Some(137));
             }
             Self::emit(&mut state, id, &department, "destroy", None);
@@ -402,6 +420,25 @@ impl ContainerRuntime for FakeRuntime {
         tokio_stream::wrappers::UnboundedReceiverStream::new(rx).boxed()
     }
 
+    async fn past_events(
+        &self,
+        node: &str,
+        since_nano: i64,
+        until_nano: i64,
+    ) -> Result<Vec<RuntimeEvent>, RuntimeError> {
+        Ok(self
+            .lock()
+            .history
+            .iter()
+            .filter(|(n, role, RuntimeEvent::Container { time_nano, .. })| {
+                n.as_deref() == Some(node)
+                    && role == "primary"
+                    && (since_nano..=until_nano).contains(time_nano)
+            })
+            .map(|(_, _, e)| e.clone())
+            .collect())
+    }
+
     fn logs(
         &self,
         _id: &str,
@@ -416,5 +453,13 @@ impl ContainerRuntime for FakeRuntime {
 
     async fn data_root(&self) -> Result<Option<PathBuf>, RuntimeError> {
         Ok(None)
+    }
+
+    async fn container_config(&self, id: &str) -> Result<Option<ContainerConfig>, RuntimeError> {
+        let state = self.lock();
+        Ok(Self::find(&state, id).map(|c| ContainerConfig {
+            labels: c.labels.clone(),
+            env: c.env.clone(),
+        }))
     }
 }

@@ -95,6 +95,7 @@ fn as_before(fake: &FakeRuntime, spec: &DepartmentSpec, port: u16, node: &str) -
             desired_running: true,
             failed_hash: None,
             restarts_by_reason: BTreeMap::new(),
+            restarted_ago: Vec::new(),
         },
         std::time::Instant::now(),
     );
@@ -328,6 +329,7 @@ async fn delete_during_a_hanging_pull_answers_at_once_and_removes_only_its_own()
                 desired_running: true,
                 failed_hash: None,
                 restarts_by_reason: BTreeMap::new(),
+                restarted_ago: Vec::new(),
             },
             std::time::Instant::now(),
         );
@@ -431,6 +433,7 @@ fn lone_actor(
             desired_running: true,
             failed_hash: None,
             restarts_by_reason: BTreeMap::new(),
+            restarted_ago: Vec::new(),
         },
     );
     (shared, tx)
@@ -506,4 +509,91 @@ async fn delete_during_a_failing_update_proof_answers_within_stop_timeout() {
     );
     assert!(fake.by_name("aio-pay").is_none());
     assert!(fake.count(|c| *c == Call::Remove(old.clone())) >= 1);
+}
+
+/// What a daemon before us did: the container crashed and was started again
+/// `restarts` times, then crashed once more and was left down (the daemon was
+/// killed, or parked it). Only the engine's own event record remains.
+async fn crashed_before(fake: &FakeRuntime, id: &str, restarts: usize) {
+    use crate::runtime::ContainerRuntime;
+    for _ in 0..restarts {
+        fake.exit(id, 1);
+        fake.start(id).await.unwrap();
+    }
+    fake.exit(id, 1);
+    fake.clear_calls();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_loop_stays_parked_when_the_store_is_lost() {
+    let fake = FakeRuntime::new();
+    fake.add_image("img:1");
+    let s = spec("loop", "img:1", "max_retries = 2\nbackoff = \"1s\"");
+    let id = as_before(&fake, &s, 43700, NODE);
+    crashed_before(&fake, &id, 2).await;
+    // A new, empty store: the department comes back from the labels, its
+    // restarts from Docker's events, and it is still a crash loop.
+    let sup = node(&fake, memory_store(), "43700-43709").await;
+    assert!(sup.state_rebuilt.is_some());
+    until(Duration::from_secs(30), "crash_looping", || {
+        state(&sup, "loop") == Some(DeptState::CrashLooping)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(creates(&fake) + starts(&fake), 0, "{:?}", fake.calls());
+    let view = sup.shared.board.get("loop").unwrap();
+    assert_eq!(view.container_id.as_deref(), Some(id.as_str()));
+    assert_eq!(view.restarts_by_reason.get("exit"), Some(&2), "{view:?}");
+    assert_eq!(
+        sup.shared.store.restart_history("loop", 10).unwrap().len(),
+        2
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_backoff_goes_on_growing_after_a_lost_store() {
+    let fake = FakeRuntime::new();
+    fake.add_image("img:1");
+    let s = spec("slow", "img:1", "max_retries = 5\nbackoff = \"1s\"");
+    let id = as_before(&fake, &s, 43710, NODE);
+    crashed_before(&fake, &id, 2).await;
+    let sup = node(&fake, memory_store(), "43710-43719").await;
+    // Two restarts remembered: this is the third, after 4s (at least 3.2s
+    // with the jitter), not the first one's 1s.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    assert_eq!(starts(&fake), 0, "{:?}", fake.calls());
+    until(Duration::from_secs(2), "the third restart", || {
+        starts(&fake) == 1
+    })
+    .await;
+    until(Duration::from_secs(5), "running", || {
+        state(&sup, "slow") == Some(DeptState::Running)
+    })
+    .await;
+    let view = sup.shared.board.get("slow").unwrap();
+    assert_eq!(view.restarts_by_reason.get("exit"), Some(&3), "{view:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn restarts_of_an_older_container_do_not_count_against_the_new_one() {
+    use crate::runtime::ContainerRuntime;
+    let fake = FakeRuntime::new();
+    fake.add_image("img:1");
+    let s = spec("moved", "img:1", "max_retries = 2\nbackoff = \"1s\"");
+    // Two restarts of a container since replaced (an update: a new container).
+    let old = as_before(&fake, &s, 43720, NODE);
+    crashed_before(&fake, &old, 2).await;
+    fake.remove(&old).await.unwrap();
+    let id = as_before(&fake, &s, 43720, NODE);
+    fake.exit(&id, 1);
+    fake.clear_calls();
+    let sup = node(&fake, memory_store(), "43720-43729").await;
+    until(Duration::from_secs(10), "restarted", || starts(&fake) == 1).await;
+    until(Duration::from_secs(5), "running", || {
+        state(&sup, "moved") == Some(DeptState::Running)
+    })
+    .await;
+    // The lost store's counts come back whole (all containers).
+    let view = sup.shared.board.get("moved").unwrap();
+    assert_eq!(view.restarts_by_reason.get("exit"), Some(&3), "{view:?}");
 }

@@ -37,6 +37,7 @@ impl T {
                 desired_running: true,
                 failed_hash: None,
                 restarts_by_reason: BTreeMap::new(),
+                restarted_ago: Vec::new(),
             },
             t0,
         );
