@@ -5,7 +5,8 @@
 //! Port ranges: `ten_departments...` alone uses 8001-8010 (the issue demands it);
 //! the others take ten ports each from 42000-42069, and
 //! `explicit_host_ports_...` takes 47500-47502. The registry, locking and
-//! state-loss tests at the end take ten each from 42100-42199.
+//! state-loss tests at the end take ten each from 42100-42199; the restart
+//! history one takes 43700-43709 and the `deleting` one 43710-43719.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -1350,4 +1351,59 @@ fn no_container_is_removed_as_an_orphan_before_the_first_sync() {
         "the orphan to be removed after the first sync",
         || !container_exists(&old.id),
     );
+}
+
+/// Restart counts and the crash-loop state are not in the store alone: after
+/// a kill -9 and a lost `state.db`, a parked department comes back parked
+/// with its restart count (rebuilt from Docker's own event record), and
+/// nothing starts it again. Ports 43700-43709.
+#[test]
+fn a_crash_loop_and_its_restart_count_survive_a_lost_state_db() {
+    let mut d = daemon("rcnt", (43700, 43709));
+    let id = d.dept("loop");
+    let path = d.write_spec(
+        &id,
+        &spec_toml_with_restart(
+            &id,
+            IMAGE_V1,
+            "[env]\nCRASH_AFTER = \"1s\"\nEXIT_CODE = \"3\"",
+            "max_retries = 2\nbackoff = \"1s\"\nwindow = \"10m\"\nstop_timeout = \"5s\"\n",
+        ),
+    );
+    d.apply(&path);
+    let parked = wait_for(UP, &format!("{id} to be crash_looping"), || {
+        d.summary(&id).filter(|s| s["state"] == "crash_looping")
+    });
+    assert_eq!(parked["restarts"], 2, "{parked}");
+    let docker_id = container_id(&container(&id)).expect("the parked container is kept");
+    for loss in [Loss::Garbage, Loss::Deleted] {
+        let events = d.docker_events();
+        d.kill9();
+        lose_state(&d, loss);
+        d.restart();
+        let row = wait_for(RESYNC, &format!("{loss:?}: {id} parked again"), || {
+            d.summary(&id).filter(|s| s["state"] == "crash_looping")
+        });
+        assert_eq!(
+            row["restarts"], 2,
+            "{loss:?}: the restart count must come back: {row}"
+        );
+        assert!(node_json(&d)["state_rebuilt"]["reason"].is_string());
+        std::thread::sleep(QUIET);
+        let seen = events.finish();
+        let starts: Vec<&Value> = seen
+            .iter()
+            .filter(|e| e["Action"] == "start" && e["Actor"]["ID"] == docker_id.as_str())
+            .collect();
+        assert!(
+            starts.is_empty(),
+            "{loss:?}: a parked crash loop was started again after the store was lost:\n{}",
+            DockerEvents::describe(&seen)
+        );
+        assert_eq!(
+            container_id(&container(&id)).as_deref(),
+            Some(docker_id.as_str()),
+            "{loss:?}: the container was replaced"
+        );
+    }
 }
