@@ -347,6 +347,20 @@ impl Supervisor {
                 .collect();
             (current, registry.pool.clone(), deleting)
         };
+        // Not a fault in the document but work in progress: 409, and the
+        // same apply succeeds once the delete has finished.
+        if let Some(busy) = specs.iter().find(|s| deleting.contains(&s.id)) {
+            self.shared.events.record(
+                Some(&busy.id),
+                "apply_refused",
+                Some("deleting"),
+                &format!(
+                    "desired state refused, nothing changed: {}",
+                    SupervisorError::Deleting(busy.id.clone())
+                ),
+            );
+            return Err(SupervisorError::Deleting(busy.id.clone()));
+        }
         let mut problems = Vec::new();
         let mut seen = BTreeSet::new();
         for (i, spec) in specs.iter().enumerate() {
@@ -356,12 +370,6 @@ impl Supervisor {
                         .into_iter()
                         .map(|e| FieldError::new(prefixed(&spec.id, i, &e.field), e.message)),
                 );
-            }
-            if deleting.contains(&spec.id) {
-                problems.push(FieldError::new(
-                    prefixed(&spec.id, i, "id"),
-                    SupervisorError::Deleting(spec.id.clone()).to_string(),
-                ));
             }
             if !seen.insert(spec.id.clone()) {
                 problems.push(FieldError::new(
