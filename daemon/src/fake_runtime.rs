@@ -74,6 +74,12 @@ struct State {
     history: Vec<(Option<String>, String, RuntimeEvent)>,
     /// Node and role label of every container ever created.
     meta: HashMap<String, (Option<String>, String)>,
+    /// Where a container created without a host port (an update candidate,
+    /// which Docker gives an ephemeral port) is published: a test's own
+    /// listener, so the candidate's proof probes something real.
+    ephemeral_port: Option<u16>,
+    /// Name and requested host port of every create.
+    created: Vec<(String, Option<u16>)>,
 }
 
 #[derive(Clone, Default)]
@@ -115,6 +121,16 @@ impl FakeRuntime {
 
     pub fn fail_inspect(&self, error: Option<RuntimeError>) {
         self.lock().inspect_error = error;
+    }
+
+    /// Containers created without a host port are published on `port`.
+    pub fn publish_ephemeral_on(&self, port: Option<u16>) {
+        self.lock().ephemeral_port = port;
+    }
+
+    /// Name and requested host port of every container created through `create`.
+    pub fn created(&self) -> Vec<(String, Option<u16>)> {
+        self.lock().created.clone()
     }
 
     pub fn lose_events(&self, lose: bool) {
@@ -226,7 +242,7 @@ impl FakeRuntime {
             exit_code: None,
             oom_killed: false,
             started_at: None,
-            published_port: r.host_port,
+            published_port: r.host_port.or(state.ephemeral_port),
             image: Some(r.image.clone()),
         };
         state
@@ -297,6 +313,9 @@ impl ContainerRuntime for FakeRuntime {
             )));
         }
         let id = Self::create_locked(&mut state, request);
+        state
+            .created
+            .push((request.name.clone(), request.host_port));
         let department = request
             .labels
             .get(labels::DEPARTMENT)
