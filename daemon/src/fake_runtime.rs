@@ -8,8 +8,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::runtime::{
-    ContainerRuntime, ContainerStats, CreateRequest, LogQuery, ObservedContainer, RuntimeError,
-    RuntimeEvent,
+    ContainerConfig, ContainerRuntime, ContainerStats, CreateRequest, LogQuery, ObservedContainer,
+    RuntimeError, RuntimeEvent,
 };
 use async_trait::async_trait;
 use fleet_model::labels;
@@ -48,6 +48,7 @@ pub enum PullScript {
 pub struct FakeContainer {
     pub observed: ObservedContainer,
     pub labels: HashMap<String, String>,
+    pub env: Vec<String>,
     pub host_port: Option<u16>,
 }
 
@@ -68,6 +69,17 @@ struct State {
     subscribers: Vec<mpsc::UnboundedSender<Result<RuntimeEvent, RuntimeError>>>,
     /// Bumped on every start, so a scripted exit of an older run does nothing.
     runs: HashMap<String, u64>,
+    /// The engine's own record of every event (lost ones included), with the
+    /// container's node and role labels, for `past_events`.
+    history: Vec<(Option<String>, String, RuntimeEvent)>,
+    /// Node and role label of every container ever created.
+    meta: HashMap<String, (Option<String>, String)>,
+    /// Where a container created without a host port (an update candidate,
+    /// which Docker gives an ephemeral port) is published: a test's own
+    /// listener, so the candidate's proof probes something real.
+    ephemeral_port: Option<u16>,
+    /// Name and requested host port of every create.
+    created: Vec<(String, Option<u16>)>,
 }
 
 #[derive(Clone, Default)]
@@ -109,6 +121,16 @@ impl FakeRuntime {
 
     pub fn fail_inspect(&self, error: Option<RuntimeError>) {
         self.lock().inspect_error = error;
+    }
+
+    /// Containers created without a host port are published on `port`.
+    pub fn publish_ephemeral_on(&self, port: Option<u16>) {
+        self.lock().ephemeral_port = port;
+    }
+
+    /// Name and requested host port of every container created through `create`.
+    pub fn created(&self) -> Vec<(String, Option<u16>)> {
+        self.lock().created.clone()
     }
 
     pub fn lose_events(&self, lose: bool) {
@@ -183,9 +205,6 @@ impl FakeRuntime {
     }
 
     fn emit(state: &mut State, id: &str, department: &str, action: &str, exit_code: Option<i64>) {
-        if state.lose_events {
-            return;
-        }
         let event = RuntimeEvent::Container {
             id: id.to_string(),
             department: department.to_string(),
@@ -193,6 +212,11 @@ impl FakeRuntime {
             exit_code,
             time_nano: now_nanos(),
         };
+        let (node, role) = state.meta.get(id).cloned().unwrap_or_default();
+        state.history.push((node, role, event.clone()));
+        if state.lose_events {
+            return;
+        }
         state
             .subscribers
             .retain(|tx| tx.send(Ok(event.clone())).is_ok());
@@ -218,14 +242,18 @@ impl FakeRuntime {
             exit_code: None,
             oom_killed: false,
             started_at: None,
-            published_port: r.host_port,
+            published_port: r.host_port.or(state.ephemeral_port),
             image: Some(r.image.clone()),
         };
+        state
+            .meta
+            .insert(id.clone(), (observed.node.clone(), observed.role.clone()));
         state.containers.insert(
             id.clone(),
             FakeContainer {
                 observed,
                 labels: r.labels.clone(),
+                env: r.env.clone(),
                 host_port: r.host_port,
             },
         );
@@ -285,6 +313,9 @@ impl ContainerRuntime for FakeRuntime {
             )));
         }
         let id = Self::create_locked(&mut state, request);
+        state
+            .created
+            .push((request.name.clone(), request.host_port));
         let department = request
             .labels
             .get(labels::DEPARTMENT)
@@ -338,8 +369,13 @@ impl ContainerRuntime for FakeRuntime {
     async fn stop(&self, id: &str, _timeout: Duration) -> Result<(), RuntimeError> {
         let mut state = self.lock();
         state.calls.push(Call::Stop(id.to_string()));
-        if !state.containers.contains_key(id) {
+        let Some(c) = state.containers.get(id) else {
             return Err(RuntimeError::NotFound(id.to_string()));
+        };
+        if c.observed.running {
+            // Docker's order for a requested stop: kill (SIGTERM), then die.
+            let department = c.observed.department.clone();
+            Self::emit(&mut state, id, &department, "kill", None);
         }
         Self::exit_locked(&mut state, id, 143, false);
         Ok(())
@@ -351,6 +387,7 @@ impl ContainerRuntime for FakeRuntime {
         if let Some(c) = state.containers.remove(id) {
             let department = c.observed.department.clone();
             if c.observed.running {
+                Self::emit(&mut state, id, &department, "kill", None);
                 Self::emit(&mut state, id, &department, "die", Some(137));
             }
             Self::emit(&mut state, id, &department, "destroy", None);
@@ -407,6 +444,25 @@ impl ContainerRuntime for FakeRuntime {
         tokio_stream::wrappers::UnboundedReceiverStream::new(rx).boxed()
     }
 
+    async fn past_events(
+        &self,
+        node: &str,
+        since_nano: i64,
+        until_nano: i64,
+    ) -> Result<Vec<RuntimeEvent>, RuntimeError> {
+        Ok(self
+            .lock()
+            .history
+            .iter()
+            .filter(|(n, role, RuntimeEvent::Container { time_nano, .. })| {
+                n.as_deref() == Some(node)
+                    && role == "primary"
+                    && (since_nano..=until_nano).contains(time_nano)
+            })
+            .map(|(_, _, e)| e.clone())
+            .collect())
+    }
+
     fn logs(
         &self,
         _id: &str,
@@ -421,5 +477,16 @@ impl ContainerRuntime for FakeRuntime {
 
     async fn data_root(&self) -> Result<Option<PathBuf>, RuntimeError> {
         Ok(None)
+    }
+
+    async fn container_config(&self, id: &str) -> Result<Option<ContainerConfig>, RuntimeError> {
+        let state = self.lock();
+        Ok(Self::find(&state, id).map(|c| ContainerConfig {
+            labels: c.labels.clone(),
+            env: c.env.clone(),
+            // The fake writes no secret files: files-mode recovery is the
+            // real runtime's (recovery.rs tests the decision).
+            secret_files: Default::default(),
+        }))
     }
 }

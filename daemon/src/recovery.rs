@@ -10,8 +10,17 @@
 //! (`Machine::create_request`). `recover_spec` is the way back: label + environment -> the spec, accepted
 //! only when it hashes to the container's own spec hash, so a rebuilt
 //! department adopts its container untouched instead of replacing it.
+//!
+//! Restart history comes back from the engine too: `restarts_from_events`
+//! reads Docker's own record of what the node's primary containers did (its
+//! event buffer, replayed with `since`/`until`) and finds the restarts in it.
+//! Docker keeps that buffer in memory (the last 256 events of the host, gone
+//! when dockerd restarts), so it answers for the recent past: enough for the
+//! crash-loop window and the backoff, which only look at recent failures, and
+//! a lower bound for the all-time counts.
 
-use crate::runtime::ContainerConfig;
+use crate::restart::FailureReason;
+use crate::runtime::{ContainerConfig, RuntimeEvent};
 use fleet_model::spec::{HashKey, Secret};
 use fleet_model::{labels, DepartmentSpec};
 use std::collections::BTreeMap;
@@ -75,10 +84,138 @@ pub fn recover_spec(
     Ok((spec, port))
 }
 
+/// One restart seen in Docker's events: the failure (a `die`) and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PastRestart {
+    /// The container that failed (and was started again).
+    pub container_id: String,
+    /// When it failed, Unix nanoseconds (Docker's `timeNano` of the `die`).
+    pub failed_at_nano: i64,
+    pub reason: FailureReason,
+}
+
+/// The restarts per department in `events` (oldest first), in time order.
+///
+/// A restart is a `die` followed by a `start` of the same department. A `die`
+/// after a `kill` (any requested stop: `docker stop`, our stop for an update,
+/// a delete, an unhealthy container, `agentctl restart`) is not a failure; a
+/// `die` after `oom` is an OOM kill. The last `die` of a department with no
+/// `start` after it is left out: that run is still down, and the department
+/// judges it itself when it adopts the exited container (so it is not
+/// counted twice).
+pub fn restarts_from_events(events: &[RuntimeEvent]) -> BTreeMap<String, Vec<PastRestart>> {
+    #[derive(Default)]
+    struct Walk {
+        requested_stop: bool,
+        oom: bool,
+        died: Option<PastRestart>,
+    }
+    let mut sorted: Vec<&RuntimeEvent> = events.iter().collect();
+    sorted.sort_by_key(|RuntimeEvent::Container { time_nano, .. }| *time_nano);
+    let mut walks: BTreeMap<&str, Walk> = BTreeMap::new();
+    let mut out: BTreeMap<String, Vec<PastRestart>> = BTreeMap::new();
+    for RuntimeEvent::Container {
+        id,
+        department,
+        action,
+        exit_code,
+        time_nano,
+        ..
+    } in sorted
+    {
+        let walk = walks.entry(department.as_str()).or_default();
+        match action.as_str() {
+            "kill" => walk.requested_stop = true,
+            "oom" => walk.oom = true,
+            "die" => {
+                let failure = !std::mem::take(&mut walk.requested_stop);
+                let oom = std::mem::take(&mut walk.oom);
+                walk.died = failure.then(|| PastRestart {
+                    container_id: id.clone(),
+                    failed_at_nano: *time_nano,
+                    reason: if oom {
+                        FailureReason::Oom
+                    } else {
+                        FailureReason::Exited {
+                            code: exit_code.unwrap_or(-1),
+                        }
+                    },
+                });
+            }
+            "start" => {
+                walk.requested_stop = false;
+                walk.oom = false;
+                if let Some(restart) = walk.died.take() {
+                    out.entry(department.clone()).or_default().push(restart);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    fn ev(department: &str, action: &str, exit_code: Option<i64>, t: i64) -> RuntimeEvent {
+        RuntimeEvent::Container {
+            id: format!("{department}-c"),
+            department: department.into(),
+            action: action.into(),
+            exit_code,
+            time_nano: t,
+        }
+    }
+
+    #[test]
+    fn restarts_are_dies_followed_by_a_start_and_requested_stops_are_not() {
+        let events = vec![
+            ev("hr", "create", None, 1),
+            ev("hr", "start", None, 2),
+            ev("hr", "die", Some(3), 10),
+            ev("hr", "start", None, 11),
+            ev("hr", "oom", None, 20),
+            ev("hr", "die", Some(137), 21),
+            ev("hr", "start", None, 22),
+            // An update or `agentctl restart`: kill, die, start. Not a failure.
+            ev("hr", "kill", None, 30),
+            ev("hr", "die", Some(143), 31),
+            ev("hr", "start", None, 32),
+            // Down now, nobody started it yet: the department judges it itself.
+            ev("hr", "die", Some(1), 40),
+            // Out of order from the engine: sorted by time first.
+            ev("ops", "start", None, 6),
+            ev("ops", "die", Some(2), 5),
+            ev("ops", "start", None, 4),
+        ];
+        let found = restarts_from_events(&events);
+        assert_eq!(
+            found["hr"],
+            vec![
+                PastRestart {
+                    container_id: "hr-c".into(),
+                    failed_at_nano: 10,
+                    reason: FailureReason::Exited { code: 3 }
+                },
+                PastRestart {
+                    container_id: "hr-c".into(),
+                    failed_at_nano: 21,
+                    reason: FailureReason::Oom
+                },
+            ]
+        );
+        assert_eq!(
+            found["ops"],
+            vec![PastRestart {
+                container_id: "ops-c".into(),
+                failed_at_nano: 5,
+                reason: FailureReason::Exited { code: 2 }
+            }]
+        );
+    }
 
     fn spec() -> DepartmentSpec {
         DepartmentSpec::from_toml(

@@ -68,6 +68,19 @@ pub struct RestartTracker {
 }
 
 impl RestartTracker {
+    /// A tracker that remembers restarts made before it existed (by a daemon
+    /// before this one, read back from Docker's events by `recovery`): the
+    /// failure instants, any order. A crash loop then stays a crash loop, and
+    /// a backoff goes on growing, across a daemon restart or a lost store.
+    pub fn seeded(failures: impl IntoIterator<Item = Instant>) -> Self {
+        let mut attempts: Vec<Instant> = failures.into_iter().collect();
+        attempts.sort();
+        RestartTracker {
+            attempts: attempts.into(),
+            parked: false,
+        }
+    }
+
     pub fn parked(&self) -> bool {
         self.parked
     }
@@ -168,6 +181,27 @@ mod tests {
         assert!(t.parked());
         t.reset();
         assert!(!t.parked());
+    }
+
+    #[test]
+    fn a_seeded_tracker_goes_on_where_the_old_one_stopped() {
+        let spec = spec();
+        let now = Instant::now();
+        let exit = FailureReason::Exited { code: 1 };
+        let ago = |s| now - Duration::from_secs(s);
+        // Two restarts remembered: the third failure waits 4s, the fourth parks.
+        let mut t = RestartTracker::seeded([ago(20), ago(50)]);
+        assert_eq!(
+            t.on_failure(&spec, &exit, now, 0.0),
+            Decision::RestartAfter(Duration::from_secs(4))
+        );
+        assert_eq!(t.on_failure(&spec, &exit, now, 0.0), Decision::Park);
+        // Remembered restarts older than the window count for nothing.
+        let mut old = RestartTracker::seeded([ago(700), ago(800), ago(900)]);
+        assert_eq!(
+            old.on_failure(&spec, &exit, now, 0.0),
+            Decision::RestartAfter(Duration::from_secs(1))
+        );
     }
 
     #[test]

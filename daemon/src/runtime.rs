@@ -186,6 +186,15 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         node: &str,
         since_nano: Option<i64>,
     ) -> BoxStream<'static, Result<RuntimeEvent, RuntimeError>>;
+    /// What the engine still remembers of `node`'s primary containers between
+    /// two instants (Unix nanoseconds): a finite replay of its event buffer,
+    /// read once at start to rebuild restart history (`recovery`).
+    async fn past_events(
+        &self,
+        node: &str,
+        since_nano: i64,
+        until_nano: i64,
+    ) -> Result<Vec<RuntimeEvent>, RuntimeError>;
     fn logs(
         &self,
         id: &str,
@@ -887,6 +896,42 @@ impl ContainerRuntime for BollardRuntime {
         let socket = self.socket.clone();
         let stream = async_stream_events(client, socket, node, since_nano);
         Box::pin(stream)
+    }
+
+    async fn past_events(
+        &self,
+        node: &str,
+        since_nano: i64,
+        until_nano: i64,
+    ) -> Result<Vec<RuntimeEvent>, RuntimeError> {
+        let client = self.client().await?;
+        let mut filters = node_filters(node);
+        filters.insert("type".into(), vec!["container".into()]);
+        if let Some(label) = filters.get_mut("label") {
+            label.push(format!("{}=primary", labels::ROLE));
+        }
+        let at = |n: i64| format!("{}.{:09}", n / 1_000_000_000, n % 1_000_000_000);
+        let options = EventsOptionsBuilder::default()
+            .filters(&filters)
+            .since(&at(since_nano))
+            .until(&at(until_nano))
+            .build();
+        // With `until` in the past the engine sends its buffered events and
+        // closes the stream; the bound is for an engine that does not.
+        let collect = client
+            .events(Some(options))
+            .map(|item| item.map_err(RuntimeError::from))
+            .collect::<Vec<_>>();
+        let items = tokio::time::timeout(Duration::from_secs(10), collect)
+            .await
+            .map_err(|_| RuntimeError::Timeout(Duration::from_secs(10)))?;
+        let mut out = Vec::new();
+        for item in items {
+            if let Some(event) = event_from_message(item?) {
+                out.push(event);
+            }
+        }
+        Ok(out)
     }
 
     fn logs(

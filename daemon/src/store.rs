@@ -393,11 +393,23 @@ impl Store {
         reason: &str,
         exit_code: Option<i64>,
     ) -> Result<(), StoreError> {
+        self.record_restart_at(department, now_secs(), reason, exit_code)
+    }
+
+    /// A restart at `at` (Unix seconds): one a daemon before this one made,
+    /// rebuilt from Docker's events after the store was lost.
+    pub fn record_restart_at(
+        &self,
+        department: &str,
+        at: i64,
+        reason: &str,
+        exit_code: Option<i64>,
+    ) -> Result<(), StoreError> {
         self.write_record(|conn| {
             let tx = conn.transaction()?;
             tx.execute(
                 "INSERT INTO restarts (department, at, reason, exit_code) VALUES (?1, ?2, ?3, ?4)",
-                params![department, now_secs(), reason, exit_code],
+                params![department, at, reason, exit_code],
             )?;
             tx.execute(
                 "DELETE FROM restarts WHERE department = ?1 AND id NOT IN

@@ -6,7 +6,8 @@
 //! the others take ten ports each from 42000-42069, and
 //! `explicit_host_ports_...` takes 47500-47502. The registry, locking and
 //! state-loss tests at the end take ten each from 42100-42199;
-//! `container_logging_...` takes 43600-43619.
+//! `container_logging_...` takes 43600-43619, the restart history one
+//! 43700-43709 and the `deleting` one 43710-43719.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -1419,4 +1420,163 @@ fn container_logging_is_the_engines_driver_capped_or_what_docker_config_names() 
         "agentctl logs failed with the local driver: {}",
         String::from_utf8_lossy(&logs.stderr)
     );
+}
+
+/// Restart counts and the crash-loop state are not in the store alone: after
+/// a kill -9 and a lost `state.db`, a parked department comes back parked
+/// with its restart count (rebuilt from Docker's own event record), and
+/// nothing starts it again. Ports 43700-43709.
+#[test]
+fn a_crash_loop_and_its_restart_count_survive_a_lost_state_db() {
+    let mut d = daemon("rcnt", (43700, 43709));
+    let id = d.dept("loop");
+    let path = d.write_spec(
+        &id,
+        &spec_toml_with_restart(
+            &id,
+            IMAGE_V1,
+            "[env]\nCRASH_AFTER = \"1s\"\nEXIT_CODE = \"3\"",
+            "max_retries = 2\nbackoff = \"1s\"\nwindow = \"10m\"\nstop_timeout = \"5s\"\n",
+        ),
+    );
+    d.apply(&path);
+    let parked = wait_for(UP, &format!("{id} to be crash_looping"), || {
+        d.summary(&id).filter(|s| s["state"] == "crash_looping")
+    });
+    assert_eq!(parked["restarts"], 2, "{parked}");
+    let docker_id = container_id(&container(&id)).expect("the parked container is kept");
+    for loss in [Loss::Garbage, Loss::Deleted] {
+        let events = d.docker_events();
+        d.kill9();
+        lose_state(&d, loss);
+        d.restart();
+        let row = wait_for(RESYNC, &format!("{loss:?}: {id} parked again"), || {
+            d.summary(&id).filter(|s| s["state"] == "crash_looping")
+        });
+        assert_eq!(
+            row["restarts"], 2,
+            "{loss:?}: the restart count must come back: {row}"
+        );
+        assert!(node_json(&d)["state_rebuilt"]["reason"].is_string());
+        std::thread::sleep(QUIET);
+        let seen = events.finish();
+        let starts: Vec<&Value> = seen
+            .iter()
+            .filter(|e| e["Action"] == "start" && e["Actor"]["ID"] == docker_id.as_str())
+            .collect();
+        assert!(
+            starts.is_empty(),
+            "{loss:?}: a parked crash loop was started again after the store was lost:\n{}",
+            DockerEvents::describe(&seen)
+        );
+        assert_eq!(
+            container_id(&container(&id)).as_deref(),
+            Some(docker_id.as_str()),
+            "{loss:?}: the container was replaced"
+        );
+    }
+}
+
+/// While a delete waits (a container that ignores SIGTERM, with a long stop
+/// timeout), an apply naming that department answers 409 "being deleted" and
+/// changes nothing; an apply of another department goes through at once; the
+/// event and resync loops (the watchdog's heartbeat) keep beating; once the
+/// delete is done the same apply works. Ports 43710-43719.
+#[test]
+fn an_apply_naming_a_department_being_deleted_answers_409_and_others_apply() {
+    let d = daemon("dele", (43710, 43719));
+    let (slow, other) = (d.dept("slow"), d.dept("other"));
+    let slow_toml = spec_toml_with_restart(
+        &slow,
+        IMAGE_V1,
+        "[env]\nIGNORE_SIGTERM = \"1\"",
+        "stop_timeout = \"25s\"\n",
+    );
+    let slow_file = d.write_spec(&slow, &slow_toml);
+    d.apply(&slow_file);
+    d.wait_running(&slow, UP);
+
+    let socket = d.socket.clone();
+    let slow_id = slow.clone();
+    let delete_started = std::time::Instant::now();
+    let delete = std::thread::spawn(move || {
+        std::process::Command::new(bin_dir().join("agentctl"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(["delete", &slow_id])
+            .output()
+    });
+    // The same spec again (until the delete has begun an apply of it is
+    // "unchanged"), by agentctl and on the wire: 409, nothing changed.
+    let stderr = wait_for(RESYNC, "an apply refused as being deleted", || {
+        let refused = d.agentctl(&["apply", "-f", slow_file.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&refused.stderr).to_string();
+        (!refused.status.success()).then_some(stderr)
+    });
+    assert!(stderr.contains("is being deleted"), "{stderr}");
+    let body = format!(r#"{{"departments":[{{"id":"{slow}","image":"{IMAGE_V1}"}}]}}"#);
+    let curl = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--unix-socket",
+        ])
+        .arg(&d.socket)
+        .args(["-H", "content-type: application/json", "-d", &body])
+        .arg("http://fleet-agentd/v1/apply")
+        .output()
+        .expect("run curl");
+    assert_eq!(String::from_utf8_lossy(&curl.stdout), "409");
+    assert!(
+        delete_started.elapsed() < Duration::from_secs(20),
+        "the delete finished before the 409 could be seen; the test proves nothing"
+    );
+
+    // Another department applies meanwhile, at once.
+    let other_file = d.write_spec(&other, &spec_toml(&other, IMAGE_V1, ""));
+    let started = std::time::Instant::now();
+    d.apply(&other_file);
+    let took = started.elapsed();
+    eprintln!("apply of another department during the waiting delete: {took:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "`agentctl apply` of another department took {took:?} while a delete waited"
+    );
+    d.wait_running(&other, UP);
+    for beat in ["event", "resync"] {
+        let age = metric(
+            &d,
+            &format!("fleet_agent_loop_heartbeat_age_seconds{{loop=\"{beat}\"}}"),
+        )
+        .expect("heartbeat metric");
+        assert!(
+            age < 5.0,
+            "the {beat} loop's heartbeat is {age}s old during the delete"
+        );
+    }
+    assert!(container_exists(&container(&slow)), "deleted too early");
+
+    let deleted = delete
+        .join()
+        .expect("delete thread")
+        .expect("run agentctl delete");
+    assert!(
+        deleted.status.success(),
+        "agentctl delete failed: {}",
+        String::from_utf8_lossy(&deleted.stderr)
+    );
+    let took = delete_started.elapsed();
+    eprintln!("delete of a container ignoring SIGTERM: {took:?}");
+    assert!(!container_exists(&container(&slow)));
+    // The refused apply left nothing behind; the same apply works now.
+    assert!(
+        d.summary(&slow).is_none(),
+        "the refused apply changed state"
+    );
+    d.apply(&slow_file);
+    d.wait_running(&slow, UP);
+    assert!(container_running(&container(&other)));
 }

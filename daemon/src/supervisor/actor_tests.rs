@@ -98,6 +98,7 @@ fn as_before(fake: &FakeRuntime, spec: &DepartmentSpec, port: u16, node: &str) -
             containers: Default::default(),
             drain: None,
             hash_key: fleet_model::spec::HashKey::from_bytes(crate::store::TEST_HASH_KEY),
+            restarted_ago: Vec::new(),
         },
         std::time::Instant::now(),
     );
@@ -334,6 +335,7 @@ async fn delete_during_a_hanging_pull_answers_at_once_and_removes_only_its_own()
                 containers: Default::default(),
                 drain: None,
                 hash_key: fleet_model::spec::HashKey::from_bytes(crate::store::TEST_HASH_KEY),
+                restarted_ago: Vec::new(),
             },
             std::time::Instant::now(),
         );
@@ -437,6 +439,7 @@ fn lone_actor(
             desired_running: true,
             failed_hash: None,
             restarts_by_reason: BTreeMap::new(),
+            restarted_ago: Vec::new(),
         },
     );
     (shared, tx)
@@ -549,4 +552,312 @@ async fn a_running_pull_shows_its_bytes_and_rate_on_the_board() {
     assert_eq!(summary.progress.map(|p| p.done_bytes), Some(512));
     sup.delete("hr").await.unwrap();
     assert!(sup.shared.board.get("hr").is_none());
+}
+
+/// What a daemon before us did: the container crashed and was started again
+/// `restarts` times, then crashed once more and was left down (the daemon was
+/// killed, or parked it). Only the engine's own event record remains.
+async fn crashed_before(fake: &FakeRuntime, id: &str, restarts: usize) {
+    use crate::runtime::ContainerRuntime;
+    for _ in 0..restarts {
+        fake.exit(id, 1);
+        fake.start(id).await.unwrap();
+    }
+    fake.exit(id, 1);
+    fake.clear_calls();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_loop_stays_parked_when_the_store_is_lost() {
+    let fake = FakeRuntime::new();
+    fake.add_image("img:1");
+    let s = spec("loop", "img:1", "max_retries = 2\nbackoff = \"1s\"");
+    let id = as_before(&fake, &s, 43700, NODE);
+    crashed_before(&fake, &id, 2).await;
+    // A new, empty store: the department comes back from the labels, its
+    // restarts from Docker's events, and it is still a crash loop.
+    let sup = node(&fake, memory_store(), "43700-43709").await;
+    assert!(sup.state_rebuilt.is_some());
+    until(Duration::from_secs(30), "crash_looping", || {
+        state(&sup, "loop") == Some(DeptState::CrashLooping)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(creates(&fake) + starts(&fake), 0, "{:?}", fake.calls());
+    let view = sup.shared.board.get("loop").unwrap();
+    assert_eq!(view.container_id.as_deref(), Some(id.as_str()));
+    assert_eq!(view.restarts_by_reason.get("exit"), Some(&2), "{view:?}");
+    assert_eq!(
+        sup.shared.store.restart_history("loop", 10).unwrap().len(),
+        2
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_backoff_goes_on_growing_after_a_lost_store() {
+    let fake = FakeRuntime::new();
+    fake.add_image("img:1");
+    let s = spec("slow", "img:1", "max_retries = 5\nbackoff = \"1s\"");
+    let id = as_before(&fake, &s, 43710, NODE);
+    crashed_before(&fake, &id, 2).await;
+    let sup = node(&fake, memory_store(), "43710-43719").await;
+    // Two restarts remembered: this is the third, after 4s (at least 3.2s
+    // with the jitter), not the first one's 1s.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    assert_eq!(starts(&fake), 0, "{:?}", fake.calls());
+    until(Duration::from_secs(2), "the third restart", || {
+        starts(&fake) == 1
+    })
+    .await;
+    until(Duration::from_secs(5), "running", || {
+        state(&sup, "slow") == Some(DeptState::Running)
+    })
+    .await;
+    let view = sup.shared.board.get("slow").unwrap();
+    assert_eq!(view.restarts_by_reason.get("exit"), Some(&3), "{view:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn restarts_of_an_older_container_do_not_count_against_the_new_one() {
+    use crate::runtime::ContainerRuntime;
+    let fake = FakeRuntime::new();
+    fake.add_image("img:1");
+    let s = spec("moved", "img:1", "max_retries = 2\nbackoff = \"1s\"");
+    // Two restarts of a container since replaced (an update: a new container).
+    let old = as_before(&fake, &s, 43720, NODE);
+    crashed_before(&fake, &old, 2).await;
+    fake.remove(&old).await.unwrap();
+    let id = as_before(&fake, &s, 43720, NODE);
+    fake.exit(&id, 1);
+    fake.clear_calls();
+    let sup = node(&fake, memory_store(), "43720-43729").await;
+    until(Duration::from_secs(10), "restarted", || starts(&fake) == 1).await;
+    until(Duration::from_secs(5), "running", || {
+        state(&sup, "moved") == Some(DeptState::Running)
+    })
+    .await;
+    // The lost store's counts come back whole (all containers).
+    let view = sup.shared.board.get("moved").unwrap();
+    assert_eq!(view.restarts_by_reason.get("exit"), Some(&3), "{view:?}");
+}
+
+/// A health endpoint on loopback that answers every request with `status`:
+/// what an update candidate's proof probes (the fake publishes candidates on
+/// it, see `FakeRuntime::publish_ephemeral_on`).
+/// Also how many requests it has had.
+async fn health_server(status: u16) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut request = [0u8; 2048];
+                let _ = socket.read(&mut request).await;
+                let reply = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                );
+                let _ = socket.write_all(reply.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    (port, hits)
+}
+
+/// `id` on img:1, adopted running and healthy by a lone actor.
+async fn healthy_v1(
+    fake: &FakeRuntime,
+    id: &str,
+    port: u16,
+) -> (
+    Arc<crate::supervisor::Shared>,
+    tokio::sync::mpsc::Sender<DeptMsg>,
+    String,
+) {
+    let v1 = healthy_spec(id, "img:1");
+    let old = as_before(fake, &v1, port, NODE);
+    let (shared, tx) = lone_actor(fake, v1, port);
+    until(Duration::from_secs(5), "adopted", || {
+        shared.board.get(id).map(|v| v.state) == Some(DeptState::Running)
+    })
+    .await;
+    for generation in 0..20 {
+        tx.send(DeptMsg::Probe {
+            generation,
+            record: fleet_model::api::ProbeRecord {
+                at_ms: 0,
+                ok: true,
+                latency_ms: Some(1.0),
+                status: Some(200),
+                error: None,
+            },
+        })
+        .await
+        .unwrap();
+    }
+    until(Duration::from_secs(1), "healthy", || {
+        shared.board.get(id).map(|v| v.health) == Some(fleet_model::api::Health::Healthy)
+    })
+    .await;
+    (shared, tx, old)
+}
+
+fn position(fake: &FakeRuntime, call: &Call) -> usize {
+    fake.calls()
+        .iter()
+        .position(|c| c == call)
+        .unwrap_or_else(|| panic!("no {call:?} in {:?}", fake.calls()))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gated_update_proves_a_candidate_on_a_spare_port_then_swaps() {
+    let fake = FakeRuntime::new();
+    fake.add_image("img:1");
+    fake.add_image("img:2");
+    let (probe_port, hits) = health_server(200).await;
+    fake.publish_ephemeral_on(Some(probe_port));
+    let (shared, tx, old) = healthy_v1(&fake, "swap", 43730).await;
+    tx.send(DeptMsg::SetSpec {
+        spec: Box::new(healthy_spec("swap", "img:2")),
+        host_port: 43730,
+    })
+    .await
+    .unwrap();
+    until(Duration::from_secs(60), "v2 serving on the port", || {
+        fake.by_name("aio-swap").is_some_and(|c| {
+            c.observed.image.as_deref() == Some("img:2")
+                && c.observed.running
+                && c.observed.id != old
+        }) && shared.board.get("swap").map(|v| v.state) == Some(DeptState::Running)
+    })
+    .await;
+    // The candidate on a port Docker picks (no host port asked), then the
+    // real one on the department's port.
+    assert_eq!(
+        fake.created(),
+        vec![
+            ("aio-swap-next".to_string(), None),
+            ("aio-swap".to_string(), Some(43730))
+        ]
+    );
+    assert!(
+        fake.by_name("aio-swap-next").is_none(),
+        "candidate left behind"
+    );
+    // The old container served until the candidate had been created, started
+    // and proven: nothing touched it before.
+    let candidate_created = position(&fake, &Call::Create("aio-swap-next".into()));
+    let first_touch = fake
+        .calls()
+        .iter()
+        .position(|c| *c == Call::Stop(old.clone()) || *c == Call::Remove(old.clone()))
+        .expect("the old container is stopped or removed at the swap");
+    assert!(candidate_created < first_touch, "{:?}", fake.calls());
+    assert!(fake.containers().iter().all(|c| c.observed.id != old));
+    assert!(
+        hits.load(std::sync::atomic::Ordering::Relaxed) >= 1,
+        "the candidate was never probed"
+    );
+    let view = shared.board.get("swap").unwrap();
+    assert_eq!(view.spec.image, "img:2");
+    assert_eq!(view.previous.map(|p| p.image).as_deref(), Some("img:1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gated_update_whose_proof_fails_rolls_back_leaving_the_old_one_serving() {
+    let fake = FakeRuntime::new();
+    fake.add_image("img:1");
+    fake.add_image("img:2");
+    let (probe_port, hits) = health_server(500).await;
+    fake.publish_ephemeral_on(Some(probe_port));
+    let (shared, tx, old) = healthy_v1(&fake, "sick", 43731).await;
+    tx.send(DeptMsg::SetSpec {
+        spec: Box::new(healthy_spec("sick", "img:2")),
+        host_port: 43731,
+    })
+    .await
+    .unwrap();
+    until(Duration::from_secs(5), "the candidate", || {
+        fake.by_name("aio-sick-next").is_some()
+    })
+    .await;
+    // update_deadline is 2m: the candidate answers 500 all that time.
+    until(Duration::from_secs(200), "the rollback", || {
+        shared
+            .board
+            .get("sick")
+            .and_then(|v| v.reason)
+            .is_some_and(|r| r.contains("rolled back"))
+    })
+    .await;
+    let view = shared.board.get("sick").unwrap();
+    assert_eq!(view.state, DeptState::Running);
+    assert_eq!(view.spec.image, "img:1", "back on the previous spec");
+    assert!(
+        view.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("not healthy within"),
+        "{:?}",
+        view.reason
+    );
+    assert!(
+        hits.load(std::sync::atomic::Ordering::Relaxed) >= 1,
+        "the candidate was never probed"
+    );
+    let serving = fake.by_name("aio-sick").unwrap().observed;
+    assert_eq!(serving.id, old, "the serving container was replaced");
+    assert!(serving.running);
+    assert_eq!(
+        fake.count(|c| *c == Call::Stop(old.clone()) || *c == Call::Remove(old.clone())),
+        0,
+        "the old container was touched: {:?}",
+        fake.calls()
+    );
+    assert!(
+        fake.by_name("aio-sick-next").is_none(),
+        "candidate left behind"
+    );
+    // The failed spec is not tried again by itself.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(fake.created().len(), 1, "{:?}", fake.created());
+}
+
+#[tokio::test(start_paused = true)]
+async fn delete_during_an_updates_pull_cancels_it_and_removes_the_old_one() {
+    let fake = FakeRuntime::new();
+    fake.add_image("img:1");
+    fake.script_pull(PullScript::Hang);
+    let (shared, tx, old) = healthy_v1(&fake, "gone", 43732).await;
+    tx.send(DeptMsg::SetSpec {
+        spec: Box::new(healthy_spec("gone", "img:3")),
+        host_port: 43732,
+    })
+    .await
+    .unwrap();
+    until(Duration::from_secs(5), "the pull of img:3", || {
+        fake.count(|c| *c == Call::Pull("img:3".into())) == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let asked = Instant::now();
+    tx.send(DeptMsg::Delete { reply }).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(3), answer)
+        .await
+        .expect("delete must not wait for the hung pull")
+        .unwrap()
+        .unwrap();
+    assert!(asked.elapsed() <= Duration::from_secs(3));
+    assert!(fake.by_name("aio-gone").is_none());
+    assert!(fake.count(|c| *c == Call::Remove(old.clone())) >= 1);
+    // Cancelled: nothing created from it, the pull not tried again.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert!(fake.created().is_empty(), "{:?}", fake.created());
+    assert_eq!(fake.count(|c| matches!(c, Call::Pull(_))), 1);
+    let _ = shared;
 }

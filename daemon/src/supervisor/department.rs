@@ -85,6 +85,8 @@ pub struct DeptInit {
     pub desired_running: bool,
     pub failed_hash: Option<String>,
     pub restarts_by_reason: BTreeMap<String, u64>,
+    /// See `MachineInit::restarted_ago`.
+    pub restarted_ago: Vec<std::time::Duration>,
 }
 
 enum Reply {
@@ -123,6 +125,7 @@ impl DeptActor {
                 containers: std::sync::Arc::new(shared.config.containers.clone()),
                 drain: crate::drain::DrainConfig::from_config(&shared.config),
                 hash_key: shared.store.hash_key().clone(),
+                restarted_ago: init.restarted_ago,
             },
             Instant::now().into_std(),
         );
@@ -767,7 +770,7 @@ async fn oom_check(shared: &Shared, container_id: &str, started_at: Option<i64>)
     false
 }
 
-fn now_nanos() -> i64 {
+pub(crate) fn now_nanos() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)

@@ -695,6 +695,10 @@ pub struct MachineInit {
     pub drain: Option<DrainConfig>,
     /// The node's key for spec hashes.
     pub hash_key: HashKey,
+    /// How long ago each restart a daemon before this one made failed
+    /// (rebuilt from Docker's events): the crash-loop window and the backoff
+    /// go on from there instead of from zero.
+    pub restarted_ago: Vec<Duration>,
 }
 
 pub struct Machine {
@@ -780,7 +784,11 @@ impl Machine {
             state: Pending,
             reason: None,
             container: None,
-            tracker: RestartTracker::default(),
+            tracker: RestartTracker::seeded(
+                init.restarted_ago
+                    .iter()
+                    .filter_map(|ago| now.checked_sub(*ago)),
+            ),
             restart_at: None,
             pending_failure: None,
             restart_gated: false,

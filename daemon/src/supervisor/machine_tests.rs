@@ -40,6 +40,7 @@ impl T {
                 containers: Default::default(),
                 drain: None,
                 hash_key: fleet_model::spec::HashKey::from_bytes(crate::store::TEST_HASH_KEY),
+                restarted_ago: Vec::new(),
             },
             t0,
         );

@@ -205,6 +205,21 @@ impl Supervisor {
         let mut stored_departments = store.departments()?;
         let state_rebuilt =
             rebuild_from_labels(&shared, &mut registry.pool, &mut stored_departments).await?;
+        let (mut past, running_now) = past_restarts(&shared, &stored_departments).await;
+        if let Some(rebuilt) = &state_rebuilt {
+            // The store's restart rows went with it: the engine's record of
+            // them is all that is left, so it becomes the history again.
+            for id in &rebuilt.recovered {
+                for r in past.get(id).into_iter().flatten() {
+                    store.record_restart_at(
+                        id,
+                        r.failed_at_nano / 1_000_000_000,
+                        r.reason.label(),
+                        r.reason.exit_code(),
+                    )?;
+                }
+            }
+        }
         // Departments that already hold a lease keep it; of the others, those
         // naming an explicit host_port are placed before those taking a pool
         // port, so a pool department never takes a port another spec names.
@@ -239,6 +254,22 @@ impl Supervisor {
                 },
             };
             let restarts = restarts_by_reason(&store, &id);
+            let now_nano = crate::supervisor::department::now_nanos();
+            // Only the restarts of the container it runs now: a new spec (a
+            // new container) starts the crash-loop count afresh, as it does
+            // in a running daemon.
+            let current = running_now.get(&id);
+            let restarted_ago = past
+                .remove(&id)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|r| current == Some(&r.container_id))
+                .map(|r| r.failed_at_nano)
+                .filter(|at| {
+                    now_nano.saturating_sub(*at) <= stored.spec.restart.window.as_nanos() as i64
+                })
+                .map(|at| Duration::from_nanos(now_nano.saturating_sub(at).max(0) as u64))
+                .collect();
             let (tx, task) = DeptActor::spawn(
                 shared.clone(),
                 DeptInit {
@@ -248,6 +279,7 @@ impl Supervisor {
                     desired_running: stored.desired_running,
                     failed_hash: stored.failed_hash,
                     restarts_by_reason: restarts,
+                    restarted_ago,
                 },
             );
             registry.departments.insert(
@@ -315,6 +347,20 @@ impl Supervisor {
                 .collect();
             (current, registry.pool.clone(), deleting)
         };
+        // Not a fault in the document but work in progress: 409, and the
+        // same apply succeeds once the delete has finished.
+        if let Some(busy) = specs.iter().find(|s| deleting.contains(&s.id)) {
+            self.shared.events.record(
+                Some(&busy.id),
+                "apply_refused",
+                Some("deleting"),
+                &format!(
+                    "desired state refused, nothing changed: {}",
+                    SupervisorError::Deleting(busy.id.clone())
+                ),
+            );
+            return Err(SupervisorError::Deleting(busy.id.clone()));
+        }
         let mut problems = Vec::new();
         let mut seen = BTreeSet::new();
         for (i, spec) in specs.iter().enumerate() {
@@ -324,12 +370,6 @@ impl Supervisor {
                         .into_iter()
                         .map(|e| FieldError::new(prefixed(&spec.id, i, &e.field), e.message)),
                 );
-            }
-            if deleting.contains(&spec.id) {
-                problems.push(FieldError::new(
-                    prefixed(&spec.id, i, "id"),
-                    SupervisorError::Deleting(spec.id.clone()).to_string(),
-                ));
             }
             if !seen.insert(spec.id.clone()) {
                 problems.push(FieldError::new(
@@ -481,6 +521,7 @@ impl Supervisor {
                                 desired_running: true,
                                 failed_hash: None,
                                 restarts_by_reason: BTreeMap::new(),
+                                restarted_ago: Vec::new(),
                             },
                         );
                         registry.departments.insert(
@@ -981,6 +1022,51 @@ fn prefixed(id: &str, index: usize, field: &str) -> String {
 fn problems_free(problems: &[FieldError], id: &str) -> bool {
     let prefix = format!("{id}.");
     !problems.iter().any(|p| p.field.starts_with(&prefix))
+}
+
+/// The restarts Docker still remembers for `departments`, over the longest
+/// crash-loop window among them (see `recovery::restarts_from_events`). An
+/// engine that cannot answer leaves the history empty, as before.
+/// Also each department's primary container now, by department.
+async fn past_restarts(
+    shared: &Shared,
+    departments: &[StoredDepartment],
+) -> (
+    BTreeMap<String, Vec<crate::recovery::PastRestart>>,
+    BTreeMap<String, String>,
+) {
+    let Some(window) = departments.iter().map(|d| d.spec.restart.window).max() else {
+        return Default::default();
+    };
+    let until = crate::supervisor::department::now_nanos();
+    let since = until.saturating_sub(window.as_nanos().min(i64::MAX as u128) as i64);
+    let runtime = &shared.runtime;
+    let node = &shared.node_id;
+    let read = async {
+        let events = runtime.past_events(node, since, until).await?;
+        let containers = runtime.list(node).await?;
+        Ok::<_, crate::runtime::RuntimeError>((events, containers))
+    };
+    match tokio::time::timeout(Duration::from_secs(10), read).await {
+        Ok(Ok((events, containers))) => (
+            crate::recovery::restarts_from_events(&events),
+            containers
+                .into_iter()
+                .filter(|c| c.role == "primary")
+                .map(|c| (c.department, c.id))
+                .collect(),
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "Docker's past events are unreadable: restart history starts empty.");
+            Default::default()
+        }
+        Err(_) => {
+            tracing::warn!(
+                "Docker did not replay its past events within 10s: restart history starts empty."
+            );
+            Default::default()
+        }
+    }
 }
 
 fn restarts_by_reason(store: &Store, id: &str) -> BTreeMap<String, u64> {
