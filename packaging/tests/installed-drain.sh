@@ -42,8 +42,8 @@ until_ok() {
     journal 60
     fail "$what (after ${seconds}s)"
 }
-api_get() { in_ct python3 -c "import urllib.request; print(urllib.request.urlopen('http://$api$1', timeout=5).read().decode())"; }
-dept_json() { api_get "/v1/departments/$dept"; }
+# The TCP API asks for the token the daemon generated (lib.sh api_get reads it).
+dept_json() { api_get "$api" "/v1/departments/$dept"; }
 # field EXPR: a Python expression of d, the department's JSON.
 field() { dept_json | python3 -c "import json,sys; d=json.load(sys.stdin); v=$1; print('' if v is None else v)"; }
 drain_field() { field "(d.get('drain') or {}).get('$1')"; }
@@ -156,7 +156,7 @@ events=$(in_ct agentctl events --department "$dept" 2>/dev/null) || fail "agentc
 for want in stand_in_up state_draining drained; do
     grep -q "$want" <<<"$events" || fail "no $want event: $events"
 done
-metrics=$(api_get /metrics)
+metrics=$(api_get "$api" /metrics)
 grep -q "^fleet_agent_department_drain_seconds{department=\"$dept\"" <<<"$metrics" \
     || fail "no fleet_agent_department_drain_seconds for $dept"
 grep -q "^fleet_agent_department_state{department=\"$dept\",state=\"draining\"} 0" <<<"$metrics" \

@@ -130,7 +130,8 @@ log "2. hardening in docker inspect; probe and metrics work"
 grep -q '"/tmp"' <<<"$(hc "$a" Tmpfs)" || fail "no /tmp tmpfs: $(hc "$a" Tmpfs)"
 grep -q 'no-new-privileges:true' <<<"$(hc "$a" SecurityOpt)" || fail "no no-new-privileges: $(hc "$a" SecurityOpt)"
 port=$(port_of "$a")
-metrics=$(get "http://$api/metrics")
+# The TCP API asks for the token the daemon generated (lib.sh api_get reads it).
+metrics=$(api_get "$api" /metrics)
 grep -q "fleet_agent_department_healthy{department=\"$a\"} 1" <<<"$metrics" || fail "/metrics does not say $a is healthy"
 
 log "3. secrets as files: read by the container, absent from inspect and config.v2.json"

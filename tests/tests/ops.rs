@@ -100,14 +100,17 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    /// Scrapes `targets` as job `fleet-agent` every second and evaluates the
-    /// shipped rules every second; the rules' own `for:` stay as shipped.
-    fn start(port: u16, targets: &[String]) -> Self {
+    /// Scrapes `targets` as job `fleet-agent` every second with the bearer
+    /// token in `token_file` (the TCP API always asks for one; docs/install.md
+    /// gives Prometheus a copy) and evaluates the shipped rules every second;
+    /// the rules' own `for:` stay as shipped.
+    fn start(port: u16, targets: &[String], token_file: &std::path::Path) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let rules = workspace_root().join("packaging/prometheus/fleet-agent-rules.yml");
         let config = format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n  evaluation_interval: 1s\nrule_files:\n  - {rules:?}\nscrape_configs:\n  - job_name: fleet-agent\n    static_configs:\n      - targets: {targets:?}\n",
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n  evaluation_interval: 1s\nrule_files:\n  - {rules:?}\nscrape_configs:\n  - job_name: fleet-agent\n    authorization:\n      credentials_file: {token:?}\n    static_configs:\n      - targets: {targets:?}\n",
             rules = rules.display().to_string(),
+            token = token_file.display().to_string(),
         );
         std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
         let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
@@ -172,14 +175,29 @@ fn alert<'a>(alerts: &'a [Value], name: &str, label: &str, value: &str) -> Optio
 /// department). Waits out the rules' own `for:`, so it takes about 2.5 minutes.
 #[test]
 fn a_real_prometheus_raises_the_crash_loop_and_agent_down_alerts() {
+    // One token for both daemons, so one scrape job reaches them.
+    let tokens = tempfile::tempdir().unwrap();
+    let token_file = tokens.path().join("scrape.token");
+    std::fs::write(
+        &token_file,
+        format!("{}\n", fleet_tests::unique_name("scrape-token")),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let api_toml = format!("token_file = {:?}\n", token_file.display().to_string());
     let up = TestDaemon::start(TestOptions {
         name: "op2",
         port_range: (43652, 43655),
+        api_toml: api_toml.clone(),
         ..Default::default()
     });
     let mut down = TestDaemon::start(TestOptions {
         name: "op3",
         port_range: (43656, 43657),
+        api_toml,
         ..Default::default()
     });
     let ok = up.dept("ok");
@@ -198,7 +216,11 @@ fn a_real_prometheus_raises_the_crash_loop_and_agent_down_alerts() {
         ),
     );
     up.apply(&up.specs_dir());
-    let prom = Prometheus::start(43690, &[up.api_addr.to_string(), down.api_addr.to_string()]);
+    let prom = Prometheus::start(
+        43690,
+        &[up.api_addr.to_string(), down.api_addr.to_string()],
+        &token_file,
+    );
     wait_until(
         Duration::from_secs(30),
         "both daemons scraped as up",
