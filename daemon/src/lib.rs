@@ -10,6 +10,7 @@ pub mod events;
 #[cfg(any(test, feature = "fake-runtime"))]
 pub mod fake_runtime;
 pub mod host;
+pub mod imagegc;
 pub mod logging;
 pub mod metrics;
 pub mod ports;

@@ -10,8 +10,9 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder,
-    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
-    StatsOptionsBuilder, StopContainerOptionsBuilder,
+    ListContainersOptionsBuilder, ListImagesOptionsBuilder, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder, StatsOptionsBuilder,
+    StopContainerOptionsBuilder,
 };
 use bollard::Docker;
 use fleet_model::labels;
@@ -158,6 +159,17 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn stats(&self, id: &str) -> Result<ContainerStats, RuntimeError>;
     /// Docker's data root (`DockerRootDir`), for the disk metric.
     async fn data_root(&self) -> Result<Option<PathBuf>, RuntimeError>;
+    /// The id of the image `reference` names now (`None`: not present), so a
+    /// pull can be recorded as the image it produced.
+    async fn image_id(&self, reference: &str) -> Result<Option<String>, RuntimeError>;
+    /// Every image the engine has (not only this node's: images carry no node).
+    async fn list_images(&self) -> Result<Vec<crate::imagegc::Image>, RuntimeError>;
+    /// The image ids and references of every container on the engine, any
+    /// node's, running or not.
+    async fn container_images(&self) -> Result<std::collections::BTreeSet<String>, RuntimeError>;
+    /// Removes one image by id, never forced: an image a container uses is
+    /// refused by Docker (`Conflict`).
+    async fn remove_image(&self, id: &str) -> Result<(), RuntimeError>;
     /// Labels and environment of a container, read only to rebuild a lost
     /// store (the environment holds the department's secrets). A runtime
     /// that cannot tell answers `None`, and nothing is rebuilt from it.
@@ -653,6 +665,73 @@ impl ContainerRuntime for BollardRuntime {
     async fn data_root(&self) -> Result<Option<PathBuf>, RuntimeError> {
         let info = self.call(|d| async move { d.info().await }).await?;
         Ok(info.docker_root_dir.map(PathBuf::from))
+    }
+
+    async fn image_id(&self, reference: &str) -> Result<Option<String>, RuntimeError> {
+        let reference = reference.to_string();
+        match self
+            .call(|d| async move { d.inspect_image(&reference).await })
+            .await
+        {
+            Ok(i) => Ok(i.id),
+            Err(RuntimeError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn list_images(&self) -> Result<Vec<crate::imagegc::Image>, RuntimeError> {
+        let images = self
+            .call(|d| async move {
+                d.list_images(Some(ListImagesOptionsBuilder::default().all(false).build()))
+                    .await
+            })
+            .await?;
+        Ok(images
+            .into_iter()
+            .map(|i| crate::imagegc::Image {
+                id: i.id,
+                tags: i
+                    .repo_tags
+                    .into_iter()
+                    .filter(|t| t != "<none>:<none>")
+                    .collect(),
+                digests: i
+                    .repo_digests
+                    .into_iter()
+                    .filter(|t| t != "<none>@<none>")
+                    .collect(),
+                size_bytes: u64::try_from(i.size).unwrap_or(0),
+            })
+            .collect())
+    }
+
+    async fn container_images(&self) -> Result<std::collections::BTreeSet<String>, RuntimeError> {
+        let summaries = self
+            .call(|d| async move {
+                d.list_containers(Some(
+                    ListContainersOptionsBuilder::default().all(true).build(),
+                ))
+                .await
+            })
+            .await?;
+        Ok(summaries
+            .into_iter()
+            .flat_map(|c| [c.image_id, c.image].into_iter().flatten())
+            .collect())
+    }
+
+    async fn remove_image(&self, id: &str) -> Result<(), RuntimeError> {
+        let id = id.to_string();
+        self.call(|d| async move {
+            d.remove_image(
+                &id,
+                Some(RemoveImageOptionsBuilder::default().force(false).build()),
+                None,
+            )
+            .await
+        })
+        .await
+        .map(|_| ())
     }
 }
 
