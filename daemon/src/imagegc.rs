@@ -328,6 +328,19 @@ impl Collector {
     /// the store just before, so an apply in between wins).
     pub async fn collect_once(&self) -> Result<Vec<Removal>, GcError> {
         self.counters.runs.fetch_add(1, Ordering::Relaxed);
+        // An announcement the department's spec now names is fulfilled: the
+        // image is kept as the current (later the previous) image from here.
+        let current: BTreeMap<String, String> = self
+            .store
+            .departments()?
+            .into_iter()
+            .map(|d| (d.spec.id.clone(), normalize(&d.spec.image)))
+            .collect();
+        for (department, image) in self.store.announced_images()? {
+            if current.get(&department) == Some(&normalize(&image)) {
+                self.store.clear_announcement(&department)?;
+            }
+        }
         let images = self.runtime.list_images().await?;
         let container_images = self.runtime.container_images().await?;
         let pulled = self.store.pulled_images()?;
@@ -468,6 +481,82 @@ impl Collector {
             c.errors.load(Ordering::Relaxed)
         );
     }
+}
+
+/// A reference an operator may announce: what Docker would take, bounded.
+pub fn check_reference(image: &str) -> Result<(), String> {
+    if image.is_empty() || image.len() > 512 {
+        return Err("must be 1-512 characters".into());
+    }
+    if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must not contain whitespace".into());
+    }
+    if !image
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-._:/@".contains(c))
+    {
+        return Err("must be a Docker image reference (letters, digits, - . _ : / @)".into());
+    }
+    Ok(())
+}
+
+/// Announces `image` as `department`'s next image (kept by collection from
+/// now on) and pulls it in the background unless the engine has it already.
+/// An image already present is not recorded as pulled: the agent cannot prove
+/// it brought it, so it never collects it.
+pub fn prepull(
+    shared: Arc<crate::supervisor::Shared>,
+    department: &str,
+    image: &str,
+) -> Result<String, crate::store::StoreError> {
+    shared.store.announce_image(department, image)?;
+    let (department, image) = (department.to_string(), image.to_string());
+    let message = format!(
+        "{department}: {image} announced as the next image; pulling it now (agentctl events shows prepulled)"
+    );
+    tokio::spawn(async move {
+        match shared.runtime.image_present(&image).await {
+            Ok(true) => {
+                shared.events.record(
+                    Some(&department),
+                    "prepulled",
+                    Some("present"),
+                    &format!("{image} is already on this host"),
+                );
+                return;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::debug!(image, error = %e, "Could not look for the image; pulling.");
+            }
+        }
+        shared.events.record(
+            Some(&department),
+            "prepull_started",
+            None,
+            &format!("pulling {image} ahead of the update"),
+        );
+        let (progress, mut lines) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move { while lines.recv().await.is_some() {} });
+        match shared.runtime.pull(&image, progress).await {
+            Ok(()) => {
+                crate::supervisor::department::record_pull(&shared, &department, &image).await;
+                shared.events.record(
+                    Some(&department),
+                    "prepulled",
+                    Some("pulled"),
+                    &format!("pulled {image} ahead of the update"),
+                );
+            }
+            Err(e) => shared.events.record(
+                Some(&department),
+                "prepull_failed",
+                Some("pull"),
+                &format!("pull of {image} failed: {e}"),
+            ),
+        }
+    });
+    Ok(message)
 }
 
 #[derive(Debug, thiserror::Error)]

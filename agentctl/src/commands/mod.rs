@@ -8,6 +8,7 @@ pub mod events;
 pub mod generate;
 pub mod logs;
 pub mod ports;
+pub mod prepull;
 pub mod show;
 pub mod status;
 pub mod top;
