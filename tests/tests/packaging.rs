@@ -11,7 +11,7 @@
 //! `unique_name` per test, so the tests can run beside other runs of
 //! themselves. Ports: 47510-47519 (unit-runtime), 47520-47539 (ansible-role),
 //! 47540-47549 (installed-desired), 47550-47559 (state-loss), 47560-47569
-//! (watchdog) and 47570-47579 (installed-wal).
+//! (watchdog), 47570-47579 (installed-wal) and 47640-47659 (installed-gc).
 
 use fleet_tests::unique_name;
 use std::path::PathBuf;
@@ -84,6 +84,11 @@ fn push_playbook_departments_migrate_to_specs_check_config_accepts() {
 #[test]
 fn installed_apply_delete_reload_and_a_bad_file_keep_supervising() {
     run_script("installed-desired.sh", "pkinst");
+}
+
+#[test]
+fn installed_image_gc_collects_an_unused_pulled_image_under_disk_pressure_as_fleet_agent() {
+    run_script("installed-gc.sh", "pkgc");
 }
 
 #[test]
