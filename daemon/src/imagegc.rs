@@ -746,6 +746,66 @@ mod tests {
         assert_eq!(removed_ids(&v), ["sha256:a"]);
     }
 
+    fn spec(image: &str) -> fleet_model::DepartmentSpec {
+        fleet_model::DepartmentSpec::from_toml("t", &format!("id = \"web\"\nimage = \"{image}\"\n"))
+            .unwrap()
+    }
+
+    /// The task on the fake engine: the store's record decides, the spec
+    /// history and announcements protect, a fulfilled announcement is cleared.
+    #[tokio::test]
+    async fn one_collection_removes_only_the_unused_image_it_pulled() {
+        let fake = crate::fake_runtime::FakeRuntime::new();
+        for image in [
+            "reg/app:1",
+            "reg/app:2",
+            "reg/app:3",
+            "reg/app:4",
+            "other:1",
+        ] {
+            fake.add_image(image);
+        }
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        for image in ["reg/app:1", "reg/app:2", "reg/app:3", "reg/app:4"] {
+            let id = fake.image_id(image).await.unwrap().unwrap();
+            store.record_pulled(image, &id, "web").unwrap();
+        }
+        store.put_spec(&spec("reg/app:2")).unwrap();
+        store.put_spec(&spec("reg/app:3")).unwrap();
+        store.announce_image("web", "reg/app:4").unwrap();
+        let collector = Collector {
+            runtime: Arc::new(fake.clone()),
+            store: store.clone(),
+            events: EventLog::new(store.clone()),
+            counters: Arc::new(GcCounters::default()),
+            settings: GcSettings::from_config(&Default::default()),
+        };
+        let removed = collector.collect_once().await.unwrap();
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].references, ["reg/app:1"]);
+        let left: Vec<String> = fake
+            .list_images()
+            .await
+            .unwrap()
+            .into_iter()
+            .flat_map(|i| i.tags)
+            .collect();
+        assert_eq!(left, ["other:1", "reg/app:2", "reg/app:3", "reg/app:4"]);
+        assert!(store
+            .pulled_images()
+            .unwrap()
+            .iter()
+            .all(|p| p.reference != "reg/app:1"));
+        assert_eq!(collector.counters.removed.load(Ordering::Relaxed), 1);
+        // A second run finds nothing more; the announcement still holds 4.
+        assert!(collector.collect_once().await.unwrap().is_empty());
+        // The update to 4 fulfils the announcement; 2 is now nobody's.
+        store.put_spec(&spec("reg/app:4")).unwrap();
+        let removed = collector.collect_once().await.unwrap();
+        assert_eq!(removed[0].references, ["reg/app:2"]);
+        assert!(store.announced_images().unwrap().is_empty());
+    }
+
     #[test]
     fn pressure_has_hysteresis() {
         assert!(!pressure(false, 89.9, 90, 80));
