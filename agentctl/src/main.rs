@@ -60,6 +60,8 @@ pub enum Command {
     Restart(commands::control::Args),
     /// Go back to the department's previous spec.
     Rollback(commands::control::Args),
+    /// Announce a department's next image: pulled now, kept by image collection while announced.
+    Prepull(commands::prepull::Args),
     /// A department's container logs.
     Logs(commands::logs::Args),
     /// The event log; -f follows it.
@@ -114,6 +116,7 @@ async fn main() -> ExitCode {
         Command::Stop(args) => commands::control::run(&client, "stop", args).await,
         Command::Restart(args) => commands::control::run(&client, "restart", args).await,
         Command::Rollback(args) => commands::control::run(&client, "rollback", args).await,
+        Command::Prepull(args) => commands::prepull::run(&client, args).await,
         Command::Logs(args) => commands::logs::run(&client, args).await,
         Command::Events(args) => commands::events::run(&client, args).await,
         Command::Ports(args) => commands::ports::run(&client, args).await,

@@ -332,6 +332,24 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), RunError> {
     );
     let unix_listener = api::unix::bind(&config.socket)?;
     let mut tasks = supervisor.spawn_background();
+    {
+        let counters = Arc::new(crate::imagegc::GcCounters::default());
+        let metrics_counters = counters.clone();
+        if let Ok(mut extra) = state.extra_metrics.write() {
+            extra.push(Arc::new(move |out: &mut String| {
+                crate::imagegc::Collector::render_metrics(&metrics_counters, out)
+            }));
+        }
+        let shared = supervisor.shared.clone();
+        let collector = crate::imagegc::Collector {
+            runtime: shared.runtime.clone(),
+            store: shared.store.clone(),
+            events: shared.events.clone(),
+            counters,
+            settings: crate::imagegc::GcSettings::from_config(&config.images),
+        };
+        tasks.push(collector.spawn(shared));
+    }
     if let Some(service) = &wal {
         tasks.extend(service.spawn_background());
     }

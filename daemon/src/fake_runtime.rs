@@ -489,4 +489,63 @@ impl ContainerRuntime for FakeRuntime {
             secret_files: Default::default(),
         }))
     }
+    async fn image_id(&self, reference: &str) -> Result<Option<String>, RuntimeError> {
+        Ok(self
+            .lock()
+            .images
+            .contains(reference)
+            .then(|| fake_image_id(reference)))
+    }
+
+    async fn list_images(&self) -> Result<Vec<crate::imagegc::Image>, RuntimeError> {
+        Ok(self
+            .lock()
+            .images
+            .iter()
+            .map(|r| crate::imagegc::Image {
+                id: fake_image_id(r),
+                tags: vec![crate::imagegc::normalize(r)],
+                digests: vec![],
+                size_bytes: 1,
+            })
+            .collect())
+    }
+
+    async fn container_images(&self) -> Result<BTreeSet<String>, RuntimeError> {
+        Ok(self
+            .lock()
+            .containers
+            .values()
+            .filter_map(|c| c.observed.image.clone())
+            .collect())
+    }
+
+    async fn remove_image(&self, id: &str) -> Result<(), RuntimeError> {
+        let mut state = self.lock();
+        let Some(reference) = state
+            .images
+            .iter()
+            .find(|r| fake_image_id(r) == id)
+            .cloned()
+        else {
+            return Err(RuntimeError::NotFound(id.to_string()));
+        };
+        if state
+            .containers
+            .values()
+            .any(|c| c.observed.image.as_deref() == Some(reference.as_str()))
+        {
+            return Err(RuntimeError::Conflict(format!("image {id} is in use")));
+        }
+        state.images.remove(&reference);
+        Ok(())
+    }
+}
+
+/// A stable stand-in for an image id, derived from the reference.
+fn fake_image_id(reference: &str) -> String {
+    format!(
+        "sha256:{}",
+        crate::imagegc::normalize(reference).replace([':', '/'], "-")
+    )
 }

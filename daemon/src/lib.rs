@@ -12,6 +12,7 @@ pub mod events;
 pub mod fake_runtime;
 pub mod hardening;
 pub mod host;
+pub mod imagegc;
 pub mod logging;
 pub mod metrics;
 pub mod ports;

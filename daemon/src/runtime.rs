@@ -10,8 +10,9 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder,
-    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
-    StatsOptionsBuilder, StopContainerOptionsBuilder,
+    ListContainersOptionsBuilder, ListImagesOptionsBuilder, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder, StatsOptionsBuilder,
+    StopContainerOptionsBuilder,
 };
 use bollard::Docker;
 use fleet_model::labels;
@@ -203,6 +204,17 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn stats(&self, id: &str) -> Result<ContainerStats, RuntimeError>;
     /// Docker's data root (`DockerRootDir`), for the disk metric.
     async fn data_root(&self) -> Result<Option<PathBuf>, RuntimeError>;
+    /// The id of the image `reference` names now (`None`: not present), so a
+    /// pull can be recorded as the image it produced.
+    async fn image_id(&self, reference: &str) -> Result<Option<String>, RuntimeError>;
+    /// Every image the engine has (not only this node's: images carry no node).
+    async fn list_images(&self) -> Result<Vec<crate::imagegc::Image>, RuntimeError>;
+    /// The image ids and references of every container on the engine, any
+    /// node's, running or not.
+    async fn container_images(&self) -> Result<std::collections::BTreeSet<String>, RuntimeError>;
+    /// Removes one image by id, never forced: an image a container uses is
+    /// refused by Docker (`Conflict`).
+    async fn remove_image(&self, id: &str) -> Result<(), RuntimeError>;
     /// Labels and environment of a container, read only to rebuild a lost
     /// store (the environment holds the department's secrets). A runtime
     /// that cannot tell answers `None`, and nothing is rebuilt from it.
@@ -986,34 +998,111 @@ impl ContainerRuntime for BollardRuntime {
         let Some(item) = stream.next().await else {
             return Err(RuntimeError::NotFound(id.to_string()));
         };
-        let s = item.map_err(RuntimeError::from)?;
-        let cpu_ns = s
-            .cpu_stats
-            .and_then(|c| c.cpu_usage)
-            .and_then(|u| u.total_usage)
-            .unwrap_or(0);
-        let memory = s.memory_stats.unwrap_or_default();
-        // What `docker stats` shows: usage less the page cache the kernel can
-        // drop at once (cgroup v2 `inactive_file`, v1 `total_inactive_file`).
-        let cache = memory
-            .stats
-            .as_ref()
-            .and_then(|m| {
-                m.get("inactive_file")
-                    .or_else(|| m.get("total_inactive_file"))
-            })
-            .copied()
-            .unwrap_or(0);
-        Ok(ContainerStats {
-            cpu_seconds: cpu_ns as f64 / 1e9,
-            memory_bytes: memory.usage.unwrap_or(0).saturating_sub(cache),
-            memory_limit_bytes: memory.limit.unwrap_or(0),
-        })
+        Ok(stats_from(item.map_err(RuntimeError::from)?))
     }
 
     async fn data_root(&self) -> Result<Option<PathBuf>, RuntimeError> {
         let info = self.call(|d| async move { d.info().await }).await?;
         Ok(info.docker_root_dir.map(PathBuf::from))
+    }
+
+    async fn image_id(&self, reference: &str) -> Result<Option<String>, RuntimeError> {
+        let reference = reference.to_string();
+        match self
+            .call(|d| async move { d.inspect_image(&reference).await })
+            .await
+        {
+            Ok(i) => Ok(i.id),
+            Err(RuntimeError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn list_images(&self) -> Result<Vec<crate::imagegc::Image>, RuntimeError> {
+        let images = self
+            .call(|d| async move {
+                d.list_images(Some(ListImagesOptionsBuilder::default().all(false).build()))
+                    .await
+            })
+            .await?;
+        Ok(images
+            .into_iter()
+            .map(|i| crate::imagegc::Image {
+                id: i.id,
+                tags: i
+                    .repo_tags
+                    .into_iter()
+                    .filter(|t| t != "<none>:<none>")
+                    .collect(),
+                digests: i
+                    .repo_digests
+                    .into_iter()
+                    .filter(|t| t != "<none>@<none>")
+                    .collect(),
+                size_bytes: u64::try_from(i.size).unwrap_or(0),
+            })
+            .collect())
+    }
+
+    async fn container_images(&self) -> Result<std::collections::BTreeSet<String>, RuntimeError> {
+        let summaries = self
+            .call(|d| async move {
+                d.list_containers(Some(
+                    ListContainersOptionsBuilder::default().all(true).build(),
+                ))
+                .await
+            })
+            .await?;
+        Ok(summaries
+            .into_iter()
+            .flat_map(|c| [c.image_id, c.image].into_iter().flatten())
+            .collect())
+    }
+
+    async fn remove_image(&self, id: &str) -> Result<(), RuntimeError> {
+        let id = id.to_string();
+        self.call(|d| async move {
+            d.remove_image(
+                &id,
+                Some(RemoveImageOptionsBuilder::default().force(false).build()),
+                None,
+            )
+            .await
+        })
+        .await
+        .map(|_| ())
+    }
+}
+
+/// Docker's stats body as the daemon's figures, the same on cgroup v1 and v2:
+/// the engine already folds both into one shape (moby `daemon/stats_unix.go`:
+/// v2's `cpu.stat` `usage_usec` becomes `total_usage` in nanoseconds, v2's
+/// `memory.current`/`memory.max` become `usage`/`limit`); only the page-cache
+/// key differs, v1 `total_inactive_file` (hierarchical), v2 `inactive_file`.
+pub(crate) fn stats_from(s: bollard::models::ContainerStatsResponse) -> ContainerStats {
+    let cpu_ns = s
+        .cpu_stats
+        .and_then(|c| c.cpu_usage)
+        .and_then(|u| u.total_usage)
+        .unwrap_or(0);
+    let memory = s.memory_stats.unwrap_or_default();
+    // What `docker stats` shows: usage less the page cache the kernel can
+    // drop at once. v1 has `inactive_file` too, but only for the cgroup
+    // itself; `total_inactive_file` covers its children, so it comes first
+    // (as in the docker CLI).
+    let cache = memory
+        .stats
+        .as_ref()
+        .and_then(|m| {
+            m.get("total_inactive_file")
+                .or_else(|| m.get("inactive_file"))
+        })
+        .copied()
+        .unwrap_or(0);
+    ContainerStats {
+        cpu_seconds: cpu_ns as f64 / 1e9,
+        memory_bytes: memory.usage.unwrap_or(0).saturating_sub(cache),
+        memory_limit_bytes: memory.limit.unwrap_or(0),
     }
 }
 
@@ -1221,5 +1310,73 @@ mod log_config_tests {
             config_of(&c),
             opts(&[("max-file", "3"), ("max-size", "50m")])
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Docker's stats and event bodies on cgroup v1 and v2. Recorded on this
+    //! host (Debian docker.io 20.10.24, API 1.41, cgroup v1, cgroupfs driver):
+    //! `*-this-host.json`. The cgroup v1 payload with figures is in the shape
+    //! of the Engine API 1.41 reference (this host's engine answers stats
+    //! with empty `memory_stats`, see docs/architecture.md); the v2 payloads
+    //! are written from moby's source (`daemon/stats_unix.go` statsV2 keys,
+    //! `daemon/monitor.go` oom/die events), not recorded on a v2 host.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn stats(json: &str) -> ContainerStats {
+        stats_from(serde_json::from_str(json).expect("a Docker stats body"))
+    }
+
+    fn event(json: &str) -> RuntimeEvent {
+        event_from_message(serde_json::from_str(json).expect("a Docker event")).expect("an event")
+    }
+
+    #[test]
+    fn cgroup_v1_and_v2_stats_give_the_same_figures() {
+        let v1 = stats(include_str!("testdata/stats-v1-documented.json"));
+        let v2 = stats(include_str!("testdata/stats-v2-from-moby.json"));
+        // 50 MiB used less 8 MiB of inactive page cache: v1's hierarchical
+        // total_inactive_file (not the cgroup's own inactive_file), v2's
+        // inactive_file.
+        for s in [&v1, &v2] {
+            assert_eq!(s.memory_bytes, 52_428_800 - 8_388_608);
+            assert_eq!(s.memory_limit_bytes, 67_108_864);
+            assert!((s.cpu_seconds - 2.5).abs() < 1e-9);
+        }
+    }
+
+    #[test]
+    fn an_engine_without_cgroup_figures_gives_zeros_not_garbage() {
+        // What this host's engine answers for a running container.
+        let s = stats(include_str!("testdata/stats-v1-this-host.json"));
+        assert_eq!(s, ContainerStats::default());
+    }
+
+    #[test]
+    fn die_and_oom_events_read_the_same_on_v1_and_v2() {
+        let RuntimeEvent::Container {
+            department,
+            action,
+            exit_code,
+            ..
+        } = event(include_str!("testdata/event-die-v1-this-host.json"));
+        assert_eq!((department.as_str(), action.as_str()), ("rec", "die"));
+        assert_eq!(exit_code, Some(0));
+        let RuntimeEvent::Container {
+            department,
+            action,
+            exit_code,
+            time_nano,
+            ..
+        } = event(include_str!("testdata/event-die-v2-from-moby.json"));
+        assert_eq!((department.as_str(), action.as_str()), ("hr", "die"));
+        assert_eq!(exit_code, Some(137));
+        assert_eq!(time_nano, 1_796_419_466_000_000_001);
+        let RuntimeEvent::Container {
+            action, exit_code, ..
+        } = event(include_str!("testdata/event-oom-v2-from-moby.json"));
+        assert_eq!((action.as_str(), exit_code), ("oom", None));
     }
 }

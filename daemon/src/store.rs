@@ -96,19 +96,39 @@ pub struct Migration {
 
 /// Version 0 is the unversioned schema of the first releases; version 1 is
 /// that same schema (`IF NOT EXISTS`, so a v0 file only gains the history
-/// table) plus the record of which binary applied which migration.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: concat!(
-        include_str!("store_v0.sql"),
-        "CREATE TABLE IF NOT EXISTS schema_migrations (
+/// table) plus the record of which binary applied which migration; version 2
+/// adds the image collector's records.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: concat!(
+            include_str!("store_v0.sql"),
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
     version INTEGER PRIMARY KEY,
     applied_at INTEGER NOT NULL,
     applied_by TEXT NOT NULL
 );"
-    ),
-    breaks_older: false,
-}];
+        ),
+        breaks_older: false,
+    },
+    Migration {
+        version: 2,
+        // Image collection (imagegc.rs): what the agent pulled for which
+        // department, and the next images announced for pre-pull.
+        sql: "CREATE TABLE IF NOT EXISTS pulled_images (
+    reference TEXT PRIMARY KEY,
+    image_id TEXT NOT NULL,
+    department TEXT NOT NULL,
+    pulled_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS announced_images (
+    department TEXT PRIMARY KEY,
+    image TEXT NOT NULL,
+    announced_at INTEGER NOT NULL
+);",
+        breaks_older: false,
+    },
+];
 
 /// The newest schema version this binary knows.
 pub fn schema_version() -> u32 {
@@ -361,8 +381,76 @@ impl Store {
         let tx = conn.transaction()?;
         tx.execute("DELETE FROM departments WHERE id = ?1", [id])?;
         tx.execute("DELETE FROM port_leases WHERE department = ?1", [id])?;
+        tx.execute("DELETE FROM announced_images WHERE department = ?1", [id])?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Remembers that the agent pulled `reference` for `department` and got
+    /// image `image_id`: the only images image collection may ever remove.
+    pub fn record_pulled(
+        &self,
+        reference: &str,
+        image_id: &str,
+        department: &str,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO pulled_images (reference, image_id, department, pulled_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(reference) DO UPDATE SET image_id = ?2, department = ?3, pulled_at = ?4",
+            params![reference, image_id, department, now_secs()],
+        )?;
+        Ok(())
+    }
+
+    pub fn pulled_images(&self) -> Result<Vec<crate::imagegc::Pulled>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT reference, image_id, department FROM pulled_images ORDER BY reference",
+        )?;
+        let rows = stmt.query_map([], |row| {
+            Ok(crate::imagegc::Pulled {
+                reference: row.get(0)?,
+                image_id: row.get(1)?,
+                department: row.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn forget_pulled(&self, reference: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "DELETE FROM pulled_images WHERE reference = ?1",
+            [reference],
+        )?;
+        Ok(())
+    }
+
+    /// The department's next image, announced ahead of its update (pre-pull):
+    /// image collection keeps it while it is announced.
+    pub fn announce_image(&self, department: &str, image: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO announced_images (department, image, announced_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(department) DO UPDATE SET image = ?2, announced_at = ?3",
+            params![department, image, now_secs()],
+        )?;
+        Ok(())
+    }
+
+    pub fn clear_announcement(&self, department: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "DELETE FROM announced_images WHERE department = ?1",
+            [department],
+        )?;
+        Ok(())
+    }
+
+    /// (department, image) pairs.
+    pub fn announced_images(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT department, image FROM announced_images ORDER BY department")?;
+        let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     pub fn leases(&self) -> Result<Vec<(u16, String)>, StoreError> {

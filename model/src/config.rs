@@ -71,6 +71,8 @@ pub struct Config {
     #[serde(default)]
     pub containers: ContainersConfig,
     #[serde(default)]
+    pub images: ImagesConfig,
+    #[serde(default)]
     pub coordinator: Option<CoordinatorConfig>,
     #[serde(default)]
     pub wal: Option<WalConfig>,
@@ -535,6 +537,57 @@ impl Default for DockerConfig {
     }
 }
 
+/// Image garbage collection and the disk-pressure guard (`daemon/src/imagegc.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagesConfig {
+    /// Remove images the agent pulled for a department once no department
+    /// uses them (never the current or previous spec image, never one it did
+    /// not pull). `false`: the disk is still watched, nothing is removed.
+    #[serde(default = "default_true")]
+    pub gc: bool,
+    #[serde(default = "default_gc_interval", with = "humantime_serde")]
+    pub gc_interval: Duration,
+    /// How often the disk is looked at.
+    #[serde(default = "default_disk_check_interval", with = "humantime_serde")]
+    pub disk_check_interval: Duration,
+    /// Percent used at which disk pressure starts (collection at once).
+    #[serde(default = "default_high_watermark")]
+    pub disk_high_watermark: u8,
+    /// Percent used at or below which disk pressure ends.
+    #[serde(default = "default_low_watermark")]
+    pub disk_low_watermark: u8,
+    /// The filesystem to watch; absent: Docker's data root (`DockerRootDir`).
+    #[serde(default)]
+    pub disk_path: Option<PathBuf>,
+}
+
+fn default_gc_interval() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_disk_check_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_high_watermark() -> u8 {
+    90
+}
+fn default_low_watermark() -> u8 {
+    80
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        Self {
+            gc: default_true(),
+            gc_interval: default_gc_interval(),
+            disk_check_interval: default_disk_check_interval(),
+            disk_high_watermark: default_high_watermark(),
+            disk_low_watermark: default_low_watermark(),
+            disk_path: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorConfig {
@@ -955,6 +1008,37 @@ impl Config {
                 "must be at least 100ms",
             ));
         }
+        let images = &self.images;
+        if images.gc_interval < Duration::from_secs(1) {
+            problems.push(FieldError::new("images.gc_interval", "must be at least 1s"));
+        }
+        if images.disk_check_interval < Duration::from_millis(100) {
+            problems.push(FieldError::new(
+                "images.disk_check_interval",
+                "must be at least 100ms",
+            ));
+        }
+        if !(1..=99).contains(&images.disk_high_watermark) {
+            problems.push(FieldError::new(
+                "images.disk_high_watermark",
+                "must be 1-99 (percent used)",
+            ));
+        }
+        if images.disk_low_watermark >= images.disk_high_watermark {
+            problems.push(FieldError::new(
+                "images.disk_low_watermark",
+                format!(
+                    "must be below images.disk_high_watermark ({})",
+                    images.disk_high_watermark
+                ),
+            ));
+        }
+        if images.disk_path.as_ref().is_some_and(|p| !p.is_absolute()) {
+            problems.push(FieldError::new(
+                "images.disk_path",
+                "must be an absolute path",
+            ));
+        }
         if let Some(coordinator) = &self.coordinator {
             if !(coordinator.url.starts_with("http://") || coordinator.url.starts_with("https://"))
             {
@@ -1083,6 +1167,7 @@ fn unreachable_default() -> Config {
         api: ApiConfig::default(),
         docker: DockerConfig::default(),
         containers: ContainersConfig::default(),
+        images: ImagesConfig::default(),
         coordinator: None,
         wal: None,
         haproxy: None,

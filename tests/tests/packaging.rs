@@ -12,9 +12,10 @@
 //! themselves. Ports: 47510-47519 (unit-runtime), 47520-47539 (ansible-role),
 //! 47540-47549 (installed-desired), 47550-47559 (state-loss), 47560-47569
 //! (watchdog), 47570-47579 (installed-wal), 47600-47619 (installed-drain),
-//! 47620-47629 (installed-hardening), 47660-47669 (installed-api),
-//! 47700-47709 (installed-upgrade; ansible-role's static S3 preview names
-//! 47700/47701 without binding them) and 47710-47719 (installed-ops).
+//! 47620-47629 (installed-hardening), 47640-47659 (installed-gc), 47660-47669
+//! (installed-api), 47700-47709 (installed-upgrade; ansible-role's static S3
+//! preview names 47700/47701 without binding them) and 47710-47719
+//! (installed-ops).
 
 use fleet_tests::unique_name;
 use std::path::PathBuf;
@@ -90,12 +91,20 @@ fn installed_apply_delete_reload_and_a_bad_file_keep_supervising() {
 }
 
 #[test]
+fn installed_image_gc_collects_an_unused_pulled_image_under_disk_pressure_as_fleet_agent() {
+    run_script("installed-gc.sh", "pkgc");
+}
+
+#[test]
 fn installed_wal_archives_backs_up_and_restores_to_a_time_next_to_debians_postgresql() {
     run_script("installed-wal.sh", "pkwal");
 }
 
+/// `serial_`: its crash-looping department's restart count comes back from
+/// Docker's event record (the last 256 events of the host, which the parallel
+/// phase floods; see `supervisor serial_a_crash_loop_...`).
 #[test]
-fn a_lost_or_garbage_state_db_as_installed_keeps_the_container_and_port() {
+fn serial_a_lost_or_garbage_state_db_as_installed_keeps_the_container_and_port() {
     run_script("state-loss.sh", "pkloss");
 }
 

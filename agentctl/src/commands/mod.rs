@@ -9,6 +9,7 @@ pub mod generate;
 pub mod haproxy;
 pub mod logs;
 pub mod ports;
+pub mod prepull;
 pub mod show;
 pub mod status;
 pub mod top;

@@ -219,6 +219,7 @@ pub fn admin_routes() -> Router<ApiState> {
             axum::routing::put(put_department).delete(delete_department),
         )
         .route("/v1/departments/{id}/logs", get(logs))
+        .route("/v1/departments/{id}/prepull", post(prepull))
         .route("/v1/departments/{id}/{action}", post(command))
         .route("/v1/haproxy", get(haproxy_config))
         .layer(axum::middleware::map_response(json_rejections))
@@ -773,6 +774,40 @@ async fn command(
     };
     let message = state.supervisor.command(&id, command).await?;
     Ok(Json(serde_json::json!({ "message": message })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrepullBody {
+    image: String,
+}
+
+/// `agentctl prepull <id> <image>`: the department's next image, announced.
+/// It is pulled in the background now and kept by image collection while
+/// announced (until the department's spec names it, or it is deleted).
+async fn prepull(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Json(body): Json<PrepullBody>,
+) -> Result<Response, ApiError> {
+    let shared = state.supervisor.shared.clone();
+    if shared.board.get(&id).is_none() {
+        return Err(ApiError::NotFound(id));
+    }
+    let image = body.image.trim().to_string();
+    if let Err(problem) = crate::imagegc::check_reference(&image) {
+        return Err(ApiError::Invalid {
+            message: format!("image: {problem}"),
+            fields: vec![FieldError::new("image", problem)],
+        });
+    }
+    let message = crate::imagegc::prepull(shared, &id, &image)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "message": message })),
+    )
+        .into_response())
 }
 
 #[derive(Debug, Deserialize)]

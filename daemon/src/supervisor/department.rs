@@ -428,7 +428,11 @@ impl DeptActor {
         let task = tokio::spawn(async move {
             let outcome = match work {
                 Work::Pull { image } => {
-                    Outcome::Pulled(pull(&*shared.runtime, &image, job, &tx).await)
+                    let result = pull(&*shared.runtime, &image, job, &tx).await;
+                    if result.is_ok() {
+                        record_pull(&shared, &id, &image).await;
+                    }
+                    Outcome::Pulled(result)
                 }
                 Work::Prove {
                     request,
@@ -536,6 +540,23 @@ async fn pull(
                 });
             }
             result = &mut pulling => return result.map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Remembers the image the pull produced, so image collection may remove it
+/// once no department uses it (and only then: an image it cannot find here was
+/// not pulled by the agent). A failure to record only keeps the image forever.
+pub(crate) async fn record_pull(shared: &Shared, department: &str, image: &str) {
+    match shared.runtime.image_id(image).await {
+        Ok(Some(image_id)) => {
+            if let Err(e) = shared.store.record_pulled(image, &image_id, department) {
+                tracing::warn!(department, image, error = %e, "Could not record the pull; the image will not be collected.");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(department, image, error = %e, "Could not read the pulled image's id; it will not be collected.")
         }
     }
 }
