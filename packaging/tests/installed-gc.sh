@@ -57,8 +57,8 @@ until_ok() {
     fail "$what (after ${seconds}s)"
 }
 metric() {
-    in_ct python3 -c "import urllib.request; print(urllib.request.urlopen('http://$api/metrics', timeout=5).read().decode())" \
-        | awk -v n="$1" '$1 == n { print $2 }'
+    # The TCP API asks for the token the daemon generated (lib.sh api_get reads it).
+    api_get "$api" /metrics | awk -v n="$1" '$1 == n { print $2 }'
 }
 has_image() { docker image inspect "$1" >/dev/null 2>&1; }
 runs() { in_ct agentctl status --json | python3 -c "

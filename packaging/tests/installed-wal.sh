@@ -198,7 +198,9 @@ out=$(in_ct agentctl wal verify 2>&1) || { journal fleet-agent-wal; fail "agentc
 grep -q 'result: *ok' <<<"$out" || fail "wal verify said: $out"
 log "agentctl wal drill"
 out=$(in_ct agentctl wal drill --json 2>&1) || { journal fleet-agent-wal; fail "agentctl wal drill: $out"; }
-python3 -c 'import json,sys; d=json.loads(sys.argv[1]); assert d["ok"] and d["rto_seconds"] > 0 and d["replayed_to"][8:] == d["expected_end"][8:], d' "$out" \
+# At or past the end: the archive may grow while the drill runs (the cluster
+# restored above is on timeline 2 and archives into it too).
+python3 -c 'import json,sys; d=json.loads(sys.argv[1]); assert d["ok"] and d["rto_seconds"] > 0 and d["replayed_to"][8:] >= d["expected_end"][8:], d' "$out" \
     || fail "the drill report is not a success: $out"
 log "drill RTO $(python3 -c 'import json,sys; print(round(json.loads(sys.argv[1])["rto_seconds"], 1))' "$out") s"
 [ -z "$(in_ct ls -A /var/lib/fleet-agent-wal/wal-drill)" ] || fail "the drill left its scratch directory behind"
