@@ -141,15 +141,18 @@ pub struct Progress {
 impl Progress {
     /// One line for logs and plain output: `12.3MiB of 40.0MiB (30%), 2.1MiB/s, 2 of 5 layers`.
     pub fn line(&self) -> String {
-        let mut out = bytes(self.done_bytes);
+        let mut out = human_bytes(self.done_bytes);
         if let Some(total) = self.total_bytes.filter(|t| *t > 0) {
             out.push_str(&format!(
                 " of {} ({}%)",
-                bytes(total),
+                human_bytes(total),
                 (self.done_bytes.min(total) * 100) / total
             ));
         }
-        out.push_str(&format!(", {}/s", bytes(self.bytes_per_second as u64)));
+        out.push_str(&format!(
+            ", {}/s",
+            human_bytes(self.bytes_per_second as u64)
+        ));
         if let Some(detail) = &self.detail {
             out.push_str(", ");
             out.push_str(detail);
@@ -158,7 +161,8 @@ impl Progress {
     }
 }
 
-fn bytes(n: u64) -> String {
+/// `12.3MiB`: sizes as the CLI, the logs and progress lines show them.
+pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = n as f64;
     let mut unit = 0;

@@ -32,16 +32,7 @@ cleanup_drain() {
 }
 trap 'rc=$?; cleanup_drain; _installed_node_exit $rc' EXIT
 
-journal() { in_ct journalctl -u fleet-agentd --no-pager -n "${1:-40}" >&2 || true; }
-until_ok() {
-    local seconds=$1 what=$2; shift 2
-    for _ in $(seq 1 $((seconds * 4))); do
-        if "$@" >/dev/null 2>&1; then return 0; fi
-        sleep 0.25
-    done
-    journal 60
-    fail "$what (after ${seconds}s)"
-}
+# journal and until_ok: lib.sh.
 # The TCP API asks for the token the daemon generated (lib.sh api_get reads it).
 dept_json() { api_get "$api" "/v1/departments/$dept"; }
 # field EXPR: a Python expression of d, the department's JSON.

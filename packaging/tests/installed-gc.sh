@@ -46,16 +46,7 @@ cleanup_gc() {
 }
 trap 'rc=$?; _installed_node_exit $rc; cleanup_gc; exit $rc' EXIT
 
-journal() { in_ct journalctl -u fleet-agentd --no-pager -n "${1:-30}" >&2 || true; }
-until_ok() {
-    local seconds=$1 what=$2; shift 2
-    for _ in $(seq 1 $((seconds * 4))); do
-        if "$@" >/dev/null 2>&1; then return 0; fi
-        sleep 0.25
-    done
-    journal 40
-    fail "$what (after ${seconds}s)"
-}
+# journal and until_ok: lib.sh.
 metric() {
     # The TCP API asks for the token the daemon generated (lib.sh api_get reads it).
     api_get "$api" /metrics | awk -v n="$1" '$1 == n { print $2 }'

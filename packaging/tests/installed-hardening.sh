@@ -47,16 +47,7 @@ _hardening_exit() {
 }
 trap '_hardening_exit $?' EXIT
 
-journal() { in_ct journalctl -u fleet-agentd --no-pager -n "${1:-30}" >&2 || true; }
-until_ok() {
-    local seconds=$1 what=$2; shift 2
-    for _ in $(seq 1 $((seconds * 4))); do
-        if "$@" >/dev/null 2>&1; then return 0; fi
-        sleep 0.25
-    done
-    journal 40
-    fail "$what (after ${seconds}s)"
-}
+# journal and until_ok: lib.sh.
 running() { [ "$(docker inspect -f '{{ .State.Running }}' "aio-$1" 2>/dev/null)" = true ]; }
 healthy() { in_ct agentctl status --json | python3 -c "import json,sys; d=[x for x in json.load(sys.stdin)['departments'] if x['id']=='$1']; sys.exit(0 if d and d[0]['state']=='running' and d[0]['health']=='healthy' else 1)"; }
 port_of() { docker inspect -f '{{ index .Config.Labels "fleet-agent.host-port" }}' "aio-$1"; }

@@ -269,6 +269,21 @@ print(urllib.request.urlopen(request, timeout=5).read().decode())
 PY
 }
 
+# journal [N]: the daemon's last N (40) journal lines on stderr.
+journal() { in_ct journalctl -u fleet-agentd --no-pager -n "${1:-40}" >&2 || true; }
+
+# until_ok SECONDS WHAT COMMAND...: polls COMMAND every 0.25 s; after SECONDS,
+# prints the daemon's journal and fails naming WHAT.
+until_ok() {
+    local seconds=$1 what=$2; shift 2
+    for _ in $(seq 1 $((seconds * 4))); do
+        if "$@" >/dev/null 2>&1; then return 0; fi
+        sleep 0.25
+    done
+    journal 60
+    fail "$what (after ${seconds}s)"
+}
+
 # Removes every container the test daemon with this node id created.
 remove_node_containers() {
     local node=$1 ids

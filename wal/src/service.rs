@@ -273,21 +273,7 @@ impl Drop for OperationGuard {
     }
 }
 
-/// `12.3MiB`.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n}B")
-    } else {
-        format!("{value:.1}{}", UNITS[unit])
-    }
-}
+pub use fleet_model::api::human_bytes;
 
 /// Whether the archive target answered the last probe ([`Target::probe`]).
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
