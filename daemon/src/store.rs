@@ -333,6 +333,17 @@ impl Store {
             .optional()?;
         match existing {
             Some(old) if old == json => {}
+            // An announcement only (`next_image`): the previous spec, the
+            // rollback and an image collection keeps, stays.
+            Some(old)
+                if serde_json::from_str::<DepartmentSpec>(&old)
+                    .is_ok_and(|o| o.differs_only_in_next_image(spec)) =>
+            {
+                conn.execute(
+                    "UPDATE departments SET spec = ?2, updated_at = ?3 WHERE id = ?1",
+                    params![spec.id, json, now_secs()],
+                )?;
+            }
             Some(old) => {
                 conn.execute(
                     "UPDATE departments SET spec = ?2, previous_spec = ?3, updated_at = ?4 WHERE id = ?1",

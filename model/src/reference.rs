@@ -211,6 +211,7 @@ pub const SPEC_DOCS: &[(&str, &str)] = &[
     ("id", "a-z, 0-9 and '-', 2-32 characters, starting with a letter; the container is aio-<id>. Required."),
     ("name", "A human name, shown by agentctl."),
     ("image", "The container image (a tag or a digest). Required."),
+    ("next_image", "The image the next update will use, announced ahead (the coordinator's pre-pull): pulled in the background and kept by image collection; not part of the container hash, so setting or clearing it never replaces the container; cleared, the announcement is withdrawn."),
     ("container_port", "The port the container listens on."),
     ("host_port", "A fixed host port inside [ports] range; absent: one from the pool, kept."),
     ("resources", "Docker resource limits."),

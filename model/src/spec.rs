@@ -31,6 +31,11 @@ pub struct DepartmentSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     pub image: String,
+    /// The image the department's next update will use, announced ahead of
+    /// it: pulled in the background and kept by image collection. Not part
+    /// of the container hash, so announcing never replaces the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_image: Option<String>,
     #[serde(default = "default_container_port")]
     pub container_port: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -419,6 +424,11 @@ impl DepartmentSpec {
         if let Err(message) = validate_image(&self.image) {
             errors.push(FieldError::new("image", message));
         }
+        if let Some(next) = &self.next_image {
+            if let Err(message) = validate_image(next) {
+                errors.push(FieldError::new("next_image", message));
+            }
+        }
         if self.container_port == 0 {
             errors.push(FieldError::new("container_port", "must be 1-65535"));
         }
@@ -663,6 +673,25 @@ impl DepartmentSpec {
         } else {
             Err(errors)
         }
+    }
+
+    /// Whether `other` is this spec with at most a different `next_image`:
+    /// an announcement, which is no new version of the department (its
+    /// previous spec, the rollback, stays what it was).
+    pub fn differs_only_in_next_image(&self, other: &DepartmentSpec) -> bool {
+        self.next_image != other.next_image
+            && DepartmentSpec {
+                next_image: other.next_image.clone(),
+                ..self.clone()
+            } == *other
+    }
+
+    /// The image to announce for this spec: `next_image` unless it is the
+    /// current image already (then there is nothing ahead to pull).
+    pub fn announced_next_image(&self) -> Option<&str> {
+        self.next_image
+            .as_deref()
+            .filter(|next| *next != self.image)
     }
 
     /// A copy safe to show: every secret value replaced by the mask.

@@ -10,7 +10,10 @@
 #      the guard watches a small tmpfs (images.disk_path); filling it past the
 #      high watermark collects image 1 and keeps 3 (current), 2 (rollback) and
 #      an image the agent did not pull; disk_pressure and image_removed are in
-#      `agentctl events`, fleet_agent_disk_pressure is 1.
+#      `agentctl events`, fleet_agent_disk_pressure is 1;
+#   3. the spec file names `next_image = image 4` (the coordinator's way of
+#      announcing, here through agentctl apply): image 4 is pulled with the
+#      container left as it is, and the update to it then pulls nothing.
 source "$(dirname "$0")/lib.sh"
 
 node=$PKGTEST_NAME
@@ -40,7 +43,7 @@ YML
 registry_pid=$!
 cleanup_gc() {
     kill "$registry_pid" 2>/dev/null || true
-    for i in 1 2 3; do docker rmi "$repo:$i" >/dev/null 2>&1 || true; done
+    for i in 1 2 3 4; do docker rmi "$repo:$i" >/dev/null 2>&1 || true; done
     docker rmi "$foreign" >/dev/null 2>&1 || true
     rm -rf "$regdir"
 }
@@ -72,7 +75,7 @@ TOML
 }
 
 until_ok 30 "the registry to answer" curl -sf "http://127.0.0.1:$registry_port/v2/"
-for i in 1 2 3; do
+for i in 1 2 3 4; do
     build "$repo:$i" "$PKGTEST_NAME-$i"
     docker push -q "$repo:$i" >/dev/null
     docker rmi "$repo:$i" >/dev/null
@@ -124,4 +127,44 @@ in_ct rm -f "$disk/filler"
 pressure_over() { [ "$(metric fleet_agent_disk_pressure)" = 0 ]; }
 until_ok 30 "disk pressure to end" pressure_over
 in_ct umount "$disk" || true
+
+log "3. next_image announces image 4: pulled ahead, the container untouched, the update pulls nothing"
+container_id() { in_ct agentctl status --json | python3 -c "
+import json, sys
+d = [r for r in json.load(sys.stdin)['departments'] if r['id'] == sys.argv[1]]
+print(d[0]['container_id'] if d else '')" "$dept"; }
+before=$(container_id)
+[ -n "$before" ] || fail "$dept has no container"
+has_image "$repo:4" && fail "image 4 is here before it was announced"
+in_ct tee "/tmp/$dept.toml" >/dev/null <<TOML
+id = "$dept"
+image = "$repo:3"
+next_image = "$repo:4"
+[health]
+interval = "1s"
+timeout = "500ms"
+start_period = "0s"
+TOML
+in_ct agentctl apply -f "/tmp/$dept.toml" >/dev/null || { journal 40; fail "apply announcing $repo:4"; }
+pulled_ahead() { has_image "$repo:4"; }
+until_ok 60 "image 4 to be pulled ahead" pulled_ahead
+prepulled() { in_ct agentctl events --after 0 --json | grep -q '"prepulled"'; }
+until_ok 10 "the prepulled event" prepulled
+sleep 2
+[ "$(container_id)" = "$before" ] || fail "announcing next_image replaced the container"
+runs "$repo:3" || fail "$dept no longer runs image 3"
+in_ct tee "/tmp/$dept.toml" >/dev/null <<TOML
+id = "$dept"
+image = "$repo:4"
+[health]
+interval = "1s"
+timeout = "500ms"
+start_period = "0s"
+TOML
+in_ct agentctl apply -f "/tmp/$dept.toml" >/dev/null || { journal 40; fail "apply of $repo:4"; }
+until_ok 90 "$dept to run $repo:4" runs "$repo:4"
+in_ct agentctl events --after 0 --json | python3 -c "
+import json, sys
+pulls = [e for e in json.load(sys.stdin)['events'] if e['kind'] == 'pull_started' and sys.argv[1] in e['message']]
+sys.exit(1 if pulls else 0)" "$repo:4" || fail "the update pulled the announced image again"
 log "OK"

@@ -5,11 +5,13 @@
 //! watches `images.disk_path` (documented: the filesystem it reads is
 //! configurable), here a small tmpfs this test mounts and fills.
 //!
-//! Ports: the registry 43300, the department 43310-43319.
+//! Ports: the registry 43300, the department 43310-43319; the coordinator's
+//! pre-pull: the registry 43350, the department 43360-43369.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use fleet_tests::serde_json::Value;
+use fleet_tests::coordinator::StubCoordinator;
+use fleet_tests::serde_json::{json, Value};
 use fleet_tests::*;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -288,4 +290,122 @@ fn disk_pressure_collects_an_unused_pulled_image_and_keeps_current_rollback_anno
         assert!(image_exists(image), "{image} removed");
     }
     std::fs::remove_file(&filler).unwrap();
+}
+
+/// A department as the coordinator sends it, with `next_image` when given.
+fn coordinated_dept(id: &str, image: &str, next_image: Option<&str>) -> Value {
+    let mut dept = json!({
+        "id": id,
+        "image": image,
+        "health": {"path": "/health", "interval": "1s", "timeout": "500ms", "retries": 3, "start_period": "0s"},
+        "restart": {"stop_timeout": "5s"},
+    });
+    if let Some(next) = next_image {
+        dept["next_image"] = json!(next);
+    }
+    dept
+}
+
+fn applied_revision(d: &TestDaemon) -> Value {
+    d.api_get("/v1/node")
+        .ok()
+        .and_then(|r| serde_json::from_str::<Value>(&r.body).ok())
+        .map(|n| n["applied_revision"].clone())
+        .unwrap_or(Value::Null)
+}
+
+fn container_id(d: &TestDaemon, id: &str) -> String {
+    d.summary(id).expect("department listed")["container_id"]
+        .as_str()
+        .expect("a running department has a container")
+        .to_string()
+}
+
+#[test]
+fn the_coordinators_next_image_is_pulled_ahead_without_replacing_the_container() {
+    let _registry = Registry::start(43350);
+    let stub = StubCoordinator::start();
+    let d = TestDaemon::start(TestOptions {
+        name: "nextimg",
+        port_range: (43360, 43369),
+        extra_toml: format!(
+            "[coordinator]\nurl = \"{}\"\npoll_interval = \"1s\"\n",
+            stub.url()
+        ),
+        ..Default::default()
+    });
+    let repo = format!("127.0.0.1:43350/nextimg-{}", d.tag);
+    let [current, next] = ["1", "2"].map(|t| format!("{repo}:{t}"));
+    let _made = Images(vec![current.clone(), next.clone()]);
+    for (image, label) in [(&current, "1"), (&next, "2")] {
+        build_distinct(image, &format!("{}-next-{label}", d.tag));
+        docker_ok(&["push", image]);
+        docker_ok(&["rmi", image]);
+    }
+    assert!(!image_exists(&next));
+
+    let id = d.dept("web");
+    stub.set_document(
+        &d.node_id,
+        1,
+        json!([coordinated_dept(&id, &current, None)]),
+    );
+    d.wait_running(&id, UP);
+    wait_until(UP, "revision 1 applied", || applied_revision(&d) == 1);
+    let serving = container_id(&d, &id);
+
+    // Revision 2 only announces the next image.
+    stub.set_document(
+        &d.node_id,
+        2,
+        json!([coordinated_dept(&id, &current, Some(&next))]),
+    );
+    wait_until(UP, "the announced image to be pulled", || {
+        image_exists(&next)
+    });
+    wait_until(Duration::from_secs(30), "the prepulled event", || {
+        node_events(&d).iter().any(|e| {
+            e["kind"] == "prepulled" && e["reason"] == "pulled" && e["department"] == id.as_str()
+        })
+    });
+    assert_eq!(applied_revision(&d), 2);
+    // A few more polls of the same document: still the same container.
+    std::thread::sleep(Duration::from_secs(3));
+    let summary = d.summary(&id).unwrap();
+    assert_eq!(summary["state"], "running");
+    assert_eq!(summary["image"], current.as_str());
+    assert_eq!(
+        container_id(&d, &id),
+        serving,
+        "announcing replaced the container"
+    );
+    let pulls_of_next = |events: &[Value]| {
+        events
+            .iter()
+            .filter(|e| {
+                e["kind"] == "pull_started"
+                    && e["message"].as_str().is_some_and(|m| m.contains(&next))
+            })
+            .count()
+    };
+    assert_eq!(pulls_of_next(&node_events(&d)), 0);
+    let prepull_starts = node_events(&d)
+        .iter()
+        .filter(|e| e["kind"] == "prepull_started")
+        .count();
+    assert_eq!(prepull_starts, 1, "pulled again at a later poll");
+
+    // Revision 3 updates to it: no pull, the image was already here.
+    stub.set_document(&d.node_id, 3, json!([coordinated_dept(&id, &next, None)]));
+    wait_until(UP, "the update to the announced image", || {
+        d.summary(&id).is_some_and(|r| {
+            r["state"] == "running" && r["health"] == "healthy" && r["image"] == next.as_str()
+        })
+    });
+    assert_ne!(container_id(&d, &id), serving);
+    assert_eq!(
+        pulls_of_next(&node_events(&d)),
+        0,
+        "the update pulled the announced image again"
+    );
 }

@@ -861,3 +861,80 @@ async fn delete_during_an_updates_pull_cancels_it_and_removes_the_old_one() {
     assert_eq!(fake.count(|c| matches!(c, Call::Pull(_))), 1);
     let _ = shared;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_spec_announcing_next_image_pulls_it_without_replacing_the_container() {
+    let fake = FakeRuntime::new();
+    fake.add_image("img:1");
+    let store = memory_store();
+    let sup = node(&fake, store.clone(), "43350-43359").await;
+    sup.apply(vec![spec("nxt", "img:1", "")], false)
+        .await
+        .unwrap();
+    until(Duration::from_secs(10), "v1 running", || {
+        state(&sup, "nxt") == Some(DeptState::Running)
+    })
+    .await;
+    let v1 = fake.by_name("aio-nxt").unwrap().observed.id;
+
+    // The coordinator's document now names the next image.
+    let mut announcing = spec("nxt", "img:1", "");
+    announcing.next_image = Some("img:2".into());
+    let report = sup.apply(vec![announcing.clone()], false).await.unwrap();
+    assert_eq!(report.updated, vec!["nxt".to_string()]);
+    until(Duration::from_secs(10), "img:2 pulled", || {
+        fake.count(|c| *c == Call::Pull("img:2".into())) == 1
+            && store
+                .pulled_images()
+                .unwrap()
+                .iter()
+                .any(|p| p.reference == "img:2")
+    })
+    .await;
+    assert_eq!(
+        store.announced_images().unwrap(),
+        vec![("nxt".to_string(), "img:2".to_string())]
+    );
+    // Re-sent unchanged (the coordinator's next poll): nothing pulled again.
+    sup.apply(vec![announcing.clone()], false).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(fake.count(|c| *c == Call::Pull("img:2".into())), 1);
+    let now = fake.by_name("aio-nxt").unwrap().observed;
+    assert_eq!(now.id, v1, "announcing replaced the container");
+    assert!(now.running);
+    assert_eq!(creates(&fake), 1);
+    assert_eq!(state(&sup, "nxt"), Some(DeptState::Running));
+    // An announcement is no new version: no rollback spec was made of v1.
+    assert!(sup.shared.board.get("nxt").unwrap().previous.is_none());
+    assert!(store.departments().unwrap()[0].previous.is_none());
+
+    // Cleared: the announcement is withdrawn, the container still untouched.
+    sup.apply(vec![spec("nxt", "img:1", "")], false)
+        .await
+        .unwrap();
+    assert!(store.announced_images().unwrap().is_empty());
+    // Announced again, then the update to it: no second pull.
+    sup.apply(vec![announcing], false).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    sup.apply(vec![spec("nxt", "img:2", "")], false)
+        .await
+        .unwrap();
+    until(Duration::from_secs(30), "v2 running", || {
+        fake.by_name("aio-nxt")
+            .is_some_and(|c| c.observed.image.as_deref() == Some("img:2") && c.observed.running)
+            && state(&sup, "nxt") == Some(DeptState::Running)
+    })
+    .await;
+    assert_eq!(fake.count(|c| *c == Call::Pull("img:2".into())), 1);
+    assert_eq!(creates(&fake), 2);
+    // The rollback is v1's image, not an announcing copy of it.
+    let view = sup.shared.board.get("nxt").unwrap();
+    assert_eq!(view.previous.map(|p| p.image).as_deref(), Some("img:1"));
+    let stored = store
+        .departments()
+        .unwrap()
+        .into_iter()
+        .find(|d| d.spec.id == "nxt")
+        .unwrap();
+    assert_eq!(stored.previous.map(|p| p.image).as_deref(), Some("img:1"));
+}

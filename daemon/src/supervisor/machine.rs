@@ -1174,7 +1174,10 @@ impl Machine {
         if self.failed_hash.as_deref().is_some_and(|f| f != new_hash) {
             self.failed_hash = None;
         }
-        if spec != self.spec {
+        if self.spec.differs_only_in_next_image(&spec) {
+            // An announcement is no new version: the rollback stays.
+            self.spec = spec;
+        } else if spec != self.spec {
             self.previous = Some(std::mem::replace(&mut self.spec, spec));
         }
         self.port = host_port;

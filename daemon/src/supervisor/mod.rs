@@ -497,6 +497,7 @@ impl Supervisor {
             );
             self.shared.store.put_spec(&spec)?;
             self.shared.store.set_lease(&id, port)?;
+            self.announce(current.get(&id), &spec)?;
             // Decided under the lock, carried out after it: a full mailbox
             // (a wedged department) must not hold the registry.
             let send = {
@@ -564,6 +565,46 @@ impl Supervisor {
         }
         self.desired_applied.store(true, Ordering::Relaxed);
         Ok(report)
+    }
+
+    /// The coordinator's (or an applied file's) `next_image`: a new one is
+    /// announced and pulled in the background as `agentctl prepull` does;
+    /// one cleared withdraws the announcement it made (not one an operator
+    /// made since). Only a change acts, so a coordinator re-sending the same
+    /// document pulls nothing again.
+    fn announce(
+        &self,
+        before: Option<&DepartmentSpec>,
+        spec: &DepartmentSpec,
+    ) -> Result<(), SupervisorError> {
+        let was = before.and_then(DepartmentSpec::announced_next_image);
+        let now = spec.announced_next_image();
+        if was == now {
+            return Ok(());
+        }
+        match now {
+            Some(image) => {
+                crate::imagegc::prepull(self.shared.clone(), &spec.id, image)?;
+            }
+            None => {
+                let ours = self
+                    .shared
+                    .store
+                    .announced_images()?
+                    .into_iter()
+                    .any(|(d, i)| d == spec.id && Some(i.as_str()) == was);
+                if ours {
+                    self.shared.store.clear_announcement(&spec.id)?;
+                    self.shared.events.record(
+                        Some(&spec.id),
+                        "prepull_withdrawn",
+                        None,
+                        &format!("next_image {} no longer announced", was.unwrap_or_default()),
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// An operator's delete. Marked under the gate, then carried out without
