@@ -4,7 +4,8 @@
 #   (b) pgBackRest `archive-push` (Debian's 2.45), synchronous and asynchronous,
 #   (c) the seed's one-CLI-per-segment approach (`cp` per call, no checks),
 # into a directory target on the same disk AND into an S3-compatible server on
-# loopback (moto over HTTPS, both tools against the same server), zstd where the
+# loopback (one moto behind HAProxy, both tools against the same server and
+# bucket: pgBackRest over HTTPS, fleet-agent over plain HTTP), zstd where the
 # tool compresses.
 #
 # Method: one PostgreSQL 15 cluster runs `pgbench -i -s $BENCH_SCALE` with
@@ -32,7 +33,10 @@
 # BENCH_SCALE (100), BENCH_LOAD_SECONDS (30), BENCH_OUT (docs/benchmarks.md),
 # BENCH_PORT (46590), BENCH_S3_PORT (BENCH_PORT+1),
 # BENCH_METHODS (all: fleet fleet-zst3 pgbr-sync pgbr-async pgbr-async-zst1 seed
-# fleet-s3 pgbr-async-s3-zst1). Not a test: it measures. Run it on a quiet machine.
+# fleet-s3 pgbr-async-s3-zst1), BENCH_DRAIN_TIMEOUT (600 s), BENCH_NOTES (a file
+# appended to the written section). Needs root (runuser, cgroup v1 cpuacct at
+# /sys/fs/cgroup/cpuacct), haproxy and /opt/moto for S3.
+# Not a test: it measures. Run it on a quiet machine.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
