@@ -5,7 +5,7 @@
 #   (c) the seed's one-CLI-per-segment approach (`cp` per call, no checks),
 # into a directory target on the same disk AND into an S3-compatible server on
 # loopback (one moto behind HAProxy, both tools against the same server and
-# bucket: pgBackRest over HTTPS, fleet-agent over plain HTTP), zstd where the
+# bucket, both over HTTPS), zstd where the
 # tool compresses.
 #
 # Method: one PostgreSQL 15 cluster runs `pgbench -i -s $BENCH_SCALE` with
@@ -138,17 +138,15 @@ CONF
 # certificate (not IP addresses: hence localhost). moto's own TLS (werkzeug)
 # ends connections without close_notify, which OpenSSL 3 refuses, so HAProxy
 # terminates TLS and both tools reach the same moto through it.
-# fleet-agentd does not trust moto's self-signed certificate (SSL_CERT_FILE did not
-# reach its object_store client here, and it has no CA option for S3), so it
-# talks plain HTTP through a second HAProxy frontend to the same moto: the same
-# hop for both, but only pgBackRest pays for TLS.
+# The certificate says CA:FALSE: rustls refuses a CA certificate as the server's
+# own (the openssl default for -x509), where OpenSSL accepts it. fleet-agentd's
+# S3 client (object_store, native roots) trusts it through SSL_CERT_FILE.
 MOTO_PORT=$((S3_PORT + 1))
-S3_PLAIN_PORT=$((S3_PORT + 2))
 HAPROXY_PID=""
 if has_method fleet-s3 || has_method pgbr-async-s3-zst1; then
   [[ -x $MOTO ]] || { say "$MOTO is missing"; exit 1; }
   openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
-    -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -keyout "$WORK/s3-key.pem" -out "$WORK/s3-cert.pem" 2>/dev/null
+    -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -addext basicConstraints=critical,CA:FALSE -keyout "$WORK/s3-key.pem" -out "$WORK/s3-cert.pem" 2>/dev/null
   cat "$WORK/s3-cert.pem" "$WORK/s3-key.pem" >"$WORK/s3-haproxy.pem"
   chmod 644 "$WORK/s3-cert.pem"
   "$MOTO" -H 127.0.0.1 -p "$MOTO_PORT" >"$WORK/moto.log" 2>&1 &
@@ -163,9 +161,6 @@ defaults
   timeout server 60s
 frontend s3
   bind 127.0.0.1:$S3_PORT ssl crt $WORK/s3-haproxy.pem
-  default_backend moto
-frontend s3plain
-  bind 127.0.0.1:$S3_PLAIN_PORT
   default_backend moto
 backend moto
   server moto 127.0.0.1:$MOTO_PORT
@@ -222,7 +217,7 @@ start_daemon() { # PG_WAL_DIR CONNINFO ARCHIVE(file://... or s3://...) COMPRESSI
   [[ -n "$DAEMON_PID" ]] && { kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true; }
   local s3=""
   [[ "$3" == s3://* ]] && s3="[wal.s3]
-endpoint = \"http://127.0.0.1:$S3_PLAIN_PORT\"
+endpoint = \"https://localhost:$S3_PORT\"
 region = \"us-east-1\"
 credentials_file = \"$WORK/s3-credentials\"
 path_style = true"
@@ -431,12 +426,11 @@ BUILD="release"; [[ "$BIN" == */debug ]] && BUILD="debug"
 {
   echo "## WAL archiving (issue 6, issue 13)"
   echo
-  echo "Command: \`$([[ -n "${FLEET_BIN_DIR:-}" ]] && echo "FLEET_BIN_DIR=$BIN ")BENCH_SCALE=$SCALE BENCH_LOAD_SECONDS=$LOAD_SECONDS BENCH_METHODS=\"$METHODS\" bash bench/wal.sh\`, $(date -u +%Y-%m-%dT%H:%MZ),"
+  echo "Command: \`$([[ -n "${FLEET_BIN_DIR:-}" ]] && echo "FLEET_BIN_DIR=${BIN#"$ROOT"/} ")BENCH_SCALE=$SCALE BENCH_LOAD_SECONDS=$LOAD_SECONDS BENCH_METHODS=\"$METHODS\" bash bench/wal.sh\`, $(date -u +%Y-%m-%dT%H:%MZ),"
   echo "$(nproc) cores, $BUILD build of fleet-agent, PostgreSQL $("$PG/postgres" --version | awk '{print $3}'), $PGBR_VERSION."
   echo "Backlog: $BACKLOG segments of 16 MiB from \`pgbench -i -s $SCALE\`, archived from a standing start."
-  echo "Directory targets are on the same disk; S3 is one moto on loopback (one bucket) behind HAProxy: pgBackRest"
-  echo "over HTTPS (it speaks only HTTPS to S3), fleet-agent over plain HTTP (it did not trust the test's"
-  echo "self-signed certificate), so pgBackRest's S3 figures include TLS that fleet-agent's do not."
+  echo "Directory targets are on the same disk; S3 is one moto on loopback (one bucket) behind HAProxy's TLS,"
+  echo "both tools over HTTPS (pgBackRest speaks only HTTPS to S3)."
   echo "Latency: each \`archive_command\` call timed by the same wrapper (successful calls)."
   echo "CPU/segment: user+system of everything the method started (its fleet-agentd, the PostgreSQL copy with"
   echo "its archiver and every \`archive_command\` child, pgBackRest's async and local processes), from one"
