@@ -3,7 +3,10 @@
 #   (a) fleet-agent (`agentctl wal push %p`, daemon with look-ahead uploads),
 #   (b) pgBackRest `archive-push` (Debian's 2.45), synchronous and asynchronous,
 #   (c) the seed's one-CLI-per-segment approach (`cp` per call, no checks),
-# all into a directory target on the same disk, zstd where the tool compresses.
+# into a directory target on the same disk AND into an S3-compatible server on
+# loopback (one moto behind HAProxy, both tools against the same server and
+# bucket, both over HTTPS), zstd where the
+# tool compresses.
 #
 # Method: one PostgreSQL 15 cluster runs `pgbench -i -s $BENCH_SCALE` with
 # archive_command failing, so a backlog of .ready segments (~1.2 GiB at scale 100)
@@ -11,16 +14,29 @@
 # that method's archive_command, and we time until PostgreSQL has archived the
 # whole backlog (segments/s), sampling the backlog, and log each
 # archive_command call's duration through the same tiny wrapper.
-# Then a steady load (`pgbench -T $BENCH_LOAD_SECONDS`) runs on each copy and
-# we record the largest .ready backlog seen.
-# Finally the time to restore 1 GiB of WAL: fetching every archived segment in
-# order with `agentctl wal fetch` (prefetch) vs `pgbackrest archive-get`.
+# CPU: every process a method starts (its fleet-agentd, the PostgreSQL copy
+# with its archiver and every archive_command child, pgBackRest's async and
+# local processes) runs in one cpuacct cgroup of its own, so processes that
+# have exited still count; user+system of that cgroup over the drain, per
+# archived segment. The S3 server's CPU (moto stands in for a remote service)
+# is read from /proc/<pid>/stat and reported apart. The daemon's peak RSS
+# during the drain is its VmHWM (it starts inside the timed span).
+# Then a steady load (`pgbench -T $BENCH_LOAD_SECONDS`, 0: skipped) runs on
+# each copy and we record the largest .ready backlog seen.
+# Finally the time to restore 64 segments (1 GiB) of WAL: fetching every archived
+# segment in order with `agentctl wal fetch` (prefetch) vs `pgbackrest archive-get`,
+# from the directory and from S3.
 #
 #   bash bench/wal.sh     # rewrites its section of docs/benchmarks.md
 #
 # Environment: FLEET_BIN_DIR (default target/release, built if missing),
 # BENCH_SCALE (100), BENCH_LOAD_SECONDS (30), BENCH_OUT (docs/benchmarks.md),
-# BENCH_PORT (46590). Not a test: it measures. Run it on a quiet machine.
+# BENCH_PORT (46590), BENCH_S3_PORT (BENCH_PORT+1),
+# BENCH_METHODS (all: fleet fleet-zst3 pgbr-sync pgbr-async pgbr-async-zst1 seed
+# fleet-s3 pgbr-async-s3-zst1), BENCH_DRAIN_TIMEOUT (600 s), BENCH_NOTES (a file
+# appended to the written section). Needs root (runuser, cgroup v1 cpuacct at
+# /sys/fs/cgroup/cpuacct), haproxy and /opt/moto for S3.
+# Not a test: it measures. Run it on a quiet machine.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -29,6 +45,11 @@ SCALE="${BENCH_SCALE:-100}"
 LOAD_SECONDS="${BENCH_LOAD_SECONDS:-30}"
 OUT="${BENCH_OUT:-docs/benchmarks.md}"
 PORT="${BENCH_PORT:-46590}"
+S3_PORT="${BENCH_S3_PORT:-$((PORT + 1))}"
+METHODS="${BENCH_METHODS:-fleet fleet-zst3 pgbr-sync pgbr-async pgbr-async-zst1 seed fleet-s3 pgbr-async-s3-zst1}"
+has_method() { [[ " $METHODS " == *" $1 "* ]]; }
+MOTO=/opt/moto/bin/moto_server
+CG=/sys/fs/cgroup/cpuacct
 PG=/usr/lib/postgresql/15/bin
 
 say() { printf '==> %s\n' "$*" >&2; }
@@ -54,24 +75,46 @@ fi
 WORK="$(mktemp -d /tmp/fleet-walbench-XXXXXX)"
 chmod 755 "$WORK"
 DAEMON_PID=""
+MOTO_PID=""
 cleanup() {
   for d in "$WORK"/pg-*/data; do
     [[ -f "$d/postmaster.pid" ]] && runuser -u postgres -- "$PG/pg_ctl" -D "$d" -m immediate -w stop >/dev/null 2>&1 || true
   done
   [[ -n "$DAEMON_PID" ]] && kill -TERM "$DAEMON_PID" 2>/dev/null && wait "$DAEMON_PID" 2>/dev/null || true
+  [[ -n "${HAPROXY_PID:-}" ]] && kill -TERM "$HAPROXY_PID" 2>/dev/null && wait "$HAPROXY_PID" 2>/dev/null || true
+  [[ -n "$MOTO_PID" ]] && kill -TERM "$MOTO_PID" 2>/dev/null && wait "$MOTO_PID" 2>/dev/null || true
   # pgBackRest's async process may still be finishing in its spool dir.
   rm -rf "$WORK" 2>/dev/null || { sleep 2; rm -rf "$WORK" 2>/dev/null || true; }
+  for g in "$CG"/walbench-"$$"-*; do [[ -d "$g" ]] && rmdir "$g" 2>/dev/null || true; done
 }
 trap cleanup EXIT
 as_pg() { runuser -u postgres -- "$@"; }
 
 # --- pgBackRest ----------------------------------------------------------------------
+pgbr_repo() { # NAME: the repo lines, S3 for names with -s3
+  if [[ "$1" == *-s3* ]]; then
+    cat <<CONF
+repo1-type=s3
+repo1-path=/$1
+repo1-s3-bucket=walbench
+repo1-s3-endpoint=localhost
+repo1-storage-port=$S3_PORT
+repo1-s3-region=us-east-1
+repo1-s3-key=test
+repo1-s3-key-secret=test
+repo1-s3-uri-style=path
+repo1-storage-ca-file=$WORK/s3-cert.pem
+CONF
+  else
+    echo "repo1-path=$WORK/$1-repo"
+  fi
+}
 pgbr_conf() { # NAME DATA SOCK ASYNC [ZSTD_LEVEL]
   mkdir -p "$WORK/$1-repo" "$WORK/$1-spool" "$WORK/$1-log"
   chown postgres: "$WORK/$1-repo" "$WORK/$1-spool" "$WORK/$1-log"
   cat >"$WORK/$1.conf" <<CONF
 [global]
-repo1-path=$WORK/$1-repo
+$(pgbr_repo "$1")
 compress-type=zst
 compress-level=${5:-3}
 log-path=$WORK/$1-log
@@ -89,6 +132,48 @@ pg1-port=$PORT
 CONF
   chown postgres: "$WORK/$1.conf"
 }
+
+# --- S3 on loopback: moto behind HAProxy's TLS --------------------------------------
+# pgBackRest speaks only HTTPS to S3, and its 2.45 checks the DNS names of the
+# certificate (not IP addresses: hence localhost). moto's own TLS (werkzeug)
+# ends connections without close_notify, which OpenSSL 3 refuses, so HAProxy
+# terminates TLS and both tools reach the same moto through it.
+# The certificate says CA:FALSE: rustls refuses a CA certificate as the server's
+# own (the openssl default for -x509), where OpenSSL accepts it. fleet-agentd's
+# S3 client (object_store, native roots) trusts it through SSL_CERT_FILE.
+MOTO_PORT=$((S3_PORT + 1))
+HAPROXY_PID=""
+if has_method fleet-s3 || has_method pgbr-async-s3-zst1; then
+  [[ -x $MOTO ]] || { say "$MOTO is missing"; exit 1; }
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
+    -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -addext basicConstraints=critical,CA:FALSE -keyout "$WORK/s3-key.pem" -out "$WORK/s3-cert.pem" 2>/dev/null
+  cat "$WORK/s3-cert.pem" "$WORK/s3-key.pem" >"$WORK/s3-haproxy.pem"
+  chmod 644 "$WORK/s3-cert.pem"
+  "$MOTO" -H 127.0.0.1 -p "$MOTO_PORT" >"$WORK/moto.log" 2>&1 &
+  MOTO_PID=$!
+  cat >"$WORK/haproxy.cfg" <<CFG
+global
+  maxconn 256
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend s3
+  bind 127.0.0.1:$S3_PORT ssl crt $WORK/s3-haproxy.pem
+  default_backend moto
+backend moto
+  server moto 127.0.0.1:$MOTO_PORT
+CFG
+  haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 &
+  HAPROXY_PID=$!
+  for _ in $(seq 300); do
+    curl -fsS --cacert "$WORK/s3-cert.pem" -o /dev/null "https://localhost:$S3_PORT/" 2>/dev/null && break
+    sleep 0.2
+  done
+  curl -fsS --cacert "$WORK/s3-cert.pem" -X PUT -o /dev/null "https://localhost:$S3_PORT/walbench"
+  printf 'access_key_id = test\nsecret_access_key = test\n' >"$WORK/s3-credentials"
+fi
 
 # --- the shared backlog ----------------------------------------------------------
 SRC="$WORK/pg-src"
@@ -114,7 +199,8 @@ say "building a backlog: pgbench -i -s $SCALE with archiving failing"
 "$PG/psql" -h "$SRC/sock" -p "$PORT" -U postgres -XAtqc "SELECT pg_switch_wal()" postgres >/dev/null
 # pgBackRest's stanzas are made here, outside the timed runs; the copies have
 # the same system identifier, so the repos accept their WAL.
-for repo in pgbr-sync pgbr-async pgbr-async-zst1; do
+for repo in pgbr-sync pgbr-async pgbr-async-zst1 pgbr-async-s3-zst1; do
+  has_method "$repo" || continue
   pgbr_conf "$repo" "$SRC/data" "$SRC/sock" n
   as_pg pgbackrest --config="$WORK/$repo.conf" --stanza=bench stanza-create >/dev/null
 done
@@ -127,25 +213,40 @@ SYSID=$(od -An -t u8 -N 8 "$SRC/data/global/pg_control" | tr -d ' ')
 FLEET_DIR="$WORK/fleet"
 mkdir -p "$FLEET_DIR/state" "$FLEET_DIR/departments.d"
 chmod 755 "$FLEET_DIR"
-start_daemon() { # PG_WAL_DIR CONNINFO ARCHIVE COMPRESSION_LEVEL
+start_daemon() { # PG_WAL_DIR CONNINFO ARCHIVE(file://... or s3://...) COMPRESSION_LEVEL [CGROUP]
   [[ -n "$DAEMON_PID" ]] && { kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true; }
+  local s3=""
+  [[ "$3" == s3://* ]] && s3="[wal.s3]
+endpoint = \"https://localhost:$S3_PORT\"
+region = \"us-east-1\"
+credentials_file = \"$WORK/s3-credentials\"
+path_style = true"
   cat >"$FLEET_DIR/agent.toml" <<TOML
 node_id = "walbench"
 state_dir = "$FLEET_DIR/state"
 socket = "$FLEET_DIR/agentctl.sock"
 departments_dir = "$FLEET_DIR/departments.d"
 [wal]
-target = "file://$3"
+target = "$3"
 pg_wal_dir = "$1"
 postgres = "$2"
 parallel_uploads = 4
 compression_level = $4
+$s3
 [api]
 listen = ""
 [log]
 level = "warn"
 TOML
-  "$BIN/fleet-agentd" --config "$FLEET_DIR/agent.toml" >>"$FLEET_DIR/daemon.log" 2>&1 &
+  # SSL_CERT_FILE: the native root store (rustls-native-certs) then trusts moto's certificate.
+  # Not through in_cgroup: a function started with `&` runs in a subshell, and
+  # $! would be that subshell's pid, not the daemon's.
+  local daemon=(env SSL_CERT_FILE="$WORK/s3-cert.pem" "$BIN/fleet-agentd" --config "$FLEET_DIR/agent.toml")
+  if [[ -n "${5:-}" ]]; then
+    sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$5" "${daemon[@]}" >>"$FLEET_DIR/daemon.log" 2>&1 &
+  else
+    "${daemon[@]}" >>"$FLEET_DIR/daemon.log" 2>&1 &
+  fi
   DAEMON_PID=$!
   for _ in $(seq 100); do
     "$BIN/agentctl" --socket "$FLEET_DIR/agentctl.sock" status >/dev/null 2>&1 && return
@@ -168,11 +269,30 @@ exit $rc
 SH
 chmod 755 "$WRAP"
 
+# in_cgroup CGROUP CMD...: runs CMD inside the cpuacct cgroup (none: as is).
+in_cgroup() {
+  local g="$1"; shift
+  if [[ -n "$g" ]]; then
+    sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$g" "$@"
+  else
+    "$@"
+  fi
+}
+cg_cpu_ns() { echo $(( $(cat "$1/cpuacct.usage_user") + $(cat "$1/cpuacct.usage_sys") )); }
+# utime+stime (+ reaped children) of one process, in clock ticks.
+proc_ticks() { awk '{ print $14 + $15 + $16 + $17 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+TICK=$(getconf CLK_TCK)
+
 ready_count() { ls "$1/pg_wal/archive_status" 2>/dev/null | grep -c '\.ready$' || true; }
 
-declare -A RATE P50 P99 DRAIN MAXLOAD
+declare -A RATE P50 P99 DRAIN MAXLOAD CPUSEG DCPUSEG S3CPUSEG RSS
+RAN=()
 run_method() { # NAME ARCHIVE_COMMAND_BUILDER
   local name="$1" dir="$WORK/pg-$1"
+  has_method "$name" || return 0
+  RAN+=("$name")
+  local cg="$CG/walbench-$$-$name"
+  mkdir -p "$cg"
   rm -rf "$dir"; cp -a "$SRC" "$dir"
   # The copy's dirty pages would otherwise be written back during the timed
   # drain, slowing every fsync of whichever method runs next.
@@ -185,23 +305,46 @@ unix_socket_directories = '$sock'
 archive_command = '$WRAP $lat $cmd'
 CONF
   say "$name: draining $BACKLOG segments"
-  local t0 t1
+  local t0 t1 cpu0 s3t0=0 dcpu=0
+  [[ -n "$MOTO_PID" ]] && s3t0=$(( $(proc_ticks "$MOTO_PID") + $(proc_ticks "$HAPROXY_PID") ))
+  cpu0=$(cg_cpu_ns "$cg")
   t0=$(now)
   # The daemon starts inside the timed span: its look-ahead begins at once.
   case "$name" in
-    fleet) start_daemon "$data/pg_wal" "host=$sock port=$PORT user=postgres" "$WORK/archive-fleet" 1 ;;
-    fleet-zst3) start_daemon "$data/pg_wal" "host=$sock port=$PORT user=postgres" "$WORK/archive-fleet-zst3" 3 ;;
+    fleet) start_daemon "$data/pg_wal" "host=$sock port=$PORT user=postgres" "file://$WORK/archive-fleet" 1 "$cg" ;;
+    fleet-zst3) start_daemon "$data/pg_wal" "host=$sock port=$PORT user=postgres" "file://$WORK/archive-fleet-zst3" 3 "$cg" ;;
+    fleet-s3) start_daemon "$data/pg_wal" "host=$sock port=$PORT user=postgres" "s3://walbench/fleet" 1 "$cg" ;;
   esac
-  as_pg "$PG/pg_ctl" -D "$data" -l "$dir/pg.log" -w start >/dev/null
-  while (($(ready_count "$data") > 0)); do sleep 0.2; done
+  in_cgroup "$cg" runuser -u postgres -- "$PG/pg_ctl" -D "$data" -l "$dir/pg.log" -w start >/dev/null
+  local deadline=$((SECONDS + ${BENCH_DRAIN_TIMEOUT:-600}))
+  while (($(ready_count "$data") > 0)); do
+    if ((SECONDS > deadline)); then
+      say "$name: the backlog did not drain"; tail -n 20 "$FLEET_DIR/daemon.log" "$dir/pg.log" >&2; exit 1
+    fi
+    sleep 0.2
+  done
   t1=$(now)
+  CPUSEG[$name]=$(awk -v c="$(( $(cg_cpu_ns "$cg") - cpu0 ))" -v n="$BACKLOG" 'BEGIN { printf "%.1f", c / n / 1e6 }')
+  if [[ -n "$MOTO_PID" && "$name" == *-s3* ]]; then
+    S3CPUSEG[$name]=$(awk -v c="$(( $(proc_ticks "$MOTO_PID") + $(proc_ticks "$HAPROXY_PID") - s3t0 ))" -v n="$BACKLOG" -v hz="$TICK" 'BEGIN { printf "%.1f", c * 1000 / hz / n }')
+  else
+    S3CPUSEG[$name]="-"
+  fi
+  if [[ "$name" == fleet* ]]; then
+    dcpu=$(proc_ticks "$DAEMON_PID")
+    DCPUSEG[$name]=$(awk -v c="$dcpu" -v n="$BACKLOG" -v hz="$TICK" 'BEGIN { printf "%.1f", c * 1000 / hz / n }')
+    RSS[$name]=$(awk '/^VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$DAEMON_PID/status")
+  else
+    DCPUSEG[$name]="-"; RSS[$name]="-"
+  fi
   DRAIN[$name]=$(elapsed "$t0" "$t1")
   RATE[$name]=$(awk -v n="$BACKLOG" -v t="${DRAIN[$name]}" 'BEGIN { printf "%.1f", n / t }')
   read -r P50[$name] P99[$name] < <(awk '$2 == 0 { print $1 }' "$lat" | sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) { print "- -"; exit } m = int((NR + 1) / 2); h = int(NR * 0.99); if (h < 1) h = 1; printf "%.1f %.1f\n", v[m] / 1000, v[h] / 1000 }')
-  say "$name: ${DRAIN[$name]}s, ${RATE[$name]} segments/s, p50 ${P50[$name]} ms"
+  say "$name: ${DRAIN[$name]}s, ${RATE[$name]} segments/s, p50 ${P50[$name]} ms, CPU ${CPUSEG[$name]} ms/segment (daemon ${DCPUSEG[$name]}, S3 server ${S3CPUSEG[$name]}), daemon peak RSS ${RSS[$name]} MiB"
 
   say "$name: steady load for ${LOAD_SECONDS}s"
   local max=0 c
+  ((LOAD_SECONDS > 0)) &&
   "$PG/pgbench" -h "$sock" -p "$PORT" -U postgres -c 4 -j 2 -T "$LOAD_SECONDS" postgres >/dev/null 2>&1 &
   local bench=$!
   while kill -0 "$bench" 2>/dev/null; do
@@ -211,15 +354,58 @@ CONF
   wait "$bench" || true
   MAXLOAD[$name]=$max
   as_pg "$PG/pg_ctl" -D "$data" -m fast -w stop >/dev/null
-  # Keep the disk use bounded; pgbr-async's cluster serves archive-get later.
-  [[ "$name" == pgbr-async ]] || rm -rf "$dir"
+  # Keep the disk use bounded; the pgBackRest clusters serve archive-get later.
+  [[ "$name" == pgbr-async* ]] || rm -rf "$dir"
 }
 
 cmd_fleet() { echo "$BIN/agentctl --socket $FLEET_DIR/agentctl.sock wal push %p"; }
 cmd_pgbr_sync() { pgbr_conf pgbr-sync "$1" "$2" n; echo "pgbackrest --config=$WORK/pgbr-sync.conf --stanza=bench archive-push %p"; }
 cmd_pgbr_async_zst1() { pgbr_conf pgbr-async-zst1 "$1" "$2" y 1; echo "pgbackrest --config=$WORK/pgbr-async-zst1.conf --stanza=bench archive-push %p"; }
 cmd_pgbr_async() { pgbr_conf pgbr-async "$1" "$2" y; echo "pgbackrest --config=$WORK/pgbr-async.conf --stanza=bench archive-push %p"; }
+cmd_pgbr_async_s3_zst1() { pgbr_conf pgbr-async-s3-zst1 "$1" "$2" y 1; echo "pgbackrest --config=$WORK/pgbr-async-s3-zst1.conf --stanza=bench archive-push %p"; }
 cmd_seed() { mkdir -p "$WORK/archive-seed"; chown postgres: "$WORK/archive-seed"; echo "cp %p $WORK/archive-seed/%f"; }
+
+declare -A DESC=(
+  [fleet]='fleet-agent (`agentctl wal push`, 4 parallel look-ahead uploads), zstd 1 (its default)'
+  [fleet-zst3]='fleet-agent, zstd 3'
+  [pgbr-async]='pgBackRest archive-push async (process-max=4), zstd 3 (its zst default)'
+  [pgbr-async-zst1]='pgBackRest archive-push async (process-max=4), zstd 1'
+  [pgbr-sync]='pgBackRest archive-push sync, zstd 3'
+  [seed]='seed: one `cp` per call, uncompressed, no checks'
+  [fleet-s3]='fleet-agent, zstd 1'
+  [pgbr-async-s3-zst1]='pgBackRest archive-push async (process-max=4), zstd 1'
+)
+# Each method's baseline: pgBackRest async at the same zstd level into the same target.
+declare -A BASE=(
+  [fleet]=pgbr-async-zst1 [fleet-zst3]=pgbr-async [pgbr-async]=pgbr-async
+  [pgbr-async-zst1]=pgbr-async-zst1 [pgbr-sync]=pgbr-async [seed]=pgbr-async-zst1
+  [fleet-s3]=pgbr-async-s3-zst1 [pgbr-async-s3-zst1]=pgbr-async-s3-zst1
+)
+
+# --- restore 64 segments (1 GiB) of WAL ------------------------------------------------
+mapfile -t SEGMENTS < <(ls "$SRC/data/pg_wal/archive_status" | sed -n 's/\.ready$//p' | grep -E '^[0-9A-F]{24}$' | sort | head -n 64)
+mkdir -p "$WORK/fetch"; chown postgres: "$WORK/fetch"
+declare -A FETCH_FLEET FETCH_PGBR
+restore() { # TARGET(dir|s3) PGBR_CONF: the daemon must be on that target now
+  say "restore ($1): fetching ${#SEGMENTS[@]} segments in order"
+  local t0 t1 s
+  t0=$(now)
+  # Like PostgreSQL, which unlinks RECOVERYXLOG before each restore_command.
+  for s in "${SEGMENTS[@]}"; do
+    rm -f "$WORK/fetch/RECOVERYXLOG"
+    "$BIN/agentctl" --socket "$FLEET_DIR/agentctl.sock" wal fetch --system-id "$SYSID" "$s" "$WORK/fetch/RECOVERYXLOG"
+  done
+  t1=$(now)
+  FETCH_FLEET[$1]=$(elapsed "$t0" "$t1")
+  t0=$(now)
+  for s in "${SEGMENTS[@]}"; do
+    rm -f "$WORK/fetch/RECOVERYXLOG.pgbr"
+    as_pg pgbackrest --config="$WORK/$2.conf" --stanza=bench archive-get "$s" "$WORK/fetch/RECOVERYXLOG.pgbr" >/dev/null
+  done
+  t1=$(now)
+  FETCH_PGBR[$1]=$(elapsed "$t0" "$t1")
+  say "restore ($1): fleet-agent ${FETCH_FLEET[$1]} s, pgBackRest ${FETCH_PGBR[$1]} s"
+}
 
 run_method fleet-zst3 cmd_fleet
 run_method fleet cmd_fleet
@@ -227,60 +413,61 @@ run_method pgbr-sync cmd_pgbr_sync
 run_method pgbr-async cmd_pgbr_async
 run_method pgbr-async-zst1 cmd_pgbr_async_zst1
 run_method seed cmd_seed
-
-# --- restore 1 GiB of WAL -----------------------------------------------------------
-mapfile -t SEGMENTS < <(ls "$WORK/archive-fleet/$SYSID/wal" | sed 's/\.zst$//' | grep -E '^[0-9A-F]{24}$' | sort | head -n 64)
-say "restore: fetching ${#SEGMENTS[@]} segments in order"
-mkdir -p "$WORK/fetch"; chown postgres: "$WORK/fetch"
-t0=$(now)
-# Like PostgreSQL, which unlinks RECOVERYXLOG before each restore_command.
-for s in "${SEGMENTS[@]}"; do
-  rm -f "$WORK/fetch/RECOVERYXLOG"
-  "$BIN/agentctl" --socket "$FLEET_DIR/agentctl.sock" wal fetch --system-id "$SYSID" "$s" "$WORK/fetch/RECOVERYXLOG"
-done
-t1=$(now)
-FETCH_FLEET=$(elapsed "$t0" "$t1")
-t0=$(now)
-for s in "${SEGMENTS[@]}"; do
-  rm -f "$WORK/fetch/RECOVERYXLOG.pgbr"
-  as_pg pgbackrest --config="$WORK/pgbr-async.conf" --stanza=bench archive-get "$s" "$WORK/fetch/RECOVERYXLOG.pgbr" >/dev/null
-done
-t1=$(now)
-FETCH_PGBR=$(elapsed "$t0" "$t1")
+# The daemon still serves the directory archive of the last fleet run.
+if has_method fleet && has_method pgbr-async-zst1; then restore dir pgbr-async-zst1; fi
+run_method fleet-s3 cmd_fleet
+run_method pgbr-async-s3-zst1 cmd_pgbr_async_s3_zst1
+if has_method fleet-s3 && has_method pgbr-async-s3-zst1; then restore s3 pgbr-async-s3-zst1; fi
 kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true; DAEMON_PID=""
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "-"; else printf "%.2fx", a / b }'; }
-SECTION="$(cat <<MD
-## WAL archiving (issue 6)
-
-Command: \`bash bench/wal.sh\` (BENCH_SCALE=$SCALE, BENCH_LOAD_SECONDS=$LOAD_SECONDS), $(date -u +%Y-%m-%dT%H:%MZ),
-$(nproc) cores, PostgreSQL $("$PG/postgres" --version | awk '{print $3}'), $PGBR_VERSION. All targets are directories on the same disk.
-Backlog: $BACKLOG segments of 16 MiB from \`pgbench -i -s $SCALE\`, archived from a standing start.
-Latency: each \`archive_command\` call timed by the same wrapper (successful calls).
-Ratios are against pgBackRest asynchronous at zstd level 3, measured in the same run.
-At the same level: fleet-agent level 1 vs pgBackRest async level 1 $(ratio "${RATE[fleet]}" "${RATE[pgbr-async-zst1]}"),
-level 3 vs level 3 $(ratio "${RATE[fleet-zst3]}" "${RATE[pgbr-async]}").
-
-| method | drain time | segments/s | vs pgBackRest async | call p50 | call p99 | max .ready during ${LOAD_SECONDS}s pgbench |
-|---|---|---|---|---|---|---|
-| fleet-agent (\`agentctl wal push\`, 4 parallel look-ahead uploads, zstd level 1: the default) | ${DRAIN[fleet]} s | ${RATE[fleet]} | $(ratio "${RATE[fleet]}" "${RATE[pgbr-async]}") | ${P50[fleet]} ms | ${P99[fleet]} ms | ${MAXLOAD[fleet]} |
-| fleet-agent, zstd level 3 (the same level as pgBackRest here) | ${DRAIN[fleet-zst3]} s | ${RATE[fleet-zst3]} | $(ratio "${RATE[fleet-zst3]}" "${RATE[pgbr-async]}") | ${P50[fleet-zst3]} ms | ${P99[fleet-zst3]} ms | ${MAXLOAD[fleet-zst3]} |
-| pgBackRest archive-push, async (process-max=4), zstd level 3 (its zst default) | ${DRAIN[pgbr-async]} s | ${RATE[pgbr-async]} | 1.00x | ${P50[pgbr-async]} ms | ${P99[pgbr-async]} ms | ${MAXLOAD[pgbr-async]} |
-| pgBackRest archive-push, async (process-max=4), zstd level 1 (the same level as fleet-agent's default) | ${DRAIN[pgbr-async-zst1]} s | ${RATE[pgbr-async-zst1]} | $(ratio "${RATE[pgbr-async-zst1]}" "${RATE[pgbr-async]}") | ${P50[pgbr-async-zst1]} ms | ${P99[pgbr-async-zst1]} ms | ${MAXLOAD[pgbr-async-zst1]} |
-| pgBackRest archive-push, sync, zstd level 3 | ${DRAIN[pgbr-sync]} s | ${RATE[pgbr-sync]} | $(ratio "${RATE[pgbr-sync]}" "${RATE[pgbr-async]}") | ${P50[pgbr-sync]} ms | ${P99[pgbr-sync]} ms | ${MAXLOAD[pgbr-sync]} |
-| seed: one \`cp\` per call, uncompressed, no checks | ${DRAIN[seed]} s | ${RATE[seed]} | $(ratio "${RATE[seed]}" "${RATE[pgbr-async]}") | ${P50[seed]} ms | ${P99[seed]} ms | ${MAXLOAD[seed]} |
-
-Restore of ${#SEGMENTS[@]} segments ($(( ${#SEGMENTS[@]} * 16 )) MiB) in recovery order, one call per segment:
-fleet-agent \`agentctl wal fetch\` (prefetch 8 ahead, checksum verified) ${FETCH_FLEET} s;
-pgBackRest \`archive-get\` ${FETCH_PGBR} s ($(ratio "$FETCH_PGBR" "$FETCH_FLEET") the fleet-agent time).
-
-Both tools are CPU-bound here: per segment fleet-agent hashes 16 MiB with SHA-256
-(about 15 ms with SHA-NI on this machine, a third of its CPU at level 1) and compresses it.
-The seed's real command is \`aws s3 cp\`, whose start-up alone costs far more than \`cp\`; \`cp\` into a
-directory is the most favourable form of that design, and it still stores uncompressed and unverified,
-and overwrites.
-MD
-)"
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0 || a == "-" || b == "" || a == "") print "-"; else printf "%.2fx", a / b }'; }
+verdict() { awk -v v="${1%x}" -v op="$2" -v g="$3" 'BEGIN { if (v == "-") print "not measured"; else if ((op == ">=" && v >= g) || (op == "<=" && v <= g) || (op == "<" && v < g)) print "met"; else print "NOT met" }'; }
+BUILD="release"; [[ "$BIN" == */debug ]] && BUILD="debug"
+{
+  echo "## WAL archiving (issue 6, issue 13)"
+  echo
+  echo "Command: \`$([[ -n "${FLEET_BIN_DIR:-}" ]] && echo "FLEET_BIN_DIR=${BIN#"$ROOT"/} ")BENCH_SCALE=$SCALE BENCH_LOAD_SECONDS=$LOAD_SECONDS BENCH_METHODS=\"$METHODS\" bash bench/wal.sh\`, $(date -u +%Y-%m-%dT%H:%MZ),"
+  echo "$(nproc) cores, $BUILD build of fleet-agent, PostgreSQL $("$PG/postgres" --version | awk '{print $3}'), $PGBR_VERSION."
+  echo "Backlog: $BACKLOG segments of 16 MiB from \`pgbench -i -s $SCALE\`, archived from a standing start."
+  echo "Directory targets are on the same disk; S3 is one moto on loopback (one bucket) behind HAProxy's TLS,"
+  echo "both tools over HTTPS (pgBackRest speaks only HTTPS to S3)."
+  echo "Latency: each \`archive_command\` call timed by the same wrapper (successful calls)."
+  echo "CPU/segment: user+system of everything the method started (its fleet-agentd, the PostgreSQL copy with"
+  echo "its archiver and every \`archive_command\` child, pgBackRest's async and local processes), from one"
+  echo "cpuacct cgroup per method so exited processes count, over the drain, divided by the backlog; the"
+  echo "S3 server's own CPU (moto + HAProxy's TLS, from /proc/<pid>/stat) apart. RSS: the daemon's VmHWM at the end of the drain."
+  echo "Ratios are against pgBackRest async at the same zstd level into the same target, measured in the same run."
+  echo
+  echo "| method | target | drain time | segments/s | vs pgBackRest | call p50 | call p99 | CPU ms/segment | vs pgBackRest | of it daemon | S3 server CPU ms/segment | daemon peak RSS | max .ready under load |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+  for m in "${RAN[@]}"; do
+    b=${BASE[$m]}; t=dir; [[ $m == *-s3* ]] && t=S3
+    echo "| ${DESC[$m]} | $t | ${DRAIN[$m]} s | ${RATE[$m]} | $(ratio "${RATE[$m]}" "${RATE[$b]:-}") | ${P50[$m]} ms | ${P99[$m]} ms | ${CPUSEG[$m]} | $(ratio "${CPUSEG[$m]}" "${CPUSEG[$b]:-}") | ${DCPUSEG[$m]} | ${S3CPUSEG[$m]} | ${RSS[$m]} MiB | ${MAXLOAD[$m]} |"
+  done
+  echo
+  for t in dir s3; do
+    [[ -n "${FETCH_FLEET[$t]:-}" ]] || { echo "Restore ($t): not measured in this run."; continue; }
+    echo "Restore ($t) of ${#SEGMENTS[@]} segments ($(( ${#SEGMENTS[@]} * 16 )) MiB) in recovery order, one call per segment:"
+    echo "fleet-agent \`agentctl wal fetch\` (prefetch, checksum verified) ${FETCH_FLEET[$t]} s; pgBackRest \`archive-get\` ${FETCH_PGBR[$t]} s"
+    echo "(fleet-agent $(ratio "${FETCH_PGBR[$t]}" "${FETCH_FLEET[$t]}") faster)."
+  done
+  echo
+  echo "Goals of issue 13, this run:"
+  for m in fleet fleet-s3; do
+    has_method "$m" || continue
+    b=${BASE[$m]}
+    r=$(ratio "${RATE[$m]}" "${RATE[$b]:-}"); c=$(ratio "${CPUSEG[$m]}" "${CPUSEG[$b]:-}")
+    echo "- $m: drain $r of pgBackRest async at zstd 1 (goal >= 2x: $(verdict "$r" '>=' 2)); CPU/segment $c (goal <= 0.5x: $(verdict "$c" '<=' 0.5)); daemon peak RSS ${RSS[$m]} MiB (goal < 32 MiB: $(verdict "${RSS[$m]}" '<' 32))."
+  done
+  for t in dir s3; do
+    [[ -n "${FETCH_FLEET[$t]:-}" ]] || continue
+    r=$(ratio "${FETCH_PGBR[$t]}" "${FETCH_FLEET[$t]}")
+    echo "- restore ($t): $r faster than archive-get (goal >= 3x: $(verdict "$r" '>=' 3))."
+  done
+} >"$WORK/section.md"
+SECTION="$(cat "$WORK/section.md")"
+if [[ -n "${BENCH_NOTES:-}" && -f "$BENCH_NOTES" ]]; then SECTION="$SECTION
+$(cat "$BENCH_NOTES")"; fi
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
 write_bench_section wal "$OUT" <<<"$SECTION"
