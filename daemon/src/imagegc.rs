@@ -364,13 +364,15 @@ impl Collector {
             match self.runtime.remove_image(&removal.image_id).await {
                 Ok(()) => {
                     let bytes = removal.size_bytes;
-                    for r in &removal.references {
-                        self.store.forget_pulled(r)?;
-                    }
+                    // Counted first: the engine no longer has the image,
+                    // whatever the store's bookkeeping below does.
                     self.counters.removed.fetch_add(1, Ordering::Relaxed);
                     self.counters
                         .removed_bytes
                         .fetch_add(bytes, Ordering::Relaxed);
+                    for r in &removal.references {
+                        self.store.forget_pulled(r)?;
+                    }
                     let message = format!(
                         "removed image {} ({}), pulled for {}, used by no department",
                         removal.references.join(", "),
