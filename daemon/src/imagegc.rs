@@ -402,85 +402,56 @@ impl Collector {
     }
 
     pub fn render_metrics(counters: &GcCounters, out: &mut String) {
-        use crate::metrics::header;
-        use std::fmt::Write;
+        use crate::metrics::single;
         let c = counters;
-        header(
+        single(
             out,
             "fleet_agent_disk_pressure",
             "gauge",
             "1 while the filesystem under Docker's data root (or images.disk_path) is above images.disk_high_watermark, until it falls to images.disk_low_watermark.",
+            u8::from(c.pressure.load(Ordering::Relaxed)),
         );
-        let _ = writeln!(
-            out,
-            "fleet_agent_disk_pressure {}",
-            u8::from(c.pressure.load(Ordering::Relaxed))
-        );
-        header(
+        single(
             out,
             "fleet_agent_disk_used_ratio",
             "gauge",
             "Used share (0-1) of the filesystem the disk-pressure guard watches, at its last check.",
+            c.used_basis_points.load(Ordering::Relaxed) as f64 / 10_000.0,
         );
-        let _ = writeln!(
-            out,
-            "fleet_agent_disk_used_ratio {}",
-            c.used_basis_points.load(Ordering::Relaxed) as f64 / 10_000.0
-        );
-        header(
+        single(
             out,
             "fleet_agent_disk_pressure_episodes_total",
             "counter",
             "Times the disk crossed the high watermark.",
+            c.pressure_episodes.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "fleet_agent_disk_pressure_episodes_total {}",
-            c.pressure_episodes.load(Ordering::Relaxed)
-        );
-        header(
+        single(
             out,
             "fleet_agent_image_gc_runs_total",
             "counter",
             "Image collections run (on the interval and early on disk pressure).",
+            c.runs.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "fleet_agent_image_gc_runs_total {}",
-            c.runs.load(Ordering::Relaxed)
-        );
-        header(
+        single(
             out,
             "fleet_agent_image_gc_removed_total",
             "counter",
             "Images the agent had pulled for a department and removed because no department uses them.",
+            c.removed.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "fleet_agent_image_gc_removed_total {}",
-            c.removed.load(Ordering::Relaxed)
-        );
-        header(
+        single(
             out,
             "fleet_agent_image_gc_removed_bytes_total",
             "counter",
             "Sizes of those images as Docker listed them (shared layers may make the space freed smaller).",
+            c.removed_bytes.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "fleet_agent_image_gc_removed_bytes_total {}",
-            c.removed_bytes.load(Ordering::Relaxed)
-        );
-        header(
+        single(
             out,
             "fleet_agent_image_gc_errors_total",
             "counter",
             "Image collections that failed (Docker or the store unavailable).",
-        );
-        let _ = writeln!(
-            out,
-            "fleet_agent_image_gc_errors_total {}",
-            c.errors.load(Ordering::Relaxed)
+            c.errors.load(Ordering::Relaxed),
         );
     }
 }

@@ -23,6 +23,18 @@ pub(crate) fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
+/// A family of one unlabelled sample: its header and its value.
+pub(crate) fn single(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    value: impl std::fmt::Display,
+) {
+    header(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
+}
+
 /// Renders the daemon's own families from one snapshot and the stats cache.
 pub fn render(snap: &NodeSnapshot, usage: &UsageCache) -> String {
     let mut out = String::with_capacity(8 * 1024);
@@ -189,38 +201,26 @@ pub fn render(snap: &NodeSnapshot, usage: &UsageCache) -> String {
         "Full resyncs against Docker.",
     );
     let _ = writeln!(out, "fleet_agent_reconcile_runs_total {}", c.reconcile_runs);
-    header(
+    single(
         &mut out,
         "fleet_agent_reconcile_duration_seconds_total",
         "counter",
         "Time spent in full resyncs.",
+        c.reconcile_seconds,
     );
-    let _ = writeln!(
-        out,
-        "fleet_agent_reconcile_duration_seconds_total {}",
-        c.reconcile_seconds
-    );
-    header(
+    single(
         &mut out,
         "fleet_agent_docker_event_stream_reconnects_total",
         "counter",
         "Reconnects of the Docker event stream.",
+        c.event_stream_reconnects,
     );
-    let _ = writeln!(
-        out,
-        "fleet_agent_docker_event_stream_reconnects_total {}",
-        c.event_stream_reconnects
-    );
-    header(
+    single(
         &mut out,
         "fleet_agent_docker_events_dropped_total",
         "counter",
         "Docker events not handed to a department whose mailbox was full (the next resync covers them).",
-    );
-    let _ = writeln!(
-        out,
-        "fleet_agent_docker_events_dropped_total {}",
-        c.events_dropped
+        c.events_dropped,
     );
     let ages = snap.heartbeat;
     header(
@@ -266,27 +266,19 @@ pub fn render(snap: &NodeSnapshot, usage: &UsageCache) -> String {
     let _ = writeln!(out, "fleet_agent_docker_up {}", u8::from(snap.docker_up));
 
     let sample = &snap.host;
-    header(
+    single(
         &mut out,
         "fleet_agent_host_memory_total_bytes",
         "gauge",
         "Host memory.",
+        sample.resources.memory_total_bytes,
     );
-    let _ = writeln!(
-        out,
-        "fleet_agent_host_memory_total_bytes {}",
-        sample.resources.memory_total_bytes
-    );
-    header(
+    single(
         &mut out,
         "fleet_agent_host_memory_available_bytes",
         "gauge",
         "Host memory available.",
-    );
-    let _ = writeln!(
-        out,
-        "fleet_agent_host_memory_available_bytes {}",
-        sample.resources.memory_available_bytes
+        sample.resources.memory_available_bytes,
     );
     header(
         &mut out,
@@ -299,16 +291,12 @@ pub fn render(snap: &NodeSnapshot, usage: &UsageCache) -> String {
         "fleet_agent_host_load1 {}",
         sample.resources.load_average_1m
     );
-    header(
+    single(
         &mut out,
         "fleet_agent_host_cpu_usage_ratio",
         "gauge",
         "Host CPU busy share, 0-1.",
-    );
-    let _ = writeln!(
-        out,
-        "fleet_agent_host_cpu_usage_ratio {}",
-        sample.cpu_usage_percent as f64 / 100.0
+        sample.cpu_usage_percent as f64 / 100.0,
     );
 
     header(
@@ -331,16 +319,12 @@ pub fn render(snap: &NodeSnapshot, usage: &UsageCache) -> String {
             .filter(|v| v.host_port >= low && v.host_port <= high)
             .count();
         let size = usize::from(high - low) + 1;
-        header(
+        single(
             &mut out,
             "fleet_agent_port_pool_free",
             "gauge",
             "Pool ports not leased to a department.",
-        );
-        let _ = writeln!(
-            out,
-            "fleet_agent_port_pool_free {}",
-            size.saturating_sub(leased)
+            size.saturating_sub(leased),
         );
         header(
             &mut out,
@@ -429,38 +413,26 @@ fn render_usage(out: &mut String, usage: &UsageCache, board: &BTreeMap<String, D
     }
 
     let c = &usage.counters;
-    header(
+    single(
         out,
         "fleet_agent_stats_collections_total",
         "counter",
         "Runs of the container stats collector (every stats_interval).",
+        c.runs.load(Ordering::Relaxed),
     );
-    let _ = writeln!(
-        out,
-        "fleet_agent_stats_collections_total {}",
-        c.runs.load(Ordering::Relaxed)
-    );
-    header(
+    single(
         out,
         "fleet_agent_stats_collection_errors_total",
         "counter",
         "Container stats calls that failed or timed out.",
+        c.errors.load(Ordering::Relaxed),
     );
-    let _ = writeln!(
-        out,
-        "fleet_agent_stats_collection_errors_total {}",
-        c.errors.load(Ordering::Relaxed)
-    );
-    header(
+    single(
         out,
         "fleet_agent_stats_collection_duration_seconds",
         "gauge",
         "Duration of the last stats collection run.",
-    );
-    let _ = writeln!(
-        out,
-        "fleet_agent_stats_collection_duration_seconds {}",
-        c.last_duration_micros.load(Ordering::Relaxed) as f64 / 1e6
+        c.last_duration_micros.load(Ordering::Relaxed) as f64 / 1e6,
     );
 }
 
@@ -501,15 +473,11 @@ fn render_daemon(out: &mut String, snap: &NodeSnapshot, sample: &crate::host::Ho
         "fleet_agent_build_info{{version=\"{}\",mode=\"{mode}\"}} 1",
         env!("CARGO_PKG_VERSION")
     );
-    header(
+    single(
         out,
         "fleet_agent_uptime_seconds",
         "gauge",
         "Seconds since the daemon started.",
-    );
-    let _ = writeln!(
-        out,
-        "fleet_agent_uptime_seconds {}",
-        snap.uptime.as_secs_f64()
+        snap.uptime.as_secs_f64(),
     );
 }
