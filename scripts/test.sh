@@ -218,57 +218,38 @@ service_haproxy() {
   fi
 }
 
-# promtool checks /metrics, the alert rules and their unit tests (tests/tests/metrics.rs).
-# Only the binary of Debian's `prometheus` package is needed: it is taken out of
-# the .deb rather than installing the package, which would also start a
-# Prometheus server (and pull its dependencies) for nothing.
-service_promtool() {
-  if command -v promtool >/dev/null; then
-    info "promtool is installed ($(promtool --version 2>&1 | head -n1))"
+# prometheus_binary NAME: installs /usr/local/bin/NAME (promtool or prometheus)
+# taken out of Debian's `prometheus` .deb, unless NAME is on PATH already.
+# Only the binary is needed: installing the package would also start the
+# system service (and its node exporter, and pull its dependencies) for nothing.
+prometheus_binary() {
+  local name="$1" tmp
+  if command -v "$name" >/dev/null; then
+    info "$name is installed ($("$name" --version 2>&1 | head -n1))"
     return
   fi
-  command -v apt-get >/dev/null || fail "promtool is missing and apt-get is not available; install Prometheus' promtool by hand"
+  command -v apt-get >/dev/null || fail "$name is missing and apt-get is not available; install Prometheus' $name by hand"
   if [[ $APT_UPDATED == 0 ]]; then
     info "apt-get update"
     apt-get update -qq
     APT_UPDATED=1
   fi
-  local tmp
   tmp="$(mktemp -d)"
   chmod 0755 "$tmp" # apt-get download runs as _apt
-  info "extracting promtool from Debian's prometheus package"
+  info "extracting $name from Debian's prometheus package"
   (cd "$tmp" && apt-get download -qq prometheus >/dev/null)
-  dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tmp" ./usr/bin/promtool
-  install -m 0755 "$tmp/usr/bin/promtool" /usr/local/bin/promtool
+  dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tmp" "./usr/bin/$name"
+  install -m 0755 "$tmp/usr/bin/$name" "/usr/local/bin/$name"
   rm -rf "$tmp"
-  info "promtool is installed ($(promtool --version 2>&1 | head -n1))"
+  info "$name is installed ($("$name" --version 2>&1 | head -n1))"
 }
 
+# promtool checks /metrics, the alert rules and their unit tests (tests/tests/metrics.rs).
+service_promtool() { prometheus_binary promtool; }
+
 # The Prometheus server for tests/tests/ops.rs, which starts its own on
-# loopback (scraping daemons under test, with the shipped alert rules). Only
-# the binary is taken out of Debian's package: installing it would start the
-# system service (and its node exporter) for nothing.
-service_prometheus() {
-  if command -v prometheus >/dev/null; then
-    info "prometheus is installed ($(prometheus --version 2>&1 | head -n1))"
-    return
-  fi
-  command -v apt-get >/dev/null || fail "prometheus is missing and apt-get is not available; install Prometheus' server binary by hand"
-  if [[ $APT_UPDATED == 0 ]]; then
-    info "apt-get update"
-    apt-get update -qq
-    APT_UPDATED=1
-  fi
-  local tmp
-  tmp="$(mktemp -d)"
-  chmod 0755 "$tmp" # apt-get download runs as _apt
-  info "extracting the prometheus server from Debian's prometheus package"
-  (cd "$tmp" && apt-get download -qq prometheus >/dev/null)
-  dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tmp" ./usr/bin/prometheus
-  install -m 0755 "$tmp/usr/bin/prometheus" /usr/local/bin/prometheus
-  rm -rf "$tmp"
-  info "prometheus is installed ($(prometheus --version 2>&1 | head -n1))"
-}
+# loopback (scraping daemons under test, with the shipped alert rules).
+service_prometheus() { prometheus_binary prometheus; }
 
 # PostgreSQL 15 binaries for the WAL tests (each test runs its own throwaway
 # cluster with initdb as the postgres user; no system cluster is needed).
