@@ -70,12 +70,31 @@ die_spread() {
 median() { sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : int((a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
 
 # --- Docker's on-failure restart and fleet-agentd, side by side, ROUNDS times ------
-# The baseline containers are made like the daemon makes its own (runtime.rs
-# `create`): a published port on 127.0.0.1 (the pool's first ports, free again
-# between rounds), no-new-privileges, json-file logs with rotation. A container
-# without a published port starts faster (no docker-proxy, no NAT rules), which
-# would measure the container, not the restart.
+# The baseline containers are made like the daemon makes its own: a published port
+# on 127.0.0.1 (the pool's first ports, free again between rounds) and every start-
+# relevant setting of the HostConfig the daemon gave a container of its own in this
+# run (baseline_flags: its network, docker-init, dropped capabilities, pids limit,
+# no-new-privileges, log driver and options, ...). A container without a published
+# port, without docker-init or on the default bridge starts faster, which would
+# measure the container, not the restart.
 PORT_LOW="${PORTS%-*}"
+# baseline_flags ID: `docker run` flags reproducing the HostConfig of the daemon's
+# container for department ID, one per line.
+baseline_flags() {
+  docker inspect "aio-$1" --format '{{json .HostConfig}}' | jq -r '
+    (if .NetworkMode then "--network=\(.NetworkMode)" else empty end),
+    (if .Init then "--init" else empty end),
+    ((.CapDrop // [])[] | "--cap-drop=\(.)"),
+    ((.CapAdd // [])[] | "--cap-add=\(.)"),
+    (if (.PidsLimit // 0) > 0 then "--pids-limit=\(.PidsLimit)" else empty end),
+    (if (.Memory // 0) > 0 then "--memory=\(.Memory)", "--memory-swap=\(.MemorySwap)" else empty end),
+    (if (.NanoCpus // 0) > 0 then "--cpus=\(.NanoCpus / 1e9)" else empty end),
+    (if .ReadonlyRootfs then "--read-only" else empty end),
+    ((.Tmpfs // {}) | to_entries[] | "--tmpfs=\(.key):\(.value)"),
+    ((.SecurityOpt // [])[] | "--security-opt=\(.)"),
+    "--log-driver=\(.LogConfig.Type)",
+    ((.LogConfig.Config // {}) | to_entries[] | "--log-opt=\(.key)=\(.value)")'
+}
 docker_round() { # ROUND -> die->start lines
   local round="$1" since i
   since="$(date +%s.%N)"
@@ -85,8 +104,7 @@ docker_round() { # ROUND -> die->start lines
   # close together the crashes came on each side.
   for i in $(seq 1 "$SAMPLES"); do
     docker run -d --name "bench-rs-$NODE-$round-$i" --label "$BASE_LABEL" --label "fleet-bench.dept=r$round-b$i" \
-      -p "127.0.0.1:$((PORT_LOW + i - 1)):8080" --security-opt no-new-privileges:true \
-      --log-driver json-file --log-opt max-size=10m --log-opt max-file=3 \
+      -p "127.0.0.1:$((PORT_LOW + i - 1)):8080" "${BASELINE_FLAGS[@]}" \
       --restart on-failure -e CRASH_AFTER=1s "$IMAGE" >/dev/null
   done
   echo "$since" >"$WORK/since-docker-$round"
@@ -97,6 +115,14 @@ docker_round() { # ROUND -> die->start lines
 # The department task at debug level: its lines give restart_breakdown its times.
 export RUST_LOG="info,fleet_agentd::supervisor::department=debug"
 bench_start_daemon "$PORTS"
+
+# The template for the baseline: one department of the daemon's, not crashing.
+printf 'id = "tmpl"\nimage = "%s"\n[health]\nenabled = false\n' "$IMAGE" >"$WORK/specs/tmpl.toml"
+ctl apply -f "$WORK/specs/tmpl.toml" >/dev/null
+until [[ "$(docker inspect -f '{{.State.Running}}' aio-tmpl 2>/dev/null)" == true ]]; do sleep 0.05; done
+mapfile -t BASELINE_FLAGS < <(baseline_flags tmpl)
+ctl delete tmpl >/dev/null
+say "baseline containers: docker run ${BASELINE_FLAGS[*]}"
 
 crash_spec() { # ID BACKOFF
   cat <<EOF
@@ -232,8 +258,9 @@ containers) at once, the first restart of each, from Docker's own event timestam
 (\`die\` to the next \`start\`), median of the $SAMPLES. Docker's \`--restart on-failure\`
 (its first delay is 100 ms) and fleet-agentd with \`restart.backoff = "100ms"\` are
 measured side by side, $ROUNDS rounds in one run; Docker's containers are made like the
-daemon's (a port published on 127.0.0.1, \`no-new-privileges\`, json-file logs with
-rotation), so both start the same container. Both sides start their five one after
+daemon's: a port published on 127.0.0.1 and the HostConfig of a container the daemon
+made in this run (\`docker run -p 127.0.0.1:PORT:8080 ${BASELINE_FLAGS[*]}\`), so both
+start the same container. Both sides start their five one after
 the other: \`docker run -d\` returns once its container runs, and the daemon's
 departments are applied one by one, the next once the last one's container runs
 ("dies within": how close together the five crashes came).
