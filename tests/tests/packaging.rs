@@ -108,6 +108,21 @@ fn serial_a_lost_or_garbage_state_db_as_installed_keeps_the_container_and_port()
     run_script("state-loss.sh", "pkloss");
 }
 
+/// Issue 12's acceptance in coordinator mode: the store lost (garbage, then
+/// deleted) while the coordinator is away adopts every container and removes
+/// none until the coordinator's document drops one.
+#[test]
+fn installed_coordinator_away_and_a_lost_state_db_adopt_every_container() {
+    run_script("installed-coordinator.sh", "pkcoord");
+}
+
+/// Issue 12's original symptom: a delete during a failing update under a
+/// short WatchdogSec neither blocks nor gets the daemon killed.
+#[test]
+fn installed_delete_during_a_failing_update_under_the_watchdog() {
+    run_script("installed-update.sh", "pkupd");
+}
+
 #[test]
 fn installed_restart_hands_over_behind_haproxy_and_drains_as_fleet_agent() {
     run_script("installed-drain.sh", "pkdrain");
