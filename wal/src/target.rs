@@ -110,7 +110,10 @@ fn read_credentials(path: &Path) -> Result<(String, String), TargetError> {
 /// wrong path is not reported later as an opaque TLS failure of every push.
 fn read_ca_file(path: &Path) -> Result<Vec<object_store::Certificate>, TargetError> {
     let pem = std::fs::read(path).map_err(|e| {
-        TargetError::Config(format!("wal.s3.ca_file {}: cannot read: {e}", path.display()))
+        TargetError::Config(format!(
+            "wal.s3.ca_file {}: cannot read: {e}",
+            path.display()
+        ))
     })?;
     let certificates = object_store::Certificate::from_pem_bundle(&pem).map_err(|e| {
         TargetError::Config(format!(
