@@ -702,6 +702,10 @@ pub struct S3Config {
     pub credentials_file: Option<PathBuf>,
     #[serde(default = "default_true")]
     pub path_style: bool,
+    /// Extra CA bundle (PEM) trusted for the endpoint's certificate, for a
+    /// store behind a private CA (MinIO, Ceph RGW on a LAN).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_region() -> String {

@@ -193,6 +193,7 @@ pub const CONFIG_DOCS: &[(&str, &str)] = &[
     ("wal.s3.region", "Region of the bucket."),
     ("wal.s3.credentials_file", "File with access_key_id = and secret_access_key = lines; absent: the environment."),
     ("wal.s3.path_style", "Path-style requests (most S3-compatible stores need them)."),
+    ("wal.s3.ca_file", "Extra CA bundle (PEM) trusted for the endpoint's certificate (a private CA); it must be readable by the WAL service's user, e.g. /etc/ssl/fleet-agent/s3-ca.pem; absent: the system roots only."),
     ("wal.recovery_window", "Retention: base backups and WAL needed to restore any point this far back are kept."),
     ("wal.parallel_uploads", "Segments uploaded at once by the look-ahead uploader (1-64)."),
     ("wal.pg_wal_dir", "pg_wal directory whose archive_status/*.ready the daemon uploads ahead."),

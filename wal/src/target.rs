@@ -105,6 +105,31 @@ fn read_credentials(path: &Path) -> Result<(String, String), TargetError> {
     }
 }
 
+/// The certificates of `wal.s3.ca_file`, added to the system roots. Refused
+/// at start when unreadable or without a certificate, naming the file, so a
+/// wrong path is not reported later as an opaque TLS failure of every push.
+fn read_ca_file(path: &Path) -> Result<Vec<object_store::Certificate>, TargetError> {
+    let pem = std::fs::read(path).map_err(|e| {
+        TargetError::Config(format!(
+            "wal.s3.ca_file {}: cannot read: {e}",
+            path.display()
+        ))
+    })?;
+    let certificates = object_store::Certificate::from_pem_bundle(&pem).map_err(|e| {
+        TargetError::Config(format!(
+            "wal.s3.ca_file {}: not a PEM certificate bundle: {e}",
+            path.display()
+        ))
+    })?;
+    if certificates.is_empty() {
+        return Err(TargetError::Config(format!(
+            "wal.s3.ca_file {}: no PEM certificate in it",
+            path.display()
+        )));
+    }
+    Ok(certificates)
+}
+
 impl Target {
     pub fn from_config(config: &WalConfig) -> Result<Self, TargetError> {
         if let Some(path) = config.target.strip_prefix("file://") {
@@ -140,17 +165,21 @@ impl Target {
             retry_timeout: Duration::from_secs(15),
             ..Default::default()
         };
+        let mut options = ClientOptions::new()
+            .with_allow_http(true)
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(120));
+        if let Some(file) = &s3.ca_file {
+            for certificate in read_ca_file(file)? {
+                options = options.with_root_certificate(certificate);
+            }
+        }
         let mut builder = AmazonS3Builder::new()
             .with_bucket_name(bucket)
             .with_region(&s3.region)
             .with_virtual_hosted_style_request(!s3.path_style)
             .with_retry(retry)
-            .with_client_options(
-                ClientOptions::new()
-                    .with_allow_http(true)
-                    .with_connect_timeout(Duration::from_secs(3))
-                    .with_timeout(Duration::from_secs(120)),
-            );
+            .with_client_options(options);
         if let Some(endpoint) = &s3.endpoint {
             builder = builder.with_endpoint(endpoint);
         }
@@ -576,7 +605,43 @@ fn file_list(root: &Path, dir: &Path, out: &mut Vec<Entry>) -> Result<(), Target
 
 #[cfg(test)]
 mod tests {
-    use super::{refuses_conditional_put, Target};
+    use super::{read_ca_file, refuses_conditional_put, Target};
+
+    #[test]
+    fn a_ca_file_is_read_or_refused_naming_the_file_and_the_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("ca.pem");
+        // A test CA's certificate only (no key), made with openssl req -x509.
+        std::fs::write(&good, include_bytes!("../testdata/test-ca.pem")).unwrap();
+        assert_eq!(read_ca_file(&good).unwrap().len(), 1);
+
+        let missing = dir.path().join("missing.pem");
+        let error = read_ca_file(&missing).err().unwrap().to_string();
+        assert!(error.contains("wal.s3.ca_file"), "{error}");
+        assert!(error.contains(&missing.display().to_string()), "{error}");
+        assert!(error.contains("cannot read"), "{error}");
+
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "access_key_id = not a certificate\n").unwrap();
+        let error = read_ca_file(&junk).err().unwrap().to_string();
+        assert!(error.contains(&junk.display().to_string()), "{error}");
+        assert!(error.contains("certificate"), "{error}");
+
+        // The S3 target is refused at construction, not at the first push.
+        let config: fleet_model::config::WalConfig = toml::from_str(&format!(
+            "target = \"s3://bucket/p\"\n[s3]\nendpoint = \"https://127.0.0.1:1\"\nca_file = \"{}\"\n",
+            junk.display()
+        ))
+        .unwrap();
+        let error = Target::from_config(&config).err().unwrap().to_string();
+        assert!(error.contains(&junk.display().to_string()), "{error}");
+        let config: fleet_model::config::WalConfig = toml::from_str(&format!(
+            "target = \"s3://bucket/p\"\n[s3]\nendpoint = \"https://127.0.0.1:1\"\nca_file = \"{}\"\n",
+            good.display()
+        ))
+        .unwrap();
+        Target::from_config(&config).expect("a readable CA bundle is accepted");
+    }
 
     #[tokio::test]
     async fn a_file_archive_that_vanished_or_is_no_directory_fails_the_probe() {

@@ -365,7 +365,7 @@ fn archive_verdict(
         Some(false) => {
             let why = archive["error"].as_str().unwrap_or("no reason given");
             let fix = if target.starts_with("s3://") {
-                "check [wal.s3] endpoint and region, the bucket, the credentials file and the network to the store"
+                "check [wal.s3] endpoint and region, the bucket, the credentials file, the ca_file if the store has a private CA (a TLS or certificate error: wal.s3.ca_file must hold the CA that signed the endpoint's certificate) and the network to the store"
             } else {
                 "check that the directory exists, is mounted and is writable by the WAL service's user (postgres under fleet-agent-wal.service)"
             };
