@@ -5,8 +5,9 @@
 # Its state.db is then put in the form the previous build left it (schema
 # version 0: the same tables, no schema_migrations, user_version 0), and the
 # next .deb is installed the way an operator does, maintainer scripts and all
-# (the daemon stopped meanwhile: both test packages carry this checkout's
-# binary, which would migrate the file itself if it ran before the upgrade).
+# while the daemon runs, so the maintainer scripts restart it (both test
+# packages carry this checkout's binary; the running process migrated the file
+# at its start and does not read the version again).
 # The restarted daemon must migrate the file (and say so), keep a copy of it,
 # keep the running department's container and port, and leave the stopped one
 # stopped.
@@ -64,8 +65,11 @@ id_before=$(docker inspect -f '{{ .Id }}' "aio-$run")
 port_before=$(docker port "aio-$run" 8080/tcp)
 log "aio-$run is ${id_before:0:12} on $port_before; $held stopped"
 
-log "state.db as the previous build left it (schema version 0)"
-in_ct systemctl stop fleet-agentd.service
+# The daemon keeps running: the upgrade goes through the maintainer scripts'
+# restart path. The file is put back to version 0 under it (the running
+# process migrated it at its start and does not look at the version again).
+log "state.db as the previous build left it (schema version 0), daemon running"
+pid_before=$(in_ct systemctl show -p MainPID --value fleet-agentd)
 in_ct runuser -u fleet-agent -- python3 -c '
 import sqlite3
 c = sqlite3.connect("/var/lib/fleet-agent/state.db")
@@ -75,10 +79,6 @@ c.commit()
 c.close()'
 [ "$(in_ct runuser -u fleet-agent -- python3 -c 'import sqlite3; print(sqlite3.connect("/var/lib/fleet-agent/state.db").execute("PRAGMA user_version").fetchone()[0])')" = 0 ] \
     || fail "could not turn state.db into schema version 0"
-# Both test packages carry this checkout's binary, so the daemon stays stopped
-# until the upgrade: started now, it would migrate the file itself. The
-# upgrade's maintainer scripts start it (restart-after-upgrade), as they
-# restart a running one.
 
 log "upgrade to $PKGTEST_DEB_VERSION_NEW with apt"
 since=$(in_ct date +%s)
@@ -88,6 +88,7 @@ in_ct env DEBIAN_FRONTEND=noninteractive apt-get install -y -q /tmp/new.deb </de
 [ "$(in_ct dpkg-query -W -f '${Version}' fleet-agent)" = "$PKGTEST_DEB_VERSION_NEW" ] || fail "the upgrade did not happen"
 [ "$(in_ct systemctl is-active fleet-agentd)" = active ] || fail "fleet-agentd is not running after the upgrade"
 [ "$(in_ct systemctl show -p ActiveEnterTimestampMonotonic --value fleet-agentd)" != 0 ] || fail "no start recorded"
+[ "$(in_ct systemctl show -p MainPID --value fleet-agentd)" != "$pid_before" ] || fail "the upgrade did not restart the running daemon"
 journal=$(in_ct journalctl -u fleet-agentd --no-pager --since "@$since" -o cat)
 grep -q 'state.db schema migrated' <<<"$journal" || fail "the restarted daemon did not migrate state.db:
 $journal"

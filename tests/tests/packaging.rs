@@ -15,7 +15,7 @@
 //! 47620-47629 (installed-hardening), 47640-47659 (installed-gc), 47660-47669
 //! (installed-api), 47700-47709 (installed-upgrade; ansible-role's static S3
 //! preview names 47700/47701 without binding them) and 47710-47719
-//! (installed-ops).
+//! (installed-ops), 44500-44519 (ansible-wal-s3).
 
 use fleet_tests::unique_name;
 use std::path::PathBuf;
@@ -78,6 +78,11 @@ fn unit_runs_sandboxed_under_systemd_and_still_reaches_docker_and_proc() {
 #[test]
 fn ansible_role_lints_installs_and_second_run_changes_nothing() {
     run_script("ansible-role.sh", "pkrole");
+}
+
+#[test]
+fn ansible_role_configures_an_s3_wal_host_that_archives_and_backs_up() {
+    run_script("ansible-wal-s3.sh", "pkrwal");
 }
 
 #[test]
