@@ -193,8 +193,7 @@ fn run_basebackup(
     level: i32,
     timeout: Duration,
     max_rate: Option<u64>,
-    done: Arc<AtomicU64>,
-    total: Arc<AtomicU64>,
+    counters: Counters,
 ) -> Result<(u64, u64, String, String), WalError> {
     let (conninfo, password) = crate::pg::split_password(conninfo)
         .map_err(|e| WalError::Backup(format!("wal.postgres: {e}")))?;
@@ -227,10 +226,13 @@ fn run_basebackup(
         out,
         level,
         timeout,
-        done,
-        total,
+        counters,
     )
 }
+
+/// Bytes moved so far and the total (0 while unknown), as the operation's
+/// progress on the status reads them.
+type Counters = (Arc<AtomicU64>, Arc<AtomicU64>);
 
 /// The total of a `--progress` line of pg_basebackup (`  1234/56789 kB (2%),
 /// 0/1 tablespace (...)`), in bytes.
@@ -251,8 +253,7 @@ fn run_backup_program(
     out: &Path,
     level: i32,
     timeout: Duration,
-    moved: Arc<AtomicU64>,
-    total: Arc<AtomicU64>,
+    (moved, total): Counters,
 ) -> Result<(u64, u64, String, String), WalError> {
     let mut command = std::process::Command::new(program);
     if let Some(password) = password {
@@ -393,11 +394,9 @@ impl WalService {
             let local = local.clone();
             let timeout = self.config.backup_timeout;
             let max_rate = self.config.backup_max_rate.map(|r| r.bytes());
-            let (done, total) = (op.done.clone(), op.total.clone());
-            blocking(move || {
-                run_basebackup(&conninfo, &local, level, timeout, max_rate, done, total)
-            })
-            .await
+            let counters = (op.done.clone(), op.total.clone());
+            blocking(move || run_basebackup(&conninfo, &local, level, timeout, max_rate, counters))
+                .await
         }
         .inspect_err(|_| {
             let _ = std::fs::remove_file(&local);
@@ -1019,8 +1018,7 @@ mod tests {
             &dir.path().join("b.tar.zst"),
             1,
             Duration::from_secs(60),
-            done.clone(),
-            total.clone(),
+            (done.clone(), total.clone()),
         )
         .expect("backup");
         assert_eq!((bytes, done.load(Ordering::Relaxed)), (9, 9));
@@ -1045,7 +1043,6 @@ mod tests {
             1,
             Duration::from_secs(60),
             Default::default(),
-            Default::default(),
         )
         .expect_err("no space");
         assert!(err.to_string().contains("/dev/full"), "{err}");
@@ -1069,7 +1066,6 @@ mod tests {
             &dir.path().join("b.tar.zst"),
             1,
             Duration::from_secs(1),
-            Default::default(),
             Default::default(),
         )
         .expect_err("timeout");
