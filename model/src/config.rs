@@ -654,6 +654,11 @@ pub struct WalConfig {
     /// A base backup still running after this is killed and fails (an event).
     #[serde(default = "default_backup_timeout", with = "humantime_serde")]
     pub backup_timeout: Duration,
+    /// Bandwidth cap of a base backup per second, passed to pg_basebackup's
+    /// `--max-rate` so a backup does not starve the cluster's own disk reads
+    /// (absent: no cap).
+    #[serde(default)]
+    pub backup_max_rate: Option<ByteSize>,
     /// The socket of the WAL service when it runs on its own as the PostgreSQL
     /// user (`fleet-agentd wal-serve`, fleet-agent-wal.service). Set: fleet-agentd
     /// does not run the WAL service itself and shows its status and metrics from
@@ -1116,6 +1121,15 @@ impl Config {
                     "wal.backup_timeout",
                     "must be at least 1s (default 6h)",
                 ));
+            }
+            // pg_basebackup's own bounds for --max-rate (32 kB/s to 1024 MB/s).
+            if let Some(rate) = wal.backup_max_rate {
+                if !(32 * 1024..=1024 * 1024 * 1024).contains(&rate.bytes()) {
+                    problems.push(FieldError::new(
+                        "wal.backup_max_rate",
+                        "must be from 32KiB to 1GiB (per second; pg_basebackup --max-rate)",
+                    ));
+                }
             }
         }
         if problems.is_empty() {

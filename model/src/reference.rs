@@ -201,6 +201,7 @@ pub const CONFIG_DOCS: &[(&str, &str)] = &[
     ("wal.valve_backlog", "Protective valve: acknowledge segments unarchived past this backlog (absent: off)."),
     ("wal.compression_level", "zstd level of stored segments (1-22)."),
     ("wal.backup_timeout", "A base backup still running after this is killed and fails with an event."),
+    ("wal.backup_max_rate", "Bandwidth cap of a base backup per second (\"50MiB\"; 32KiB to 1GiB), passed to pg_basebackup --max-rate so a backup leaves the cluster disk to serve; absent: no cap."),
     ("wal.pg_bin_dir", "PostgreSQL's programs (pg_ctl, psql) for the restore drill; absent: /usr/lib/postgresql/<PG_VERSION of the backup>/bin."),
     ("wal.drill_dir", "Scratch directory of restore drills (agentctl wal drill); absent: <state_dir>/wal-drill. The PostgreSQL user must reach it; it needs room for one restored cluster."),
     ("wal.drill_interval", "Restore drill schedule (7d): restore the newest base backup, replay, query, measure the RTO, clean up; absent: by hand only (agentctl wal drill)."),

@@ -192,21 +192,54 @@ fn run_basebackup(
     out: &Path,
     level: i32,
     timeout: Duration,
-    done: Arc<AtomicU64>,
+    max_rate: Option<u64>,
+    counters: Counters,
 ) -> Result<(u64, u64, String, String), WalError> {
     let (conninfo, password) = crate::pg::split_password(conninfo)
         .map_err(|e| WalError::Backup(format!("wal.postgres: {e}")))?;
+    // --progress: the server sizes the data directory first, and
+    // pg_basebackup reports that estimate on stderr, the backup's total.
+    let mut args = vec![
+        "-d",
+        &conninfo,
+        "-D",
+        "-",
+        "-F",
+        "t",
+        "-X",
+        "fetch",
+        "-c",
+        "fast",
+        "-v",
+        "-w",
+        "--progress",
+    ];
+    // pg_basebackup counts kB/s; config validation keeps it in its range.
+    let rate = max_rate.map(|r| format!("--max-rate={}k", (r / 1024).max(32)));
+    if let Some(rate) = &rate {
+        args.push(rate);
+    }
     run_backup_program(
         std::ffi::OsStr::new("pg_basebackup"),
-        &[
-            "-d", &conninfo, "-D", "-", "-F", "t", "-X", "fetch", "-c", "fast", "-v", "-w",
-        ],
+        &args,
         password.as_deref(),
         out,
         level,
         timeout,
-        done,
+        counters,
     )
+}
+
+/// Bytes moved so far and the total (0 while unknown), as the operation's
+/// progress on the status reads them.
+type Counters = (Arc<AtomicU64>, Arc<AtomicU64>);
+
+/// The total of a `--progress` line of pg_basebackup (`  1234/56789 kB (2%),
+/// 0/1 tablespace (...)`), in bytes.
+fn progress_total(line: &str) -> Option<u64> {
+    let (sizes, _) = line.trim_start().split_once(" kB (")?;
+    let (_, total) = sizes.split_once('/')?;
+    total.trim().parse::<u64>().ok().map(|kb| kb * 1024)
 }
 
 /// The body of [`run_basebackup`], for any program writing a tar to stdout.
@@ -220,7 +253,7 @@ fn run_backup_program(
     out: &Path,
     level: i32,
     timeout: Duration,
-    moved: Arc<AtomicU64>,
+    (moved, total): Counters,
 ) -> Result<(u64, u64, String, String), WalError> {
     let mut command = std::process::Command::new(program);
     if let Some(password) = password {
@@ -254,6 +287,11 @@ fn run_backup_program(
         let mut text = String::new();
         if let Some(s) = stderr {
             for line in std::io::BufReader::new(s).lines().map_while(Result::ok) {
+                // Progress lines (one a second) are not kept for messages.
+                if let Some(t) = progress_total(&line) {
+                    total.store(t, Ordering::Relaxed);
+                    continue;
+                }
                 text.push_str(&line);
                 text.push('\n');
             }
@@ -350,13 +388,15 @@ impl WalService {
             .map_err(|e| WalError::Backup(format!("{}: {e}", temp_dir.display())))?;
         let local = temp_dir.join(format!("{id}.tar.zst"));
         let level = self.config.compression_level;
-        // pg_basebackup does not say its total up front.
+        // The total comes once pg_basebackup has reported the server's estimate.
         let op = self.begin_operation("backup", &id, None, "reading from pg_basebackup");
         let (bytes, compressed, sha, stderr) = {
             let local = local.clone();
             let timeout = self.config.backup_timeout;
-            let done = op.done.clone();
-            blocking(move || run_basebackup(&conninfo, &local, level, timeout, done)).await
+            let max_rate = self.config.backup_max_rate.map(|r| r.bytes());
+            let counters = (op.done.clone(), op.total.clone());
+            blocking(move || run_basebackup(&conninfo, &local, level, timeout, max_rate, counters))
+                .await
         }
         .inspect_err(|_| {
             let _ = std::fs::remove_file(&local);
@@ -946,6 +986,47 @@ mod tests {
     /// A stand-in for pg_basebackup: a shell script.
     fn backup_program(script: &str) -> (std::ffi::OsString, Vec<String>) {
         ("sh".into(), vec!["-c".into(), script.into()])
+    }
+
+    #[test]
+    fn pg_basebackups_progress_lines_give_the_total_and_stay_out_of_its_messages() {
+        // PostgreSQL 15's lines, verbose (with the file) and not.
+        assert_eq!(
+            progress_total("  1234/160342 kB (0%), 0/1 tablespace (...ase/5/16397)"),
+            Some(160342 * 1024)
+        );
+        assert_eq!(
+            progress_total("160350/160350 kB (100%), 1/1 tablespace"),
+            Some(160350 * 1024)
+        );
+        assert_eq!(
+            progress_total("pg_basebackup: write-ahead log start point: 0/2000028 on timeline 1"),
+            None
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (program, args) = backup_program(
+            "echo 'pg_basebackup: write-ahead log start point: 0/2000028 on timeline 1' >&2; \
+             echo '     0/2048 kB (0%), 0/1 tablespace' >&2; printf tar-bytes; \
+             echo '  2048/2048 kB (100%), 1/1 tablespace' >&2",
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (done, total) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (bytes, _, _, stderr) = run_backup_program(
+            &program,
+            &args,
+            None,
+            &dir.path().join("b.tar.zst"),
+            1,
+            Duration::from_secs(60),
+            (done.clone(), total.clone()),
+        )
+        .expect("backup");
+        assert_eq!((bytes, done.load(Ordering::Relaxed)), (9, 9));
+        assert_eq!(total.load(Ordering::Relaxed), 2048 * 1024);
+        assert!(
+            stderr.contains("start point") && !stderr.contains(" kB ("),
+            "{stderr}"
+        );
     }
 
     #[test]

@@ -242,7 +242,8 @@ struct Running {
     subject: String,
     started: std::time::Instant,
     done: Arc<AtomicU64>,
-    total: Option<u64>,
+    /// 0 while unknown.
+    total: Arc<AtomicU64>,
     phase: String,
 }
 
@@ -252,6 +253,8 @@ pub struct OperationGuard {
     slot: Arc<Mutex<Option<Running>>>,
     /// Bytes moved so far; the work adds to it.
     pub done: Arc<AtomicU64>,
+    /// All it will move (an estimate for a base backup), 0 while unknown.
+    pub total: Arc<AtomicU64>,
 }
 
 impl OperationGuard {
@@ -1084,19 +1087,21 @@ impl WalService {
         phase: &str,
     ) -> OperationGuard {
         let done = Arc::new(AtomicU64::new(0));
+        let total = Arc::new(AtomicU64::new(total.unwrap_or(0)));
         if let Ok(mut slot) = self.operation.lock() {
             *slot = Some(Running {
                 operation,
                 subject: subject.to_string(),
                 started: std::time::Instant::now(),
                 done: done.clone(),
-                total,
+                total: total.clone(),
                 phase: phase.to_string(),
             });
         }
         OperationGuard {
             slot: self.operation.clone(),
             done,
+            total,
         }
     }
 
@@ -1106,11 +1111,13 @@ impl WalService {
         let running = slot.as_ref()?;
         let elapsed = running.started.elapsed().as_secs_f64();
         let done = running.done.load(Ordering::Relaxed);
+        // An estimate (a base backup's) may be passed: never more than 100%.
+        let total = running.total.load(Ordering::Relaxed);
         Some(fleet_model::api::Progress {
             operation: running.operation.to_string(),
             subject: running.subject.clone(),
             done_bytes: done,
-            total_bytes: running.total,
+            total_bytes: (total > 0).then(|| total.max(done)),
             bytes_per_second: if elapsed > 0.0 {
                 done as f64 / elapsed
             } else {
@@ -1558,6 +1565,14 @@ mod tests {
         assert_eq!(p.detail.as_deref(), Some("checking and unpacking"));
         drop(op);
         assert!(service.progress().is_none());
+        // A backup's total comes later, as an estimate that may be passed.
+        let op = service.begin_operation("backup", "20261205T", None, "reading");
+        op.done.fetch_add(100, Ordering::Relaxed);
+        assert_eq!(service.progress().and_then(|p| p.total_bytes), None);
+        op.total.store(80, Ordering::Relaxed);
+        assert_eq!(service.progress().and_then(|p| p.total_bytes), Some(100));
+        op.total.store(400, Ordering::Relaxed);
+        assert_eq!(service.progress().and_then(|p| p.total_bytes), Some(400));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
