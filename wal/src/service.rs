@@ -176,6 +176,11 @@ pub struct WalService {
     identities: Mutex<HashMap<String, FileId>>,
     /// Prefetches under way, by `<sysid>/<name>`.
     prefetching: Jobs,
+    /// Prefetch decodes running at once: one per core. Started all at once,
+    /// eight decodes share the cores and the segment recovery asks for next
+    /// is ready only when nearly all of them are; the semaphore is fair
+    /// (first come, first served), so the nearest segment is decoded first.
+    prefetch_workers: Arc<Semaphore>,
     uploads: Arc<Semaphore>,
     /// Pushes with a body in progress ([`WalService::push_permit`]).
     pub(crate) push_calls: Arc<Semaphore>,
@@ -414,6 +419,9 @@ impl WalService {
             uploading: Jobs::default(),
             identities: Mutex::new(HashMap::new()),
             prefetching: Jobs::default(),
+            prefetch_workers: Arc::new(Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            )),
             uploads: Arc::new(Semaphore::new(parallel)),
             push_calls: Arc::new(Semaphore::new(parallel)),
             segment_bytes: AtomicU64::new(0),
@@ -1034,6 +1042,7 @@ impl WalService {
                 let me = self.clone();
                 let dir = dir.clone();
                 tokio::spawn(async move {
+                    let _worker = me.prefetch_workers.clone().acquire_owned().await;
                     let fetched = match me.fetch_from_target(sysid, &next).await {
                         Ok(Some(content)) => write_prefetched(&dir, &next, content).await.is_ok(),
                         _ => false,
