@@ -9,7 +9,8 @@
 # role. Then, as an operator: `agentctl wal status` is healthy (the archive
 # answers, no failures), a segment closed by `SELECT pg_switch_wal()` lands in
 # the bucket (listed with boto3, not through the agent), and `agentctl backup
-# create` puts a base backup there.
+# create` puts a base backup there. Last, the role again (applied, then with
+# --check --diff) on the converged host changes nothing and restarts nothing.
 #
 # Kept apart from ansible-role.sh (the longest scenario) so both run in
 # parallel. Deviations from the docs, forced by the shared host network:
@@ -160,4 +161,18 @@ assert d["pushed_segments"] > 0, d
 assert not any(d.get("failures", {}).values()), d.get("failures")
 PY
 [ "$(psql_at 'SELECT failed_count FROM pg_stat_archiver')" = 0 ] || { wal_journal; fail "archive_command failed"; }
+# A converged WAL host: the role again changes nothing and restarts nothing
+# (the WAL service would drop in-flight pushes), with and without --check.
+wal_pid=$(in_ct systemctl show -p MainPID --value fleet-agent-wal)
+for mode in "" "--check --diff"; do
+    # shellcheck disable=SC2086 # $mode is two words or none
+    (cd "$PKGTEST_ROOT/ansible" && ANSIBLE_NOCOLOR=1 ansible-playbook -i "$work/inventory.yml" site.yml -e "@$work/vars.yml" $mode) \
+        >"$work/role-again.log" 2>&1 || { cat "$work/role-again.log" >&2; fail "the role failed on a converged WAL host (${mode:-apply})"; }
+    recap=$(grep -E "^$SD_CT +:" "$work/role-again.log")
+    grep -qE 'changed=0 .*failed=0' <<<"$recap" || { cat "$work/role-again.log" >&2; fail "the role changed a converged WAL host (${mode:-apply}): $recap"; }
+    grep -qF "$secret" "$work/role-again.log" && fail "the S3 secret appeared in the role's output (${mode:-apply})"
+done
+[ "$(in_ct systemctl show -p MainPID --value fleet-agent-wal)" = "$wal_pid" ] || fail "the second role run restarted fleet-agent-wal"
+log "the role again: changed=0, with and without --check, fleet-agent-wal not restarted"
+
 log "ok: the role's S3 WAL host archives $segment to s3://$bucket/$prefix and takes base backups there"
