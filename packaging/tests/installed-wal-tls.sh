@@ -14,9 +14,13 @@
 # /etc/fleet-agent (which postgres cannot read), stop the WAL service at start
 # with a journal line naming the file; with the CA back, archiving resumes.
 #
+# Last, `verify_interval` (issue 13): a scheduled verify over that TLS, its
+# result in fleet-agentd's /metrics, kept across a restart of the WAL service.
+#
 # Deviations from the docs, forced by the test rig: the cluster listens on
-# 44200 (the container shares the host's network), and the store is moto
-# behind HAProxy on 127.0.0.1 instead of MinIO or Ceph RGW on a LAN.
+# 44200 (the container shares the host's network), the store is moto behind
+# HAProxy on 127.0.0.1 instead of MinIO or Ceph RGW on a LAN, and
+# verify_interval is 1m (its least) so the test waits one minute.
 source "$(dirname "$0")/lib.sh"
 # No `cmd | grep -q` below: grep -q exits at the first match, cmd may then die of
 # SIGPIPE, and pipefail turns a match into a failure.
@@ -214,8 +218,10 @@ grep -qE '^FAIL +archive' <<<"$line" || fail "doctor's archive check passed with
 names_certificate "$line" || fail "doctor's archive check does not name the certificate: $line"
 log "doctor: $line"
 before_failed=$(failed_count)
-stuck=$(psql_at $pg_port 'SELECT pg_walfile_name(pg_current_wal_lsn())')
-psql_at $pg_port "INSERT INTO marks SELECT FROM generate_series(1, 100); SELECT pg_switch_wal()" >/dev/null
+# Written first: right after a switch (the base backup's) the insert position
+# is on a segment boundary, where pg_walfile_name names the previous segment.
+stuck=$(psql_at $pg_port "INSERT INTO marks SELECT FROM generate_series(1, 100); SELECT pg_walfile_name(pg_current_wal_lsn())")
+psql_at $pg_port 'SELECT pg_switch_wal()' >/dev/null
 more_failed() { [ "$(failed_count)" -gt "$before_failed" ]; }
 wait_for 60 "archive_command did not fail without ca_file" more_failed
 in_bucket "app-1/$sysid/wal/$stuck.zst" && fail "$stuck reached the bucket without ca_file"
@@ -242,10 +248,36 @@ in_ct install -m 0644 /etc/ssl/fleet-agent/s3-ca.pem /etc/fleet-agent/s3-ca.pem
 refused_at_start /etc/fleet-agent/s3-ca.pem 'Permission denied'
 
 # --- The CA back: the segment PostgreSQL kept retrying reaches the bucket.
-log "ca_file back"
+# And verify on a schedule (verify_interval; 1m, its least, so the test waits
+# one minute): the WAL service walks and reads back the archive over TLS itself.
+log "ca_file back, verify_interval 1m"
 in_ct sed -i '/^credentials_file = /a ca_file = "/etc/ssl/fleet-agent/s3-ca.pem"' /etc/fleet-agent/agent.toml
+in_ct sed -i '/^pg_wal_dir = /a verify_interval = "1m"' /etc/fleet-agent/agent.toml
+in_ct fleet-agentd check-config >/dev/null || fail "check-config refused verify_interval"
 in_ct systemctl restart fleet-agent-wal || { wal_journal; fail "fleet-agent-wal did not start with ca_file back"; }
 wait_for 90 "$stuck did not reach the bucket once ca_file was back" in_bucket "app-1/$sysid/wal/$stuck.zst"
 doctor=$(in_ct agentctl doctor 2>&1 || true)
 grep -qE "^ok +archive" <<<"$doctor" || fail "doctor's archive check with ca_file back: $doctor"
-log "ok: archive over a private CA's TLS as installed"
+
+metrics() { api_get "$api" /metrics; }
+verified() { grep -qE '^fleet_agent_wal_verify_ok 1$' <<<"$(metrics)"; }
+grep -q '^fleet_agent_wal_verify_ok' <<<"$(metrics)" && fail "a verify result before any verify ran"
+wait_for 120 "no scheduled verify (verify_interval 1m) reached fleet-agentd's /metrics" verified
+grep -q 'Scheduled verify: the archive is complete' <<<"$(in_ct journalctl -u fleet-agent-wal --no-pager -o cat)" \
+    || fail "no scheduled verify in fleet-agent-wal's journal"
+[ "$(in_ct stat -c '%U' /var/lib/fleet-agent-wal/wal-verify-last.json)" = postgres ] \
+    || fail "the WAL service kept no verify result"
+at=$(grep -E '^fleet_agent_wal_verify_timestamp_seconds ' <<<"$(metrics)" | cut -d' ' -f2)
+# A restart keeps the result (and the schedule): the new process, asked on its
+# own socket (fleet-agentd's relay could still hold the old one's), shows the
+# same verify at once, a minute before its next one is due.
+wal_metrics() {
+    in_ct python3 -c 'import socket; s = socket.socket(socket.AF_UNIX); s.connect("/run/fleet-agent-wal/wal.sock")
+s.sendall(b"GET /metrics HTTP/1.0\r\nHost: wal\r\n\r\n"); print(s.makefile("rb").read().decode())'
+}
+in_ct systemctl restart fleet-agent-wal || { wal_journal; fail "fleet-agent-wal did not restart"; }
+after=$(wal_metrics)
+grep -qxF "fleet_agent_wal_verify_timestamp_seconds $at" <<<"$after" \
+    && grep -qxF 'fleet_agent_wal_verify_ok 1' <<<"$after" \
+    || fail "the verify result did not survive a restart of fleet-agent-wal (was $at): $(grep verify <<<"$after")"
+log "ok: archive over a private CA's TLS as installed; scheduled verify at $at"
