@@ -218,9 +218,11 @@ grep -qE '^FAIL +archive' <<<"$line" || fail "doctor's archive check passed with
 names_certificate "$line" || fail "doctor's archive check does not name the certificate: $line"
 log "doctor: $line"
 before_failed=$(failed_count)
-# Written first: right after a switch (the base backup's) the insert position
-# is on a segment boundary, where pg_walfile_name names the previous segment.
-stuck=$(psql_at $pg_port "INSERT INTO marks SELECT FROM generate_series(1, 100); SELECT pg_walfile_name(pg_current_wal_lsn())")
+# Written (and committed) first: right after a switch (the base backup's) the
+# write position is on a segment boundary, where pg_walfile_name names the
+# previous, already archived segment.
+psql_at $pg_port "INSERT INTO marks SELECT FROM generate_series(1, 100)" >/dev/null
+stuck=$(psql_at $pg_port 'SELECT pg_walfile_name(pg_current_wal_lsn())')
 psql_at $pg_port 'SELECT pg_switch_wal()' >/dev/null
 more_failed() { [ "$(failed_count)" -gt "$before_failed" ]; }
 wait_for 60 "archive_command did not fail without ca_file" more_failed
