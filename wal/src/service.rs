@@ -1414,6 +1414,14 @@ impl WalService {
                 now_unix().saturating_sub(newest).to_string(),
             );
         }
+        if let Some(interval) = self.config.verify_interval {
+            gauge(
+                "fleet_agent_wal_verify_interval_seconds",
+                "wal.verify_interval: how often the WAL service verifies the archive itself (absent: by hand only).",
+                "gauge",
+                interval.as_secs().to_string(),
+            );
+        }
         let verified = c.verify_unix.load(Ordering::Relaxed);
         if verified > 0 {
             gauge(
@@ -1879,6 +1887,10 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(59)).await;
         assert!(!verified(), "verified before verify_interval passed");
         assert_eq!(metric(&service, "fleet_agent_wal_verify_ok"), None);
+        assert_eq!(
+            metric(&service, "fleet_agent_wal_verify_interval_seconds").as_deref(),
+            Some("60")
+        );
         // Paused time runs ahead while a verify's file reads are under way,
         // so wait for its result rather than for a fixed time.
         for _ in 0..600 {
