@@ -677,6 +677,12 @@ pub struct WalConfig {
     /// Restore drill schedule ("7d"); absent: by hand only (`agentctl wal drill`).
     #[serde(default, with = "humantime_serde::option")]
     pub drill_interval: Option<Duration>,
+    /// `agentctl wal verify` schedule ("24h"); absent: by hand only. Off by
+    /// default: each run reads every object from the oldest kept base backup
+    /// on back from the target, a cost that grows with the archive and lands
+    /// on the operator's storage bill (docs/wal.md, "Verifying the archive").
+    #[serde(default, with = "humantime_serde::option")]
+    pub verify_interval: Option<Duration>,
 }
 
 fn default_postgres_user() -> String {
@@ -1116,6 +1122,14 @@ impl Config {
                     "must be at least 1m: each drill restores a whole cluster (absent: drills by hand only)",
                 ));
             }
+            if wal.verify_interval.is_some_and(|i| {
+                !(Duration::from_secs(60)..=Duration::from_secs(365 * 86400)).contains(&i)
+            }) {
+                problems.push(FieldError::new(
+                    "wal.verify_interval",
+                    "must be from 1m to 365d: each verify reads the whole archive back (absent: verify by hand only)",
+                ));
+            }
             if wal.backup_timeout < Duration::from_secs(1) {
                 problems.push(FieldError::new(
                     "wal.backup_timeout",
@@ -1281,6 +1295,29 @@ mod tests {
         let bad_agent =
             "[ports]\nstandby_range = \"8101-8110\"\n[haproxy]\nagent_listen = \"here\"\n";
         assert_eq!(fields(bad_agent), ["haproxy.agent_listen"]);
+    }
+
+    #[test]
+    fn wal_verify_interval_is_off_by_default_and_from_a_minute_to_a_year() {
+        let wal = |extra: &str| format!("[wal]\ntarget = \"file:///tmp/a\"\n{extra}");
+        let c = Config::from_toml_str(Path::new("t"), &wal("")).unwrap();
+        assert_eq!(c.wal.and_then(|w| w.verify_interval), None);
+        let c = Config::from_toml_str(Path::new("t"), &wal("verify_interval = \"24h\"\n")).unwrap();
+        assert_eq!(
+            c.wal.and_then(|w| w.verify_interval),
+            Some(Duration::from_secs(86400))
+        );
+        for bad in ["30s", "0s", "400d"] {
+            let err = Config::from_toml_str(
+                Path::new("t"),
+                &wal(&format!("verify_interval = \"{bad}\"\n")),
+            )
+            .unwrap_err();
+            assert!(
+                err.to_string().contains("wal.verify_interval"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -205,6 +205,7 @@ pub const CONFIG_DOCS: &[(&str, &str)] = &[
     ("wal.pg_bin_dir", "PostgreSQL's programs (pg_ctl, psql) for the restore drill; absent: /usr/lib/postgresql/<PG_VERSION of the backup>/bin."),
     ("wal.drill_dir", "Scratch directory of restore drills (agentctl wal drill); absent: <state_dir>/wal-drill. The PostgreSQL user must reach it; it needs room for one restored cluster."),
     ("wal.drill_interval", "Restore drill schedule (7d): restore the newest base backup, replay, query, measure the RTO, clean up; absent: by hand only (agentctl wal drill)."),
+    ("wal.verify_interval", "agentctl wal verify on a schedule (24h; 1m to 365d): walk the archive from the oldest kept base backup, read every object back, set the fleet_agent_wal_verify_* metrics (alert FleetWalVerifyFailed); absent: by hand only. Each run reads the whole archive back (one GET per object on S3)."),
     ("wal.socket", "The WAL service's socket (fleet-agent-wal.service); set: fleet-agentd relays /v1/wal and WAL metrics from it and does no WAL work itself."),
 ];
 

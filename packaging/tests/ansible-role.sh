@@ -66,9 +66,11 @@ log "S3 WAL host: rendered agent.toml"
     -e fleet_agent_wal_s3_endpoint=http://127.0.0.1:47700 -e fleet_agent_wal_s3_access_key_id=AKIAEXAMPLE \
     -e fleet_agent_wal_s3_secret_access_key=not-a-real-secret -e fleet_agent_wal_recovery_window=14d \
     -e fleet_agent_wal_pg_wal_dir=/var/lib/postgresql/15/main/pg_wal -e fleet_agent_wal_backup_interval=12h \
+    -e fleet_agent_wal_verify_interval=7d \
     -e fleet_agent_docker_log_driver=local -e '{"fleet_agent_docker_log_options": {"max-size": "20m"}}') \
     >"$work/s3-preview.log" 2>&1 || { cat "$work/s3-preview.log" >&2; fail "rendering an S3 WAL host's agent.toml failed"; }
-for line in 'target = "s3://wal-bucket/app-1"' 'recovery_window = "14d"' 'backup_interval = "12h"' '[wal.s3]' \
+for line in 'target = "s3://wal-bucket/app-1"' 'recovery_window = "14d"' 'backup_interval = "12h"' \
+    'verify_interval = "7d"' '[wal.s3]' \
     'endpoint = "http://127.0.0.1:47700"' 'credentials_file = "/etc/fleet-agent/s3-credentials"' \
     'log_driver = "local"' 'log_options = { "max-size" = "20m" }'; do
     grep -qxF "$line" "$work/s3/agent.toml" || { cat "$work/s3/agent.toml" >&2; fail "the role's S3 agent.toml lacks: $line"; }

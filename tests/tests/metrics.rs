@@ -490,6 +490,9 @@ const NOT_YET: &[&str] = &[
     "fleet_agent_wal_last_base_backup_age_seconds",
     "fleet_agent_wal_newest_archived_age_seconds",
     "fleet_agent_wal_verify_ok",
+    // Only once a verify ran / with wal.verify_interval set (FleetWalVerifyOverdue).
+    "fleet_agent_wal_verify_timestamp_seconds",
+    "fleet_agent_wal_verify_interval_seconds",
     "fleet_agent_wal_drill_ok",
 ];
 

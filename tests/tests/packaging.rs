@@ -15,7 +15,8 @@
 //! 47620-47629 (installed-hardening), 47640-47659 (installed-gc), 47660-47669
 //! (installed-api), 47700-47709 (installed-upgrade; ansible-role's static S3
 //! preview names 47700/47701 without binding them) and 47710-47719
-//! (installed-ops), 44500-44519 (ansible-wal-s3).
+//! (installed-ops), 44500-44519 (ansible-wal-s3), 44200-44209
+//! (installed-wal-tls).
 
 use fleet_tests::unique_name;
 use std::path::PathBuf;
@@ -103,6 +104,14 @@ fn installed_image_gc_collects_an_unused_pulled_image_under_disk_pressure_as_fle
 #[test]
 fn installed_wal_archives_backs_up_and_restores_to_a_time_next_to_debians_postgresql() {
     run_script("installed-wal.sh", "pkwal");
+}
+
+/// Issue 13: `[wal.s3] ca_file` as docs/wal.md sets it, against a store whose
+/// TLS leaf is signed by a private CA; without it the failure names the
+/// certificate, a wrong path stops the WAL service at start.
+#[test]
+fn installed_wal_archives_to_s3_behind_a_private_ca_and_names_the_certificate_without_it() {
+    run_script("installed-wal-tls.sh", "pkwaltls");
 }
 
 /// `serial_`: its crash-looping department's restart count comes back from

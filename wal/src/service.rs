@@ -30,6 +30,10 @@ const JOB_WAIT: Duration = Duration::from_secs(30);
 /// configured one (learned on the first push, or restored here), one system
 /// identifier a line.
 pub const CLUSTERS_FILE: &str = "wal-clusters";
+/// The last verify's outcome in `state_dir`, so that its metrics (and a
+/// firing FleetWalVerifyFailed) survive a restart, and so does the schedule:
+/// a service restarted more often than `verify_interval` still verifies.
+pub const VERIFY_FILE: &str = "wal-verify-last.json";
 /// PostgreSQL's largest segment size (`initdb --wal-segsize=1024`).
 pub const MAX_SEGMENT_BYTES: u64 = 1 << 30;
 /// How often the schedule looks at the backup interval (at most).
@@ -383,6 +387,42 @@ fn write_pinned(path: &Path, ids: &BTreeSet<u64>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// What [`VERIFY_FILE`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+struct VerifyMark {
+    ok: bool,
+    problems: u64,
+    unix: u64,
+}
+
+/// The kept verify result; none when absent or unreadable (it only restores
+/// metrics and the schedule, so a damaged file is no reason not to start).
+fn read_verify_mark(path: &Path) -> Option<VerifyMark> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "Cannot read the last verify result.");
+            return None;
+        }
+    };
+    serde_json::from_slice(&bytes)
+        .map_err(|e| tracing::warn!(file = %path.display(), error = %e, "Ignoring a damaged verify result."))
+        .ok()
+}
+
+/// How long after the schedule's start the first scheduled verify is due:
+/// one interval after the last verify (kept across restarts), at once if that
+/// is past, and one whole interval after the start when none ever ran (a
+/// fresh install has archived nothing yet; verifying it at once would report
+/// an empty archive as broken).
+pub fn verify_due_in(interval: Duration, last_unix: u64, now_unix: u64) -> Duration {
+    if last_unix == 0 {
+        return interval;
+    }
+    interval.saturating_sub(Duration::from_secs(now_unix.saturating_sub(last_unix)))
+}
+
 pub fn wal_key(sysid: u64, name: &str) -> String {
     format!("{sysid}/wal/{name}.zst")
 }
@@ -407,11 +447,21 @@ impl WalService {
             }
             _ => {}
         }
+        let counters = Counters::default();
+        if let Some(mark) = read_verify_mark(&state_dir.join(VERIFY_FILE)) {
+            counters
+                .verify_ok
+                .store(u64::from(mark.ok), Ordering::Relaxed);
+            counters
+                .verify_problems
+                .store(mark.problems, Ordering::Relaxed);
+            counters.verify_unix.store(mark.unix, Ordering::Relaxed);
+        }
         Ok(Arc::new(Self {
             target,
             state_dir: state_dir.to_path_buf(),
             events,
-            counters: Counters::default(),
+            counters,
             default_sysid: Mutex::new(sysid),
             pinned: Mutex::new(read_pinned(&state_dir.join(CLUSTERS_FILE))?),
             stored: Mutex::new(HashMap::new()),
@@ -917,8 +967,27 @@ impl WalService {
         });
         let mut last_retention = std::time::Instant::now();
         let mut last_drill = std::time::Instant::now();
+        // tokio's clock (not std's), so a test on paused time can run the schedule.
+        let mut verify_from = tokio::time::Instant::now();
+        let mut verify_wait = self.config.verify_interval.map(|interval| {
+            verify_due_in(
+                interval,
+                self.counters.verify_unix.load(Ordering::Relaxed),
+                now_unix(),
+            )
+        });
         loop {
             tokio::time::sleep(tick).await;
+            // In this task, not one of its own: a verify then never meets a
+            // scheduled retention pass deleting what it listed (which would
+            // read as "listed but gone"); a backup due meanwhile waits for it.
+            if let (Some(interval), Some(wait)) = (self.config.verify_interval, verify_wait) {
+                if verify_from.elapsed() >= wait {
+                    self.scheduled_verify().await;
+                    verify_from = tokio::time::Instant::now();
+                    verify_wait = Some(interval);
+                }
+            }
             if let Some(interval) = self.config.drill_interval {
                 if last_drill.elapsed() >= interval {
                     last_drill = std::time::Instant::now();
@@ -958,6 +1027,64 @@ impl WalService {
                 last_retention = std::time::Instant::now();
                 self.retention_pass(None).await;
             }
+        }
+    }
+
+    /// `verify` from the schedule. A broken archive is already an event and
+    /// the metrics (`verify` records them); a verify that could not run at
+    /// all (the target unreachable, no cluster known) is an event too, since
+    /// no one is waiting for the answer, and leaves the last result standing.
+    async fn scheduled_verify(&self) {
+        match self.verify(self.scheduled_verify_cluster()).await {
+            Ok(report) if report.ok => tracing::info!(
+                segments = report.walk.segments,
+                objects = report.objects_checked,
+                seconds = report.seconds,
+                "Scheduled verify: the archive is complete."
+            ),
+            Ok(_) => tracing::warn!(
+                "Scheduled verify found problems in the archive (wal_verify_failed event)."
+            ),
+            Err(e) => {
+                self.fail(&e);
+                tracing::warn!(error = %e, "Scheduled verify could not run.");
+                (self.events)(
+                    "wal_verify_failed",
+                    &format!("scheduled verify could not run: {e}"),
+                );
+            }
+        }
+    }
+
+    /// The configured cluster; on a host without `pg_wal_dir`, the one pinned
+    /// cluster if there is exactly one (the metrics have no cluster label, so
+    /// with several the operator names one by hand: `--system-id`).
+    fn scheduled_verify_cluster(&self) -> Option<u64> {
+        self.default_sysid().or_else(|| {
+            let pinned = self.pinned.lock().ok()?;
+            (pinned.len() == 1)
+                .then(|| pinned.iter().next().copied())
+                .flatten()
+        })
+    }
+
+    /// Keeps the last verify's outcome for the next start ([`VERIFY_FILE`]).
+    /// A failure to write costs only that, so it is logged, not returned.
+    pub(crate) fn save_verify_mark(&self) {
+        let c = &self.counters;
+        let mark = VerifyMark {
+            ok: c.verify_ok.load(Ordering::Relaxed) == 1,
+            problems: c.verify_problems.load(Ordering::Relaxed),
+            unix: c.verify_unix.load(Ordering::Relaxed),
+        };
+        let path = self.state_dir.join(VERIFY_FILE);
+        let temp = self.state_dir.join(format!(".{VERIFY_FILE}.tmp"));
+        let written = serde_json::to_vec(&mark)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&temp, bytes))
+            .and_then(|()| std::fs::rename(&temp, &path));
+        if let Err(e) = written {
+            tracing::warn!(file = %path.display(), error = %e, "Could not keep the verify result for the next start.");
         }
     }
 
@@ -1287,11 +1414,19 @@ impl WalService {
                 now_unix().saturating_sub(newest).to_string(),
             );
         }
+        if let Some(interval) = self.config.verify_interval {
+            gauge(
+                "fleet_agent_wal_verify_interval_seconds",
+                "wal.verify_interval: how often the WAL service verifies the archive itself (absent: by hand only).",
+                "gauge",
+                interval.as_secs().to_string(),
+            );
+        }
         let verified = c.verify_unix.load(Ordering::Relaxed);
         if verified > 0 {
             gauge(
                 "fleet_agent_wal_verify_ok",
-                "1 if the last `agentctl wal verify` found the archive complete from the oldest kept base backup on, 0 if not.",
+                "1 if the last verify (agentctl wal verify or wal.verify_interval) found the archive complete from the oldest kept base backup on, 0 if not.",
                 "gauge",
                 c.verify_ok.load(Ordering::Relaxed).to_string(),
             );
@@ -1675,6 +1810,155 @@ mod tests {
             .and_then(|v| v.parse().ok())
             .expect("the age is exported");
         assert!(age < 600, "{age}");
+    }
+
+    #[test]
+    fn a_scheduled_verify_comes_an_interval_after_the_last_or_after_the_start() {
+        let day = Duration::from_secs(86400);
+        assert_eq!(
+            verify_due_in(day, 0, 1_000_000),
+            day,
+            "never verified: a whole interval"
+        );
+        assert_eq!(
+            verify_due_in(day, 1_000_000, 1_000_000 + 3600),
+            day - Duration::from_secs(3600)
+        );
+        assert_eq!(
+            verify_due_in(day, 1_000_000, 1_000_000 + 2 * 86400),
+            Duration::ZERO
+        );
+        // A clock set back: not before a whole interval.
+        assert_eq!(verify_due_in(day, 1_000_000, 999_000), day);
+    }
+
+    /// The archive of cluster 77 with segments 1-4 (real objects) beside a
+    /// pg_control naming 77; returns (pg_wal, archive's wal directory).
+    fn cluster_77_archive(dir: &Path) -> (PathBuf, PathBuf) {
+        let pg_wal = dir.join("data/pg_wal");
+        std::fs::create_dir_all(&pg_wal).expect("pg_wal");
+        std::fs::create_dir_all(dir.join("data/global")).expect("global");
+        let mut control = 77u64.to_ne_bytes().to_vec();
+        control.resize(8192, 0);
+        std::fs::write(dir.join("data/global/pg_control"), control).expect("pg_control");
+        let wal = dir.join("archive/77/wal");
+        std::fs::create_dir_all(&wal).expect("archive");
+        for n in 1..=4u8 {
+            let (object, _, _) = codec::encode(&[n; 4096][..], 1).expect("encode");
+            std::fs::write(wal.join(format!("00000001000000000000000{n}.zst")), object)
+                .expect("object");
+        }
+        (pg_wal, wal)
+    }
+
+    fn metric(service: &WalService, name: &str) -> Option<String> {
+        let mut text = String::new();
+        service.render_metrics(&mut text);
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_string))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn verify_runs_on_its_schedule_reports_a_planted_gap_and_keeps_it_across_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (pg_wal, wal) = cluster_77_archive(dir.path());
+        let config: WalConfig = toml::from_str(&format!(
+            "target = \"file://{}\"\npg_wal_dir = \"{}\"\nverify_interval = \"1m\"",
+            dir.path().join("archive").display(),
+            pg_wal.display()
+        ))
+        .expect("config");
+        let events: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+        let sink = {
+            let events = events.clone();
+            Arc::new(move |kind: &str, message: &str| {
+                if let Ok(mut e) = events.lock() {
+                    e.push((kind.to_string(), message.to_string()));
+                }
+            })
+        };
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).expect("state");
+        let service = WalService::new(config.clone(), &state, sink).expect("service");
+        let schedule = tokio::spawn(service.clone().schedule_loop());
+        let verified = || service.counters.verify_unix.load(Ordering::Relaxed) > 0;
+
+        // Not at start: a fresh install has nothing to verify yet.
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        assert!(!verified(), "verified before verify_interval passed");
+        assert_eq!(metric(&service, "fleet_agent_wal_verify_ok"), None);
+        assert_eq!(
+            metric(&service, "fleet_agent_wal_verify_interval_seconds").as_deref(),
+            Some("60")
+        );
+        // Paused time runs ahead while a verify's file reads are under way,
+        // so wait for its result rather than for a fixed time.
+        for _ in 0..600 {
+            if verified() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert!(
+            verified(),
+            "no scheduled verify within 10 minutes of a 1m schedule"
+        );
+        assert_eq!(
+            metric(&service, "fleet_agent_wal_verify_ok").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            metric(&service, "fleet_agent_wal_verify_problems").as_deref(),
+            Some("0")
+        );
+
+        // A gap, planted behind the service's back: the next scheduled verify names it.
+        std::fs::remove_file(wal.join("000000010000000000000003.zst")).expect("plant a gap");
+        for _ in 0..600 {
+            if service.counters.verify_ok.load(Ordering::Relaxed) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert_eq!(
+            metric(&service, "fleet_agent_wal_verify_ok").as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            metric(&service, "fleet_agent_wal_verify_problems").as_deref(),
+            Some("1")
+        );
+        let failed: Vec<_> = events
+            .lock()
+            .expect("events")
+            .iter()
+            .filter(|(kind, _)| kind == "wal_verify_failed")
+            .map(|(_, message)| message.clone())
+            .collect();
+        assert!(
+            failed
+                .iter()
+                .any(|m| m.contains("000000010000000000000003")),
+            "no wal_verify_failed event naming the gap: {failed:?}"
+        );
+        schedule.abort();
+
+        // A restart keeps the failed result (the alert keeps firing) and the
+        // schedule (the next verify is due an interval after the last one).
+        let restarted =
+            WalService::new(config, &state, Arc::new(|_: &str, _: &str| {})).expect("restart");
+        assert_eq!(
+            metric(&restarted, "fleet_agent_wal_verify_ok").as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            metric(&restarted, "fleet_agent_wal_verify_problems").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            restarted.counters.verify_unix.load(Ordering::Relaxed),
+            service.counters.verify_unix.load(Ordering::Relaxed)
+        );
     }
 
     #[test]

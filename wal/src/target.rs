@@ -34,8 +34,34 @@ pub enum TargetError {
         #[source]
         source: std::io::Error,
     },
-    #[error("object store: {0}")]
-    Store(#[from] object_store::Error),
+    /// Shown with its whole chain of causes: object_store's own text of a
+    /// failed request ends at reqwest's "error sending request", and the
+    /// reason (rustls' "invalid peer certificate: UnknownIssuer", "connection
+    /// refused") is only in the sources, which the operator would never see.
+    /// Not a `#[source]` itself, so a caller printing causes does not repeat them.
+    #[error("object store: {}", error_chain(.0))]
+    Store(object_store::Error),
+}
+
+impl From<object_store::Error> for TargetError {
+    fn from(e: object_store::Error) -> Self {
+        TargetError::Store(e)
+    }
+}
+
+/// `e`, then each cause not already in the text so far, joined by ": ".
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TargetError + '_ {
@@ -660,6 +686,47 @@ mod tests {
         assert!(gone.contains(&root.display().to_string()), "{gone}");
         std::fs::write(&root, "not a directory").unwrap();
         assert!(target.probe().await.is_err());
+    }
+
+    #[test]
+    fn a_store_error_shows_its_causes_once() {
+        // As a refused TLS handshake arrives: object_store's text ends at
+        // reqwest's, the reason is two sources further down.
+        #[derive(Debug)]
+        struct Layer(&'static str, Option<Box<Layer>>);
+        impl std::fmt::Display for Layer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Layer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|l| l as _)
+            }
+        }
+        let cause = Layer(
+            "error sending request",
+            Some(Box::new(Layer(
+                "client error (Connect)",
+                Some(Box::new(Layer(
+                    "invalid peer certificate: UnknownIssuer",
+                    None,
+                ))),
+            ))),
+        );
+        let error = super::TargetError::from(object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(cause),
+        })
+        .to_string();
+        assert!(
+            error.ends_with(
+                "error sending request: client error (Connect): invalid peer certificate: UnknownIssuer"
+            ),
+            "{error}"
+        );
+        assert_eq!(error.matches("error sending request").count(), 1, "{error}");
+        assert!(std::error::Error::source(&super::TargetError::Config(String::new())).is_none());
     }
 
     #[test]

@@ -233,6 +233,7 @@ impl WalService {
         c.verify_problems
             .store(report.problems(), Ordering::Relaxed);
         c.verify_unix.store(now_unix(), Ordering::Relaxed);
+        self.save_verify_mark();
         if !report.ok {
             (self.events)(
                 "wal_verify_failed",

@@ -523,6 +523,20 @@ async fn status(client: &Client, json: bool) -> Result<()> {
         other => other.to_string(),
     };
     say!("target:             {}", s("target"));
+    let archive = &status["archive"];
+    match archive["reachable"].as_bool() {
+        Some(true) => say!(
+            "archive:            answers (probe took {} ms)",
+            archive["latency_ms"].as_u64().unwrap_or(0)
+        ),
+        // The probe's own error is the operator's first clue (a refused
+        // certificate, a wrong bucket): the text view must not hide it.
+        Some(false) => say!(
+            "archive:            NOT REACHABLE: {}",
+            archive["error"].as_str().unwrap_or("no reason given")
+        ),
+        None => {}
+    }
     say!("system identifier:  {}", s("system_identifier"));
     say!(
         "backlog:            {} file(s) ready, {} bytes, oldest {:.0}s",
