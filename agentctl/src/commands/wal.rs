@@ -563,8 +563,14 @@ async fn status(client: &Client, json: bool) -> Result<()> {
     // The base backup or restore under way (what `backup create` and
     // `restore` draw): seen here from another shell, or when one was
     // scheduled rather than asked for.
-    if let Ok(p) = serde_json::from_value::<fleet_model::api::Progress>(status["progress"].clone()) {
-        say!("progress:           {} {}: {}", p.operation, p.subject, p.line());
+    if let Ok(p) = serde_json::from_value::<fleet_model::api::Progress>(status["progress"].clone())
+    {
+        say!(
+            "progress:           {} {}: {}",
+            p.operation,
+            p.subject,
+            p.line()
+        );
     }
     if status["valve_acknowledged"].as_u64().unwrap_or(0) > 0 {
         say!(
