@@ -23,10 +23,16 @@ source "$(dirname "$0")/lib.sh"
 
 node=$PKGTEST_NAME
 # Ports 44600-44609: PostgreSQL 44600 (15/main) and 44601 (15/restored), the
-# department pool 44602-44605, the API 44606.
+# department pool 44602-44605, the API 44606, docker-registry 44607 and the
+# slow link to it 44608.
 pg_port=44600
 restored_port=44601
 api=127.0.0.1:44606
+registry_port=44607
+slow_port=44608
+registry_pid=""
+relay_pid=""
+pulled_image=""
 # pgbench -i -s 4: ~60 MiB of tables and indexes, ~85 MiB of data directory;
 # at 4 MiB/s a base backup lasts ~20 s.
 scale=4
@@ -38,6 +44,9 @@ work=""
 cleanup() {
     systemd_container_down
     remove_node_containers "$node"
+    [ -z "$registry_pid" ] || kill "$registry_pid" 2>/dev/null || true
+    [ -z "$relay_pid" ] || kill "$relay_pid" 2>/dev/null || true
+    [ -z "$pulled_image" ] || docker rmi "$pulled_image" >/dev/null 2>&1 || true
     [ -z "$work" ] || rm -rf "$work"
 }
 trap cleanup EXIT
@@ -179,6 +188,8 @@ text = open(sys.argv[1], "rb").read().decode(errors="replace")
 assert "\x1b[" in text, "no terminal codes at all"
 # indicatif: `base backup: backup <id> [=====>    ] 12.00 MiB/85.00 MiB 4.0MiB/s, ...`
 bars = re.findall(r"base backup: backup [0-9TZ]+ \[(=*)>? *\] ", text)
+frames = re.findall(r"base backup: backup [0-9TZ]+ \[[^\]]*\] [^\x1b\r\n]*", text)
+print("the last frame: " + (frames[-1] if frames else "none"), file=sys.stderr)
 print(f"{len(bars)} bar frames, longest {max(map(len, bars), default=0)} of 30", file=sys.stderr)
 assert len(bars) >= 2 and any(bars), f"{len(bars)} bar frames"
 # A terminal gets the bar, not plain lines as well.
@@ -205,4 +216,95 @@ log "the restore took ${seconds} s and printed $lines progress line(s)"
 bad=$(grep '^restore: ' "$work/restore.out" | grep -vE '^restore: restore [0-9TZ]+: [0-9.]+(B|KiB|MiB|GiB) of [0-9.]+(B|KiB|MiB|GiB) \([0-9]+%\), [0-9.]+(B|KiB|MiB|GiB)/s, (downloading|checking|unpacking|syncing)' || true)
 [ -z "$bad" ] || fail "restore progress lines not as docs/wal.md shows: $bad"
 in_ct test -f /var/lib/postgresql/15/restored/recovery.signal || fail "no recovery.signal in the restored directory"
+
+# --- An image pull as installed: fleet-agentd (User=fleet-agent) pulls through
+# the host's Docker engine from a loopback registry behind a slow link (as
+# tests/tests/ops.rs does for the root daemon), so the pull lasts ~15 s.
+log "a department whose image is pulled over a 48 KiB/s link"
+[ -x /usr/bin/docker-registry ] || fail "/usr/bin/docker-registry is missing (scripts/test.sh installs it)"
+docker image inspect fleet-test-agent:1 >/dev/null 2>&1 || "$PKGTEST_ROOT/tests/images/build.sh" >&2
+mkdir -p "$work/registry"
+printf 'version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%s\n' \
+    "$work/registry/data" "$registry_port" >"$work/registry/config.yml"
+/usr/bin/docker-registry serve "$work/registry/config.yml" >"$work/registry/log" 2>&1 &
+registry_pid=$!
+# A TCP relay handing out at most 48 KiB a second towards the client.
+python3 - "$slow_port" "$registry_port" $((48 * 1024)) >"$work/relay.log" 2>&1 <<'PY' &
+import socket, sys, threading, time
+listen, upstream, rate = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+def pipe(src, dst, pause):
+    try:
+        while data := src.recv(4096):
+            dst.sendall(data)
+            time.sleep(pause * len(data) / 4096)
+    except OSError:
+        pass
+    try:
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+server = socket.create_server(("127.0.0.1", listen))
+while True:
+    client, _ = server.accept()
+    try:
+        up = socket.create_connection(("127.0.0.1", upstream))
+    except OSError:
+        client.close()
+        continue
+    threading.Thread(target=pipe, args=(client, up, 0), daemon=True).start()
+    threading.Thread(target=pipe, args=(up, client, 4096 / rate), daemon=True).start()
+PY
+relay_pid=$!
+registry_up() { python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$registry_port/v2/', timeout=2)"; }
+for _ in $(seq 1 60); do registry_up 2>/dev/null && break; sleep 0.5; done
+registry_up || fail "docker-registry did not answer on $registry_port: $(cat "$work/registry/log")"
+# A layer of its own (640 KiB of noise), so the pull moves bytes: the test
+# image's layers are on this engine already.
+head -c $((640 * 1024)) /dev/urandom >"$work/blob"
+printf 'FROM fleet-test-agent:1\nCOPY blob /blob\n' >"$work/Dockerfile"
+pushed="127.0.0.1:$registry_port/prog-$node:1"
+image="127.0.0.1:$slow_port/prog-$node:1"
+docker build -q -t "$pushed" "$work" >"$work/build.log" 2>&1 || { cat "$work/build.log" >&2; fail "docker build of the pull image failed"; }
+docker push "$pushed" >/dev/null || fail "docker push to the loopback registry failed"
+docker rmi "$pushed" >/dev/null
+pulled_image=$image
+docker image inspect "$image" >/dev/null 2>&1 && fail "$image is on the engine before the pull"
+
+dept=$node-pull
+in_ct tee "/root/$dept.toml" >/dev/null <<TOML
+id = "$dept"
+image = "$image"
+[health]
+interval = "1s"
+timeout = "500ms"
+start_period = "0s"
+TOML
+in_ct agentctl apply --wait -f "/root/$dept.toml" >"$work/apply.out" 2>"$work/apply.err" &
+apply_pid=$!
+: >"$work/dept.samples"
+while kill -0 "$apply_pid" 2>/dev/null; do
+    api_get "$api" "/v1/departments/$dept" >>"$work/dept.samples" 2>/dev/null || true
+    sleep 0.5
+done
+wait "$apply_pid" || { cat "$work/apply.out" "$work/apply.err" >&2; journal fleet-agentd 40; fail "agentctl apply --wait failed"; }
+cat "$work/apply.out" >&2
+cat "$work/apply.out" "$work/apply.err" >"$work/apply.all"
+grep -q $'[\r\x1b]' "$work/apply.all" && fail "agentctl apply --wait wrote terminal codes into a pipe"
+grep -qE "^$dept: pull $image: [0-9.]+(B|KiB|MiB)( of [0-9.]+(B|KiB|MiB) \([0-9]+%\))?, [0-9.]+(B|KiB|MiB)/s, " "$work/apply.out" \
+    || fail "agentctl apply --wait printed no plain pull progress line"
+python3 - "$work/dept.samples" "$image" <<'PY' || fail "GET /v1/departments/<id> did not show the pull's progress"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+progress = [r["progress"] for r in rows if r.get("progress")]
+print(f"{len(rows)} GET /v1/departments samples, {len(progress)} with progress: "
+      + ", ".join(f'{p["done_bytes"]}/{p.get("total_bytes")}' for p in progress), file=sys.stderr)
+assert len(progress) >= 2, f"progress in only {len(progress)} samples"
+assert all(p["operation"] == "pull" and p["subject"] == sys.argv[2] for p in progress), progress
+done = [p["done_bytes"] for p in progress]
+assert any(b > a for a, b in zip(done, done[1:])), f"done_bytes never grew: {done}"
+assert any(p["bytes_per_second"] > 0 for p in progress), progress
+PY
+row=$(api_get "$api" "/v1/departments/$dept") || fail "GET /v1/departments/$dept failed"
+python3 -c 'import json,sys; r=json.loads(sys.argv[1]); assert r["state"] == "running" and not r.get("progress"), r' "$row" \
+    || fail "after the pull the department is not running without progress: $row"
 log "ok"
