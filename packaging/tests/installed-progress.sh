@@ -153,7 +153,8 @@ samples = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 cap = {"KiB": 1 << 10, "MiB": 1 << 20}[sys.argv[2][-3:]] * float(sys.argv[2][:-3]) if sys.argv[2] else None
 progress = [s["progress"] for s in samples if s.get("progress")]
 print(f"{len(samples)} GET /v1/wal samples, {len(progress)} with progress: "
-      + ", ".join(f'{p["done_bytes"]}/{p.get("total_bytes")}' for p in progress), file=sys.stderr)
+      + ", ".join(f'{p["done_bytes"]}/{p.get("total_bytes")}' for p in progress)
+      + "; steps: " + " / ".join(dict.fromkeys(p["detail"] for p in progress)), file=sys.stderr)
 assert len(progress) >= 3, f"progress in only {len(progress)} of {len(samples)} samples"
 assert all(p["operation"] == "backup" for p in progress), progress
 done = [p["done_bytes"] for p in progress]

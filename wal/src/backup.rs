@@ -239,6 +239,24 @@ struct Counters {
     /// The cluster's WAL segment size, added to the server's estimate
     /// ([`expected_total`]).
     wal_bytes: u64,
+    /// Names the step under way ([`backup_step`]).
+    step: Option<StepFn>,
+}
+
+type StepFn = Box<dyn Fn(&str) + Send>;
+
+/// The step a message of pg_basebackup (`-v`, PostgreSQL 10 to 17) begins,
+/// for the progress: with `-c fast` the server first checkpoints, which after
+/// heavy writes takes seconds to minutes with no byte sent, and "0B, reading"
+/// then reads like a hang.
+fn backup_step(line: &str) -> Option<&'static str> {
+    if line.contains("waiting for checkpoint") {
+        Some("waiting for the server's checkpoint")
+    } else if line.contains("checkpoint completed") {
+        Some("reading from pg_basebackup")
+    } else {
+        None
+    }
 }
 
 /// The total of a `--progress` line of pg_basebackup (`  1234/56789 kB (2%),
@@ -274,6 +292,7 @@ fn run_backup_program(
         moved,
         total,
         wal_bytes,
+        step,
     }: Counters,
 ) -> Result<(u64, u64, String, String), WalError> {
     let mut command = std::process::Command::new(program);
@@ -320,6 +339,9 @@ fn run_backup_program(
                         Ordering::Relaxed,
                     );
                     continue;
+                }
+                if let (Some(step), Some(name)) = (&step, backup_step(&line)) {
+                    step(name);
                 }
                 text.push_str(&line);
                 text.push('\n');
@@ -418,15 +440,17 @@ impl WalService {
         let local = temp_dir.join(format!("{id}.tar.zst"));
         let level = self.config.compression_level;
         // The total comes once pg_basebackup has reported the server's estimate.
-        let op = self.begin_operation("backup", &id, None, "reading from pg_basebackup");
+        let op = Arc::new(self.begin_operation("backup", &id, None, "starting pg_basebackup"));
         let (bytes, compressed, sha, stderr) = {
             let local = local.clone();
             let timeout = self.config.backup_timeout;
             let max_rate = self.config.backup_max_rate.map(|r| r.bytes());
+            let running = op.clone();
             let counters = Counters {
                 moved: op.done.clone(),
                 total: op.total.clone(),
                 wal_bytes: segment_bytes,
+                step: Some(Box::new(move |name: &str| running.phase(name))),
             };
             blocking(move || run_basebackup(&conninfo, &local, level, timeout, max_rate, counters))
                 .await
@@ -1079,13 +1103,16 @@ mod tests {
         );
         let dir = tempfile::tempdir().expect("tempdir");
         let (program, args) = backup_program(
-            "echo 'pg_basebackup: write-ahead log start point: 0/2000028 on timeline 1' >&2; \
+            "echo 'pg_basebackup: initiating base backup, waiting for checkpoint to complete' >&2; \
+             echo 'pg_basebackup: checkpoint completed' >&2; \
+             echo 'pg_basebackup: write-ahead log start point: 0/2000028 on timeline 1' >&2; \
              echo '     0/2048 kB (0%), 0/1 tablespace' >&2; printf tar-bytes; \
              echo '  2048/2048 kB (100%), 1/1 tablespace' >&2; \
              echo '  3072/3072 kB (100%), 1/1 tablespace' >&2",
         );
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (done, total) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (steps_tx, steps) = std::sync::mpsc::channel();
         let (bytes, _, _, stderr) = run_backup_program(
             &program,
             &args,
@@ -1097,6 +1124,9 @@ mod tests {
                 moved: done.clone(),
                 total: total.clone(),
                 wal_bytes: 16 << 20,
+                step: Some(Box::new(move |name: &str| {
+                    let _ = steps_tx.send(name.to_string());
+                })),
             },
         )
         .expect("backup");
@@ -1108,6 +1138,14 @@ mod tests {
         assert!(
             stderr.contains("start point") && !stderr.contains(" kB ("),
             "{stderr}"
+        );
+        // The checkpoint has a step of its own, then the reading.
+        assert_eq!(
+            steps.try_iter().collect::<Vec<_>>(),
+            [
+                "waiting for the server's checkpoint",
+                "reading from pg_basebackup"
+            ]
         );
     }
 
