@@ -162,6 +162,10 @@ assert any(b > a for a, b in zip(done, done[1:])), f"done_bytes never grew: {don
 totals = [p["total_bytes"] for p in progress if p.get("total_bytes")]
 assert totals and all(t >= d for t, d in ((p["total_bytes"], p["done_bytes"]) for p in progress if p.get("total_bytes"))), progress
 assert any(p["bytes_per_second"] > 0 for p in progress), progress
+# Only pg_basebackup's "checkpoint completed" (-v) moves the step on from
+# "starting pg_basebackup": its messages are read as installed (PostgreSQL 15,
+# the unit's locale).
+assert any(p["detail"] == "reading from pg_basebackup" for p in progress), "the step never became reading"
 # backup_max_rate reached pg_basebackup: the server's throttle sends at most
 # an eighth of a second's worth ahead of the cap, and the rate shown counts
 # from a little earlier than the server's start; after 3 s that burst is under
