@@ -16,7 +16,7 @@
 //! (installed-api), 47700-47709 (installed-upgrade; ansible-role's static S3
 //! preview names 47700/47701 without binding them) and 47710-47719
 //! (installed-ops), 44500-44519 (ansible-wal-s3), 44200-44209
-//! (installed-wal-tls).
+//! (installed-wal-tls), 44600-44639 (installed-progress).
 
 use fleet_tests::unique_name;
 use std::path::PathBuf;
@@ -112,6 +112,14 @@ fn installed_wal_archives_backs_up_and_restores_to_a_time_next_to_debians_postgr
 #[test]
 fn installed_wal_archives_to_s3_behind_a_private_ca_and_names_the_certificate_without_it() {
     run_script("installed-wal-tls.sh", "pkwaltls");
+}
+
+/// Issue 14 as installed: a throttled base backup's progress as plain lines in
+/// a pipe, in fleet-agentd's GET /v1/wal and `agentctl wal status` while it
+/// runs (gone after), as a bar on a pseudo-terminal; a restore's lines.
+#[test]
+fn installed_backup_and_restore_show_progress_in_a_pipe_on_a_terminal_and_in_the_api() {
+    run_script("installed-progress.sh", "pkprog");
 }
 
 /// `serial_`: its crash-looping department's restart count comes back from

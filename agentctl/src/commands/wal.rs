@@ -574,6 +574,18 @@ async fn status(client: &Client, json: bool) -> Result<()> {
             .map(|a| format!("{} ago", output::duration(a)))
             .unwrap_or_else(|| "none".into())
     );
+    // The base backup or restore under way (what `backup create` and
+    // `restore` draw): seen here from another shell, or when one was
+    // scheduled rather than asked for.
+    if let Ok(p) = serde_json::from_value::<fleet_model::api::Progress>(status["progress"].clone())
+    {
+        say!(
+            "progress:           {} {}: {}",
+            p.operation,
+            p.subject,
+            p.line()
+        );
+    }
     if status["valve_acknowledged"].as_u64().unwrap_or(0) > 0 {
         say!(
             "VALVE:              {} segment(s) acknowledged without archiving; take a new base backup",
