@@ -16,7 +16,8 @@
 //! (installed-api), 47700-47709 (installed-upgrade; ansible-role's static S3
 //! preview names 47700/47701 without binding them) and 47710-47719
 //! (installed-ops), 44500-44519 (ansible-wal-s3), 44200-44209
-//! (installed-wal-tls), 44600-44639 (installed-progress).
+//! (installed-wal-tls), 44600-44639 (installed-progress), 44640-44679
+//! (installed-prometheus).
 
 use fleet_tests::unique_name;
 use std::path::PathBuf;
@@ -168,6 +169,12 @@ fn installed_network_hardening_and_secrets_as_files_under_the_unit() {
 #[test]
 fn installed_doctor_checks_the_archive_and_the_clock_as_the_operator_and_sandboxed() {
     run_script("installed-ops.sh", "pkops");
+}
+
+/// About 5 minutes: it waits out the shipped rules' `for:` (1m, 2m).
+#[test]
+fn installed_prometheus_raises_the_shipped_alerts_and_the_log_driver_applies() {
+    run_script("installed-prometheus.sh", "pkprom");
 }
 
 #[test]
