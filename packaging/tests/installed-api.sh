@@ -64,7 +64,7 @@ token=$(in_ct cat "$token_path")
 [ "${#token}" -eq 64 ] || fail "the generated token is not 64 hex digits: ${#token} characters"
 [ "$(status "")" = 401 ] || fail "GET /v1/node without a token was not refused"
 [ "$(status "$token")" = 200 ] || fail "GET /v1/node with the generated token: $(status "$token")"
-api_get "$api" /metrics | grep -q '^fleet_agent_departments ' || fail "a scrape with the token has no fleet_agent_departments"
+grep -q '^fleet_agent_departments ' <<<"$(api_get "$api" /metrics)" || fail "a scrape with the token has no fleet_agent_departments"
 in_ct useradd -M -G fleet-agent ops
 in_ct useradd -M outsider
 ops_token=$(in_ct runuser -u ops -- cat "$token_path") || fail "a fleet-agent group member cannot read the token"

@@ -148,7 +148,7 @@ TOML
 in_ct agentctl apply -f "/tmp/$dept.toml" >/dev/null || { journal 40; fail "apply announcing $repo:4"; }
 pulled_ahead() { has_image "$repo:4"; }
 until_ok 60 "image 4 to be pulled ahead" pulled_ahead
-prepulled() { in_ct agentctl events --after 0 --json | grep -q '"prepulled"'; }
+prepulled() { grep -q '"prepulled"' <<<"$(in_ct agentctl events --after 0 --json)"; }
 until_ok 10 "the prepulled event" prepulled
 sleep 2
 [ "$(container_id)" = "$before" ] || fail "announcing next_image replaced the container"

@@ -130,7 +130,7 @@ log "3. secrets as files: read by the container, absent from inspect and config.
     || fail "the container does not read the canary from DB_PASSWORD_FILE: $(get "http://127.0.0.1:$port/file/DB_PASSWORD")"
 [ "$(get "http://127.0.0.1:$port/env/DB_PASSWORD" | cut -d' ' -f1)" = 404 ] || fail "DB_PASSWORD is in the environment"
 cid=$(docker inspect -f '{{ .Id }}' "aio-$a")
-! docker inspect "aio-$a" | grep -qF "$canary" || fail "the canary is in docker inspect"
+! grep -qF "$canary" <<<"$(docker inspect "aio-$a")" || fail "the canary is in docker inspect"
 v2=/var/lib/docker/containers/$cid/config.v2.json
 [ -f "$v2" ] || fail "no $v2"
 grep -q DB_PASSWORD_FILE "$v2" || fail "$v2 is not this container's config"

@@ -90,7 +90,7 @@ import json, sys
 for a in json.load(sys.stdin)['data']['alerts']:
     l = a['labels']
     print(a['state'], l['alertname'], l.get('department', l.get('instance', '')))"; }
-firing() { alerts | grep -qx "firing $1 $2"; }
+firing() { grep -qx "firing $1 $2" <<<"$(alerts)"; }
 
 log "1. [docker] log_driver: the default, then local (a reload refuses, the documented restart applies)"
 # The engine is the host's; its DockerRootDir must exist here as on a real
@@ -112,7 +112,7 @@ log_options = { max-size = "5m" }'
 in_ct fleet-agentd check-config --config-only >/dev/null || fail "check-config refuses the log_driver config"
 # A reload does not apply [docker] and says so; the restart does.
 in_ct systemctl reload fleet-agentd.service || fail "systemctl reload failed"
-reload_refused() { in_ct journalctl -u fleet-agentd --no-pager -n 20 | grep "a reload does not apply that" | grep -q "docker"; }
+reload_refused() { grep "a reload does not apply that" <<<"$(in_ct journalctl -u fleet-agentd --no-pager -n 20)" | grep -q "docker"; }
 until_ok 15 "the reload to say that [docker] needs a restart" reload_refused
 in_ct systemctl restart fleet-agentd.service || { journal 50; fail "fleet-agentd did not restart"; }
 until_ok 30 "agentctl status to answer after the restart" in_ct agentctl status

@@ -84,8 +84,8 @@ took=$(python3 -c "import sys,time; print(round(time.time()-float(sys.argv[1]),1
 python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) < 15 else 1)" "$took" \
     || fail "agentctl delete took ${took}s (stop_timeout 8s)"
 log "agentctl delete returned after ${took}s"
-docker ps -aq --filter "label=fleet-agent.node=$node" --filter "label=fleet-agent.department=$dept" | grep -q . \
-    && fail "a container of $dept is left after the delete"
+[ -z "$(docker ps -aq --filter "label=fleet-agent.node=$node" --filter "label=fleet-agent.department=$dept")" ] \
+    || fail "a container of $dept is left after the delete"
 [ "$(state_of)" = absent ] || fail "$dept is still listed: $(state_of)"
 
 # More than 2x WatchdogSec since the update started, with the proof's 40s window over.
@@ -93,6 +93,6 @@ while [ $(( $(date +%s) - t0 )) -lt 45 ]; do sleep 1; done
 [ "$(in_ct systemctl is-active fleet-agentd)" = active ] || fail "not active"
 [ "$(in_ct systemctl show -p MainPID --value fleet-agentd)" = "$pid" ] || { journal; fail "the daemon was restarted"; }
 [ "$(in_ct systemctl show -p NRestarts --value fleet-agentd)" = 0 ] || fail "NRestarts is not 0"
-in_ct journalctl -u fleet-agentd --no-pager | grep -qi "watchdog timeout" && fail "systemd reported a watchdog timeout"
+grep -qi "watchdog timeout" <<<"$(in_ct journalctl -u fleet-agentd --no-pager)" && fail "systemd reported a watchdog timeout"
 [ "$(state_of)" = absent ] || fail "$dept came back: $(state_of)"
 log "ok: delete during a failing update answered in ${took}s, apply refused meanwhile, same pid $pid for 45s under WatchdogSec=15s"

@@ -207,7 +207,7 @@ log "drill RTO $(python3 -c 'import json,sys; print(round(json.loads(sys.argv[1]
 # fleet-agentd relays the WAL service's metrics every 5 s.
 drill_relayed() { m=$(http_get /metrics) && grep -qE '^fleet_agent_wal_drill_ok 1$' <<<"$m" && grep -qE '^fleet_agent_wal_verify_ok 1$' <<<"$m"; }
 wait_for 20 "fleet-agentd's /metrics shows no fleet_agent_wal_drill_ok 1 / verify_ok 1" drill_relayed
-in_ct journalctl -u fleet-agent-wal EVENT=wal_drill_ok --no-pager -q | grep -q . || fail "no wal_drill_ok event in the WAL unit's journal"
+grep -q . <<<"$(in_ct journalctl -u fleet-agent-wal EVENT=wal_drill_ok --no-pager -q)" || fail "no wal_drill_ok event in the WAL unit's journal"
 
 # --- The same archive on S3, credentials where docs/wal.md keeps them (only
 # root can read them; the unit hands the WAL service its copy).

@@ -93,7 +93,7 @@ wait_healthy "after the first start"
 id_before=$(docker inspect -f '{{ .Id }}' "aio-$dept")
 port_before=$(published_port)
 log "aio-$dept is ${id_before:0:12} on port $port_before"
-docker inspect -f '{{ json .Config.Labels }}' "aio-$dept" | grep -q canary-state-loss \
+grep -q canary-state-loss <<<"$(docker inspect -f '{{ json .Config.Labels }}' "aio-$dept")" \
     && fail "a secret value reached a container label"
 restarts_before=$(parked_restarts "after the first start")
 [ "$restarts_before" = 2 ] || fail "$crash parked after $restarts_before restarts, not 2"
