@@ -198,6 +198,15 @@ impl Target {
         })
     }
 
+    /// The directory of a `file://` target, where pushes stream their objects
+    /// ([`file_put_streamed`]).
+    pub fn directory(&self) -> Option<&Path> {
+        match self {
+            Target::File { root } => Some(root),
+            Target::S3 { .. } => None,
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Target::File { root } => format!("file://{}", root.display()),
@@ -523,6 +532,23 @@ fn file_put_new(
     key: &str,
     write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
 ) -> Result<Put, TargetError> {
+    if root.join(key).symlink_metadata().is_ok() {
+        return Ok(Put::Exists);
+    }
+    file_put_streamed(root, key, write).map(|(put, ())| put)
+}
+
+/// Writes a new object under `key` of a directory target from what `write`
+/// puts into a hidden temp file, so the object is streamed to disk rather
+/// than held in memory: fsync, hard link to the final name (refused if the
+/// name exists: nothing is overwritten), fsync of the directory. Unlike
+/// `put_new` it writes before looking; its caller (the WAL push) has just
+/// checked the key under the key's lock.
+pub fn file_put_streamed<T>(
+    root: &Path,
+    key: &str,
+    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<T>,
+) -> Result<(Put, T), TargetError> {
     let path = root.join(key);
     let dir = path
         .parent()
@@ -532,9 +558,6 @@ fn file_put_new(
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| TargetError::Config(format!("bad key {key}")))?;
-    if path.symlink_metadata().is_ok() {
-        return Ok(Put::Exists);
-    }
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     // Hidden temp names are skipped by `list`; a crash leaves at most one of
     // these behind, never a partial file under the final name.
@@ -552,7 +575,7 @@ fn file_put_new(
             .create_new(true)
             .open(&temp)
             .map_err(io(&temp))?;
-        write(&mut file).map_err(io(&temp))?;
+        let written = write(&mut file).map_err(io(&temp))?;
         file.sync_all().map_err(io(&temp))?;
         drop(file);
         let put = match std::fs::hard_link(&temp, &path) {
@@ -564,7 +587,7 @@ fn file_put_new(
         std::fs::File::open(&dir)
             .and_then(|d| d.sync_all())
             .map_err(io(&dir))?;
-        Ok(put)
+        Ok((put, written))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&temp);
