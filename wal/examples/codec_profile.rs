@@ -1,17 +1,21 @@
 //! Where one segment's push spends its CPU: reading, SHA-256 (sha2 and ring),
-//! zstd (a new streaming encoder per segment, and a reused bulk compressor),
-//! and the codec's own paths: `EncoderPool` as the WAL service runs it, and
-//! `codec::encode` (a new encoder per object).
+//! zstd (a streaming frame with a new encoder per segment, as the codec did
+//! before issue 13's profiling; one call over the whole segment; one frame
+//! per MiB, as it does now), and the codec's own paths: `EncoderPool` as the
+//! WAL service runs it, `codec::encode` (a new encoder per object), `decode`.
 //!
 //!   cargo run --release -p fleet-wal --example codec_profile -- SEGMENT... [ROUNDS]
 //!
 //! Thread CPU time per segment (CLOCK_THREAD_CPUTIME_ID), best of the rounds,
-//! so a shared host's noise mostly drops out. Under callgrind, pass one
-//! segment and one round and read the instruction counts per function.
-//! A measuring tool, not a test (docs/benchmarks.md cites its figures).
+//! so a shared host's noise mostly drops out. `LEVEL` sets the zstd level (1),
+//! `ONLY` a comma-separated list of rows. Under valgrind the SHA-256 rows are
+//! meaningless: valgrind's CPU has no SHA extensions, so sha2 falls back to
+//! its portable code. A measuring tool, not a test (docs/benchmarks.md).
 
 use sha2::Digest;
 use std::io::Read;
+
+type Error = Box<dyn std::error::Error>;
 
 fn thread_cpu_ms() -> f64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(0.0, |ts| {
@@ -19,17 +23,17 @@ fn thread_cpu_ms() -> f64 {
     })
 }
 
-fn best(rounds: usize, mut f: impl FnMut()) -> f64 {
+fn best(rounds: usize, f: &mut dyn FnMut() -> Result<(), Error>) -> Result<f64, Error> {
     let mut best = f64::MAX;
     for _ in 0..rounds {
         let t = thread_cpu_ms();
-        f();
+        f()?;
         best = best.min(thread_cpu_ms() - t);
     }
-    best
+    Ok(best)
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), Error> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let rounds = match args.last().and_then(|a| a.parse::<usize>().ok()) {
         Some(n) => {
@@ -46,84 +50,94 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .and_then(|l| l.parse().ok())
         .unwrap_or(1);
     let only = std::env::var("ONLY").unwrap_or_default();
-    let run = |name: &str| only.is_empty() || only.split(',').any(|o| o == name);
     let segments: Vec<Vec<u8>> = args.iter().map(std::fs::read).collect::<Result<_, _>>()?;
     let n = segments.len() as f64;
     let mut rows: Vec<(&str, f64)> = Vec::new();
-    let measure = |name: &'static str, rows: &mut Vec<(&str, f64)>, f: &mut dyn FnMut()| {
-        if run(name) {
-            rows.push((name, best(rounds, f) / n));
-        }
-    };
+    let mut measure =
+        |name: &'static str, f: &mut dyn FnMut() -> Result<(), Error>| -> Result<(), Error> {
+            if only.is_empty() || only.split(',').any(|o| o == name) {
+                rows.push((name, best(rounds, f)? / n));
+            }
+            Ok(())
+        };
 
-    measure("read 256 KiB pieces", &mut rows, &mut || {
+    measure("read 1 MiB pieces", &mut || {
+        let mut piece = vec![0u8; 1 << 20];
         for path in &args {
-            let mut file = std::fs::File::open(path).expect("open");
-            let mut piece = vec![0u8; 256 << 10];
-            while file.read(&mut piece).expect("read") > 0 {}
+            let mut file = std::fs::File::open(path)?;
+            while file.read(&mut piece)? > 0 {}
         }
-    });
-    measure("sha2 SHA-256", &mut rows, &mut || {
+        Ok(())
+    })?;
+    measure("sha2 SHA-256", &mut || {
         for s in &segments {
             std::hint::black_box(sha2::Sha256::digest(s));
         }
-    });
-    measure("ring SHA-256", &mut rows, &mut || {
+        Ok(())
+    })?;
+    measure("ring SHA-256", &mut || {
         for s in &segments {
             std::hint::black_box(ring::digest::digest(&ring::digest::SHA256, s));
         }
-    });
-    measure("zstd stream, new encoder", &mut rows, &mut || {
+        Ok(())
+    })?;
+    let mut streamed = 0usize;
+    measure("zstd stream, new encoder", &mut || {
+        streamed = 0;
         for s in &segments {
             let mut out = Vec::new();
-            let mut e = zstd::stream::Encoder::new(&mut out, level).expect("encoder");
+            let mut e = zstd::stream::Encoder::new(&mut out, level)?;
             for piece in s.chunks(256 << 10) {
-                std::io::Write::write_all(&mut e, piece).expect("write");
+                std::io::Write::write_all(&mut e, piece)?;
             }
-            e.finish().expect("finish");
-            std::hint::black_box(out);
+            e.finish()?;
+            streamed += std::hint::black_box(out).len();
         }
-    });
+        Ok(())
+    })?;
     let mut compressor = zstd::bulk::Compressor::new(level)?;
-    measure("zstd bulk, reused", &mut rows, &mut || {
+    measure("zstd one call per segment", &mut || {
         for s in &segments {
-            std::hint::black_box(compressor.compress(s).expect("compress"));
+            std::hint::black_box(compressor.compress(s)?);
         }
-    });
+        Ok(())
+    })?;
     let mut bytes = 0usize;
-    measure("zstd bulk, 1 MiB frames", &mut rows, &mut || {
+    measure("zstd one frame per MiB", &mut || {
         bytes = 0;
         for s in &segments {
             for piece in s.chunks(1 << 20) {
-                bytes += std::hint::black_box(compressor.compress(piece).expect("compress")).len();
+                bytes += std::hint::black_box(compressor.compress(piece)?).len();
             }
         }
-    });
-    if bytes > 0 {
-        println!("1 MiB frames: {} bytes per segment", bytes / segments.len());
-    }
+        Ok(())
+    })?;
     let pool = fleet_wal::codec::EncoderPool::new(level, 1);
-    measure("codec::EncoderPool (file)", &mut rows, &mut || {
+    let mut stored = 0usize;
+    measure("codec::EncoderPool (file)", &mut || {
+        stored = 0;
         for path in &args {
-            let file = std::fs::File::open(path).expect("open");
-            std::hint::black_box(pool.encode(file).expect("encode"));
+            let (object, _, _) = pool.encode(std::fs::File::open(path)?)?;
+            stored += std::hint::black_box(object).len();
         }
-    });
-    measure("codec::encode (file)", &mut rows, &mut || {
+        Ok(())
+    })?;
+    measure("codec::encode (file)", &mut || {
         for path in &args {
-            let file = std::fs::File::open(path).expect("open");
-            std::hint::black_box(fleet_wal::codec::encode(file, level).expect("encode"));
+            std::hint::black_box(fleet_wal::codec::encode(std::fs::File::open(path)?, level)?);
         }
-    });
+        Ok(())
+    })?;
     let objects: Vec<Vec<u8>> = segments
         .iter()
         .map(|s| fleet_wal::codec::encode(&s[..], level).map(|(o, _, _)| o))
         .collect::<Result<_, _>>()?;
-    measure("codec::decode", &mut rows, &mut || {
+    measure("codec::decode", &mut || {
         for o in &objects {
-            std::hint::black_box(fleet_wal::codec::decode(o).expect("decode"));
+            std::hint::black_box(fleet_wal::codec::decode(o)?);
         }
-    });
+        Ok(())
+    })?;
     println!(
         "{} segment(s) of {} MiB, zstd level {level}, best of {rounds}: CPU ms per segment",
         args.len(),
@@ -131,6 +145,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     for (name, ms) in rows {
         println!("{name:28} {ms:8.2}");
+    }
+    if streamed > 0 {
+        println!(
+            "streaming frame: {} bytes per segment",
+            streamed / args.len()
+        );
+    }
+    if bytes > 0 {
+        println!(
+            "one frame per MiB: {} bytes per segment",
+            bytes / args.len()
+        );
+    }
+    if stored > 0 {
+        println!(
+            "EncoderPool objects: {} bytes per segment",
+            stored / args.len()
+        );
     }
     Ok(())
 }
