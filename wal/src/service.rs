@@ -708,7 +708,7 @@ impl WalService {
 
     /// Hashes and compresses `content` (one pass for both: they are nearly all
     /// of an upload's CPU) into a new object under `key`: streamed into the
-    /// file of a directory target, gathered for an S3 PUT. Returns the put's
+    /// file of a directory target, one chunk per frame for an S3 PUT. Returns the put's
     /// outcome, the checksum, the original and the stored length.
     async fn store_new(
         &self,
@@ -717,14 +717,13 @@ impl WalService {
     ) -> Result<(Put, String, u64, u64), WalError> {
         let encoders = self.encoders.clone();
         let Some(root) = self.target.directory().map(Path::to_path_buf) else {
-            let (object, sha, size) = blocking(move || {
+            let (chunks, sha, size, stored) = blocking(move || {
                 encoders
-                    .encode(content.reader())
+                    .encode_chunks(content.reader())
                     .map_err(|e| WalError::Internal(e.to_string()))
             })
             .await?;
-            let stored = object.len() as u64;
-            let put = self.target.put_new(key, Bytes::from(object)).await?;
+            let put = self.target.put_new_chunks(key, chunks).await?;
             return Ok((put, sha, size, stored));
         };
         let key = key.to_string();

@@ -224,11 +224,22 @@ impl Target {
 
     /// Stores `bytes` under `key` unless something is there already.
     pub async fn put_new(&self, key: &str, bytes: Bytes) -> Result<Put, TargetError> {
+        self.put_new_chunks(key, vec![bytes]).await
+    }
+
+    /// As [`Target::put_new`] for an object made of `chunks` in order: an S3
+    /// PUT sends them as one body without joining them in memory first.
+    pub async fn put_new_chunks(&self, key: &str, chunks: Vec<Bytes>) -> Result<Put, TargetError> {
         match self {
             Target::File { root } => {
                 let root = root.clone();
                 let key = key.to_string();
-                blocking(move || file_put_new(&root, &key, |f| f.write_all(&bytes))).await
+                blocking(move || {
+                    file_put_new(&root, &key, |f| {
+                        chunks.iter().try_for_each(|chunk| f.write_all(chunk))
+                    })
+                })
+                .await
             }
             Target::S3 {
                 store,
@@ -237,11 +248,12 @@ impl Target {
                 ..
             } => {
                 let path = Self::object_path(prefix, key);
+                let payload = object_store::PutPayload::from_iter(chunks);
                 if !no_conditional_put.load(Ordering::Relaxed) {
                     // `If-None-Match: *`: the store refuses to replace an
                     // existing object, whoever else writes to the bucket.
                     let create = object_store::PutOptions::from(object_store::PutMode::Create);
-                    match store.put_opts(&path, bytes.clone().into(), create).await {
+                    match store.put_opts(&path, payload.clone(), create).await {
                         Ok(_) => return Ok(Put::Created),
                         Err(object_store::Error::AlreadyExists { .. }) => return Ok(Put::Exists),
                         Err(e) if refuses_conditional_put(&e) => {
@@ -265,7 +277,7 @@ impl Target {
                     Err(object_store::Error::NotFound { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
-                store.put(&path, bytes.into()).await?;
+                store.put(&path, payload).await?;
                 Ok(Put::Created)
             }
         }
