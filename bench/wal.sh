@@ -83,6 +83,11 @@ cleanup() {
   [[ -n "$DAEMON_PID" ]] && kill -TERM "$DAEMON_PID" 2>/dev/null && wait "$DAEMON_PID" 2>/dev/null || true
   [[ -n "${HAPROXY_PID:-}" ]] && kill -TERM "$HAPROXY_PID" 2>/dev/null && wait "$HAPROXY_PID" 2>/dev/null || true
   [[ -n "$MOTO_PID" ]] && kill -TERM "$MOTO_PID" 2>/dev/null && wait "$MOTO_PID" 2>/dev/null || true
+  # pgBackRest's async archive-get keeps prefetching after the last call and
+  # would hold its lock past this run: end this run's processes (their
+  # command lines name this run's config files), by pid.
+  local p
+  for p in $(pgrep -f -- "--config=$WORK/" || true); do kill -TERM "$p" 2>/dev/null || true; done
   # pgBackRest's async process may still be finishing in its spool dir.
   rm -rf "$WORK" 2>/dev/null || { sleep 2; rm -rf "$WORK" 2>/dev/null || true; }
   for g in "$CG"/walbench-"$$"-*; do [[ -d "$g" ]] && rmdir "$g" 2>/dev/null || true; done
@@ -110,8 +115,10 @@ CONF
   fi
 }
 pgbr_conf() { # NAME DATA SOCK ASYNC [ZSTD_LEVEL]
-  mkdir -p "$WORK/$1-repo" "$WORK/$1-spool" "$WORK/$1-log"
-  chown postgres: "$WORK/$1-repo" "$WORK/$1-spool" "$WORK/$1-log"
+  # lock-path: pgBackRest's default (/tmp/pgbackrest) is one per host, so two
+  # runs at once (the stanza is "bench" in both) would take each other's lock.
+  mkdir -p "$WORK/$1-repo" "$WORK/$1-spool" "$WORK/$1-log" "$WORK/$1-lock"
+  chown postgres: "$WORK/$1-repo" "$WORK/$1-spool" "$WORK/$1-log" "$WORK/$1-lock"
   cat >"$WORK/$1.conf" <<CONF
 [global]
 $(pgbr_repo "$1")
@@ -121,6 +128,7 @@ log-path=$WORK/$1-log
 log-level-console=warn
 log-level-file=off
 spool-path=$WORK/$1-spool
+lock-path=$WORK/$1-lock
 archive-async=$4
 process-max=4
 start-fast=y

@@ -188,6 +188,8 @@ pub struct WalService {
     uploads: Arc<Semaphore>,
     /// Pushes with a body in progress ([`WalService::push_permit`]).
     pub(crate) push_calls: Arc<Semaphore>,
+    /// zstd contexts reused across pushes (codec::EncoderPool).
+    encoders: Arc<codec::EncoderPool>,
     /// The cluster's segment size as seen in `pg_wal_dir`, once known.
     segment_bytes: AtomicU64,
     valve_announced: std::sync::atomic::AtomicBool,
@@ -474,6 +476,11 @@ impl WalService {
             )),
             uploads: Arc::new(Semaphore::new(parallel)),
             push_calls: Arc::new(Semaphore::new(parallel)),
+            // As many as can encode at once: look-ahead uploads plus archive_command's pushes.
+            encoders: Arc::new(codec::EncoderPool::new(
+                config.compression_level,
+                2 * parallel,
+            )),
             segment_bytes: AtomicU64::new(0),
             valve_announced: Default::default(),
             probed: Mutex::new(None),
@@ -719,14 +726,8 @@ impl WalService {
             .await?;
             return self.compare(&key, name, stored, pushed);
         }
-        // Hashing and compressing 16 MiB is most of an upload's CPU: one pass for both.
-        let level = self.config.compression_level;
-        let (object, sha, size) = blocking(move || {
-            codec::encode(content.reader(), level).map_err(|e| WalError::Internal(e.to_string()))
-        })
-        .await?;
-        let stored_size = object.len() as u64;
-        match self.target.put_new(&key, Bytes::from(object)).await? {
+        let (put, sha, size, stored_size) = self.store_new(&key, content).await?;
+        match put {
             Put::Created => {
                 self.remember(&key, &sha);
                 self.counters.segments.fetch_add(1, Ordering::Relaxed);
@@ -753,6 +754,51 @@ impl WalService {
                 self.compare(&key, name, stored, sha)
             }
         }
+    }
+
+    /// Hashes and compresses `content` (one pass for both: they are nearly all
+    /// of an upload's CPU) into a new object under `key`: streamed into the
+    /// file of a directory target, one chunk per frame for an S3 PUT. Returns the put's
+    /// outcome, the checksum, the original and the stored length.
+    async fn store_new(
+        &self,
+        key: &str,
+        content: Content,
+    ) -> Result<(Put, String, u64, u64), WalError> {
+        let encoders = self.encoders.clone();
+        let Some(root) = self.target.directory().map(Path::to_path_buf) else {
+            let (chunks, sha, size, stored) = blocking(move || {
+                encoders
+                    .encode_chunks(content.reader())
+                    .map_err(|e| WalError::Internal(e.to_string()))
+            })
+            .await?;
+            let put = self.target.put_new_chunks(key, chunks).await?;
+            return Ok((put, sha, size, stored));
+        };
+        let key = key.to_string();
+        blocking(move || {
+            // Only a failed write is the target's failure (and may open the
+            // valve); reading the WAL file or compressing it is ours.
+            let mut ours = None;
+            let put = crate::target::file_put_streamed(&root, &key, |file| {
+                match encoders.with(|e| e.encode_to_file(content.reader(), file)) {
+                    Ok(Ok(done)) => Ok(done),
+                    Ok(Err(codec::CodecError::Write(e))) => Err(e),
+                    Ok(Err(e)) | Err(e) => {
+                        let text = e.to_string();
+                        ours = Some(e);
+                        Err(std::io::Error::other(text))
+                    }
+                }
+            });
+            match (put, ours) {
+                (_, Some(e)) => Err(WalError::Internal(e.to_string())),
+                (Ok((put, (sha, size, stored))), None) => Ok((put, sha, size, stored)),
+                (Err(e), None) => Err(e.into()),
+            }
+        })
+        .await
     }
 
     /// The checksum in the header of the object stored under `key`, if any.
@@ -885,8 +931,13 @@ impl WalService {
             return;
         };
         let status = dir.join("archive_status");
+        // The first scan at once: after a restart with a backlog, PostgreSQL's
+        // archiver is already waiting on the first segment.
+        let mut first = true;
         loop {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            if !std::mem::take(&mut first) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             let Ok(entries) = std::fs::read_dir(&status) else {
                 continue;
             };
@@ -1682,6 +1733,67 @@ async fn write_prefetched(dir: &Path, name: &str, content: Vec<u8>) -> std::io::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Yields `good` bytes of a segment, then fails, as a client that hangs up would.
+    struct Failing {
+        good: usize,
+    }
+
+    impl std::io::Read for Failing {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.good == 0 {
+                return Err(std::io::Error::other("client went away"));
+            }
+            let n = buf.len().min(self.good);
+            buf[..n].fill(5);
+            self.good -= n;
+            Ok(n)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_push_streamed_to_a_directory_leaves_nothing_when_its_content_fails() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let archive = dir.path().join("archive");
+        let config: WalConfig =
+            toml::from_str(&format!("target = \"file://{}\"", archive.display())).expect("config");
+        let service =
+            WalService::new(config, dir.path(), Arc::new(|_: &str, _: &str| {})).expect("service");
+        let name = "000000010000000000000007";
+        // Past the first pieces, so part of the object was already on disk.
+        let failed = service
+            .push(
+                7,
+                name,
+                Content::Stream(Box::new(Failing { good: 3 << 20 })),
+            )
+            .await;
+        // The content's failure, not the target's: it must not open the valve.
+        assert!(matches!(failed, Err(WalError::Internal(_))), "{failed:?}");
+        let wal_dir = archive.join("7/wal");
+        let left: Vec<_> = std::fs::read_dir(&wal_dir)
+            .map(|entries| entries.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            left.is_empty(),
+            "nothing under the key, no temp file: {left:?}"
+        );
+        // The same name then stores, and the object on disk is the whole segment.
+        let segment: Vec<u8> = (0..(4 << 20) + 3).map(|i| (i % 241) as u8).collect();
+        let outcome = service
+            .push(7, name, Content::Bytes(Bytes::from(segment.clone())))
+            .await
+            .expect("push");
+        assert!(matches!(outcome, PushOutcome::Stored));
+        let object = std::fs::read(wal_dir.join(format!("{name}.zst"))).expect("object");
+        assert_eq!(codec::decode(&object).expect("decode"), segment);
+        let stored = service.counters.stored_bytes.load(Ordering::Relaxed);
+        assert_eq!(
+            stored,
+            object.len() as u64,
+            "the stored size counts the header"
+        );
+    }
 
     #[tokio::test]
     async fn a_running_operation_is_on_the_status_until_its_guard_goes() {

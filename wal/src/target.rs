@@ -224,6 +224,15 @@ impl Target {
         })
     }
 
+    /// The directory of a `file://` target, where pushes stream their objects
+    /// ([`file_put_streamed`]).
+    pub fn directory(&self) -> Option<&Path> {
+        match self {
+            Target::File { root } => Some(root),
+            Target::S3 { .. } => None,
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Target::File { root } => format!("file://{}", root.display()),
@@ -241,11 +250,22 @@ impl Target {
 
     /// Stores `bytes` under `key` unless something is there already.
     pub async fn put_new(&self, key: &str, bytes: Bytes) -> Result<Put, TargetError> {
+        self.put_new_chunks(key, vec![bytes]).await
+    }
+
+    /// As [`Target::put_new`] for an object made of `chunks` in order: an S3
+    /// PUT sends them as one body without joining them in memory first.
+    pub async fn put_new_chunks(&self, key: &str, chunks: Vec<Bytes>) -> Result<Put, TargetError> {
         match self {
             Target::File { root } => {
                 let root = root.clone();
                 let key = key.to_string();
-                blocking(move || file_put_new(&root, &key, |f| f.write_all(&bytes))).await
+                blocking(move || {
+                    file_put_new(&root, &key, |f| {
+                        chunks.iter().try_for_each(|chunk| f.write_all(chunk))
+                    })
+                })
+                .await
             }
             Target::S3 {
                 store,
@@ -254,11 +274,12 @@ impl Target {
                 ..
             } => {
                 let path = Self::object_path(prefix, key);
+                let payload = object_store::PutPayload::from_iter(chunks);
                 if !no_conditional_put.load(Ordering::Relaxed) {
                     // `If-None-Match: *`: the store refuses to replace an
                     // existing object, whoever else writes to the bucket.
                     let create = object_store::PutOptions::from(object_store::PutMode::Create);
-                    match store.put_opts(&path, bytes.clone().into(), create).await {
+                    match store.put_opts(&path, payload.clone(), create).await {
                         Ok(_) => return Ok(Put::Created),
                         Err(object_store::Error::AlreadyExists { .. }) => return Ok(Put::Exists),
                         Err(e) if refuses_conditional_put(&e) => {
@@ -282,7 +303,7 @@ impl Target {
                     Err(object_store::Error::NotFound { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
-                store.put(&path, bytes.into()).await?;
+                store.put(&path, payload).await?;
                 Ok(Put::Created)
             }
         }
@@ -549,6 +570,23 @@ fn file_put_new(
     key: &str,
     write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
 ) -> Result<Put, TargetError> {
+    if root.join(key).symlink_metadata().is_ok() {
+        return Ok(Put::Exists);
+    }
+    file_put_streamed(root, key, write).map(|(put, ())| put)
+}
+
+/// Writes a new object under `key` of a directory target from what `write`
+/// puts into a hidden temp file, so the object is streamed to disk rather
+/// than held in memory: fsync, hard link to the final name (refused if the
+/// name exists: nothing is overwritten), fsync of the directory. Unlike
+/// `put_new` it writes before looking; its caller (the WAL push) has just
+/// checked the key under the key's lock.
+pub fn file_put_streamed<T>(
+    root: &Path,
+    key: &str,
+    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<T>,
+) -> Result<(Put, T), TargetError> {
     let path = root.join(key);
     let dir = path
         .parent()
@@ -558,9 +596,6 @@ fn file_put_new(
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| TargetError::Config(format!("bad key {key}")))?;
-    if path.symlink_metadata().is_ok() {
-        return Ok(Put::Exists);
-    }
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     // Hidden temp names are skipped by `list`; a crash leaves at most one of
     // these behind, never a partial file under the final name.
@@ -578,7 +613,7 @@ fn file_put_new(
             .create_new(true)
             .open(&temp)
             .map_err(io(&temp))?;
-        write(&mut file).map_err(io(&temp))?;
+        let written = write(&mut file).map_err(io(&temp))?;
         file.sync_all().map_err(io(&temp))?;
         drop(file);
         let put = match std::fs::hard_link(&temp, &path) {
@@ -590,7 +625,7 @@ fn file_put_new(
         std::fs::File::open(&dir)
             .and_then(|d| d.sync_all())
             .map_err(io(&dir))?;
-        Ok(put)
+        Ok((put, written))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&temp);

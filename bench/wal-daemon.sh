@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Benchmark: the WAL service alone. A stopped PostgreSQL 15 cluster's backlog
+# (`pgbench -i -s $BENCH_SCALE` with archive_command failing) is archived by
+# fleet-agentd's look-ahead into a directory, with no PostgreSQL running and no
+# archive_command: what the daemon itself costs per segment, without
+# pgBackRest, the archiver or agentctl (bench/wal.sh has those side by side).
+# Per run: time to the first object and the drain rate, the daemon's user and
+# system CPU per segment (/proc/<pid>/stat), its VmHWM, and the anonymous
+# memory and glibc arenas in /proc/<pid>/smaps at the end of the drain.
+#
+#   BENCH_PORT=44390 bash bench/wal-daemon.sh
+#
+# Environment: FLEET_BIN_DIR (default target/release, built if missing),
+# BENCH_SCALE (50), BENCH_RUNS (3), BENCH_PARALLEL (wal.parallel_uploads, 4),
+# BENCH_LEVEL (zstd level, 1), BENCH_PORT (46590, the cluster's while the
+# backlog is made). Prints its figures; writes no docs. Needs root (runuser).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT="$(pwd)"
+SCALE="${BENCH_SCALE:-50}"
+RUNS="${BENCH_RUNS:-3}"
+PARALLEL="${BENCH_PARALLEL:-4}"
+LEVEL="${BENCH_LEVEL:-1}"
+PORT="${BENCH_PORT:-46590}"
+PG=/usr/lib/postgresql/15/bin
+BIN="${FLEET_BIN_DIR:-$ROOT/target/release}"
+if [[ -z "${FLEET_BIN_DIR:-}" ]]; then
+  cargo build --release --quiet -p fleet-agentd -p agentctl
+fi
+say() { printf '==> %s\n' "$*" >&2; }
+
+WORK="$(mktemp -d /tmp/fleet-waldaemon-XXXXXX)"
+chmod 755 "$WORK"
+PID=""
+cleanup() {
+  [[ -f "$WORK/data/postmaster.pid" ]] && runuser -u postgres -- "$PG/pg_ctl" -D "$WORK/data" -m immediate -w stop >/dev/null 2>&1 || true
+  [[ -n "$PID" ]] && kill -TERM "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+mkdir -p "$WORK/sock"
+chown -R postgres: "$WORK"
+runuser -u postgres -- "$PG/initdb" -A trust -U postgres --no-sync -D "$WORK/data" >/dev/null
+cat >>"$WORK/data/postgresql.conf" <<CONF
+port = $PORT
+listen_addresses = ''
+unix_socket_directories = '$WORK/sock'
+wal_level = replica
+archive_mode = on
+archive_command = '/bin/false'
+max_wal_size = '8GB'
+wal_keep_size = '8GB'
+fsync = off
+CONF
+runuser -u postgres -- "$PG/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w start >/dev/null
+say "building a backlog: pgbench -i -s $SCALE with archiving failing"
+"$PG/pgbench" -h "$WORK/sock" -p "$PORT" -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
+"$PG/psql" -h "$WORK/sock" -p "$PORT" -U postgres -XAtqc "SELECT pg_switch_wal()" postgres >/dev/null
+runuser -u postgres -- "$PG/pg_ctl" -D "$WORK/data" -m fast -w stop >/dev/null
+N=$(ls "$WORK/data/pg_wal/archive_status" | grep -c '\.ready$')
+say "backlog: $N segments; $RUNS runs, parallel_uploads = $PARALLEL, zstd $LEVEL, $BIN"
+
+for run in $(seq "$RUNS"); do
+  rm -rf "$WORK/archive" "$WORK/state" "$WORK/departments.d"
+  mkdir -p "$WORK/archive" "$WORK/state" "$WORK/departments.d"
+  cat >"$WORK/agent.toml" <<TOML
+node_id = "waldaemon"
+state_dir = "$WORK/state"
+socket = "$WORK/agentctl.sock"
+departments_dir = "$WORK/departments.d"
+[wal]
+target = "file://$WORK/archive"
+pg_wal_dir = "$WORK/data/pg_wal"
+parallel_uploads = $PARALLEL
+compression_level = $LEVEL
+[api]
+listen = ""
+[log]
+level = "warn"
+TOML
+  sync
+  t0=$(date +%s.%N)
+  "$BIN/fleet-agentd" --config "$WORK/agent.toml" >>"$WORK/daemon.log" 2>&1 &
+  PID=$!
+  first=""
+  while :; do
+    c=$(find "$WORK/archive" -name '*.zst' | wc -l)
+    [[ -z "$first" ]] && ((c > 0)) && first=$(date +%s.%N)
+    ((c >= N)) && break
+    kill -0 "$PID" 2>/dev/null || { say "fleet-agentd exited"; tail "$WORK/daemon.log" >&2; exit 1; }
+    sleep 0.05
+  done
+  t1=$(date +%s.%N)
+  read -r user sys < <(awk '{ print $14, $15 }' "/proc/$PID/stat")
+  hwm=$(awk '/^VmHWM/ { print $2 }' "/proc/$PID/status")
+  anon=$(awk '/^Anonymous:/ { print $2 }' "/proc/$PID/smaps_rollup")
+  # glibc's per-thread arenas start 64 MiB-aligned; counted: anonymous mappings
+  # starting 16 MiB-aligned with more than 256 KiB resident.
+  arenas=$(awk '/^[0-9a-f]+-[0-9a-f]+ / { a = ($1 ~ /^[0-9a-f]+000000-/) && $6 == "" } /^Rss:/ && a && $2 > 256 { n++; s += $2 } END { printf "%d (%.1f MiB)", n, s / 1024 }' "/proc/$PID/smaps")
+  kill -TERM "$PID"; wait "$PID" 2>/dev/null || true; PID=""
+  awk -v n="$N" -v a="$t0" -v f="$first" -v b="$t1" -v u="$user" -v s="$sys" -v hz="$(getconf CLK_TCK)" \
+    -v h="$hwm" -v an="$anon" -v ar="$arenas" -v r="$run" 'BEGIN {
+    printf "run %d: first object %.2f s, %d segments in %.2f s (%.1f/s), daemon CPU %.1f ms/segment (user %.1f, system %.1f), VmHWM %.1f MiB, anonymous %.1f MiB, arenas over 256 KiB: %s\n",
+      r, f - a, n, b - a, n / (b - a), (u + s) * 1000 / hz / n, u * 1000 / hz / n, s * 1000 / hz / n, h / 1024, an / 1024, ar }'
+done
