@@ -8,7 +8,7 @@
 # as `SELECT now()` prints it (in a +05:30 session) and exact row counts, more
 # writes, then restore and PITR into a new data directory, started the Debian
 # way, with the counts exact; a prefetched segment handed off to `wal fetch` as
-# postgres (renamed, same inode). Last, the same archive switched to S3 (moto on
+# postgres (renamed: the cache file's inode and mtime). Last, the same archive switched to S3 (moto on
 # the host's loopback) with the credentials file where docs/wal.md puts it.
 #
 # Deviations from the docs, both forced by the test rig: the cluster listens on
@@ -193,7 +193,7 @@ in_ct grep -q "fleet-agent-wal/wal.sock wal fetch" /var/lib/postgresql/15/restor
 
 # --- The hand-off as installed: a prefetched segment reaches restore_command's
 # destination by a rename (agentctl, as postgres, outside the WAL service's
-# sandbox), so the destination IS the prefetched file (same inode), complete.
+# sandbox), so the destination IS the prefetched file, complete.
 sysid=$(in_ct od -An -t u8 -N 8 /var/lib/postgresql/15/main/global/pg_control | tr -d ' ')
 mapfile -t archived < <(in_ct ls "/var/backups/fleet-agent/$sysid/wal" | sed -n 's/^\([0-9A-F]\{24\}\)\.zst$/\1/p' | sort)
 first=""
@@ -209,10 +209,13 @@ fetch_as_pg "$first" A || fail "wal fetch $first as postgres"
 cached=/var/lib/fleet-agent-wal/wal-prefetch/$sysid/$next
 prefetched() { in_ct test -f "$cached"; }
 wait_for 30 "$next was not prefetched after $first was fetched" prefetched
+# A mark a rename keeps and a new file does not have: an inode number alone is
+# no proof, the file system hands a freed one straight out again.
+in_ct touch -m -d @1000000000 "$cached"
 inode=$(in_ct stat -c %i "$cached")
 fetch_as_pg "$next" B || fail "wal fetch $next (prefetched) as postgres"
-[ "$(in_ct stat -c '%i %s %U' /var/lib/postgresql/handoff/B)" = "$inode 16777216 postgres" ] \
-    || fail "the prefetched $next was not handed off: $(in_ct stat -c '%i %s %U' /var/lib/postgresql/handoff/B), cache inode $inode"
+[ "$(in_ct stat -c '%i %Y %s %U' /var/lib/postgresql/handoff/B)" = "$inode 1000000000 16777216 postgres" ] \
+    || fail "the prefetched $next was not handed off: $(in_ct stat -c '%i %Y %s %U' /var/lib/postgresql/handoff/B), cache inode $inode, mtime 1000000000"
 in_ct test ! -e "$cached" || fail "the handed-off segment is still in the cache"
 log "hand-off as installed: $next renamed from the prefetch cache (inode $inode)"
 in_ct rm -r /var/lib/postgresql/handoff
