@@ -110,8 +110,10 @@ CONF
   fi
 }
 pgbr_conf() { # NAME DATA SOCK ASYNC [ZSTD_LEVEL]
-  mkdir -p "$WORK/$1-repo" "$WORK/$1-spool" "$WORK/$1-log"
-  chown postgres: "$WORK/$1-repo" "$WORK/$1-spool" "$WORK/$1-log"
+  mkdir -p "$WORK/$1-repo" "$WORK/$1-spool" "$WORK/$1-log" "$WORK/$1-lock"
+  chown postgres: "$WORK/$1-repo" "$WORK/$1-spool" "$WORK/$1-log" "$WORK/$1-lock"
+  # lock-path: the default /tmp/pgbackrest is shared by every run of this
+  # script on the host, and a second run's async process then waits for the lock.
   cat >"$WORK/$1.conf" <<CONF
 [global]
 $(pgbr_repo "$1")
@@ -121,6 +123,7 @@ log-path=$WORK/$1-log
 log-level-console=warn
 log-level-file=off
 spool-path=$WORK/$1-spool
+lock-path=$WORK/$1-lock
 archive-async=$4
 process-max=4
 start-fast=y
