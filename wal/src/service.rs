@@ -1641,7 +1641,9 @@ pub enum Fetched {
 
 #[derive(Debug, PartialEq, Eq)]
 enum CacheEntry {
-    Serve { length: u64 },
+    Serve {
+        length: u64,
+    },
     /// Something the prefetch did not write: prefetch only ever renames a
     /// regular file into place, so a symlink here is someone's game.
     Refuse,

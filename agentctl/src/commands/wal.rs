@@ -920,7 +920,10 @@ mod tests {
             take_over_plan(false, 1, 100, 100),
             TakeOver::Refuse(_)
         ));
-        assert!(matches!(take_over_plan(true, 1, 99, 100), TakeOver::Refuse(_)));
+        assert!(matches!(
+            take_over_plan(true, 1, 99, 100),
+            TakeOver::Refuse(_)
+        ));
         assert!(copy_after_rename_error(Some(libc::EXDEV)));
         assert!(copy_after_rename_error(Some(libc::EACCES)));
         assert!(!copy_after_rename_error(Some(libc::ENOENT)));
