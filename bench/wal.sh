@@ -25,7 +25,8 @@
 # each copy and we record the largest .ready backlog seen.
 # Finally the time to restore 64 segments (1 GiB) of WAL: fetching every archived
 # segment in order with `agentctl wal fetch` (prefetch) vs `pgbackrest archive-get`,
-# from the directory and from S3.
+# from the directory and from S3, one process per segment as PostgreSQL starts
+# them, each tool as the owner of its cache or spool (fleet-agentd's is root's here).
 #
 #   bash bench/wal.sh     # rewrites its section of docs/benchmarks.md
 #
