@@ -964,6 +964,30 @@ mod tests {
     }
 
     #[test]
+    fn a_file_on_another_file_system_is_copied_and_leaves_the_cache() {
+        use std::os::unix::fs::MetadataExt;
+        // /dev/shm is a tmpfs on Linux hosts; the temp dir is usually on disk.
+        let Ok(other_fs) = tempfile::tempdir_in("/dev/shm") else {
+            eprintln!("no /dev/shm: the cross-file-system copy is not exercised");
+            return;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        if std::fs::metadata(other_fs.path()).expect("shm").dev()
+            == std::fs::metadata(dir.path()).expect("tmp").dev()
+        {
+            eprintln!("/dev/shm and the temp dir share a file system: not exercised");
+            return;
+        }
+        let source = other_fs.path().join(SEG);
+        std::fs::write(&source, vec![9u8; 70_000]).expect("source");
+        let dest = dir.path().join("RECOVERYXLOG");
+        let temp = dir.path().join(".RECOVERYXLOG.fleet-tmp");
+        take_over(&source, 70_000, &dest, &temp).expect("copied across");
+        assert_eq!(std::fs::read(&dest).expect("dest"), vec![9u8; 70_000]);
+        assert!(!source.exists() && !temp.exists());
+    }
+
+    #[test]
     fn a_symlink_or_a_wrong_length_is_refused_and_dest_untouched() {
         let dir = tempfile::tempdir().expect("tempdir");
         let secret = dir.path().join("secret");
