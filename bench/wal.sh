@@ -25,7 +25,8 @@
 # each copy and we record the largest .ready backlog seen.
 # Finally the time to restore 64 segments (1 GiB) of WAL: fetching every archived
 # segment in order with `agentctl wal fetch` (prefetch) vs `pgbackrest archive-get`,
-# from the directory and from S3.
+# from the directory and from S3, one process per segment as PostgreSQL starts
+# them, each tool as the owner of its cache or spool (fleet-agentd's is root's here).
 #
 #   bash bench/wal.sh     # rewrites its section of docs/benchmarks.md
 #
@@ -406,10 +407,14 @@ restore() { # TARGET(dir|s3) PGBR_CONF: the daemon must be on that target now
   t1=$(now)
   FETCH_FLEET[$1]=$(elapsed "$t0" "$t1")
   t0=$(now)
-  for s in "${SEGMENTS[@]}"; do
-    rm -f "$WORK/fetch/RECOVERYXLOG.pgbr"
-    as_pg pgbackrest --config="$WORK/$2.conf" --stanza=bench archive-get "$s" "$WORK/fetch/RECOVERYXLOG.pgbr" >/dev/null
-  done
+  # Each tool runs as the owner of its spool or cache, one process per segment
+  # as PostgreSQL starts them; one `runuser` for the whole loop, since one per
+  # call (a PAM session, ~35 ms on the 2-core host) was charged to pgBackRest only.
+  as_pg bash -c 'conf=$1 dest=$2; shift 2
+    for s in "$@"; do
+      rm -f "$dest"
+      pgbackrest --config="$conf" --stanza=bench archive-get "$s" "$dest" >/dev/null
+    done' _ "$WORK/$2.conf" "$WORK/fetch/RECOVERYXLOG.pgbr" "${SEGMENTS[@]}"
   t1=$(now)
   FETCH_PGBR[$1]=$(elapsed "$t0" "$t1")
   say "restore ($1): fleet-agent ${FETCH_FLEET[$1]} s, pgBackRest ${FETCH_PGBR[$1]} s"

@@ -73,6 +73,21 @@ impl Client {
         body: Option<Bytes>,
         content_type: &str,
     ) -> Result<Response<Incoming>> {
+        let has_body = body.is_some();
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "fleet-agentd");
+        if has_body {
+            request = request.header("content-type", content_type);
+        }
+        let request = request
+            .body(Full::new(body.unwrap_or_default()))
+            .map_err(|e| anyhow!("bad request: {e}"))?;
+        self.send_request(request).await
+    }
+
+    async fn send_request(&self, request: Request<Full<Bytes>>) -> Result<Response<Incoming>> {
         let stream = UnixStream::connect(&self.socket).await.with_context(|| {
             format!(
                 "cannot reach fleet-agentd at {}; is it running? (start it with `fleet-agentd`, or pass --socket)",
@@ -85,21 +100,30 @@ impl Client {
         tokio::spawn(async move {
             let _ = connection.await;
         });
-        let has_body = body.is_some();
-        let mut request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "fleet-agentd");
-        if has_body {
-            request = request.header("content-type", content_type);
-        }
-        let request = request
-            .body(Full::new(body.unwrap_or_default()))
-            .map_err(|e| anyhow!("bad request: {e}"))?;
         sender
             .send_request(request)
             .await
             .context("fleet-agentd closed the connection")
+    }
+
+    /// A bodiless request with one extra header (`wal fetch`'s hand-off offer).
+    pub async fn send_with_header(
+        &self,
+        method: Method,
+        path: &str,
+        header: Option<(&str, &str)>,
+    ) -> Result<Response<Incoming>> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "fleet-agentd");
+        if let Some((name, value)) = header {
+            request = request.header(name, value);
+        }
+        let request = request
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| anyhow!("bad request: {e}"))?;
+        self.send_request(request).await
     }
 
     /// Sends and reads the whole answer whatever its status.

@@ -7,7 +7,8 @@
 # status`, fleet-agentd's /v1/wal and /metrics relaying the WAL service, a time
 # as `SELECT now()` prints it (in a +05:30 session) and exact row counts, more
 # writes, then restore and PITR into a new data directory, started the Debian
-# way, with the counts exact. Last, the same archive switched to S3 (moto on
+# way, with the counts exact; a prefetched segment handed off to `wal fetch` as
+# postgres (renamed: the cache file's inode and mtime). Last, the same archive switched to S3 (moto on
 # the host's loopback) with the credentials file where docs/wal.md puts it.
 #
 # Deviations from the docs, both forced by the test rig: the cluster listens on
@@ -189,6 +190,35 @@ got=$(psql_at $restored_port 'SELECT count(*) FROM pgbench_history')
 [ "$got" = "$history" ] || fail "restored pgbench_history has $got rows, expected $history"
 in_ct grep -q "fleet-agent-wal/wal.sock wal fetch" /var/lib/postgresql/15/restored/postgresql.auto.conf \
     || fail "restore_command does not use the WAL service's socket"
+
+# --- The hand-off as installed: a prefetched segment reaches restore_command's
+# destination by a rename (agentctl, as postgres, outside the WAL service's
+# sandbox), so the destination IS the prefetched file, complete.
+sysid=$(in_ct od -An -t u8 -N 8 /var/lib/postgresql/15/main/global/pg_control | tr -d ' ')
+mapfile -t archived < <(in_ct ls "/var/backups/fleet-agent/$sysid/wal" | sed -n 's/^\([0-9A-F]\{24\}\)\.zst$/\1/p' | sort)
+first=""
+for ((i = 0; i + 1 < ${#archived[@]}; i++)); do
+    n=${archived[i]}
+    next=$(printf '%s%08X%08X' "${n:0:8}" $((16#${n:8:8})) $((16#${n:16:8} + 1)))
+    [ "${archived[i + 1]}" = "$next" ] && { first=$n; break; }
+done
+[ -n "$first" ] || fail "no two consecutive segments archived: ${archived[*]}"
+fetch_as_pg() { in_ct runuser -u postgres -- sh -c "cd /var/lib/postgresql/15/main && agentctl wal fetch $1 /var/lib/postgresql/handoff/$2"; }
+in_ct install -d -o postgres -g postgres -m 0700 /var/lib/postgresql/handoff
+fetch_as_pg "$first" A || fail "wal fetch $first as postgres"
+cached=/var/lib/fleet-agent-wal/wal-prefetch/$sysid/$next
+prefetched() { in_ct test -f "$cached"; }
+wait_for 30 "$next was not prefetched after $first was fetched" prefetched
+# A mark a rename keeps and a new file does not have: an inode number alone is
+# no proof, the file system hands a freed one straight out again.
+in_ct touch -m -d @1000000000 "$cached"
+inode=$(in_ct stat -c %i "$cached")
+fetch_as_pg "$next" B || fail "wal fetch $next (prefetched) as postgres"
+[ "$(in_ct stat -c '%i %Y %s %U' /var/lib/postgresql/handoff/B)" = "$inode 1000000000 16777216 postgres" ] \
+    || fail "the prefetched $next was not handed off: $(in_ct stat -c '%i %Y %s %U' /var/lib/postgresql/handoff/B), cache inode $inode, mtime 1000000000"
+in_ct test ! -e "$cached" || fail "the handed-off segment is still in the cache"
+log "hand-off as installed: $next renamed from the prefetch cache (inode $inode)"
+in_ct rm -r /var/lib/postgresql/handoff
 
 # --- verify and the restore drill, run by the WAL service (User=postgres) as
 # docs/wal.md says: the whole chain checks, and a drill restores the newest

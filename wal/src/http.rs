@@ -3,7 +3,7 @@
 //! reach nothing else); the TCP API gets none of these routes.
 
 use crate::backup::RestoreRequest;
-use crate::service::{PushOutcome, WalError, WalService};
+use crate::service::{Fetched, PushOutcome, WalError, WalService};
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -194,11 +194,25 @@ async fn push(
     Ok(Json(serde_json::json!({ "name": q.name, "outcome": outcome })).into_response())
 }
 
+/// Request header of a caller that can take a prefetched file over (agentctl
+/// `wal fetch`). A header rather than a query parameter, so that an older
+/// daemon ignores it and sends the bytes as before.
+pub const HAND_OFF_REQUEST: &str = "x-fleet-wal-hand-off";
+/// Answer header to such a caller: the prefetched file's absolute path; the
+/// body is empty. Absent: the body is the segment.
+pub const HAND_OFF_PATH: &str = "x-fleet-wal-path";
+/// With `HAND_OFF_PATH`: the file's length, which the caller checks.
+pub const HAND_OFF_LENGTH: &str = "x-fleet-wal-length";
+
 async fn fetch(
     State(service): State<Arc<WalService>>,
     Path(name): Path<String>,
     Query(q): Query<SysQuery>,
+    headers: HeaderMap,
 ) -> Result<Response, WalError> {
+    // The same checks as for the bytes: a hand-off goes only to a caller
+    // already admitted for this cluster, and only names a file in its
+    // prefetch directory (the name is a validated WAL name, no `/`).
     let sysid = service.resolve_sysid(q.system_id)?;
     if !crate::names::is_valid(&name) {
         return Err(WalError::BadName(name));
@@ -206,11 +220,40 @@ async fn fetch(
     service
         .admit(sysid, false)
         .inspect_err(|e| service.fail(e))?;
-    let content = service.fetch(sysid, &name).await.inspect_err(|e| {
-        if !matches!(e, WalError::NotFound(_)) {
-            service.fail(e)
+    let hand_off = headers.get(HAND_OFF_REQUEST).is_some_and(|v| v == "1");
+    let fetched = service
+        .fetch_or_hand_off(sysid, &name, hand_off)
+        .await
+        .inspect_err(|e| {
+            if !matches!(e, WalError::NotFound(_)) {
+                service.fail(e)
+            }
+        })?;
+    let content = match fetched {
+        Fetched::Content(content) => content,
+        Fetched::HandOff { path, length } => {
+            use std::os::unix::ffi::OsStrExt;
+            match header::HeaderValue::from_bytes(path.as_os_str().as_bytes()) {
+                Ok(value) => {
+                    return Ok((
+                        [
+                            (header::HeaderName::from_static(HAND_OFF_PATH), value),
+                            (
+                                header::HeaderName::from_static(HAND_OFF_LENGTH),
+                                header::HeaderValue::from(length),
+                            ),
+                        ],
+                        "",
+                    )
+                        .into_response())
+                }
+                // A state directory whose path is not a header value: the bytes.
+                Err(_) => tokio::fs::read(&path)
+                    .await
+                    .map_err(|e| WalError::Internal(format!("{}: {e}", path.display())))?,
+            }
         }
-    })?;
+    };
     Ok((
         [(header::CONTENT_TYPE, "application/octet-stream")],
         content,

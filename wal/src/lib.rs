@@ -14,4 +14,4 @@ pub mod target;
 pub mod times;
 pub mod verify;
 
-pub use service::{EventSink, PushOutcome, WalError, WalService};
+pub use service::{EventSink, Fetched, PushOutcome, WalError, WalService};

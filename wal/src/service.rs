@@ -1179,9 +1179,20 @@ impl WalService {
         latest
     }
 
-    /// `restore_command`'s request: the original bytes, checksum verified.
-    /// Starts fetching the following segments into the prefetch directory.
-    pub async fn fetch(self: &Arc<Self>, sysid: u64, name: &str) -> Result<Vec<u8>, WalError> {
+    /// `restore_command`'s request: the original bytes, checksum verified;
+    /// starts fetching the following segments into the prefetch directory.
+    /// With `hand_off`, when the segment is already prefetched
+    /// (checksum verified when it was decoded), the prefetched file's path
+    /// instead of its 16 MiB: the caller (agentctl, as the cluster's user)
+    /// moves it into place itself, as pgBackRest does from its spool. The
+    /// file stays in the cache until the caller takes it, so a caller that
+    /// gives up loses nothing; `clean_prefetch` drops it once recovery is past.
+    pub async fn fetch_or_hand_off(
+        self: &Arc<Self>,
+        sysid: u64,
+        name: &str,
+        hand_off: bool,
+    ) -> Result<Fetched, WalError> {
         if !names::is_valid(name) {
             return Err(WalError::BadName(name.to_string()));
         }
@@ -1192,23 +1203,39 @@ impl WalService {
         self.prefetching
             .wait_for(&format!("{sysid}/{name}"), || local.exists())
             .await;
-        let content = match tokio::fs::read(&local).await {
-            Ok(c) => {
-                let _ = tokio::fs::remove_file(&local).await;
-                self.counters.prefetch_hits.fetch_add(1, Ordering::Relaxed);
-                c
+        let cached = tokio::fs::symlink_metadata(&local).await.ok();
+        let (fetched, length) = match cached.as_ref().map(hand_off_decision) {
+            Some(CacheEntry::Serve { length }) if hand_off => {
+                // Absolute and without symlinks: agentctl runs in the data
+                // directory, not in ours.
+                match tokio::fs::canonicalize(&dir).await {
+                    Ok(real) => (
+                        Fetched::HandOff {
+                            path: real.join(name),
+                            length,
+                        },
+                        length,
+                    ),
+                    Err(_) => self.read_cached(&local, sysid, name).await?,
+                }
             }
-            Err(_) => self
-                .fetch_from_target(sysid, name)
-                .await?
-                .ok_or_else(|| WalError::NotFound(name.to_string()))?,
+            Some(CacheEntry::Serve { .. }) => self.read_cached(&local, sysid, name).await?,
+            Some(CacheEntry::Refuse) => {
+                // Not a file we wrote (a symlink, a directory): never served.
+                let _ = tokio::fs::remove_file(&local).await;
+                self.fetch_content(sysid, name).await?
+            }
+            None => self.fetch_content(sysid, name).await?,
         };
+        if matches!(fetched, Fetched::HandOff { .. }) {
+            self.counters.prefetch_hits.fetch_add(1, Ordering::Relaxed);
+        }
         self.counters.fetched.fetch_add(1, Ordering::Relaxed);
         if names::classify(name) == Some(names::WalKind::Segment) {
             self.clean_prefetch(&dir, name).await;
             // A segment is as long as the cluster's segment size, which
             // decides the names that follow it.
-            let segment_bytes = content.len() as u64;
+            let segment_bytes = length;
             for next in names::next_segments(name, PREFETCH, segment_bytes) {
                 let key = format!("{sysid}/{next}");
                 if tokio::fs::metadata(dir.join(&next)).await.is_ok() {
@@ -1229,7 +1256,35 @@ impl WalService {
                 });
             }
         }
-        Ok(content)
+        Ok(fetched)
+    }
+
+    /// A prefetched segment's bytes; the cache entry goes (it is served once).
+    async fn read_cached(
+        &self,
+        local: &Path,
+        sysid: u64,
+        name: &str,
+    ) -> Result<(Fetched, u64), WalError> {
+        match tokio::fs::read(local).await {
+            Ok(c) => {
+                let _ = tokio::fs::remove_file(local).await;
+                self.counters.prefetch_hits.fetch_add(1, Ordering::Relaxed);
+                let length = c.len() as u64;
+                Ok((Fetched::Content(c), length))
+            }
+            // Taken by another caller meanwhile.
+            Err(_) => self.fetch_content(sysid, name).await,
+        }
+    }
+
+    async fn fetch_content(&self, sysid: u64, name: &str) -> Result<(Fetched, u64), WalError> {
+        let content = self
+            .fetch_from_target(sysid, name)
+            .await?
+            .ok_or_else(|| WalError::NotFound(name.to_string()))?;
+        let length = content.len() as u64;
+        Ok((Fetched::Content(content), length))
     }
 
     async fn fetch_from_target(&self, sysid: u64, name: &str) -> Result<Option<Vec<u8>>, WalError> {
@@ -1623,6 +1678,35 @@ fn open_segment(path: &Path) -> Result<(std::fs::File, FileId), WalError> {
         )));
     }
     Ok((file, FileId::of(&meta)))
+}
+
+/// What a fetch answers with.
+#[derive(Debug)]
+pub enum Fetched {
+    /// The original bytes, checksum verified.
+    Content(Vec<u8>),
+    /// The prefetched file holding them (absolute, in the prefetch directory),
+    /// for the caller to move into place.
+    HandOff { path: PathBuf, length: u64 },
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum CacheEntry {
+    Serve {
+        length: u64,
+    },
+    /// Something the prefetch did not write: prefetch only ever renames a
+    /// regular file into place, so a symlink here is someone's game.
+    Refuse,
+}
+
+/// Whether a prefetch cache entry (by its `lstat`) may be served or handed off.
+fn hand_off_decision(meta: &std::fs::Metadata) -> CacheEntry {
+    if meta.file_type().is_file() {
+        CacheEntry::Serve { length: meta.len() }
+    } else {
+        CacheEntry::Refuse
+    }
 }
 
 /// Names with background work under way (look-ahead uploads, prefetches), so
@@ -2071,6 +2155,104 @@ mod tests {
             restarted.counters.verify_unix.load(Ordering::Relaxed),
             service.counters.verify_unix.load(Ordering::Relaxed)
         );
+    }
+
+    fn fetch_service(dir: &Path) -> Arc<WalService> {
+        let config: WalConfig = toml::from_str(&format!(
+            "target = \"file://{}\"",
+            dir.join("archive").display()
+        ))
+        .expect("config");
+        WalService::new(config, dir, Arc::new(|_: &str, _: &str| {})).expect("service")
+    }
+
+    const SEG: &str = "000000010000000000000003";
+
+    #[tokio::test]
+    async fn a_prefetched_segment_is_handed_off_by_its_absolute_path_and_kept_until_taken() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let service = fetch_service(dir.path());
+        let cache = service.prefetch_dir(77);
+        std::fs::create_dir_all(&cache).expect("cache");
+        std::fs::write(cache.join(SEG), vec![7u8; 4096]).expect("prefetched");
+        let Fetched::HandOff { path, length } = service
+            .fetch_or_hand_off(77, SEG, true)
+            .await
+            .expect("fetch")
+        else {
+            panic!("a prefetched segment is handed off");
+        };
+        assert!(path.is_absolute(), "{}", path.display());
+        assert_eq!(path, cache.canonicalize().expect("real").join(SEG));
+        assert_eq!(length, 4096);
+        // The caller takes it; until then it stays, so a retry finds it.
+        assert!(path.exists());
+        assert_eq!(service.counters.prefetch_hits.load(Ordering::Relaxed), 1);
+        // A caller that did not offer to take it over gets the bytes, and
+        // the entry goes (served once).
+        let Fetched::Content(bytes) = service
+            .fetch_or_hand_off(77, SEG, false)
+            .await
+            .expect("fetch")
+        else {
+            panic!("bytes when no hand-off was offered");
+        };
+        assert_eq!(bytes, vec![7u8; 4096]);
+        assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_segment_not_prefetched_comes_as_bytes_and_a_missing_one_is_not_found() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let service = fetch_service(dir.path());
+        let original = vec![5u8; 8192];
+        let (object, _, _) = codec::encode(&original[..], 1).expect("encode");
+        let objects = dir.path().join("archive/77/wal");
+        std::fs::create_dir_all(&objects).expect("archive");
+        std::fs::write(objects.join(format!("{SEG}.zst")), object).expect("object");
+        match service.fetch_or_hand_off(77, SEG, true).await {
+            Ok(Fetched::Content(bytes)) => assert_eq!(bytes, original),
+            other => panic!("bytes from the target, got {other:?}"),
+        }
+        assert!(matches!(
+            service
+                .fetch_or_hand_off(77, "000000010000000000000009", true)
+                .await,
+            Err(WalError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_symlink_in_the_prefetch_directory_is_never_handed_off_or_served() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let service = fetch_service(dir.path());
+        let cache = service.prefetch_dir(77);
+        std::fs::create_dir_all(&cache).expect("cache");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, b"not WAL").expect("secret");
+        std::os::unix::fs::symlink(&secret, cache.join(SEG)).expect("symlink");
+        assert!(matches!(
+            service.fetch_or_hand_off(77, SEG, true).await,
+            Err(WalError::NotFound(_))
+        ));
+        assert!(std::fs::symlink_metadata(cache.join(SEG)).is_err());
+        assert!(secret.exists());
+    }
+
+    #[test]
+    fn only_regular_files_in_the_cache_are_served() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"abc").expect("file");
+        let link = dir.path().join("l");
+        std::os::unix::fs::symlink(&file, &link).expect("symlink");
+        let lstat = |p: &Path| std::fs::symlink_metadata(p).expect("lstat");
+        assert_eq!(
+            hand_off_decision(&lstat(&file)),
+            CacheEntry::Serve { length: 3 }
+        );
+        assert_eq!(hand_off_decision(&lstat(&link)), CacheEntry::Refuse);
+        assert_eq!(hand_off_decision(&lstat(dir.path())), CacheEntry::Refuse);
     }
 
     #[test]

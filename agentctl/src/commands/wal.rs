@@ -467,11 +467,63 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
+/// The daemon's hand-off headers (fleet_wal::http::HAND_OFF_*; agentctl does
+/// not link the WAL crate, so they are spelled twice).
+const HAND_OFF_REQUEST: &str = "x-fleet-wal-hand-off";
+const HAND_OFF_PATH: &str = "x-fleet-wal-path";
+const HAND_OFF_LENGTH: &str = "x-fleet-wal-length";
+
 async fn fetch(client: &Client, name: &str, dest: &Path, system_id: Option<u64>) -> Result<()> {
     let query = sys_query(system_id);
     let path = format!("/v1/wal/fetch/{}?{query}", urlencode(name));
-    let mut response = client
-        .send_typed(Method::GET, &path, None, "application/json")
+    // Temp file beside the destination, then rename: PostgreSQL never sees a
+    // partial segment. No fsync: recovery reads the file at once, PostgreSQL
+    // makes durable what it keeps, and after a crash it asks for it again.
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let temp = dir.join(format!(
+        ".{}.fleet-tmp",
+        dest.file_name().and_then(|n| n.to_str()).unwrap_or("wal")
+    ));
+    let mut response = fetch_request(client, &path, true).await?;
+    if let Some((offered, length)) = offered_hand_off(response.headers(), name) {
+        // Taking the prefetched file over saves the daemon reading 16 MiB,
+        // sending it through the socket and this process writing it again.
+        // When that is not possible (another user's file, a path this
+        // process cannot see), the bytes come the old way.
+        if take_over(&offered, length, dest, &temp).is_ok() {
+            return Ok(());
+        }
+        response = fetch_request(client, &path, false).await?;
+    }
+    let failed = |e: String| {
+        let _ = std::fs::remove_file(&temp);
+        exit(code::OTHER, format!("{}: {e}", dest.display()))
+    };
+    // The body goes to the file as it arrives rather than being gathered
+    // into one 16 MiB buffer first.
+    let mut file = std::fs::File::create(&temp).map_err(|e| failed(e.to_string()))?;
+    while let Some(frame) = response.body_mut().frame().await {
+        let frame = frame.map_err(|e| failed(format!("the daemon's answer broke off: {e}")))?;
+        if let Some(chunk) = frame.data_ref() {
+            file.write_all(chunk).map_err(|e| failed(e.to_string()))?;
+        }
+    }
+    drop(file);
+    std::fs::rename(&temp, dest).map_err(|e| failed(e.to_string()))
+}
+
+/// One fetch request; a refusal becomes the documented exit code.
+async fn fetch_request(
+    client: &Client,
+    path: &str,
+    hand_off: bool,
+) -> Result<hyper::Response<hyper::body::Incoming>> {
+    let extra = hand_off.then_some((HAND_OFF_REQUEST, "1"));
+    let response = client
+        .send_with_header(Method::GET, path, extra)
         .await
         .map_err(|e| exit(code::NO_DAEMON, format!("{e:#}")))?;
     let status = response.status();
@@ -484,32 +536,114 @@ async fn fetch(client: &Client, name: &str, dest: &Path, system_id: Option<u64>)
             .unwrap_or_default();
         return Err(exit(code_for(status), error_text(status, &body)));
     }
-    // Temp file beside the destination, then rename: PostgreSQL never sees a
-    // partial segment. The body goes to the file as it arrives rather than
-    // being gathered into one 16 MiB buffer first. No fsync: recovery reads
-    // the file at once, PostgreSQL makes durable what it keeps, and after a
-    // crash it asks for the segment again.
-    let dir = dest
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let temp = dir.join(format!(
-        ".{}.fleet-tmp",
-        dest.file_name().and_then(|n| n.to_str()).unwrap_or("wal")
+    Ok(response)
+}
+
+/// The prefetched file the daemon offers instead of the bytes, if it offers
+/// one that can be the segment asked for: an absolute path whose last part
+/// is exactly that name, and its length.
+fn offered_hand_off(headers: &hyper::HeaderMap, name: &str) -> Option<(PathBuf, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = PathBuf::from(std::ffi::OsStr::from_bytes(
+        headers.get(HAND_OFF_PATH)?.as_bytes(),
     ));
-    let failed = |e: String| {
-        let _ = std::fs::remove_file(&temp);
-        exit(code::OTHER, format!("{}: {e}", dest.display()))
-    };
-    let mut file = std::fs::File::create(&temp).map_err(|e| failed(e.to_string()))?;
-    while let Some(frame) = response.body_mut().frame().await {
-        let frame = frame.map_err(|e| failed(format!("the daemon's answer broke off: {e}")))?;
-        if let Some(chunk) = frame.data_ref() {
-            file.write_all(chunk).map_err(|e| failed(e.to_string()))?;
+    let length = headers.get(HAND_OFF_LENGTH)?.to_str().ok()?.parse().ok()?;
+    (path.is_absolute() && path.file_name()? == name).then_some((path, length))
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum TakeOver {
+    /// Move the file into place (the daemon's cache entry goes with it).
+    Rename,
+    /// Copy it: another name links to it, which PostgreSQL must not write
+    /// through when it recycles the segment.
+    Copy,
+    Refuse(&'static str),
+}
+
+/// What to do with the opened (O_NOFOLLOW) file, from its `fstat`.
+fn take_over_plan(is_file: bool, links: u64, length: u64, offered_length: u64) -> TakeOver {
+    if !is_file {
+        TakeOver::Refuse("not a regular file")
+    } else if length != offered_length {
+        TakeOver::Refuse("not the length the daemon announced")
+    } else if links != 1 {
+        TakeOver::Copy
+    } else {
+        TakeOver::Rename
+    }
+}
+
+/// A rename that failed with this error may still be done as a copy: another
+/// file system (EXDEV), a cache directory this user may read but not change.
+fn copy_after_rename_error(errno: Option<i32>) -> bool {
+    matches!(
+        errno,
+        Some(libc::EXDEV | libc::EACCES | libc::EPERM | libc::EROFS | libc::EBUSY)
+    )
+}
+
+/// Moves (or copies) the prefetched `source` to `dest` through `temp`, so
+/// that `dest` appears complete. The file is opened without following a
+/// symlink and checked; a rename is path-based, so what arrived at `temp` is
+/// compared (device, inode) with what was checked before `dest` is touched.
+fn take_over(source: &Path, offered_length: u64, dest: &Path, temp: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let refused = |why: &str| std::io::Error::other(format!("{}: {why}", source.display()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(source)?;
+    let meta = file.metadata()?;
+    let plan = take_over_plan(
+        meta.file_type().is_file(),
+        meta.nlink(),
+        meta.len(),
+        offered_length,
+    );
+    match plan {
+        TakeOver::Refuse(why) => return Err(refused(why)),
+        TakeOver::Rename => match std::fs::rename(source, temp) {
+            Ok(()) => {
+                let moved = std::fs::symlink_metadata(temp);
+                let same = moved.as_ref().is_ok_and(|m| {
+                    m.file_type().is_file() && (m.dev(), m.ino()) == (meta.dev(), meta.ino())
+                });
+                if !same {
+                    let _ = std::fs::remove_file(temp);
+                    return Err(refused("replaced while it was taken over"));
+                }
+                return std::fs::rename(temp, dest).inspect_err(|_| {
+                    let _ = std::fs::remove_file(temp);
+                });
+            }
+            Err(e) if copy_after_rename_error(e.raw_os_error()) => {}
+            Err(e) => return Err(e),
+        },
+        TakeOver::Copy => {}
+    }
+    // std's copy uses copy_file_range between two files (a reflink or an
+    // in-kernel copy), so the bytes do not pass through this process.
+    let copied = (|| {
+        let mut out = std::fs::File::create(temp)?;
+        let n = std::io::copy(&mut &file, &mut out)?;
+        if n != offered_length {
+            return Err(refused("shorter than announced"));
+        }
+        drop(out);
+        std::fs::rename(temp, dest)
+    })();
+    match copied {
+        Ok(()) => {
+            // Served: the cache entry may go (the daemon drops it later otherwise).
+            let _ = std::fs::remove_file(source);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(temp);
+            Err(e)
         }
     }
-    drop(file);
-    std::fs::rename(&temp, dest).map_err(|e| failed(e.to_string()))
 }
 
 async fn status(client: &Client, json: bool) -> Result<()> {
@@ -743,4 +877,132 @@ pub async fn restore(client: &Client, args: RestoreArgs) -> Result<()> {
             .unwrap_or_default()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(path: &str, length: &str) -> hyper::HeaderMap {
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert(HAND_OFF_PATH, path.parse().expect("value"));
+        headers.insert(HAND_OFF_LENGTH, length.parse().expect("value"));
+        headers
+    }
+
+    const SEG: &str = "000000010000000000000003";
+
+    #[test]
+    fn only_an_absolute_path_to_the_segment_asked_for_is_taken() {
+        let good = format!("/var/lib/fleet-agent-wal/wal-prefetch/77/{SEG}");
+        assert_eq!(
+            offered_hand_off(&offer(&good, "16777216"), SEG),
+            Some((PathBuf::from(&good), 16 << 20))
+        );
+        // Another name, a relative path, no usable length, no offer at all.
+        assert_eq!(
+            offered_hand_off(&offer(&good, "16777216"), "000000010000000000000004"),
+            None
+        );
+        assert_eq!(
+            offered_hand_off(&offer(&format!("wal-prefetch/77/{SEG}"), "1"), SEG),
+            None
+        );
+        assert_eq!(offered_hand_off(&offer(&good, "many"), SEG), None);
+        assert_eq!(offered_hand_off(&hyper::HeaderMap::new(), SEG), None);
+    }
+
+    #[test]
+    fn a_file_is_moved_when_it_is_the_only_link_copied_when_not_refused_when_odd() {
+        assert_eq!(take_over_plan(true, 1, 100, 100), TakeOver::Rename);
+        assert_eq!(take_over_plan(true, 2, 100, 100), TakeOver::Copy);
+        assert!(matches!(
+            take_over_plan(false, 1, 100, 100),
+            TakeOver::Refuse(_)
+        ));
+        assert!(matches!(
+            take_over_plan(true, 1, 99, 100),
+            TakeOver::Refuse(_)
+        ));
+        assert!(copy_after_rename_error(Some(libc::EXDEV)));
+        assert!(copy_after_rename_error(Some(libc::EACCES)));
+        assert!(!copy_after_rename_error(Some(libc::ENOENT)));
+        assert!(!copy_after_rename_error(None));
+    }
+
+    #[test]
+    fn a_taken_over_file_appears_complete_at_dest_and_leaves_the_cache() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source = dir.path().join(SEG);
+        std::fs::write(&source, vec![3u8; 5000]).expect("source");
+        let dest = dir.path().join("RECOVERYXLOG");
+        let temp = dir.path().join(".RECOVERYXLOG.fleet-tmp");
+        take_over(&source, 5000, &dest, &temp).expect("taken over");
+        assert_eq!(std::fs::read(&dest).expect("dest"), vec![3u8; 5000]);
+        assert!(!source.exists() && !temp.exists());
+    }
+
+    #[test]
+    fn a_hard_linked_file_is_copied_not_moved() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source = dir.path().join(SEG);
+        std::fs::write(&source, vec![4u8; 3000]).expect("source");
+        let other = dir.path().join("other");
+        std::fs::hard_link(&source, &other).expect("link");
+        let dest = dir.path().join("RECOVERYXLOG");
+        let temp = dir.path().join(".RECOVERYXLOG.fleet-tmp");
+        take_over(&source, 3000, &dest, &temp).expect("copied");
+        assert_eq!(std::fs::read(&dest).expect("dest"), vec![4u8; 3000]);
+        // PostgreSQL may write to the segment it keeps: not through `other`.
+        use std::os::unix::fs::MetadataExt;
+        let (d, o) = (
+            std::fs::metadata(&dest).expect("dest"),
+            std::fs::metadata(&other).expect("other"),
+        );
+        assert_ne!(d.ino(), o.ino());
+        assert!(!temp.exists());
+    }
+
+    #[test]
+    fn a_file_on_another_file_system_is_copied_and_leaves_the_cache() {
+        use std::os::unix::fs::MetadataExt;
+        // /dev/shm is a tmpfs on Linux hosts; the temp dir is usually on disk.
+        let Ok(other_fs) = tempfile::tempdir_in("/dev/shm") else {
+            eprintln!("no /dev/shm: the cross-file-system copy is not exercised");
+            return;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        if std::fs::metadata(other_fs.path()).expect("shm").dev()
+            == std::fs::metadata(dir.path()).expect("tmp").dev()
+        {
+            eprintln!("/dev/shm and the temp dir share a file system: not exercised");
+            return;
+        }
+        let source = other_fs.path().join(SEG);
+        std::fs::write(&source, vec![9u8; 70_000]).expect("source");
+        let dest = dir.path().join("RECOVERYXLOG");
+        let temp = dir.path().join(".RECOVERYXLOG.fleet-tmp");
+        take_over(&source, 70_000, &dest, &temp).expect("copied across");
+        assert_eq!(std::fs::read(&dest).expect("dest"), vec![9u8; 70_000]);
+        assert!(!source.exists() && !temp.exists());
+    }
+
+    #[test]
+    fn a_symlink_or_a_wrong_length_is_refused_and_dest_untouched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, b"not WAL").expect("secret");
+        let source = dir.path().join(SEG);
+        std::os::unix::fs::symlink(&secret, &source).expect("symlink");
+        let dest = dir.path().join("RECOVERYXLOG");
+        let temp = dir.path().join(".RECOVERYXLOG.fleet-tmp");
+        assert!(take_over(&source, 7, &dest, &temp).is_err());
+        assert!(!dest.exists() && !temp.exists());
+        std::fs::remove_file(&source).expect("unlink");
+        std::fs::write(&source, vec![1u8; 10]).expect("source");
+        assert!(take_over(&source, 11, &dest, &temp).is_err());
+        assert!(!dest.exists() && source.exists());
+        // Gone meanwhile (cleaned by the daemon): an error, so the bytes are asked for.
+        assert!(take_over(&dir.path().join("gone"), 10, &dest, &temp).is_err());
+    }
 }
