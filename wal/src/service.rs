@@ -45,11 +45,11 @@ pub enum WalError {
     BadName(String),
     #[error("{0}")]
     BadRequest(String),
-    #[error("`{name}` is already archived with different content (stored sha256 {stored}, pushed {pushed}); nothing was overwritten")]
+    #[error("`{name}` is already archived with different content (stored {stored}, pushed {pushed}); nothing was overwritten")]
     Conflict {
         name: String,
-        stored: String,
-        pushed: String,
+        stored: codec::Checksum,
+        pushed: codec::Checksum,
     },
     #[error("`{0}` is not in the archive")]
     NotFound(String),
@@ -170,8 +170,8 @@ pub struct WalService {
     default_sysid: Mutex<Option<u64>>,
     /// Clusters admitted besides the configured one ([`CLUSTERS_FILE`]).
     pinned: Mutex<BTreeSet<u64>>,
-    /// key -> sha256 of what is known to be stored (pushed or verified here).
-    stored: Mutex<HashMap<String, String>>,
+    /// key -> checksum (with its algorithm) of what is known to be stored (pushed or verified here).
+    stored: Mutex<HashMap<String, codec::Checksum>>,
     /// Serialises work on one name; bounded by hashing names onto slots.
     slots: Vec<tokio::sync::Mutex<()>>,
     /// Look-ahead uploads under way, by key.
@@ -690,16 +690,16 @@ impl WalService {
         &self.slots[h % self.slots.len()]
     }
 
-    fn remember(&self, key: &str, sha: &str) {
+    fn remember(&self, key: &str, sha: &codec::Checksum) {
         if let Ok(mut stored) = self.stored.lock() {
             if stored.len() > 50_000 {
                 stored.clear();
             }
-            stored.insert(key.to_string(), sha.to_string());
+            stored.insert(key.to_string(), sha.clone());
         }
     }
 
-    fn known(&self, key: &str) -> Option<String> {
+    fn known(&self, key: &str) -> Option<codec::Checksum> {
         self.stored.lock().ok().and_then(|s| s.get(key).cloned())
     }
 
@@ -720,8 +720,11 @@ impl WalService {
             None => self.recorded_sha(&key, name).await?,
         };
         if let Some(stored) = stored {
+            // In the stored object's algorithm: an FWAL1 object is compared by SHA-256.
+            let algorithm = stored.algorithm;
             let pushed = blocking(move || {
-                codec::sha256_of(content.reader()).map_err(|e| WalError::Internal(e.to_string()))
+                codec::checksum_of(algorithm, content.reader())
+                    .map_err(|e| WalError::Internal(e.to_string()))
             })
             .await?;
             return self.compare(&key, name, stored, pushed);
@@ -751,7 +754,27 @@ impl WalService {
                 let stored = self.recorded_sha(&key, name).await?.ok_or_else(|| {
                     WalError::Internal(format!("`{key}` exists in the target but cannot be read"))
                 })?;
-                self.compare(&key, name, stored, sha)
+                if stored.algorithm == sha.algorithm {
+                    return self.compare(&key, name, stored, sha);
+                }
+                // An older agent put an FWAL1 object there; our content is
+                // gone (streamed into the refused put), so its content is
+                // hashed in ours: decoding verifies it by its own SHA-256.
+                let object = self.target.get(&key).await?.ok_or_else(|| {
+                    WalError::Internal(format!("`{key}` exists in the target but cannot be read"))
+                })?;
+                let owned = name.to_string();
+                let algorithm = sha.algorithm;
+                let theirs = blocking(move || {
+                    codec::decode(&object)
+                        .map(|original| codec::checksum(algorithm, &original))
+                        .map_err(|source| WalError::Corrupt {
+                            name: owned,
+                            source,
+                        })
+                })
+                .await?;
+                self.compare(&key, name, theirs, sha)
             }
         }
     }
@@ -764,7 +787,7 @@ impl WalService {
         &self,
         key: &str,
         content: Content,
-    ) -> Result<(Put, String, u64, u64), WalError> {
+    ) -> Result<(Put, codec::Checksum, u64, u64), WalError> {
         let encoders = self.encoders.clone();
         let Some(root) = self.target.directory().map(Path::to_path_buf) else {
             let (chunks, sha, size, stored) = blocking(move || {
@@ -802,11 +825,15 @@ impl WalService {
     }
 
     /// The checksum in the header of the object stored under `key`, if any.
-    async fn recorded_sha(&self, key: &str, name: &str) -> Result<Option<String>, WalError> {
+    async fn recorded_sha(
+        &self,
+        key: &str,
+        name: &str,
+    ) -> Result<Option<codec::Checksum>, WalError> {
         let Some(head) = self.target.head_bytes(key, HEADER_LEN).await? else {
             return Ok(None);
         };
-        codec::recorded_sha(&head)
+        codec::recorded(&head)
             .map(Some)
             .map_err(|source| WalError::Corrupt {
                 name: name.to_string(),
@@ -818,8 +845,8 @@ impl WalService {
         &self,
         key: &str,
         name: &str,
-        stored: String,
-        pushed: String,
+        stored: codec::Checksum,
+        pushed: codec::Checksum,
     ) -> Result<PushOutcome, WalError> {
         if stored == pushed {
             self.remember(key, &stored);
