@@ -36,7 +36,10 @@ pub enum CodecError {
     #[error("writing the archive object: {0}")]
     Write(std::io::Error),
     #[error("checksum mismatch: recorded {recorded}, content {actual}")]
-    Checksum { recorded: Checksum, actual: Checksum },
+    Checksum {
+        recorded: Checksum,
+        actual: Checksum,
+    },
 }
 
 /// Which hash an object's header records.

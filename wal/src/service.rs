@@ -2228,6 +2228,125 @@ mod tests {
         assert!(!path.exists());
     }
 
+    /// An FWAL1 object as agents before FWAL2 wrote it (SHA-256 header),
+    /// built here without the encoder.
+    fn fwal1_object(original: &[u8]) -> Vec<u8> {
+        use sha2::Digest;
+        let mut object =
+            format!("FWAL1 {}\n", hex::encode(sha2::Sha256::digest(original))).into_bytes();
+        object.extend_from_slice(&zstd::encode_all(original, 1).expect("zstd"));
+        object
+    }
+
+    #[tokio::test]
+    async fn a_mixed_archive_of_fwal1_and_fwal2_objects_restores_verifies_and_dedups() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let service = fetch_service(dir.path());
+        let wal = dir.path().join("archive/77/wal");
+        std::fs::create_dir_all(&wal).expect("archive");
+        let segment = |n: u8| format!("00000001000000000000000{n}");
+        // Segments 1-2 archived by an older agent, 3 by this one.
+        for n in 1..=2u8 {
+            let object = fwal1_object(&[n; 4096]);
+            std::fs::write(wal.join(format!("{}.zst", segment(n))), object).expect("object");
+        }
+        let pushed = service
+            .push(
+                77,
+                &segment(3),
+                Content::Bytes(Bytes::from(vec![3u8; 4096])),
+            )
+            .await
+            .expect("push");
+        assert!(matches!(pushed, PushOutcome::Stored), "{pushed:?}");
+        let stored = std::fs::read(wal.join(format!("{}.zst", segment(3)))).expect("stored");
+        assert_eq!(&stored[..6], b"FWAL2 ");
+
+        // Restore: both versions come back as they were archived.
+        for n in 1..=3u8 {
+            match service.fetch_or_hand_off(77, &segment(n), false).await {
+                Ok(Fetched::Content(bytes)) => assert_eq!(bytes, vec![n; 4096]),
+                other => panic!("{n}: bytes from the target, got {other:?}"),
+            }
+        }
+
+        // Dedup against an FWAL1 object: the same content is already archived,
+        // other content is refused (compared by SHA-256, the object's own).
+        let again = service
+            .push(
+                77,
+                &segment(1),
+                Content::Bytes(Bytes::from(vec![1u8; 4096])),
+            )
+            .await
+            .expect("same content");
+        assert!(matches!(again, PushOutcome::AlreadyArchived), "{again:?}");
+        let other = service
+            .push(
+                77,
+                &segment(2),
+                Content::Bytes(Bytes::from(vec![9u8; 4096])),
+            )
+            .await;
+        match other {
+            Err(WalError::Conflict { stored, pushed, .. }) => {
+                assert_eq!(stored.algorithm, codec::Algorithm::Sha256);
+                assert_eq!(pushed.algorithm, codec::Algorithm::Sha256);
+            }
+            other => panic!("different content over FWAL1 refused, got {other:?}"),
+        }
+        assert_eq!(
+            std::fs::read(wal.join(format!("{}.zst", segment(2)))).expect("kept"),
+            fwal1_object(&[2u8; 4096]),
+            "nothing was overwritten"
+        );
+        // And against an FWAL2 object, by BLAKE3.
+        let again = service
+            .push(
+                77,
+                &segment(3),
+                Content::Bytes(Bytes::from(vec![3u8; 4096])),
+            )
+            .await
+            .expect("same content");
+        assert!(matches!(again, PushOutcome::AlreadyArchived), "{again:?}");
+        let fresh = fetch_service(dir.path());
+        match fresh
+            .push(
+                77,
+                &segment(3),
+                Content::Bytes(Bytes::from(vec![8u8; 4096])),
+            )
+            .await
+        {
+            Err(WalError::Conflict { stored, .. }) => {
+                assert_eq!(stored.algorithm, codec::Algorithm::Blake3)
+            }
+            other => panic!("different content over FWAL2 refused, got {other:?}"),
+        }
+
+        // Verify: the mixed archive is whole; a damaged FWAL1 object is named.
+        let report = service.verify(Some(77)).await.expect("verify");
+        assert!(report.ok, "{report:?}");
+        assert_eq!(report.objects_checked, 3);
+        let mut damaged = fwal1_object(&[1u8; 4096]);
+        let body = zstd::encode_all(&[6u8; 4096][..], 1).expect("zstd");
+        damaged.truncate(codec::HEADER_LEN);
+        damaged.extend_from_slice(&body);
+        std::fs::write(wal.join(format!("{}.zst", segment(1))), damaged).expect("damage");
+        let report = service.verify(Some(77)).await.expect("verify");
+        assert!(!report.ok);
+        assert_eq!(
+            report
+                .checksum_failures
+                .iter()
+                .map(|f| f.name.as_str())
+                .collect::<Vec<_>>(),
+            [segment(1).as_str()],
+            "{report:?}"
+        );
+    }
+
     #[tokio::test]
     async fn a_segment_not_prefetched_comes_as_bytes_and_a_missing_one_is_not_found() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -155,7 +155,8 @@ pub fn walk(archived: &[String], start: Option<&str>, segment_bytes: u64) -> Wal
 impl WalService {
     /// Verifies cluster `sysid`'s archive (default: the configured cluster's).
     /// Every object from the walk's first segment on is fetched and its
-    /// SHA-256 checked. The result is also kept for `/metrics`.
+    /// checksum checked (SHA-256 for FWAL1 objects, BLAKE3 for FWAL2). The
+    /// result is also kept for `/metrics`.
     pub async fn verify(&self, sysid: Option<u64>) -> Result<VerifyReport, WalError> {
         let began = std::time::Instant::now();
         let sysid = self.resolve_sysid(sysid)?;
