@@ -1,4 +1,5 @@
-//! Where one segment's push spends its CPU: reading, SHA-256 (sha2 and ring),
+//! Where one segment's push spends its CPU: reading, SHA-256 (sha2 and ring;
+//! FWAL1 objects), BLAKE3 (FWAL2 objects, what the codec writes now),
 //! zstd (a streaming frame with a new encoder per segment, as the codec did
 //! before issue 13's profiling; one call over the whole segment; one frame
 //! per MiB, as it does now), and the codec's own paths: `EncoderPool` as the
@@ -78,6 +79,13 @@ fn main() -> Result<(), Error> {
     measure("ring SHA-256", &mut || {
         for s in &segments {
             std::hint::black_box(ring::digest::digest(&ring::digest::SHA256, s));
+        }
+        Ok(())
+    })?;
+    // What FWAL2 objects record (one thread, as a push hashes).
+    measure("blake3 BLAKE3", &mut || {
+        for s in &segments {
+            std::hint::black_box(blake3::hash(s));
         }
         Ok(())
     })?;
