@@ -683,6 +683,22 @@ pub struct WalConfig {
     /// on the operator's storage bill (docs/wal.md, "Verifying the archive").
     #[serde(default, with = "humantime_serde::option")]
     pub verify_interval: Option<Duration>,
+    /// The checksum new archive objects record: "sha256" (FWAL1, the default,
+    /// readable by every version) or "blake3" (FWAL2, 2.5x cheaper to compute,
+    /// readable from this version on). Both are always read; the default
+    /// stays sha256 for one release so that a downgraded agent, or a restore
+    /// host not upgraded yet, can still read everything (docs/wal.md).
+    #[serde(default)]
+    pub object_checksum: ObjectChecksum,
+}
+
+/// `wal.object_checksum`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ObjectChecksum {
+    #[default]
+    Sha256,
+    Blake3,
 }
 
 fn default_postgres_user() -> String {

@@ -204,6 +204,7 @@ pub const CONFIG_DOCS: &[(&str, &str)] = &[
     ("wal.backup_max_rate", "Bandwidth cap of a base backup per second (\"50MiB\"; 32KiB to 1GiB), passed to pg_basebackup --max-rate so a backup leaves the cluster disk to serve; absent: no cap."),
     ("wal.pg_bin_dir", "PostgreSQL's programs (pg_ctl, psql) for the restore drill; absent: /usr/lib/postgresql/<PG_VERSION of the backup>/bin."),
     ("wal.drill_dir", "Scratch directory of restore drills (agentctl wal drill); absent: <state_dir>/wal-drill. The PostgreSQL user must reach it; it needs room for one restored cluster."),
+    ("wal.object_checksum", "Checksum new archive objects record: \"sha256\" (FWAL1, read by every version) or \"blake3\" (FWAL2, 2.5x cheaper per segment; agents before this release cannot read it); both are always read. Switch to blake3 once every host that may restore or verify this archive runs this version or newer."),
     ("wal.drill_interval", "Restore drill schedule (7d): restore the newest base backup, replay, query, measure the RTO, clean up; absent: by hand only (agentctl wal drill)."),
     ("wal.verify_interval", "agentctl wal verify on a schedule (24h; 1m to 365d): walk the archive from the oldest kept base backup, read every object back, set the fleet_agent_wal_verify_* metrics (alert FleetWalVerifyFailed); absent: by hand only. Each run reads the whole archive back (one GET per object on S3)."),
     ("wal.socket", "The WAL service's socket (fleet-agent-wal.service); set: fleet-agentd relays /v1/wal and WAL metrics from it and does no WAL work itself."),

@@ -120,7 +120,7 @@ fn main() -> Result<(), Error> {
         }
         Ok(())
     })?;
-    let pool = fleet_wal::codec::EncoderPool::new(level, 1);
+    let pool = fleet_wal::codec::EncoderPool::new(level, 1, fleet_wal::codec::Algorithm::Blake3);
     let mut stored = 0usize;
     measure("codec::EncoderPool (file)", &mut || {
         stored = 0;
@@ -132,13 +132,20 @@ fn main() -> Result<(), Error> {
     })?;
     measure("codec::encode (file)", &mut || {
         for path in &args {
-            std::hint::black_box(fleet_wal::codec::encode(std::fs::File::open(path)?, level)?);
+            std::hint::black_box(fleet_wal::codec::encode(
+                std::fs::File::open(path)?,
+                level,
+                fleet_wal::codec::Algorithm::Blake3,
+            )?);
         }
         Ok(())
     })?;
     let objects: Vec<Vec<u8>> = segments
         .iter()
-        .map(|s| fleet_wal::codec::encode(&s[..], level).map(|(o, _, _)| o))
+        .map(|s| {
+            fleet_wal::codec::encode(&s[..], level, fleet_wal::codec::Algorithm::Blake3)
+                .map(|(o, _, _)| o)
+        })
         .collect::<Result<_, _>>()?;
     measure("codec::decode", &mut || {
         for o in &objects {

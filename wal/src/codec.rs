@@ -5,9 +5,11 @@
 //!
 //! Two header versions, the same layout (6-byte magic, 64 hex digits, `\n`):
 //! `FWAL1 ` records the SHA-256 of the original, `FWAL2 ` its BLAKE3-256.
-//! New objects are FWAL2: BLAKE3 hashed a 16 MiB segment in 3.7 ms where
-//! SHA-256 took 9.3 ms (with SHA-NI), about a third of a push's CPU, and it
-//! is a 256-bit cryptographic hash too, so the integrity check is no weaker.
+//! `[wal] object_checksum` picks what new objects record (FWAL1 by default,
+//! for one release, so that older agents still read the archive): BLAKE3
+//! hashed a 16 MiB segment in 3.7 ms where SHA-256 took 9.3 ms (with SHA-NI),
+//! about a third of a push's CPU, and it is a 256-bit cryptographic hash too,
+//! so the integrity check is no weaker.
 //! Both versions decode and verify, so archives written before FWAL2 stay
 //! readable; a checksum is only ever compared with one of its own algorithm.
 
@@ -19,9 +21,9 @@ use std::io::Read;
 /// is still in cache when the compressor reads it after the hasher.
 const PIECE: usize = 1 << 20;
 
-/// `FWAL2 ` + 64 hex digits (BLAKE3) + `\n`: what this version writes.
+/// `FWAL2 ` + 64 hex digits (BLAKE3) + `\n`: `object_checksum = "blake3"`.
 pub const MAGIC: &[u8; 6] = b"FWAL2 ";
-/// `FWAL1 ` + 64 hex digits (SHA-256) + `\n`: written before FWAL2, still read.
+/// `FWAL1 ` + 64 hex digits (SHA-256) + `\n`: the default, and all objects before FWAL2.
 pub const MAGIC_V1: &[u8; 6] = b"FWAL1 ";
 pub const HEADER_LEN: usize = MAGIC.len() + 64 + 1;
 
@@ -47,7 +49,7 @@ pub enum CodecError {
 pub enum Algorithm {
     /// FWAL1 objects.
     Sha256,
-    /// FWAL2 objects (what this version writes).
+    /// FWAL2 objects (`object_checksum = "blake3"`).
     Blake3,
 }
 
@@ -133,8 +135,12 @@ pub fn header(sum: &Checksum) -> Vec<u8> {
 /// Compresses what `original` yields into an archive object, hashing it in
 /// the same pass; returns the object, the checksum and the original length.
 /// One-off: the WAL service reuses its encoders through an [`EncoderPool`].
-pub fn encode(original: impl Read, level: i32) -> Result<(Vec<u8>, Checksum, u64), CodecError> {
-    Encoder::new(level)?.encode(original)
+pub fn encode(
+    original: impl Read,
+    level: i32,
+    algorithm: Algorithm,
+) -> Result<(Vec<u8>, Checksum, u64), CodecError> {
+    Encoder::new(level, algorithm)?.encode(original)
 }
 
 fn zstd_error(code: zstd::zstd_safe::ErrorCode) -> CodecError {
@@ -149,10 +155,11 @@ pub struct Encoder {
     cctx: zstd::zstd_safe::CCtx<'static>,
     piece: Vec<u8>,
     chunk: Vec<u8>,
+    algorithm: Algorithm,
 }
 
 impl Encoder {
-    pub fn new(level: i32) -> Result<Self, CodecError> {
+    pub fn new(level: i32, algorithm: Algorithm) -> Result<Self, CodecError> {
         let mut cctx = zstd::zstd_safe::CCtx::try_create().ok_or_else(|| {
             CodecError::Zstd(std::io::Error::other("cannot allocate a zstd context"))
         })?;
@@ -163,6 +170,7 @@ impl Encoder {
             piece: vec![0u8; PIECE],
             // Room for a piece that does not compress at all.
             chunk: Vec::with_capacity(zstd::zstd_safe::compress_bound(PIECE)),
+            algorithm,
         })
     }
 
@@ -232,7 +240,7 @@ impl Encoder {
         mut original: impl Read,
         sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
     ) -> Result<(Checksum, u64), CodecError> {
-        let mut hasher = Algorithm::Blake3.hasher();
+        let mut hasher = self.algorithm.hasher();
         let mut length = 0u64;
         loop {
             let n = fill(&mut original, &mut self.piece).map_err(CodecError::Read)?;
@@ -252,7 +260,7 @@ impl Encoder {
                 break;
             }
         }
-        Ok((hasher.finish(Algorithm::Blake3), length))
+        Ok((hasher.finish(self.algorithm), length))
     }
 }
 
@@ -275,14 +283,16 @@ fn fill(original: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 /// level 1), so concurrency beyond that makes and drops extra ones.
 pub struct EncoderPool {
     level: i32,
+    algorithm: Algorithm,
     keep: usize,
     idle: std::sync::Mutex<Vec<Encoder>>,
 }
 
 impl EncoderPool {
-    pub fn new(level: i32, keep: usize) -> Self {
+    pub fn new(level: i32, keep: usize, algorithm: Algorithm) -> Self {
         Self {
             level,
+            algorithm,
             keep,
             idle: std::sync::Mutex::new(Vec::new()),
         }
@@ -293,7 +303,7 @@ impl EncoderPool {
         let reused = self.idle.lock().ok().and_then(|mut idle| idle.pop());
         let mut encoder = match reused {
             Some(encoder) => encoder,
-            None => Encoder::new(self.level)?,
+            None => Encoder::new(self.level, self.algorithm)?,
         };
         let result = work(&mut encoder);
         if let Ok(mut idle) = self.idle.lock() {
@@ -394,7 +404,7 @@ mod tests {
 
     #[test]
     fn new_objects_are_fwal2_with_the_blake3_of_the_original() {
-        let (obj, sum, _) = encode(&b"abc"[..], 1).unwrap();
+        let (obj, sum, _) = encode(&b"abc"[..], 1, Algorithm::Blake3).unwrap();
         assert_eq!(&obj[..MAGIC.len()], b"FWAL2 ");
         // The BLAKE3 test vector for `abc`, not computed by this code.
         let abc = "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85";
@@ -433,7 +443,7 @@ mod tests {
     #[test]
     fn round_trip_and_corruption() {
         let data = vec![7u8; 100_000];
-        let (obj, sha, length) = encode(&data[..], 3).unwrap();
+        let (obj, sha, length) = encode(&data[..], 3, Algorithm::Blake3).unwrap();
         assert_eq!(length, data.len() as u64);
         assert_eq!(sha, b3(&data));
         assert_eq!(checksum_of(Algorithm::Blake3, &data[..]).unwrap(), sha);
@@ -463,7 +473,7 @@ mod tests {
 
     #[test]
     fn a_pooled_encoder_is_reused_and_survives_a_failed_read() {
-        let pool = EncoderPool::new(1, 1);
+        let pool = EncoderPool::new(1, 1, Algorithm::Blake3);
         // Several pieces, compressible and not, so frames span many blocks.
         let first: Vec<u8> = (0..(3 * PIECE + 17)).map(|i| (i % 251) as u8).collect();
         let (obj, sha, length) = pool.encode(&first[..]).unwrap();

@@ -7,7 +7,7 @@ use crate::codec::{self, HEADER_LEN};
 use crate::names;
 use crate::target::{Put, Target, TargetError};
 use bytes::Bytes;
-use fleet_model::config::WalConfig;
+use fleet_model::config::{ObjectChecksum, WalConfig};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -480,6 +480,10 @@ impl WalService {
             encoders: Arc::new(codec::EncoderPool::new(
                 config.compression_level,
                 2 * parallel,
+                match config.object_checksum {
+                    ObjectChecksum::Sha256 => codec::Algorithm::Sha256,
+                    ObjectChecksum::Blake3 => codec::Algorithm::Blake3,
+                },
             )),
             segment_bytes: AtomicU64::new(0),
             valve_announced: Default::default(),
@@ -2067,7 +2071,8 @@ mod tests {
         let wal = dir.join("archive/77/wal");
         std::fs::create_dir_all(&wal).expect("archive");
         for n in 1..=4u8 {
-            let (object, _, _) = codec::encode(&[n; 4096][..], 1).expect("encode");
+            let (object, _, _) =
+                codec::encode(&[n; 4096][..], 1, codec::Algorithm::Blake3).expect("encode");
             std::fs::write(wal.join(format!("00000001000000000000000{n}.zst")), object)
                 .expect("object");
         }
@@ -2185,8 +2190,12 @@ mod tests {
     }
 
     fn fetch_service(dir: &Path) -> Arc<WalService> {
+        service_with(dir, "")
+    }
+
+    fn service_with(dir: &Path, extra_toml: &str) -> Arc<WalService> {
         let config: WalConfig = toml::from_str(&format!(
-            "target = \"file://{}\"",
+            "target = \"file://{}\"\n{extra_toml}",
             dir.join("archive").display()
         ))
         .expect("config");
@@ -2228,6 +2237,28 @@ mod tests {
         assert!(!path.exists());
     }
 
+    /// The default stays FWAL1 (SHA-256) for one release: an agent
+    /// downgraded to a version before FWAL2 must still read what was archived.
+    #[tokio::test]
+    async fn new_objects_record_sha256_by_default_and_blake3_when_configured() {
+        for (extra, magic) in [("", b"FWAL1 "), ("object_checksum = \"blake3\"", b"FWAL2 ")] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let service = service_with(dir.path(), extra);
+            let pushed = service
+                .push(77, SEG, Content::Bytes(Bytes::from(vec![5u8; 4096])))
+                .await
+                .expect("push");
+            assert!(matches!(pushed, PushOutcome::Stored), "{pushed:?}");
+            let stored = std::fs::read(dir.path().join(format!("archive/77/wal/{SEG}.zst")))
+                .expect("stored");
+            assert_eq!(&stored[..6], magic, "with {extra:?}");
+            match service.fetch_or_hand_off(77, SEG, false).await {
+                Ok(Fetched::Content(bytes)) => assert_eq!(bytes, vec![5u8; 4096]),
+                other => panic!("with {extra:?}: {other:?}"),
+            }
+        }
+    }
+
     /// An FWAL1 object as agents before FWAL2 wrote it (SHA-256 header),
     /// built here without the encoder.
     fn fwal1_object(original: &[u8]) -> Vec<u8> {
@@ -2241,7 +2272,7 @@ mod tests {
     #[tokio::test]
     async fn a_mixed_archive_of_fwal1_and_fwal2_objects_restores_verifies_and_dedups() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let service = fetch_service(dir.path());
+        let service = service_with(dir.path(), "object_checksum = \"blake3\"");
         let wal = dir.path().join("archive/77/wal");
         std::fs::create_dir_all(&wal).expect("archive");
         let segment = |n: u8| format!("00000001000000000000000{n}");
@@ -2352,7 +2383,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let service = fetch_service(dir.path());
         let original = vec![5u8; 8192];
-        let (object, _, _) = codec::encode(&original[..], 1).expect("encode");
+        let (object, _, _) =
+            codec::encode(&original[..], 1, codec::Algorithm::Blake3).expect("encode");
         let objects = dir.path().join("archive/77/wal");
         std::fs::create_dir_all(&objects).expect("archive");
         std::fs::write(objects.join(format!("{SEG}.zst")), object).expect("object");
