@@ -426,3 +426,14 @@ pub struct DepartmentUsage {
     /// Unix milliseconds of the sample; `null` when none was taken yet.
     pub sampled_at_ms: Option<i64>,
 }
+
+/// Request header of a caller of the WAL service's `GET /v1/wal/fetch/{name}`
+/// that can take a prefetched file over (agentctl `wal fetch`). A header
+/// rather than a query parameter, so that an older daemon ignores it and
+/// sends the bytes as before.
+pub const WAL_HAND_OFF_REQUEST: &str = "x-fleet-wal-hand-off";
+/// Answer header to such a caller: the prefetched file's absolute path; the
+/// body is empty. Absent: the body is the segment.
+pub const WAL_HAND_OFF_PATH: &str = "x-fleet-wal-path";
+/// With `WAL_HAND_OFF_PATH`: the file's length, which the caller checks.
+pub const WAL_HAND_OFF_LENGTH: &str = "x-fleet-wal-length";

@@ -10,7 +10,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use fleet_model::api::ErrorBody;
+use fleet_model::api::{ErrorBody, WAL_HAND_OFF_LENGTH, WAL_HAND_OFF_PATH, WAL_HAND_OFF_REQUEST};
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -194,16 +194,6 @@ async fn push(
     Ok(Json(serde_json::json!({ "name": q.name, "outcome": outcome })).into_response())
 }
 
-/// Request header of a caller that can take a prefetched file over (agentctl
-/// `wal fetch`). A header rather than a query parameter, so that an older
-/// daemon ignores it and sends the bytes as before.
-pub const HAND_OFF_REQUEST: &str = "x-fleet-wal-hand-off";
-/// Answer header to such a caller: the prefetched file's absolute path; the
-/// body is empty. Absent: the body is the segment.
-pub const HAND_OFF_PATH: &str = "x-fleet-wal-path";
-/// With `HAND_OFF_PATH`: the file's length, which the caller checks.
-pub const HAND_OFF_LENGTH: &str = "x-fleet-wal-length";
-
 async fn fetch(
     State(service): State<Arc<WalService>>,
     Path(name): Path<String>,
@@ -220,7 +210,7 @@ async fn fetch(
     service
         .admit(sysid, false)
         .inspect_err(|e| service.fail(e))?;
-    let hand_off = headers.get(HAND_OFF_REQUEST).is_some_and(|v| v == "1");
+    let hand_off = headers.get(WAL_HAND_OFF_REQUEST).is_some_and(|v| v == "1");
     let fetched = service
         .fetch_or_hand_off(sysid, &name, hand_off)
         .await
@@ -237,9 +227,9 @@ async fn fetch(
                 Ok(value) => {
                     return Ok((
                         [
-                            (header::HeaderName::from_static(HAND_OFF_PATH), value),
+                            (header::HeaderName::from_static(WAL_HAND_OFF_PATH), value),
                             (
-                                header::HeaderName::from_static(HAND_OFF_LENGTH),
+                                header::HeaderName::from_static(WAL_HAND_OFF_LENGTH),
                                 header::HeaderValue::from(length),
                             ),
                         ],

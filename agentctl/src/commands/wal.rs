@@ -8,7 +8,7 @@ use super::JsonFlag;
 use crate::client::Client;
 use crate::output;
 use anyhow::{Context, Result};
-use fleet_model::api::ErrorBody;
+use fleet_model::api::{ErrorBody, WAL_HAND_OFF_LENGTH, WAL_HAND_OFF_PATH, WAL_HAND_OFF_REQUEST};
 use http_body_util::BodyExt;
 use hyper::body::Bytes;
 use hyper::{Method, StatusCode};
@@ -467,12 +467,6 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
-/// The daemon's hand-off headers (fleet_wal::http::HAND_OFF_*; agentctl does
-/// not link the WAL crate, so they are spelled twice).
-const HAND_OFF_REQUEST: &str = "x-fleet-wal-hand-off";
-const HAND_OFF_PATH: &str = "x-fleet-wal-path";
-const HAND_OFF_LENGTH: &str = "x-fleet-wal-length";
-
 async fn fetch(client: &Client, name: &str, dest: &Path, system_id: Option<u64>) -> Result<()> {
     let query = sys_query(system_id);
     let path = format!("/v1/wal/fetch/{}?{query}", urlencode(name));
@@ -521,7 +515,7 @@ async fn fetch_request(
     path: &str,
     hand_off: bool,
 ) -> Result<hyper::Response<hyper::body::Incoming>> {
-    let extra = hand_off.then_some((HAND_OFF_REQUEST, "1"));
+    let extra = hand_off.then_some((WAL_HAND_OFF_REQUEST, "1"));
     let response = client
         .send_with_header(Method::GET, path, extra)
         .await
@@ -545,9 +539,14 @@ async fn fetch_request(
 fn offered_hand_off(headers: &hyper::HeaderMap, name: &str) -> Option<(PathBuf, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let path = PathBuf::from(std::ffi::OsStr::from_bytes(
-        headers.get(HAND_OFF_PATH)?.as_bytes(),
+        headers.get(WAL_HAND_OFF_PATH)?.as_bytes(),
     ));
-    let length = headers.get(HAND_OFF_LENGTH)?.to_str().ok()?.parse().ok()?;
+    let length = headers
+        .get(WAL_HAND_OFF_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
     (path.is_absolute() && path.file_name()? == name).then_some((path, length))
 }
 
@@ -885,8 +884,8 @@ mod tests {
 
     fn offer(path: &str, length: &str) -> hyper::HeaderMap {
         let mut headers = hyper::HeaderMap::new();
-        headers.insert(HAND_OFF_PATH, path.parse().expect("value"));
-        headers.insert(HAND_OFF_LENGTH, length.parse().expect("value"));
+        headers.insert(WAL_HAND_OFF_PATH, path.parse().expect("value"));
+        headers.insert(WAL_HAND_OFF_LENGTH, length.parse().expect("value"));
         headers
     }
 
