@@ -73,16 +73,28 @@ impl Client {
         body: Option<Bytes>,
         content_type: &str,
     ) -> Result<Response<Incoming>> {
-        let has_body = body.is_some();
+        let content = body.is_some().then_some(("content-type", content_type));
+        self.send_one(method, path, content, body.unwrap_or_default())
+            .await
+    }
+
+    /// One request to the daemon: `host`, at most one more header, the body.
+    async fn send_one(
+        &self,
+        method: Method,
+        path: &str,
+        header: Option<(&str, &str)>,
+        body: Bytes,
+    ) -> Result<Response<Incoming>> {
         let mut request = Request::builder()
             .method(method)
             .uri(path)
             .header("host", "fleet-agentd");
-        if has_body {
-            request = request.header("content-type", content_type);
+        if let Some((name, value)) = header {
+            request = request.header(name, value);
         }
         let request = request
-            .body(Full::new(body.unwrap_or_default()))
+            .body(Full::new(body))
             .map_err(|e| anyhow!("bad request: {e}"))?;
         self.send_request(request).await
     }
@@ -113,17 +125,7 @@ impl Client {
         path: &str,
         header: Option<(&str, &str)>,
     ) -> Result<Response<Incoming>> {
-        let mut request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "fleet-agentd");
-        if let Some((name, value)) = header {
-            request = request.header(name, value);
-        }
-        let request = request
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| anyhow!("bad request: {e}"))?;
-        self.send_request(request).await
+        self.send_one(method, path, header, Bytes::new()).await
     }
 
     /// Sends and reads the whole answer whatever its status.
