@@ -107,10 +107,10 @@ impl Hasher {
         }
     }
 
-    fn finish(self, algorithm: Algorithm) -> Checksum {
-        let hex = match self {
-            Hasher::Sha256(h) => hex::encode(h.finalize()),
-            Hasher::Blake3(h) => h.finalize().to_hex().to_string(),
+    fn finish(self) -> Checksum {
+        let (algorithm, hex) = match self {
+            Hasher::Sha256(h) => (Algorithm::Sha256, hex::encode(h.finalize())),
+            Hasher::Blake3(h) => (Algorithm::Blake3, h.finalize().to_hex().to_string()),
         };
         Checksum { algorithm, hex }
     }
@@ -120,7 +120,7 @@ impl Hasher {
 pub fn checksum(algorithm: Algorithm, bytes: &[u8]) -> Checksum {
     let mut hasher = algorithm.hasher();
     hasher.update(bytes);
-    hasher.finish(algorithm)
+    hasher.finish()
 }
 
 /// The header recording `sum` (its algorithm picks the version).
@@ -260,7 +260,7 @@ impl Encoder {
                 break;
             }
         }
-        Ok((hasher.finish(self.algorithm), length))
+        Ok((hasher.finish(), length))
     }
 }
 
@@ -344,7 +344,7 @@ pub fn checksum_of(algorithm: Algorithm, mut original: impl Read) -> Result<Chec
             break;
         }
     }
-    Ok(hasher.finish(algorithm))
+    Ok(hasher.finish())
 }
 
 /// The checksum recorded in an object's header (its first `HEADER_LEN` bytes suffice).
