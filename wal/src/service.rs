@@ -373,14 +373,18 @@ fn read_pinned(path: &Path) -> Result<BTreeSet<u64>, WalError> {
         .collect()
 }
 
-/// Temp file, fsync, rename: a crash leaves the old list or the new one.
 fn write_pinned(path: &Path, ids: &BTreeSet<u64>) -> std::io::Result<()> {
+    let lines: String = ids.iter().map(|id| format!("{id}\n")).collect();
+    replace_file(path, lines.as_bytes())
+}
+
+/// Temp file, fsync, rename, fsync of the directory: a crash leaves the old
+/// content or the new one, never a part.
+fn replace_file(path: &Path, content: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let temp = path.with_extension("tmp");
     let mut file = std::fs::File::create(&temp)?;
-    for id in ids {
-        writeln!(file, "{id}")?;
-    }
+    file.write_all(content)?;
     file.sync_all()?;
     std::fs::rename(&temp, path)?;
     if let Some(dir) = path.parent() {
@@ -1160,11 +1164,9 @@ impl WalService {
             unix: c.verify_unix.load(Ordering::Relaxed),
         };
         let path = self.state_dir.join(VERIFY_FILE);
-        let temp = self.state_dir.join(format!(".{VERIFY_FILE}.tmp"));
         let written = serde_json::to_vec(&mark)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&temp, bytes))
-            .and_then(|()| std::fs::rename(&temp, &path));
+            .and_then(|bytes| replace_file(&path, &bytes));
         if let Err(e) = written {
             tracing::warn!(file = %path.display(), error = %e, "Could not keep the verify result for the next start.");
         }
