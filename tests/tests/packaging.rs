@@ -17,7 +17,7 @@
 //! preview names 47700/47701 without binding them) and 47710-47719
 //! (installed-ops), 44500-44519 (ansible-wal-s3), 44200-44209
 //! (installed-wal-tls), 44600-44639 (installed-progress), 44640-44679
-//! (installed-prometheus).
+//! (installed-prometheus), 44800-44809 (installed-cli).
 
 use fleet_tests::unique_name;
 use std::path::PathBuf;
@@ -121,6 +121,15 @@ fn installed_wal_archives_to_s3_behind_a_private_ca_and_names_the_certificate_wi
 #[test]
 fn installed_backup_and_restore_show_progress_in_a_pipe_on_a_terminal_and_in_the_api() {
     run_script("installed-progress.sh", "pkprog");
+}
+
+/// Issue 14 as installed: refusals of `agentctl apply -f` name file,
+/// line:column and field without echoing a secret, an explicit host_port
+/// outside the pool names the range, `agentctl events -n`/`--department`,
+/// `fleet-agentd config show` masks a password.
+#[test]
+fn installed_refusals_name_the_line_and_field_events_filter_and_config_show_masks() {
+    run_script("installed-cli.sh", "pkcli");
 }
 
 /// `serial_`: its crash-looping department's restart count comes back from
