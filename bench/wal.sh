@@ -35,8 +35,8 @@
 # BENCH_PORT (46590), BENCH_S3_PORT (BENCH_PORT+1),
 # BENCH_METHODS (all: fleet fleet-zst3 pgbr-sync pgbr-async pgbr-async-zst1 seed
 # fleet-s3 pgbr-async-s3-zst1), BENCH_DRAIN_TIMEOUT (600 s), BENCH_NOTES (a file
-# appended to the written section), BENCH_OBJECT_CHECKSUM (sha256, the daemon's
-# default; blake3 for FWAL2 objects). Needs root (runuser, cgroup v1 cpuacct at
+# appended to the written section), BENCH_OBJECT_CHECKSUM (blake3, the daemon's
+# default from 0.2.0; sha256 for FWAL1 objects). Needs root (runuser, cgroup v1 cpuacct at
 # /sys/fs/cgroup/cpuacct), haproxy and /opt/moto for S3.
 # Not a test: it measures. Run it on a quiet machine.
 set -euo pipefail
@@ -242,7 +242,7 @@ pg_wal_dir = "$1"
 postgres = "$2"
 parallel_uploads = 4
 compression_level = $4
-object_checksum = "${BENCH_OBJECT_CHECKSUM:-sha256}"
+object_checksum = "${BENCH_OBJECT_CHECKSUM:-blake3}"
 $s3
 [api]
 listen = ""

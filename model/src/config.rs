@@ -683,11 +683,11 @@ pub struct WalConfig {
     /// on the operator's storage bill (docs/wal.md, "Verifying the archive").
     #[serde(default, with = "humantime_serde::option")]
     pub verify_interval: Option<Duration>,
-    /// The checksum new archive objects record: "sha256" (FWAL1, the default,
-    /// readable by every version) or "blake3" (FWAL2, 2.5x cheaper to compute,
-    /// readable from this version on). Both are always read; the default
-    /// stays sha256 for one release so that a downgraded agent, or a restore
-    /// host not upgraded yet, can still read everything (docs/wal.md).
+    /// The checksum new archive objects record: "blake3" (FWAL2, the default
+    /// from 0.2.0) or "sha256" (FWAL1, readable by every version). Both are
+    /// always read. BLAKE3 is as strong and 2.5x cheaper per segment; sha256
+    /// stays for an archive that agents older than FWAL2 must still read
+    /// (docs/wal.md, "Upgrading to 0.2.0").
     #[serde(default)]
     pub object_checksum: ObjectChecksum,
 }
@@ -696,8 +696,8 @@ pub struct WalConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ObjectChecksum {
-    #[default]
     Sha256,
+    #[default]
     Blake3,
 }
 

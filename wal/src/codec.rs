@@ -5,8 +5,8 @@
 //!
 //! Two header versions, the same layout (6-byte magic, 64 hex digits, `\n`):
 //! `FWAL1 ` records the SHA-256 of the original, `FWAL2 ` its BLAKE3-256.
-//! `[wal] object_checksum` picks what new objects record (FWAL1 by default,
-//! for one release, so that older agents still read the archive): BLAKE3
+//! `[wal] object_checksum` picks what new objects record (FWAL2 by default
+//! from 0.2.0; 0.1.0 wrote FWAL1 and its last builds read both): BLAKE3
 //! hashed a 16 MiB segment in 3.7 ms where SHA-256 took 9.3 ms (with SHA-NI),
 //! about a third of a push's CPU, and it is a 256-bit cryptographic hash too,
 //! so the integrity check is no weaker.
@@ -21,9 +21,9 @@ use std::io::Read;
 /// is still in cache when the compressor reads it after the hasher.
 const PIECE: usize = 1 << 20;
 
-/// `FWAL2 ` + 64 hex digits (BLAKE3) + `\n`: `object_checksum = "blake3"`.
+/// `FWAL2 ` + 64 hex digits (BLAKE3) + `\n`: the default from 0.2.0.
 pub const MAGIC: &[u8; 6] = b"FWAL2 ";
-/// `FWAL1 ` + 64 hex digits (SHA-256) + `\n`: the default, and all objects before FWAL2.
+/// `FWAL1 ` + 64 hex digits (SHA-256) + `\n`: `object_checksum = "sha256"`, and all objects before FWAL2.
 pub const MAGIC_V1: &[u8; 6] = b"FWAL1 ";
 pub const HEADER_LEN: usize = MAGIC.len() + 64 + 1;
 
@@ -49,7 +49,7 @@ pub enum CodecError {
 pub enum Algorithm {
     /// FWAL1 objects.
     Sha256,
-    /// FWAL2 objects (`object_checksum = "blake3"`).
+    /// FWAL2 objects (the default from 0.2.0).
     Blake3,
 }
 

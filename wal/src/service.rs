@@ -2239,11 +2239,11 @@ mod tests {
         assert!(!path.exists());
     }
 
-    /// The default stays FWAL1 (SHA-256) for one release: an agent
-    /// downgraded to a version before FWAL2 must still read what was archived.
+    /// FWAL2 (BLAKE3) by default from 0.2.0; sha256 stays selectable for an
+    /// archive that agents older than FWAL2 must still read.
     #[tokio::test]
-    async fn new_objects_record_sha256_by_default_and_blake3_when_configured() {
-        for (extra, magic) in [("", b"FWAL1 "), ("object_checksum = \"blake3\"", b"FWAL2 ")] {
+    async fn new_objects_record_blake3_by_default_and_sha256_when_configured() {
+        for (extra, magic) in [("", b"FWAL2 "), ("object_checksum = \"sha256\"", b"FWAL1 ")] {
             let dir = tempfile::tempdir().expect("tempdir");
             let service = service_with(dir.path(), extra);
             let pushed = service
