@@ -44,10 +44,12 @@ pub enum RunError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckScope {
     /// `agent.toml` and the files it names (tokens, TLS, registry auth): what
-    /// the daemon needs to start. The unit's `ExecStartPre=` runs this, so a
+    /// the daemon needs to start (`wal.s3.ca_file` only when fleet-agentd runs
+    /// the WAL service itself, without `wal.socket`). The unit's `ExecStartPre=` runs this, so a
     /// bad spec file never keeps the daemon (and its supervision) down.
     ConfigOnly,
-    /// Also standalone mode's whole desired state, judged as the daemon will
+    /// Also the files the separate WAL service reads (`wal.s3.ca_file`, as
+    /// `wal.postgres_user`), and standalone mode's whole desired state, judged as the daemon will
     /// judge it at the next reload or start (ids, files, capacity, host ports,
     /// memory admission against this host's memory).
     Everything,
@@ -76,6 +78,14 @@ pub fn check_config(
     if let Some(path) = &config.docker.registry_auth_file {
         if let Err(e) = load_registry_auth(path) {
             problems.push(format!("docker.registry_auth_file: {e}"));
+        }
+    }
+    if let Some(wal) = &config.wal {
+        // ConfigOnly is what fleet-agentd needs to start: with `wal.socket`
+        // the WAL service (its own unit) reads the CA, not fleet-agentd, and
+        // a WAL file must not keep department supervision down.
+        if scope == CheckScope::Everything || wal.socket.is_none() {
+            problems.extend(crate::walfiles::check(wal));
         }
     }
     if scope == CheckScope::Everything && config.coordinator.is_none() {

@@ -26,6 +26,7 @@ pub mod store;
 pub mod supervisor;
 pub mod systemd;
 pub mod usage;
+pub mod walfiles;
 pub mod walserve;
 
 mod daemon;

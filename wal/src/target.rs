@@ -156,6 +156,13 @@ fn read_ca_file(path: &Path) -> Result<Vec<object_store::Certificate>, TargetErr
     Ok(certificates)
 }
 
+/// `fleet-agentd check-config`'s look at `wal.s3.ca_file`: the same read as
+/// the WAL service's start, so both refuse the same file with the same words.
+/// Returns how many certificates it holds.
+pub fn check_ca_file(path: &Path) -> Result<usize, TargetError> {
+    read_ca_file(path).map(|certificates| certificates.len())
+}
+
 impl Target {
     pub fn from_config(config: &WalConfig) -> Result<Self, TargetError> {
         if let Some(path) = config.target.strip_prefix("file://") {
