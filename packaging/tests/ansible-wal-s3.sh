@@ -3,12 +3,14 @@
 # fleet_agent role against a systemd container with Debian's postgresql-15
 # (cluster 15/main, started), with a WAL target on S3 (moto on the host's
 # loopback, a bucket the operator made), the credentials the role installs,
-# pg_wal_dir, backup_interval and recovery_window. The role leaves
+# pg_wal_dir, backup_interval, recovery_window and object_checksum = "sha256"
+# (fleet_agent_wal_object_checksum, issue 13). The role leaves
 # PostgreSQL's own configuration to the operator (it would have to restart the
 # database); that is docs/wal.md's step 3, done here word for word after the
 # role. Then, as an operator: `agentctl wal status` is healthy (the archive
 # answers, no failures), a segment closed by `SELECT pg_switch_wal()` lands in
-# the bucket (listed with boto3, not through the agent), and `agentctl backup
+# the bucket (listed with boto3, not through the agent) as an FWAL1 object (its
+# header read from the bucket), and `agentctl backup
 # create` puts a base backup there. Last, the role again (applied, then with
 # --check --diff) on the converged host changes nothing and restarts nothing.
 #
@@ -18,9 +20,12 @@
 source "$(dirname "$0")/lib.sh"
 
 node=$PKGTEST_NAME
-# Ports 44501-44504 (the pool), 44509 (the API), 44510 (PostgreSQL), 44511 (moto).
-pg_port=44510
-moto_port=44511
+# Ports 44501-44504 (the pool), 44509 (the API), 44510 (PostgreSQL), 44511 (moto);
+# FLEET_PKGTEST_PORT_BASE (default 44500) moves them all, so that a run beside
+# the suite's own can keep to another range.
+port_base=${FLEET_PKGTEST_PORT_BASE:-44500}
+pg_port=$((port_base + 10))
+moto_port=$((port_base + 11))
 moto=/opt/moto/bin/moto_server
 moto_py=/opt/moto/bin/python
 bucket=$(tr -c 'a-z0-9\n' - <<<"${PKGTEST_NAME,,}" | cut -c1-40)-wal
@@ -90,13 +95,14 @@ YAML
 cat >"$work/vars.yml" <<YAML
 fleet_agent_deb_path: "$deb"
 fleet_agent_node_id: "$node"
-fleet_agent_ports_range: "44501-44504"
-fleet_agent_api_listen: "127.0.0.1:44509"
+fleet_agent_ports_range: "$((port_base + 1))-$((port_base + 4))"
+fleet_agent_api_listen: "127.0.0.1:$((port_base + 9))"
 fleet_agent_wal_target: "s3://$bucket/$prefix"
 fleet_agent_wal_postgres: "host=/var/run/postgresql port=$pg_port user=postgres"
 fleet_agent_wal_pg_wal_dir: /var/lib/postgresql/15/main/pg_wal
 fleet_agent_wal_backup_interval: 24h
 fleet_agent_wal_recovery_window: 14d
+fleet_agent_wal_object_checksum: sha256
 fleet_agent_wal_s3_endpoint: "http://127.0.0.1:$moto_port"
 fleet_agent_wal_s3_access_key_id: test
 fleet_agent_wal_s3_secret_access_key: "$secret"
@@ -112,6 +118,7 @@ grep -qF "$secret" "$work/role.log" && fail "the S3 secret appeared in the role'
 # What the role wrote.
 for line in "target = \"s3://$bucket/$prefix\"" 'socket = "/run/fleet-agent-wal/wal.sock"' \
     'pg_wal_dir = "/var/lib/postgresql/15/main/pg_wal"' 'backup_interval = "24h"' 'recovery_window = "14d"' \
+    'object_checksum = "sha256"' \
     '[wal.s3]' "endpoint = \"http://127.0.0.1:$moto_port\"" 'credentials_file = "/etc/fleet-agent/s3-credentials"'; do
     in_ct grep -qxF "$line" /etc/fleet-agent/agent.toml || { in_ct cat /etc/fleet-agent/agent.toml >&2; fail "agent.toml lacks: $line"; }
 done
@@ -149,6 +156,15 @@ psql_at 'SELECT pg_switch_wal()' >/dev/null
 in_bucket() { s3 "sys.exit(0 if any(k.endswith('/wal/$segment.zst') for k in keys()) else 1)"; }
 wait_for 60 "segment $segment is not in s3://$bucket/$prefix" in_bucket
 log "segment $segment is in the bucket"
+# fleet_agent_wal_object_checksum: sha256 made it an FWAL1 object: its header,
+# read from the bucket, not through the agent.
+header=$(s3 "import re
+key = next(k for k in keys() if k.endswith('/wal/$segment.zst'))
+head = s3.get_object(Bucket=bucket, Key=key, Range='bytes=0-70')['Body'].read()
+print(head[:5].decode() if re.fullmatch(rb'FWAL[12] [0-9a-f]{64}\\n', head) else repr(head))") \
+    || fail "cannot read the header of $segment from the bucket"
+[ "$header" = FWAL1 ] || fail "$segment in the bucket is not FWAL1 with object_checksum = \"sha256\": $header"
+log "segment $segment is an FWAL1 object"
 
 out=$(in_ct agentctl wal status 2>&1) || { wal_journal; fail "agentctl wal status: $out"; }
 grep -q "target: *s3://$bucket/$prefix" <<<"$out" || fail "wal status does not show the S3 target: $out"

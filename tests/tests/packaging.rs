@@ -17,7 +17,8 @@
 //! preview names 47700/47701 without binding them) and 47710-47719
 //! (installed-ops), 44500-44519 (ansible-wal-s3), 44200-44209
 //! (installed-wal-tls), 44600-44639 (installed-progress), 44640-44679
-//! (installed-prometheus), 44800-44809 (installed-cli).
+//! (installed-prometheus), 44800-44809 (installed-cli), 44250-44259
+//! (installed-wal-checksum).
 
 use fleet_tests::unique_name;
 use std::path::PathBuf;
@@ -113,6 +114,14 @@ fn installed_wal_archives_backs_up_and_restores_to_a_time_next_to_debians_postgr
 #[test]
 fn installed_wal_archives_to_s3_behind_a_private_ca_and_names_the_certificate_without_it() {
     run_script("installed-wal-tls.sh", "pkwaltls");
+}
+
+/// Issue 13 as installed: FWAL2 objects by default, FWAL1 after
+/// `object_checksum = "sha256"`, a point-in-time restore and `wal verify`
+/// across the mixed archive, a changed digit in either kind named by verify.
+#[test]
+fn installed_wal_writes_fwal2_by_default_fwal1_on_sha256_and_restores_across_both() {
+    run_script("installed-wal-checksum.sh", "pkwalck");
 }
 
 /// Issue 14 as installed: a throttled base backup's progress as plain lines in
