@@ -28,11 +28,13 @@ source "$(dirname "$0")/lib.sh"
 node=$PKGTEST_NAME
 # Ports 44200-44209: PostgreSQL 44200 (15/main), the department pool
 # 44201-44204, the API 44205, moto 44206 (plain HTTP, loopback only), HAProxy's
-# TLS front 44207.
-pg_port=44200
-api=127.0.0.1:44205
-moto_port=44206
-tls_port=44207
+# TLS front 44207. FLEET_PKGTEST_PORT_BASE (default 44200) moves them all, so
+# that a run beside the suite's own can keep to another range.
+port_base=${FLEET_PKGTEST_PORT_BASE:-44200}
+pg_port=$port_base
+api=127.0.0.1:$((port_base + 5))
+moto_port=$((port_base + 6))
+tls_port=$((port_base + 7))
 endpoint="https://127.0.0.1:$tls_port"
 moto=/opt/moto/bin/moto_server
 moto_python=/opt/moto/bin/python
@@ -141,7 +143,7 @@ in_ct sh -c 'umask 077; printf "access_key_id = test\nsecret_access_key = test\n
 in_ct tee /etc/fleet-agent/agent.toml >/dev/null <<TOML
 node_id = "$node"
 [ports]
-range = "44201-44204"
+range = "$((port_base + 1))-$((port_base + 4))"
 [api]
 listen = "$api"
 [wal]
@@ -231,10 +233,21 @@ pglog=$(in_ct tail -n 60 /var/log/postgresql/postgresql-15-main.log)
 names_certificate "$pglog" || fail "PostgreSQL's log does not name the certificate: $pglog"
 log "PostgreSQL's log: $(grep -iE 'certificate' <<<"$pglog" | tail -1)"
 
-# --- A wrong path, and the CA where docs/wal.md says not to put it: refused at
-# start, naming the file.
-refused_at_start() { # PATH WHAT: fleet-agent-wal must not start with ca_file = PATH
+# --- A wrong path, a file without a certificate, and the CA where docs/wal.md
+# says not to put it: `fleet-agentd check-config` (as root, before the
+# restart) refuses each naming the field and the file, and so does the WAL
+# service's start.
+refused_at_start() { # PATH WHAT CHECK: fleet-agent-wal must not start with ca_file = PATH
     in_ct sed -i "/^credentials_file = /a ca_file = \"$1\"" /etc/fleet-agent/agent.toml
+    local out rc=0
+    out=$(in_ct fleet-agentd check-config 2>&1) || rc=$?
+    [ "$rc" = 64 ] || fail "check-config exited $rc with ca_file $1 ($3): $out"
+    grep -q "^fleet-agentd: wal.s3.ca_file $1: .*$3" <<<"$out" || fail "check-config does not name ca_file $1 and '$3': $out"
+    log "check-config: $(grep "wal.s3.ca_file" <<<"$out")"
+    # The unit's ExecStartPre (--config-only, as fleet-agent) leaves it to the
+    # WAL service: fleet-agentd does not read it and keeps supervising.
+    in_ct runuser -u fleet-agent -- fleet-agentd check-config --config-only >/dev/null \
+        || fail "check-config --config-only refused ca_file $1, which only the WAL service reads"
     in_ct systemctl restart fleet-agent-wal >/dev/null 2>&1 && fail "fleet-agent-wal started with ca_file $1 ($2)"
     local j
     j=$(in_ct journalctl -u fleet-agent-wal --no-pager -n 30 -o cat)
@@ -245,9 +258,11 @@ refused_at_start() { # PATH WHAT: fleet-agent-wal must not start with ca_file = 
     in_ct systemctl reset-failed fleet-agent-wal
     in_ct sed -i '/^ca_file = /d' /etc/fleet-agent/agent.toml
 }
-refused_at_start /etc/ssl/fleet-agent/missing.pem 'No such file'
+refused_at_start /etc/ssl/fleet-agent/missing.pem 'No such file' 'cannot read: No such file'
+in_ct sh -c 'printf "access_key_id = not a certificate\n" >/etc/ssl/fleet-agent/not-a-ca.pem; chmod 0644 /etc/ssl/fleet-agent/not-a-ca.pem'
+refused_at_start /etc/ssl/fleet-agent/not-a-ca.pem 'no PEM certificate' 'no PEM certificate in it'
 in_ct install -m 0644 /etc/ssl/fleet-agent/s3-ca.pem /etc/fleet-agent/s3-ca.pem
-refused_at_start /etc/fleet-agent/s3-ca.pem 'Permission denied'
+refused_at_start /etc/fleet-agent/s3-ca.pem 'Permission denied' "user postgres cannot search /etc/fleet-agent (mode 0750, root:fleet-agent)"
 
 # --- The CA back: the segment PostgreSQL kept retrying reaches the bucket.
 # And verify on a schedule (verify_interval; 1m, its least, so the test waits
