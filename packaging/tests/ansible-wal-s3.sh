@@ -80,9 +80,8 @@ wait_for 60 "moto did not come up on $moto_port" s3 'pass'
 s3 's3.create_bucket(Bucket=bucket)' || fail "cannot create the bucket"
 
 systemd_container_up "fleet-$PKGTEST_NAME"
-# Debian's cluster as the package made it, on this test's port.
-in_ct sed -i "s/^port = 5432/port = $pg_port/" /etc/postgresql/15/main/postgresql.conf
-in_ct systemctl start postgresql || fail "postgresql did not start"
+# Debian's cluster as the package made it, on this test's port (the role installs the .deb).
+wal_host_up $pg_port
 
 cat >"$work/inventory.yml" <<YAML
 app_servers:
@@ -133,13 +132,7 @@ done
 
 # docs/wal.md, step 3: the operator's part, after the role.
 log "docs/wal.md step 3: archive_command, restart PostgreSQL"
-in_ct tee -a /etc/postgresql/15/main/postgresql.conf >/dev/null <<'CONF'
-wal_level = replica
-archive_mode = on
-archive_command = 'agentctl wal push %p'
-archive_timeout = 5s
-CONF
-in_ct systemctl restart postgresql || fail "postgresql did not restart"
+wal_archiving_on 5s
 
 log "agentctl backup create"
 out=$(in_ct agentctl backup create 2>&1) || { wal_journal; fail "agentctl backup create: $out"; }

@@ -55,9 +55,7 @@ wait_for() { # SECONDS WHAT COMMAND...: until COMMAND succeeds
     fail "$what (waited ${seconds}s)"
 }
 
-in_ct sed -i "s/^port = 5432/port = $pg_port/" /etc/postgresql/15/main/postgresql.conf
-in_ct systemctl start postgresql || fail "postgresql did not start"
-ct_install_deb "$deb"
+wal_host_up $pg_port "$deb"
 
 # --- Set-up, as docs/wal.md says (the port aside); object_checksum unset.
 in_ct tee /etc/fleet-agent/agent.toml >/dev/null <<TOML
@@ -72,20 +70,9 @@ socket = "/run/fleet-agent-wal/wal.sock"
 postgres = "host=/var/run/postgresql port=$pg_port user=postgres"
 pg_wal_dir = "/var/lib/postgresql/15/main/pg_wal"
 TOML
-in_ct fleet-agentd check-config >/dev/null || fail "check-config refused the documented [wal]"
-in_ct systemctl enable --now fleet-agent-wal >/dev/null 2>&1 \
-    || { wal_journal; fail "fleet-agent-wal did not start"; }
-in_ct systemctl restart fleet-agentd || fail "fleet-agentd did not start"
-in_ct tee -a /etc/postgresql/15/main/postgresql.conf >/dev/null <<'CONF'
-wal_level = replica
-archive_mode = on
-archive_command = 'agentctl wal push %p'
-archive_timeout = 60s
-CONF
-in_ct systemctl restart postgresql || fail "postgresql did not restart"
-pid=$(in_ct systemctl show -p MainPID --value fleet-agent-wal)
-grep -qE "^Uid:\s+$(in_ct id -u postgres)\s" <<<"$(in_ct cat "/proc/$pid/status")" \
-    || fail "fleet-agent-wal does not run as postgres"
+# As postgres, sandboxed, without capabilities (lib.sh).
+wal_service_up
+wal_archiving_on 60s
 
 sysid=$(in_ct od -An -t u8 -N 8 /var/lib/postgresql/15/main/global/pg_control | tr -d ' ')
 wal_dir=/var/backups/fleet-agent/$sysid/wal

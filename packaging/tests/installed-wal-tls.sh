@@ -128,9 +128,7 @@ wait_for() { # SECONDS WHAT COMMAND...: until COMMAND succeeds
     fail "$what (waited ${seconds}s)"
 }
 
-in_ct sed -i "s/^port = 5432/port = $pg_port/" /etc/postgresql/15/main/postgresql.conf
-in_ct systemctl start postgresql || fail "postgresql did not start"
-ct_install_deb "$deb"
+wal_host_up $pg_port "$deb"
 
 # --- Set-up, word for word as docs/wal.md says (the port aside).
 # "put the CA's certificate (PEM; a CA certificate is public) in
@@ -158,25 +156,10 @@ region = "us-east-1"
 credentials_file = "/etc/fleet-agent/s3-credentials"
 ca_file = "/etc/ssl/fleet-agent/s3-ca.pem"
 TOML
-in_ct fleet-agentd check-config >/dev/null || fail "check-config refused the documented [wal.s3] with ca_file"
-in_ct systemctl enable --now fleet-agent-wal >/dev/null 2>&1 \
-    || { wal_journal; fail "fleet-agent-wal did not start with ca_file"; }
-in_ct systemctl restart fleet-agentd || fail "fleet-agentd did not start"
-in_ct tee -a /etc/postgresql/15/main/postgresql.conf >/dev/null <<'CONF'
-wal_level = replica
-archive_mode = on
-archive_command = 'agentctl wal push %p'
-archive_timeout = 60s
-CONF
-in_ct systemctl restart postgresql || fail "postgresql did not restart"
-
-# The WAL service that talks TLS is postgres, sandboxed, without capabilities.
-pid=$(in_ct systemctl show -p MainPID --value fleet-agent-wal)
-proc_status=$(in_ct cat "/proc/$pid/status")
-grep -qE "^Uid:\s+$(in_ct id -u postgres)\s" <<<"$proc_status" || fail "fleet-agent-wal does not run as postgres"
-grep -qE '^CapEff:\s+0+$' <<<"$proc_status" || fail "fleet-agent-wal has capabilities"
-grep -q '^ro' <<<"$(in_ct awk '$5 == "/" { print $6 }' "/proc/$pid/mountinfo")" \
-    || fail "ProtectSystem=strict is not in effect for fleet-agent-wal"
+# Step 2 with ca_file; the WAL service that talks TLS is postgres, sandboxed,
+# without capabilities (lib.sh). Step 3.
+wal_service_up
+wal_archiving_on 60s
 in_ct runuser -u postgres -- cat /etc/fleet-agent/s3-credentials >/dev/null 2>&1 && fail "postgres can read the S3 credentials"
 
 sysid=$(in_ct agentctl wal status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["system_identifier"])') \

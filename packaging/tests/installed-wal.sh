@@ -21,11 +21,14 @@ source "$(dirname "$0")/lib.sh"
 node=$PKGTEST_NAME
 # (verify and the drill: no new ports; the drill's server has only a socket.)
 # Ports 47570-47579: PostgreSQL 47570 (15/main) and 47576 (15/restored), the
-# department pool 47571-47574, the API 47575, moto 47577.
-pg_port=47570
-restored_port=47576
-api=127.0.0.1:47575
-moto_port=47577
+# department pool 47571-47574, the API 47575, moto 47577. FLEET_PKGTEST_PORT_BASE
+# (default 47570) moves them all, so that a run beside the suite's own can
+# keep to another range.
+port_base=${FLEET_PKGTEST_PORT_BASE:-47570}
+pg_port=$port_base
+restored_port=$((port_base + 6))
+api=127.0.0.1:$((port_base + 5))
+moto_port=$((port_base + 7))
 moto=/opt/moto/bin/moto_server
 moto_pid=""
 ensure_image
@@ -54,21 +57,14 @@ wait_for() { # SECONDS WHAT COMMAND...: until COMMAND succeeds
     fail "$what (waited ${seconds}s)"
 }
 
-# --- The host: Debian's cluster 15/main as the package made it.
-[ "$(in_ct stat -c '%a %U' /var/lib/postgresql/15/main/pg_wal)" = "700 postgres" ] \
-    || fail "the base root's cluster is not Debian's default (pg_wal 0700 postgres)"
-in_ct grep -qE '^local +all +postgres +peer' /etc/postgresql/15/main/pg_hba.conf \
-    || fail "pg_hba.conf does not have Debian's peer rule for postgres"
-in_ct sed -i "s/^port = 5432/port = $pg_port/" /etc/postgresql/15/main/postgresql.conf
-in_ct systemctl start postgresql || { journal postgresql@15-main; fail "postgresql did not start"; }
-
-ct_install_deb "$deb"
+# --- The host: Debian's cluster 15/main as the package made it, on this test's port.
+wal_host_up $pg_port "$deb"
 
 # --- Set-up, as docs/wal.md says (the port aside).
 in_ct tee /etc/fleet-agent/agent.toml >/dev/null <<TOML
 node_id = "$node"
 [ports]
-range = "47571-47574"
+range = "$((port_base + 1))-$((port_base + 4))"
 [api]
 listen = "$api"
 [wal]
@@ -79,27 +75,10 @@ pg_wal_dir = "/var/lib/postgresql/15/main/pg_wal"
 backup_interval = "20s"
 TOML
 log "starting fleet-agent-wal and fleet-agentd, restarting postgresql"
-in_ct fleet-agentd check-config >/dev/null || fail "check-config refused the documented [wal]"
-in_ct systemctl enable --now fleet-agent-wal >/dev/null 2>&1 \
-    || { journal fleet-agent-wal; fail "fleet-agent-wal did not start"; }
-in_ct systemctl restart fleet-agentd || { journal fleet-agentd; fail "fleet-agentd did not start"; }
-in_ct tee -a /etc/postgresql/15/main/postgresql.conf >/dev/null <<'CONF'
-wal_level = replica
-archive_mode = on
-archive_command = 'agentctl wal push %p'
-archive_timeout = 5s
-CONF
-in_ct systemctl restart postgresql || { journal postgresql@15-main; fail "postgresql did not restart"; }
-
-# The WAL service runs as postgres, sandboxed, with no capabilities; the
-# package made the archive directory for it.
-pid=$(in_ct systemctl show -p MainPID --value fleet-agent-wal)
-proc_status=$(in_ct cat "/proc/$pid/status")
-grep -qE "^Uid:\s+$(in_ct id -u postgres)\s" <<<"$proc_status" || fail "fleet-agent-wal does not run as postgres"
-grep -qE '^CapEff:\s+0+$' <<<"$proc_status" || fail "fleet-agent-wal has capabilities"
-grep -qE "^Groups:.*\b$(in_ct getent group fleet-agent | cut -d: -f3)\b" <<<"$proc_status" \
-    && fail "postgres is in the fleet-agent group"
-grep -q '^ro' <<<"$(in_ct awk '$5 == "/" { print $6 }' "/proc/$pid/mountinfo")" || fail "ProtectSystem=strict is not in effect for fleet-agent-wal"
+# As postgres, sandboxed, with no capabilities (lib.sh); the package made the
+# archive directory for it.
+wal_service_up
+wal_archiving_on 5s
 [ "$(in_ct stat -c '%U' /var/backups/fleet-agent)" = postgres ] || fail "/var/backups/fleet-agent is not owned by postgres"
 in_ct runuser -u postgres -- cat /etc/fleet-agent/agent.toml >/dev/null 2>&1 && fail "postgres can read agent.toml"
 # The PostgreSQL user still gets push/fetch only on fleet-agentd's socket.

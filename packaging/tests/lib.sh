@@ -297,3 +297,57 @@ assert_mode() {
     local got; got=$(in_root stat -c '%a %U:%G' "$1" 2>/dev/null) || fail "$1 does not exist"
     [ "$got" = "$2 $3" ] || fail "$1 is '$got', expected '$2 $3'"
 }
+
+# --- The WAL scenarios' host, set up as docs/wal.md "Set-up" says, in the
+# systemd container; each scenario writes its own [wal] between wal_host_up
+# and wal_service_up.
+
+_wal_unit_journal() { in_ct journalctl -u "$1" --no-pager -n 40 >&2 || true; }
+
+# wal_host_up PG_PORT [DEB]: Debian's cluster 15/main as the package made it
+# (pg_wal 0700 postgres, the peer rule for postgres), moved to PG_PORT (the
+# container shares the host's network) and started; then DEB installed, not
+# started (the scenario's agent.toml goes in first). Without DEB: the role
+# installs it.
+wal_host_up() {
+    local port=$1 deb=${2:-}
+    [ "$(in_ct stat -c '%a %U' /var/lib/postgresql/15/main/pg_wal)" = "700 postgres" ] \
+        || fail "the base root's cluster is not Debian's default (pg_wal 0700 postgres)"
+    in_ct grep -qE '^local +all +postgres +peer' /etc/postgresql/15/main/pg_hba.conf \
+        || fail "pg_hba.conf does not have Debian's peer rule for postgres"
+    in_ct sed -i "s/^port = 5432/port = $port/" /etc/postgresql/15/main/postgresql.conf
+    in_ct systemctl start postgresql || { _wal_unit_journal postgresql@15-main; fail "postgresql did not start"; }
+    [ -z "$deb" ] || ct_install_deb "$deb"
+}
+
+# wal_service_up: step 2 on the [wal] just written (check-config, the WAL
+# service enabled and started, fleet-agentd restarted), then what the shipped
+# unit promises: the WAL service runs as postgres (not in the fleet-agent
+# group), without capabilities, under ProtectSystem=strict.
+wal_service_up() {
+    in_ct fleet-agentd check-config >/dev/null || fail "check-config refused the documented [wal]"
+    in_ct systemctl enable --now fleet-agent-wal >/dev/null 2>&1 \
+        || { _wal_unit_journal fleet-agent-wal; fail "fleet-agent-wal did not start"; }
+    in_ct systemctl restart fleet-agentd || { _wal_unit_journal fleet-agentd; fail "fleet-agentd did not start"; }
+    local pid status
+    pid=$(in_ct systemctl show -p MainPID --value fleet-agent-wal)
+    status=$(in_ct cat "/proc/$pid/status")
+    grep -qE "^Uid:\s+$(in_ct id -u postgres)\s" <<<"$status" || fail "fleet-agent-wal does not run as postgres"
+    grep -qE '^CapEff:\s+0+$' <<<"$status" || fail "fleet-agent-wal has capabilities"
+    grep -qE "^Groups:.*\b$(in_ct getent group fleet-agent | cut -d: -f3)\b" <<<"$status" \
+        && fail "postgres is in the fleet-agent group"
+    grep -q '^ro' <<<"$(in_ct awk '$5 == "/" { print $6 }' "/proc/$pid/mountinfo")" \
+        || fail "ProtectSystem=strict is not in effect for fleet-agent-wal"
+}
+
+# wal_archiving_on ARCHIVE_TIMEOUT: step 3, PostgreSQL's archive_command
+# through agentctl, and PostgreSQL restarted.
+wal_archiving_on() {
+    in_ct tee -a /etc/postgresql/15/main/postgresql.conf >/dev/null <<CONF
+wal_level = replica
+archive_mode = on
+archive_command = 'agentctl wal push %p'
+archive_timeout = $1
+CONF
+    in_ct systemctl restart postgresql || { _wal_unit_journal postgresql@15-main; fail "postgresql did not restart"; }
+}
