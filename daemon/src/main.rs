@@ -35,15 +35,17 @@ struct Cli {
 enum Command {
     /// Run the daemon (the default).
     Run,
-    /// Validate the config and (standalone) the whole desired state as the
-    /// daemon would judge it: spec files, capacity, ports, memory admission.
+    /// Validate the config, the files the WAL service reads ([wal.s3] ca_file,
+    /// also for wal.postgres_user), and (standalone) the whole desired state
+    /// as the daemon would judge it: spec files, capacity, ports, memory admission.
     #[command(after_help = "Examples:
   fleet-agentd check-config
   fleet-agentd check-config --config-only --config /etc/fleet-agent/agent.toml
   sudo -u fleet-agent fleet-agentd check-config   # as the unit runs it")]
     CheckConfig {
         /// Check agent.toml and the files it names (tokens, TLS) only: what the
-        /// daemon needs to start (the unit's ExecStartPre).
+        /// daemon needs to start (the unit's ExecStartPre; [wal.s3] ca_file only
+        /// without wal.socket, when fleet-agentd runs the WAL service itself).
         #[arg(long)]
         config_only: bool,
     },
