@@ -12,8 +12,9 @@
 # archive_command failing, so a backlog of .ready segments (~1.2 GiB at scale 100)
 # builds up; it is stopped and copied once per method. Each copy starts with
 # that method's archive_command, and we time until PostgreSQL has archived the
-# whole backlog (segments/s), sampling the backlog, and log each
-# archive_command call's duration through the same tiny wrapper.
+# whole backlog (segments/s), sampling the backlog every 20 ms, and log each
+# archive_command call's duration through the same stopwatch (bench/timed.c,
+# compiled here; its own CPU per call is measured and reported with the run).
 # CPU: every process a method starts (its fleet-agentd, the PostgreSQL copy
 # with its archiver and every archive_command child, pgBackRest's async and
 # local processes) runs in one cpuacct cgroup of its own, so processes that
@@ -36,8 +37,10 @@
 # BENCH_METHODS (all: fleet fleet-zst3 pgbr-sync pgbr-async pgbr-async-zst1 seed
 # fleet-s3 pgbr-async-s3-zst1), BENCH_DRAIN_TIMEOUT (600 s), BENCH_NOTES (a file
 # appended to the written section), BENCH_OBJECT_CHECKSUM (blake3, the daemon's
-# default from 0.2.0; sha256 for FWAL1 objects). Needs root (runuser, cgroup v1 cpuacct at
-# /sys/fs/cgroup/cpuacct), haproxy and /opt/moto for S3.
+# default from 0.2.0; sha256 for FWAL1 objects), BENCH_TIMER (c: bench/timed.c;
+# sh: the #!/bin/sh wrapper with two `date` forks used before 2026-12-07, to
+# compare). Needs root (runuser, cgroup v1 cpuacct at /sys/fs/cgroup/cpuacct), a C
+# compiler (cc), haproxy and /opt/moto for S3.
 # Not a test: it measures. Run it on a quiet machine.
 set -euo pipefail
 
@@ -63,6 +66,7 @@ missing=()
 [[ -x $PG/initdb ]] || missing+=(postgresql-15)
 command -v pgbackrest >/dev/null || missing+=(pgbackrest)
 command -v jq >/dev/null || missing+=(jq)
+command -v cc >/dev/null || missing+=(gcc libc6-dev)
 if ((${#missing[@]})); then
   apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
@@ -259,16 +263,26 @@ TOML
     "${daemon[@]}" >>"$FLEET_DIR/daemon.log" 2>&1 &
   fi
   DAEMON_PID=$!
-  for _ in $(seq 100); do
+  for _ in $(seq 500); do
     "$BIN/agentctl" --socket "$FLEET_DIR/agentctl.sock" status >/dev/null 2>&1 && return
-    sleep 0.1
+    nap 0.02
   done
   say "fleet-agentd did not start"; cat "$FLEET_DIR/daemon.log" >&2; exit 1
 }
 
-# wrapper: logs each call's microseconds, keeps the exit code.
+# The stopwatch: logs each call's microseconds, keeps the exit code. It runs
+# in the method's cgroup (PostgreSQL starts it), for both methods alike; what
+# it costs per call is measured below and reported with the figures.
 WRAP="$WORK/timed"
-cat >"$WRAP" <<'SH'
+TIMER="${BENCH_TIMER:-c}"
+case "$TIMER" in
+  c)
+    # Static: no dynamic loader at each of the ~100 calls per drain.
+    cc -O2 -static -o "$WRAP" "$ROOT/bench/timed.c" 2>/dev/null || cc -O2 -o "$WRAP" "$ROOT/bench/timed.c"
+    TIMER_DESC="bench/timed.c (one posix_spawn, two clock_gettime)"
+    ;;
+  sh)
+    cat >"$WRAP" <<'SH'
 #!/bin/sh
 log="$1"; shift
 s=$(date +%s%N)
@@ -278,6 +292,10 @@ e=$(date +%s%N)
 echo "$(( (e - s) / 1000 )) $rc" >>"$log"
 exit $rc
 SH
+    TIMER_DESC="a #!/bin/sh wrapper forking \`date\` twice (the stopwatch before 2026-12-07)"
+    ;;
+  *) say "BENCH_TIMER must be c or sh"; exit 1 ;;
+esac
 chmod 755 "$WRAP"
 
 # in_cgroup CGROUP CMD...: runs CMD inside the cpuacct cgroup (none: as is).
@@ -290,11 +308,46 @@ in_cgroup() {
   fi
 }
 cg_cpu_ns() { echo $(( $(cat "$1/cpuacct.usage_user") + $(cat "$1/cpuacct.usage_sys") )); }
+
+# The stopwatch's own CPU per call: 200 `sh -c` calls of it around /bin/true
+# minus 200 of /bin/true alone, each batch in a cpuacct cgroup of its own, as
+# PostgreSQL's archiver runs archive_command (best of 3 pairs).
+stopwatch_cpu() {
+  local g="$CG/walbench-$$-stopwatch" best="" round a b per
+  mkdir -p "$g"
+  for round in 1 2 3; do
+    a=$(cg_cpu_ns "$g")
+    in_cgroup "$g" bash -c 'for ((i = 0; i < 200; i++)); do sh -c /bin/true; done'
+    b=$(cg_cpu_ns "$g")
+    local bare=$((b - a))
+    a=$(cg_cpu_ns "$g")
+    in_cgroup "$g" bash -c 'for ((i = 0; i < 200; i++)); do sh -c "$0 $1 /bin/true"; done' "$WRAP" "$WORK/stopwatch.log"
+    b=$(cg_cpu_ns "$g")
+    per=$(( (b - a - bare) / 200 ))
+    [[ -z "$best" || $per -lt $best ]] && best=$per
+  done
+  rm -f "$WORK/stopwatch.log"
+  awk -v ns="$best" 'BEGIN { printf "%.2f", ns / 1e6 }'
+}
+STOPWATCH_MS=$(stopwatch_cpu)
+say "stopwatch ($TIMER): $STOPWATCH_MS ms CPU per call"
 # utime+stime (+ reaped children) of one process, in clock ticks.
 proc_ticks() { awk '{ print $14 + $15 + $16 + $17 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 TICK=$(getconf CLK_TCK)
 
-ready_count() { ls "$1/pg_wal/archive_status" 2>/dev/null | grep -c '\.ready$' || true; }
+# Counted with a glob and waited with `read -t` on a pipe nobody writes: no
+# process per sample, so sampling every 20 ms takes nothing from the methods.
+# (nullglob: testing the first name instead raced with PostgreSQL renaming it.)
+ready_count() {
+  local f restore
+  restore=$(shopt -p nullglob)
+  shopt -s nullglob
+  f=("$1"/pg_wal/archive_status/*.ready)
+  $restore
+  echo "${#f[@]}"
+}
+exec {NAP_FD}<> <(:)
+nap() { read -r -t "$1" -u "$NAP_FD" _ || true; }
 
 declare -A RATE P50 P99 DRAIN MAXLOAD CPUSEG DCPUSEG S3CPUSEG RSS
 RAN=()
@@ -332,7 +385,7 @@ CONF
     if ((SECONDS > deadline)); then
       say "$name: the backlog did not drain"; tail -n 20 "$FLEET_DIR/daemon.log" "$dir/pg.log" >&2; exit 1
     fi
-    sleep 0.2
+    nap 0.02
   done
   t1=$(now)
   CPUSEG[$name]=$(awk -v c="$(( $(cg_cpu_ns "$cg") - cpu0 ))" -v n="$BACKLOG" 'BEGIN { printf "%.1f", c / n / 1e6 }')
@@ -348,6 +401,11 @@ CONF
   else
     DCPUSEG[$name]="-"; RSS[$name]="-"
   fi
+  # A drain that ended without storing every segment would flatter the method.
+  case "$name" in
+    fleet|fleet-zst3) local objects; objects=$(find "$WORK/archive-$name" -name '0*' -type f | wc -l)
+      ((objects >= BACKLOG)) || { say "$name: only $objects objects for $BACKLOG segments"; exit 1; } ;;
+  esac
   DRAIN[$name]=$(elapsed "$t0" "$t1")
   RATE[$name]=$(awk -v n="$BACKLOG" -v t="${DRAIN[$name]}" 'BEGIN { printf "%.1f", n / t }')
   read -r P50[$name] P99[$name] < <(awk '$2 == 0 { print $1 }' "$lat" | sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) { print "- -"; exit } m = int((NR + 1) / 2); h = int(NR * 0.99); if (h < 1) h = 1; printf "%.1f %.1f\n", v[m] / 1000, v[h] / 1000 }')
@@ -446,7 +504,9 @@ BUILD="release"; [[ "$BIN" == */debug ]] && BUILD="debug"
   echo "Backlog: $BACKLOG segments of 16 MiB from \`pgbench -i -s $SCALE\`, archived from a standing start."
   echo "Directory targets are on the same disk; S3 is one moto on loopback (one bucket) behind HAProxy's TLS,"
   echo "both tools over HTTPS (pgBackRest speaks only HTTPS to S3)."
-  echo "Latency: each \`archive_command\` call timed by the same wrapper (successful calls)."
+  echo "Latency: each \`archive_command\` call timed by the same stopwatch, $TIMER_DESC, which costs"
+  echo "$STOPWATCH_MS ms CPU per call on this host (measured in this run) and is charged to both methods (successful calls)."
+  echo "Drain: until no \`.ready\` file is left, sampled every 20 ms."
   echo "CPU/segment: user+system of everything the method started (its fleet-agentd, the PostgreSQL copy with"
   echo "its archiver and every \`archive_command\` child, pgBackRest's async and local processes), from one"
   echo "cpuacct cgroup per method so exited processes count, over the drain, divided by the backlog; the"
