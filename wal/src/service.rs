@@ -185,6 +185,10 @@ pub struct WalService {
     /// is ready only when nearly all of them are; the semaphore is fair
     /// (first come, first served), so the nearest segment is decoded first.
     prefetch_workers: Arc<Semaphore>,
+    /// Prefetch GETs in flight: two per decode slot, so a core that finishes
+    /// a decode finds the next object already fetched; fair like the decode
+    /// slots, so the nearest segment's GET goes first.
+    prefetch_gets: Arc<Semaphore>,
     uploads: Arc<Semaphore>,
     /// Pushes with a body in progress ([`WalService::push_permit`]).
     pub(crate) push_calls: Arc<Semaphore>,
@@ -485,9 +489,8 @@ impl WalService {
             uploading: Jobs::default(),
             identities: Mutex::new(HashMap::new()),
             prefetching: Jobs::default(),
-            prefetch_workers: Arc::new(Semaphore::new(
-                std::thread::available_parallelism().map_or(1, |n| n.get()),
-            )),
+            prefetch_workers: Arc::new(Semaphore::new(encodes_at_once())),
+            prefetch_gets: Arc::new(Semaphore::new(2 * encodes_at_once())),
             uploads: Arc::new(Semaphore::new(parallel)),
             push_calls: Arc::new(Semaphore::new(parallel)),
             encoding: Arc::new(Semaphore::new(encodes_at_once())),
@@ -1312,9 +1315,19 @@ impl WalService {
                 let me = self.clone();
                 let dir = dir.clone();
                 tokio::spawn(async move {
-                    let _worker = me.prefetch_workers.clone().acquire_owned().await;
-                    let fetched = match me.target.get(&wal_key(sysid, &next)).await {
-                        Ok(Some(object)) => write_prefetched(&dir, &next, object).await.is_ok(),
+                    // The GET waits on the network, the decode on a core: a
+                    // decode slot held through the GET left the cores idle
+                    // while both slots waited for the store (to S3 the GET
+                    // took longer than the decode).
+                    let got = {
+                        let _get = me.prefetch_gets.clone().acquire_owned().await;
+                        me.target.get(&wal_key(sysid, &next)).await
+                    };
+                    let fetched = match got {
+                        Ok(Some(object)) => {
+                            let _worker = me.prefetch_workers.clone().acquire_owned().await;
+                            write_prefetched(&dir, &next, object).await.is_ok()
+                        }
                         _ => false,
                     };
                     me.prefetching.finish(&key, fetched);
