@@ -813,12 +813,14 @@ impl WalService {
     ) -> Result<(Put, codec::Checksum, u64, u64), WalError> {
         let encoders = self.encoders.clone();
         let root = self.target.directory().map(Path::to_path_buf);
-        if root.is_none() {
+        let held = if root.is_none() {
             // An S3 PUT needs its whole object (its length and signature come
-            // first), so objects are held until stored: no new one is made
-            // while those held already pass the budget.
-            self.held.admit().await;
-        }
+            // first), so objects are held until stored: none is started while
+            // those held (or being made) reach the budget.
+            Some(self.held.reserve().await)
+        } else {
+            None
+        };
         // Released as soon as the object is made: the PUT, or the fsyncs and
         // the link of a directory target, do not hold up the next encode.
         let permit = self
@@ -836,7 +838,10 @@ impl WalService {
                 encoded
             })
             .await?;
-            let _held = self.held.hold(stored);
+            let mut held = held;
+            if let Some(held) = held.as_mut() {
+                self.held.made(held, stored);
+            }
             let put = self.target.put_new_chunks(key, chunks).await?;
             return Ok((put, sha, size, stored));
         };
@@ -1867,20 +1872,25 @@ impl Jobs {
     }
 }
 
-/// Bytes of S3 objects held in memory at once, made and waiting for or in
-/// their PUT, past which no new one is made. Objects of a `pgbench` backlog
-/// were 0.1-3.8 MiB; with four uploads and archive_command's push in flight
-/// they held up to 14 MiB (heaptrack). Four 1 MiB objects still go at once; a
-/// bandwidth-delay product of 4 MiB is 670 Mbit/s at 50 ms.
+/// Bytes of S3 objects held in memory at once, being made, waiting for or in
+/// their PUT, past which no new one is started. Objects of a `pgbench`
+/// backlog were 0.1-4.5 MiB; with four uploads and archive_command's push in
+/// flight they held up to 14 MiB (heaptrack), and still 13 MiB when only the
+/// objects already made were counted (two more were being made). Four 1 MiB
+/// objects still go at once; objects of 4 MiB go one at a time.
 const S3_HELD_BYTES: u64 = 4 << 20;
 
-/// A budget of bytes held: [`ByteBudget::admit`] waits while those held pass
-/// the limit, [`ByteBudget::hold`] counts an object until its guard drops.
-/// Admission is checked before an object is made (its size is known only
-/// after), so the bytes held stay under the limit plus one object per encode.
+/// A budget of bytes held. [`ByteBudget::reserve`] waits while those held
+/// reach the limit, then counts an object at its expected size (the last
+/// object's: its real size is known only once it is made) until the guard
+/// drops; [`Held::actual`] corrects the count once it is made. So the bytes
+/// held stay under the limit plus one object's misestimate per object in
+/// the making.
 struct ByteBudget {
     limit: u64,
     used: Arc<AtomicU64>,
+    /// The size of the last object made, the next one's estimate.
+    last: AtomicU64,
     freed: Arc<tokio::sync::Notify>,
 }
 
@@ -1888,6 +1898,19 @@ struct Held {
     bytes: u64,
     used: Arc<AtomicU64>,
     freed: Arc<tokio::sync::Notify>,
+}
+
+impl Held {
+    /// The object is made: count its real size instead of the estimate.
+    fn actual(&mut self, bytes: u64) {
+        if bytes >= self.bytes {
+            self.used.fetch_add(bytes - self.bytes, Ordering::SeqCst);
+        } else {
+            self.used.fetch_sub(self.bytes - bytes, Ordering::SeqCst);
+            self.freed.notify_waiters();
+        }
+        self.bytes = bytes;
+    }
 }
 
 impl Drop for Held {
@@ -1902,30 +1925,40 @@ impl ByteBudget {
         Self {
             limit,
             used: Arc::new(AtomicU64::new(0)),
+            last: AtomicU64::new(limit / 4),
             freed: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
-    async fn admit(&self) {
+    async fn reserve(&self) -> Held {
+        let estimate = self.last.load(Ordering::Relaxed);
         loop {
             // Registered before the check, so a release in between is not missed.
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if self.used.load(Ordering::SeqCst) < self.limit {
-                return;
+            // Check and count in one step: two callers cannot both pass on the same room.
+            let limit = self.limit;
+            let counted = self
+                .used
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+                    (used < limit).then_some(used + estimate)
+                });
+            if counted.is_ok() {
+                return Held {
+                    bytes: estimate,
+                    used: self.used.clone(),
+                    freed: self.freed.clone(),
+                };
             }
             freed.await;
         }
     }
 
-    fn hold(&self, bytes: u64) -> Held {
-        self.used.fetch_add(bytes, Ordering::SeqCst);
-        Held {
-            bytes,
-            used: self.used.clone(),
-            freed: self.freed.clone(),
-        }
+    /// Records the size of an object just made, the next estimate.
+    fn made(&self, held: &mut Held, bytes: u64) {
+        self.last.store(bytes, Ordering::Relaxed);
+        held.actual(bytes);
     }
 }
 
@@ -2357,24 +2390,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_byte_budget_admits_below_its_limit_and_wakes_a_waiter_when_bytes_go() {
+    async fn the_byte_budget_counts_objects_from_their_start_and_wakes_a_waiter() {
         let budget = Arc::new(ByteBudget::new(100));
-        budget.admit().await;
-        let a = budget.hold(60);
-        budget.admit().await;
-        let b = budget.hold(60);
-        // 120 held: the next waits, also past a few turns of the runtime.
+        // The first estimate is a quarter of the budget.
+        let mut a = budget.reserve().await;
+        assert_eq!(budget.used.load(Ordering::SeqCst), 25);
+        // A large object made: counted at its size, and the next one's estimate.
+        budget.made(&mut a, 90);
+        let mut b = budget.reserve().await;
+        assert_eq!(budget.used.load(Ordering::SeqCst), 180);
+        // Past the limit, the next waits, also past a few turns of the runtime.
         let waiter = {
             let budget = budget.clone();
-            tokio::spawn(async move { budget.admit().await })
+            tokio::spawn(async move { budget.reserve().await })
         };
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
-        assert!(!waiter.is_finished(), "admitted with 120 of 100 held");
+        assert!(!waiter.is_finished(), "started with 180 of 100 held");
         drop(a);
-        waiter.await.expect("admitted once 60 are held");
-        drop(b);
+        // 90 held, under the limit: it starts, at the last object's size.
+        let c = waiter.await.expect("started once 90 are held");
+        assert_eq!(budget.used.load(Ordering::SeqCst), 180);
+        // Made smaller than estimated: counted at its real size.
+        budget.made(&mut b, 10);
+        assert_eq!(budget.used.load(Ordering::SeqCst), 100);
+        drop((b, c));
         assert_eq!(budget.used.load(Ordering::SeqCst), 0);
     }
 
