@@ -199,8 +199,9 @@ pub struct WalService {
     /// encoder (its 1 MiB piece, output buffer and zstd context, ~2.2 MiB)
     /// and, to S3, the object it is making. Up to `parallel_uploads`
     /// look-ahead uploads plus archive_command's pushes used to encode at
-    /// once (eight encoders, heaptrack: 8.4 MiB of buffers beside up to 14
-    /// MiB of objects); uploads still overlap, only the encoding waits.
+    /// once (four encoders at the peak of a drain to S3, heaptrack: 8.4 MiB
+    /// of buffers and 2.3 MiB of zstd workspaces beside 14 MiB of objects);
+    /// uploads still overlap, only the encoding waits.
     encoding: Arc<Semaphore>,
     /// Bytes of S3 objects made and not yet stored ([`ByteBudget`]).
     held: ByteBudget,
