@@ -36,11 +36,12 @@
 # BENCH_PORT (46590), BENCH_S3_PORT (BENCH_PORT+1),
 # BENCH_METHODS (all: fleet fleet-zst3 pgbr-sync pgbr-async pgbr-async-zst1 seed
 # fleet-s3 pgbr-async-s3-zst1), BENCH_DRAIN_TIMEOUT (600 s), BENCH_NOTES (a file
-# appended to the written section), BENCH_OBJECT_CHECKSUM (blake3, the daemon's
-# default from 0.2.0; sha256 for FWAL1 objects), BENCH_TIMER (c: bench/timed.c;
-# sh: the #!/bin/sh wrapper with two `date` forks used before 2026-12-07, to
-# compare). Needs root (runuser, cgroup v1 cpuacct at /sys/fs/cgroup/cpuacct), a C
-# compiler (cc), haproxy and /opt/moto for S3.
+# appended to the written section), BENCH_DAEMON_ENV (unit: the daemon gets the
+# Environment= of systemd/fleet-agent-wal.service, as installed; none: without),
+# BENCH_OBJECT_CHECKSUM (blake3, the daemon's default from 0.2.0; sha256 for FWAL1
+# objects), BENCH_TIMER (c: bench/timed.c; sh: the #!/bin/sh wrapper with two
+# `date` forks used before 2026-12-07, to compare). Needs root (runuser, cgroup v1
+# cpuacct at /sys/fs/cgroup/cpuacct), a C compiler (cc), haproxy and /opt/moto for S3.
 # Not a test: it measures. Run it on a quiet machine.
 set -euo pipefail
 
@@ -227,6 +228,13 @@ SYSID=$(od -An -t u8 -N 8 "$SRC/data/global/pg_control" | tr -d ' ')
 FLEET_DIR="$WORK/fleet"
 mkdir -p "$FLEET_DIR/state" "$FLEET_DIR/departments.d"
 chmod 755 "$FLEET_DIR"
+# The daemon runs with the environment the installed unit gives it (its
+# Environment= lines: MALLOC_ARENA_MAX=2), read from the unit file rather than
+# repeated here; BENCH_DAEMON_ENV=none runs it without, for the comparison.
+UNIT_ENV=()
+if [[ "${BENCH_DAEMON_ENV:-unit}" == unit ]]; then
+  read -ra UNIT_ENV <<<"$(sed -n 's/^Environment=//p' "$ROOT/systemd/fleet-agent-wal.service" | tr '\n' ' ')"
+fi
 start_daemon() { # PG_WAL_DIR CONNINFO ARCHIVE(file://... or s3://...) COMPRESSION_LEVEL [CGROUP]
   [[ -n "$DAEMON_PID" ]] && { kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true; }
   local s3=""
@@ -256,7 +264,7 @@ TOML
   # SSL_CERT_FILE: the native root store (rustls-native-certs) then trusts moto's certificate.
   # Not through in_cgroup: a function started with `&` runs in a subshell, and
   # $! would be that subshell's pid, not the daemon's.
-  local daemon=(env SSL_CERT_FILE="$WORK/s3-cert.pem" "$BIN/fleet-agentd" --config "$FLEET_DIR/agent.toml")
+  local daemon=(env "${UNIT_ENV[@]}" SSL_CERT_FILE="$WORK/s3-cert.pem" "$BIN/fleet-agentd" --config "$FLEET_DIR/agent.toml")
   if [[ -n "${5:-}" ]]; then
     sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$5" "${daemon[@]}" >>"$FLEET_DIR/daemon.log" 2>&1 &
   else
@@ -511,6 +519,7 @@ BUILD="release"; [[ "$BIN" == */debug ]] && BUILD="debug"
   echo "its archiver and every \`archive_command\` child, pgBackRest's async and local processes), from one"
   echo "cpuacct cgroup per method so exited processes count, over the drain, divided by the backlog; the"
   echo "S3 server's own CPU (moto + HAProxy's TLS, from /proc/<pid>/stat) apart. RSS: the daemon's VmHWM at the end of the drain."
+  echo "Daemon environment: ${UNIT_ENV[*]:-none} ($([[ ${#UNIT_ENV[@]} -gt 0 ]] && echo "the Environment= of systemd/fleet-agent-wal.service" || echo "BENCH_DAEMON_ENV=none"))."
   echo "Ratios are against pgBackRest async at the same zstd level into the same target, measured in the same run."
   echo
   echo "| method | target | drain time | segments/s | vs pgBackRest | call p50 | call p99 | CPU ms/segment | vs pgBackRest | of it daemon | S3 server CPU ms/segment | daemon peak RSS | max .ready under load |"

@@ -384,6 +384,34 @@ pub fn decode(object: &[u8]) -> Result<Vec<u8>, CodecError> {
     Ok(original)
 }
 
+/// As [`decode`], the original written into `out` piece by piece as it is
+/// decompressed and hashed, never whole in memory; returns its length. A
+/// checksum mismatch is found only at the end, so `out` then holds content
+/// that must be thrown away (the prefetch writes a temp file and renames it
+/// only on success).
+pub fn decode_to(object: &[u8], out: &mut impl std::io::Write) -> Result<u64, CodecError> {
+    let recorded = recorded(object)?;
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(&object[HEADER_LEN..])
+        .map_err(CodecError::Zstd)?;
+    let mut hasher = recorded.algorithm.hasher();
+    let mut piece = vec![0u8; PIECE];
+    let mut length = 0u64;
+    loop {
+        let n = fill(&mut decoder, &mut piece).map_err(CodecError::Zstd)?;
+        hasher.update(&piece[..n]);
+        out.write_all(&piece[..n]).map_err(CodecError::Write)?;
+        length += n as u64;
+        if n < piece.len() {
+            break;
+        }
+    }
+    let actual = hasher.finish();
+    if actual != recorded {
+        return Err(CodecError::Checksum { recorded, actual });
+    }
+    Ok(length)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -452,6 +480,37 @@ mod tests {
         let mut bad = obj.clone();
         bad[10] = if bad[10] == b'0' { b'1' } else { b'0' };
         assert!(matches!(decode(&bad), Err(CodecError::Checksum { .. })));
+    }
+
+    #[test]
+    fn decode_to_writes_what_decode_returns_and_refuses_the_same_damage() {
+        // More than one piece, so the hash spans several writes.
+        let data: Vec<u8> = (0..(2 * PIECE + 4099)).map(|i| (i % 241) as u8).collect();
+        for algorithm in [Algorithm::Blake3, Algorithm::Sha256] {
+            let (obj, _, _) = encode(&data[..], 1, algorithm).unwrap();
+            let mut out = Vec::new();
+            assert_eq!(decode_to(&obj, &mut out).unwrap(), data.len() as u64);
+            assert_eq!(out, data);
+            let mut bad = obj.clone();
+            bad[10] = if bad[10] == b'0' { b'1' } else { b'0' };
+            assert!(matches!(
+                decode_to(&bad, &mut std::io::sink()),
+                Err(CodecError::Checksum { .. })
+            ));
+            let mut cut = obj.clone();
+            cut.truncate(obj.len() - 10);
+            assert!(decode_to(&cut, &mut std::io::sink()).is_err());
+        }
+        assert!(matches!(
+            decode_to(b"FWAL3 x", &mut std::io::sink()),
+            Err(CodecError::BadHeader)
+        ));
+        let (empty, _, _) = encode(&[][..], 1, Algorithm::Blake3).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(decode_to(&empty, &mut out).unwrap(), 0);
+        let mut out = Vec::new();
+        decode_to(&fwal1_abc(), &mut out).unwrap();
+        assert_eq!(out, b"abc");
     }
 
     /// A reader that yields `good` bytes, then fails.

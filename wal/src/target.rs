@@ -178,7 +178,7 @@ impl Target {
                 .s3
                 .as_ref()
                 .ok_or_else(|| TargetError::Config("an s3:// target needs [wal.s3]".into()))?;
-            return Self::s3(&config.target, rest, s3);
+            return Self::s3(&config.target, rest, s3, config.parallel_uploads.max(1));
         }
         Err(TargetError::Config(format!(
             "`{}`: use file:///path or s3://bucket/prefix",
@@ -186,7 +186,7 @@ impl Target {
         )))
     }
 
-    fn s3(url: &str, rest: &str, s3: &S3Config) -> Result<Self, TargetError> {
+    fn s3(url: &str, rest: &str, s3: &S3Config, parallel: usize) -> Result<Self, TargetError> {
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
             return Err(TargetError::Config("s3:// needs a bucket".into()));
@@ -201,7 +201,11 @@ impl Target {
         let mut options = ClientOptions::new()
             .with_allow_http(true)
             .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(Duration::from_secs(120));
+            .with_timeout(Duration::from_secs(120))
+            // reqwest keeps every idle connection by default; the look-ahead's
+            // uploads plus archive_command's push and a fetch or listing need
+            // no more than this many open, each with its TLS and HTTP buffers.
+            .with_pool_max_idle_per_host(parallel + 1);
         if let Some(file) = &s3.ca_file {
             for certificate in read_ca_file(file)? {
                 options = options.with_root_certificate(certificate);

@@ -201,8 +201,9 @@ impl WalService {
             let key = format!("{prefix}{name}.zst");
             match self.target.get(&key).await {
                 Ok(Some(object)) => {
+                    // Decoded into nothing: only the checksum is wanted, not 16 MiB in memory.
                     let decoded = crate::service::blocking(move || {
-                        Ok(crate::codec::decode(&object).map(|_| ()))
+                        Ok(crate::codec::decode_to(&object, &mut std::io::sink()).map(|_| ()))
                     })
                     .await?;
                     if let Err(e) = decoded {
