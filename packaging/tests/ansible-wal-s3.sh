@@ -48,16 +48,6 @@ ensure_image
 deb=$(ensure_deb)
 
 psql_at() { in_ct runuser -u postgres -- psql -h /var/run/postgresql -p "$pg_port" -d postgres -XAtqc "$1"; }
-wal_journal() { in_ct journalctl -u fleet-agent-wal --no-pager -n "${1:-40}" >&2 || true; }
-wait_for() { # SECONDS WHAT COMMAND...
-    local seconds=$1 what=$2; shift 2
-    for _ in $(seq 1 $((seconds * 2))); do
-        "$@" >/dev/null 2>&1 && return 0
-        sleep 0.5
-    done
-    wal_journal 30
-    fail "$what (waited ${seconds}s)"
-}
 s3() { # python code run with `s3` a boto3 client on moto, `bucket`, `prefix` set
     "$moto_py" - "$moto_port" "$bucket" "$prefix" "$1" <<'PY'
 import sys, boto3
@@ -76,7 +66,7 @@ PY
 log "moto on 127.0.0.1:$moto_port, bucket $bucket"
 "$moto" -H 127.0.0.1 -p "$moto_port" >"$work/moto.log" 2>&1 &
 moto_pid=$!
-wait_for 60 "moto did not come up on $moto_port" s3 'pass'
+wal_wait_for 60 "moto did not come up on $moto_port" s3 'pass'
 s3 's3.create_bucket(Bucket=bucket)' || fail "cannot create the bucket"
 
 systemd_container_up "fleet-$PKGTEST_NAME"
@@ -147,7 +137,7 @@ psql_at "CREATE TABLE marks AS SELECT g AS id FROM generate_series(1, 10000) g" 
 segment=$(psql_at 'SELECT pg_walfile_name(pg_current_wal_lsn())')
 psql_at 'SELECT pg_switch_wal()' >/dev/null
 in_bucket() { s3 "sys.exit(0 if any(k.endswith('/wal/$segment.zst') for k in keys()) else 1)"; }
-wait_for 60 "segment $segment is not in s3://$bucket/$prefix" in_bucket
+wal_wait_for 60 "segment $segment is not in s3://$bucket/$prefix" in_bucket
 log "segment $segment is in the bucket"
 # fleet_agent_wal_object_checksum: sha256 made it an FWAL1 object: its header,
 # read from the bucket, not through the agent.

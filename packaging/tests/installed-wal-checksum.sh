@@ -41,19 +41,6 @@ trap cleanup EXIT
 cleanup
 systemd_container_up "fleet-$PKGTEST_NAME"
 
-psql_at() { # PORT SQL: one value per line, as the postgres user (peer auth)
-    in_ct runuser -u postgres -- psql -h /var/run/postgresql -p "$1" -d postgres -XAtqc "$2"
-}
-wal_journal() { in_ct journalctl -u fleet-agent-wal --no-pager -n "${1:-40}" >&2 || true; }
-wait_for() { # SECONDS WHAT COMMAND...: until COMMAND succeeds
-    local seconds=$1 what=$2; shift 2
-    for _ in $(seq 1 $((seconds * 2))); do
-        "$@" >/dev/null 2>&1 && return 0
-        sleep 0.5
-    done
-    wal_journal 30
-    fail "$what (waited ${seconds}s)"
-}
 
 wal_host_up $pg_port "$deb"
 
@@ -98,7 +85,7 @@ switched() { # WHAT: the segment switched
     local segment
     segment=$(psql_at $pg_port 'SELECT pg_walfile_name(pg_current_wal_lsn())')
     psql_at $pg_port 'SELECT pg_switch_wal()' >/dev/null
-    wait_for 60 "$segment ($1) was not archived" stored "$segment"
+    wal_wait_for 60 "$segment ($1) was not archived" stored "$segment"
     echo "$segment"
 }
 
@@ -113,7 +100,7 @@ read -r backup_id start_wal <<<"$backup"
 # Only in WAL after the base backup, before the switch: only in FWAL2 objects.
 psql_at $pg_port "INSERT INTO marks (phase) SELECT 'fwal2' FROM generate_series(1, 700)" >/dev/null
 fwal2_segment=$(switched "written under FWAL2")
-wait_for 30 "the base backup's start segment $start_wal was not archived" stored "$start_wal"
+wal_wait_for 30 "the base backup's start segment $start_wal was not archived" stored "$start_wal"
 
 # Every stored object so far, with the service stopped so none is added while listed.
 in_ct systemctl stop fleet-agent-wal
@@ -171,7 +158,7 @@ out=$(in_ct agentctl restore --to /var/lib/postgresql/15/restored --target-time 
 grep -q "restored base backup $backup_id " <<<"$out" || fail "the restore did not start from the FWAL2-era backup $backup_id: $out"
 in_ct systemctl start postgresql@15-restored || fail "the restored cluster did not start"
 promoted() { [ "$(psql_at $restored_port 'SELECT pg_is_in_recovery()')" = f ]; }
-wait_for 90 "the restored cluster never finished recovery" promoted
+wal_wait_for 90 "the restored cluster never finished recovery" promoted
 got=$(psql_at $restored_port "SELECT phase || '=' || count(*) FROM marks GROUP BY phase ORDER BY phase" | paste -sd' ')
 [ "$got" = "$history" ] || {
     in_ct tail -n 30 /var/log/postgresql/postgresql-15-restored.log >&2 || true

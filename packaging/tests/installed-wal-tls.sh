@@ -114,19 +114,6 @@ PY
 }
 
 systemd_container_up "fleet-$PKGTEST_NAME"
-psql_at() { # PORT SQL: one value per line, as the postgres user (peer auth)
-    in_ct runuser -u postgres -- psql -h /var/run/postgresql -p "$1" -d postgres -XAtqc "$2"
-}
-wal_journal() { in_ct journalctl -u fleet-agent-wal --no-pager -n "${1:-40}" >&2 || true; }
-wait_for() { # SECONDS WHAT COMMAND...: until COMMAND succeeds
-    local seconds=$1 what=$2; shift 2
-    for _ in $(seq 1 $((seconds * 2))); do
-        "$@" >/dev/null 2>&1 && return 0
-        sleep 0.5
-    done
-    wal_journal 30
-    fail "$what (waited ${seconds}s)"
-}
 
 wal_host_up $pg_port "$deb"
 
@@ -175,7 +162,7 @@ psql_at $pg_port "CREATE TABLE marks (id serial PRIMARY KEY); INSERT INTO marks 
 segment=$(psql_at $pg_port 'SELECT pg_walfile_name(pg_current_wal_lsn())')
 psql_at $pg_port 'SELECT pg_switch_wal()' >/dev/null
 in_bucket() { grep -qx "$1" <<<"$(s3_keys "app-1/$sysid/")"; }
-wait_for 60 "$segment did not reach the bucket" in_bucket "app-1/$sysid/wal/$segment.zst"
+wal_wait_for 60 "$segment did not reach the bucket" in_bucket "app-1/$sysid/wal/$segment.zst"
 [ "$(failed_count)" = 0 ] || { wal_journal; fail "archive_command failed against the TLS store with ca_file set"; }
 out=$(in_ct agentctl backup create 2>&1) || { wal_journal; fail "agentctl backup create over TLS: $out"; }
 backup=$(in_ct agentctl backup list --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])')
@@ -210,7 +197,7 @@ psql_at $pg_port "INSERT INTO marks SELECT FROM generate_series(1, 100)" >/dev/n
 stuck=$(psql_at $pg_port 'SELECT pg_walfile_name(pg_current_wal_lsn())')
 psql_at $pg_port 'SELECT pg_switch_wal()' >/dev/null
 more_failed() { [ "$(failed_count)" -gt "$before_failed" ]; }
-wait_for 60 "archive_command did not fail without ca_file" more_failed
+wal_wait_for 60 "archive_command did not fail without ca_file" more_failed
 in_bucket "app-1/$sysid/wal/$stuck.zst" && fail "$stuck reached the bucket without ca_file"
 pglog=$(in_ct tail -n 60 /var/log/postgresql/postgresql-15-main.log)
 names_certificate "$pglog" || fail "PostgreSQL's log does not name the certificate: $pglog"
@@ -255,14 +242,14 @@ in_ct sed -i '/^credentials_file = /a ca_file = "/etc/ssl/fleet-agent/s3-ca.pem"
 in_ct sed -i '/^pg_wal_dir = /a verify_interval = "1m"' /etc/fleet-agent/agent.toml
 in_ct fleet-agentd check-config >/dev/null || fail "check-config refused verify_interval"
 in_ct systemctl restart fleet-agent-wal || { wal_journal; fail "fleet-agent-wal did not start with ca_file back"; }
-wait_for 90 "$stuck did not reach the bucket once ca_file was back" in_bucket "app-1/$sysid/wal/$stuck.zst"
+wal_wait_for 90 "$stuck did not reach the bucket once ca_file was back" in_bucket "app-1/$sysid/wal/$stuck.zst"
 doctor=$(in_ct agentctl doctor 2>&1 || true)
 grep -qE "^ok +archive" <<<"$doctor" || fail "doctor's archive check with ca_file back: $doctor"
 
 metrics() { api_get "$api" /metrics; }
 verified() { grep -qE '^fleet_agent_wal_verify_ok 1$' <<<"$(metrics)"; }
 grep -q '^fleet_agent_wal_verify_ok' <<<"$(metrics)" && fail "a verify result before any verify ran"
-wait_for 120 "no scheduled verify (verify_interval 1m) reached fleet-agentd's /metrics" verified
+wal_wait_for 120 "no scheduled verify (verify_interval 1m) reached fleet-agentd's /metrics" verified
 grep -q 'Scheduled verify: the archive is complete' <<<"$(in_ct journalctl -u fleet-agent-wal --no-pager -o cat)" \
     || fail "no scheduled verify in fleet-agent-wal's journal"
 [ "$(in_ct stat -c '%U' /var/lib/fleet-agent-wal/wal-verify-last.json)" = postgres ] \

@@ -43,19 +43,7 @@ trap cleanup EXIT
 cleanup
 systemd_container_up "fleet-$PKGTEST_NAME"
 
-psql_at() { # PORT SQL: one value per line, as the postgres user (peer auth)
-    in_ct runuser -u postgres -- psql -h /var/run/postgresql -p "$1" -d postgres -XAtqc "$2"
-}
 journal() { in_ct journalctl -u "$1" --no-pager -n "${2:-40}" >&2 || true; }
-wait_for() { # SECONDS WHAT COMMAND...: until COMMAND succeeds
-    local seconds=$1 what=$2; shift 2
-    for _ in $(seq 1 $((seconds * 2))); do
-        "$@" >/dev/null 2>&1 && return 0
-        sleep 0.5
-    done
-    journal fleet-agent-wal 30
-    fail "$what (waited ${seconds}s)"
-}
 
 # --- The host: Debian's cluster 15/main as the package made it, on this test's port.
 wal_host_up $pg_port "$deb"
@@ -98,7 +86,7 @@ in_ct runuser -u postgres -- pgbench -h /var/run/postgresql -p $pg_port -i -s 2 
 in_ct runuser -u postgres -- pgbench -h /var/run/postgresql -p $pg_port -c 2 -T 8 postgres >/dev/null 2>&1 \
     || fail "pgbench failed"
 archived() { [ "$(psql_at $pg_port 'SELECT archived_count FROM pg_stat_archiver')" -ge "$1" ]; }
-wait_for 60 "PostgreSQL archived no segment" archived 3
+wal_wait_for 60 "PostgreSQL archived no segment" archived 3
 
 log "agentctl backup create"
 out=$(in_ct agentctl backup create 2>&1) || { journal fleet-agent-wal; fail "agentctl backup create: $out"; }
@@ -108,7 +96,7 @@ first=$(backups)
 [ "$first" -ge 1 ] || fail "no base backup listed after backup create"
 log "waiting for a scheduled base backup (backup_interval 20s)"
 more_backups() { [ "$(backups)" -gt "$first" ]; }
-wait_for 60 "no scheduled base backup came" more_backups
+wal_wait_for 60 "no scheduled base backup came" more_backups
 grep -q 'base backup' <<<"$(in_ct journalctl -u fleet-agent-wal EVENT=wal_backup_created -o cat --no-pager)" \
     || fail "no wal_backup_created event in fleet-agent-wal's journal"
 
@@ -124,7 +112,7 @@ status=$(http_get /v1/wal) || fail "fleet-agentd's GET /v1/wal failed"
 python3 -c 'import json,sys; d=json.loads(sys.argv[1]); assert d["pushed_segments"] > 0, d' "$status" \
     || fail "fleet-agentd's /v1/wal does not show the WAL service's figures: $status"
 relayed() { grep -qE '^fleet_agent_wal_service_up 1$' <<<"$(http_get /metrics)"; }
-wait_for 20 "fleet-agentd's /metrics does not relay the WAL service" relayed
+wal_wait_for 20 "fleet-agentd's /metrics does not relay the WAL service" relayed
 grep -qE '^fleet_agent_wal_shipped_segments_total [1-9]' <<<"$(http_get /metrics)" \
     || fail "no shipped segments in fleet-agentd's /metrics"
 out=$(in_ct agentctl --socket /run/fleet-agent/agentctl.sock wal status 2>&1) \
@@ -146,7 +134,7 @@ last=$(psql_at $pg_port 'SELECT pg_walfile_name(pg_current_wal_lsn())')
 psql_at $pg_port 'SELECT pg_switch_wal()' >/dev/null
 # Names of one timeline sort as their positions.
 past_target() { [[ ! "$(psql_at $pg_port 'SELECT last_archived_wal FROM pg_stat_archiver')" < "$last" ]]; }
-wait_for 60 "the WAL past the target time was not archived" past_target
+wal_wait_for 60 "the WAL past the target time was not archived" past_target
 
 # --- Restore, word for word as docs/wal.md says (the port aside).
 log "restore to $at"
@@ -162,7 +150,7 @@ log "$out"
 in_ct test -f /var/lib/postgresql/15/restored/recovery.signal || fail "no recovery.signal"
 in_ct systemctl start postgresql@15-restored || { journal postgresql@15-restored; fail "the restored cluster did not start"; }
 promoted() { [ "$(psql_at $restored_port 'SELECT pg_is_in_recovery()')" = f ]; }
-wait_for 90 "the restored cluster never finished recovery" promoted
+wal_wait_for 90 "the restored cluster never finished recovery" promoted
 got=$(psql_at $restored_port "SELECT phase || '=' || count(*) FROM marks GROUP BY phase ORDER BY phase")
 [ "$got" = "before=1000" ] || { in_ct tail -n 30 /var/log/postgresql/postgresql-15-restored.log >&2 || true; fail "restored marks: '$got', expected before=1000 only"; }
 got=$(psql_at $restored_port 'SELECT count(*) FROM pgbench_history')
@@ -187,7 +175,7 @@ in_ct install -d -o postgres -g postgres -m 0700 /var/lib/postgresql/handoff
 fetch_as_pg "$first" A || fail "wal fetch $first as postgres"
 cached=/var/lib/fleet-agent-wal/wal-prefetch/$sysid/$next
 prefetched() { in_ct test -f "$cached"; }
-wait_for 30 "$next was not prefetched after $first was fetched" prefetched
+wal_wait_for 30 "$next was not prefetched after $first was fetched" prefetched
 # A mark a rename keeps and a new file does not have: an inode number alone is
 # no proof, the file system hands a freed one straight out again.
 in_ct touch -m -d @1000000000 "$cached"
@@ -215,7 +203,7 @@ log "drill RTO $(python3 -c 'import json,sys; print(round(json.loads(sys.argv[1]
 [ -z "$(in_ct ls -A /var/lib/fleet-agent-wal/wal-drill)" ] || fail "the drill left its scratch directory behind"
 # fleet-agentd relays the WAL service's metrics every 5 s.
 drill_relayed() { m=$(http_get /metrics) && grep -qE '^fleet_agent_wal_drill_ok 1$' <<<"$m" && grep -qE '^fleet_agent_wal_verify_ok 1$' <<<"$m"; }
-wait_for 20 "fleet-agentd's /metrics shows no fleet_agent_wal_drill_ok 1 / verify_ok 1" drill_relayed
+wal_wait_for 20 "fleet-agentd's /metrics shows no fleet_agent_wal_drill_ok 1 / verify_ok 1" drill_relayed
 grep -q . <<<"$(in_ct journalctl -u fleet-agent-wal EVENT=wal_drill_ok --no-pager -q)" || fail "no wal_drill_ok event in the WAL unit's journal"
 
 # --- The same archive on S3, credentials where docs/wal.md keeps them (only
@@ -225,7 +213,7 @@ log "switching the target to S3 (moto on 127.0.0.1:$moto_port)"
 "$moto" -H 127.0.0.1 -p "$moto_port" >/dev/null 2>&1 &
 moto_pid=$!
 moto_up() { python3 -c "import urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:$moto_port/pg-archive', method='PUT'), timeout=2)"; }
-wait_for 60 "moto did not come up on $moto_port" moto_up
+wal_wait_for 60 "moto did not come up on $moto_port" moto_up
 in_ct sh -c 'umask 077; printf "access_key_id = test\nsecret_access_key = test\n" >/etc/fleet-agent/s3-credentials'
 in_ct tee -a /etc/fleet-agent/agent.toml >/dev/null <<TOML
 [wal.s3]
@@ -243,9 +231,9 @@ out=$(in_ct agentctl backup create 2>&1) || { journal fleet-agent-wal; fail "bac
 before=$(psql_at $pg_port 'SELECT archived_count FROM pg_stat_archiver')
 failed=$(psql_at $pg_port 'SELECT failed_count FROM pg_stat_archiver')
 psql_at $pg_port "INSERT INTO marks (phase) SELECT 's3' FROM generate_series(1, 100); SELECT pg_switch_wal()" >/dev/null
-wait_for 30 "nothing archived to S3" archived $((before + 1))
+wal_wait_for 30 "nothing archived to S3" archived $((before + 1))
 shipped() { in_ct agentctl wal status --json | python3 -c 'import json,sys; d=json.load(sys.stdin); sys.exit(0 if d["pushed_segments"] > 0 else 1)'; }
-wait_for 30 "the WAL service shipped nothing to S3" shipped
+wal_wait_for 30 "the WAL service shipped nothing to S3" shipped
 [ "$(psql_at $pg_port 'SELECT failed_count FROM pg_stat_archiver')" = "$failed" ] \
     || { journal fleet-agent-wal; fail "archive_command failed against S3"; }
 [ "$(in_ct agentctl backup list --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')" -ge 1 ] \

@@ -304,6 +304,26 @@ assert_mode() {
 
 _wal_unit_journal() { in_ct journalctl -u "$1" --no-pager -n 40 >&2 || true; }
 
+# wal_journal [N]: the WAL service's last N (40) journal lines on stderr.
+wal_journal() { in_ct journalctl -u fleet-agent-wal --no-pager -n "${1:-40}" >&2 || true; }
+
+# psql_at PORT SQL: one value per line, as the postgres user (peer auth).
+psql_at() {
+    in_ct runuser -u postgres -- psql -h /var/run/postgresql -p "$1" -d postgres -XAtqc "$2"
+}
+
+# wal_wait_for SECONDS WHAT COMMAND...: polls COMMAND every 0.5 s; after
+# SECONDS, prints the WAL service's journal and fails naming WHAT.
+wal_wait_for() {
+    local seconds=$1 what=$2; shift 2
+    for _ in $(seq 1 $((seconds * 2))); do
+        "$@" >/dev/null 2>&1 && return 0
+        sleep 0.5
+    done
+    wal_journal 30
+    fail "$what (waited ${seconds}s)"
+}
+
 # wal_host_up PG_PORT [DEB]: Debian's cluster 15/main as the package made it
 # (pg_wal 0700 postgres, the peer rule for postgres), moved to PG_PORT (the
 # container shares the host's network) and started; then DEB installed, not
