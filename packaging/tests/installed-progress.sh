@@ -54,9 +54,6 @@ cleanup
 work=$(mktemp -d "$PKGTEST_CACHE/progress.XXXXXX")
 systemd_container_up "fleet-$PKGTEST_NAME"
 
-psql_at() { # PORT SQL: one value per line, as the postgres user (peer auth)
-    in_ct runuser -u postgres -- psql -h /var/run/postgresql -p "$1" -d postgres -XAtqc "$2"
-}
 journal() { in_ct journalctl -u "$1" --no-pager -n "${2:-40}" >&2 || true; }
 elapsed() { printf '%d.%03d' $(( ($(date +%s%N) - $1) / 1000000000 )) $(( ($(date +%s%N) - $1) / 1000000 % 1000 )); }
 
