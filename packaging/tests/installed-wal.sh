@@ -186,6 +186,9 @@ fetch_as_pg "$next" B || fail "wal fetch $next (prefetched) as postgres"
 in_ct test ! -e "$cached" || fail "the handed-off segment is still in the cache"
 log "hand-off as installed: $next renamed from the prefetch cache (inode $inode)"
 in_ct rm -r /var/lib/postgresql/handoff
+# The hand-off counts as a prefetch hit, seen on fleet-agentd's /metrics (relayed every 5 s).
+hit_counted() { grep -qE '^fleet_agent_wal_prefetch_hits_total [1-9]' <<<"$(http_get /metrics)"; }
+wal_wait_for 20 "fleet-agentd's /metrics counts no prefetch hit after the hand-off" hit_counted
 
 # --- verify and the restore drill, run by the WAL service (User=postgres) as
 # docs/wal.md says: the whole chain checks, and a drill restores the newest

@@ -1584,6 +1584,12 @@ impl WalService {
             c.fetched.load(Ordering::Relaxed).to_string(),
         );
         gauge(
+            "fleet_agent_wal_prefetch_hits_total",
+            "WAL files of fetched_segments_total that the prefetch had ready (handed off by path or read from its cache) instead of fetched from the target while restore_command waited.",
+            "counter",
+            c.prefetch_hits.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
             "fleet_agent_wal_valve_acknowledged_total",
             "WAL files acknowledged to PostgreSQL WITHOUT archiving them (the valve).",
             "counter",
@@ -2473,6 +2479,12 @@ mod tests {
         // The caller takes it; until then it stays, so a retry finds it.
         assert!(path.exists());
         assert_eq!(service.counters.prefetch_hits.load(Ordering::Relaxed), 1);
+        let mut metrics = String::new();
+        service.render_metrics(&mut metrics);
+        assert!(
+            metrics.contains("\nfleet_agent_wal_prefetch_hits_total 1\n"),
+            "{metrics}"
+        );
         // A caller that did not offer to take it over gets the bytes, and
         // the entry goes (served once).
         let Fetched::Content(bytes) = service
