@@ -5,9 +5,10 @@
 //! runs on its own (`wal.socket`: fleet-agent-wal.service, as
 //! `wal.postgres_user`), check-config runs as someone else (root, or
 //! fleet-agent under fleet-agentd's unit), so its own read proves nothing
-//! about the service's: the mode bits along the path, judged for that user
-//! and its groups, decide. (A POSIX ACL granting more than the mode bits is
-//! not seen; docs/wal.md's place for the CA needs none.)
+//! about the service's: the permissions along the path, judged for that user
+//! and its groups as the kernel would (the mode bits, or a step's POSIX
+//! access ACL where it has one: an ACL can grant postgres a CA kept in a
+//! directory its mode bits close), decide.
 
 use fleet_model::config::WalConfig;
 use fleet_wal::target::TargetError;
@@ -30,26 +31,118 @@ pub struct Step {
     pub uid: u32,
     pub gid: u32,
     pub dir: bool,
+    /// Its POSIX access ACL's entries, if it has one beyond the mode bits.
+    pub acl: Option<Vec<AclEntry>>,
 }
 
-/// The first step the kernel would refuse `reader` by the mode bits: the
-/// owner's bits if it owns the step, else the group's if it is in the group,
-/// else the others' (only one class applies: an owner without `r` is refused
-/// even when the others have it). None: it can read the file.
-pub fn first_refusal<'a>(reader: &Reader, steps: &'a [Step]) -> Option<&'a Step> {
-    if reader.uid == 0 {
+/// One entry of a POSIX access ACL (`acl(5)`), as Linux stores it in the
+/// `system.posix_acl_access` extended attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AclEntry {
+    pub tag: AclTag,
+    /// The uid or gid of a named entry (`User`, `Group`); unused otherwise.
+    pub id: u32,
+    /// `rwx` as the mode's three bits.
+    pub perm: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AclTag {
+    UserObj,
+    User,
+    GroupObj,
+    Group,
+    Mask,
+    Other,
+}
+
+/// The extended attribute's layout (`linux/posix_acl_xattr.h`): a
+/// little-endian version 2 header, then 8-byte entries of tag (u16), perm
+/// (u16), id (u32). None: not an ACL this code understands, which the caller
+/// then judges by the mode bits alone.
+pub fn parse_acl(bytes: &[u8]) -> Option<Vec<AclEntry>> {
+    let (header, entries) = bytes.split_first_chunk::<4>()?;
+    if u32::from_le_bytes(*header) != 2 || entries.len() % 8 != 0 {
         return None;
     }
-    steps.iter().find(|step| {
-        let bits = if step.uid == reader.uid {
+    entries
+        .chunks_exact(8)
+        .map(|e| {
+            let tag = match u16::from_le_bytes([e[0], e[1]]) {
+                0x01 => AclTag::UserObj,
+                0x02 => AclTag::User,
+                0x04 => AclTag::GroupObj,
+                0x08 => AclTag::Group,
+                0x10 => AclTag::Mask,
+                0x20 => AclTag::Other,
+                _ => return None,
+            };
+            Some(AclEntry {
+                tag,
+                perm: u32::from(u16::from_le_bytes([e[2], e[3]])) & 0o7,
+                id: u32::from_le_bytes([e[4], e[5], e[6], e[7]]),
+            })
+        })
+        .collect()
+}
+
+/// The permission bits the kernel grants `reader` on `step` (its
+/// `posix_acl_permission` for a step with an ACL): the owner's entry; else a
+/// named user's, limited by the mask; else, if the reader is in the owning or
+/// a named group, the first such entry that grants `needed` (masked), or
+/// nothing; else the others'.
+fn granted(reader: &Reader, step: &Step, needed: u32) -> u32 {
+    let Some(acl) = step.acl.as_ref() else {
+        return if step.uid == reader.uid {
             step.mode >> 6
         } else if reader.gids.contains(&step.gid) {
             step.mode >> 3
         } else {
             step.mode
         } & 0o7;
+    };
+    let entry = |tag: AclTag| acl.iter().find(|e| e.tag == tag).map(|e| e.perm);
+    let mask = entry(AclTag::Mask).unwrap_or(0o7);
+    if step.uid == reader.uid {
+        return entry(AclTag::UserObj).unwrap_or(0);
+    }
+    if let Some(named) = acl
+        .iter()
+        .find(|e| e.tag == AclTag::User && e.id == reader.uid)
+    {
+        return named.perm & mask;
+    }
+    let groups: Vec<u32> = acl
+        .iter()
+        .filter(|e| match e.tag {
+            AclTag::GroupObj => reader.gids.contains(&step.gid),
+            AclTag::Group => reader.gids.contains(&e.id),
+            _ => false,
+        })
+        .map(|e| e.perm & mask)
+        .collect();
+    if !groups.is_empty() {
+        return groups
+            .iter()
+            .copied()
+            .find(|perm| perm & needed == needed)
+            .unwrap_or(0);
+    }
+    entry(AclTag::Other).unwrap_or(0)
+}
+
+/// The first step the kernel would refuse `reader`: by the mode bits, the
+/// owner's bits if it owns the step, else the group's if it is in the group,
+/// else the others' (only one class applies: an owner without `r` is refused
+/// even when the others have it); by a step's ACL where it has one. None: it
+/// can read the file.
+pub fn first_refusal<'a>(reader: &Reader, steps: &'a [Step]) -> Option<&'a Step> {
+    if reader.uid == 0 {
+        return None;
+    }
+    steps.iter().find(|step| {
         let needed = if step.dir { 0o1 } else { 0o4 };
-        bits & needed == 0
+        granted(reader, step, needed) & needed == 0
     })
 }
 
@@ -87,13 +180,14 @@ pub fn check(wal: &WalConfig) -> Vec<String> {
     first_refusal(&reader, &steps)
         .map(|step| {
             format!(
-                "wal.s3.ca_file {}: the WAL service's user {} cannot {} {} (mode {:04o}, {}:{}); \
+                "wal.s3.ca_file {}: the WAL service's user {} cannot {} {} (mode {:04o}{}, {}:{}); \
                  keep the CA where docs/wal.md puts it, e.g. /etc/ssl/fleet-agent/s3-ca.pem, mode 0644",
                 path.display(),
                 reader.name,
                 if step.dir { "search" } else { "read" },
                 if step.path == path { "it".to_string() } else { step.path.display().to_string() },
                 step.mode & 0o7777,
+                if step.acl.is_some() { " and an ACL" } else { "" },
                 user_name(step.uid),
                 group_name(step.gid),
             )
@@ -128,6 +222,11 @@ fn steps_to(path: &Path) -> std::io::Result<Vec<Step>> {
             uid: meta.uid(),
             gid: meta.gid(),
             dir,
+            // A file system without ACLs, or a step without one: the mode bits.
+            acl: xattr::get(p, "system.posix_acl_access")
+                .ok()
+                .flatten()
+                .and_then(|bytes| parse_acl(&bytes)),
         });
         Ok(())
     };
@@ -160,7 +259,7 @@ fn group_name(gid: u32) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{check, first_refusal, Reader, Step};
+    use super::{check, first_refusal, parse_acl, AclEntry, AclTag, Reader, Step};
     use std::os::unix::fs::PermissionsExt;
     use std::path::PathBuf;
 
@@ -171,7 +270,144 @@ mod tests {
             uid,
             gid,
             dir,
+            acl: None,
         }
+    }
+
+    /// The attribute's bytes for `entries` (what `setfacl` writes).
+    fn acl_bytes(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+        let mut bytes = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in entries {
+            bytes.extend(tag.to_le_bytes());
+            bytes.extend(perm.to_le_bytes());
+            bytes.extend(id.to_le_bytes());
+        }
+        bytes
+    }
+
+    const UNDEFINED_ID: u32 = u32::MAX;
+
+    #[test]
+    fn an_acl_is_read_from_its_attribute_and_anything_else_is_not_an_acl() {
+        let bytes = acl_bytes(&[
+            (0x01, 7, UNDEFINED_ID),
+            (0x02, 5, 110),
+            (0x04, 5, UNDEFINED_ID),
+            (0x10, 5, UNDEFINED_ID),
+            (0x20, 0, UNDEFINED_ID),
+        ]);
+        let acl = parse_acl(&bytes).expect("an ACL");
+        assert_eq!(
+            acl[1],
+            AclEntry {
+                tag: AclTag::User,
+                id: 110,
+                perm: 0o5
+            }
+        );
+        assert_eq!(acl.len(), 5);
+        assert_eq!(parse_acl(&bytes[..bytes.len() - 1]), None, "a cut entry");
+        assert_eq!(parse_acl(&[1, 0, 0, 0]), None, "another version");
+        assert_eq!(
+            parse_acl(&acl_bytes(&[(0x40, 7, 0)])),
+            None,
+            "an unknown tag"
+        );
+        assert_eq!(parse_acl(&[]), None);
+    }
+
+    #[test]
+    fn an_acl_decides_as_the_kernel_does_named_user_and_groups_under_the_mask() {
+        let postgres = Reader {
+            name: "postgres".into(),
+            uid: 110,
+            gids: vec![118, 111],
+        };
+        // /etc/fleet-agent 0750 root:fleet-agent, then `setfacl -m u:postgres:x`:
+        // the group bits shown are the mask (r-x).
+        let with = |entries: &[(u16, u16, u32)], mode: u32| Step {
+            acl: parse_acl(&acl_bytes(entries)),
+            ..step("/etc/fleet-agent", mode, 0, 999, true)
+        };
+        let named_user = with(
+            &[
+                (0x01, 7, UNDEFINED_ID),
+                (0x02, 1, 110),
+                (0x04, 5, UNDEFINED_ID),
+                (0x10, 5, UNDEFINED_ID),
+                (0x20, 0, UNDEFINED_ID),
+            ],
+            0o750,
+        );
+        assert_eq!(
+            first_refusal(&postgres, std::slice::from_ref(&named_user)),
+            None
+        );
+        // The same entry under a mask without x (`chmod g-x` after setfacl).
+        let masked = with(
+            &[
+                (0x01, 7, UNDEFINED_ID),
+                (0x02, 1, 110),
+                (0x04, 4, UNDEFINED_ID),
+                (0x10, 4, UNDEFINED_ID),
+                (0x20, 0, UNDEFINED_ID),
+            ],
+            0o740,
+        );
+        assert!(first_refusal(&postgres, std::slice::from_ref(&masked)).is_some());
+        // A named group postgres is in (ssl-cert, 111) grants; one it is not in does not.
+        let group_entry = |gid: u32| {
+            with(
+                &[
+                    (0x01, 7, UNDEFINED_ID),
+                    (0x04, 0, UNDEFINED_ID),
+                    (0x08, 1, gid),
+                    (0x10, 1, UNDEFINED_ID),
+                    (0x20, 0, UNDEFINED_ID),
+                ],
+                0o710,
+            )
+        };
+        assert_eq!(first_refusal(&postgres, &[group_entry(111)]), None);
+        assert!(first_refusal(&postgres, &[group_entry(112)]).is_some());
+        // In a group entry that does not grant: refused, the others' x notwithstanding.
+        let others_only = with(
+            &[
+                (0x01, 7, UNDEFINED_ID),
+                (0x04, 0, UNDEFINED_ID),
+                (0x08, 0, 111),
+                (0x10, 7, UNDEFINED_ID),
+                (0x20, 1, UNDEFINED_ID),
+            ],
+            0o771,
+        );
+        assert!(first_refusal(&postgres, std::slice::from_ref(&others_only)).is_some());
+        // Not in any group entry: the others' entry.
+        let stranger = Reader {
+            name: "nobody".into(),
+            uid: 65534,
+            gids: vec![65534],
+        };
+        assert_eq!(first_refusal(&stranger, &[others_only]), None);
+        // The owner: its own entry alone.
+        let owner = Reader {
+            name: "root-owned".into(),
+            uid: 7,
+            gids: vec![7],
+        };
+        let owned = Step {
+            uid: 7,
+            ..with(
+                &[
+                    (0x01, 6, UNDEFINED_ID),
+                    (0x04, 7, UNDEFINED_ID),
+                    (0x10, 7, UNDEFINED_ID),
+                    (0x20, 7, UNDEFINED_ID),
+                ],
+                0o677,
+            )
+        };
+        assert!(first_refusal(&owner, &[owned]).is_some());
     }
 
     #[test]
@@ -319,6 +555,50 @@ mod tests {
         assert_eq!(
             check(&wal(&ca, "postgres_user = \"nobody\"")),
             Vec::<String>::new()
+        );
+    }
+    #[test]
+    fn an_acl_on_a_real_directory_lets_the_wal_services_user_reach_the_ca_file() {
+        if nix::unistd::User::from_name("nobody")
+            .ok()
+            .flatten()
+            .map(|u| u.uid)
+            == Some(nix::unistd::getuid())
+        {
+            eprintln!("skipped: running as nobody");
+            return;
+        }
+        let Some(nobody) = nix::unistd::User::from_name("nobody").ok().flatten() else {
+            eprintln!("skipped: no user nobody");
+            return;
+        };
+        let dir = tempfile::Builder::new().tempdir_in("/tmp").unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, include_bytes!("../../wal/testdata/test-ca.pem")).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::set_permissions(&ca, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let separate = "socket = \"/run/fleet-agent-wal/wal.sock\"\npostgres_user = \"nobody\"";
+        assert_eq!(check(&wal(&ca, separate)).len(), 1, "0700 without an ACL");
+        // `setfacl -m u:nobody:x DIR`, written as setfacl writes it.
+        let acl = acl_bytes(&[
+            (0x01, 7, UNDEFINED_ID),
+            (0x02, 1, nobody.uid.as_raw()),
+            (0x04, 0, UNDEFINED_ID),
+            (0x10, 1, UNDEFINED_ID),
+            (0x20, 0, UNDEFINED_ID),
+        ]);
+        if let Err(e) = xattr::set(dir.path(), "system.posix_acl_access", &acl) {
+            eprintln!("skipped: this file system takes no POSIX ACL ({e})");
+            return;
+        }
+        assert_eq!(check(&wal(&ca, separate)), Vec::<String>::new());
+        // The mask then closes it again (`chmod 0700` after setfacl).
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let problems = check(&wal(&ca, separate));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("(mode 0700 and an ACL,"),
+            "{problems:?}"
         );
     }
 }

@@ -267,4 +267,29 @@ after=$(wal_metrics)
 grep -qxF "fleet_agent_wal_verify_timestamp_seconds $at" <<<"$after" \
     && grep -qxF 'fleet_agent_wal_verify_ok 1' <<<"$after" \
     || fail "the verify result did not survive a restart of fleet-agent-wal (was $at): $(grep verify <<<"$after")"
-log "ok: archive over a private CA's TLS as installed; scheduled verify at $at"
+
+# --- A CA in a directory whose mode bits close it to postgres, opened to it by
+# a POSIX ACL (`setfacl -m u:postgres:x /srv/fleet-ca`, written here with
+# python3: this root has no acl package): check-config judges the ACL as the
+# kernel does, refusing before it and accepting after, and the WAL service
+# archives through that CA.
+log "ca_file behind a POSIX ACL"
+in_ct install -d -m 0700 /srv/fleet-ca
+in_ct install -m 0644 /etc/ssl/fleet-agent/s3-ca.pem /srv/fleet-ca/s3-ca.pem
+in_ct sed -i 's|^ca_file = .*|ca_file = "/srv/fleet-ca/s3-ca.pem"|' /etc/fleet-agent/agent.toml
+rc=0; out=$(in_ct fleet-agentd check-config 2>&1) || rc=$?
+[ "$rc" = 64 ] || fail "check-config exited $rc with the CA in a 0700 directory: $out"
+grep -q "wal.s3.ca_file /srv/fleet-ca/s3-ca.pem: the WAL service's user postgres cannot search /srv/fleet-ca (mode 0700, root:root)" <<<"$out" \
+    || fail "check-config does not name /srv/fleet-ca: $out"
+in_ct python3 -c 'import os, pwd, struct
+uid, undefined = pwd.getpwnam("postgres").pw_uid, 0xFFFFFFFF
+entries = [(0x01, 7, undefined), (0x02, 1, uid), (0x04, 0, undefined), (0x10, 1, undefined), (0x20, 0, undefined)]
+os.setxattr("/srv/fleet-ca", "system.posix_acl_access", struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries))'
+in_ct runuser -u postgres -- cat /srv/fleet-ca/s3-ca.pem >/dev/null || fail "the ACL does not let postgres read the CA (the kernel says)"
+out=$(in_ct fleet-agentd check-config 2>&1) || fail "check-config refused a CA the ACL lets postgres read: $out"
+in_ct systemctl restart fleet-agent-wal || { wal_journal; fail "fleet-agent-wal did not start with the CA behind an ACL"; }
+psql_at $pg_port "INSERT INTO marks SELECT FROM generate_series(1, 100)" >/dev/null
+behind_acl=$(psql_at $pg_port 'SELECT pg_walfile_name(pg_current_wal_lsn())')
+psql_at $pg_port 'SELECT pg_switch_wal()' >/dev/null
+wal_wait_for 60 "$behind_acl did not reach the bucket with the CA behind an ACL" in_bucket "app-1/$sysid/wal/$behind_acl.zst"
+log "ok: archive over a private CA's TLS as installed; scheduled verify at $at; a CA behind an ACL accepted and used"
