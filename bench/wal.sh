@@ -537,17 +537,20 @@ restore() { # TARGET(dir|s3) PGBR_CONF: the daemon must be on that target now
   done
   t1=$(now)
   FETCH_FLEET[$1]=$(elapsed "$t0" "$t1")
+  # Outside the timed span: the last segment restored is the one archived.
+  cmp -s "$WORK/fetch/RECOVERYXLOG" "$SRC/data/pg_wal/${SEGMENTS[-1]}" || { say "restore ($1): fleet-agent's ${SEGMENTS[-1]} differs from the original"; exit 1; }
   t0=$(now)
   # Each tool runs as the owner of its spool or cache, one process per segment
   # as PostgreSQL starts them; one `runuser` for the whole loop, since one per
   # call (a PAM session, ~35 ms on the 2-core host) was charged to pgBackRest only.
-  as_pg bash -c 'conf=$1 dest=$2; shift 2
+  as_pg bash -c 'set -e; conf=$1 dest=$2; shift 2
     for s in "$@"; do
       rm -f "$dest"
       pgbackrest --config="$conf" --stanza=bench archive-get "$s" "$dest" >/dev/null
     done' _ "$WORK/$2.conf" "$WORK/fetch/RECOVERYXLOG.pgbr" "${SEGMENTS[@]}"
   t1=$(now)
   FETCH_PGBR[$1]=$(elapsed "$t0" "$t1")
+  cmp -s "$WORK/fetch/RECOVERYXLOG.pgbr" "$SRC/data/pg_wal/${SEGMENTS[-1]}" || { say "restore ($1): pgBackRest's ${SEGMENTS[-1]} differs from the original"; exit 1; }
   say "restore ($1): fleet-agent ${FETCH_FLEET[$1]} s, pgBackRest ${FETCH_PGBR[$1]} s"
 }
 
