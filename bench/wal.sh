@@ -21,15 +21,19 @@
 # have exited still count; user+system of that cgroup over the drain, per
 # archived segment. The S3 server's CPU (it stands in for a remote service:
 # the server and HAProxy) is read from /proc/<pid>/stat and reported apart.
-# With s3s-fs the objects are files, so the run also checks that every segment
-# is stored for both tools and when the first and last object landed. The daemon's peak RSS
-# during the drain is its VmHWM (it starts inside the timed span).
+# The daemon's peak RSS during the drain is its VmHWM (it starts inside the
+# timed span). Where each drain ends is reported beside it: when PostgreSQL was
+# up, pgBackRest processes still running when the last .ready went, the CPU of
+# the method and of the S3 server in the 2 s after (not counted), and with
+# s3s-fs, whose objects are files, the count of each tool's objects (all
+# segments, or the run fails) and when its first and last one was stored.
 # Then a steady load (`pgbench -T $BENCH_LOAD_SECONDS`, 0: skipped) runs on
 # each copy and we record the largest .ready backlog seen.
 # Finally the time to restore 64 segments (1 GiB) of WAL: fetching every archived
 # segment in order with `agentctl wal fetch` (prefetch) vs `pgbackrest archive-get`,
 # from the directory and from S3, one process per segment as PostgreSQL starts
-# them, each tool as the owner of its cache or spool (fleet-agentd's is root's here).
+# them, each tool as the owner of its cache or spool (fleet-agentd's is root's here);
+# the last segment each tool restored is compared with the original afterwards.
 #
 #   bash bench/wal.sh     # rewrites its section of docs/benchmarks.md
 #
@@ -40,14 +44,16 @@
 # fleet-s3 pgbr-async-s3-zst1), BENCH_DRAIN_TIMEOUT (600 s), BENCH_NOTES (a file
 # appended to the written section), BENCH_DAEMON_ENV (unit: the daemon gets the
 # Environment= of systemd/fleet-agent-wal.service, as installed; none: without),
-# BENCH_S3_LOG (a file to keep the S3 server's log in), BENCH_OBJECT_CHECKSUM (blake3, the daemon's default from 0.2.0; sha256 for FWAL1
+# BENCH_OBJECT_CHECKSUM (blake3, the daemon's default from 0.2.0; sha256 for FWAL1
 # objects), BENCH_TIMER (c: bench/timed.c; sh: the #!/bin/sh wrapper with two
-# `date` forks used before 2026-12-07, to compare), BENCH_S3_SERVER (s3s-fs: the
-# s3s-fs crate's server, Rust, objects as files, at BENCH_S3S_FS, default
-# /opt/s3s-fs/bin/s3s-fs from `cargo install s3s-fs@0.14.1 --features binary
-# --locked --root /opt/s3s-fs`; moto: moto[server] 5 at /opt/moto, Python, in
-# memory, the server before 2026-12-07). Needs root (runuser, cgroup v1
-# cpuacct at /sys/fs/cgroup/cpuacct), a C compiler (cc), haproxy and the S3 server.
+# `date` forks used before 2026-12-07, to compare), BENCH_S3_SERVER (s3s-fs, the
+# default: the s3s-fs crate's server, Rust, objects as files, at BENCH_S3S_FS,
+# default /opt/s3s-fs/bin/s3s-fs from `cargo install s3s-fs@0.14.1 --features
+# binary --locked --root /opt/s3s-fs`; moto: moto[server] 5 at /opt/moto, Python,
+# in memory, the server before 2026-12-07; docs/benchmarks.md "S3 server on
+# loopback" compares them), BENCH_S3_LOG (a file to keep the S3 server's log in).
+# Needs root (runuser, cgroup v1 cpuacct at /sys/fs/cgroup/cpuacct), a C
+# compiler (cc), haproxy and the S3 server.
 # Not a test: it measures. Run it on a quiet machine.
 set -euo pipefail
 
@@ -592,7 +598,7 @@ BUILD="release"; [[ "$BIN" == */debug ]] && BUILD="debug"
   echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
   for m in "${RAN[@]}"; do
     b=${BASE[$m]}; t=dir; [[ $m == *-s3* ]] && t=S3
-    echo "| ${DESC[$m]} | $t | ${DRAIN[$m]} s | ${RATE[$m]} | $(ratio "${RATE[$m]}" "${RATE[$b]:-}") | ${P50[$m]} ms | ${P99[$m]} ms | ${CPUSEG[$m]} | $(ratio "${CPUSEG[$m]}" "${CPUSEG[$b]:-}") | ${DCPUSEG[$m]} | ${S3CPUSEG[$m]} ($([[ ${HACPUSEG[$m]} == - ]] && echo - || echo "${HACPUSEG[$m]}")) | ${RSS[$m]} MiB | ${MAXLOAD[$m]} |"
+    echo "| ${DESC[$m]} | $t | ${DRAIN[$m]} s | ${RATE[$m]} | $(ratio "${RATE[$m]}" "${RATE[$b]:-}") | ${P50[$m]} ms | ${P99[$m]} ms | ${CPUSEG[$m]} | $(ratio "${CPUSEG[$m]}" "${CPUSEG[$b]:-}") | ${DCPUSEG[$m]} | $([[ ${HACPUSEG[$m]} == - ]] && echo - || echo "${S3CPUSEG[$m]} (${HACPUSEG[$m]})") | ${RSS[$m]} MiB | ${MAXLOAD[$m]} |"
   done
   echo
   echo "Where each drain ends (seconds after it began; objects stored: s3s-fs only, from the files' mtimes):"
