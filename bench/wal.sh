@@ -4,8 +4,8 @@
 #   (b) pgBackRest `archive-push` (Debian's 2.45), synchronous and asynchronous,
 #   (c) the seed's one-CLI-per-segment approach (`cp` per call, no checks),
 # into a directory target on the same disk AND into an S3-compatible server on
-# loopback (one moto behind HAProxy, both tools against the same server and
-# bucket, both over HTTPS), zstd where the
+# loopback (BENCH_S3_SERVER: s3s-fs or moto, behind HAProxy's TLS, both tools
+# against the same server and bucket, both over HTTPS), zstd where the
 # tool compresses.
 #
 # Method: one PostgreSQL 15 cluster runs `pgbench -i -s $BENCH_SCALE` with
@@ -19,15 +19,21 @@
 # with its archiver and every archive_command child, pgBackRest's async and
 # local processes) runs in one cpuacct cgroup of its own, so processes that
 # have exited still count; user+system of that cgroup over the drain, per
-# archived segment. The S3 server's CPU (moto stands in for a remote service)
-# is read from /proc/<pid>/stat and reported apart. The daemon's peak RSS
-# during the drain is its VmHWM (it starts inside the timed span).
+# archived segment. The S3 server's CPU (it stands in for a remote service:
+# the server and HAProxy) is read from /proc/<pid>/stat and reported apart.
+# The daemon's peak RSS during the drain is its VmHWM (it starts inside the
+# timed span). Where each drain ends is reported beside it: when PostgreSQL was
+# up, pgBackRest processes still running when the last .ready went, the CPU of
+# the method and of the S3 server in the 2 s after (not counted), and with
+# s3s-fs, whose objects are files, the count of each tool's objects (all
+# segments, or the run fails) and when its first and last one was stored.
 # Then a steady load (`pgbench -T $BENCH_LOAD_SECONDS`, 0: skipped) runs on
 # each copy and we record the largest .ready backlog seen.
 # Finally the time to restore 64 segments (1 GiB) of WAL: fetching every archived
 # segment in order with `agentctl wal fetch` (prefetch) vs `pgbackrest archive-get`,
 # from the directory and from S3, one process per segment as PostgreSQL starts
-# them, each tool as the owner of its cache or spool (fleet-agentd's is root's here).
+# them, each tool as the owner of its cache or spool (fleet-agentd's is root's here);
+# the last segment each tool restored is compared with the original afterwards.
 #
 #   bash bench/wal.sh     # rewrites its section of docs/benchmarks.md
 #
@@ -40,8 +46,14 @@
 # Environment= of systemd/fleet-agent-wal.service, as installed; none: without),
 # BENCH_OBJECT_CHECKSUM (blake3, the daemon's default from 0.2.0; sha256 for FWAL1
 # objects), BENCH_TIMER (c: bench/timed.c; sh: the #!/bin/sh wrapper with two
-# `date` forks used before 2026-12-07, to compare). Needs root (runuser, cgroup v1
-# cpuacct at /sys/fs/cgroup/cpuacct), a C compiler (cc), haproxy and /opt/moto for S3.
+# `date` forks used before 2026-12-07, to compare), BENCH_S3_SERVER (s3s-fs, the
+# default: the s3s-fs crate's server, Rust, objects as files, at BENCH_S3S_FS,
+# default /opt/s3s-fs/bin/s3s-fs from `cargo install s3s-fs@0.14.1 --features
+# binary --locked --root /opt/s3s-fs`; moto: moto[server] 5 at /opt/moto, Python,
+# in memory, the server before 2026-12-07; docs/benchmarks.md "S3 server on
+# loopback" compares them), BENCH_S3_LOG (a file to keep the S3 server's log in).
+# Needs root (runuser, cgroup v1 cpuacct at /sys/fs/cgroup/cpuacct), a C
+# compiler (cc), haproxy and the S3 server.
 # Not a test: it measures. Run it on a quiet machine.
 set -euo pipefail
 
@@ -54,7 +66,11 @@ PORT="${BENCH_PORT:-46590}"
 S3_PORT="${BENCH_S3_PORT:-$((PORT + 1))}"
 METHODS="${BENCH_METHODS:-fleet fleet-zst3 pgbr-sync pgbr-async pgbr-async-zst1 seed fleet-s3 pgbr-async-s3-zst1}"
 has_method() { [[ " $METHODS " == *" $1 "* ]]; }
+S3_SERVER="${BENCH_S3_SERVER:-s3s-fs}"
+declare -A S3_DESCS=([s3s-fs]="s3s-fs 0.14 (Rust, objects as files)" [moto]="moto (Python, in memory)")
+S3_DESC="${S3_DESCS[$S3_SERVER]:-$S3_SERVER}"
 MOTO=/opt/moto/bin/moto_server
+S3S_FS="${BENCH_S3S_FS:-/opt/s3s-fs/bin/s3s-fs}"
 CG=/sys/fs/cgroup/cpuacct
 PG=/usr/lib/postgresql/15/bin
 
@@ -82,19 +98,20 @@ fi
 WORK="$(mktemp -d /tmp/fleet-walbench-XXXXXX)"
 chmod 755 "$WORK"
 DAEMON_PID=""
-MOTO_PID=""
+S3_PID=""
 cleanup() {
   for d in "$WORK"/pg-*/data; do
     [[ -f "$d/postmaster.pid" ]] && runuser -u postgres -- "$PG/pg_ctl" -D "$d" -m immediate -w stop >/dev/null 2>&1 || true
   done
   [[ -n "$DAEMON_PID" ]] && kill -TERM "$DAEMON_PID" 2>/dev/null && wait "$DAEMON_PID" 2>/dev/null || true
   [[ -n "${HAPROXY_PID:-}" ]] && kill -TERM "$HAPROXY_PID" 2>/dev/null && wait "$HAPROXY_PID" 2>/dev/null || true
-  [[ -n "$MOTO_PID" ]] && kill -TERM "$MOTO_PID" 2>/dev/null && wait "$MOTO_PID" 2>/dev/null || true
+  [[ -n "$S3_PID" ]] && kill -TERM "$S3_PID" 2>/dev/null && wait "$S3_PID" 2>/dev/null || true
   # pgBackRest's async archive-get keeps prefetching after the last call and
   # would hold its lock past this run: end this run's processes (their
   # command lines name this run's config files), by pid.
   local p
   for p in $(pgrep -f -- "--config=$WORK/" || true); do kill -TERM "$p" 2>/dev/null || true; done
+  [[ -n "${BENCH_S3_LOG:-}" && -f "$WORK/s3-server.log" ]] && cp "$WORK/s3-server.log" "$BENCH_S3_LOG"
   # pgBackRest's async process may still be finishing in its spool dir.
   rm -rf "$WORK" 2>/dev/null || { sleep 2; rm -rf "$WORK" 2>/dev/null || true; }
   for g in "$CG"/walbench-"$$"-*; do [[ -d "$g" ]] && rmdir "$g" 2>/dev/null || true; done
@@ -148,24 +165,41 @@ CONF
   chown postgres: "$WORK/$1.conf"
 }
 
-# --- S3 on loopback: moto behind HAProxy's TLS --------------------------------------
+# --- S3 on loopback: s3s-fs or moto behind HAProxy's TLS ----------------------------
 # pgBackRest speaks only HTTPS to S3, and its 2.45 checks the DNS names of the
 # certificate (not IP addresses: hence localhost). moto's own TLS (werkzeug)
-# ends connections without close_notify, which OpenSSL 3 refuses, so HAProxy
-# terminates TLS and both tools reach the same moto through it.
+# ends connections without close_notify, which OpenSSL 3 refuses, and s3s-fs
+# has no TLS, so HAProxy terminates TLS and both tools reach the same server
+# through it, for either server alike.
+# s3s-fs: Rust (s3s, hyper, tokio), checks every request's SigV4 signature
+# against the one key pair given here, stores each object as a file under
+# $WORK/s3s-fs/<bucket>/<key> (written to a temp file, renamed, no fsync) and
+# an MD5 of it for the ETag. moto: Python (werkzeug), keeps objects in memory,
+# accepts any signature. Both stand in for a remote service whose CPU is not
+# the host's; what each costs here is reported beside the figures.
 # The certificate says CA:FALSE: rustls refuses a CA certificate as the server's
 # own (the openssl default for -x509), where OpenSSL accepts it. fleet-agentd's
 # S3 client (object_store, native roots) trusts it through SSL_CERT_FILE.
-MOTO_PORT=$((S3_PORT + 1))
+S3_BACKEND_PORT=$((S3_PORT + 1))
 HAPROXY_PID=""
+S3_ROOT="$WORK/s3s-fs"
 if has_method fleet-s3 || has_method pgbr-async-s3-zst1; then
-  [[ -x $MOTO ]] || { say "$MOTO is missing"; exit 1; }
+  case "$S3_SERVER" in
+    s3s-fs) [[ -x $S3S_FS ]] || { say "$S3S_FS is missing (cargo install s3s-fs@0.14.1 --features binary --locked --root /opt/s3s-fs)"; exit 1; } ;;
+    moto) [[ -x $MOTO ]] || { say "$MOTO is missing"; exit 1; } ;;
+    *) say "BENCH_S3_SERVER must be s3s-fs or moto"; exit 1 ;;
+  esac
   openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
     -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -addext basicConstraints=critical,CA:FALSE -keyout "$WORK/s3-key.pem" -out "$WORK/s3-cert.pem" 2>/dev/null
   cat "$WORK/s3-cert.pem" "$WORK/s3-key.pem" >"$WORK/s3-haproxy.pem"
   chmod 644 "$WORK/s3-cert.pem"
-  "$MOTO" -H 127.0.0.1 -p "$MOTO_PORT" >"$WORK/moto.log" 2>&1 &
-  MOTO_PID=$!
+  if [[ "$S3_SERVER" == s3s-fs ]]; then
+    mkdir -p "$S3_ROOT"
+    "$S3S_FS" --host 127.0.0.1 --port "$S3_BACKEND_PORT" --access-key test --secret-key test "$S3_ROOT" >"$WORK/s3-server.log" 2>&1 &
+  else
+    "$MOTO" -H 127.0.0.1 -p "$S3_BACKEND_PORT" >"$WORK/s3-server.log" 2>&1 &
+  fi
+  S3_PID=$!
   cat >"$WORK/haproxy.cfg" <<CFG
 global
   maxconn 256
@@ -176,17 +210,20 @@ defaults
   timeout server 60s
 frontend s3
   bind 127.0.0.1:$S3_PORT ssl crt $WORK/s3-haproxy.pem
-  default_backend moto
-backend moto
-  server moto 127.0.0.1:$MOTO_PORT
+  default_backend s3
+backend s3
+  server s3 127.0.0.1:$S3_BACKEND_PORT
 CFG
   haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 &
   HAPROXY_PID=$!
+  # Signed (s3s-fs refuses anonymous requests; moto takes any signature).
+  s3_curl() { curl -fsS --cacert "$WORK/s3-cert.pem" --aws-sigv4 aws:amz:us-east-1:s3 --user test:test \
+    -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" -o /dev/null "$@"; }
   for _ in $(seq 300); do
-    curl -fsS --cacert "$WORK/s3-cert.pem" -o /dev/null "https://localhost:$S3_PORT/" 2>/dev/null && break
+    s3_curl "https://localhost:$S3_PORT/" 2>/dev/null && break
     sleep 0.2
   done
-  curl -fsS --cacert "$WORK/s3-cert.pem" -X PUT -o /dev/null "https://localhost:$S3_PORT/walbench"
+  s3_curl -X PUT "https://localhost:$S3_PORT/walbench" || { say "$S3_SERVER did not start"; cat "$WORK/s3-server.log" >&2; exit 1; }
   printf 'access_key_id = test\nsecret_access_key = test\n' >"$WORK/s3-credentials"
 fi
 
@@ -357,7 +394,9 @@ ready_count() {
 exec {NAP_FD}<> <(:)
 nap() { read -r -t "$1" -u "$NAP_FD" _ || true; }
 
-declare -A RATE P50 P99 DRAIN MAXLOAD CPUSEG DCPUSEG S3CPUSEG RSS
+declare -A RATE P50 P99 DRAIN MAXLOAD CPUSEG DCPUSEG S3CPUSEG HACPUSEG RSS PGSTART FIRSTOBJ LASTOBJ TAILCPU TAILS3 ASYNCLEFT
+# s3_ticks: the S3 server's and HAProxy's CPU so far, in clock ticks.
+s3_ticks() { echo $(( $(proc_ticks "$S3_PID") + $(proc_ticks "$HAPROXY_PID") )); }
 RAN=()
 run_method() { # NAME ARCHIVE_COMMAND_BUILDER
   local name="$1" dir="$WORK/pg-$1"
@@ -377,8 +416,8 @@ unix_socket_directories = '$sock'
 archive_command = '$WRAP $lat $cmd'
 CONF
   say "$name: draining $BACKLOG segments"
-  local t0 t1 cpu0 s3t0=0 dcpu=0
-  [[ -n "$MOTO_PID" ]] && s3t0=$(( $(proc_ticks "$MOTO_PID") + $(proc_ticks "$HAPROXY_PID") ))
+  local t0 t1 tpg cpu0 s3t0=0 hat0=0 dcpu=0
+  [[ -n "$S3_PID" ]] && { s3t0=$(s3_ticks); hat0=$(proc_ticks "$HAPROXY_PID"); }
   cpu0=$(cg_cpu_ns "$cg")
   t0=$(now)
   # The daemon starts inside the timed span: its look-ahead begins at once.
@@ -388,6 +427,7 @@ CONF
     fleet-s3) start_daemon "$data/pg_wal" "host=$sock port=$PORT user=postgres" "s3://walbench/fleet" 1 "$cg" ;;
   esac
   in_cgroup "$cg" runuser -u postgres -- "$PG/pg_ctl" -D "$data" -l "$dir/pg.log" -w start >/dev/null
+  tpg=$(now)
   local deadline=$((SECONDS + ${BENCH_DRAIN_TIMEOUT:-600}))
   while (($(ready_count "$data") > 0)); do
     if ((SECONDS > deadline)); then
@@ -396,12 +436,23 @@ CONF
     nap 0.02
   done
   t1=$(now)
-  CPUSEG[$name]=$(awk -v c="$(( $(cg_cpu_ns "$cg") - cpu0 ))" -v n="$BACKLOG" 'BEGIN { printf "%.1f", c / n / 1e6 }')
-  if [[ -n "$MOTO_PID" && "$name" == *-s3* ]]; then
-    S3CPUSEG[$name]=$(awk -v c="$(( $(proc_ticks "$MOTO_PID") + $(proc_ticks "$HAPROXY_PID") - s3t0 ))" -v n="$BACKLOG" -v hz="$TICK" 'BEGIN { printf "%.1f", c * 1000 / hz / n }')
+  local cpu1 s3t1=0; cpu1=$(cg_cpu_ns "$cg")
+  CPUSEG[$name]=$(awk -v c="$(( cpu1 - cpu0 ))" -v n="$BACKLOG" 'BEGIN { printf "%.1f", c / n / 1e6 }')
+  if [[ -n "$S3_PID" && "$name" == *-s3* ]]; then
+    s3t1=$(s3_ticks)
+    S3CPUSEG[$name]=$(awk -v c="$(( s3t1 - s3t0 ))" -v n="$BACKLOG" -v hz="$TICK" 'BEGIN { printf "%.1f", c * 1000 / hz / n }')
+    HACPUSEG[$name]=$(awk -v c="$(( $(proc_ticks "$HAPROXY_PID") - hat0 ))" -v n="$BACKLOG" -v hz="$TICK" 'BEGIN { printf "%.1f", c * 1000 / hz / n }')
   else
-    S3CPUSEG[$name]="-"
+    S3CPUSEG[$name]="-"; HACPUSEG[$name]="-"
   fi
+  # Is the drain's end where each tool's work ends? pgBackRest processes
+  # still in the method's cgroup when the last .ready went, and the CPU that
+  # the method and the S3 server spent in the next 2 s (not in the figures).
+  local p left=0
+  for p in $(cat "$cg/cgroup.procs"); do
+    [[ "$(cat "/proc/$p/comm" 2>/dev/null)" == pgbackrest ]] && left=$((left + 1))
+  done
+  ASYNCLEFT[$name]=$left
   if [[ "$name" == fleet* ]]; then
     dcpu=$(proc_ticks "$DAEMON_PID")
     DCPUSEG[$name]=$(awk -v c="$dcpu" -v n="$BACKLOG" -v hz="$TICK" 'BEGIN { printf "%.1f", c * 1000 / hz / n }')
@@ -414,10 +465,28 @@ CONF
     fleet|fleet-zst3) local objects; objects=$(find "$WORK/archive-$name" -name '0*' -type f | wc -l)
       ((objects >= BACKLOG)) || { say "$name: only $objects objects for $BACKLOG segments"; exit 1; } ;;
   esac
+  # With s3s-fs the objects are files: count them for both tools, and note
+  # when the first and the last one was stored (seconds after the drain began).
+  FIRSTOBJ[$name]="-"; LASTOBJ[$name]="-"
+  if [[ "$S3_SERVER" == s3s-fs && -n "$S3_PID" && "$name" == *-s3* ]]; then
+    local prefix=pgbr-async-s3-zst1 stamps
+    [[ "$name" == fleet* ]] && prefix=fleet
+    stamps=$(find "$S3_ROOT/walbench/$prefix" -regextype posix-extended -regex '.*/[0-9A-F]{24}[^/]*' -type f -printf '%T@\n' | sort -n)
+    local objects; objects=$(grep -c . <<<"$stamps" || true)
+    ((objects >= BACKLOG)) || { say "$name: only $objects objects for $BACKLOG segments"; exit 1; }
+    FIRSTOBJ[$name]=$(elapsed "$t0" "$(head -n 1 <<<"$stamps")")
+    LASTOBJ[$name]=$(elapsed "$t0" "$(tail -n 1 <<<"$stamps")")
+  fi
+  nap 2
+  TAILCPU[$name]=$(awk -v c="$(( $(cg_cpu_ns "$cg") - cpu1 ))" 'BEGIN { printf "%.0f", c / 1e6 }')
+  TAILS3[$name]="-"
+  [[ -n "$S3_PID" && "$name" == *-s3* ]] && TAILS3[$name]=$(awk -v c="$(( $(s3_ticks) - s3t1 ))" -v hz="$TICK" 'BEGIN { printf "%.0f", c * 1000 / hz }')
+  PGSTART[$name]=$(elapsed "$t0" "$tpg")
   DRAIN[$name]=$(elapsed "$t0" "$t1")
   RATE[$name]=$(awk -v n="$BACKLOG" -v t="${DRAIN[$name]}" 'BEGIN { printf "%.1f", n / t }')
   read -r P50[$name] P99[$name] < <(awk '$2 == 0 { print $1 }' "$lat" | sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) { print "- -"; exit } m = int((NR + 1) / 2); h = int(NR * 0.99); if (h < 1) h = 1; printf "%.1f %.1f\n", v[m] / 1000, v[h] / 1000 }')
-  say "$name: ${DRAIN[$name]}s, ${RATE[$name]} segments/s, p50 ${P50[$name]} ms, CPU ${CPUSEG[$name]} ms/segment (daemon ${DCPUSEG[$name]}, S3 server ${S3CPUSEG[$name]}), daemon peak RSS ${RSS[$name]} MiB"
+  say "$name: ${DRAIN[$name]}s, ${RATE[$name]} segments/s, p50 ${P50[$name]} ms, CPU ${CPUSEG[$name]} ms/segment (daemon ${DCPUSEG[$name]}, S3 server ${S3CPUSEG[$name]} of it HAProxy ${HACPUSEG[$name]}), daemon peak RSS ${RSS[$name]} MiB"
+  say "$name: PostgreSQL up at ${PGSTART[$name]} s, first / last object stored at ${FIRSTOBJ[$name]} / ${LASTOBJ[$name]} s, drain end ${DRAIN[$name]} s; pgBackRest processes left ${ASYNCLEFT[$name]}; CPU in the 2 s after: method ${TAILCPU[$name]} ms, S3 server ${TAILS3[$name]} ms"
 
   say "$name: steady load for ${LOAD_SECONDS}s"
   local max=0 c
@@ -474,17 +543,20 @@ restore() { # TARGET(dir|s3) PGBR_CONF: the daemon must be on that target now
   done
   t1=$(now)
   FETCH_FLEET[$1]=$(elapsed "$t0" "$t1")
+  # Outside the timed span: the last segment restored is the one archived.
+  cmp -s "$WORK/fetch/RECOVERYXLOG" "$SRC/data/pg_wal/${SEGMENTS[-1]}" || { say "restore ($1): fleet-agent's ${SEGMENTS[-1]} differs from the original"; exit 1; }
   t0=$(now)
   # Each tool runs as the owner of its spool or cache, one process per segment
   # as PostgreSQL starts them; one `runuser` for the whole loop, since one per
   # call (a PAM session, ~35 ms on the 2-core host) was charged to pgBackRest only.
-  as_pg bash -c 'conf=$1 dest=$2; shift 2
+  as_pg bash -c 'set -e; conf=$1 dest=$2; shift 2
     for s in "$@"; do
       rm -f "$dest"
       pgbackrest --config="$conf" --stanza=bench archive-get "$s" "$dest" >/dev/null
     done' _ "$WORK/$2.conf" "$WORK/fetch/RECOVERYXLOG.pgbr" "${SEGMENTS[@]}"
   t1=$(now)
   FETCH_PGBR[$1]=$(elapsed "$t0" "$t1")
+  cmp -s "$WORK/fetch/RECOVERYXLOG.pgbr" "$SRC/data/pg_wal/${SEGMENTS[-1]}" || { say "restore ($1): pgBackRest's ${SEGMENTS[-1]} differs from the original"; exit 1; }
   say "restore ($1): fleet-agent ${FETCH_FLEET[$1]} s, pgBackRest ${FETCH_PGBR[$1]} s"
 }
 
@@ -507,10 +579,10 @@ BUILD="release"; [[ "$BIN" == */debug ]] && BUILD="debug"
 {
   echo "## WAL archiving (issue 6, issue 13)"
   echo
-  echo "Command: \`$([[ -n "${FLEET_BIN_DIR:-}" ]] && echo "FLEET_BIN_DIR=${BIN#"$ROOT"/} ")BENCH_SCALE=$SCALE BENCH_LOAD_SECONDS=$LOAD_SECONDS BENCH_METHODS=\"$METHODS\" bash bench/wal.sh\`, $(date -u +%Y-%m-%dT%H:%MZ),"
+  echo "Command: \`$([[ -n "${FLEET_BIN_DIR:-}" ]] && echo "FLEET_BIN_DIR=${BIN#"$ROOT"/} ")$(has_method fleet-s3 || has_method pgbr-async-s3-zst1 && echo "BENCH_S3_SERVER=$S3_SERVER ")BENCH_SCALE=$SCALE BENCH_LOAD_SECONDS=$LOAD_SECONDS BENCH_METHODS=\"$METHODS\" bash bench/wal.sh\`, $(date -u +%Y-%m-%dT%H:%MZ),"
   echo "$(nproc) cores, $BUILD build of fleet-agent, PostgreSQL $("$PG/postgres" --version | awk '{print $3}'), $PGBR_VERSION."
   echo "Backlog: $BACKLOG segments of 16 MiB from \`pgbench -i -s $SCALE\`, archived from a standing start."
-  echo "Directory targets are on the same disk; S3 is one moto on loopback (one bucket) behind HAProxy's TLS,"
+  echo "Directory targets are on the same disk; S3 is one $S3_DESC on loopback (one bucket) behind HAProxy's TLS,"
   echo "both tools over HTTPS (pgBackRest speaks only HTTPS to S3)."
   echo "Latency: each \`archive_command\` call timed by the same stopwatch, $TIMER_DESC, which costs"
   echo "$STOPWATCH_MS ms CPU per call on this host (measured in this run) and is charged to both methods (successful calls)."
@@ -518,15 +590,20 @@ BUILD="release"; [[ "$BIN" == */debug ]] && BUILD="debug"
   echo "CPU/segment: user+system of everything the method started (its fleet-agentd, the PostgreSQL copy with"
   echo "its archiver and every \`archive_command\` child, pgBackRest's async and local processes), from one"
   echo "cpuacct cgroup per method so exited processes count, over the drain, divided by the backlog; the"
-  echo "S3 server's own CPU (moto + HAProxy's TLS, from /proc/<pid>/stat) apart. RSS: the daemon's VmHWM at the end of the drain."
+  echo "S3 server's own CPU ($S3_SERVER + HAProxy's TLS, from /proc/<pid>/stat; of it HAProxy) apart. RSS: the daemon's VmHWM at the end of the drain."
   echo "Daemon environment: ${UNIT_ENV[*]:-none} ($([[ ${#UNIT_ENV[@]} -gt 0 ]] && echo "the Environment= of systemd/fleet-agent-wal.service" || echo "BENCH_DAEMON_ENV=none"))."
   echo "Ratios are against pgBackRest async at the same zstd level into the same target, measured in the same run."
   echo
-  echo "| method | target | drain time | segments/s | vs pgBackRest | call p50 | call p99 | CPU ms/segment | vs pgBackRest | of it daemon | S3 server CPU ms/segment | daemon peak RSS | max .ready under load |"
+  echo "| method | target | drain time | segments/s | vs pgBackRest | call p50 | call p99 | CPU ms/segment | vs pgBackRest | of it daemon | S3 server CPU ms/segment (of it HAProxy) | daemon peak RSS | max .ready under load |"
   echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
   for m in "${RAN[@]}"; do
     b=${BASE[$m]}; t=dir; [[ $m == *-s3* ]] && t=S3
-    echo "| ${DESC[$m]} | $t | ${DRAIN[$m]} s | ${RATE[$m]} | $(ratio "${RATE[$m]}" "${RATE[$b]:-}") | ${P50[$m]} ms | ${P99[$m]} ms | ${CPUSEG[$m]} | $(ratio "${CPUSEG[$m]}" "${CPUSEG[$b]:-}") | ${DCPUSEG[$m]} | ${S3CPUSEG[$m]} | ${RSS[$m]} MiB | ${MAXLOAD[$m]} |"
+    echo "| ${DESC[$m]} | $t | ${DRAIN[$m]} s | ${RATE[$m]} | $(ratio "${RATE[$m]}" "${RATE[$b]:-}") | ${P50[$m]} ms | ${P99[$m]} ms | ${CPUSEG[$m]} | $(ratio "${CPUSEG[$m]}" "${CPUSEG[$b]:-}") | ${DCPUSEG[$m]} | $([[ ${HACPUSEG[$m]} == - ]] && echo - || echo "${S3CPUSEG[$m]} (${HACPUSEG[$m]})") | ${RSS[$m]} MiB | ${MAXLOAD[$m]} |"
+  done
+  echo
+  echo "Where each drain ends (seconds after it began; objects stored: s3s-fs only, from the files' mtimes):"
+  for m in "${RAN[@]}"; do
+    echo "- $m: PostgreSQL up at ${PGSTART[$m]}, first / last object stored at ${FIRSTOBJ[$m]} / ${LASTOBJ[$m]}, last \`.ready\` gone at ${DRAIN[$m]}; pgBackRest processes left then: ${ASYNCLEFT[$m]}; CPU in the 2 s after (not counted): the method ${TAILCPU[$m]} ms, the S3 server ${TAILS3[$m]} ms."
   done
   echo
   for t in dir s3; do
