@@ -13,7 +13,6 @@
 //! meaningless: valgrind's CPU has no SHA extensions, so sha2 falls back to
 //! its portable code. A measuring tool, not a test (docs/benchmarks.md).
 
-use fleet_wal::codec::{MappedSegment, Source};
 use sha2::Digest;
 use std::io::Read;
 
@@ -131,31 +130,6 @@ fn main() -> Result<(), Error> {
         }
         Ok(())
     })?;
-    // As the WAL service pushes a segment, its object in chunks: read() into
-    // the encoder's piece, then mapped instead (no copy out of the page cache).
-    let mut chunked = 0u64;
-    measure("EncoderPool chunks read()", &mut || {
-        for path in &args {
-            let mut file = std::fs::File::open(path)?;
-            let encoded = pool.with(|e| e.encode_chunks(Source::Read(&mut file)))??;
-            chunked += std::hint::black_box(encoded).3;
-        }
-        Ok(())
-    })?;
-    measure("EncoderPool chunks mapped", &mut || {
-        for path in &args {
-            let mapped = match MappedSegment::map(std::fs::File::open(path)?)? {
-                Ok(mapped) => mapped,
-                Err(_) => return Err(format!("{path}: not a whole segment").into()),
-            };
-            let encoded = pool.with(|e| e.encode_chunks(Source::Mapped(&mapped)))??;
-            chunked -= std::hint::black_box(encoded).3;
-        }
-        Ok(())
-    })?;
-    if chunked != 0 {
-        return Err("mapped and read objects differ in length".into());
-    }
     measure("codec::encode (file)", &mut || {
         for path in &args {
             std::hint::black_box(fleet_wal::codec::encode(

@@ -175,12 +175,9 @@ impl Encoder {
     }
 
     /// As [`encode`], with this encoder's context and level.
-    pub fn encode(
-        &mut self,
-        mut original: impl Read,
-    ) -> Result<(Vec<u8>, Checksum, u64), CodecError> {
+    pub fn encode(&mut self, original: impl Read) -> Result<(Vec<u8>, Checksum, u64), CodecError> {
         let mut out = vec![0u8; HEADER_LEN];
-        let (sha, length) = self.frame(Source::Read(&mut original), &mut |bytes| {
+        let (sha, length) = self.frame(original, &mut |bytes| {
             out.extend_from_slice(bytes);
             Ok(())
         })?;
@@ -195,7 +192,7 @@ impl Encoder {
     /// Returns the chunks, the checksum, the original and the object's length.
     pub fn encode_chunks(
         &mut self,
-        original: Source<'_>,
+        original: impl Read,
     ) -> Result<(Vec<bytes::Bytes>, Checksum, u64, u64), CodecError> {
         let mut chunks = vec![bytes::Bytes::new()];
         let mut stored = HEADER_LEN as u64;
@@ -213,7 +210,7 @@ impl Encoder {
     /// A failure to write is [`CodecError::Write`].
     pub fn encode_to_file(
         &mut self,
-        original: Source<'_>,
+        original: impl Read,
         file: &mut std::fs::File,
     ) -> Result<(Checksum, u64, u64), CodecError> {
         use std::io::Write;
@@ -231,201 +228,40 @@ impl Encoder {
         Ok((sha, length, stored))
     }
 
-    /// Hashes and compresses `original`, giving `sink` the output one zstd
-    /// frame per `PIECE` of input. Whole pieces compress in one call from
-    /// where they lie: a streaming frame copied each piece into zstd's window
-    /// first and matched across its wrap-around, 1.7 ms more CPU per 16 MiB
-    /// segment (12.1 vs 10.3 ms) for 0.5% smaller objects
+    /// Hashes and compresses what `original` yields, giving `sink` the
+    /// output one zstd frame per `PIECE` of input. Whole pieces compress in
+    /// one call from where they lie: a streaming frame copied each piece into
+    /// zstd's window first and matched across its wrap-around, 1.7 ms more
+    /// CPU per 16 MiB segment (12.1 vs 10.3 ms) for 0.5% smaller objects
     /// (examples/codec_profile.rs). Concatenated frames are one zstd stream
-    /// to every decoder (`decode`, `zstd -d`). Each piece is hashed and then
-    /// compressed from the same bytes: read into `self.piece`, or where it
-    /// lies in a [`Source::Mapped`] segment.
+    /// to every decoder (`decode`, `zstd -d`).
     fn frame(
         &mut self,
-        original: Source<'_>,
+        mut original: impl Read,
         sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
     ) -> Result<(Checksum, u64), CodecError> {
-        let Encoder {
-            cctx,
-            piece: buffer,
-            chunk,
-            algorithm,
-        } = self;
-        let mut hasher = algorithm.hasher();
+        let mut hasher = self.algorithm.hasher();
         let mut length = 0u64;
-        let mut started = false;
-        let mut one = |piece: &[u8]| -> Result<(), CodecError> {
-            hasher.update(piece);
-            chunk.clear();
-            cctx.compress2(chunk, piece).map_err(zstd_error)?;
-            sink(chunk).map_err(CodecError::Write)?;
-            length += piece.len() as u64;
-            Ok(())
-        };
-        match original {
-            Source::Read(mut original) => loop {
-                let n = fill(&mut original, buffer).map_err(CodecError::Read)?;
-                // An empty original still gets its (empty) frame.
-                if n == 0 && started {
-                    break;
-                }
-                started = true;
-                one(&buffer[..n])?;
-                if n < buffer.len() {
-                    break;
-                }
-            },
-            Source::Mapped(segment)
-                if std::env::var("MMAP13_MODE").is_ok_and(|m| m.contains("piece")) =>
-            {
-                let mut offset = 0u64;
-                while offset < segment.len {
-                    let n = PIECE.min((segment.len - offset) as usize);
-                    let map = map_piece(&segment.file, offset, n).map_err(CodecError::Read)?;
-                    one(&map)?;
-                    offset += n as u64;
-                }
-                segment.unchanged().map_err(CodecError::Read)?;
+        loop {
+            let n = fill(&mut original, &mut self.piece).map_err(CodecError::Read)?;
+            // An empty original still gets its (empty) frame.
+            if n == 0 && length > 0 {
+                break;
             }
-            Source::Mapped(segment) => {
-                let bytes = segment.bytes();
-                if bytes.is_empty() {
-                    one(bytes)?;
-                }
-                for piece in bytes.chunks(PIECE) {
-                    one(piece)?;
-                }
-                segment.unchanged().map_err(CodecError::Read)?;
+            let piece = &self.piece[..n];
+            hasher.update(piece);
+            self.chunk.clear();
+            self.cctx
+                .compress2(&mut self.chunk, piece)
+                .map_err(zstd_error)?;
+            sink(&self.chunk).map_err(CodecError::Write)?;
+            length += n as u64;
+            if n < self.piece.len() {
+                break;
             }
         }
         Ok((hasher.finish(), length))
     }
-}
-
-/// What an encoder hashes and compresses.
-pub enum Source<'a> {
-    /// Read into the encoder's piece buffer, a piece at a time.
-    Read(&'a mut dyn Read),
-    /// A segment file mapped read-only, taken where it lies (no copy).
-    Mapped(&'a MappedSegment),
-}
-
-/// A WAL segment file mapped read-only: a push hashes and compresses it
-/// from the page cache instead of copying it out with `read()` first (14% of
-/// the daemon's CPU in a drain, docs/benchmarks.md).
-pub struct MappedSegment {
-    map: memmap2::Mmap,
-    file: std::fs::File,
-    len: u64,
-    modified: Option<std::time::SystemTime>,
-}
-
-impl MappedSegment {
-    /// Maps `file` if it is a whole WAL segment: a regular file whose length
-    /// is a segment size (a power of two, 1 MiB to 1 GiB). `None` for
-    /// anything else (`.history`, `.backup`, a short or odd-sized file),
-    /// which is read with `read()` as before, so that a file that is not
-    /// what PostgreSQL leaves behind a `.ready` is never mapped.
-    pub fn map(file: std::fs::File) -> Result<Result<Self, std::fs::File>, CodecError> {
-        let meta = file.metadata().map_err(CodecError::Read)?;
-        if std::env::var("MMAP13_MODE").is_ok_and(|m| m.contains("read"))
-            || !meta.is_file()
-            || !crate::names::is_segment_size(meta.len())
-        {
-            return Ok(Err(file));
-        }
-        let map = if std::env::var("MMAP13_MODE").is_ok_and(|m| m.contains("piece")) {
-            map_piece(&file, 0, 4096).map_err(CodecError::Read)?
-        } else {
-            map_read_only(&file).map_err(CodecError::Read)?
-        };
-        if std::env::var("MMAP13_MODE").is_ok_and(|m| m.contains("piece")) {
-            return Ok(Ok(Self {
-                len: meta.len(),
-                modified: meta.modified().ok(),
-                map,
-                file,
-            }));
-        }
-        if map.len() as u64 != meta.len() {
-            return Ok(Err(file));
-        }
-        Ok(Ok(Self {
-            len: meta.len(),
-            modified: meta.modified().ok(),
-            map,
-            file,
-        }))
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.map
-    }
-
-    /// Fails if the file's length or modification time moved while it was
-    /// mapped: then what was hashed and what was compressed may not be the
-    /// same bytes, and the push must fail (to be retried) rather than store it.
-    fn unchanged(&self) -> std::io::Result<()> {
-        let meta = self.file.metadata()?;
-        if meta.len() != self.len || meta.modified().ok() != self.modified {
-            return Err(std::io::Error::other(
-                "the WAL file changed while it was being archived",
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Maps `file` read-only, the one `unsafe` in the workspace.
-///
-/// SAFETY: the map is sound only while nobody truncates or rewrites the
-/// file. `file` is a finished WAL segment, mapped only when it has a
-/// segment's exact size (`MappedSegment::map`), named by its `.ready`
-/// file, and PostgreSQL never truncates or rewrites a segment in place
-/// while its `.ready` exists: it is written before the `.ready` is made, and
-/// removed, or recycled by a rename under another name (which leaves the
-/// mapped inode's content as it was) and rewritten later, only after the
-/// archive has acknowledged it and `.ready` became `.done`, which
-/// happens only after this push returns. Someone else truncating it anyway
-/// (a hand-run `truncate`, a disk tool) makes a read of the lost pages
-/// raise SIGBUS: the WAL service dies, systemd restarts it
-/// (`Restart=on-failure`) and the archiver retries `archive_command`, so the
-/// segment is archived from what is there then; `read()` would instead have
-/// hashed the short file and the push refused it (or stored a short
-/// segment). A crash rather than an error, for a file that was destroyed
-/// under PostgreSQL anyway. Rewritten in place through `write()` (which
-/// PostgreSQL does not do to a finished segment), the bytes could differ
-/// between the hash and the compressor's read of one piece, so
-/// `MappedSegment::unchanged` checks length and modification time after the
-/// last piece and fails the push if either moved. The mapping is private
-/// and read-only, and no `&mut` to it exists.
-#[allow(unsafe_code)]
-fn map_piece(file: &std::fs::File, offset: u64, len: usize) -> std::io::Result<memmap2::Mmap> {
-    let mode = std::env::var("MMAP13_MODE").unwrap_or_default();
-    let mut options = memmap2::MmapOptions::new();
-    options.offset(offset).len(len);
-    if mode.contains("populate") {
-        options.populate();
-    }
-    let map = unsafe { options.map(file)? };
-    Ok(map)
-}
-
-#[allow(unsafe_code)]
-fn map_read_only(file: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
-    let mode = std::env::var("MMAP13_MODE").unwrap_or_default();
-    let mut options = memmap2::MmapOptions::new();
-    if mode.contains("populate") {
-        options.populate();
-    }
-    let map = unsafe { options.map(file)? };
-    if mode.contains("seq") {
-        map.advise(memmap2::Advice::Sequential)?;
-    }
-    if mode.contains("willneed") {
-        map.advise(memmap2::Advice::WillNeed)?;
-    }
-    Ok(map)
 }
 
 /// Reads until `buf` is full or the input ends; the bytes read.
@@ -484,7 +320,7 @@ impl EncoderPool {
 
     pub fn encode_chunks(
         &self,
-        original: Source<'_>,
+        original: impl Read,
     ) -> Result<(Vec<bytes::Bytes>, Checksum, u64, u64), CodecError> {
         self.with(|encoder| encoder.encode_chunks(original))?
     }
@@ -718,8 +554,7 @@ mod tests {
         // The frames after the header are one zstd stream: `zstd -d` reads it.
         assert_eq!(zstd::decode_all(&obj[HEADER_LEN..]).unwrap(), second);
         // In chunks, the same object.
-        let (chunks, sha, length, stored) =
-            pool.encode_chunks(Source::Read(&mut &second[..])).unwrap();
+        let (chunks, sha, length, stored) = pool.encode_chunks(&second[..]).unwrap();
         let joined: Vec<u8> = chunks.concat();
         assert_eq!(
             (sha.hex.as_str(), length, stored),

@@ -833,8 +833,7 @@ impl WalService {
         let Some(root) = root else {
             let (chunks, sha, size, stored) = blocking(move || {
                 let encoded = encoders
-                    .with(|e| content.encode_with(|source| e.encode_chunks(source)))
-                    .and_then(|encoded| encoded)
+                    .encode_chunks(content.reader())
                     .map_err(|e| WalError::Internal(e.to_string()));
                 drop(permit);
                 encoded
@@ -853,8 +852,7 @@ impl WalService {
             // valve); reading the WAL file or compressing it is ours.
             let mut ours = None;
             let put = crate::target::file_put_streamed(&root, &key, |file| {
-                let encoded =
-                    encoders.with(|e| content.encode_with(|source| e.encode_to_file(source, file)));
+                let encoded = encoders.with(|e| e.encode_to_file(content.reader(), file));
                 drop(permit);
                 match encoded {
                     Ok(Ok(done)) => Ok(done),
@@ -1735,22 +1733,6 @@ pub enum Content {
 }
 
 impl Content {
-    /// Runs `work` over the content: a segment file mapped (hashed and
-    /// compressed where it lies in the page cache, no copy), anything else
-    /// through `read()`.
-    fn encode_with<T>(
-        self,
-        work: impl FnOnce(codec::Source<'_>) -> Result<T, codec::CodecError>,
-    ) -> Result<T, codec::CodecError> {
-        match self {
-            Content::File(file) => match codec::MappedSegment::map(file)? {
-                Ok(mapped) => work(codec::Source::Mapped(&mapped)),
-                Err(mut file) => work(codec::Source::Read(&mut file)),
-            },
-            other => work(codec::Source::Read(&mut other.reader())),
-        }
-    }
-
     fn reader(self) -> Box<dyn std::io::Read + Send> {
         match self {
             Content::Bytes(bytes) => Box::new(std::io::Cursor::new(bytes)),
