@@ -1882,14 +1882,12 @@ impl Jobs {
 /// objects still go at once; objects of 4 MiB go one at a time.
 const S3_HELD_BYTES: u64 = 4 << 20;
 
-/// A budget of bytes held. [`ByteBudget::reserve`] waits until an object of
-/// its expected size (the last object's: its real size is known only once it
-/// is made) fits beside those held, or nothing is held, then counts it at
-/// that size until the guard drops; [`Held::actual`] corrects the count once
-/// it is made. So the bytes held stay within the limit (or one object alone)
-/// plus one object's misestimate per object in the making. Admitting while
-/// those held were merely under the limit let one more object of the last
-/// size start on top: up to twice the limit when objects were large.
+/// A budget of bytes held. [`ByteBudget::reserve`] waits while those held
+/// reach the limit, then counts an object at its expected size (the last
+/// object's: its real size is known only once it is made) until the guard
+/// drops; [`Held::actual`] corrects the count once it is made. So the bytes
+/// held stay under the limit plus one object's misestimate per object in
+/// the making.
 struct ByteBudget {
     limit: u64,
     used: Arc<AtomicU64>,
@@ -1946,7 +1944,7 @@ impl ByteBudget {
             let counted = self
                 .used
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
-                    fits(used, estimate, limit).then_some(used + estimate)
+                    (used < limit).then_some(used + estimate)
                 });
             if counted.is_ok() {
                 return Held {
@@ -1964,13 +1962,6 @@ impl ByteBudget {
         self.last.store(bytes, Ordering::Relaxed);
         held.actual(bytes);
     }
-}
-
-/// Whether an object expected at `estimate` bytes may start beside `used`
-/// bytes held: when it fits in `limit`, or when nothing is held (an object
-/// larger than the limit still goes, alone).
-fn fits(used: u64, estimate: u64, limit: u64) -> bool {
-    used == 0 || used.saturating_add(estimate) <= limit
 }
 
 /// How many encodes (and encoders) run at once: one per core.
@@ -2400,60 +2391,33 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_object_starts_when_it_fits_beside_those_held_or_alone() {
-        assert!(fits(0, 250, 100), "alone, even larger than the limit");
-        assert!(fits(75, 25, 100), "exactly fills it");
-        assert!(!fits(75, 26, 100), "would pass the limit");
-        // Under the limit is not enough: 90 held and 90 expected is 180.
-        assert!(!fits(90, 90, 100));
-    }
-
     #[tokio::test]
     async fn the_byte_budget_counts_objects_from_their_start_and_wakes_a_waiter() {
         let budget = Arc::new(ByteBudget::new(100));
-        // The first estimate is a quarter of the budget: four fit, the fifth waits.
+        // The first estimate is a quarter of the budget.
         let mut a = budget.reserve().await;
         assert_eq!(budget.used.load(Ordering::SeqCst), 25);
-        let b = budget.reserve().await;
-        let c = budget.reserve().await;
-        let d = budget.reserve().await;
-        assert_eq!(budget.used.load(Ordering::SeqCst), 100);
-        let spawn_waiter = || {
+        // A large object made: counted at its size, and the next one's estimate.
+        budget.made(&mut a, 90);
+        let mut b = budget.reserve().await;
+        assert_eq!(budget.used.load(Ordering::SeqCst), 180);
+        // Past the limit, the next waits, also past a few turns of the runtime.
+        let waiter = {
             let budget = budget.clone();
             tokio::spawn(async move { budget.reserve().await })
         };
-        let turns = || async {
-            for _ in 0..10 {
-                tokio::task::yield_now().await;
-            }
-        };
-        let waiter = spawn_waiter();
-        turns().await;
-        assert!(!waiter.is_finished(), "started with 100 of 100 held");
-        // A large object made: counted at its size, and the next one's estimate.
-        budget.made(&mut a, 90);
-        drop((b, c, d));
-        // 90 held and 25 expected (its estimate was taken before): 115 > 100, still waiting.
-        turns().await;
-        assert!(!waiter.is_finished(), "90 held, 25 more would pass 100");
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished(), "started with 180 of 100 held");
         drop(a);
-        // Nothing held: it starts, at the estimate it was given.
-        let mut e = waiter.await.expect("started once nothing is held");
-        assert_eq!(budget.used.load(Ordering::SeqCst), 25);
-        // Made larger than estimated: counted at its real size. The next one
-        // is expected at 60 and does not fit beside it.
-        budget.made(&mut e, 60);
-        assert_eq!(budget.used.load(Ordering::SeqCst), 60);
-        let waiter = spawn_waiter();
-        turns().await;
-        assert!(!waiter.is_finished(), "60 held, 60 more would pass 100");
-        // Made smaller than estimated is corrected too, and wakes the waiter:
-        // 30 held, 60 more fit.
-        budget.made(&mut e, 30);
-        let f = waiter.await.expect("started once 30 are held");
-        assert_eq!(budget.used.load(Ordering::SeqCst), 90);
-        drop((e, f));
+        // 90 held, under the limit: it starts, at the last object's size.
+        let c = waiter.await.expect("started once 90 are held");
+        assert_eq!(budget.used.load(Ordering::SeqCst), 180);
+        // Made smaller than estimated: counted at its real size.
+        budget.made(&mut b, 10);
+        assert_eq!(budget.used.load(Ordering::SeqCst), 100);
+        drop((b, c));
         assert_eq!(budget.used.load(Ordering::SeqCst), 0);
     }
 
