@@ -8,7 +8,8 @@
 # system CPU per segment (/proc/<pid>/stat), its VmHWM, and the anonymous
 # memory and glibc arenas in /proc/<pid>/smaps at the end of the drain.
 # The service runs as installed (BENCH_WAL_SHAPE=installed, the default): the
-# unit's ExecStart= (`fleet-agentd --config <copy> wal-serve` at 0.2.0) as
+# unit's ExecStart= (`fleet-agent-wal --config <copy>`; before rss13
+# `fleet-agentd --config <copy> wal-serve`) as
 # postgres with the unit's Environment=, StateDirectory= and UMask=; with
 # BENCH_WAL_SHAPE=inline, the whole daemon (`fleet-agentd --config agent.toml`)
 # as root, as before rss13.
@@ -113,6 +114,9 @@ listen = ""
 level = "warn"
 TOML
   [[ "$SHAPE" == installed ]] && install -o postgres -g postgres -m 0400 "$WORK/agent.toml" "$WORK/run/agent.toml"
+  # The binary whole in the page cache, as after an install (RssFile counts
+  # what the kernel maps around each fault from the cache).
+  cat "${EXEC[0]:-$BIN/fleet-agentd}" >/dev/null
   sync
   t0=$(date +%s.%N)
   "${DAEMON[@]}" >>"$WORK/daemon.log" 2>&1 &

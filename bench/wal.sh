@@ -23,7 +23,10 @@
 # is read from /proc/<pid>/stat and reported apart. The daemon's peak RSS
 # during the drain is its VmHWM (it starts inside the timed span); its
 # /proc/<pid>/status is also sampled every 20 ms through the drain for the
-# split into file-backed (RssFile: the binary's pages) and anonymous memory.
+# split into file-backed (RssFile: the binary's pages) and anonymous memory
+# (the binary is read whole into the page cache first, as after an install).
+# Through FLEET_BIN_DIR the unit's program is taken by name, so an older build
+# (no fleet-agent-wal) needs BENCH_WAL_UNIT=<its unit> (git show <rev>:systemd/...).
 # Then a steady load (`pgbench -T $BENCH_LOAD_SECONDS`, 0: skipped) runs on
 # each copy and we record the largest .ready backlog seen.
 # Finally the time to restore 64 segments (1 GiB) of WAL: fetching every archived
@@ -42,7 +45,8 @@
 # Environment= of systemd/fleet-agent-wal.service, as installed; none: without),
 # BENCH_OBJECT_CHECKSUM (blake3, the daemon's default from 0.2.0; sha256 for FWAL1
 # objects), BENCH_WAL_SHAPE (installed: the WAL service as the packaged
-# fleet-agent-wal.service runs it, `fleet-agentd --config <copy> wal-serve` as
+# fleet-agent-wal.service runs it, its ExecStart= (`fleet-agent-wal --config
+# <copy>`; before rss13 `fleet-agentd --config <copy> wal-serve`) as
 # postgres with the unit's StateDirectory= and UMask=, on its own socket, which
 # archive_command's and restore_command's `agentctl` (as postgres) use; inline:
 # the whole daemon, `fleet-agentd --config agent.toml` as root with the WAL
@@ -465,6 +469,12 @@ unix_socket_directories = '$sock'
 archive_command = '$WRAP $lat $cmd'
 CONF
   say "$name: draining $BACKLOG segments"
+  # The service's binary whole in the page cache, as right after installing
+  # it: RssFile counts the pages the kernel maps around each fault from the
+  # cache (fault-around), so a binary partly evicted would show less.
+  if [[ "$name" == fleet* ]]; then
+    cat "${WAL_EXEC[0]:-$BIN/fleet-agentd}" "$BIN/agentctl" >/dev/null
+  fi
   local t0 t1 cpu0 s3t0=0 dcpu=0
   [[ -n "$MOTO_PID" ]] && s3t0=$(( $(proc_ticks "$MOTO_PID") + $(proc_ticks "$HAPROXY_PID") ))
   cpu0=$(cg_cpu_ns "$cg")
