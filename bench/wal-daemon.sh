@@ -7,13 +7,20 @@
 # Per run: time to the first object and the drain rate, the daemon's user and
 # system CPU per segment (/proc/<pid>/stat), its VmHWM, and the anonymous
 # memory and glibc arenas in /proc/<pid>/smaps at the end of the drain.
+# The service runs as installed (BENCH_WAL_SHAPE=installed, the default): the
+# unit's ExecStart= (`fleet-agent-wal --config <copy>`; before rss13
+# `fleet-agentd --config <copy> wal-serve`) as
+# postgres with the unit's Environment=, StateDirectory= and UMask=; with
+# BENCH_WAL_SHAPE=inline, the whole daemon (`fleet-agentd --config agent.toml`)
+# as root, as before rss13.
 #
 #   BENCH_PORT=44390 bash bench/wal-daemon.sh
 #
 # Environment: FLEET_BIN_DIR (default target/release, built if missing),
 # BENCH_SCALE (50), BENCH_RUNS (3), BENCH_PARALLEL (wal.parallel_uploads, 4),
 # BENCH_LEVEL (zstd level, 1), BENCH_PORT (46590, the cluster's while the
-# backlog is made). Prints its figures; writes no docs. Needs root (runuser).
+# backlog is made), BENCH_WAL_SHAPE (installed or inline), BENCH_WAL_UNIT (the
+# unit file, default systemd/fleet-agent-wal.service). Prints its figures; writes no docs. Needs root (runuser).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -29,6 +36,9 @@ if [[ -z "${FLEET_BIN_DIR:-}" ]]; then
   cargo build --release --quiet -p fleet-agentd -p agentctl
 fi
 say() { printf '==> %s\n' "$*" >&2; }
+SHAPE="${BENCH_WAL_SHAPE:-installed}"
+UNIT="${BENCH_WAL_UNIT:-$ROOT/systemd/fleet-agent-wal.service}"
+case "$SHAPE" in installed | inline) ;; *) say "BENCH_WAL_SHAPE must be installed or inline"; exit 1 ;; esac
 
 WORK="$(mktemp -d /tmp/fleet-waldaemon-XXXXXX)"
 chmod 755 "$WORK"
@@ -62,9 +72,31 @@ runuser -u postgres -- "$PG/pg_ctl" -D "$WORK/data" -m fast -w stop >/dev/null
 N=$(ls "$WORK/data/pg_wal/archive_status" | grep -c '\.ready$')
 say "backlog: $N segments; $RUNS runs, parallel_uploads = $PARALLEL, zstd $LEVEL, $BIN"
 
+# As installed: the unit's program (from FLEET_BIN_DIR by name) and arguments,
+# with the config copy in the runtime directory, and its Environment=.
+DAEMON=("$BIN/fleet-agentd" --config "$WORK/agent.toml")
+if [[ "$SHAPE" == installed ]]; then
+  read -ra ENVS <<<"$(sed -n 's/^Environment=//p' "$UNIT" | tr '\n' ' ')"
+  read -ra EXEC <<<"$(sed -n 's/^ExecStart=//p' "$UNIT" | head -n 1)"
+  EXEC[0]="$BIN/$(basename "${EXEC[0]}")"
+  [[ -x "${EXEC[0]}" ]] || { say "the unit's program ${EXEC[0]} is missing"; exit 1; }
+  for i in "${!EXEC[@]}"; do
+    [[ "${EXEC[$i]}" == /run/fleet-agent-wal/agent.toml ]] && EXEC[$i]="$WORK/run/agent.toml"
+  done
+  DAEMON=(env "${ENVS[@]}" STATE_DIRECTORY="$WORK/wal-state"
+    setpriv --reuid=postgres --regid=postgres --init-groups --
+    sh -c 'umask 0077 && exec "$@"' sh "${EXEC[@]}")
+fi
+say "WAL service ($SHAPE): ${DAEMON[*]}"
+
 for run in $(seq "$RUNS"); do
-  rm -rf "$WORK/archive" "$WORK/state" "$WORK/departments.d"
+  rm -rf "$WORK/archive" "$WORK/state" "$WORK/departments.d" "$WORK/run" "$WORK/wal-state"
   mkdir -p "$WORK/archive" "$WORK/state" "$WORK/departments.d"
+  if [[ "$SHAPE" == installed ]]; then
+    install -d -o postgres -g postgres -m 0750 "$WORK/archive"
+    install -d -o postgres -g postgres -m 0755 "$WORK/run"
+    install -d -o postgres -g postgres -m 0700 "$WORK/wal-state"
+  fi
   cat >"$WORK/agent.toml" <<TOML
 node_id = "waldaemon"
 state_dir = "$WORK/state"
@@ -72,6 +104,7 @@ socket = "$WORK/agentctl.sock"
 departments_dir = "$WORK/departments.d"
 [wal]
 target = "file://$WORK/archive"
+$([[ "$SHAPE" == installed ]] && echo "socket = \"$WORK/run/wal.sock\"")
 pg_wal_dir = "$WORK/data/pg_wal"
 parallel_uploads = $PARALLEL
 compression_level = $LEVEL
@@ -80,9 +113,13 @@ listen = ""
 [log]
 level = "warn"
 TOML
+  [[ "$SHAPE" == installed ]] && install -o postgres -g postgres -m 0400 "$WORK/agent.toml" "$WORK/run/agent.toml"
+  # The binary whole in the page cache, as after an install (RssFile counts
+  # what the kernel maps around each fault from the cache).
+  cat "${EXEC[0]:-$BIN/fleet-agentd}" >/dev/null
   sync
   t0=$(date +%s.%N)
-  "$BIN/fleet-agentd" --config "$WORK/agent.toml" >>"$WORK/daemon.log" 2>&1 &
+  "${DAEMON[@]}" >>"$WORK/daemon.log" 2>&1 &
   PID=$!
   first=""
   while :; do
@@ -96,12 +133,13 @@ TOML
   read -r user sys < <(awk '{ print $14, $15 }' "/proc/$PID/stat")
   hwm=$(awk '/^VmHWM/ { print $2 }' "/proc/$PID/status")
   anon=$(awk '/^Anonymous:/ { print $2 }' "/proc/$PID/smaps_rollup")
+  file=$(awk '/^RssFile:/ { print $2 }' "/proc/$PID/status")
   # glibc's per-thread arenas start 64 MiB-aligned; counted: anonymous mappings
   # starting 16 MiB-aligned with more than 256 KiB resident.
   arenas=$(awk '/^[0-9a-f]+-[0-9a-f]+ / { a = ($1 ~ /^[0-9a-f]+000000-/) && $6 == "" } /^Rss:/ && a && $2 > 256 { n++; s += $2 } END { printf "%d (%.1f MiB)", n, s / 1024 }' "/proc/$PID/smaps")
   kill -TERM "$PID"; wait "$PID" 2>/dev/null || true; PID=""
   awk -v n="$N" -v a="$t0" -v f="$first" -v b="$t1" -v u="$user" -v s="$sys" -v hz="$(getconf CLK_TCK)" \
-    -v h="$hwm" -v an="$anon" -v ar="$arenas" -v r="$run" 'BEGIN {
-    printf "run %d: first object %.2f s, %d segments in %.2f s (%.1f/s), daemon CPU %.1f ms/segment (user %.1f, system %.1f), VmHWM %.1f MiB, anonymous %.1f MiB, arenas over 256 KiB: %s\n",
-      r, f - a, n, b - a, n / (b - a), (u + s) * 1000 / hz / n, u * 1000 / hz / n, s * 1000 / hz / n, h / 1024, an / 1024, ar }'
+    -v h="$hwm" -v fi="$file" -v an="$anon" -v ar="$arenas" -v r="$run" 'BEGIN {
+    printf "run %d: first object %.2f s, %d segments in %.2f s (%.1f/s), daemon CPU %.1f ms/segment (user %.1f, system %.1f), VmHWM %.1f MiB, RssFile %.1f MiB, anonymous %.1f MiB, arenas over 256 KiB: %s\n",
+      r, f - a, n, b - a, n / (b - a), (u + s) * 1000 / hz / n, u * 1000 / hz / n, s * 1000 / hz / n, h / 1024, fi / 1024, an / 1024, ar }'
 done

@@ -22,11 +22,17 @@
 # archived segment. The S3 server's CPU (it stands in for a remote service:
 # the server and HAProxy) is read from /proc/<pid>/stat and reported apart.
 # The daemon's peak RSS during the drain is its VmHWM (it starts inside the
-# timed span). Where each drain ends is reported beside it: when PostgreSQL was
-# up, pgBackRest processes still running when the last .ready went, the CPU of
-# the method and of the S3 server in the 2 s after (not counted), and with
-# s3s-fs, whose objects are files, the count of each tool's objects (all
-# segments, or the run fails) and when its first and last one was stored.
+# timed span); its /proc/<pid>/status is also sampled every 20 ms through the
+# drain for the split into file-backed (RssFile: the binary's pages) and
+# anonymous memory (the binary is read whole into the page cache first, as
+# after an install). Through FLEET_BIN_DIR the unit's program is taken by
+# name, so an older build (no fleet-agent-wal) needs BENCH_WAL_UNIT=<its unit>
+# (git show <rev>:systemd/...). Where each drain ends is reported beside it:
+# when PostgreSQL was up, pgBackRest processes still running when the last
+# .ready went, the CPU of the method and of the S3 server in the 2 s after
+# (not counted), and with s3s-fs, whose objects are files, the count of each
+# tool's objects (all segments, or the run fails) and when its first and last
+# one was stored.
 # Then a steady load (`pgbench -T $BENCH_LOAD_SECONDS`, 0: skipped) runs on
 # each copy and we record the largest .ready backlog seen.
 # Finally the time to restore 64 segments (1 GiB) of WAL: fetching every archived
@@ -45,13 +51,22 @@
 # appended to the written section), BENCH_DAEMON_ENV (unit: the daemon gets the
 # Environment= of systemd/fleet-agent-wal.service, as installed; none: without),
 # BENCH_OBJECT_CHECKSUM (blake3, the daemon's default from 0.2.0; sha256 for FWAL1
-# objects), BENCH_TIMER (c: bench/timed.c; sh: the #!/bin/sh wrapper with two
-# `date` forks used before 2026-12-07, to compare), BENCH_S3_SERVER (s3s-fs, the
-# default: the s3s-fs crate's server, Rust, objects as files, at BENCH_S3S_FS,
-# default /opt/s3s-fs/bin/s3s-fs from `cargo install s3s-fs@0.14.1 --features
-# binary --locked --root /opt/s3s-fs`; moto: moto[server] 5 at /opt/moto, Python,
-# in memory, the server before 2026-12-07; docs/benchmarks.md "S3 server on
-# loopback" compares them), BENCH_S3_LOG (a file to keep the S3 server's log in).
+# objects), BENCH_WAL_SHAPE (installed: the WAL service as the packaged
+# fleet-agent-wal.service runs it, its ExecStart= (`fleet-agent-wal --config
+# <copy>`; before rss13 `fleet-agentd --config <copy> wal-serve`) as
+# postgres with the unit's StateDirectory= and UMask=, on its own socket, which
+# archive_command's and restore_command's `agentctl` (as postgres) use; inline:
+# the whole daemon, `fleet-agentd --config agent.toml` as root with the WAL
+# service in-process, the shape before 2026-12-07's rss13), BENCH_WAL_UNIT (the
+# unit file whose ExecStart= and Environment= are used; default
+# systemd/fleet-agent-wal.service), BENCH_TIMER (c: bench/timed.c; sh: the
+# #!/bin/sh wrapper with two `date` forks used before 2026-12-07, to compare),
+# BENCH_S3_SERVER (s3s-fs, the default: the s3s-fs crate's server, Rust,
+# objects as files, at BENCH_S3S_FS, default /opt/s3s-fs/bin/s3s-fs from
+# `cargo install s3s-fs@0.14.1 --features binary --locked --root /opt/s3s-fs`;
+# moto: moto[server] 5 at /opt/moto, Python, in memory, the server before
+# 2026-12-07; docs/benchmarks.md "S3 server on loopback" compares them),
+# BENCH_S3_LOG (a file to keep the S3 server's log in).
 # Needs root (runuser, cgroup v1 cpuacct at /sys/fs/cgroup/cpuacct), a C
 # compiler (cc), haproxy and the S3 server.
 # Not a test: it measures. Run it on a quiet machine.
@@ -265,12 +280,46 @@ SYSID=$(od -An -t u8 -N 8 "$SRC/data/global/pg_control" | tr -d ' ')
 FLEET_DIR="$WORK/fleet"
 mkdir -p "$FLEET_DIR/state" "$FLEET_DIR/departments.d"
 chmod 755 "$FLEET_DIR"
+SHAPE="${BENCH_WAL_SHAPE:-installed}"
+case "$SHAPE" in
+  installed)
+    # As fleet-agent-wal.service: the runtime directory (/run/fleet-agent-wal:
+    # the config copy, the S3 credentials copy, the socket; 0755, owner
+    # postgres), the state directory (/var/lib/fleet-agent-wal, 0700) passed in
+    # STATE_DIRECTORY, and the process as postgres.
+    WAL_RUN="$FLEET_DIR/run"; WAL_STATE="$FLEET_DIR/wal-state"
+    install -d -o postgres -g postgres -m 0755 "$WAL_RUN"
+    install -d -o postgres -g postgres -m 0700 "$WAL_STATE"
+    WAL_SOCKET="$WAL_RUN/wal.sock"
+    SHAPE_DESC="as installed: the unit's ExecStart= (with a copy of agent.toml) as postgres, its User=, UMask=, StateDirectory= and Environment=, \`agentctl --socket <its socket> wal push %p\` / \`wal fetch\` as postgres"
+    ;;
+  inline)
+    WAL_SOCKET="$FLEET_DIR/agentctl.sock"
+    SHAPE_DESC="inline (BENCH_WAL_SHAPE=inline): the whole daemon, \`fleet-agentd --config agent.toml\` as root with the WAL service in-process, \`agentctl wal push %p\` against its control socket"
+    ;;
+  *) say "BENCH_WAL_SHAPE must be installed or inline"; exit 1 ;;
+esac
 # The daemon runs with the environment the installed unit gives it (its
 # Environment= lines: MALLOC_ARENA_MAX=2), read from the unit file rather than
 # repeated here; BENCH_DAEMON_ENV=none runs it without, for the comparison.
+UNIT="${BENCH_WAL_UNIT:-$ROOT/systemd/fleet-agent-wal.service}"
 UNIT_ENV=()
 if [[ "${BENCH_DAEMON_ENV:-unit}" == unit ]]; then
-  read -ra UNIT_ENV <<<"$(sed -n 's/^Environment=//p' "$ROOT/systemd/fleet-agent-wal.service" | tr '\n' ' ')"
+  read -ra UNIT_ENV <<<"$(sed -n 's/^Environment=//p' "$UNIT" | tr '\n' ' ')"
+fi
+# Installed, the service runs the unit's ExecStart=: its program from
+# FLEET_BIN_DIR by name, its arguments with the runtime directory's config
+# copy in place of /run/fleet-agent-wal/agent.toml.
+WAL_EXEC=()
+if [[ "$SHAPE" == installed ]]; then
+  read -ra WAL_EXEC <<<"$(sed -n 's/^ExecStart=//p' "$UNIT" | head -n 1)"
+  ((${#WAL_EXEC[@]})) || { say "$UNIT has no ExecStart="; exit 1; }
+  WAL_EXEC[0]="$BIN/$(basename "${WAL_EXEC[0]}")"
+  [[ -x "${WAL_EXEC[0]}" ]] || { say "the unit's program ${WAL_EXEC[0]} is missing"; exit 1; }
+  for i in "${!WAL_EXEC[@]}"; do
+    [[ "${WAL_EXEC[$i]}" == /run/fleet-agent-wal/agent.toml ]] && WAL_EXEC[$i]="$WAL_RUN/agent.toml"
+  done
+  SHAPE_DESC="$SHAPE_DESC; ExecStart= here: ${WAL_EXEC[*]#"$ROOT"/}"
 fi
 start_daemon() { # PG_WAL_DIR CONNINFO ARCHIVE(file://... or s3://...) COMPRESSION_LEVEL [CGROUP]
   [[ -n "$DAEMON_PID" ]] && { kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true; }
@@ -280,6 +329,13 @@ endpoint = \"https://localhost:$S3_PORT\"
 region = \"us-east-1\"
 credentials_file = \"$WORK/s3-credentials\"
 path_style = true"
+  local wal_socket=""
+  if [[ "$SHAPE" == installed ]]; then
+    wal_socket="socket = \"$WAL_SOCKET\""
+    # The default file:// target is made by the unit's ExecStartPre, owned by
+    # the writer; here the bench's target directory likewise.
+    [[ "$3" == file://* ]] && install -d -o postgres -g postgres -m 0750 "${3#file://}"
+  fi
   cat >"$FLEET_DIR/agent.toml" <<TOML
 node_id = "walbench"
 state_dir = "$FLEET_DIR/state"
@@ -287,6 +343,7 @@ socket = "$FLEET_DIR/agentctl.sock"
 departments_dir = "$FLEET_DIR/departments.d"
 [wal]
 target = "$3"
+$wal_socket
 pg_wal_dir = "$1"
 postgres = "$2"
 parallel_uploads = 4
@@ -302,6 +359,16 @@ TOML
   # Not through in_cgroup: a function started with `&` runs in a subshell, and
   # $! would be that subshell's pid, not the daemon's.
   local daemon=(env "${UNIT_ENV[@]}" SSL_CERT_FILE="$WORK/s3-cert.pem" "$BIN/fleet-agentd" --config "$FLEET_DIR/agent.toml")
+  if [[ "$SHAPE" == installed ]]; then
+    # The unit's ExecStartPre=+: copies for postgres alone, mode 0400.
+    install -o postgres -g postgres -m 0400 "$FLEET_DIR/agent.toml" "$WAL_RUN/agent.toml"
+    rm -f "$WAL_RUN/s3-credentials"
+    [[ -n "$s3" ]] && install -o postgres -g postgres -m 0400 "$WORK/s3-credentials" "$WAL_RUN/s3-credentials"
+    # setpriv execs (runuser would stay as the parent): $! is the service's pid.
+    daemon=(env "${UNIT_ENV[@]}" SSL_CERT_FILE="$WORK/s3-cert.pem" STATE_DIRECTORY="$WAL_STATE"
+      setpriv --reuid=postgres --regid=postgres --init-groups --
+      sh -c 'umask 0077 && exec "$@"' sh "${WAL_EXEC[@]}")
+  fi
   if [[ -n "${5:-}" ]]; then
     sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$5" "${daemon[@]}" >>"$FLEET_DIR/daemon.log" 2>&1 &
   else
@@ -309,7 +376,12 @@ TOML
   fi
   DAEMON_PID=$!
   for _ in $(seq 500); do
-    "$BIN/agentctl" --socket "$FLEET_DIR/agentctl.sock" status >/dev/null 2>&1 && return
+    # The WAL service's socket carries the WAL routes only.
+    if [[ "$SHAPE" == installed ]]; then
+      "$BIN/agentctl" --socket "$WAL_SOCKET" wal status >/dev/null 2>&1 && return
+    else
+      "$BIN/agentctl" --socket "$WAL_SOCKET" status >/dev/null 2>&1 && return
+    fi
     nap 0.02
   done
   say "fleet-agentd did not start"; cat "$FLEET_DIR/daemon.log" >&2; exit 1
@@ -394,7 +466,29 @@ ready_count() {
 exec {NAP_FD}<> <(:)
 nap() { read -r -t "$1" -u "$NAP_FD" _ || true; }
 
-declare -A RATE P50 P99 DRAIN MAXLOAD CPUSEG DCPUSEG S3CPUSEG HACPUSEG RSS PGSTART FIRSTOBJ LASTOBJ TAILCPU TAILS3 ASYNCLEFT
+# The daemon's memory through the drain, from /proc/<pid>/status with `read`
+# (no process per sample): the largest RssFile and RssAnon seen, and both at
+# the largest VmRSS seen. kB.
+SAMPLE_RSS=0 SAMPLE_FILE_AT=0 SAMPLE_ANON_AT=0 SAMPLE_FILE_MAX=0 SAMPLE_ANON_MAX=0 SAMPLES=0
+sample_reset() { SAMPLE_RSS=0 SAMPLE_FILE_AT=0 SAMPLE_ANON_AT=0 SAMPLE_FILE_MAX=0 SAMPLE_ANON_MAX=0 SAMPLES=0; }
+sample_rss() {
+  local k v _u rss=0 file=0 anon=0
+  while read -r k v _u; do
+    case "$k" in
+      VmRSS:) rss=$v ;;
+      RssAnon:) anon=$v ;;
+      RssFile:) file=$v ;;
+    esac
+  done <"/proc/$1/status" 2>/dev/null || return 0
+  SAMPLES=$((SAMPLES + 1))
+  ((file > SAMPLE_FILE_MAX)) && SAMPLE_FILE_MAX=$file
+  ((anon > SAMPLE_ANON_MAX)) && SAMPLE_ANON_MAX=$anon
+  if ((rss > SAMPLE_RSS)); then SAMPLE_RSS=$rss SAMPLE_FILE_AT=$file SAMPLE_ANON_AT=$anon; fi
+  return 0
+}
+mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+
+declare -A RATE P50 P99 DRAIN MAXLOAD CPUSEG DCPUSEG S3CPUSEG HACPUSEG RSS RSSSPLIT PGSTART FIRSTOBJ LASTOBJ TAILCPU TAILS3 ASYNCLEFT
 # s3_ticks: the S3 server's and HAProxy's CPU so far, in clock ticks.
 s3_ticks() { echo $(( $(proc_ticks "$S3_PID") + $(proc_ticks "$HAPROXY_PID") )); }
 RAN=()
@@ -416,6 +510,12 @@ unix_socket_directories = '$sock'
 archive_command = '$WRAP $lat $cmd'
 CONF
   say "$name: draining $BACKLOG segments"
+  # The service's binary whole in the page cache, as right after installing
+  # it: RssFile counts the pages the kernel maps around each fault from the
+  # cache (fault-around), so a binary partly evicted would show less.
+  if [[ "$name" == fleet* ]]; then
+    cat "${WAL_EXEC[0]:-$BIN/fleet-agentd}" "$BIN/agentctl" >/dev/null
+  fi
   local t0 t1 tpg cpu0 s3t0=0 hat0=0 dcpu=0
   [[ -n "$S3_PID" ]] && { s3t0=$(s3_ticks); hat0=$(proc_ticks "$HAPROXY_PID"); }
   cpu0=$(cg_cpu_ns "$cg")
@@ -429,10 +529,12 @@ CONF
   in_cgroup "$cg" runuser -u postgres -- "$PG/pg_ctl" -D "$data" -l "$dir/pg.log" -w start >/dev/null
   tpg=$(now)
   local deadline=$((SECONDS + ${BENCH_DRAIN_TIMEOUT:-600}))
+  sample_reset
   while (($(ready_count "$data") > 0)); do
     if ((SECONDS > deadline)); then
       say "$name: the backlog did not drain"; tail -n 20 "$FLEET_DIR/daemon.log" "$dir/pg.log" >&2; exit 1
     fi
+    [[ "$name" == fleet* ]] && sample_rss "$DAEMON_PID"
     nap 0.02
   done
   t1=$(now)
@@ -457,8 +559,10 @@ CONF
     dcpu=$(proc_ticks "$DAEMON_PID")
     DCPUSEG[$name]=$(awk -v c="$dcpu" -v n="$BACKLOG" -v hz="$TICK" 'BEGIN { printf "%.1f", c * 1000 / hz / n }')
     RSS[$name]=$(awk '/^VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$DAEMON_PID/status")
+    RSSSPLIT[$name]="$(mib "$SAMPLE_FILE_AT") / $(mib "$SAMPLE_ANON_AT") ($(mib "$SAMPLE_FILE_MAX") / $(mib "$SAMPLE_ANON_MAX"))"
+    say "$name: daemon VmHWM ${RSS[$name]} MiB; $SAMPLES samples: at the largest VmRSS ($(mib "$SAMPLE_RSS") MiB) RssFile / RssAnon ${RSSSPLIT[$name]} MiB (largest of each in parentheses)"
   else
-    DCPUSEG[$name]="-"; RSS[$name]="-"
+    DCPUSEG[$name]="-"; RSS[$name]="-"; RSSSPLIT[$name]="-"
   fi
   # A drain that ended without storing every segment would flatter the method.
   case "$name" in
@@ -504,7 +608,7 @@ CONF
   [[ "$name" == pgbr-async* ]] || rm -rf "$dir"
 }
 
-cmd_fleet() { echo "$BIN/agentctl --socket $FLEET_DIR/agentctl.sock wal push %p"; }
+cmd_fleet() { echo "$BIN/agentctl --socket $WAL_SOCKET wal push %p"; }
 cmd_pgbr_sync() { pgbr_conf pgbr-sync "$1" "$2" n; echo "pgbackrest --config=$WORK/pgbr-sync.conf --stanza=bench archive-push %p"; }
 cmd_pgbr_async_zst1() { pgbr_conf pgbr-async-zst1 "$1" "$2" y 1; echo "pgbackrest --config=$WORK/pgbr-async-zst1.conf --stanza=bench archive-push %p"; }
 cmd_pgbr_async() { pgbr_conf pgbr-async "$1" "$2" y; echo "pgbackrest --config=$WORK/pgbr-async.conf --stanza=bench archive-push %p"; }
@@ -537,10 +641,14 @@ restore() { # TARGET(dir|s3) PGBR_CONF: the daemon must be on that target now
   local t0 t1 s
   t0=$(now)
   # Like PostgreSQL, which unlinks RECOVERYXLOG before each restore_command.
-  for s in "${SEGMENTS[@]}"; do
-    rm -f "$WORK/fetch/RECOVERYXLOG"
-    "$BIN/agentctl" --socket "$FLEET_DIR/agentctl.sock" wal fetch --system-id "$SYSID" "$s" "$WORK/fetch/RECOVERYXLOG"
-  done
+  # Installed, restore_command runs as postgres (one runuser for the loop, as
+  # for pgBackRest below); inline, as root beside the root daemon.
+  local fetch_as=(bash -c); [[ "$SHAPE" == installed ]] && fetch_as=(runuser -u postgres -- bash -c)
+  "${fetch_as[@]}" 'bin=$1 sock=$2 sysid=$3 dest=$4; shift 4
+    for s in "$@"; do
+      rm -f "$dest"
+      "$bin/agentctl" --socket "$sock" wal fetch --system-id "$sysid" "$s" "$dest"
+    done' _ "$BIN" "$WAL_SOCKET" "$SYSID" "$WORK/fetch/RECOVERYXLOG" "${SEGMENTS[@]}"
   t1=$(now)
   FETCH_FLEET[$1]=$(elapsed "$t0" "$t1")
   # Outside the timed span: the last segment restored is the one archived.
@@ -579,7 +687,7 @@ BUILD="release"; [[ "$BIN" == */debug ]] && BUILD="debug"
 {
   echo "## WAL archiving (issue 6, issue 13)"
   echo
-  echo "Command: \`$([[ -n "${FLEET_BIN_DIR:-}" ]] && echo "FLEET_BIN_DIR=${BIN#"$ROOT"/} ")$(has_method fleet-s3 || has_method pgbr-async-s3-zst1 && echo "BENCH_S3_SERVER=$S3_SERVER ")BENCH_SCALE=$SCALE BENCH_LOAD_SECONDS=$LOAD_SECONDS BENCH_METHODS=\"$METHODS\" bash bench/wal.sh\`, $(date -u +%Y-%m-%dT%H:%MZ),"
+  echo "Command: \`$([[ -n "${FLEET_BIN_DIR:-}" ]] && echo "FLEET_BIN_DIR=${BIN#"$ROOT"/} ")$(has_method fleet-s3 || has_method pgbr-async-s3-zst1 && echo "BENCH_S3_SERVER=$S3_SERVER ")BENCH_SCALE=$SCALE BENCH_LOAD_SECONDS=$LOAD_SECONDS BENCH_METHODS=\"$METHODS\" BENCH_WAL_SHAPE=$SHAPE bash bench/wal.sh\`, $(date -u +%Y-%m-%dT%H:%MZ),"
   echo "$(nproc) cores, $BUILD build of fleet-agent, PostgreSQL $("$PG/postgres" --version | awk '{print $3}'), $PGBR_VERSION."
   echo "Backlog: $BACKLOG segments of 16 MiB from \`pgbench -i -s $SCALE\`, archived from a standing start."
   echo "Directory targets are on the same disk; S3 is one $S3_DESC on loopback (one bucket) behind HAProxy's TLS,"
@@ -590,15 +698,17 @@ BUILD="release"; [[ "$BIN" == */debug ]] && BUILD="debug"
   echo "CPU/segment: user+system of everything the method started (its fleet-agentd, the PostgreSQL copy with"
   echo "its archiver and every \`archive_command\` child, pgBackRest's async and local processes), from one"
   echo "cpuacct cgroup per method so exited processes count, over the drain, divided by the backlog; the"
-  echo "S3 server's own CPU ($S3_SERVER + HAProxy's TLS, from /proc/<pid>/stat; of it HAProxy) apart. RSS: the daemon's VmHWM at the end of the drain."
+  echo "S3 server's own CPU ($S3_SERVER + HAProxy's TLS, from /proc/<pid>/stat; of it HAProxy) apart. RSS: the daemon's VmHWM at the end of the drain;"
+  echo "file / anon: RssFile / RssAnon from /proc/<pid>/status sampled every 20 ms through the drain, at the largest VmRSS sampled (the largest of each in parentheses)."
+  echo "WAL service: $SHAPE_DESC."
   echo "Daemon environment: ${UNIT_ENV[*]:-none} ($([[ ${#UNIT_ENV[@]} -gt 0 ]] && echo "the Environment= of systemd/fleet-agent-wal.service" || echo "BENCH_DAEMON_ENV=none"))."
   echo "Ratios are against pgBackRest async at the same zstd level into the same target, measured in the same run."
   echo
-  echo "| method | target | drain time | segments/s | vs pgBackRest | call p50 | call p99 | CPU ms/segment | vs pgBackRest | of it daemon | S3 server CPU ms/segment (of it HAProxy) | daemon peak RSS | max .ready under load |"
-  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+  echo "| method | target | drain time | segments/s | vs pgBackRest | call p50 | call p99 | CPU ms/segment | vs pgBackRest | of it daemon | S3 server CPU ms/segment (of it HAProxy) | daemon peak RSS | of it file / anon MiB | max .ready under load |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
   for m in "${RAN[@]}"; do
     b=${BASE[$m]}; t=dir; [[ $m == *-s3* ]] && t=S3
-    echo "| ${DESC[$m]} | $t | ${DRAIN[$m]} s | ${RATE[$m]} | $(ratio "${RATE[$m]}" "${RATE[$b]:-}") | ${P50[$m]} ms | ${P99[$m]} ms | ${CPUSEG[$m]} | $(ratio "${CPUSEG[$m]}" "${CPUSEG[$b]:-}") | ${DCPUSEG[$m]} | $([[ ${HACPUSEG[$m]} == - ]] && echo - || echo "${S3CPUSEG[$m]} (${HACPUSEG[$m]})") | ${RSS[$m]} MiB | ${MAXLOAD[$m]} |"
+    echo "| ${DESC[$m]} | $t | ${DRAIN[$m]} s | ${RATE[$m]} | $(ratio "${RATE[$m]}" "${RATE[$b]:-}") | ${P50[$m]} ms | ${P99[$m]} ms | ${CPUSEG[$m]} | $(ratio "${CPUSEG[$m]}" "${CPUSEG[$b]:-}") | ${DCPUSEG[$m]} | $([[ ${HACPUSEG[$m]} == - ]] && echo - || echo "${S3CPUSEG[$m]} (${HACPUSEG[$m]})") | ${RSS[$m]} MiB | ${RSSSPLIT[$m]} | ${MAXLOAD[$m]} |"
   done
   echo
   echo "Where each drain ends (seconds after it began; objects stored: s3s-fs only, from the files' mtimes):"

@@ -95,6 +95,7 @@ pub const DAEMON_FILES: &[Entry] = &[
     ("/var/lib/fleet-agent/state.db", "Intent and history (SQLite, a schema version migrated at start; state.db.schema-vN is the copy from before a migration, state.db.corrupt-* one moved aside as unreadable)."),
     ("/run/fleet-agent/agentctl.sock", "The control socket agentctl talks to."),
     ("/run/fleet-agent-wal/wal.sock", "The WAL service's socket (fleet-agent-wal.service)."),
+    ("/usr/lib/fleet-agent/fleet-agent-wal", "What fleet-agent-wal.service runs: the wal-serve command alone (--config PATH), without the rest of fleet-agentd's code."),
     ("/usr/share/doc/fleet-agent/", "README.Debian, the guides (install, upgrading, WAL, runbook) and example configurations."),
 ];
 

@@ -18,6 +18,7 @@ $listing"
 }
 expect_file -rwxr-xr-x usr/bin/fleet-agentd
 expect_file -rwxr-xr-x usr/bin/agentctl
+expect_file -rwxr-xr-x usr/lib/fleet-agent/fleet-agent-wal
 expect_file -rw-r--r-- usr/lib/systemd/system/fleet-agentd.service
 expect_file -rw-r--r-- usr/lib/systemd/system/fleet-agent-wal.service
 expect_file -rw-r--r-- etc/fleet-agent/agent.toml

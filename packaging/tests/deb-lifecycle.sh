@@ -33,6 +33,7 @@ assert_mode /etc/fleet-agent/agent.toml 640 root:fleet-agent
 assert_mode /var/lib/fleet-agent 750 fleet-agent:fleet-agent
 assert_mode /usr/bin/fleet-agentd 755 root:root
 assert_mode /usr/bin/agentctl 755 root:root
+assert_mode /usr/lib/fleet-agent/fleet-agent-wal 755 root:root
 [ -z "$(ls -A "$OVL/etc/fleet-agent/departments.d")" ] || fail "departments.d is not empty"
 [ -L "$OVL/etc/systemd/system/multi-user.target.wants/fleet-agentd.service" ] \
     || fail "fleet-agentd.service is not enabled"

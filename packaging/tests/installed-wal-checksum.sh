@@ -25,10 +25,12 @@ source "$(dirname "$0")/lib.sh"
 
 node=$PKGTEST_NAME
 # Ports 44250-44259: PostgreSQL 44250 (15/main) and 44256 (15/restored), the
-# department pool 44251-44254, the API 44255.
-pg_port=44250
-restored_port=44256
-api=127.0.0.1:44255
+# department pool 44251-44254, the API 44255. FLEET_PKGTEST_PORT_BASE (default
+# 44250) moves them all, so that a run by hand can sit beside the suite's.
+port_base=${FLEET_PKGTEST_PORT_BASE:-44250}
+pg_port=$port_base
+restored_port=$((port_base + 6))
+api=127.0.0.1:$((port_base + 5))
 ensure_image
 deb=$(ensure_deb)
 command -v zstd >/dev/null || fail "zstd is missing on the test host"
@@ -48,7 +50,7 @@ wal_host_up $pg_port "$deb"
 in_ct tee /etc/fleet-agent/agent.toml >/dev/null <<TOML
 node_id = "$node"
 [ports]
-range = "44251-44254"
+range = "$((port_base + 1))-$((port_base + 4))"
 [api]
 listen = "$api"
 [wal]

@@ -67,6 +67,9 @@ log "starting fleet-agent-wal and fleet-agentd, restarting postgresql"
 # archive directory for it.
 wal_service_up
 wal_archiving_on 5s
+# wal_service_up checked that the unit runs the WAL-only binary;
+# `fleet-agentd wal-serve` stays, for units written before it.
+in_ct fleet-agentd wal-serve --help >/dev/null || fail "fleet-agentd wal-serve is gone"
 [ "$(in_ct stat -c '%U' /var/backups/fleet-agent)" = postgres ] || fail "/var/backups/fleet-agent is not owned by postgres"
 in_ct runuser -u postgres -- cat /etc/fleet-agent/agent.toml >/dev/null 2>&1 && fail "postgres can read agent.toml"
 # The PostgreSQL user still gets push/fetch only on fleet-agentd's socket.

@@ -104,7 +104,7 @@ ensure_image() { ensure_base; with_lock image _build_image; }
 _deb_inputs_hash() {
     (
         cd "$PKGTEST_ROOT"
-        sha256sum "$PKGTEST_BIN_DIR/fleet-agentd" "$PKGTEST_BIN_DIR/agentctl" daemon/Cargo.toml
+        sha256sum "$PKGTEST_BIN_DIR/fleet-agentd" "$PKGTEST_BIN_DIR/fleet-agent-wal" "$PKGTEST_BIN_DIR/agentctl" daemon/Cargo.toml
         find packaging systemd -type f ! -path 'packaging/generated/*' ! -path 'packaging/tests/*' -print0 \
             | sort -z | xargs -0 sha256sum
     ) | sha256sum | cut -c1-16
@@ -126,7 +126,7 @@ _build_debs() {
 
 # Prints the path of the .deb of the given version (default: the first one).
 ensure_deb() {
-    for bin in fleet-agentd agentctl; do
+    for bin in fleet-agentd fleet-agent-wal agentctl; do
         [ -x "$PKGTEST_BIN_DIR/$bin" ] || fail "$PKGTEST_BIN_DIR/$bin is missing; run cargo build first"
     done
     with_lock debs _build_debs
@@ -353,6 +353,10 @@ wal_service_up() {
     pid=$(in_ct systemctl show -p MainPID --value fleet-agent-wal)
     status=$(in_ct cat "/proc/$pid/status")
     grep -qE "^Uid:\s+$(in_ct id -u postgres)\s" <<<"$status" || fail "fleet-agent-wal does not run as postgres"
+    # The WAL-only binary the docs name (docs/wal.md, "How it runs").
+    local exe; exe=$(in_ct readlink "/proc/$pid/exe")
+    [ "$exe" = /usr/lib/fleet-agent/fleet-agent-wal ] \
+        || fail "fleet-agent-wal runs $exe, not /usr/lib/fleet-agent/fleet-agent-wal"
     grep -qE '^CapEff:\s+0+$' <<<"$status" || fail "fleet-agent-wal has capabilities"
     grep -qE "^Groups:.*\b$(in_ct getent group fleet-agent | cut -d: -f3)\b" <<<"$status" \
         && fail "postgres is in the fleet-agent group"

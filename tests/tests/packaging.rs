@@ -18,8 +18,8 @@
 //! (installed-ops), 44500-44519 (ansible-wal-s3), 44200-44209
 //! (installed-wal-tls), 44600-44639 (installed-progress), 44640-44679
 //! (installed-prometheus), 44800-44809 (installed-cli), 44250-44259
-//! (installed-wal-checksum). installed-wal, installed-wal-tls and
-//! ansible-wal-s3 move their whole range to `$FLEET_PKGTEST_PORT_BASE` when it
+//! (installed-wal-checksum). installed-wal, installed-wal-tls,
+//! installed-wal-checksum and ansible-wal-s3 move their whole range to `$FLEET_PKGTEST_PORT_BASE` when it
 //! is set (a run by hand beside the suite's); these tests do not set it.
 
 use fleet_tests::unique_name;

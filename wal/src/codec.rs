@@ -18,8 +18,13 @@ use std::io::Read;
 
 /// Segments are hashed and compressed in pieces of this size (one zstd
 /// frame each), so a 16 MiB segment never sits in memory whole and the piece
-/// is still in cache when the compressor reads it after the hasher.
-const PIECE: usize = 1 << 20;
+/// is still in cache when the compressor reads it after the hasher. Each
+/// encoder holds a piece, an output buffer of that size and a zstd context
+/// sized for it: with 1 MiB pieces 2.7 MiB per encoder (heaptrack, two of
+/// them beside the objects at the peak of a drain to S3); 256 KiB pieces
+/// took as much CPU per segment and made objects 0.3-0.7% larger
+/// (docs/benchmarks.md, arch13's frame sizes and rss13).
+const PIECE: usize = 256 << 10;
 
 /// `FWAL2 ` + 64 hex digits (BLAKE3) + `\n`: the default from 0.2.0.
 pub const MAGIC: &[u8; 6] = b"FWAL2 ";

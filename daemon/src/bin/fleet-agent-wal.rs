@@ -1,0 +1,66 @@
+//! `fleet-agent-wal [--config PATH]`: the WAL service alone, what
+//! `fleet-agentd --config PATH wal-serve` runs, in a binary that links only
+//! the WAL path (no supervisor, Docker client, SQLite store or clap): its
+//! .text is 9.0 MB against fleet-agentd's 17.0 MB, and the service maps
+//! fewer pages of code (docs/benchmarks.md, rss13). Installed as
+//! /usr/lib/fleet-agent/fleet-agent-wal, run by fleet-agent-wal.service.
+//! Exit codes as fleet-agentd's: 0, 1 failure, 64 bad config or arguments.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const EXIT_CONFIG: u8 = 64;
+const USAGE: &str = "usage: fleet-agent-wal [--config PATH]\n\
+    The WAL service of fleet-agent-wal.service, as `fleet-agentd wal-serve` (docs/wal.md).\n\
+    --config: agent.toml (default: $FLEET_AGENT_CONFIG, then /etc/fleet-agent/agent.toml).";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args_os().skip(1);
+    let mut config: Option<PathBuf> = None;
+    while let Some(arg) = args.next() {
+        match arg.to_str() {
+            Some("--config") => config = args.next().map(PathBuf::from),
+            Some("--version") => {
+                println!("fleet-agent-wal {}", env!("CARGO_PKG_VERSION"));
+                return ExitCode::SUCCESS;
+            }
+            Some("--help" | "-h") => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            _ => {
+                eprintln!("{USAGE}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    let (config, source) = match fleet_model::Config::locate(config.as_deref()) {
+        Ok(found) => found,
+        Err(e) => {
+            eprintln!("fleet-agent-wal: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    fleet_agentd::logging::init(&config.log.level, &config.log.format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fleet-agent-wal: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(fleet_agentd::wal_serve(config, source)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fleet-agent-wal: {e}");
+            match e {
+                fleet_agentd::RunError::Config(_) => ExitCode::from(EXIT_CONFIG),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
