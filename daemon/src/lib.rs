@@ -32,3 +32,13 @@ pub mod walserve;
 mod daemon;
 pub use daemon::{check_config, run, CheckScope, RunError};
 pub use walserve::serve as wal_serve;
+
+/// The runtime both binaries run their service on (fleet-agentd `run` and
+/// `wal-serve`, fleet-agent-wal): two workers, as the host's budget for the
+/// agent is small and the blocking pool takes the CPU-bound encodes.
+pub fn service_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}

@@ -274,6 +274,15 @@ mod tests {
         }
     }
 
+    /// `nobody` stands for postgres in these tests, so they cannot run as it.
+    fn running_as_nobody() -> bool {
+        nix::unistd::User::from_name("nobody")
+            .ok()
+            .flatten()
+            .map(|u| u.uid)
+            == Some(nix::unistd::getuid())
+    }
+
     /// The attribute's bytes for `entries` (what `setfacl` writes).
     fn acl_bytes(entries: &[(u16, u16, u32)]) -> Vec<u8> {
         let mut bytes = 2u32.to_le_bytes().to_vec();
@@ -511,12 +520,7 @@ mod tests {
     fn with_a_separate_wal_service_its_user_must_be_able_to_reach_and_read_the_ca_file() {
         // `nobody` stands for postgres: a user other than this test's, which
         // can read its own files (as root, check-config can read anything).
-        if nix::unistd::User::from_name("nobody")
-            .ok()
-            .flatten()
-            .map(|u| u.uid)
-            == Some(nix::unistd::getuid())
-        {
+        if running_as_nobody() {
             eprintln!("skipped: running as nobody");
             return;
         }
@@ -559,12 +563,7 @@ mod tests {
     }
     #[test]
     fn an_acl_on_a_real_directory_lets_the_wal_services_user_reach_the_ca_file() {
-        if nix::unistd::User::from_name("nobody")
-            .ok()
-            .flatten()
-            .map(|u| u.uid)
-            == Some(nix::unistd::getuid())
-        {
+        if running_as_nobody() {
             eprintln!("skipped: running as nobody");
             return;
         }

@@ -42,11 +42,7 @@ fn main() -> ExitCode {
         }
     };
     fleet_agentd::logging::init(&config.log.level, &config.log.format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match fleet_agentd::service_runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("fleet-agent-wal: cannot start the async runtime: {e}");
