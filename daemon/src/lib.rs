@@ -33,12 +33,42 @@ mod daemon;
 pub use daemon::{check_config, run, CheckScope, RunError};
 pub use walserve::serve as wal_serve;
 
-/// The runtime both binaries run their service on (fleet-agentd `run` and
-/// `wal-serve`, fleet-agent-wal): two workers, as the host's budget for the
-/// agent is small and the blocking pool takes the CPU-bound encodes.
-pub fn service_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+/// The exit status of a bad configuration or command line (sysexits'
+/// EX_USAGE), the same for every fleet-agent program.
+pub const EXIT_CONFIG: u8 = 64;
+
+/// Runs a service to its end on the runtime both programs use (fleet-agentd
+/// `run` and `wal-serve`, fleet-agent-wal): two workers, as the host's budget
+/// for the agent is small and the blocking pool takes the CPU-bound encodes.
+/// A failure is logged and printed under `program`'s name, and a problem the
+/// operator fixes in a file (config, token, TLS) exits with [`EXIT_CONFIG`].
+pub fn run_to_exit(
+    program: &str,
+    work: impl std::future::Future<Output = Result<(), RunError>>,
+) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{program}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "{program} stopped.");
+            eprintln!("{program}: {e}");
+            match e {
+                RunError::Config(_) | RunError::Token(_) | RunError::Tls(_) => {
+                    ExitCode::from(EXIT_CONFIG)
+                }
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
 }

@@ -4,6 +4,7 @@
 //! Exit codes: 0 ok, 1 failure, 64 bad config or arguments.
 
 use clap::{Parser, Subcommand};
+use fleet_agentd::EXIT_CONFIG;
 use fleet_model::Config;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -89,8 +90,6 @@ enum ConfigCommand {
         format: String,
     },
 }
-
-const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -183,32 +182,12 @@ fn main() -> ExitCode {
         },
         command @ (Command::Run | Command::WalServe) => {
             fleet_agentd::logging::init(&config.log.level, &config.log.format);
-            let runtime = match fleet_agentd::service_runtime() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("fleet-agentd: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let work = async {
+            fleet_agentd::run_to_exit("fleet-agentd", async {
                 match command {
                     Command::WalServe => fleet_agentd::wal_serve(config, source).await,
                     _ => fleet_agentd::run(config, source).await,
                 }
-            };
-            match runtime.block_on(work) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "fleet-agentd stopped.");
-                    eprintln!("fleet-agentd: {e}");
-                    match e {
-                        fleet_agentd::RunError::Config(_)
-                        | fleet_agentd::RunError::Token(_)
-                        | fleet_agentd::RunError::Tls(_) => ExitCode::from(EXIT_CONFIG),
-                        _ => ExitCode::FAILURE,
-                    }
-                }
-            }
+            })
         }
     }
 }

@@ -6,10 +6,10 @@
 //! /usr/lib/fleet-agent/fleet-agent-wal, run by fleet-agent-wal.service.
 //! Exit codes as fleet-agentd's: 0, 1 failure, 64 bad config or arguments.
 
+use fleet_agentd::EXIT_CONFIG;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-const EXIT_CONFIG: u8 = 64;
 const USAGE: &str = "usage: fleet-agent-wal [--config PATH]\n\
     The WAL service of fleet-agent-wal.service, as `fleet-agentd wal-serve` (docs/wal.md).\n\
     --config: agent.toml (default: $FLEET_AGENT_CONFIG, then /etc/fleet-agent/agent.toml).";
@@ -42,21 +42,5 @@ fn main() -> ExitCode {
         }
     };
     fleet_agentd::logging::init(&config.log.level, &config.log.format);
-    let runtime = match fleet_agentd::service_runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("fleet-agent-wal: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(fleet_agentd::wal_serve(config, source)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("fleet-agent-wal: {e}");
-            match e {
-                fleet_agentd::RunError::Config(_) => ExitCode::from(EXIT_CONFIG),
-                _ => ExitCode::FAILURE,
-            }
-        }
-    }
+    fleet_agentd::run_to_exit("fleet-agent-wal", fleet_agentd::wal_serve(config, source))
 }
