@@ -19,7 +19,14 @@ fn main() -> ExitCode {
     let mut config: Option<PathBuf> = None;
     while let Some(arg) = args.next() {
         match arg.to_str() {
-            Some("--config") => config = args.next().map(PathBuf::from),
+            // A `--config` without its path is a usage error, not the default config.
+            Some("--config") => match args.next() {
+                Some(path) => config = Some(PathBuf::from(path)),
+                None => {
+                    eprintln!("fleet-agent-wal: --config needs a path\n{USAGE}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            },
             Some("--version") => {
                 println!("fleet-agent-wal {}", env!("CARGO_PKG_VERSION"));
                 return ExitCode::SUCCESS;
