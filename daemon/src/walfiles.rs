@@ -86,49 +86,47 @@ pub fn parse_acl(bytes: &[u8]) -> Option<Vec<AclEntry>> {
         .collect()
 }
 
-/// The permission bits the kernel grants `reader` on `step` (its
+/// Whether the kernel grants `reader` the `needed` bit on `step` (its
 /// `posix_acl_permission` for a step with an ACL): the owner's entry; else a
 /// named user's, limited by the mask; else, if the reader is in the owning or
-/// a named group, the first such entry that grants `needed` (masked), or
-/// nothing; else the others'.
-fn granted(reader: &Reader, step: &Step, needed: u32) -> u32 {
+/// a named group, whether any such entry grants it (masked); else the others'.
+fn permits(reader: &Reader, step: &Step, needed: u32) -> bool {
+    let grants = |perm: u32| perm & needed == needed;
     let Some(acl) = step.acl.as_ref() else {
-        return if step.uid == reader.uid {
+        return grants(if step.uid == reader.uid {
             step.mode >> 6
         } else if reader.gids.contains(&step.gid) {
             step.mode >> 3
         } else {
             step.mode
-        } & 0o7;
+        });
     };
-    let entry = |tag: AclTag| acl.iter().find(|e| e.tag == tag).map(|e| e.perm);
-    let mask = entry(AclTag::Mask).unwrap_or(0o7);
+    let entry = |tag: AclTag| acl.iter().find(|e| e.tag == tag).map_or(0, |e| e.perm);
+    let mask = acl
+        .iter()
+        .find(|e| e.tag == AclTag::Mask)
+        .map_or(0o7, |e| e.perm);
     if step.uid == reader.uid {
-        return entry(AclTag::UserObj).unwrap_or(0);
+        return grants(entry(AclTag::UserObj));
     }
     if let Some(named) = acl
         .iter()
         .find(|e| e.tag == AclTag::User && e.id == reader.uid)
     {
-        return named.perm & mask;
+        return grants(named.perm & mask);
     }
-    let groups: Vec<u32> = acl
+    let mut groups = acl
         .iter()
         .filter(|e| match e.tag {
             AclTag::GroupObj => reader.gids.contains(&step.gid),
             AclTag::Group => reader.gids.contains(&e.id),
             _ => false,
         })
-        .map(|e| e.perm & mask)
-        .collect();
-    if !groups.is_empty() {
-        return groups
-            .iter()
-            .copied()
-            .find(|perm| perm & needed == needed)
-            .unwrap_or(0);
+        .peekable();
+    if groups.peek().is_some() {
+        return groups.any(|e| grants(e.perm & mask));
     }
-    entry(AclTag::Other).unwrap_or(0)
+    grants(entry(AclTag::Other))
 }
 
 /// The first step the kernel would refuse `reader`: by the mode bits, the
@@ -140,10 +138,9 @@ pub fn first_refusal<'a>(reader: &Reader, steps: &'a [Step]) -> Option<&'a Step>
     if reader.uid == 0 {
         return None;
     }
-    steps.iter().find(|step| {
-        let needed = if step.dir { 0o1 } else { 0o4 };
-        granted(reader, step, needed) & needed == 0
-    })
+    steps
+        .iter()
+        .find(|step| !permits(reader, step, if step.dir { 0o1 } else { 0o4 }))
 }
 
 /// The problems of `[wal]`'s files for check-config, each naming the field
