@@ -103,3 +103,23 @@ TOML
 }
 
 ctl() { "$BIN/agentctl" --socket "$WORK/agentctl.sock" "$@"; }
+
+# unit_environment UNIT: the values of UNIT's Environment= lines, one line,
+# space-separated (the WAL benchmarks give the service what its unit gives it).
+unit_environment() { sed -n 's/^Environment=//p' "$1" | tr '\n' ' '; }
+
+# unit_exec ARRAY UNIT BIN CONFIG: fills ARRAY with UNIT's ExecStart= as the
+# WAL benchmarks run it: its program taken by name from BIN, and CONFIG in
+# place of the unit's /run/fleet-agent-wal/agent.toml. Fails naming what is missing.
+unit_exec() {
+  local -n exec_into=$1
+  read -ra exec_into <<<"$(sed -n 's/^ExecStart=//p' "$2" | head -n 1)"
+  ((${#exec_into[@]})) || { say "$2 has no ExecStart="; return 1; }
+  exec_into[0]="$3/$(basename "${exec_into[0]}")"
+  [[ -x "${exec_into[0]}" ]] || { say "the unit's program ${exec_into[0]} is missing"; return 1; }
+  local i
+  for i in "${!exec_into[@]}"; do
+    [[ "${exec_into[$i]}" == /run/fleet-agent-wal/agent.toml ]] && exec_into[$i]="$4"
+  done
+  return 0
+}

@@ -25,6 +25,8 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$(pwd)"
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 SCALE="${BENCH_SCALE:-50}"
 RUNS="${BENCH_RUNS:-3}"
 PARALLEL="${BENCH_PARALLEL:-4}"
@@ -35,7 +37,6 @@ BIN="${FLEET_BIN_DIR:-$ROOT/target/release}"
 if [[ -z "${FLEET_BIN_DIR:-}" ]]; then
   cargo build --release --quiet -p fleet-agentd -p agentctl
 fi
-say() { printf '==> %s\n' "$*" >&2; }
 SHAPE="${BENCH_WAL_SHAPE:-installed}"
 UNIT="${BENCH_WAL_UNIT:-$ROOT/systemd/fleet-agent-wal.service}"
 case "$SHAPE" in installed | inline) ;; *) say "BENCH_WAL_SHAPE must be installed or inline"; exit 1 ;; esac
@@ -76,13 +77,8 @@ say "backlog: $N segments; $RUNS runs, parallel_uploads = $PARALLEL, zstd $LEVEL
 # with the config copy in the runtime directory, and its Environment=.
 DAEMON=("$BIN/fleet-agentd" --config "$WORK/agent.toml")
 if [[ "$SHAPE" == installed ]]; then
-  read -ra ENVS <<<"$(sed -n 's/^Environment=//p' "$UNIT" | tr '\n' ' ')"
-  read -ra EXEC <<<"$(sed -n 's/^ExecStart=//p' "$UNIT" | head -n 1)"
-  EXEC[0]="$BIN/$(basename "${EXEC[0]}")"
-  [[ -x "${EXEC[0]}" ]] || { say "the unit's program ${EXEC[0]} is missing"; exit 1; }
-  for i in "${!EXEC[@]}"; do
-    [[ "${EXEC[$i]}" == /run/fleet-agent-wal/agent.toml ]] && EXEC[$i]="$WORK/run/agent.toml"
-  done
+  read -ra ENVS <<<"$(unit_environment "$UNIT")"
+  unit_exec EXEC "$UNIT" "$BIN" "$WORK/run/agent.toml" || exit 1
   DAEMON=(env "${ENVS[@]}" STATE_DIRECTORY="$WORK/wal-state"
     setpriv --reuid=postgres --regid=postgres --init-groups --
     sh -c 'umask 0077 && exec "$@"' sh "${EXEC[@]}")

@@ -74,6 +74,8 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$(pwd)"
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 SCALE="${BENCH_SCALE:-100}"
 LOAD_SECONDS="${BENCH_LOAD_SECONDS:-30}"
 OUT="${BENCH_OUT:-docs/benchmarks.md}"
@@ -89,7 +91,6 @@ S3S_FS="${BENCH_S3S_FS:-/opt/s3s-fs/bin/s3s-fs}"
 CG=/sys/fs/cgroup/cpuacct
 PG=/usr/lib/postgresql/15/bin
 
-say() { printf '==> %s\n' "$*" >&2; }
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 
@@ -305,20 +306,14 @@ esac
 UNIT="${BENCH_WAL_UNIT:-$ROOT/systemd/fleet-agent-wal.service}"
 UNIT_ENV=()
 if [[ "${BENCH_DAEMON_ENV:-unit}" == unit ]]; then
-  read -ra UNIT_ENV <<<"$(sed -n 's/^Environment=//p' "$UNIT" | tr '\n' ' ')"
+  read -ra UNIT_ENV <<<"$(unit_environment "$UNIT")"
 fi
 # Installed, the service runs the unit's ExecStart=: its program from
 # FLEET_BIN_DIR by name, its arguments with the runtime directory's config
 # copy in place of /run/fleet-agent-wal/agent.toml.
 WAL_EXEC=()
 if [[ "$SHAPE" == installed ]]; then
-  read -ra WAL_EXEC <<<"$(sed -n 's/^ExecStart=//p' "$UNIT" | head -n 1)"
-  ((${#WAL_EXEC[@]})) || { say "$UNIT has no ExecStart="; exit 1; }
-  WAL_EXEC[0]="$BIN/$(basename "${WAL_EXEC[0]}")"
-  [[ -x "${WAL_EXEC[0]}" ]] || { say "the unit's program ${WAL_EXEC[0]} is missing"; exit 1; }
-  for i in "${!WAL_EXEC[@]}"; do
-    [[ "${WAL_EXEC[$i]}" == /run/fleet-agent-wal/agent.toml ]] && WAL_EXEC[$i]="$WAL_RUN/agent.toml"
-  done
+  unit_exec WAL_EXEC "$UNIT" "$BIN" "$WAL_RUN/agent.toml" || exit 1
   SHAPE_DESC="$SHAPE_DESC; ExecStart= here: ${WAL_EXEC[*]#"$ROOT"/}"
 fi
 start_daemon() { # PG_WAL_DIR CONNINFO ARCHIVE(file://... or s3://...) COMPRESSION_LEVEL [CGROUP]
@@ -739,8 +734,6 @@ BUILD="release"; [[ "$BIN" == */debug ]] && BUILD="debug"
 SECTION="$(cat "$WORK/section.md")"
 if [[ -n "${BENCH_NOTES:-}" && -f "$BENCH_NOTES" ]]; then SECTION="$SECTION
 $(cat "$BENCH_NOTES")"; fi
-# shellcheck source=bench/lib.sh
-source "$ROOT/bench/lib.sh"
 write_bench_section wal "$OUT" <<<"$SECTION"
 say "wrote the wal section of $OUT"
 echo "$SECTION"
