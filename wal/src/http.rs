@@ -155,6 +155,12 @@ async fn push(
             }))
             .into_response());
         }
+        if let Some(outcome) = service.archive_named(sysid, &q.name, id).await {
+            let outcome = outcome?;
+            return Ok(
+                Json(serde_json::json!({ "name": q.name, "outcome": outcome })).into_response(),
+            );
+        }
         return Ok((
             StatusCode::PRECONDITION_FAILED,
             Json(ErrorBody {
@@ -434,5 +440,83 @@ mod tests {
                 .flatten(),
             Some(1)
         );
+    }
+
+    /// archive_command's identity question for `path`, as agentctl asks it.
+    fn identity_question(name: &str, path: &std::path::Path, sysid: u64) -> Request<Body> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(path).expect("stat");
+        Request::post(format!(
+            "/v1/wal/push?name={name}&system_id={sysid}&dev={}&ino={}&size={}&mtime_ns={}",
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
+        ))
+        .header(header::CONTENT_LENGTH, 0)
+        .body(Body::empty())
+        .expect("request")
+    }
+
+    async fn answer(router: &Router, request: Request<Body>) -> (StatusCode, serde_json::Value) {
+        let response = router.clone().oneshot(request).await.expect("answer");
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (status, serde_json::from_slice(&body).unwrap_or_default())
+    }
+
+    #[tokio::test]
+    async fn a_segment_the_look_ahead_has_not_reached_is_archived_from_pg_wal_by_its_identity() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pg_wal = dir.path().join("data/pg_wal");
+        std::fs::create_dir_all(pg_wal.join("archive_status")).expect("pg_wal");
+        std::fs::create_dir_all(dir.path().join("data/global")).expect("global");
+        let mut control = 77u64.to_ne_bytes().to_vec();
+        control.resize(8192, 0);
+        std::fs::write(dir.path().join("data/global/pg_control"), control).expect("pg_control");
+        let segment: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        let first = "000000010000000000000001";
+        std::fs::write(pg_wal.join(first), &segment).expect("segment");
+        let archive = dir.path().join("archive");
+        std::fs::create_dir_all(&archive).expect("archive");
+        let config: fleet_model::config::WalConfig = toml::from_str(&format!(
+            "target = \"file://{}\"\npg_wal_dir = \"{}\"",
+            archive.display(),
+            pg_wal.display()
+        ))
+        .expect("config");
+        // No look-ahead runs: the service is not started.
+        let service =
+            WalService::new(config, dir.path(), Arc::new(|_: &str, _: &str| {})).expect("service");
+        let router = router(service.clone());
+
+        let (status, body) =
+            answer(&router, identity_question(first, &pg_wal.join(first), 77)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["outcome"], "stored");
+        let object = std::fs::read(archive.join(format!("77/wal/{first}.zst"))).expect("object");
+        assert_eq!(crate::codec::decode(&object).expect("decode"), segment);
+        // Asked again (the archiver's retry after a crash): known by identity.
+        let (status, body) =
+            answer(&router, identity_question(first, &pg_wal.join(first), 77)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["outcome"], "already_archived");
+
+        // A file elsewhere under the same name is not the pg_wal file: send the content.
+        let second = "000000010000000000000002";
+        std::fs::write(pg_wal.join(second), &segment).expect("segment");
+        let elsewhere = dir.path().join(second);
+        std::fs::write(&elsewhere, &segment).expect("copy");
+        let (status, _) = answer(&router, identity_question(second, &elsewhere, 77)).await;
+        assert_eq!(status, StatusCode::PRECONDITION_FAILED);
+        // A symlink planted in pg_wal is never followed.
+        let third = "000000010000000000000003";
+        std::os::unix::fs::symlink(&elsewhere, pg_wal.join(third)).expect("symlink");
+        let (status, _) = answer(&router, identity_question(third, &elsewhere, 77)).await;
+        assert_eq!(status, StatusCode::PRECONDITION_FAILED);
+        assert!(!archive.join(format!("77/wal/{second}.zst")).exists());
+        assert!(!archive.join(format!("77/wal/{third}.zst")).exists());
     }
 }

@@ -970,6 +970,60 @@ impl WalService {
         self.uploading.wait_for(&key, archived).await
     }
 
+    /// `archive_command`'s call for a file the look-ahead has not reached: its
+    /// `.ready` appeared after the last scan, as happens to nearly every
+    /// segment of a database writing steadily (the archiver calls at once, the
+    /// look-ahead looks every 100 ms). When the file this service opens in
+    /// `pg_wal` is the one the caller named (same identity), it is archived
+    /// from there, so its 16 MiB are not also read by agentctl and sent through
+    /// the socket. `None`: not this cluster's `pg_wal` file, or already being
+    /// worked on: the caller sends the content.
+    pub async fn archive_named(
+        &self,
+        sysid: u64,
+        name: &str,
+        id: FileId,
+    ) -> Option<Result<PushOutcome, WalError>> {
+        let dir = self.config.pg_wal_dir.as_ref()?;
+        if !names::is_valid(name) || self.default_sysid() != Some(sysid) {
+            return None;
+        }
+        let path = dir.join(name);
+        let (file, opened) = blocking(move || open_segment(&path)).await.ok()?;
+        if opened != id {
+            return None;
+        }
+        // Content pushes and these share one cap; a caller over it sends the
+        // content, whose path tells it to retry.
+        let _permit = self.push_permit().ok()?;
+        let key = wal_key(sysid, name);
+        if !self.uploading.start(&key) {
+            return None;
+        }
+        let outcome = self
+            .push_from_postgres(sysid, name, Content::File(file))
+            .await;
+        if matches!(
+            outcome,
+            Ok(PushOutcome::Stored | PushOutcome::AlreadyArchived)
+        ) {
+            self.remember_identity(&key, id);
+        }
+        // A target failure backs the look-ahead off this name, as its own would.
+        self.uploading.finish(&key, outcome.is_ok());
+        Some(outcome)
+    }
+
+    /// Which `pg_wal` file was archived under `key`, for [`Self::archived_by_identity`].
+    fn remember_identity(&self, key: &str, id: FileId) {
+        if let Ok(mut ids) = self.identities.lock() {
+            if ids.len() > 50_000 {
+                ids.clear();
+            }
+            ids.insert(key.to_string(), id);
+        }
+    }
+
     /// Unarchived segments PostgreSQL has marked `.ready`.
     pub fn backlog(&self) -> Backlog {
         let Some(dir) = &self.config.pg_wal_dir else {
@@ -1071,12 +1125,7 @@ impl WalService {
         };
         match self.push(sysid, name, Content::File(file)).await {
             Ok(_) => {
-                if let Ok(mut ids) = self.identities.lock() {
-                    if ids.len() > 50_000 {
-                        ids.clear();
-                    }
-                    ids.insert(key.to_string(), id);
-                }
+                self.remember_identity(key, id);
                 true
             }
             Err(e) => {
