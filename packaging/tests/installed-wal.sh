@@ -118,6 +118,14 @@ relayed() { grep -qE '^fleet_agent_wal_service_up 1$' <<<"$(http_get /metrics)";
 wal_wait_for 20 "fleet-agentd's /metrics does not relay the WAL service" relayed
 grep -qE '^fleet_agent_wal_shipped_segments_total [1-9]' <<<"$(http_get /metrics)" \
     || fail "no shipped segments in fleet-agentd's /metrics"
+# PostgreSQL's archiver asks as soon as a segment is done, mostly before the
+# look-ahead's next scan: the service then reads the file from pg_wal itself
+# (as postgres, under the unit's sandbox), and agentctl never sends content.
+calls=$(grep '^fleet_agent_wal_push_calls_total' <<<"$(http_get /metrics)")
+grep -qE '^fleet_agent_wal_push_calls_total\{served="pg_wal"\} [1-9]' <<<"$calls" \
+    || fail "no push served from pg_wal by the WAL service: $calls"
+grep -qE '^fleet_agent_wal_push_calls_total\{served="content"\} 0$' <<<"$calls" \
+    || fail "agentctl had to send a segment's content: $calls"
 out=$(in_ct agentctl --socket /run/fleet-agent/agentctl.sock wal status 2>&1) \
     || fail "wal status through fleet-agentd's socket: $out"
 grep -qE 'shipped: +[1-9]' <<<"$out" || fail "fleet-agentd's socket does not relay the WAL status: $out"

@@ -3,7 +3,7 @@
 //! reach nothing else); the TCP API gets none of these routes.
 
 use crate::backup::RestoreRequest;
-use crate::service::{Fetched, PushOutcome, WalError, WalService};
+use crate::service::{Fetched, PushOutcome, PushServed, WalError, WalService};
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -148,23 +148,30 @@ async fn push(
             size,
             mtime_ns,
         };
+        let answered = |outcome: PushOutcome, served: PushServed| {
+            service.count_push(served);
+            Json(serde_json::json!({ "name": q.name, "outcome": outcome })).into_response()
+        };
         if service.archived_by_identity(sysid, &q.name, id).await {
-            return Ok(Json(serde_json::json!({
-                "name": q.name,
-                "outcome": PushOutcome::AlreadyArchived,
-            }))
-            .into_response());
+            return Ok(answered(
+                PushOutcome::AlreadyArchived,
+                PushServed::LookAhead,
+            ));
         }
         if let Some(outcome) = service.archive_named(sysid, &q.name, id).await {
-            let outcome = outcome?;
-            return Ok(
-                Json(serde_json::json!({ "name": q.name, "outcome": outcome })).into_response(),
-            );
+            return Ok(answered(outcome?, PushServed::PgWal));
+        }
+        // The look-ahead may have started it between the two questions.
+        if service.archived_by_identity(sysid, &q.name, id).await {
+            return Ok(answered(
+                PushOutcome::AlreadyArchived,
+                PushServed::LookAhead,
+            ));
         }
         return Ok((
             StatusCode::PRECONDITION_FAILED,
             Json(ErrorBody {
-                error: "not archived by the look-ahead yet; send the content".into(),
+                error: "not archived ahead, and not a file this service may read in pg_wal_dir; send the content".into(),
                 fields: vec![],
             }),
         )
@@ -197,6 +204,7 @@ async fn push(
     let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
     let content = crate::service::Content::Stream(Box::new(std::io::Read::take(reader, length)));
     let outcome = service.push_from_postgres(sysid, &q.name, content).await?;
+    service.count_push(PushServed::Content);
     Ok(Json(serde_json::json!({ "name": q.name, "outcome": outcome })).into_response())
 }
 
@@ -503,6 +511,13 @@ mod tests {
             answer(&router, identity_question(first, &pg_wal.join(first), 77)).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["outcome"], "already_archived");
+        let mut metrics = String::new();
+        service.render_metrics(&mut metrics);
+        for (served, count) in [("look_ahead", 1), ("pg_wal", 1), ("content", 0)] {
+            let line =
+                format!("\nfleet_agent_wal_push_calls_total{{served=\"{served}\"}} {count}\n");
+            assert!(metrics.contains(&line), "{line} in {metrics}");
+        }
 
         // A file elsewhere under the same name is not the pg_wal file: send the content.
         let second = "000000010000000000000002";

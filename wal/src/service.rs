@@ -142,6 +142,9 @@ pub struct Counters {
     pub stored_bytes: AtomicU64,
     pub fetched: AtomicU64,
     pub prefetch_hits: AtomicU64,
+    /// archive_command's pushes that succeeded, by what served them:
+    /// [look-ahead, the service reading pg_wal, content sent by agentctl].
+    pub push_calls: [AtomicU64; 3],
     pub valve: AtomicU64,
     pub failures: Mutex<BTreeMap<&'static str, u64>>,
     pub last_push_unix: AtomicU64,
@@ -529,6 +532,10 @@ impl WalService {
             .map_err(|_| WalError::Busy {
                 calls: self.config.parallel_uploads.max(1),
             })
+    }
+
+    pub fn count_push(&self, served: PushServed) {
+        self.counters.push_calls[served as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The largest body a push may carry: the cluster's segment size when
@@ -1721,6 +1728,18 @@ impl WalService {
         }
         let _ = writeln!(
             out,
+            "# HELP fleet_agent_wal_push_calls_total archive_command pushes that succeeded, by what served them: look_ahead (archived before the call), pg_wal (the service read the named file from pg_wal_dir), content (agentctl sent the bytes)."
+        );
+        let _ = writeln!(out, "# TYPE fleet_agent_wal_push_calls_total counter");
+        for (served, count) in PUSH_SERVED.iter().zip(&c.push_calls) {
+            let _ = writeln!(
+                out,
+                "fleet_agent_wal_push_calls_total{{served=\"{served}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
             "# HELP fleet_agent_wal_failures_total WAL archive failures by kind."
         );
         let _ = writeln!(out, "# TYPE fleet_agent_wal_failures_total counter");
@@ -1778,6 +1797,16 @@ pub struct WalStatus {
     pub last_backup_unix: Option<u64>,
     pub last_backup_age_seconds: Option<u64>,
 }
+
+/// What served an archive_command push, as `push_calls` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushServed {
+    LookAhead = 0,
+    PgWal = 1,
+    Content = 2,
+}
+
+const PUSH_SERVED: [&str; 3] = ["look_ahead", "pg_wal", "content"];
 
 /// What a push reads: the bytes `archive_command` sent, or a segment the
 /// look-ahead opened in `pg_wal`, read in pieces rather than loaded whole.
