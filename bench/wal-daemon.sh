@@ -20,7 +20,13 @@
 # BENCH_SCALE (50), BENCH_RUNS (3), BENCH_PARALLEL (wal.parallel_uploads, 4),
 # BENCH_LEVEL (zstd level, 1), BENCH_PORT (46590, the cluster's while the
 # backlog is made), BENCH_WAL_SHAPE (installed or inline), BENCH_WAL_UNIT (the
-# unit file, default systemd/fleet-agent-wal.service). Prints its figures; writes no docs. Needs root (runuser).
+# unit file, default systemd/fleet-agent-wal.service), BENCH_ARRIVAL (backlog: the
+# whole backlog is .ready at the start and only the look-ahead archives it; steady:
+# the .ready files appear one at a time, BENCH_STEADY_GAP seconds apart (0.2),
+# each followed at once by `agentctl wal push` as postgres, as PostgreSQL's
+# archiver calls when a segment is done; the CPU of the calls and the service,
+# both in one cpuacct cgroup, is reported beside the service's own).
+# Prints its figures; writes no docs. Needs root (runuser).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -40,6 +46,10 @@ fi
 SHAPE="${BENCH_WAL_SHAPE:-installed}"
 UNIT="${BENCH_WAL_UNIT:-$ROOT/systemd/fleet-agent-wal.service}"
 case "$SHAPE" in installed | inline) ;; *) say "BENCH_WAL_SHAPE must be installed or inline"; exit 1 ;; esac
+ARRIVAL="${BENCH_ARRIVAL:-backlog}"
+GAP="${BENCH_STEADY_GAP:-0.2}"
+case "$ARRIVAL" in backlog | steady) ;; *) say "BENCH_ARRIVAL must be backlog or steady"; exit 1 ;; esac
+CG=/sys/fs/cgroup/cpuacct/waldaemon-$$
 
 WORK="$(mktemp -d /tmp/fleet-waldaemon-XXXXXX)"
 chmod 755 "$WORK"
@@ -48,6 +58,7 @@ cleanup() {
   [[ -f "$WORK/data/postmaster.pid" ]] && runuser -u postgres -- "$PG/pg_ctl" -D "$WORK/data" -m immediate -w stop >/dev/null 2>&1 || true
   [[ -n "$PID" ]] && kill -TERM "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true
   rm -rf "$WORK"
+  [[ -d "$CG" ]] && rmdir "$CG" 2>/dev/null || true
 }
 trap cleanup EXIT
 
@@ -71,6 +82,9 @@ say "building a backlog: pgbench -i -s $SCALE with archiving failing"
 "$PG/psql" -h "$WORK/sock" -p "$PORT" -U postgres -XAtqc "SELECT pg_switch_wal()" postgres >/dev/null
 runuser -u postgres -- "$PG/pg_ctl" -D "$WORK/data" -m fast -w stop >/dev/null
 N=$(ls "$WORK/data/pg_wal/archive_status" | grep -c '\.ready$')
+mapfile -t READY < <(ls "$WORK/data/pg_wal/archive_status" | grep '\.ready$' | sort)
+mkdir -p "$WORK/ready-later" "$CG"
+cg_cpu_ns() { echo $(( $(cat "$CG/cpuacct.usage_user") + $(cat "$CG/cpuacct.usage_sys") )); }
 say "backlog: $N segments; $RUNS runs, parallel_uploads = $PARALLEL, zstd $LEVEL, $BIN"
 
 # As installed: the unit's program (from FLEET_BIN_DIR by name) and arguments,
@@ -114,10 +128,31 @@ TOML
   # what the kernel maps around each fault from the cache).
   cat "${EXEC[0]:-$BIN/fleet-agentd}" >/dev/null
   sync
+  if [[ "$ARRIVAL" == steady ]]; then
+    for r in "${READY[@]}"; do mv "$WORK/data/pg_wal/archive_status/$r" "$WORK/ready-later/"; done
+  fi
   t0=$(date +%s.%N)
-  "${DAEMON[@]}" >>"$WORK/daemon.log" 2>&1 &
+  cg0=$(cg_cpu_ns)
+  sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$CG" "${DAEMON[@]}" >>"$WORK/daemon.log" 2>&1 &
   PID=$!
   first=""
+  if [[ "$ARRIVAL" == steady ]]; then
+    SOCK="$WORK/agentctl.sock"
+    [[ "$SHAPE" == installed ]] && SOCK="$WORK/run/wal.sock"
+    for _ in $(seq 500); do
+      "$BIN/agentctl" --socket "$SOCK" wal status >/dev/null 2>&1 && break
+      sleep 0.02
+    done
+    for r in "${READY[@]}"; do
+      sleep "$GAP"
+      mv "$WORK/ready-later/$r" "$WORK/data/pg_wal/archive_status/"
+      (cd "$WORK/data" && sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$CG" \
+        setpriv --reuid=postgres --regid=postgres --init-groups -- \
+        "$BIN/agentctl" --socket "$SOCK" wal push "pg_wal/${r%.ready}") >/dev/null \
+        || { say "agentctl wal push ${r%.ready} failed"; tail "$WORK/daemon.log" >&2; exit 1; }
+      mv "$WORK/data/pg_wal/archive_status/$r" "$WORK/data/pg_wal/archive_status/${r%.ready}.done"
+    done
+  fi
   while :; do
     c=$(find "$WORK/archive" -name '*.zst' | wc -l)
     [[ -z "$first" ]] && ((c > 0)) && first=$(date +%s.%N)
@@ -126,6 +161,7 @@ TOML
     sleep 0.05
   done
   t1=$(date +%s.%N)
+  cg1=$(cg_cpu_ns)
   read -r user sys < <(awk '{ print $14, $15 }' "/proc/$PID/stat")
   hwm=$(awk '/^VmHWM/ { print $2 }' "/proc/$PID/status")
   anon=$(awk '/^Anonymous:/ { print $2 }' "/proc/$PID/smaps_rollup")
@@ -134,8 +170,11 @@ TOML
   # starting 16 MiB-aligned with more than 256 KiB resident.
   arenas=$(awk '/^[0-9a-f]+-[0-9a-f]+ / { a = ($1 ~ /^[0-9a-f]+000000-/) && $6 == "" } /^Rss:/ && a && $2 > 256 { n++; s += $2 } END { printf "%d (%.1f MiB)", n, s / 1024 }' "/proc/$PID/smaps")
   kill -TERM "$PID"; wait "$PID" 2>/dev/null || true; PID=""
+  if [[ "$ARRIVAL" == steady ]]; then
+    for r in "${READY[@]}"; do mv "$WORK/data/pg_wal/archive_status/${r%.ready}.done" "$WORK/data/pg_wal/archive_status/$r"; done
+  fi
   awk -v n="$N" -v a="$t0" -v f="$first" -v b="$t1" -v u="$user" -v s="$sys" -v hz="$(getconf CLK_TCK)" \
-    -v h="$hwm" -v fi="$file" -v an="$anon" -v ar="$arenas" -v r="$run" 'BEGIN {
-    printf "run %d: first object %.2f s, %d segments in %.2f s (%.1f/s), daemon CPU %.1f ms/segment (user %.1f, system %.1f), VmHWM %.1f MiB, RssFile %.1f MiB, anonymous %.1f MiB, arenas over 256 KiB: %s\n",
-      r, f - a, n, b - a, n / (b - a), (u + s) * 1000 / hz / n, u * 1000 / hz / n, s * 1000 / hz / n, h / 1024, fi / 1024, an / 1024, ar }'
+    -v h="$hwm" -v fi="$file" -v an="$anon" -v ar="$arenas" -v r="$run" -v cg="$((cg1 - cg0))" -v arr="$ARRIVAL" 'BEGIN {
+    printf "run %d (%s): first object %.2f s, %d segments in %.2f s (%.1f/s), daemon CPU %.1f ms/segment (user %.1f, system %.1f), with the pushes %.1f ms/segment, VmHWM %.1f MiB, RssFile %.1f MiB, anonymous %.1f MiB, arenas over 256 KiB: %s\n",
+      r, arr, f - a, n, b - a, n / (b - a), (u + s) * 1000 / hz / n, u * 1000 / hz / n, s * 1000 / hz / n, cg / 1e6 / n, h / 1024, fi / 1024, an / 1024, ar }'
 done
