@@ -108,6 +108,11 @@ ctl() { "$BIN/agentctl" --socket "$WORK/agentctl.sock" "$@"; }
 # space-separated (the WAL benchmarks give the service what its unit gives it).
 unit_environment() { sed -n 's/^Environment=//p' "$1" | tr '\n' ' '; }
 
+# The WAL unit's User=/Group= (postgres) as a command prefix. setpriv execs
+# (runuser would stay as the parent), so $! of a command started with it is
+# that command's pid.
+AS_POSTGRES=(setpriv --reuid=postgres --regid=postgres --init-groups --)
+
 # unit_exec ARRAY UNIT BIN CONFIG: fills ARRAY with UNIT's ExecStart= as the
 # WAL benchmarks run it: its program taken by name from BIN, and CONFIG in
 # place of the unit's /run/fleet-agent-wal/agent.toml. Fails naming what is missing.

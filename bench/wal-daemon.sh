@@ -94,8 +94,7 @@ if [[ "$SHAPE" == installed ]]; then
   read -ra ENVS <<<"$(unit_environment "$UNIT")"
   unit_exec EXEC "$UNIT" "$BIN" "$WORK/run/agent.toml" || exit 1
   DAEMON=(env "${ENVS[@]}" STATE_DIRECTORY="$WORK/wal-state"
-    setpriv --reuid=postgres --regid=postgres --init-groups --
-    sh -c 'umask 0077 && exec "$@"' sh "${EXEC[@]}")
+    "${AS_POSTGRES[@]}" sh -c 'umask 0077 && exec "$@"' sh "${EXEC[@]}")
 fi
 say "WAL service ($SHAPE): ${DAEMON[*]}"
 
@@ -147,8 +146,7 @@ TOML
       sleep "$GAP"
       mv "$WORK/ready-later/$r" "$WORK/data/pg_wal/archive_status/"
       (cd "$WORK/data" && sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$CG" \
-        setpriv --reuid=postgres --regid=postgres --init-groups -- \
-        "$BIN/agentctl" --socket "$SOCK" wal push "pg_wal/${r%.ready}") >/dev/null \
+        "${AS_POSTGRES[@]}" "$BIN/agentctl" --socket "$SOCK" wal push "pg_wal/${r%.ready}") >/dev/null \
         || { say "agentctl wal push ${r%.ready} failed"; tail "$WORK/daemon.log" >&2; exit 1; }
       mv "$WORK/data/pg_wal/archive_status/$r" "$WORK/data/pg_wal/archive_status/${r%.ready}.done"
     done

@@ -359,10 +359,8 @@ TOML
     install -o postgres -g postgres -m 0400 "$FLEET_DIR/agent.toml" "$WAL_RUN/agent.toml"
     rm -f "$WAL_RUN/s3-credentials"
     [[ -n "$s3" ]] && install -o postgres -g postgres -m 0400 "$WORK/s3-credentials" "$WAL_RUN/s3-credentials"
-    # setpriv execs (runuser would stay as the parent): $! is the service's pid.
     daemon=(env "${UNIT_ENV[@]}" SSL_CERT_FILE="$WORK/s3-cert.pem" STATE_DIRECTORY="$WAL_STATE"
-      setpriv --reuid=postgres --regid=postgres --init-groups --
-      sh -c 'umask 0077 && exec "$@"' sh "${WAL_EXEC[@]}")
+      "${AS_POSTGRES[@]}" sh -c 'umask 0077 && exec "$@"' sh "${WAL_EXEC[@]}")
   fi
   if [[ -n "${5:-}" ]]; then
     sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$5" "${daemon[@]}" >>"$FLEET_DIR/daemon.log" 2>&1 &
