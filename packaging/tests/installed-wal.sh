@@ -121,11 +121,12 @@ grep -qE '^fleet_agent_wal_shipped_segments_total [1-9]' <<<"$(http_get /metrics
 # PostgreSQL's archiver asks as soon as a segment is done, mostly before the
 # look-ahead's next scan: the service then reads the file from pg_wal itself
 # (as postgres, under the unit's sandbox), and agentctl never sends content.
-calls=$(grep '^fleet_agent_wal_push_calls_total' <<<"$(http_get /metrics)")
+calls=$(grep '^fleet_agent_wal_push_calls_total' <<<"$(http_get /metrics)" || true)
 grep -qE '^fleet_agent_wal_push_calls_total\{served="pg_wal"\} [1-9]' <<<"$calls" \
     || fail "no push served from pg_wal by the WAL service: $calls"
 grep -qE '^fleet_agent_wal_push_calls_total\{served="content"\} 0$' <<<"$calls" \
     || fail "agentctl had to send a segment's content: $calls"
+log "archive_command pushes served: $(sed -E 's/.*served="([a-z_]+)"\} /\1 /' <<<"$calls" | paste -sd, -)"
 out=$(in_ct agentctl --socket /run/fleet-agent/agentctl.sock wal status 2>&1) \
     || fail "wal status through fleet-agentd's socket: $out"
 grep -qE 'shipped: +[1-9]' <<<"$out" || fail "fleet-agentd's socket does not relay the WAL status: $out"
