@@ -3,11 +3,11 @@
 //! metrics and the valve. Base backups, restore and retention live in their own
 //! modules and use the same target.
 
-use crate::codec::{self, HEADER_LEN};
+use crate::codec::{self, MAX_HEADER_LEN};
 use crate::names;
 use crate::target::{Put, Target, TargetError};
 use bytes::Bytes;
-use fleet_model::config::{ObjectChecksum, WalConfig};
+use fleet_model::config::WalConfig;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -501,10 +501,7 @@ impl WalService {
             encoders: Arc::new(codec::EncoderPool::new(
                 config.compression_level,
                 encodes_at_once(),
-                match config.object_checksum {
-                    ObjectChecksum::Sha256 => codec::Algorithm::Sha256,
-                    ObjectChecksum::Blake3 => codec::Algorithm::Blake3,
-                },
+                config.object_checksum.into(),
             )),
             segment_bytes: AtomicU64::new(0),
             valve_announced: Default::default(),
@@ -880,7 +877,7 @@ impl WalService {
         key: &str,
         name: &str,
     ) -> Result<Option<codec::Checksum>, WalError> {
-        let Some(head) = self.target.head_bytes(key, HEADER_LEN).await? else {
+        let Some(head) = self.target.head_bytes(key, MAX_HEADER_LEN).await? else {
             return Ok(None);
         };
         codec::recorded(&head)
@@ -2624,7 +2621,7 @@ mod tests {
         assert_eq!(report.objects_checked, 3);
         let mut damaged = fwal1_object(&[1u8; 4096]);
         let body = zstd::encode_all(&[6u8; 4096][..], 1).expect("zstd");
-        damaged.truncate(codec::HEADER_LEN);
+        damaged.truncate(codec::Algorithm::Sha256.header_len());
         damaged.extend_from_slice(&body);
         std::fs::write(wal.join(format!("{}.zst", segment(1))), damaged).expect("damage");
         let report = service.verify(Some(77)).await.expect("verify");
