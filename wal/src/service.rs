@@ -779,9 +779,10 @@ impl WalService {
                 if stored.algorithm == sha.algorithm {
                     return self.compare(&key, name, stored, sha);
                 }
-                // An older agent put an FWAL1 object there; our content is
-                // gone (streamed into the refused put), so its content is
-                // hashed in ours: decoding verifies it by its own SHA-256.
+                // Another version is there (FWAL1 from an older agent, or a
+                // host set to another object_checksum); our content is gone
+                // (streamed into the refused put), so its content is hashed
+                // in ours: decoding verifies it by its own algorithm first.
                 let object = self.target.get(&key).await?.ok_or_else(|| {
                     WalError::Internal(format!("`{key}` exists in the target but cannot be read"))
                 })?;
