@@ -51,7 +51,7 @@
 # appended to the written section), BENCH_DAEMON_ENV (unit: the daemon gets the
 # Environment= of systemd/fleet-agent-wal.service, as installed; none: without),
 # BENCH_OBJECT_CHECKSUM (blake3, the daemon's default from 0.2.0; sha256 for FWAL1
-# objects), BENCH_WAL_SHAPE (installed: the WAL service as the packaged
+# objects, xxh3 for FWAL3), BENCH_WAL_SHAPE (installed: the WAL service as the packaged
 # fleet-agent-wal.service runs it, its ExecStart= (`fleet-agent-wal --config
 # <copy>`; before rss13 `fleet-agentd --config <copy> wal-serve`) as
 # postgres with the unit's StateDirectory= and UMask=, on its own socket, which

@@ -160,6 +160,8 @@ service_packaging() {
   command -v lintian >/dev/null || missing+=(lintian)
   command -v dpkg-deb >/dev/null || missing+=(dpkg)
   command -v flock >/dev/null || missing+=(util-linux)
+  # installed-wal-checksum checks FWAL3 headers with xxhsum -H2.
+  command -v xxhsum >/dev/null || missing+=(xxhash)
   [[ -x /usr/bin/python3 ]] || missing+=(python3)
   /usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
   ((${#missing[@]} == 0)) || apt_install "${missing[@]}"

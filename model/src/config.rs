@@ -683,22 +683,35 @@ pub struct WalConfig {
     /// on the operator's storage bill (docs/wal.md, "Verifying the archive").
     #[serde(default, with = "humantime_serde::option")]
     pub verify_interval: Option<Duration>,
-    /// The checksum new archive objects record: "blake3" (FWAL2, the default
-    /// from 0.2.0) or "sha256" (FWAL1, readable by every version). Both are
-    /// always read. BLAKE3 is as strong and 2.5x cheaper per segment; sha256
-    /// stays for an archive that agents older than FWAL2 must still read
-    /// (docs/wal.md, "Upgrading to 0.2.0").
+    /// The checksum new archive objects record: "xxh3" (FWAL3), "blake3"
+    /// (FWAL2) or "sha256" (FWAL1, readable by every version); absent:
+    /// [`DEFAULT_OBJECT_CHECKSUM`]. All three are always read. The older
+    /// formats stay for an archive that older agents must still read
+    /// (docs/wal.md, "Upgrading to 0.2.0" and "FWAL3").
     #[serde(default)]
     pub object_checksum: ObjectChecksum,
 }
 
+/// What `wal.object_checksum` is when absent. The one place to change the
+/// default: the docs generated from the reference and the tests follow it.
+pub const DEFAULT_OBJECT_CHECKSUM: ObjectChecksum = ObjectChecksum::Blake3;
+
 /// `wal.object_checksum`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ObjectChecksum {
+    /// FWAL1: SHA-256.
     Sha256,
-    #[default]
+    /// FWAL2: BLAKE3-256.
     Blake3,
+    /// FWAL3: XXH3-128, not cryptographic (docs/wal.md, "Why this checksum").
+    Xxh3,
+}
+
+impl Default for ObjectChecksum {
+    fn default() -> Self {
+        DEFAULT_OBJECT_CHECKSUM
+    }
 }
 
 fn default_postgres_user() -> String {

@@ -118,11 +118,12 @@ fn installed_wal_archives_to_s3_behind_a_private_ca_and_names_the_certificate_wi
     run_script("installed-wal-tls.sh", "pkwaltls");
 }
 
-/// Issue 13 as installed: FWAL2 objects by default, FWAL1 after
-/// `object_checksum = "sha256"`, a point-in-time restore and `wal verify`
-/// across the mixed archive, a changed digit in either kind named by verify.
+/// Issue 13 as installed: the default's objects (FWAL2), FWAL1 after
+/// `object_checksum = "sha256"`, FWAL3 after `"xxh3"` (its header the
+/// segment's XXH3-128 by xxhsum), a point-in-time restore and `wal verify`
+/// across the mixed archive, a changed digit in each kind named by verify.
 #[test]
-fn installed_wal_writes_fwal2_by_default_fwal1_on_sha256_and_restores_across_both() {
+fn installed_wal_writes_each_object_format_and_restores_across_all_three() {
     run_script("installed-wal-checksum.sh", "pkwalck");
 }
 

@@ -1,9 +1,12 @@
 //! Where one segment's push spends its CPU: reading, SHA-256 (sha2 and ring;
-//! FWAL1 objects), BLAKE3 (FWAL2 objects, what the codec writes now),
+//! FWAL1 objects), BLAKE3 (FWAL2 objects), XXH3-128 (FWAL3 objects: twox-hash,
+//! which the codec uses, and xxhash-rust; whole and in the codec's 256 KiB
+//! pieces),
 //! zstd (a streaming frame with a new encoder per segment, as the codec did
 //! before issue 13's profiling; one call over the whole segment; one frame
-//! per MiB, as it does now), and the codec's own paths: `EncoderPool` as the
-//! WAL service runs it, `codec::encode` (a new encoder per object), `decode`.
+//! per MiB), and the codec's own paths: `EncoderPool` as the WAL service runs
+//! it (BLAKE3 and XXH3), `codec::encode` (a new encoder per object), `decode`
+//! (of FWAL2 and FWAL3 objects).
 //!
 //!   cargo run --release -p fleet-wal --example codec_profile -- SEGMENT... [ROUNDS]
 //!
@@ -89,6 +92,73 @@ fn main() -> Result<(), Error> {
         }
         Ok(())
     })?;
+    // What FWAL3 objects record: the two candidates, over the whole segment
+    // and in the pieces the codec hashes (a streaming state across calls).
+    measure("twox-hash XXH3-128", &mut || {
+        for s in &segments {
+            std::hint::black_box(twox_hash::XxHash3_128::oneshot(s));
+        }
+        Ok(())
+    })?;
+    measure("twox-hash XXH3-128 pieces", &mut || {
+        for s in &segments {
+            let mut h = twox_hash::XxHash3_128::new();
+            for piece in s.chunks(256 << 10) {
+                h.write(piece);
+            }
+            std::hint::black_box(h.finish_128());
+        }
+        Ok(())
+    })?;
+    // The codec hashes each piece just after reading it, still in cache:
+    // one 256 KiB piece hashed 64 times is 16 MiB hashed that way.
+    let piece = &segments[0][..(256 << 10).min(segments[0].len())];
+    measure("twox-hash cached piece x64", &mut || {
+        for _ in &segments {
+            let mut h = twox_hash::XxHash3_128::new();
+            for _ in 0..64 {
+                h.write(piece);
+            }
+            std::hint::black_box(h.finish_128());
+        }
+        Ok(())
+    })?;
+    measure("xxhash-rust cached piece x64", &mut || {
+        for _ in &segments {
+            let mut h = xxhash_rust::xxh3::Xxh3::new();
+            for _ in 0..64 {
+                h.update(piece);
+            }
+            std::hint::black_box(h.digest128());
+        }
+        Ok(())
+    })?;
+    measure("blake3 cached piece x64", &mut || {
+        for _ in &segments {
+            let mut h = blake3::Hasher::new();
+            for _ in 0..64 {
+                h.update(piece);
+            }
+            std::hint::black_box(h.finalize());
+        }
+        Ok(())
+    })?;
+    measure("xxhash-rust XXH3-128", &mut || {
+        for s in &segments {
+            std::hint::black_box(xxhash_rust::xxh3::xxh3_128(s));
+        }
+        Ok(())
+    })?;
+    measure("xxhash-rust XXH3-128 pieces", &mut || {
+        for s in &segments {
+            let mut h = xxhash_rust::xxh3::Xxh3::new();
+            for piece in s.chunks(256 << 10) {
+                h.update(piece);
+            }
+            std::hint::black_box(h.digest128());
+        }
+        Ok(())
+    })?;
     let mut streamed = 0usize;
     measure("zstd stream, new encoder", &mut || {
         streamed = 0;
@@ -130,6 +200,14 @@ fn main() -> Result<(), Error> {
         }
         Ok(())
     })?;
+    let pool = fleet_wal::codec::EncoderPool::new(level, 1, fleet_wal::codec::Algorithm::Xxh3);
+    measure("codec::EncoderPool xxh3", &mut || {
+        for path in &args {
+            let (object, _, _) = pool.encode(std::fs::File::open(path)?)?;
+            std::hint::black_box(object);
+        }
+        Ok(())
+    })?;
     measure("codec::encode (file)", &mut || {
         for path in &args {
             std::hint::black_box(fleet_wal::codec::encode(
@@ -153,13 +231,26 @@ fn main() -> Result<(), Error> {
         }
         Ok(())
     })?;
+    let objects: Vec<Vec<u8>> = segments
+        .iter()
+        .map(|s| {
+            fleet_wal::codec::encode(&s[..], level, fleet_wal::codec::Algorithm::Xxh3)
+                .map(|(o, _, _)| o)
+        })
+        .collect::<Result<_, _>>()?;
+    measure("codec::decode xxh3", &mut || {
+        for o in &objects {
+            std::hint::black_box(fleet_wal::codec::decode(o)?);
+        }
+        Ok(())
+    })?;
     println!(
         "{} segment(s) of {} MiB, zstd level {level}, best of {rounds}: CPU ms per segment",
         args.len(),
         segments[0].len() >> 20
     );
     for (name, ms) in rows {
-        println!("{name:28} {ms:8.2}");
+        println!("{name:29} {ms:8.2}");
     }
     if streamed > 0 {
         println!(

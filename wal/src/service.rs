@@ -3,11 +3,11 @@
 //! metrics and the valve. Base backups, restore and retention live in their own
 //! modules and use the same target.
 
-use crate::codec::{self, HEADER_LEN};
+use crate::codec::{self, MAX_HEADER_LEN};
 use crate::names;
 use crate::target::{Put, Target, TargetError};
 use bytes::Bytes;
-use fleet_model::config::{ObjectChecksum, WalConfig};
+use fleet_model::config::WalConfig;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -504,10 +504,7 @@ impl WalService {
             encoders: Arc::new(codec::EncoderPool::new(
                 config.compression_level,
                 encodes_at_once(),
-                match config.object_checksum {
-                    ObjectChecksum::Sha256 => codec::Algorithm::Sha256,
-                    ObjectChecksum::Blake3 => codec::Algorithm::Blake3,
-                },
+                config.object_checksum.into(),
             )),
             segment_bytes: AtomicU64::new(0),
             valve_announced: Default::default(),
@@ -789,9 +786,10 @@ impl WalService {
                 if stored.algorithm == sha.algorithm {
                     return self.compare(&key, name, stored, sha);
                 }
-                // An older agent put an FWAL1 object there; our content is
-                // gone (streamed into the refused put), so its content is
-                // hashed in ours: decoding verifies it by its own SHA-256.
+                // Another version is there (FWAL1 from an older agent, or a
+                // host set to another object_checksum); our content is gone
+                // (streamed into the refused put), so its content is hashed
+                // in ours: decoding verifies it by its own algorithm first.
                 let object = self.target.get(&key).await?.ok_or_else(|| {
                     WalError::Internal(format!("`{key}` exists in the target but cannot be read"))
                 })?;
@@ -887,7 +885,7 @@ impl WalService {
         key: &str,
         name: &str,
     ) -> Result<Option<codec::Checksum>, WalError> {
-        let Some(head) = self.target.head_bytes(key, HEADER_LEN).await? else {
+        let Some(head) = self.target.head_bytes(key, MAX_HEADER_LEN).await? else {
             return Ok(None);
         };
         codec::recorded(&head)
@@ -2577,11 +2575,26 @@ mod tests {
         assert!(!path.exists());
     }
 
-    /// FWAL2 (BLAKE3) by default from 0.2.0; sha256 stays selectable for an
-    /// archive that agents older than FWAL2 must still read.
+    /// Each `object_checksum` writes its version, absent is
+    /// DEFAULT_OBJECT_CHECKSUM's; a name pushed again is compared in that
+    /// algorithm, by this service (it remembers what it stored) and by a fresh
+    /// one (it reads the stored object's header): the same content is
+    /// archived already, other content is a conflict and overwrites nothing.
     #[tokio::test]
-    async fn new_objects_record_blake3_by_default_and_sha256_when_configured() {
-        for (extra, magic) in [("", b"FWAL2 "), ("object_checksum = \"sha256\"", b"FWAL1 ")] {
+    async fn each_checksum_writes_its_version_and_compares_a_repeated_push_in_it() {
+        use fleet_model::config::{ObjectChecksum, DEFAULT_OBJECT_CHECKSUM};
+        let magic = |c: ObjectChecksum| match c {
+            ObjectChecksum::Sha256 => b"FWAL1 ",
+            ObjectChecksum::Blake3 => b"FWAL2 ",
+            ObjectChecksum::Xxh3 => b"FWAL3 ",
+        };
+        for (extra, configured) in [
+            ("", DEFAULT_OBJECT_CHECKSUM),
+            ("object_checksum = \"sha256\"", ObjectChecksum::Sha256),
+            ("object_checksum = \"blake3\"", ObjectChecksum::Blake3),
+            ("object_checksum = \"xxh3\"", ObjectChecksum::Xxh3),
+        ] {
+            let algorithm = codec::Algorithm::from(configured);
             let dir = tempfile::tempdir().expect("tempdir");
             let service = service_with(dir.path(), extra);
             let pushed = service
@@ -2589,13 +2602,35 @@ mod tests {
                 .await
                 .expect("push");
             assert!(matches!(pushed, PushOutcome::Stored), "{pushed:?}");
-            let stored = std::fs::read(dir.path().join(format!("archive/77/wal/{SEG}.zst")))
-                .expect("stored");
-            assert_eq!(&stored[..6], magic, "with {extra:?}");
+            let path = dir.path().join(format!("archive/77/wal/{SEG}.zst"));
+            let stored = std::fs::read(&path).expect("stored");
+            assert_eq!(&stored[..6], magic(configured), "with {extra:?}");
             match service.fetch_or_hand_off(77, SEG, false).await {
                 Ok(Fetched::Content(bytes)) => assert_eq!(bytes, vec![5u8; 4096]),
                 other => panic!("with {extra:?}: {other:?}"),
             }
+            let fresh = service_with(dir.path(), extra);
+            for (who, service) in [("the pusher", &service), ("a fresh service", &fresh)] {
+                let again = service
+                    .push(77, SEG, Content::Bytes(Bytes::from(vec![5u8; 4096])))
+                    .await;
+                assert!(
+                    matches!(again, Ok(PushOutcome::AlreadyArchived)),
+                    "{extra:?}, {who}: {again:?}"
+                );
+                match service
+                    .push(77, SEG, Content::Bytes(Bytes::from(vec![6u8; 4096])))
+                    .await
+                {
+                    Err(WalError::Conflict { stored, pushed, .. }) => {
+                        assert_eq!((stored.algorithm, pushed.algorithm), (algorithm, algorithm));
+                        assert_eq!(stored, codec::checksum(algorithm, &[5u8; 4096]));
+                        assert_eq!(pushed, codec::checksum(algorithm, &[6u8; 4096]));
+                    }
+                    other => panic!("{extra:?}, {who}: a conflict, got {other:?}"),
+                }
+            }
+            assert_eq!(std::fs::read(&path).expect("kept"), stored, "{extra:?}");
         }
     }
 
@@ -2702,7 +2737,7 @@ mod tests {
         assert_eq!(report.objects_checked, 3);
         let mut damaged = fwal1_object(&[1u8; 4096]);
         let body = zstd::encode_all(&[6u8; 4096][..], 1).expect("zstd");
-        damaged.truncate(codec::HEADER_LEN);
+        damaged.truncate(codec::Algorithm::Sha256.header_len());
         damaged.extend_from_slice(&body);
         std::fs::write(wal.join(format!("{}.zst", segment(1))), damaged).expect("damage");
         let report = service.verify(Some(77)).await.expect("verify");
@@ -2714,6 +2749,98 @@ mod tests {
                 .map(|f| f.name.as_str())
                 .collect::<Vec<_>>(),
             [segment(1).as_str()],
+            "{report:?}"
+        );
+    }
+
+    /// An archive switched from sha256 to blake3 to xxh3: a restore replays
+    /// all three versions, a push is compared in the stored object's
+    /// algorithm whichever one new objects get, verify checks each.
+    #[tokio::test]
+    async fn a_mixed_archive_of_fwal1_fwal2_and_fwal3_objects_restores_verifies_and_dedups() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let service = service_with(dir.path(), "object_checksum = \"xxh3\"");
+        let wal = dir.path().join("archive/77/wal");
+        std::fs::create_dir_all(&wal).expect("archive");
+        let segment = |n: u8| format!("00000001000000000000000{n}");
+        let object_path = |n: u8| wal.join(format!("{}.zst", segment(n)));
+        // 1 by an agent before FWAL2, 2 with blake3, 3 by this one (xxh3).
+        std::fs::write(object_path(1), fwal1_object(&[1u8; 4096])).expect("object");
+        let (fwal2, _, _) =
+            codec::encode(&[2u8; 4096][..], 1, codec::Algorithm::Blake3).expect("encode");
+        std::fs::write(object_path(2), fwal2).expect("object");
+        let pushed = service
+            .push(
+                77,
+                &segment(3),
+                Content::Bytes(Bytes::from(vec![3u8; 4096])),
+            )
+            .await
+            .expect("push");
+        assert!(matches!(pushed, PushOutcome::Stored), "{pushed:?}");
+        let magics: Vec<Vec<u8>> = (1..=3u8)
+            .map(|n| std::fs::read(object_path(n)).expect("stored")[..6].to_vec())
+            .collect();
+        assert_eq!(magics, [b"FWAL1 ", b"FWAL2 ", b"FWAL3 "]);
+
+        // Restore through a fresh service (nothing remembered), as a PITR does.
+        let restorer = fetch_service(dir.path());
+        for n in 1..=3u8 {
+            match restorer.fetch_or_hand_off(77, &segment(n), true).await {
+                Ok(Fetched::Content(bytes)) => assert_eq!(bytes, vec![n; 4096]),
+                Ok(Fetched::HandOff { path, .. }) => {
+                    assert_eq!(std::fs::read(&path).expect("prefetched"), vec![n; 4096])
+                }
+                other => panic!("{n}: the segment, got {other:?}"),
+            }
+        }
+
+        // Pushed again to an xxh3 service: each compared in its object's own algorithm.
+        for (n, algorithm) in [
+            (1u8, codec::Algorithm::Sha256),
+            (2, codec::Algorithm::Blake3),
+            (3, codec::Algorithm::Xxh3),
+        ] {
+            let fresh = service_with(dir.path(), "object_checksum = \"xxh3\"");
+            let again = fresh
+                .push(77, &segment(n), Content::Bytes(Bytes::from(vec![n; 4096])))
+                .await;
+            assert!(
+                matches!(again, Ok(PushOutcome::AlreadyArchived)),
+                "{n}: {again:?}"
+            );
+            match fresh
+                .push(
+                    77,
+                    &segment(n),
+                    Content::Bytes(Bytes::from(vec![9u8; 4096])),
+                )
+                .await
+            {
+                Err(WalError::Conflict { stored, pushed, .. }) => {
+                    assert_eq!((stored.algorithm, pushed.algorithm), (algorithm, algorithm))
+                }
+                other => panic!("{n}: a conflict in {algorithm}, got {other:?}"),
+            }
+        }
+
+        // Verify: whole; then a damaged FWAL3 object is named.
+        let report = service.verify(Some(77)).await.expect("verify");
+        assert!(report.ok, "{report:?}");
+        assert_eq!(report.objects_checked, 3);
+        let mut damaged = std::fs::read(object_path(3)).expect("stored");
+        damaged.truncate(codec::Algorithm::Xxh3.header_len());
+        damaged.extend_from_slice(&zstd::encode_all(&[6u8; 4096][..], 1).expect("zstd"));
+        std::fs::write(object_path(3), damaged).expect("damage");
+        let report = service.verify(Some(77)).await.expect("verify");
+        assert!(!report.ok);
+        assert_eq!(
+            report
+                .checksum_failures
+                .iter()
+                .map(|f| f.name.as_str())
+                .collect::<Vec<_>>(),
+            [segment(3).as_str()],
             "{report:?}"
         );
     }
