@@ -50,8 +50,8 @@
 # fleet-s3 pgbr-async-s3-zst1), BENCH_DRAIN_TIMEOUT (600 s), BENCH_NOTES (a file
 # appended to the written section), BENCH_DAEMON_ENV (unit: the daemon gets the
 # Environment= of systemd/fleet-agent-wal.service, as installed; none: without),
-# BENCH_OBJECT_CHECKSUM (blake3, the daemon's default from 0.2.0; sha256 for FWAL1
-# objects, xxh3 for FWAL3), BENCH_WAL_SHAPE (installed: the WAL service as the packaged
+# BENCH_OBJECT_CHECKSUM (xxh3, the daemon's default from 0.3.0; blake3 for FWAL2,
+# the default of 0.2.x; sha256 for FWAL1 objects), BENCH_WAL_SHAPE (installed: the WAL service as the packaged
 # fleet-agent-wal.service runs it, its ExecStart= (`fleet-agent-wal --config
 # <copy>`; before rss13 `fleet-agentd --config <copy> wal-serve`) as
 # postgres with the unit's StateDirectory= and UMask=, on its own socket, which
@@ -343,7 +343,7 @@ pg_wal_dir = "$1"
 postgres = "$2"
 parallel_uploads = 4
 compression_level = $4
-object_checksum = "${BENCH_OBJECT_CHECKSUM:-blake3}"
+object_checksum = "${BENCH_OBJECT_CHECKSUM:-xxh3}"
 $s3
 [api]
 listen = ""

@@ -687,14 +687,14 @@ pub struct WalConfig {
     /// (FWAL2) or "sha256" (FWAL1, readable by every version); absent:
     /// [`DEFAULT_OBJECT_CHECKSUM`]. All three are always read. The older
     /// formats stay for an archive that older agents must still read
-    /// (docs/wal.md, "Upgrading to 0.2.0" and "FWAL3").
+    /// (docs/wal.md, "Upgrading to 0.2.0" and "Upgrading to 0.3.0").
     #[serde(default)]
     pub object_checksum: ObjectChecksum,
 }
 
 /// What `wal.object_checksum` is when absent. The one place to change the
 /// default: the docs generated from the reference and the tests follow it.
-pub const DEFAULT_OBJECT_CHECKSUM: ObjectChecksum = ObjectChecksum::Blake3;
+pub const DEFAULT_OBJECT_CHECKSUM: ObjectChecksum = ObjectChecksum::Xxh3;
 
 /// `wal.object_checksum`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,15 +3,16 @@
 # systemd container, next to Debian's postgresql-15, set up as docs/wal.md
 # says: the packaged WAL service (User=postgres) writes the default's format
 # (`wal.object_checksum`'s default in the installed `fleet-agentd config
-# reference`: blake3, FWAL2) with object_checksum unset (the header of every
+# reference`: xxh3, FWAL3, since 0.3.0) with object_checksum unset (the header of every
 # stored object is read); then the operator sets `object_checksum = "sha256"`
 # in [wal] as docs/wal.md's "Upgrading to 0.2.0" says and restarts the
 # service, and every object written after that is FWAL1, its header the
 # SHA-256 of the segment (decompressed with zstd and hashed here); then
-# `object_checksum = "xxh3"` as docs/wal.md's "FWAL3" says (blake3 instead,
-# should the default be xxh3, so all three formats are written), and every
-# object after that is FWAL3 (`head -c 5`), its header the XXH3-128 of the
-# segment (`xxhsum -H2` here). A point-in-time restore whose base backup was
+# `object_checksum = "blake3"` as docs/wal.md's "Upgrading to 0.3.0" says for
+# hosts with older readers (xxh3 instead, should the default be blake3, so all
+# three formats are written), and every object after that is in that format;
+# the FWAL3 objects start FWAL3 (`head -c 5`), their header the XXH3-128 of
+# the segment (`xxhsum -H2` here). A point-in-time restore whose base backup was
 # taken before the first switch replays the three kinds of segments in one
 # recovery: the rows written in each phase (each only in its objects) are
 # back exactly, those after the target are not. `agentctl wal verify` checks
@@ -178,7 +179,7 @@ grep -qx "$fwal1_segment FWAL1" <<<"$new" || fail "$fwal1_segment is not a new F
 header_is_digest "$fwal1_segment" sha256
 log "after object_checksum = \"sha256\": $(wc -l <<<"$new") new objects, all FWAL1; $fwal1_segment's header is its SHA-256"
 
-# --- object_checksum = "$last" (xxh3 while the default is blake3).
+# --- object_checksum = "$last" (blake3 while the default is xxh3).
 log "object_checksum = \"$last\""
 set_checksum "$last"
 psql_at $pg_port "INSERT INTO marks (phase) SELECT '$last' FROM generate_series(1, 400)" >/dev/null

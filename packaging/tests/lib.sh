@@ -34,8 +34,8 @@ PKGTEST_IMAGE="fleet-pkgtest-base:$PKGTEST_BASE_KEY"
 # department ids): unique per test run (tests/tests/packaging.rs passes
 # fleet_tests::unique_name), so runs side by side do not meet.
 PKGTEST_NAME=${FLEET_PKGTEST_NAME:-pk$$}
-PKGTEST_DEB_VERSION_OLD=0.2.1-1
-PKGTEST_DEB_VERSION_NEW=0.2.1-2
+PKGTEST_DEB_VERSION_OLD=0.3.0-1
+PKGTEST_DEB_VERSION_NEW=0.3.0-2
 
 mkdir -p "$PKGTEST_CACHE" "$PKGTEST_SHARED"
 
