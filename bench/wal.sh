@@ -680,7 +680,7 @@ BUILD="release"; [[ "$BIN" == */debug ]] && BUILD="debug"
 {
   echo "## WAL archiving (issue 6, issue 13)"
   echo
-  echo "Command: \`$([[ -n "${FLEET_BIN_DIR:-}" ]] && echo "FLEET_BIN_DIR=${BIN#"$ROOT"/} ")$(has_method fleet-s3 || has_method pgbr-async-s3-zst1 && echo "BENCH_S3_SERVER=$S3_SERVER ")BENCH_SCALE=$SCALE BENCH_LOAD_SECONDS=$LOAD_SECONDS BENCH_METHODS=\"$METHODS\" BENCH_WAL_SHAPE=$SHAPE bash bench/wal.sh\`, $(date -u +%Y-%m-%dT%H:%MZ),"
+  echo "Command: \`$([[ -n "${FLEET_BIN_DIR:-}" ]] && echo "FLEET_BIN_DIR=${BIN#"$ROOT"/} ")$(has_method fleet-s3 || has_method pgbr-async-s3-zst1 && echo "BENCH_S3_SERVER=$S3_SERVER ")BENCH_SCALE=$SCALE BENCH_LOAD_SECONDS=$LOAD_SECONDS BENCH_METHODS=\"$METHODS\" BENCH_OBJECT_CHECKSUM=${BENCH_OBJECT_CHECKSUM:-xxh3} BENCH_WAL_SHAPE=$SHAPE bash bench/wal.sh\`, $(date -u +%Y-%m-%dT%H:%MZ),"
   echo "$(nproc) cores, $BUILD build of fleet-agent, PostgreSQL $("$PG/postgres" --version | awk '{print $3}'), $PGBR_VERSION."
   echo "Backlog: $BACKLOG segments of 16 MiB from \`pgbench -i -s $SCALE\`, archived from a standing start."
   echo "Directory targets are on the same disk; S3 is one $S3_DESC on loopback (one bucket) behind HAProxy's TLS,"

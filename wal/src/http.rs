@@ -478,12 +478,7 @@ mod tests {
     #[tokio::test]
     async fn a_segment_the_look_ahead_has_not_reached_is_archived_from_pg_wal_by_its_identity() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let pg_wal = dir.path().join("data/pg_wal");
-        std::fs::create_dir_all(pg_wal.join("archive_status")).expect("pg_wal");
-        std::fs::create_dir_all(dir.path().join("data/global")).expect("global");
-        let mut control = 77u64.to_ne_bytes().to_vec();
-        control.resize(8192, 0);
-        std::fs::write(dir.path().join("data/global/pg_control"), control).expect("pg_control");
+        let pg_wal = crate::service::cluster_77(dir.path());
         let segment: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
         let first = "000000010000000000000001";
         std::fs::write(pg_wal.join(first), &segment).expect("segment");

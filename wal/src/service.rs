@@ -2087,6 +2087,19 @@ async fn write_prefetched(dir: &Path, name: &str, object: Bytes) -> std::io::Res
     .map_err(std::io::Error::other)?
 }
 
+/// A data directory under `dir` whose pg_control names cluster 77, with an
+/// empty `pg_wal/archive_status`; returns its pg_wal.
+#[cfg(test)]
+pub(crate) fn cluster_77(dir: &Path) -> PathBuf {
+    let pg_wal = dir.join("data/pg_wal");
+    std::fs::create_dir_all(pg_wal.join("archive_status")).expect("pg_wal");
+    std::fs::create_dir_all(dir.join("data/global")).expect("global");
+    let mut control = 77u64.to_ne_bytes().to_vec();
+    control.resize(8192, 0);
+    std::fs::write(dir.join("data/global/pg_control"), control).expect("pg_control");
+    pg_wal
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2250,12 +2263,7 @@ mod tests {
     #[tokio::test]
     async fn after_a_start_the_rpo_age_comes_from_the_archive() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let pg_wal = dir.path().join("data/pg_wal");
-        std::fs::create_dir_all(&pg_wal).expect("pg_wal");
-        std::fs::create_dir_all(dir.path().join("data/global")).expect("global");
-        let mut control = 77u64.to_ne_bytes().to_vec();
-        control.resize(8192, 0);
-        std::fs::write(dir.path().join("data/global/pg_control"), control).expect("pg_control");
+        let pg_wal = cluster_77(dir.path());
         let archive = dir.path().join("archive");
         std::fs::create_dir_all(archive.join("77/wal")).expect("archive");
         std::fs::write(archive.join("77/wal/000000010000000000000003.zst"), b"x").expect("object");
@@ -2304,12 +2312,7 @@ mod tests {
     /// The archive of cluster 77 with segments 1-4 (real objects) beside a
     /// pg_control naming 77; returns (pg_wal, archive's wal directory).
     fn cluster_77_archive(dir: &Path) -> (PathBuf, PathBuf) {
-        let pg_wal = dir.join("data/pg_wal");
-        std::fs::create_dir_all(&pg_wal).expect("pg_wal");
-        std::fs::create_dir_all(dir.join("data/global")).expect("global");
-        let mut control = 77u64.to_ne_bytes().to_vec();
-        control.resize(8192, 0);
-        std::fs::write(dir.join("data/global/pg_control"), control).expect("pg_control");
+        let pg_wal = cluster_77(dir);
         let wal = dir.join("archive/77/wal");
         std::fs::create_dir_all(&wal).expect("archive");
         for n in 1..=4u8 {
