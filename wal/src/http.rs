@@ -478,21 +478,12 @@ mod tests {
     #[tokio::test]
     async fn a_segment_the_look_ahead_has_not_reached_is_archived_from_pg_wal_by_its_identity() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let pg_wal = crate::service::cluster_77(dir.path());
+        // No look-ahead runs: the service is not started.
+        let (service, pg_wal) = crate::service::cluster_77_service(dir.path());
+        let archive = dir.path().join("archive");
         let segment: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
         let first = "000000010000000000000001";
         std::fs::write(pg_wal.join(first), &segment).expect("segment");
-        let archive = dir.path().join("archive");
-        std::fs::create_dir_all(&archive).expect("archive");
-        let config: fleet_model::config::WalConfig = toml::from_str(&format!(
-            "target = \"file://{}\"\npg_wal_dir = \"{}\"",
-            archive.display(),
-            pg_wal.display()
-        ))
-        .expect("config");
-        // No look-ahead runs: the service is not started.
-        let service =
-            WalService::new(config, dir.path(), Arc::new(|_: &str, _: &str| {})).expect("service");
         let router = router(service.clone());
 
         let (status, body) =

@@ -2087,6 +2087,23 @@ async fn write_prefetched(dir: &Path, name: &str, object: Bytes) -> std::io::Res
     .map_err(std::io::Error::other)?
 }
 
+/// A service archiving cluster 77's [`cluster_77`] data directory under
+/// `dir` into `dir/archive`, not started (no look-ahead); and its pg_wal.
+#[cfg(test)]
+pub(crate) fn cluster_77_service(dir: &Path) -> (Arc<WalService>, PathBuf) {
+    let pg_wal = cluster_77(dir);
+    let archive = dir.join("archive");
+    std::fs::create_dir_all(&archive).expect("archive");
+    let config: WalConfig = toml::from_str(&format!(
+        "target = \"file://{}\"\npg_wal_dir = \"{}\"",
+        archive.display(),
+        pg_wal.display()
+    ))
+    .expect("config");
+    let service = WalService::new(config, dir, Arc::new(|_: &str, _: &str| {})).expect("service");
+    (service, pg_wal)
+}
+
 /// A data directory under `dir` whose pg_control names cluster 77, with an
 /// empty `pg_wal/archive_status`; returns its pg_wal.
 #[cfg(test)]
@@ -2263,18 +2280,10 @@ mod tests {
     #[tokio::test]
     async fn after_a_start_the_rpo_age_comes_from_the_archive() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let pg_wal = cluster_77(dir.path());
         let archive = dir.path().join("archive");
         std::fs::create_dir_all(archive.join("77/wal")).expect("archive");
         std::fs::write(archive.join("77/wal/000000010000000000000003.zst"), b"x").expect("object");
-        let config: WalConfig = toml::from_str(&format!(
-            "target = \"file://{}\"\npg_wal_dir = \"{}\"",
-            archive.display(),
-            pg_wal.display()
-        ))
-        .expect("config");
-        let service =
-            WalService::new(config, dir.path(), Arc::new(|_: &str, _: &str| {})).expect("service");
+        let (service, _) = cluster_77_service(dir.path());
         let mut text = String::new();
         service.render_metrics(&mut text);
         assert!(!text.contains("fleet_agent_wal_newest_archived_age_seconds"));
@@ -2735,14 +2744,26 @@ mod tests {
         }
 
         // Verify: the mixed archive is whole; a damaged FWAL1 object is named.
+        let path = wal.join(format!("{}.zst", segment(1)));
+        verify_names_only_the_damaged(&service, &path, codec::Algorithm::Sha256, &segment(1)).await;
+    }
+
+    /// Verify of cluster 77 finds its 3 objects whole; then, with `object`'s
+    /// body replaced by another content's (its `algorithm` header kept),
+    /// fails naming `name` alone.
+    async fn verify_names_only_the_damaged(
+        service: &WalService,
+        object: &Path,
+        algorithm: codec::Algorithm,
+        name: &str,
+    ) {
         let report = service.verify(Some(77)).await.expect("verify");
         assert!(report.ok, "{report:?}");
         assert_eq!(report.objects_checked, 3);
-        let mut damaged = fwal1_object(&[1u8; 4096]);
-        let body = zstd::encode_all(&[6u8; 4096][..], 1).expect("zstd");
-        damaged.truncate(codec::Algorithm::Sha256.header_len());
-        damaged.extend_from_slice(&body);
-        std::fs::write(wal.join(format!("{}.zst", segment(1))), damaged).expect("damage");
+        let mut damaged = std::fs::read(object).expect("stored");
+        damaged.truncate(algorithm.header_len());
+        damaged.extend_from_slice(&zstd::encode_all(&[6u8; 4096][..], 1).expect("zstd"));
+        std::fs::write(object, damaged).expect("damage");
         let report = service.verify(Some(77)).await.expect("verify");
         assert!(!report.ok);
         assert_eq!(
@@ -2751,7 +2772,7 @@ mod tests {
                 .iter()
                 .map(|f| f.name.as_str())
                 .collect::<Vec<_>>(),
-            [segment(1).as_str()],
+            [name],
             "{report:?}"
         );
     }
@@ -2828,24 +2849,13 @@ mod tests {
         }
 
         // Verify: whole; then a damaged FWAL3 object is named.
-        let report = service.verify(Some(77)).await.expect("verify");
-        assert!(report.ok, "{report:?}");
-        assert_eq!(report.objects_checked, 3);
-        let mut damaged = std::fs::read(object_path(3)).expect("stored");
-        damaged.truncate(codec::Algorithm::Xxh3.header_len());
-        damaged.extend_from_slice(&zstd::encode_all(&[6u8; 4096][..], 1).expect("zstd"));
-        std::fs::write(object_path(3), damaged).expect("damage");
-        let report = service.verify(Some(77)).await.expect("verify");
-        assert!(!report.ok);
-        assert_eq!(
-            report
-                .checksum_failures
-                .iter()
-                .map(|f| f.name.as_str())
-                .collect::<Vec<_>>(),
-            [segment(3).as_str()],
-            "{report:?}"
-        );
+        verify_names_only_the_damaged(
+            &service,
+            &object_path(3),
+            codec::Algorithm::Xxh3,
+            &segment(3),
+        )
+        .await;
     }
 
     #[tokio::test]
