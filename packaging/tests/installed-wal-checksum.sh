@@ -111,6 +111,21 @@ switched() { # WHAT: the segment switched
 }
 # Objects in AFTER (a headers listing) that BEFORE has not.
 added() { comm -13 <(sort <<<"$1") <(sort <<<"$2"); }
+# After a switch to SETTING (objects BEFORE, now AFTER): sets $new to the
+# objects added, failing unless there are some, all MAGIC, each SEGMENT among
+# them, and every object of BEFORE still there as it was.
+expect_switched() { # BEFORE AFTER SETTING MAGIC SEGMENT...
+    local before=$1 after=$2 setting=$3 magic=$4 bad segment
+    shift 4
+    new=$(added "$before" "$after")
+    [ -n "$new" ] || fail "nothing stored after object_checksum = \"$setting\""
+    bad=$(grep -v " $magic\$" <<<"$new" || true)
+    [ -z "$bad" ] || fail "objects written after object_checksum = \"$setting\" are not all $magic: $bad"
+    for segment in "$@"; do
+        grep -qx "$segment $magic" <<<"$new" || fail "$segment is not a new $magic object: $new"
+    done
+    [ "$(comm -23 <(sort <<<"$before") <(sort <<<"$after"))" = "" ] || fail "an object written before the switch to $setting changed"
+}
 # The operator's switch, as docs/wal.md says; the service stopped first by the caller.
 set_checksum() { # ALGORITHM
     in_ct sed -i '/^object_checksum = /d' /etc/fleet-agent/agent.toml
@@ -170,12 +185,7 @@ psql_at $pg_port "INSERT INTO marks (phase) SELECT 'sha256' FROM generate_series
 fwal1_segment=$(switched "written under FWAL1")
 in_ct systemctl stop fleet-agent-wal
 middle=$(headers)
-new=$(added "$before" "$middle")
-[ -n "$new" ] || fail "nothing stored after object_checksum = \"sha256\""
-bad=$(grep -v ' FWAL1$' <<<"$new" || true)
-[ -z "$bad" ] || fail "objects written after object_checksum = \"sha256\" are not all FWAL1: $bad"
-grep -qx "$fwal1_segment FWAL1" <<<"$new" || fail "$fwal1_segment is not a new FWAL1 object: $new"
-[ "$(comm -23 <(sort <<<"$before") <(sort <<<"$middle"))" = "" ] || fail "an object written before the switch to sha256 changed"
+expect_switched "$before" "$middle" sha256 FWAL1 "$fwal1_segment"
 header_is_digest "$fwal1_segment" sha256
 log "after object_checksum = \"sha256\": $(wc -l <<<"$new") new objects, all FWAL1; $fwal1_segment's header is its SHA-256"
 
@@ -193,14 +203,7 @@ last_segment=$(switched "past the target time")
 log "target time $at ($history)"
 
 after=$(headers)
-new=$(added "$middle" "$after")
-[ -n "$new" ] || fail "nothing stored after object_checksum = \"$last\""
-bad=$(grep -v " $last_magic\$" <<<"$new" || true)
-[ -z "$bad" ] || fail "objects written after object_checksum = \"$last\" are not all $last_magic: $bad"
-grep -qx "$last_phase_segment $last_magic" <<<"$new" || fail "$last_phase_segment is not a new $last_magic object: $new"
-grep -qx "$last_segment $last_magic" <<<"$new" || fail "$last_segment is not a new $last_magic object: $new"
-# What was stored before is all still there, each in its own format.
-[ "$(comm -23 <(sort <<<"$middle") <(sort <<<"$after"))" = "" ] || fail "an object written before the switch to $last changed"
+expect_switched "$middle" "$after" "$last" "$last_magic" "$last_phase_segment" "$last_segment"
 # As an operator would look (docs/wal.md): the first 5 bytes name the format.
 fwal3_segment=$(sed -n 's/ FWAL3$//p' <<<"$after" | tail -n 1)
 [ -n "$fwal3_segment" ] || fail "no FWAL3 object in the archive: $after"
