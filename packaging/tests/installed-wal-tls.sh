@@ -256,8 +256,8 @@ metrics() { api_get "$api" /metrics; }
 verified() { grep -qE '^fleet_agent_wal_verify_ok 1$' <<<"$(metrics)"; }
 grep -q '^fleet_agent_wal_verify_ok' <<<"$(metrics)" && fail "a verify result before any verify ran"
 wal_wait_for 120 "no scheduled verify (verify_interval 1m) reached fleet-agentd's /metrics" verified
-grep -q 'Scheduled verify: the archive is complete' <<<"$(in_ct journalctl -u fleet-agent-wal --no-pager -o cat)" \
-    || fail "no scheduled verify in fleet-agent-wal's journal"
+wal_wait_for 10 "no scheduled verify in fleet-agent-wal's journal" \
+    in_journal 'Scheduled verify: the archive is complete' -u fleet-agent-wal
 [ "$(in_ct stat -c '%U' /var/lib/fleet-agent-wal/wal-verify-last.json)" = postgres ] \
     || fail "the WAL service kept no verify result"
 at=$(grep -E '^fleet_agent_wal_verify_timestamp_seconds ' <<<"$(metrics)" | cut -d' ' -f2)

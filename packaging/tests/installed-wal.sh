@@ -100,8 +100,8 @@ first=$(backups)
 log "waiting for a scheduled base backup (backup_interval 20s)"
 more_backups() { [ "$(backups)" -gt "$first" ]; }
 wal_wait_for 60 "no scheduled base backup came" more_backups
-grep -q 'base backup' <<<"$(in_ct journalctl -u fleet-agent-wal EVENT=wal_backup_created -o cat --no-pager)" \
-    || fail "no wal_backup_created event in fleet-agent-wal's journal"
+wal_wait_for 10 "no wal_backup_created event in fleet-agent-wal's journal" \
+    in_journal 'base backup' -u fleet-agent-wal EVENT=wal_backup_created
 
 out=$(in_ct agentctl wal status 2>&1) || fail "agentctl wal status: $out"
 grep -qE 'pg_stat_archiver: +archived [1-9]' <<<"$out" || fail "wal status shows no archiver figures: $out"
@@ -219,7 +219,7 @@ log "drill RTO $(python3 -c 'import json,sys; print(round(json.loads(sys.argv[1]
 # fleet-agentd relays the WAL service's metrics every 5 s.
 drill_relayed() { m=$(http_get /metrics) && grep -qE '^fleet_agent_wal_drill_ok 1$' <<<"$m" && grep -qE '^fleet_agent_wal_verify_ok 1$' <<<"$m"; }
 wal_wait_for 20 "fleet-agentd's /metrics shows no fleet_agent_wal_drill_ok 1 / verify_ok 1" drill_relayed
-grep -q . <<<"$(in_ct journalctl -u fleet-agent-wal EVENT=wal_drill_ok --no-pager -q)" || fail "no wal_drill_ok event in the WAL unit's journal"
+wal_wait_for 10 "no wal_drill_ok event in the WAL unit's journal" in_journal . -u fleet-agent-wal EVENT=wal_drill_ok -q
 
 # --- The same archive on S3, credentials where docs/wal.md keeps them (only
 # root can read them; the unit hands the WAL service its copy).

@@ -312,6 +312,15 @@ psql_at() {
     in_ct runuser -u postgres -- psql -h /var/run/postgresql -p "$1" -d postgres -XAtqc "$2"
 }
 
+# in_journal PATTERN JOURNALCTL-ARGS...: PATTERN (grep) is in the journal
+# lines those arguments select. journald reads each service's stream on its
+# own schedule, so a line can land after what the service did next: poll it
+# (wal_wait_for) rather than read the journal once.
+in_journal() {
+    local pattern=$1; shift
+    grep -q -- "$pattern" <<<"$(in_ct journalctl --no-pager -o cat "$@")"
+}
+
 # wal_wait_for SECONDS WHAT COMMAND...: polls COMMAND every 0.5 s; after
 # SECONDS, prints the WAL service's journal and fails naming WHAT.
 wal_wait_for() {
