@@ -47,9 +47,14 @@
 # BENCH_SCALE (100), BENCH_LOAD_SECONDS (30), BENCH_OUT (docs/benchmarks.md),
 # BENCH_PORT (46590), BENCH_S3_PORT (BENCH_PORT+1),
 # BENCH_METHODS (all: fleet fleet-zst3 pgbr-sync pgbr-async pgbr-async-zst1 seed
-# fleet-s3 pgbr-async-s3-zst1), BENCH_DRAIN_TIMEOUT (600 s), BENCH_NOTES (a file
+# fleet-s3 pgbr-async-s3-zst1; and, not in the default list, fleet-module: the
+# fleet method with PostgreSQL's archive_library set to the measuring prototype
+# bench/archive-module (built here with PGXS, needs postgresql-server-dev-15)
+# instead of archive_command, so no shell, stopwatch or agentctl per segment),
+# BENCH_DRAIN_TIMEOUT (600 s), BENCH_NOTES (a file
 # appended to the written section), BENCH_DAEMON_ENV (unit: the daemon gets the
 # Environment= of systemd/fleet-agent-wal.service, as installed; none: without),
+# BENCH_PARALLEL (the daemon's wal.parallel_uploads, 4 as its default),
 # BENCH_OBJECT_CHECKSUM (xxh3, the daemon's default from 0.3.0; blake3 for FWAL2,
 # the default of 0.2.x; sha256 for FWAL1 objects), BENCH_WAL_SHAPE (installed: the WAL service as the packaged
 # fleet-agent-wal.service runs it, its ExecStart= (`fleet-agent-wal --config
@@ -341,7 +346,7 @@ target = "$3"
 $wal_socket
 pg_wal_dir = "$1"
 postgres = "$2"
-parallel_uploads = 4
+parallel_uploads = ${BENCH_PARALLEL:-4}
 compression_level = $4
 object_checksum = "${BENCH_OBJECT_CHECKSUM:-xxh3}"
 $s3
@@ -440,6 +445,15 @@ stopwatch_cpu() {
   awk -v ns="$best" 'BEGIN { printf "%.2f", ns / 1e6 }'
 }
 STOPWATCH_MS=$(stopwatch_cpu)
+MODULE_DIR="$WORK/archive-module"
+if has_method fleet-module; then
+  # Built out of tree into the run's directory, readable by postgres.
+  mkdir -p "$MODULE_DIR"
+  cp "$ROOT/bench/archive-module/fleet_archive.c" "$ROOT/bench/archive-module/Makefile" "$MODULE_DIR/"
+  make -s -C "$MODULE_DIR" PG_CONFIG="$PG/pg_config" >/dev/null \
+    || { say "fleet-module: building bench/archive-module failed (needs postgresql-server-dev-15)"; exit 1; }
+  chmod -R a+rX "$MODULE_DIR"
+fi
 say "stopwatch ($TIMER): $STOPWATCH_MS ms CPU per call"
 # utime+stime (+ reaped children) of one process, in clock ticks.
 proc_ticks() { awk '{ print $14 + $15 + $16 + $17 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
@@ -498,10 +512,19 @@ run_method() { # NAME ARCHIVE_COMMAND_BUILDER
   local data="$dir/data" sock="$dir/sock" lat="$dir/latency.log"
   : >"$lat"; chown postgres: "$lat"
   local cmd; cmd="$("$2" "$data" "$sock")"
-  cat >>"$data/postgresql.conf" <<CONF
+  if [[ "$name" == fleet-module ]]; then
+    # PostgreSQL 15 uses archive_library when it is set; no call to time.
+    cat >>"$data/postgresql.conf" <<CONF
+unix_socket_directories = '$sock'
+archive_library = '$MODULE_DIR/fleet_archive'
+fleet_archive.socket = '$WAL_SOCKET'
+CONF
+  else
+    cat >>"$data/postgresql.conf" <<CONF
 unix_socket_directories = '$sock'
 archive_command = '$WRAP $lat $cmd'
 CONF
+  fi
   say "$name: draining $BACKLOG segments"
   # The service's binary whole in the page cache, as right after installing
   # it: RssFile counts the pages the kernel maps around each fault from the
@@ -516,6 +539,7 @@ CONF
   # The daemon starts inside the timed span: its look-ahead begins at once.
   case "$name" in
     fleet) start_daemon "$data/pg_wal" "host=$sock port=$PORT user=postgres" "file://$WORK/archive-fleet" 1 "$cg" ;;
+    fleet-module) start_daemon "$data/pg_wal" "host=$sock port=$PORT user=postgres" "file://$WORK/archive-fleet-module" 1 "$cg" ;;
     fleet-zst3) start_daemon "$data/pg_wal" "host=$sock port=$PORT user=postgres" "file://$WORK/archive-fleet-zst3" 3 "$cg" ;;
     fleet-s3) start_daemon "$data/pg_wal" "host=$sock port=$PORT user=postgres" "s3://walbench/fleet" 1 "$cg" ;;
   esac
@@ -559,7 +583,7 @@ CONF
   fi
   # A drain that ended without storing every segment would flatter the method.
   case "$name" in
-    fleet|fleet-zst3) local objects; objects=$(find "$WORK/archive-$name" -name '0*' -type f | wc -l)
+    fleet|fleet-zst3|fleet-module) local objects; objects=$(find "$WORK/archive-$name" -name '0*' -type f | wc -l)
       ((objects >= BACKLOG)) || { say "$name: only $objects objects for $BACKLOG segments"; exit 1; } ;;
   esac
   # With s3s-fs the objects are files: count them for both tools, and note
@@ -609,13 +633,14 @@ cmd_pgbr_async_s3_zst1() { pgbr_conf pgbr-async-s3-zst1 "$1" "$2" y 1; echo "pgb
 cmd_seed() { mkdir -p "$WORK/archive-seed"; chown postgres: "$WORK/archive-seed"; echo "cp %p $WORK/archive-seed/%f"; }
 
 declare -A DESC=(
-  [fleet]='fleet-agent (`agentctl wal push`, 4 parallel look-ahead uploads), zstd 1 (its default)'
+  [fleet]="fleet-agent (\`agentctl wal push\`, ${BENCH_PARALLEL:-4} parallel look-ahead uploads), zstd 1 (its default)"
   [fleet-zst3]='fleet-agent, zstd 3'
   [pgbr-async]='pgBackRest archive-push async (process-max=4), zstd 3 (its zst default)'
   [pgbr-async-zst1]='pgBackRest archive-push async (process-max=4), zstd 1'
   [pgbr-sync]='pgBackRest archive-push sync, zstd 3'
   [seed]='seed: one `cp` per call, uncompressed, no checks'
   [fleet-s3]='fleet-agent, zstd 1'
+  [fleet-module]='fleet-agent through archive_library (bench/archive-module, a measuring prototype: no shell, stopwatch or agentctl per segment), zstd 1'
   [pgbr-async-s3-zst1]='pgBackRest archive-push async (process-max=4), zstd 1'
 )
 # Each method's baseline: pgBackRest async at the same zstd level into the same target.
@@ -623,6 +648,7 @@ declare -A BASE=(
   [fleet]=pgbr-async-zst1 [fleet-zst3]=pgbr-async [pgbr-async]=pgbr-async
   [pgbr-async-zst1]=pgbr-async-zst1 [pgbr-sync]=pgbr-async [seed]=pgbr-async-zst1
   [fleet-s3]=pgbr-async-s3-zst1 [pgbr-async-s3-zst1]=pgbr-async-s3-zst1
+  [fleet-module]=pgbr-async-zst1
 )
 
 # --- restore 64 segments (1 GiB) of WAL ------------------------------------------------
@@ -663,6 +689,7 @@ restore() { # TARGET(dir|s3) PGBR_CONF: the daemon must be on that target now
 
 run_method fleet-zst3 cmd_fleet
 run_method fleet cmd_fleet
+run_method fleet-module cmd_fleet
 run_method pgbr-sync cmd_pgbr_sync
 run_method pgbr-async cmd_pgbr_async
 run_method pgbr-async-zst1 cmd_pgbr_async_zst1
@@ -717,7 +744,7 @@ BUILD="release"; [[ "$BIN" == */debug ]] && BUILD="debug"
   done
   echo
   echo "Goals of issue 13, this run:"
-  for m in fleet fleet-s3; do
+  for m in fleet fleet-s3 fleet-module; do
     has_method "$m" || continue
     b=${BASE[$m]}
     r=$(ratio "${RATE[$m]}" "${RATE[$b]:-}"); c=$(ratio "${CPUSEG[$m]}" "${CPUSEG[$b]:-}")
