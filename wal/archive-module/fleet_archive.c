@@ -84,17 +84,23 @@ check_configured(void)
 	return socket_path != NULL && socket_path[0] != '\0';
 }
 
+/* MSG_NOSIGNAL: a service that closed early is an error here, not SIGPIPE. */
 static bool
 write_all(int fd, const char *buf, size_t len)
 {
 	while (len > 0)
 	{
-		ssize_t		n = write(fd, buf, len);
+		ssize_t		n = send(fd, buf, len, MSG_NOSIGNAL);
 
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n <= 0)
+		{
+			/* SO_SNDTIMEO ran out. */
+			if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+				errno = ETIMEDOUT;
 			return false;
+		}
 		buf += n;
 		len -= (size_t) n;
 	}
@@ -215,6 +221,7 @@ exchange(const char *query, int content_fd, off_t length, Answer *answer)
 	int			len;
 	int			sock;
 	int			saved;
+	int			send_errno = 0;
 	bool		ok = false;
 
 	answer->status = 0;
@@ -254,7 +261,14 @@ exchange(const char *query, int content_fd, off_t length, Answer *answer)
 				goto out;
 			}
 			if (!write_all(sock, buf, (size_t) n))
-				goto out;
+			{
+				/*
+				 * The service may refuse before reading the body (413) and
+				 * close: its answer, if it came, says more than EPIPE.
+				 */
+				send_errno = errno;
+				break;
+			}
 			sent += n;
 		}
 		pfree(buf);
@@ -267,15 +281,20 @@ exchange(const char *query, int content_fd, off_t length, Answer *answer)
 
 		if (n < 0 && errno == EINTR)
 			continue;
-		if (n < 0)
+		if (n < 0 && got == 0)
+		{
+			/* SO_RCVTIMEO ran out: say so rather than "temporarily unavailable". */
+			if (errno == EAGAIN || errno == EWOULDBLOCK)
+				errno = ETIMEDOUT;
 			goto out;
-		if (n == 0)
+		}
+		if (n <= 0)
 			break;
 		got += (size_t) n;
 	}
 	if (got == 0)
 	{
-		errno = ECONNRESET;
+		errno = send_errno != 0 ? send_errno : ECONNRESET;
 		goto out;
 	}
 	parse_answer(buf, got, answer);
