@@ -6,7 +6,8 @@
 # (service users, sandbox). Proves: switched segments reach the target with
 # pg_stat_archiver's failed_count 0, the WAL service counts the module's pushes
 # (fleet_agent_wal_push_calls_total on fleet-agentd's /metrics), `agentctl wal
-# fetch` of an archived segment equals the original; the fallback (a WAL
+# fetch` of an archived segment equals the original and a restore replays the
+# archive to the last row; the fallback (a WAL
 # service whose pg_wal_dir is an empty directory cannot answer by identity, so
 # the module sends the content: served="content" counts it and the object is
 # there); and a wrong fleet_archive.socket makes the archiver log the module's
@@ -19,9 +20,11 @@ source "$(dirname "$0")/lib.sh"
 # No `cmd | grep -q` below (SIGPIPE under pipefail); here-strings instead.
 
 node=$PKGTEST_NAME
-# Ports 49200-49209: PostgreSQL 49200, the department pool 49201-49204, the API 49205.
+# Ports 49200-49209: PostgreSQL 49200 (15/main) and 49206 (15/restored), the
+# department pool 49201-49204, the API 49205.
 port_base=49200
 pg_port=$port_base
+restored_port=$((port_base + 6))
 api=127.0.0.1:$((port_base + 5))
 module=/usr/lib/fleet-agent/postgresql/15/fleet_archive
 pg_log=/var/log/postgresql/postgresql-15-main.log
@@ -91,8 +94,10 @@ fetched_equals() {
     in_ct rm -f "/tmp/fetched-$1"
 }
 
-# --- Segments switched by hand reach the target, none fails.
+# --- A base backup (its backup history file goes through the module too),
+# then segments switched by hand reach the target, none fails.
 psql_at $pg_port "CREATE TABLE marks (n int)" >/dev/null
+out=$(in_ct agentctl backup create 2>&1) || { wal_journal; fail "agentctl backup create: $out"; }
 start=$(psql_at $pg_port 'SELECT archived_count FROM pg_stat_archiver')
 names=()
 for _ in 1 2 3; do names+=("$(switch)"); done
@@ -130,6 +135,9 @@ sent_content() { [ "$(served content)" -ge $((content_before + 1)) ]; }
 wal_wait_for 20 "fleet-agentd's /metrics counts no push served by content" sent_content
 fetched_equals "$sent"
 log "fallback: $sent sent as content (served=\"content\" $(served content))"
+write_agent_toml /var/lib/postgresql/15/main/pg_wal
+in_ct systemctl restart fleet-agent-wal || { wal_journal; fail "fleet-agent-wal did not restart"; }
+failed=$(failed_count)
 
 # --- A wrong socket: the archiver logs the module's WARNING naming it, counts
 # failures, and archives again once the socket is right.
@@ -148,4 +156,18 @@ in_ct systemctl reload postgresql || fail "postgresql did not reload"
 # The archiver waits up to a minute after three failures; the reload wakes it.
 wal_wait_for 90 "$stuck was not archived after the socket was set right" archived $((done_before + 1))
 object "$stuck" >/dev/null || fail "$stuck is not in the archive"
-log "ok: archive_library pushes, fallback by content, the wrong socket named"
+
+# --- A restore replays what the module archived: every row written before
+# the last switch (the restore_command agentctl restore writes fetches them).
+rows=$(psql_at $pg_port 'SELECT count(*) FROM marks')
+log "restore of the module's archive ($rows rows)"
+in_ct pg_createcluster 15 restored -p $restored_port >/dev/null || fail "pg_createcluster failed"
+in_ct rm -r /var/lib/postgresql/15/restored
+in_ct install -d -o postgres -g postgres -m 0700 /var/lib/postgresql/15/restored
+out=$(in_ct agentctl restore --to /var/lib/postgresql/15/restored 2>&1) || { wal_journal; fail "agentctl restore: $out"; }
+in_ct systemctl start postgresql@15-restored || { in_ct tail -n 30 /var/log/postgresql/postgresql-15-restored.log >&2; fail "the restored cluster did not start"; }
+promoted() { [ "$(psql_at $restored_port 'SELECT pg_is_in_recovery()')" = f ]; }
+wal_wait_for 90 "the restored cluster never finished recovery" promoted
+got=$(psql_at $restored_port 'SELECT count(*) FROM marks')
+[ "$got" = "$rows" ] || { in_ct tail -n 30 /var/log/postgresql/postgresql-15-restored.log >&2; fail "the restored marks has $got rows, expected $rows"; }
+log "ok: archive_library pushes, fallback by content, the wrong socket named, restore replays $got rows"
