@@ -48,8 +48,8 @@
 # BENCH_PORT (46590), BENCH_S3_PORT (BENCH_PORT+1),
 # BENCH_METHODS (all: fleet fleet-zst3 pgbr-sync pgbr-async pgbr-async-zst1 seed
 # fleet-s3 pgbr-async-s3-zst1; and, not in the default list, fleet-module: the
-# fleet method with PostgreSQL's archive_library set to the measuring prototype
-# bench/archive-module (built here with PGXS, needs postgresql-server-dev-15)
+# fleet method with PostgreSQL's archive_library set to the package's archive
+# module wal/archive-module (built here with PGXS, needs postgresql-server-dev-15)
 # instead of archive_command, so no shell, stopwatch or agentctl per segment),
 # BENCH_DRAIN_TIMEOUT (600 s), BENCH_NOTES (a file
 # appended to the written section), BENCH_DAEMON_ENV (unit: the daemon gets the
@@ -449,9 +449,9 @@ MODULE_DIR="$WORK/archive-module"
 if has_method fleet-module; then
   # Built out of tree into the run's directory, readable by postgres.
   mkdir -p "$MODULE_DIR"
-  cp "$ROOT/bench/archive-module/fleet_archive.c" "$ROOT/bench/archive-module/Makefile" "$MODULE_DIR/"
-  make -s -C "$MODULE_DIR" PG_CONFIG="$PG/pg_config" >/dev/null \
-    || { say "fleet-module: building bench/archive-module failed (needs postgresql-server-dev-15)"; exit 1; }
+  cp "$ROOT/wal/archive-module/fleet_archive.c" "$ROOT/wal/archive-module/Makefile" "$MODULE_DIR/"
+  make -s -C "$MODULE_DIR" PG_CONFIG="$PG/pg_config" fleet_archive.so >/dev/null \
+    || { say "fleet-module: building wal/archive-module failed (needs postgresql-server-dev-15)"; exit 1; }
   chmod -R a+rX "$MODULE_DIR"
 fi
 say "stopwatch ($TIMER): $STOPWATCH_MS ms CPU per call"
@@ -640,7 +640,7 @@ declare -A DESC=(
   [pgbr-sync]='pgBackRest archive-push sync, zstd 3'
   [seed]='seed: one `cp` per call, uncompressed, no checks'
   [fleet-s3]='fleet-agent, zstd 1'
-  [fleet-module]='fleet-agent through archive_library (bench/archive-module, a measuring prototype: no shell, stopwatch or agentctl per segment), zstd 1'
+  [fleet-module]='fleet-agent through archive_library (wal/archive-module, the packaged module: no shell, stopwatch or agentctl per segment), zstd 1'
   [pgbr-async-s3-zst1]='pgBackRest archive-push async (process-max=4), zstd 1'
 )
 # Each method's baseline: pgBackRest async at the same zstd level into the same target.

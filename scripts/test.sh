@@ -144,7 +144,8 @@ service_schemathesis() {
 }
 
 # The package tests (tests/tests/packaging.rs, packaging/tests/*.sh): debootstrap
-# for the clean Debian root, lintian, cargo-deb, and Ansible with ansible-lint.
+# for the clean Debian root, lintian, cargo-deb, postgresql-server-dev-15 (the
+# package's archive module), and Ansible with ansible-lint.
 # Ansible comes from PyPI into a venv of Debian's python3 under /opt (the full
 # `ansible` package, because the role test reaches its target host through the
 # community.docker connection, which ansible-core lacks), linked into
@@ -162,6 +163,11 @@ service_packaging() {
   command -v flock >/dev/null || missing+=(util-linux)
   # installed-wal-checksum checks FWAL3 headers with xxhsum -H2.
   command -v xxhsum >/dev/null || missing+=(xxhash)
+  # build-deb.sh builds the PostgreSQL 15 archive module (fleet_archive.so)
+  # with PGXS; the package does not depend on postgresql-15.
+  [[ -f /usr/include/postgresql/15/server/postgres.h ]] || missing+=(postgresql-server-dev-15)
+  command -v make >/dev/null || missing+=(make)
+  command -v gcc >/dev/null || missing+=(gcc)
   [[ -x /usr/bin/python3 ]] || missing+=(python3)
   /usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
   ((${#missing[@]} == 0)) || apt_install "${missing[@]}"

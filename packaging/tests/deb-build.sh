@@ -38,6 +38,7 @@ expect_file -rw-r--r-- usr/share/doc/fleet-agent/runbook.md.gz
 expect_file -rw-r--r-- usr/share/doc/fleet-agent/agent.toml.md.gz
 expect_file -rw-r--r-- usr/share/doc/fleet-agent/examples/agent.toml
 expect_file -rw-r--r-- usr/share/doc/fleet-agent/examples/departments/demo.toml
+expect_file -rw-r--r-- usr/lib/fleet-agent/postgresql/15/fleet_archive.so
 # One man page per visible agentctl subcommand besides the main one.
 [ "$(grep -c './usr/share/man/man1/agentctl-.*\.1\.gz$' <<<"$listing")" -ge 5 ] \
     || fail "expected a man page per agentctl subcommand:
@@ -61,6 +62,8 @@ done
 grep -q 'adduser .*fleet-agent docker' "$ctl/postinst" || fail "postinst does not add fleet-agent to docker"
 depends=$(dpkg-deb -f "$deb" Depends)
 grep -qF 'docker.io | docker-ce' <<<"$depends" || fail "Depends is '$depends'"
+# The archive module is for hosts that run PostgreSQL 15; the others need none.
+! grep -q 'postgresql' <<<"$depends" || fail "Depends is '$depends': it must not name PostgreSQL"
 recommends=$(dpkg-deb -f "$deb" Recommends)
 grep -qw 'postgresql-client' <<<"$recommends" || fail "Recommends is '$recommends', expected postgresql-client (pg_basebackup)"
 
@@ -68,6 +71,8 @@ grep -qw 'postgresql-client' <<<"$recommends" || fail "Recommends is '$recommend
 data=$(mktemp -d); trap 'rm -rf "$ctl" "$data"' EXIT
 dpkg-deb -x "$deb" "$data"
 "$data/usr/bin/agentctl" --help >/dev/null || fail "packaged agentctl does not run"
+nm -D --defined-only "$data/usr/lib/fleet-agent/postgresql/15/fleet_archive.so" | grep -qw _PG_archive_module_init \
+    || fail "fleet_archive.so is not a PostgreSQL archive module (no _PG_archive_module_init)"
 "$data/usr/bin/fleet-agentd" --help >/dev/null || fail "packaged fleet-agentd does not run"
 zcat "$data/usr/share/man/man8/fleet-agentd.8.gz" | grep -q 'check\\-config' \
     || fail "fleet-agentd(8) does not document check-config"

@@ -105,7 +105,7 @@ _deb_inputs_hash() {
     (
         cd "$PKGTEST_ROOT"
         sha256sum "$PKGTEST_BIN_DIR/fleet-agentd" "$PKGTEST_BIN_DIR/fleet-agent-wal" "$PKGTEST_BIN_DIR/agentctl" daemon/Cargo.toml
-        find packaging systemd -type f ! -path 'packaging/generated/*' ! -path 'packaging/tests/*' -print0 \
+        find packaging systemd wal/archive-module -type f ! -path 'packaging/generated/*' ! -path 'packaging/tests/*' -print0 \
             | sort -z | xargs -0 sha256sum
     ) | sha256sum | cut -c1-16
 }

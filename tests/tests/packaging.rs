@@ -18,7 +18,7 @@
 //! (installed-ops), 44500-44519 (ansible-wal-s3), 44200-44209
 //! (installed-wal-tls), 44600-44639 (installed-progress), 44640-44679
 //! (installed-prometheus), 44800-44809 (installed-cli), 44250-44259
-//! (installed-wal-checksum). installed-wal, installed-wal-tls,
+//! (installed-wal-checksum), 49200-49219 (installed-wal-module). installed-wal, installed-wal-tls,
 //! installed-wal-checksum and ansible-wal-s3 move their whole range to `$FLEET_PKGTEST_PORT_BASE` when it
 //! is set (a run by hand beside the suite's); these tests do not set it.
 
@@ -108,6 +108,16 @@ fn installed_image_gc_collects_an_unused_pulled_image_under_disk_pressure_as_fle
 #[test]
 fn installed_wal_archives_backs_up_and_restores_to_a_time_next_to_debians_postgresql() {
     run_script("installed-wal.sh", "pkwal");
+}
+
+/// Issue 13: PostgreSQL 15 archives through the package's archive module
+/// (archive_library, no archive_command), as docs/wal.md says: the segments
+/// arrive and fetch back whole, the module sends the content when the WAL
+/// service cannot answer by identity, and a wrong socket is named in
+/// PostgreSQL's log.
+#[test]
+fn installed_wal_module_archives_through_archive_library_with_content_fallback() {
+    run_script("installed-wal-module.sh", "pkwalmod");
 }
 
 /// Issue 13: `[wal.s3] ca_file` as docs/wal.md sets it, against a store whose

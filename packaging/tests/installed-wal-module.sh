@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# As installed: PostgreSQL 15 archiving through the package's archive module
+# (archive_library = '/usr/lib/fleet-agent/postgresql/15/fleet_archive', no
+# archive_command), as docs/wal.md "archive_library instead of archive_command"
+# says, with fleet-agentd and the WAL service under their packaged units
+# (service users, sandbox). Proves: switched segments reach the target with
+# pg_stat_archiver's failed_count 0, the WAL service counts the module's pushes
+# (fleet_agent_wal_push_calls_total on fleet-agentd's /metrics), `agentctl wal
+# fetch` of an archived segment equals the original and a restore replays the
+# archive to the last row; the fallback (a WAL
+# service whose pg_wal_dir is an empty directory cannot answer by identity, so
+# the module sends the content: served="content" counts it and the object is
+# there); and a wrong fleet_archive.socket makes the archiver log the module's
+# WARNING naming that socket, then archiving resumes once it is right again.
+#
+# Deviations from the docs, forced by the test rig: the cluster listens on
+# 49200 (the container shares the host's network); wal_keep_size keeps the
+# switched segments in pg_wal so the fetched copies can be compared with them.
+source "$(dirname "$0")/lib.sh"
+# No `cmd | grep -q` below (SIGPIPE under pipefail); here-strings instead.
+
+node=$PKGTEST_NAME
+# Ports 49200-49209: PostgreSQL 49200 (15/main) and 49206 (15/restored), the
+# department pool 49201-49204, the API 49205.
+port_base=49200
+pg_port=$port_base
+restored_port=$((port_base + 6))
+api=127.0.0.1:$((port_base + 5))
+module=/usr/lib/fleet-agent/postgresql/15/fleet_archive
+pg_log=/var/log/postgresql/postgresql-15-main.log
+ensure_image
+deb=$(ensure_deb)
+
+cleanup() {
+    systemd_container_down
+    remove_node_containers "$node"
+}
+trap cleanup EXIT
+cleanup
+systemd_container_up "fleet-$PKGTEST_NAME"
+
+wal_host_up $pg_port "$deb"
+in_ct test -f "$module.so" || fail "the package did not install $module.so"
+
+write_agent_toml() { # PG_WAL_DIR
+    in_ct tee /etc/fleet-agent/agent.toml >/dev/null <<TOML
+node_id = "$node"
+[ports]
+range = "$((port_base + 1))-$((port_base + 4))"
+[api]
+listen = "$api"
+[wal]
+target = "file:///var/backups/fleet-agent"
+socket = "/run/fleet-agent-wal/wal.sock"
+postgres = "host=/var/run/postgresql port=$pg_port user=postgres"
+pg_wal_dir = "$1"
+TOML
+}
+write_agent_toml /var/lib/postgresql/15/main/pg_wal
+wal_service_up
+
+# --- Step 3 of docs/wal.md, the archive_library way: the module, no archive_command.
+log "PostgreSQL archiving through $module"
+in_ct tee -a /etc/postgresql/15/main/postgresql.conf >/dev/null <<CONF
+wal_level = replica
+archive_mode = on
+archive_library = '$module'
+wal_keep_size = 1GB
+CONF
+in_ct systemctl restart postgresql || { in_ct tail -n 30 "$pg_log" >&2; fail "postgresql did not restart"; }
+[ "$(psql_at $pg_port 'SHOW archive_library')" = "$module" ] || fail "archive_library is not the module"
+[ -z "$(psql_at $pg_port 'SHOW archive_command')" ] || fail "archive_command is set beside archive_library"
+
+archived() { [ "$(psql_at $pg_port 'SELECT archived_count FROM pg_stat_archiver')" -ge "$1" ]; }
+failed_count() { psql_at $pg_port 'SELECT failed_count FROM pg_stat_archiver'; }
+# switch: writes a little, switches, prints the name of the segment switched from.
+switch() {
+    psql_at $pg_port "INSERT INTO marks SELECT generate_series(1, 1000)" >/dev/null
+    psql_at $pg_port 'SELECT pg_walfile_name(pg_switch_wal())'
+}
+http_get() { api_get "$api" "$1"; }
+served() { # KIND: the WAL service's count of pushes KIND served, relayed by fleet-agentd
+    sed -nE "s/^fleet_agent_wal_push_calls_total\{served=\"$1\"\} ([0-9]+)$/\1/p" <<<"$(http_get /metrics)"
+}
+sysid=$(in_ct od -An -t u8 -N 8 /var/lib/postgresql/15/main/global/pg_control | tr -d ' ')
+object() { in_ct sh -c "ls /var/backups/fleet-agent/$sysid/wal/$1.*"; }
+# fetched_equals NAME: agentctl wal fetch (as restore_command runs it, as
+# postgres in the data directory) gives back the bytes still in pg_wal.
+fetched_equals() {
+    in_ct runuser -u postgres -- sh -c "cd /var/lib/postgresql/15/main && agentctl wal fetch $1 /tmp/fetched-$1" \
+        || fail "agentctl wal fetch $1"
+    in_ct cmp "/tmp/fetched-$1" "/var/lib/postgresql/15/main/pg_wal/$1" \
+        || fail "the fetched $1 differs from the original"
+    in_ct rm -f "/tmp/fetched-$1"
+}
+
+# --- A base backup (its backup history file goes through the module too),
+# then segments switched by hand reach the target, none fails.
+psql_at $pg_port "CREATE TABLE marks (n int)" >/dev/null
+out=$(in_ct agentctl backup create 2>&1) || { wal_journal; fail "agentctl backup create: $out"; }
+start=$(psql_at $pg_port 'SELECT archived_count FROM pg_stat_archiver')
+names=()
+for _ in 1 2 3; do names+=("$(switch)"); done
+wal_wait_for 60 "PostgreSQL archived fewer than 3 segments through the module" archived $((start + 3))
+[ "$(failed_count)" = 0 ] || { in_ct tail -n 30 "$pg_log" >&2; fail "pg_stat_archiver counts failures: $(failed_count)"; }
+for n in "${names[@]}"; do object "$n" >/dev/null || fail "$n is not in the archive"; done
+counted() {
+    local total=0 kind v
+    for kind in look_ahead pg_wal content; do
+        v=$(served $kind); total=$((total + ${v:-0}))
+    done
+    [ "$total" -ge 3 ]
+}
+wal_wait_for 20 "fleet-agentd's /metrics counts fewer than 3 pushes: $(grep push_calls <<<"$(http_get /metrics)" || true)" counted
+log "module pushes served: $(grep '^fleet_agent_wal_push_calls_total' <<<"$(http_get /metrics)" | sed -E 's/.*served="([a-z_]+)"\} /\1 /' | paste -sd, -)"
+fetched_equals "${names[2]}"
+
+# --- The fallback: a WAL service that can read nothing in its pg_wal_dir
+# (an empty directory) answers the identity question with 412; the module then
+# sends the content. (The prototype, without fallback, failed here.)
+log "fallback: pg_wal_dir an empty directory, the module sends the content"
+in_ct install -d -o postgres -g postgres -m 0700 /var/lib/postgresql/empty-pg_wal
+write_agent_toml /var/lib/postgresql/empty-pg_wal
+in_ct fleet-agentd check-config >/dev/null || fail "check-config refused the [wal] with an empty pg_wal_dir"
+in_ct systemctl restart fleet-agent-wal || { wal_journal; fail "fleet-agent-wal did not restart"; }
+content_before=$(served content)
+content_before=${content_before:-0}
+failed=$(failed_count)
+done_before=$(psql_at $pg_port 'SELECT archived_count FROM pg_stat_archiver')
+sent=$(switch)
+wal_wait_for 60 "$sent was not archived with the identity question refused" archived $((done_before + 1))
+[ "$(failed_count)" = "$failed" ] || { in_ct tail -n 30 "$pg_log" >&2; fail "the fallback failed segments (failed_count $failed -> $(failed_count))"; }
+object "$sent" >/dev/null || fail "$sent is not in the archive after the fallback"
+sent_content() { [ "$(served content)" -ge $((content_before + 1)) ]; }
+wal_wait_for 20 "fleet-agentd's /metrics counts no push served by content" sent_content
+fetched_equals "$sent"
+log "fallback: $sent sent as content (served=\"content\" $(served content))"
+write_agent_toml /var/lib/postgresql/15/main/pg_wal
+in_ct systemctl restart fleet-agent-wal || { wal_journal; fail "fleet-agent-wal did not restart"; }
+failed=$(failed_count)
+
+# --- A wrong socket: the archiver logs the module's WARNING naming it, counts
+# failures, and archives again once the socket is right.
+log "a wrong fleet_archive.socket"
+wrong=/run/fleet-agent-wal/nowhere.sock
+in_ct tee -a /etc/postgresql/15/main/postgresql.conf >/dev/null <<<"fleet_archive.socket = '$wrong'"
+in_ct systemctl reload postgresql || fail "postgresql did not reload"
+done_before=$(psql_at $pg_port 'SELECT archived_count FROM pg_stat_archiver')
+stuck=$(switch)
+warned() { in_ct grep -q "WARNING:  fleet_archive: $stuck: cannot ask the WAL service at $wrong" "$pg_log"; }
+wal_wait_for 60 "no WARNING naming $wrong in $pg_log" warned
+[ "$(failed_count)" -gt "$failed" ] || fail "the wrong socket counted no failure"
+in_ct grep "fleet_archive: $stuck" "$pg_log" | head -n 1 >&2
+in_ct sed -i '/^fleet_archive.socket = /d' /etc/postgresql/15/main/postgresql.conf
+in_ct systemctl reload postgresql || fail "postgresql did not reload"
+# The archiver waits up to a minute after three failures; the reload wakes it.
+wal_wait_for 90 "$stuck was not archived after the socket was set right" archived $((done_before + 1))
+object "$stuck" >/dev/null || fail "$stuck is not in the archive"
+
+# --- A restore replays what the module archived: every row written before
+# the last switch (the restore_command agentctl restore writes fetches them).
+rows=$(psql_at $pg_port 'SELECT count(*) FROM marks')
+log "restore of the module's archive ($rows rows)"
+in_ct pg_createcluster 15 restored -p $restored_port >/dev/null || fail "pg_createcluster failed"
+in_ct rm -r /var/lib/postgresql/15/restored
+in_ct install -d -o postgres -g postgres -m 0700 /var/lib/postgresql/15/restored
+out=$(in_ct agentctl restore --to /var/lib/postgresql/15/restored 2>&1) || { wal_journal; fail "agentctl restore: $out"; }
+in_ct systemctl start postgresql@15-restored || { in_ct tail -n 30 /var/log/postgresql/postgresql-15-restored.log >&2; fail "the restored cluster did not start"; }
+promoted() { [ "$(psql_at $restored_port 'SELECT pg_is_in_recovery()')" = f ]; }
+wal_wait_for 90 "the restored cluster never finished recovery" promoted
+got=$(psql_at $restored_port 'SELECT count(*) FROM marks')
+[ "$got" = "$rows" ] || { in_ct tail -n 30 /var/log/postgresql/postgresql-15-restored.log >&2; fail "the restored marks has $got rows, expected $rows"; }
+log "ok: archive_library pushes, fallback by content, the wrong socket named, restore replays $got rows"
