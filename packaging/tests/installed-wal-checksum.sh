@@ -53,18 +53,7 @@ systemd_container_up "fleet-$PKGTEST_NAME"
 wal_host_up $pg_port "$deb"
 
 # --- Set-up, as docs/wal.md says (the port aside); object_checksum unset.
-in_ct tee /etc/fleet-agent/agent.toml >/dev/null <<TOML
-node_id = "$node"
-[ports]
-range = "$((port_base + 1))-$((port_base + 4))"
-[api]
-listen = "$api"
-[wal]
-target = "file:///var/backups/fleet-agent"
-socket = "/run/fleet-agent-wal/wal.sock"
-postgres = "host=/var/run/postgresql port=$pg_port user=postgres"
-pg_wal_dir = "/var/lib/postgresql/15/main/pg_wal"
-TOML
+wal_agent_toml file:///var/backups/fleet-agent /var/lib/postgresql/15/main/pg_wal
 # As postgres, sandboxed, without capabilities (lib.sh).
 wal_service_up
 wal_archiving_on 60s

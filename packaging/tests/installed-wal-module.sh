@@ -42,20 +42,7 @@ systemd_container_up "fleet-$PKGTEST_NAME"
 wal_host_up $pg_port "$deb"
 in_ct test -f "$module.so" || fail "the package did not install $module.so"
 
-write_agent_toml() { # PG_WAL_DIR
-    in_ct tee /etc/fleet-agent/agent.toml >/dev/null <<TOML
-node_id = "$node"
-[ports]
-range = "$((port_base + 1))-$((port_base + 4))"
-[api]
-listen = "$api"
-[wal]
-target = "file:///var/backups/fleet-agent"
-socket = "/run/fleet-agent-wal/wal.sock"
-postgres = "host=/var/run/postgresql port=$pg_port user=postgres"
-pg_wal_dir = "$1"
-TOML
-}
+write_agent_toml() { wal_agent_toml file:///var/backups/fleet-agent "$1"; } # PG_WAL_DIR
 write_agent_toml /var/lib/postgresql/15/main/pg_wal
 wal_service_up
 

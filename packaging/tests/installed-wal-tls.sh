@@ -125,24 +125,15 @@ in_ct sh -c 'cat >/etc/ssl/fleet-agent/s3-ca.pem' <"$work/ca.pem"
 in_ct chmod 0644 /etc/ssl/fleet-agent/s3-ca.pem
 # "keep the credentials in /etc/fleet-agent/s3-credentials (mode 0600, owner root)"
 in_ct sh -c 'umask 077; printf "access_key_id = test\nsecret_access_key = test\n" >/etc/fleet-agent/s3-credentials'
-in_ct tee /etc/fleet-agent/agent.toml >/dev/null <<TOML
-node_id = "$node"
-[ports]
-range = "$((port_base + 1))-$((port_base + 4))"
-[api]
-listen = "$api"
-[wal]
-target = "s3://pg-archive/app-1"
-socket = "/run/fleet-agent-wal/wal.sock"
-postgres = "host=/var/run/postgresql port=$pg_port user=postgres"
-pg_wal_dir = "/var/lib/postgresql/15/main/pg_wal"
-
+s3_section=$(cat <<TOML
 [wal.s3]
 endpoint = "$endpoint"
 region = "us-east-1"
 credentials_file = "/etc/fleet-agent/s3-credentials"
 ca_file = "/etc/ssl/fleet-agent/s3-ca.pem"
 TOML
+)
+wal_agent_toml s3://pg-archive/app-1 /var/lib/postgresql/15/main/pg_wal "$s3_section"
 # Step 2 with ca_file; the WAL service that talks TLS is postgres, sandboxed,
 # without capabilities (lib.sh). Step 3.
 wal_service_up

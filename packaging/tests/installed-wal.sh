@@ -49,19 +49,7 @@ journal() { in_ct journalctl -u "$1" --no-pager -n "${2:-40}" >&2 || true; }
 wal_host_up $pg_port "$deb"
 
 # --- Set-up, as docs/wal.md says (the port aside).
-in_ct tee /etc/fleet-agent/agent.toml >/dev/null <<TOML
-node_id = "$node"
-[ports]
-range = "$((port_base + 1))-$((port_base + 4))"
-[api]
-listen = "$api"
-[wal]
-target = "file:///var/backups/fleet-agent"
-socket = "/run/fleet-agent-wal/wal.sock"
-postgres = "host=/var/run/postgresql port=$pg_port user=postgres"
-pg_wal_dir = "/var/lib/postgresql/15/main/pg_wal"
-backup_interval = "20s"
-TOML
+wal_agent_toml file:///var/backups/fleet-agent /var/lib/postgresql/15/main/pg_wal 'backup_interval = "20s"'
 log "starting fleet-agent-wal and fleet-agentd, restarting postgresql"
 # As postgres, sandboxed, with no capabilities (lib.sh); the package made the
 # archive directory for it.

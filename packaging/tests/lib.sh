@@ -312,6 +312,26 @@ psql_at() {
     in_ct runuser -u postgres -- psql -h /var/run/postgresql -p "$1" -d postgres -XAtqc "$2"
 }
 
+# wal_agent_toml TARGET PG_WAL_DIR [MORE]: /etc/fleet-agent/agent.toml as
+# docs/wal.md "Set-up" writes it (the ports aside), for the scenario's $node,
+# $api, $pg_port and department pool $port_base+1..+4; MORE (lines) follows
+# pg_wal_dir in [wal] and may open further sections.
+wal_agent_toml() {
+    in_ct tee /etc/fleet-agent/agent.toml >/dev/null <<TOML
+node_id = "$node"
+[ports]
+range = "$((port_base + 1))-$((port_base + 4))"
+[api]
+listen = "$api"
+[wal]
+target = "$1"
+socket = "/run/fleet-agent-wal/wal.sock"
+postgres = "host=/var/run/postgresql port=$pg_port user=postgres"
+pg_wal_dir = "$2"
+${3:-}
+TOML
+}
+
 # in_journal PATTERN JOURNALCTL-ARGS...: PATTERN (grep) is in the journal
 # lines those arguments select. journald reads each service's stream on its
 # own schedule, so a line can land after what the service did next: poll it
