@@ -50,7 +50,8 @@
 # fleet-s3 pgbr-async-s3-zst1; and, not in the default list, fleet-module: the
 # fleet method with PostgreSQL's archive_library set to the package's archive
 # module wal/archive-module (built here with PGXS, needs postgresql-server-dev-15)
-# instead of archive_command, so no shell, stopwatch or agentctl per segment),
+# instead of archive_command, so no shell, stopwatch or agentctl per segment,
+# and fleet-module-s3, the same to S3 (its baseline pgbr-async-s3-zst1),
 # BENCH_DRAIN_TIMEOUT (600 s), BENCH_NOTES (a file
 # appended to the written section), BENCH_DAEMON_ENV (unit: the daemon gets the
 # Environment= of systemd/fleet-agent-wal.service, as installed; none: without),
@@ -204,7 +205,7 @@ CONF
 S3_BACKEND_PORT=$((S3_PORT + 1))
 HAPROXY_PID=""
 S3_ROOT="$WORK/s3s-fs"
-if has_method fleet-s3 || has_method pgbr-async-s3-zst1; then
+if has_method fleet-s3 || has_method fleet-module-s3 || has_method pgbr-async-s3-zst1; then
   case "$S3_SERVER" in
     s3s-fs) [[ -x $S3S_FS ]] || { say "$S3S_FS is missing (cargo install s3s-fs@0.14.1 --features binary --locked --root /opt/s3s-fs)"; exit 1; } ;;
     moto) [[ -x $MOTO ]] || { say "$MOTO is missing"; exit 1; } ;;
@@ -446,7 +447,7 @@ stopwatch_cpu() {
 }
 STOPWATCH_MS=$(stopwatch_cpu)
 MODULE_DIR="$WORK/archive-module"
-if has_method fleet-module; then
+if has_method fleet-module || has_method fleet-module-s3; then
   # Built out of tree into the run's directory, readable by postgres.
   mkdir -p "$MODULE_DIR"
   cp "$ROOT/wal/archive-module/fleet_archive.c" "$ROOT/wal/archive-module/Makefile" "$MODULE_DIR/"
@@ -512,7 +513,7 @@ run_method() { # NAME ARCHIVE_COMMAND_BUILDER
   local data="$dir/data" sock="$dir/sock" lat="$dir/latency.log"
   : >"$lat"; chown postgres: "$lat"
   local cmd; cmd="$("$2" "$data" "$sock")"
-  if [[ "$name" == fleet-module ]]; then
+  if [[ "$name" == fleet-module* ]]; then
     # PostgreSQL 15 uses archive_library when it is set; no call to time.
     cat >>"$data/postgresql.conf" <<CONF
 unix_socket_directories = '$sock'
@@ -542,6 +543,7 @@ CONF
     fleet-module) start_daemon "$data/pg_wal" "host=$sock port=$PORT user=postgres" "file://$WORK/archive-fleet-module" 1 "$cg" ;;
     fleet-zst3) start_daemon "$data/pg_wal" "host=$sock port=$PORT user=postgres" "file://$WORK/archive-fleet-zst3" 3 "$cg" ;;
     fleet-s3) start_daemon "$data/pg_wal" "host=$sock port=$PORT user=postgres" "s3://walbench/fleet" 1 "$cg" ;;
+    fleet-module-s3) start_daemon "$data/pg_wal" "host=$sock port=$PORT user=postgres" "s3://walbench/fleet-module" 1 "$cg" ;;
   esac
   in_cgroup "$cg" runuser -u postgres -- "$PG/pg_ctl" -D "$data" -l "$dir/pg.log" -w start >/dev/null
   tpg=$(now)
@@ -592,6 +594,7 @@ CONF
   if [[ "$S3_SERVER" == s3s-fs && -n "$S3_PID" && "$name" == *-s3* ]]; then
     local prefix=pgbr-async-s3-zst1 stamps
     [[ "$name" == fleet* ]] && prefix=fleet
+    [[ "$name" == fleet-module* ]] && prefix=fleet-module
     stamps=$(find "$S3_ROOT/walbench/$prefix" -regextype posix-extended -regex '.*/[0-9A-F]{24}[^/]*' -type f -printf '%T@\n' | sort -n)
     local objects; objects=$(grep -c . <<<"$stamps" || true)
     ((objects >= BACKLOG)) || { say "$name: only $objects objects for $BACKLOG segments"; exit 1; }
@@ -641,6 +644,7 @@ declare -A DESC=(
   [seed]='seed: one `cp` per call, uncompressed, no checks'
   [fleet-s3]='fleet-agent, zstd 1'
   [fleet-module]='fleet-agent through archive_library (wal/archive-module, the packaged module: no shell, stopwatch or agentctl per segment), zstd 1'
+  [fleet-module-s3]='fleet-agent through archive_library, zstd 1'
   [pgbr-async-s3-zst1]='pgBackRest archive-push async (process-max=4), zstd 1'
 )
 # Each method's baseline: pgBackRest async at the same zstd level into the same target.
@@ -648,7 +652,7 @@ declare -A BASE=(
   [fleet]=pgbr-async-zst1 [fleet-zst3]=pgbr-async [pgbr-async]=pgbr-async
   [pgbr-async-zst1]=pgbr-async-zst1 [pgbr-sync]=pgbr-async [seed]=pgbr-async-zst1
   [fleet-s3]=pgbr-async-s3-zst1 [pgbr-async-s3-zst1]=pgbr-async-s3-zst1
-  [fleet-module]=pgbr-async-zst1
+  [fleet-module]=pgbr-async-zst1 [fleet-module-s3]=pgbr-async-s3-zst1
 )
 
 # --- restore 64 segments (1 GiB) of WAL ------------------------------------------------
@@ -697,6 +701,7 @@ run_method seed cmd_seed
 # The daemon still serves the directory archive of the last fleet run.
 if has_method fleet && has_method pgbr-async-zst1; then restore dir pgbr-async-zst1; fi
 run_method fleet-s3 cmd_fleet
+run_method fleet-module-s3 cmd_fleet
 run_method pgbr-async-s3-zst1 cmd_pgbr_async_s3_zst1
 if has_method fleet-s3 && has_method pgbr-async-s3-zst1; then restore s3 pgbr-async-s3-zst1; fi
 kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true; DAEMON_PID=""
@@ -707,7 +712,7 @@ BUILD="release"; [[ "$BIN" == */debug ]] && BUILD="debug"
 {
   echo "## WAL archiving (issue 6, issue 13)"
   echo
-  echo "Command: \`$([[ -n "${FLEET_BIN_DIR:-}" ]] && echo "FLEET_BIN_DIR=${BIN#"$ROOT"/} ")$(has_method fleet-s3 || has_method pgbr-async-s3-zst1 && echo "BENCH_S3_SERVER=$S3_SERVER ")BENCH_SCALE=$SCALE BENCH_LOAD_SECONDS=$LOAD_SECONDS BENCH_METHODS=\"$METHODS\" BENCH_OBJECT_CHECKSUM=${BENCH_OBJECT_CHECKSUM:-xxh3} BENCH_WAL_SHAPE=$SHAPE bash bench/wal.sh\`, $(date -u +%Y-%m-%dT%H:%MZ),"
+  echo "Command: \`$([[ -n "${FLEET_BIN_DIR:-}" ]] && echo "FLEET_BIN_DIR=${BIN#"$ROOT"/} ")$(has_method fleet-s3 || has_method fleet-module-s3 || has_method pgbr-async-s3-zst1 && echo "BENCH_S3_SERVER=$S3_SERVER ")BENCH_SCALE=$SCALE BENCH_LOAD_SECONDS=$LOAD_SECONDS BENCH_METHODS=\"$METHODS\" BENCH_OBJECT_CHECKSUM=${BENCH_OBJECT_CHECKSUM:-xxh3} BENCH_WAL_SHAPE=$SHAPE bash bench/wal.sh\`, $(date -u +%Y-%m-%dT%H:%MZ),"
   echo "$(nproc) cores, $BUILD build of fleet-agent, PostgreSQL $("$PG/postgres" --version | awk '{print $3}'), $PGBR_VERSION."
   echo "Backlog: $BACKLOG segments of 16 MiB from \`pgbench -i -s $SCALE\`, archived from a standing start."
   echo "Directory targets are on the same disk; S3 is one $S3_DESC on loopback (one bucket) behind HAProxy's TLS,"
@@ -744,7 +749,7 @@ BUILD="release"; [[ "$BIN" == */debug ]] && BUILD="debug"
   done
   echo
   echo "Goals of issue 13, this run:"
-  for m in fleet fleet-s3 fleet-module; do
+  for m in fleet fleet-s3 fleet-module fleet-module-s3; do
     has_method "$m" || continue
     b=${BASE[$m]}
     r=$(ratio "${RATE[$m]}" "${RATE[$b]:-}"); c=$(ratio "${CPUSEG[$m]}" "${CPUSEG[$b]:-}")
