@@ -113,6 +113,18 @@ unit_environment() { sed -n 's/^Environment=//p' "$1" | tr '\n' ' '; }
 # that command's pid.
 AS_POSTGRES=(setpriv --reuid=postgres --regid=postgres --init-groups --)
 
+# in_cgroup CGROUP CMD...: runs CMD inside the cpuacct cgroup (none: as is).
+in_cgroup() {
+  local g="$1"; shift
+  if [[ -n "$g" ]]; then
+    sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$g" "$@"
+  else
+    "$@"
+  fi
+}
+# cg_cpu_ns CGROUP: user+system nanoseconds of everything that ran in it.
+cg_cpu_ns() { echo $(( $(cat "$1/cpuacct.usage_user") + $(cat "$1/cpuacct.usage_sys") )); }
+
 # unit_exec ARRAY UNIT BIN CONFIG: fills ARRAY with UNIT's ExecStart= as the
 # WAL benchmarks run it: its program taken by name from BIN, and CONFIG in
 # place of the unit's /run/fleet-agent-wal/agent.toml. Fails naming what is missing.

@@ -84,7 +84,6 @@ runuser -u postgres -- "$PG/pg_ctl" -D "$WORK/data" -m fast -w stop >/dev/null
 N=$(ls "$WORK/data/pg_wal/archive_status" | grep -c '\.ready$')
 mapfile -t READY < <(ls "$WORK/data/pg_wal/archive_status" | grep '\.ready$' | sort)
 mkdir -p "$WORK/ready-later" "$CG"
-cg_cpu_ns() { echo $(( $(cat "$CG/cpuacct.usage_user") + $(cat "$CG/cpuacct.usage_sys") )); }
 say "backlog: $N segments; $RUNS runs, parallel_uploads = $PARALLEL, zstd $LEVEL, $BIN"
 
 # As installed: the unit's program (from FLEET_BIN_DIR by name) and arguments,
@@ -131,7 +130,8 @@ TOML
     for r in "${READY[@]}"; do mv "$WORK/data/pg_wal/archive_status/$r" "$WORK/ready-later/"; done
   fi
   t0=$(date +%s.%N)
-  cg0=$(cg_cpu_ns)
+  cg0=$(cg_cpu_ns "$CG")
+  # Not through in_cgroup: $! of a function started with & is its subshell.
   sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$CG" "${DAEMON[@]}" >>"$WORK/daemon.log" 2>&1 &
   PID=$!
   first=""
@@ -145,7 +145,7 @@ TOML
     for r in "${READY[@]}"; do
       sleep "$GAP"
       mv "$WORK/ready-later/$r" "$WORK/data/pg_wal/archive_status/"
-      (cd "$WORK/data" && sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$CG" \
+      (cd "$WORK/data" && in_cgroup "$CG" \
         "${AS_POSTGRES[@]}" "$BIN/agentctl" --socket "$SOCK" wal push "pg_wal/${r%.ready}") >/dev/null \
         || { say "agentctl wal push ${r%.ready} failed"; tail "$WORK/daemon.log" >&2; exit 1; }
       mv "$WORK/data/pg_wal/archive_status/$r" "$WORK/data/pg_wal/archive_status/${r%.ready}.done"
@@ -159,7 +159,7 @@ TOML
     sleep 0.05
   done
   t1=$(date +%s.%N)
-  cg1=$(cg_cpu_ns)
+  cg1=$(cg_cpu_ns "$CG")
   read -r user sys < <(awk '{ print $14, $15 }' "/proc/$PID/stat")
   hwm=$(awk '/^VmHWM/ { print $2 }' "/proc/$PID/status")
   anon=$(awk '/^Anonymous:/ { print $2 }' "/proc/$PID/smaps_rollup")

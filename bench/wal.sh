@@ -414,17 +414,6 @@ SH
 esac
 chmod 755 "$WRAP"
 
-# in_cgroup CGROUP CMD...: runs CMD inside the cpuacct cgroup (none: as is).
-in_cgroup() {
-  local g="$1"; shift
-  if [[ -n "$g" ]]; then
-    sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$g" "$@"
-  else
-    "$@"
-  fi
-}
-cg_cpu_ns() { echo $(( $(cat "$1/cpuacct.usage_user") + $(cat "$1/cpuacct.usage_sys") )); }
-
 # The stopwatch's own CPU per call: 200 `sh -c` calls of it around /bin/true
 # minus 200 of /bin/true alone, each batch in a cpuacct cgroup of its own, as
 # PostgreSQL's archiver runs archive_command (best of 3 pairs).
