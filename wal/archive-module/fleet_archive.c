@@ -240,7 +240,8 @@ exchange(const char *query, int content_fd, off_t length, Answer *answer)
 	sock = connect_service();
 	if (sock < 0)
 		return false;
-	buf = palloc(content_fd >= 0 ? CHUNK : ANSWER_MAX + 1);
+	/* One buffer for the body's pieces and then the answer. */
+	buf = palloc(Max(CHUNK, ANSWER_MAX + 1));
 	if (!write_all(sock, head, (size_t) len))
 		goto out;
 	if (content_fd >= 0)
@@ -271,8 +272,6 @@ exchange(const char *query, int content_fd, off_t length, Answer *answer)
 			}
 			sent += n;
 		}
-		pfree(buf);
-		buf = palloc(ANSWER_MAX + 1);
 	}
 	/* Connection: close, so the answer ends where the stream does. */
 	while (got < ANSWER_MAX)
