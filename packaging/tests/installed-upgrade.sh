@@ -90,9 +90,7 @@ in_ct env DEBIAN_FRONTEND=noninteractive apt-get install -y -q /tmp/new.deb </de
 [ "$(in_ct systemctl show -p ActiveEnterTimestampMonotonic --value fleet-agentd)" != 0 ] || fail "no start recorded"
 [ "$(in_ct systemctl show -p MainPID --value fleet-agentd)" != "$pid_before" ] || fail "the upgrade did not restart the running daemon"
 migrated() { in_journal 'state.db schema migrated' -u fleet-agentd --since "@$since"; }
-for _ in $(seq 1 20); do migrated && break; sleep 0.5; done
-migrated || fail "the restarted daemon did not migrate state.db:
-$(in_ct journalctl -u fleet-agentd --no-pager --since "@$since" -o cat)"
+until_ok 10 "the restarted daemon did not migrate state.db" migrated
 wait_state "$run" "running healthy" "after the upgrade"
 [ "$(docker inspect -f '{{ .Id }}' "aio-$run")" = "$id_before" ] || fail "the upgrade replaced aio-$run"
 [ "$(docker port "aio-$run" 8080/tcp)" = "$port_before" ] || fail "the upgrade moved aio-$run from $port_before"

@@ -210,16 +210,10 @@ refused_at_start() { # PATH WHAT CHECK: fleet-agent-wal must not start with ca_f
     in_ct runuser -u fleet-agent -- fleet-agentd check-config --config-only >/dev/null \
         || fail "check-config --config-only refused ca_file $1, which only the WAL service reads"
     in_ct systemctl restart fleet-agent-wal >/dev/null 2>&1 && fail "fleet-agent-wal started with ca_file $1 ($2)"
-    # journald reads the service's stderr stream on its own schedule, so the
-    # refusal can land after systemctl has already reported the failed start.
-    local j i
-    for i in $(seq 1 50); do
-        j=$(in_ct journalctl -u fleet-agent-wal --no-pager -n 60 -o cat)
-        grep -q "wal.s3.ca_file $1: .*$2" <<<"$j" && break
-        sleep 0.2
-    done
-    grep -q "wal.s3.ca_file $1: .*$2" <<<"$j" || fail "the journal does not name ca_file $1 and '$2' within 10 s: $j"
-    log "refused: $(grep -o "wal.s3.ca_file $1: .*$2[^\"]*" <<<"$j" | tail -1)"
+    # The refusal can reach the journal after systemctl reports the failed start.
+    wal_wait_for 10 "the journal does not name ca_file $1 and '$2'" \
+        in_journal "wal.s3.ca_file $1: .*$2" -u fleet-agent-wal -n 60
+    log "refused: $(grep -o "wal.s3.ca_file $1: .*$2[^\"]*" <<<"$(in_ct journalctl -u fleet-agent-wal --no-pager -n 60 -o cat)" | tail -1)"
     # Restart=on-failure keeps trying; stop it before StartLimitBurst is spent.
     in_ct systemctl stop fleet-agent-wal
     in_ct systemctl reset-failed fleet-agent-wal
