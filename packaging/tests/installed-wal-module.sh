@@ -58,7 +58,6 @@ in_ct systemctl restart postgresql || { in_ct tail -n 30 "$pg_log" >&2; fail "po
 [ "$(psql_at $pg_port 'SHOW archive_library')" = "$module" ] || fail "archive_library is not the module"
 [ -z "$(psql_at $pg_port 'SHOW archive_command')" ] || fail "archive_command is set beside archive_library"
 
-archived() { [ "$(psql_at $pg_port 'SELECT archived_count FROM pg_stat_archiver')" -ge "$1" ]; }
 failed_count() { psql_at $pg_port 'SELECT failed_count FROM pg_stat_archiver'; }
 # switch: writes a little, switches, prints the name of the segment switched from.
 switch() {
@@ -85,7 +84,7 @@ fetched_equals() {
 # then segments switched by hand reach the target, none fails.
 psql_at $pg_port "CREATE TABLE marks (n int)" >/dev/null
 out=$(in_ct agentctl backup create 2>&1) || { wal_journal; fail "agentctl backup create: $out"; }
-start=$(psql_at $pg_port 'SELECT archived_count FROM pg_stat_archiver')
+start=$(archived_count)
 names=()
 for _ in 1 2 3; do names+=("$(switch)"); done
 wal_wait_for 60 "PostgreSQL archived fewer than 3 segments through the module" archived $((start + 3))
@@ -113,7 +112,7 @@ in_ct systemctl restart fleet-agent-wal || { wal_journal; fail "fleet-agent-wal 
 content_before=$(served content)
 content_before=${content_before:-0}
 failed=$(failed_count)
-done_before=$(psql_at $pg_port 'SELECT archived_count FROM pg_stat_archiver')
+done_before=$(archived_count)
 sent=$(switch)
 wal_wait_for 60 "$sent was not archived with the identity question refused" archived $((done_before + 1))
 [ "$(failed_count)" = "$failed" ] || { in_ct tail -n 30 "$pg_log" >&2; fail "the fallback failed segments (failed_count $failed -> $(failed_count))"; }
@@ -132,7 +131,7 @@ log "a wrong fleet_archive.socket"
 wrong=/run/fleet-agent-wal/nowhere.sock
 in_ct tee -a /etc/postgresql/15/main/postgresql.conf >/dev/null <<<"fleet_archive.socket = '$wrong'"
 in_ct systemctl reload postgresql || fail "postgresql did not reload"
-done_before=$(psql_at $pg_port 'SELECT archived_count FROM pg_stat_archiver')
+done_before=$(archived_count)
 stuck=$(switch)
 warned() { in_ct grep -q "WARNING:  fleet_archive: $stuck: cannot ask the WAL service at $wrong" "$pg_log"; }
 wal_wait_for 60 "no WARNING naming $wrong in $pg_log" warned

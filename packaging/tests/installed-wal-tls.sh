@@ -144,7 +144,6 @@ sysid=$(in_ct agentctl wal status --json | python3 -c 'import json,sys; print(js
     || fail "wal status has no system identifier"
 [ -n "$sysid" ] && [ "$sysid" != None ] || fail "wal status has no system identifier"
 
-archived() { [ "$(psql_at $pg_port 'SELECT archived_count FROM pg_stat_archiver')" -ge "$1" ]; }
 failed_count() { psql_at $pg_port 'SELECT failed_count FROM pg_stat_archiver'; }
 
 # --- With the CA: a segment and a base backup reach the bucket.

@@ -76,7 +76,6 @@ in_ct runuser -u postgres -- pgbench -h /var/run/postgresql -p $pg_port -i -s 2 
     || fail "pgbench -i failed"
 in_ct runuser -u postgres -- pgbench -h /var/run/postgresql -p $pg_port -c 2 -T 8 postgres >/dev/null 2>&1 \
     || fail "pgbench failed"
-archived() { [ "$(psql_at $pg_port 'SELECT archived_count FROM pg_stat_archiver')" -ge "$1" ]; }
 wal_wait_for 60 "PostgreSQL archived no segment" archived 3
 
 log "agentctl backup create"
@@ -231,7 +230,7 @@ in_ct systemctl restart fleet-agent-wal || { journal fleet-agent-wal; fail "flee
 out=$(in_ct agentctl wal status 2>&1) || fail "wal status on S3: $out"
 grep -q 'target: *s3://pg-archive/app-1' <<<"$out" || fail "wal status does not show the S3 target: $out"
 out=$(in_ct agentctl backup create 2>&1) || { journal fleet-agent-wal; fail "backup create to S3: $out"; }
-before=$(psql_at $pg_port 'SELECT archived_count FROM pg_stat_archiver')
+before=$(archived_count)
 failed=$(psql_at $pg_port 'SELECT failed_count FROM pg_stat_archiver')
 psql_at $pg_port "INSERT INTO marks (phase) SELECT 's3' FROM generate_series(1, 100); SELECT pg_switch_wal()" >/dev/null
 wal_wait_for 30 "nothing archived to S3" archived $((before + 1))

@@ -341,6 +341,11 @@ in_journal() {
     grep -q -- "$pattern" <<<"$(in_ct journalctl --no-pager -o cat "$@")"
 }
 
+# archived_count / archived N: pg_stat_archiver's archived_count of the
+# cluster on $pg_port; whether it is at least N.
+archived_count() { psql_at "$pg_port" 'SELECT archived_count FROM pg_stat_archiver'; }
+archived() { [ "$(archived_count)" -ge "$1" ]; }
+
 # wal_wait_for SECONDS WHAT COMMAND...: polls COMMAND every 0.5 s; after
 # SECONDS, prints the WAL service's journal and fails naming WHAT.
 wal_wait_for() {
