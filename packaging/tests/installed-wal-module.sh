@@ -14,15 +14,15 @@
 # WARNING naming that socket, then archiving resumes once it is right again.
 #
 # Deviations from the docs, forced by the test rig: the cluster listens on
-# 49200 (the container shares the host's network); wal_keep_size keeps the
+# 48700 (the container shares the host's network); wal_keep_size keeps the
 # switched segments in pg_wal so the fetched copies can be compared with them.
 source "$(dirname "$0")/lib.sh"
 # No `cmd | grep -q` below (SIGPIPE under pipefail); here-strings instead.
 
 node=$PKGTEST_NAME
-# Ports 49200-49209: PostgreSQL 49200 (15/main) and 49206 (15/restored), the
-# department pool 49201-49204, the API 49205.
-port_base=49200
+# Ports 48700-48709: PostgreSQL 48700 (15/main) and 48706 (15/restored), the
+# department pool 48701-48704, the API 48705.
+port_base=48700
 pg_port=$port_base
 restored_port=$((port_base + 6))
 api=127.0.0.1:$((port_base + 5))

@@ -18,7 +18,9 @@
 //! (installed-ops), 44500-44519 (ansible-wal-s3), 44200-44209
 //! (installed-wal-tls), 44600-44639 (installed-progress), 44640-44679
 //! (installed-prometheus), 44800-44809 (installed-cli), 44250-44259
-//! (installed-wal-checksum), 49200-49219 (installed-wal-module). installed-wal, installed-wal-tls,
+//! (installed-wal-checksum), 48700-48719 (installed-wal-module). All in 42000-48999:
+//! scripts/test.sh leaves 49152 and up to outgoing connections, whose local ports
+//! once took a listener's (49206, the module's restored cluster). installed-wal, installed-wal-tls,
 //! installed-wal-checksum and ansible-wal-s3 move their whole range to `$FLEET_PKGTEST_PORT_BASE` when it
 //! is set (a run by hand beside the suite's); these tests do not set it.
 
@@ -52,6 +54,36 @@ fn run_script(name: &str, tag: &str) -> String {
     );
     eprintln!("{stderr}");
     stdout
+}
+
+/// The scenarios listen on fixed loopback ports, and the container shares the
+/// host's network: a port in the range scripts/test.sh leaves to outgoing
+/// connections (49152-60999) can be taken by one of them first, as 49206 was
+/// in installed-wal-module's restore once.
+#[test]
+fn scenario_ports_stay_out_of_the_ephemeral_range() {
+    let dir = workspace().join("packaging/tests");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("packaging/tests") {
+        let path = entry.expect("a directory entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("sh") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("a scenario script");
+        for (n, line) in text.lines().enumerate() {
+            for token in line.split(|c: char| !c.is_ascii_digit()) {
+                if token.len() == 5 && (49152..=60999).contains(&token.parse::<u32>().unwrap_or(0))
+                {
+                    found.push(format!("{}:{}: {token}", path.display(), n + 1));
+                }
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "ports in 49152-60999 (use 42000-48999, see the list at the top of this file):\n{}",
+        found.join("\n")
+    );
 }
 
 #[test]
