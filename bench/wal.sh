@@ -46,12 +46,13 @@
 # Environment: FLEET_BIN_DIR (default target/release, built if missing),
 # BENCH_SCALE (100), BENCH_LOAD_SECONDS (30), BENCH_OUT (docs/benchmarks.md),
 # BENCH_PORT (46590), BENCH_S3_PORT (BENCH_PORT+1),
-# BENCH_METHODS (all: fleet fleet-zst3 pgbr-sync pgbr-async pgbr-async-zst1 seed
-# fleet-s3 pgbr-async-s3-zst1; and, not in the default list, fleet-module: the
-# fleet method with PostgreSQL's archive_library set to the package's archive
-# module wal/archive-module (built here with PGXS, needs postgresql-server-dev-15)
-# instead of archive_command, so no shell, stopwatch or agentctl per segment,
-# and fleet-module-s3, the same to S3 (its baseline pgbr-async-s3-zst1),
+# BENCH_METHODS (all: fleet fleet-module fleet-zst3 pgbr-sync pgbr-async
+# pgbr-async-zst1 seed fleet-s3 fleet-module-s3 pgbr-async-s3-zst1; fleet-module
+# is the fleet method with PostgreSQL's archive_library set to the package's
+# archive module wal/archive-module (built here with PGXS, needs
+# postgresql-server-dev-15) instead of archive_command, so no shell, stopwatch or
+# agentctl per segment, and fleet-module-s3 the same to S3 (its baseline
+# pgbr-async-s3-zst1),
 # BENCH_DRAIN_TIMEOUT (600 s), BENCH_NOTES (a file
 # appended to the written section), BENCH_DAEMON_ENV (unit: the daemon gets the
 # Environment= of systemd/fleet-agent-wal.service, as installed; none: without),
@@ -87,7 +88,7 @@ LOAD_SECONDS="${BENCH_LOAD_SECONDS:-30}"
 OUT="${BENCH_OUT:-docs/benchmarks.md}"
 PORT="${BENCH_PORT:-46590}"
 S3_PORT="${BENCH_S3_PORT:-$((PORT + 1))}"
-METHODS="${BENCH_METHODS:-fleet fleet-zst3 pgbr-sync pgbr-async pgbr-async-zst1 seed fleet-s3 pgbr-async-s3-zst1}"
+METHODS="${BENCH_METHODS:-fleet fleet-module fleet-zst3 pgbr-sync pgbr-async pgbr-async-zst1 seed fleet-s3 fleet-module-s3 pgbr-async-s3-zst1}"
 has_method() { [[ " $METHODS " == *" $1 "* ]]; }
 S3_SERVER="${BENCH_S3_SERVER:-s3s-fs}"
 declare -A S3_DESCS=([s3s-fs]="s3s-fs 0.14 (Rust, objects as files)" [moto]="moto (Python, in memory)")
