@@ -3,6 +3,7 @@
 //! the caller names, no async, no Docker.
 
 pub mod api;
+pub mod archiving;
 pub mod config;
 pub mod located;
 pub mod manpage;

@@ -10,8 +10,11 @@
 # archive to the last row; the fallback (a WAL
 # service whose pg_wal_dir is an empty directory cannot answer by identity, so
 # the module sends the content: served="content" counts it and the object is
-# there); and a wrong fleet_archive.socket makes the archiver log the module's
-# WARNING naming that socket, then archiving resumes once it is right again.
+# there); `agentctl wal status` and `agentctl doctor` say PostgreSQL archives
+# through the module, warn when archive_command is set beside it and fail on
+# archive_command without %p; and a wrong fleet_archive.socket makes the
+# archiver log the module's WARNING naming that socket, then archiving resumes
+# once it is right again.
 #
 # Deviations from the docs, forced by the test rig: the cluster listens on
 # 48700 (the container shares the host's network); wal_keep_size keeps the
@@ -100,6 +103,44 @@ counted() {
 wal_wait_for 20 "fleet-agentd's /metrics counts fewer than 3 pushes: $(grep push_calls <<<"$(http_get /metrics)" || true)" counted
 log "module pushes served: $(grep '^fleet_agent_wal_push_calls_total' <<<"$(http_get /metrics)" | sed -E 's/.*served="([a-z_]+)"\} /\1 /' | paste -sd, -)"
 fetched_equals "${names[2]}"
+
+# --- How PostgreSQL archives, as `agentctl wal status` and `agentctl doctor`
+# tell it: the module as documented passes; archive_command beside it is a
+# trap (16 archives nothing with both set); archive_command without %p archives
+# nothing. PostgreSQL's settings are read at most every 5 s (ARCHIVER_TTL),
+# hence the polling. doctor exits non-zero for checks this container cannot
+# pass (clock sync): only its "pg archiving" line is judged.
+pg_archiving() { in_ct agentctl doctor 2>&1 | grep -E '^[a-zA-Z]+ +pg archiving ' || true; }
+doctor_says() { grep -qE "$1" <<<"$(pg_archiving)"; }
+status_out=$(in_ct agentctl wal status) || fail "agentctl wal status"
+grep -qxF "archiving via:      archive_library $module (PostgreSQL 15)" <<<"$status_out" \
+    || fail "wal status does not say PostgreSQL archives through the module: $status_out"
+if grep -qE '^  (PROBLEM|warning|hint):' <<<"$status_out"; then fail "wal status finds fault with the documented set-up: $status_out"; fi
+json_via=$(in_ct agentctl wal status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["archiving"]["via"])')
+[ "$json_via" = archive_library ] || fail "wal status --json: archiving.via is $json_via"
+doctor_says "^ok +pg archiving +PostgreSQL archives through archive_library $module \(PostgreSQL 15\)$" \
+    || fail "doctor's pg archiving check: $(pg_archiving)"
+conf=/etc/postgresql/15/main/postgresql.conf
+set_archiving() { # LINES: replace the case's block at the end of postgresql.conf, reload
+    in_ct sed -i '/^# pg-archiving case$/,$d' "$conf"
+    [ -z "$1" ] || in_ct tee -a "$conf" >/dev/null <<<"# pg-archiving case
+$1"
+    in_ct systemctl reload postgresql || fail "postgresql did not reload"
+}
+set_archiving "archive_command = 'agentctl wal push %p'"
+wal_wait_for 20 "doctor does not warn of archive_command beside archive_library: $(pg_archiving)" \
+    doctor_says '^warn +pg archiving .*warning: archive_command is set but ignored while archive_library is set'
+log "doctor: $(pg_archiving)"
+set_archiving "archive_library = ''
+archive_command = 'agentctl wal push'"
+wal_wait_for 20 "doctor does not fail archive_command without %p: $(pg_archiving)" \
+    doctor_says "^FAIL +pg archiving +PostgreSQL archives through archive_command 'agentctl wal push' \(PostgreSQL 15\); PROBLEM: archive_command runs agentctl wal push without %p"
+if in_ct agentctl doctor >/dev/null 2>&1; then fail "agentctl doctor exits 0 with archive_command lacking %p"; fi
+grep -qF "PROBLEM: archive_command runs agentctl wal push without %p" <<<"$(in_ct agentctl wal status)" \
+    || fail "wal status does not show the problem"
+log "doctor: $(pg_archiving)"
+set_archiving ""
+wal_wait_for 20 "doctor does not pass the module once set back: $(pg_archiving)" doctor_says '^ok +pg archiving '
 
 # --- The fallback: a WAL service that can read nothing in its pg_wal_dir
 # (an empty directory) answers the identity question with 412; the module then

@@ -499,6 +499,20 @@ fn pgbench_archiving(daemon: &TestDaemon, pg: &mut Pg, get: impl Fn(&str) -> Opt
     );
     let status = daemon.agentctl_json(&["wal", "status"]);
     assert_eq!(status["archiver"]["failed_count"], 0, "{status}");
+    // Read from the cluster: what it archives through, and nothing wrong with
+    // it (no hint either: this host has no packaged module).
+    assert_eq!(status["archiving"]["via"], "archive_command", "{status}");
+    assert_eq!(
+        status["archiving"]["setting"],
+        archive_command(daemon),
+        "{status}"
+    );
+    assert_eq!(status["archiving"]["major"], 15, "{status}");
+    assert_eq!(
+        status["archiving"]["findings"],
+        serde_json::json!([]),
+        "{status}"
+    );
     assert_eq!(status["ready_count"], 0, "{status}");
     // The TCP API shows the status but never serves WAL.
     let tcp = daemon.api_get("/v1/wal").expect("GET /v1/wal over TCP");

@@ -126,6 +126,9 @@ pub struct ArchiverStats {
     pub last_archived_time: Option<f64>,
     pub last_failed_wal: Option<String>,
     pub last_failed_time: Option<f64>,
+    /// Read on the same connection; served judged, as `archiving` (archiving.rs).
+    #[serde(skip)]
+    pub settings: fleet_model::archiving::ArchiveSettings,
 }
 
 pub async fn archiver_stats(conninfo: &str) -> Result<ArchiverStats, sqlx::Error> {
@@ -145,6 +148,27 @@ pub async fn archiver_stats(conninfo: &str) -> Result<ArchiverStats, sqlx::Error
         last_archived_time: row.try_get("last_archived_time")?,
         last_failed_wal: row.try_get("last_failed_wal")?,
         last_failed_time: row.try_get("last_failed_time")?,
+        settings: archive_settings(&mut conn).await?,
+    })
+}
+
+async fn archive_settings(
+    conn: &mut sqlx::PgConnection,
+) -> Result<fleet_model::archiving::ArchiveSettings, sqlx::Error> {
+    // archive_library is new in 15: missing_ok gives NULL before it.
+    let row = sqlx::query(
+        "SELECT current_setting('server_version_num')::int AS version, \
+         current_setting('archive_mode') AS mode, \
+         current_setting('archive_command') AS command, \
+         coalesce(current_setting('archive_library', true), '') AS library",
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(fleet_model::archiving::ArchiveSettings {
+        server_version_num: row.try_get("version")?,
+        archive_mode: row.try_get("mode")?,
+        archive_command: row.try_get("command")?,
+        archive_library: row.try_get("library")?,
     })
 }
 

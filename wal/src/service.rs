@@ -1567,6 +1567,12 @@ impl WalService {
             ready_count: backlog.count,
             backlog_bytes: backlog.bytes,
             oldest_ready_age_seconds: backlog.oldest_age_seconds,
+            archiving: archiver.as_ref().and_then(|a| a.as_ref().ok()).map(|a| {
+                fleet_model::archiving::judge(
+                    &a.settings,
+                    Path::new(&format!("{}.so", fleet_model::archiving::MODULE_15)).exists(),
+                )
+            }),
             archiver: archiver.as_ref().and_then(|a| a.as_ref().ok().cloned()),
             archiver_error: archiver.and_then(|a| a.err()),
             pushed_segments: self.counters.segments.load(Ordering::Relaxed),
@@ -1786,6 +1792,9 @@ pub struct WalStatus {
     pub oldest_ready_age_seconds: f64,
     pub archiver: Option<crate::pg::ArchiverStats>,
     pub archiver_error: Option<String>,
+    /// How PostgreSQL is set to archive, and what is wrong with it; absent
+    /// without `wal.postgres` or when the cluster could not be asked.
+    pub archiving: Option<fleet_model::archiving::Archiving>,
     pub pushed_segments: u64,
     pub pushed_bytes: u64,
     pub stored_bytes: u64,

@@ -174,9 +174,7 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
             },
         });
     }
-    if let Some(check) = archive_check(client, config.as_ref()).await {
-        checks.push(check);
-    }
+    checks.extend(archive_checks(client, config.as_ref()).await);
     checks.push(clock_check(&read_clock().await));
     let failed = checks.iter().filter(|c| !c.ok).count();
     if args.json.json {
@@ -316,13 +314,51 @@ fn token_check(path: &std::path::Path) -> Check {
 /// The WAL archive as the WAL service last probed it (`GET /v1/wal`, on the
 /// daemon's socket: the daemon relays it from fleet-agent-wal.service when
 /// `wal.socket` is set). None when this node archives no WAL.
-async fn archive_check(client: &Client, config: Option<&fleet_model::Config>) -> Option<Check> {
-    let wal = config.and_then(|c| c.wal.as_ref())?;
-    Some(archive_verdict(
-        &wal.target,
-        wal.socket.is_some(),
-        client.get::<serde_json::Value>("/v1/wal").await,
-    ))
+/// Then, from the same answer, how PostgreSQL is set to archive.
+async fn archive_checks(client: &Client, config: Option<&fleet_model::Config>) -> Vec<Check> {
+    let Some(wal) = config.and_then(|c| c.wal.as_ref()) else {
+        return Vec::new();
+    };
+    let status = client.get::<serde_json::Value>("/v1/wal").await;
+    let archiving = status
+        .as_ref()
+        .ok()
+        .and_then(|s| serde_json::from_value(s["archiving"].clone()).ok())
+        .map(|a| archiving_verdict(&a));
+    let mut checks = vec![archive_verdict(&wal.target, wal.socket.is_some(), status)];
+    checks.extend(archiving);
+    checks
+}
+
+/// Fails on what makes PostgreSQL archive nothing; a trap passes as `warn`.
+fn archiving_verdict(a: &fleet_model::archiving::Archiving) -> Check {
+    use fleet_model::archiving::Severity;
+    let worst = a
+        .findings
+        .iter()
+        .map(|f| f.severity)
+        .min_by_key(|s| match s {
+            Severity::Problem => 0,
+            Severity::Warning => 1,
+            Severity::Hint => 2,
+        });
+    let mut detail = format!(
+        "PostgreSQL archives through {}",
+        super::wal::archiving_line(a)
+    );
+    for f in &a.findings {
+        detail.push_str(&format!(
+            "; {}: {}",
+            super::wal::severity_word(f.severity),
+            f.text
+        ));
+    }
+    Check {
+        name: "pg archiving",
+        ok: worst != Some(Severity::Problem),
+        warn: worst == Some(Severity::Warning),
+        detail,
+    }
 }
 
 fn archive_verdict(
@@ -632,6 +668,43 @@ mod tests {
             },
         });
         assert!(!before.ok && before.detail.contains("before 2023"));
+    }
+
+    #[test]
+    fn pg_archiving_fails_on_a_problem_warns_on_a_trap_and_passes_a_hint() {
+        use fleet_model::archiving::{judge, ArchiveSettings, MODULE_15};
+        let on = |command: &str, library: &str| {
+            archiving_verdict(&judge(
+                &ArchiveSettings {
+                    server_version_num: 150020,
+                    archive_mode: "on".into(),
+                    archive_command: command.into(),
+                    archive_library: library.into(),
+                },
+                true,
+            ))
+        };
+        let module = on("", MODULE_15);
+        assert!(module.ok && !module.warn, "{}", module.detail);
+        assert_eq!(
+            module.detail,
+            format!("PostgreSQL archives through archive_library {MODULE_15} (PostgreSQL 15)")
+        );
+        let hint = on("agentctl wal push %p", "");
+        assert!(hint.ok && !hint.warn);
+        assert!(
+            hint.detail
+                .contains("; hint: on PostgreSQL 15, archive_library"),
+            "{}",
+            hint.detail
+        );
+        let both = on("agentctl wal push %p", MODULE_15);
+        assert!(both.ok && both.warn, "{}", both.detail);
+        let broken = on("agentctl wal push", "");
+        assert!(!broken.ok, "{}", broken.detail);
+        assert!(broken
+            .detail
+            .contains("PROBLEM: archive_command runs agentctl wal push without %p"));
     }
 
     #[test]

@@ -645,6 +645,25 @@ fn take_over(source: &Path, offered_length: u64, dest: &Path, temp: &Path) -> st
     }
 }
 
+/// `archive_library /usr/lib/.../fleet_archive (PostgreSQL 15)`.
+pub fn archiving_line(a: &fleet_model::archiving::Archiving) -> String {
+    use fleet_model::archiving::Via;
+    match a.via {
+        Via::ArchiveLibrary => format!("archive_library {} (PostgreSQL {})", a.setting, a.major),
+        Via::ArchiveCommand => format!("archive_command '{}' (PostgreSQL {})", a.setting, a.major),
+        Via::Nothing => format!("nothing (PostgreSQL {})", a.major),
+    }
+}
+
+pub fn severity_word(severity: fleet_model::archiving::Severity) -> &'static str {
+    use fleet_model::archiving::Severity;
+    match severity {
+        Severity::Problem => "PROBLEM",
+        Severity::Warning => "warning",
+        Severity::Hint => "hint",
+    }
+}
+
 async fn status(client: &Client, json: bool) -> Result<()> {
     let status: Value = client.get("/v1/wal").await?;
     if json {
@@ -698,6 +717,14 @@ async fn status(client: &Client, json: bool) -> Result<()> {
                 .as_str()
                 .unwrap_or("not configured (wal.postgres)")
         );
+    }
+    if let Ok(a) =
+        serde_json::from_value::<fleet_model::archiving::Archiving>(status["archiving"].clone())
+    {
+        say!("archiving via:      {}", archiving_line(&a));
+        for f in &a.findings {
+            say!("  {}: {}", severity_word(f.severity), f.text);
+        }
     }
     say!("failures:           {}", status["failures"]);
     say!(
