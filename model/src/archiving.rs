@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 /// `archive_library` names it (without `.so`).
 pub const MODULE_15: &str = "/usr/lib/fleet-agent/postgresql/15/fleet_archive";
 
+/// What `setting` says of an archive_command that is not fleet-agent's.
+pub const NOT_SHOWN: &str = "(another tool's command, not shown)";
+
 /// The settings read from the cluster (`current_setting`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchiveSettings {
@@ -31,7 +34,8 @@ pub enum Via {
     Nothing,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Ordered worst first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Severity {
     /// PostgreSQL archives nothing (or nothing through fleet-agent) as set.
@@ -51,7 +55,9 @@ pub struct Finding {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Archiving {
     pub via: Via,
-    /// The archive_library or archive_command in effect ("" for neither).
+    /// The archive_library or archive_command in effect ("" for neither). An
+    /// archive_command that is not fleet-agent's is not shown: another tool's
+    /// may carry a credential, and `GET /v1/wal` is also on the TCP API.
     pub setting: String,
     /// PostgreSQL's major version (15 for 150020).
     pub major: i32,
@@ -169,9 +175,14 @@ pub fn judge(settings: &ArchiveSettings, module_installed: bool) -> Archiving {
         ),
         Via::Nothing => {}
     }
+    let setting = if via == Via::ArchiveCommand && !calls_agentctl_push(command) {
+        NOT_SHOWN.to_string()
+    } else {
+        setting.to_string()
+    };
     Archiving {
         via,
-        setting: setting.to_string(),
+        setting,
         major,
         findings,
     }
@@ -272,6 +283,18 @@ mod tests {
             true,
         );
         assert_eq!(severities(&other), [Severity::Warning]);
+        // Another tool's command may hold a credential: never echoed.
+        let secret = judge(
+            &settings(
+                150020,
+                "on",
+                "env AWS_SECRET_ACCESS_KEY=hunter2 wal-g wal-push %p",
+                "",
+            ),
+            true,
+        );
+        assert_eq!(secret.setting, NOT_SHOWN);
+        assert!(!format!("{secret:?}").contains("hunter2"));
         assert!(!calls_agentctl_push("agentctl wal fetch %f %p"));
         assert!(!calls_agentctl_push("/usr/bin/notagentctl wal push %p"));
         assert!(calls_agentctl_push("/usr/bin/agentctl wal push %p"));

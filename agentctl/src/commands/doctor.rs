@@ -313,8 +313,8 @@ fn token_check(path: &std::path::Path) -> Check {
 
 /// The WAL archive as the WAL service last probed it (`GET /v1/wal`, on the
 /// daemon's socket: the daemon relays it from fleet-agent-wal.service when
-/// `wal.socket` is set). None when this node archives no WAL.
-/// Then, from the same answer, how PostgreSQL is set to archive.
+/// `wal.socket` is set), then, from the same answer, how PostgreSQL is set to
+/// archive. None when this node archives no WAL.
 async fn archive_checks(client: &Client, config: Option<&fleet_model::Config>) -> Vec<Check> {
     let Some(wal) = config.and_then(|c| c.wal.as_ref()) else {
         return Vec::new();
@@ -333,15 +333,7 @@ async fn archive_checks(client: &Client, config: Option<&fleet_model::Config>) -
 /// Fails on what makes PostgreSQL archive nothing; a trap passes as `warn`.
 fn archiving_verdict(a: &fleet_model::archiving::Archiving) -> Check {
     use fleet_model::archiving::Severity;
-    let worst = a
-        .findings
-        .iter()
-        .map(|f| f.severity)
-        .min_by_key(|s| match s {
-            Severity::Problem => 0,
-            Severity::Warning => 1,
-            Severity::Hint => 2,
-        });
+    let worst = a.findings.iter().map(|f| f.severity).min();
     let mut detail = format!(
         "PostgreSQL archives through {}",
         super::wal::archiving_line(a)

@@ -650,6 +650,9 @@ pub fn archiving_line(a: &fleet_model::archiving::Archiving) -> String {
     use fleet_model::archiving::Via;
     match a.via {
         Via::ArchiveLibrary => format!("archive_library {} (PostgreSQL {})", a.setting, a.major),
+        Via::ArchiveCommand if a.setting == fleet_model::archiving::NOT_SHOWN => {
+            format!("archive_command {} (PostgreSQL {})", a.setting, a.major)
+        }
         Via::ArchiveCommand => format!("archive_command '{}' (PostgreSQL {})", a.setting, a.major),
         Via::Nothing => format!("nothing (PostgreSQL {})", a.major),
     }
