@@ -131,16 +131,23 @@ set_archiving "archive_command = 'agentctl wal push %p'"
 wal_wait_for 20 "doctor does not warn of archive_command beside archive_library: $(pg_archiving)" \
     doctor_says '^warn +pg archiving .*warning: archive_command is set but ignored while archive_library is set'
 log "doctor: $(pg_archiving)"
+# From here on, each wait on /metrics comes before any status or doctor call,
+# so what it sees was read by the WAL service's schedule (every 10 s), with
+# no one asking: fleet_agent_wal_archiving_problems (FleetWalArchivingBroken).
+problems_metric() { sed -nE 's/^fleet_agent_wal_archiving_problems ([0-9]+)$/\1/p' <<<"$(http_get /metrics)"; }
+problems_are() { [ "$(problems_metric)" = "$1" ]; }
 set_archiving "archive_library = ''
 archive_command = 'agentctl wal push'"
-wal_wait_for 20 "doctor does not fail archive_command without %p: $(pg_archiving)" \
-    doctor_says "^FAIL +pg archiving +PostgreSQL archives through archive_command 'agentctl wal push' \(PostgreSQL 15\); PROBLEM: archive_command runs agentctl wal push without %p"
+wal_wait_for 30 "fleet-agentd's /metrics does not count the problem: $(problems_metric)" problems_are 1
+doctor_says "^FAIL +pg archiving +PostgreSQL archives through archive_command 'agentctl wal push' \(PostgreSQL 15\); PROBLEM: archive_command runs agentctl wal push without %p" \
+    || fail "doctor does not fail archive_command without %p: $(pg_archiving)"
 if in_ct agentctl doctor >/dev/null 2>&1; then fail "agentctl doctor exits 0 with archive_command lacking %p"; fi
 grep -qF "PROBLEM: archive_command runs agentctl wal push without %p" <<<"$(in_ct agentctl wal status)" \
     || fail "wal status does not show the problem"
 log "doctor: $(pg_archiving)"
 set_archiving ""
-wal_wait_for 20 "doctor does not pass the module once set back: $(pg_archiving)" doctor_says '^ok +pg archiving '
+wal_wait_for 30 "fleet-agentd's /metrics still counts a problem: $(problems_metric)" problems_are 0
+doctor_says '^ok +pg archiving ' || fail "doctor does not pass the module once set back: $(pg_archiving)"
 
 # --- The fallback: a WAL service that can read nothing in its pg_wal_dir
 # (an empty directory) answers the identity question with 412; the module then

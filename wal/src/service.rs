@@ -137,6 +137,9 @@ pub enum PushOutcome {
 
 #[derive(Default)]
 pub struct Counters {
+    /// Problems in PostgreSQL's archive settings as last read, plus one (0:
+    /// not read yet), so a never-read host shows no figure rather than 0.
+    pub archiving_problems_plus_one: AtomicU64,
     pub segments: AtomicU64,
     pub bytes: AtomicU64,
     pub stored_bytes: AtomicU64,
@@ -1160,6 +1163,11 @@ impl WalService {
         });
         loop {
             tokio::time::sleep(tick).await;
+            // A cluster set to archive nothing reaches /metrics (and
+            // FleetWalArchivingBroken) without anyone asking for the status.
+            if let Some(Ok(stats)) = self.read_archiver().await {
+                self.judge_archiving(&stats);
+            }
             // In this task, not one of its own: a verify then never meets a
             // scheduled retention pass deleting what it listed (which would
             // read as "listed but gone"); a backup due meanwhile waits for it.
@@ -1542,21 +1550,45 @@ impl WalService {
         probe
     }
 
+    /// `pg_stat_archiver` and the archive settings, at most once per
+    /// `ARCHIVER_TTL`; None without `wal.postgres`.
+    async fn read_archiver(&self) -> Option<Result<crate::pg::ArchiverStats, String>> {
+        let conninfo = self.config.postgres.as_ref()?;
+        Some(
+            self.archiver
+                .get_or(|| async {
+                    crate::pg::archiver_stats(conninfo)
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+                .await,
+        )
+    }
+
+    /// Judges the settings read and keeps the count of problems for /metrics.
+    fn judge_archiving(
+        &self,
+        stats: &crate::pg::ArchiverStats,
+    ) -> fleet_model::archiving::Archiving {
+        let archiving = fleet_model::archiving::judge(
+            &stats.settings,
+            Path::new(&format!("{}.so", fleet_model::archiving::MODULE_15)).exists(),
+        );
+        let problems = archiving
+            .findings
+            .iter()
+            .filter(|f| f.severity == fleet_model::archiving::Severity::Problem)
+            .count() as u64;
+        self.counters
+            .archiving_problems_plus_one
+            .store(problems + 1, Ordering::Relaxed);
+        archiving
+    }
+
     pub async fn status(&self) -> WalStatus {
         let archive = self.probe_archive().await;
         let backlog = self.backlog();
-        let archiver = match &self.config.postgres {
-            Some(conninfo) => Some(
-                self.archiver
-                    .get_or(|| async {
-                        crate::pg::archiver_stats(conninfo)
-                            .await
-                            .map_err(|e| e.to_string())
-                    })
-                    .await,
-            ),
-            None => None,
-        };
+        let archiver = self.read_archiver().await;
         let last_backup = self.last_backup_unix().await;
         WalStatus {
             target: self.target.describe(),
@@ -1567,12 +1599,10 @@ impl WalService {
             ready_count: backlog.count,
             backlog_bytes: backlog.bytes,
             oldest_ready_age_seconds: backlog.oldest_age_seconds,
-            archiving: archiver.as_ref().and_then(|a| a.as_ref().ok()).map(|a| {
-                fleet_model::archiving::judge(
-                    &a.settings,
-                    Path::new(&format!("{}.so", fleet_model::archiving::MODULE_15)).exists(),
-                )
-            }),
+            archiving: archiver
+                .as_ref()
+                .and_then(|a| a.as_ref().ok())
+                .map(|a| self.judge_archiving(a)),
             archiver: archiver.as_ref().and_then(|a| a.as_ref().ok().cloned()),
             archiver_error: archiver.and_then(|a| a.err()),
             pushed_segments: self.counters.segments.load(Ordering::Relaxed),
@@ -1662,6 +1692,15 @@ impl WalService {
             "gauge",
             last_push.to_string(),
         );
+        let problems = c.archiving_problems_plus_one.load(Ordering::Relaxed);
+        if problems > 0 {
+            gauge(
+                "fleet_agent_wal_archiving_problems",
+                "Problems in PostgreSQL's archive settings that make it archive nothing (agentctl wal status lists them; absent until they were read).",
+                "gauge",
+                (problems - 1).to_string(),
+            );
+        }
         let newest = c.newest_archived_unix.load(Ordering::Relaxed);
         if newest > 0 {
             gauge(
@@ -2284,6 +2323,33 @@ mod tests {
         ] {
             assert!(!valve_may_acknowledge(kept, past, limit), "{kept}");
         }
+    }
+
+    #[test]
+    fn archiving_problems_reach_metrics_once_the_settings_were_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let service = service_with(dir.path(), "");
+        let problems = |service: &WalService| {
+            let mut text = String::new();
+            service.render_metrics(&mut text);
+            text.lines()
+                .find_map(|l| l.strip_prefix("fleet_agent_wal_archiving_problems "))
+                .map(str::to_string)
+        };
+        assert_eq!(problems(&service), None, "no figure before a reading");
+        let stats = |mode: &str, command: &str| crate::pg::ArchiverStats {
+            settings: fleet_model::archiving::ArchiveSettings {
+                server_version_num: 150020,
+                archive_mode: mode.into(),
+                archive_command: command.into(),
+                archive_library: String::new(),
+            },
+            ..Default::default()
+        };
+        service.judge_archiving(&stats("on", "agentctl wal push %p"));
+        assert_eq!(problems(&service).as_deref(), Some("0"));
+        service.judge_archiving(&stats("off", "agentctl wal push"));
+        assert_eq!(problems(&service).as_deref(), Some("2"));
     }
 
     #[tokio::test]
