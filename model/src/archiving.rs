@@ -23,6 +23,9 @@ pub struct ArchiveSettings {
     pub archive_command: String,
     /// Empty before PostgreSQL 15, which has no such setting.
     pub archive_library: String,
+    /// As `SHOW` gives it (`0`, `1min`); `0` is off.
+    #[serde(default)]
+    pub archive_timeout: String,
 }
 
 /// What PostgreSQL archives through.
@@ -175,6 +178,15 @@ pub fn judge(settings: &ArchiveSettings, module_installed: bool) -> Archiving {
         ),
         Via::Nothing => {}
     }
+    if settings.archive_mode != "off" && via != Via::Nothing && settings.archive_timeout == "0" {
+        add(
+            Severity::Hint,
+            "archive_timeout is 0: a database that writes little archives a segment only once \
+             a whole one is written, so its newest writes can stay outside the archive for \
+             hours; set archive_timeout = 60s (docs/wal.md, Bounded RPO)"
+                .into(),
+        );
+    }
     let setting = if via == Via::ArchiveCommand && !calls_agentctl_push(command) {
         NOT_SHOWN.to_string()
     } else {
@@ -198,6 +210,7 @@ mod tests {
             archive_mode: mode.into(),
             archive_command: command.into(),
             archive_library: library.into(),
+            archive_timeout: "1min".into(),
         }
     }
 
@@ -274,6 +287,18 @@ mod tests {
         assert!(on_17.findings[0]
             .text
             .contains("PostgreSQL 17 archives nothing"));
+    }
+
+    #[test]
+    fn no_archive_timeout_is_a_hint_about_the_rpo() {
+        let mut idle = settings(150020, "on", "", MODULE_15);
+        idle.archive_timeout = "0".into();
+        let judged = judge(&idle, true);
+        assert_eq!(severities(&judged), [Severity::Hint]);
+        assert!(judged.findings[0].text.contains("archive_timeout = 60s"));
+        // Nothing archives anyway: the problem says so, no hint beside it.
+        idle.archive_mode = "off".into();
+        assert_eq!(severities(&judge(&idle, true)), [Severity::Problem]);
     }
 
     #[test]

@@ -55,6 +55,7 @@ in_ct tee -a /etc/postgresql/15/main/postgresql.conf >/dev/null <<CONF
 wal_level = replica
 archive_mode = on
 archive_library = '$module'
+archive_timeout = 60s
 wal_keep_size = 1GB
 CONF
 in_ct systemctl restart postgresql || { in_ct tail -n 30 "$pg_log" >&2; fail "postgresql did not restart"; }

@@ -500,7 +500,8 @@ fn pgbench_archiving(daemon: &TestDaemon, pg: &mut Pg, get: impl Fn(&str) -> Opt
     let status = daemon.agentctl_json(&["wal", "status"]);
     assert_eq!(status["archiver"]["failed_count"], 0, "{status}");
     // Read from the cluster: what it archives through, and nothing wrong with
-    // it (no hint either: this host has no packaged module).
+    // it. The one hint: this test's cluster keeps archive_timeout at 0 (this
+    // host has no packaged module, so no hint of it).
     assert_eq!(status["archiving"]["via"], "archive_command", "{status}");
     assert_eq!(
         status["archiving"]["setting"],
@@ -508,9 +509,15 @@ fn pgbench_archiving(daemon: &TestDaemon, pg: &mut Pg, get: impl Fn(&str) -> Opt
         "{status}"
     );
     assert_eq!(status["archiving"]["major"], 15, "{status}");
-    assert_eq!(
-        status["archiving"]["findings"],
-        serde_json::json!([]),
+    let findings = status["archiving"]["findings"]
+        .as_array()
+        .expect("findings");
+    assert_eq!(findings.len(), 1, "{status}");
+    assert_eq!(findings[0]["severity"], "hint", "{status}");
+    assert!(
+        findings[0]["text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("archive_timeout is 0")),
         "{status}"
     );
     assert_eq!(status["ready_count"], 0, "{status}");

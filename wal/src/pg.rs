@@ -160,7 +160,8 @@ async fn archive_settings(
         "SELECT current_setting('server_version_num')::int AS version, \
          current_setting('archive_mode') AS mode, \
          current_setting('archive_command') AS command, \
-         coalesce(current_setting('archive_library', true), '') AS library",
+         coalesce(current_setting('archive_library', true), '') AS library, \
+         current_setting('archive_timeout') AS timeout",
     )
     .fetch_one(conn)
     .await?;
@@ -169,6 +170,7 @@ async fn archive_settings(
         archive_mode: row.try_get("mode")?,
         archive_command: row.try_get("command")?,
         archive_library: row.try_get("library")?,
+        archive_timeout: row.try_get("timeout")?,
     })
 }
 

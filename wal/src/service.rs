@@ -2343,6 +2343,7 @@ mod tests {
                 archive_mode: mode.into(),
                 archive_command: command.into(),
                 archive_library: String::new(),
+                archive_timeout: "1min".into(),
             },
             ..Default::default()
         };

@@ -672,6 +672,7 @@ mod tests {
                     archive_mode: "on".into(),
                     archive_command: command.into(),
                     archive_library: library.into(),
+                    archive_timeout: "1min".into(),
                 },
                 true,
             ))
