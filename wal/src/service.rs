@@ -231,6 +231,9 @@ pub struct WalService {
     backups_listed: Mutex<Option<std::time::Instant>>,
 }
 
+/// The schedule's reading of PostgreSQL's archive settings gives up after this.
+const SETTINGS_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long a `pg_stat_archiver` reading is served from memory.
 pub const ARCHIVER_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long "no backup in the archive" is believed before listing again.
@@ -1165,7 +1168,11 @@ impl WalService {
             tokio::time::sleep(tick).await;
             // A cluster set to archive nothing reaches /metrics (and
             // FleetWalArchivingBroken) without anyone asking for the status.
-            if let Some(Ok(stats)) = self.read_archiver().await {
+            // Bounded: a PostgreSQL that accepts and never answers must not
+            // hold up the backups, verifies and drills below.
+            if let Ok(Some(Ok(stats))) =
+                tokio::time::timeout(SETTINGS_READ_TIMEOUT, self.read_archiver()).await
+            {
                 self.judge_archiving(&stats);
             }
             // In this task, not one of its own: a verify then never meets a
@@ -2414,6 +2421,50 @@ mod tests {
         service.render_metrics(&mut text);
         text.lines()
             .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_string))
+    }
+
+    /// The schedule reads PostgreSQL's archive settings every tick; a server
+    /// that accepts and never answers must not stop the verifies after it.
+    #[tokio::test(start_paused = true)]
+    async fn a_postgres_that_never_answers_does_not_hold_up_the_schedule() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (pg_wal, _) = cluster_77_archive(dir.path());
+        let mute = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+        let port = mute.local_addr().expect("address").port();
+        // Accepts, keeps every connection open, never writes a byte.
+        std::thread::spawn(move || {
+            let held: Vec<_> = mute.incoming().flatten().collect();
+            drop(held);
+        });
+        let config: WalConfig = toml::from_str(&format!(
+            "target = \"file://{}\"\npg_wal_dir = \"{}\"\nverify_interval = \"1m\"\n\
+             postgres = \"host=127.0.0.1 port={port} user=postgres\"",
+            dir.path().join("archive").display(),
+            pg_wal.display()
+        ))
+        .expect("config");
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).expect("state");
+        let service =
+            WalService::new(config, &state, Arc::new(|_: &str, _: &str| {})).expect("service");
+        let schedule = tokio::spawn(service.clone().schedule_loop());
+        let verified = || service.counters.verify_unix.load(Ordering::Relaxed) > 0;
+        for _ in 0..600 {
+            if verified() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert!(
+            verified(),
+            "no scheduled verify within 10 minutes of a 1m schedule beside a mute PostgreSQL"
+        );
+        assert_eq!(
+            metric(&service, "fleet_agent_wal_archiving_problems"),
+            None,
+            "nothing was read, so no figure"
+        );
+        schedule.abort();
     }
 
     #[tokio::test(start_paused = true)]
