@@ -231,7 +231,7 @@ pub struct WalService {
     backups_listed: Mutex<Option<std::time::Instant>>,
 }
 
-/// The schedule's reading of PostgreSQL's archive settings gives up after this.
+/// A reading of `pg_stat_archiver` and the archive settings gives up after this.
 const SETTINGS_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a `pg_stat_archiver` reading is served from memory.
@@ -1168,11 +1168,9 @@ impl WalService {
             tokio::time::sleep(tick).await;
             // A cluster set to archive nothing reaches /metrics (and
             // FleetWalArchivingBroken) without anyone asking for the status.
-            // Bounded: a PostgreSQL that accepts and never answers must not
-            // hold up the backups, verifies and drills below.
-            if let Ok(Some(Ok(stats))) =
-                tokio::time::timeout(SETTINGS_READ_TIMEOUT, self.read_archiver()).await
-            {
+            // Bounded (`read_archiver`): a PostgreSQL that accepts and never
+            // answers must not hold up the backups, verifies and drills below.
+            if let Some(Ok(stats)) = self.read_archiver().await {
                 self.judge_archiving(&stats);
             }
             // In this task, not one of its own: a verify then never meets a
@@ -1558,15 +1556,25 @@ impl WalService {
     }
 
     /// `pg_stat_archiver` and the archive settings, at most once per
-    /// `ARCHIVER_TTL`; None without `wal.postgres`.
+    /// `ARCHIVER_TTL` and for at most `SETTINGS_READ_TIMEOUT`; None without
+    /// `wal.postgres`.
     async fn read_archiver(&self) -> Option<Result<crate::pg::ArchiverStats, String>> {
         let conninfo = self.config.postgres.as_ref()?;
         Some(
             self.archiver
                 .get_or(|| async {
-                    crate::pg::archiver_stats(conninfo)
-                        .await
-                        .map_err(|e| e.to_string())
+                    match tokio::time::timeout(
+                        SETTINGS_READ_TIMEOUT,
+                        crate::pg::archiver_stats(conninfo),
+                    )
+                    .await
+                    {
+                        Ok(read) => read.map_err(|e| e.to_string()),
+                        Err(_) => Err(format!(
+                            "PostgreSQL did not answer within {} s (wal.postgres)",
+                            SETTINGS_READ_TIMEOUT.as_secs()
+                        )),
+                    }
                 })
                 .await,
         )
@@ -2424,7 +2432,8 @@ mod tests {
     }
 
     /// The schedule reads PostgreSQL's archive settings every tick; a server
-    /// that accepts and never answers must not stop the verifies after it.
+    /// that accepts and never answers must not stop the verifies after it,
+    /// nor keep the status from answering.
     #[tokio::test(start_paused = true)]
     async fn a_postgres_that_never_answers_does_not_hold_up_the_schedule() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -2464,6 +2473,17 @@ mod tests {
             None,
             "nothing was read, so no figure"
         );
+        // `GET /v1/wal` (agentctl wal status) answers too, naming the cause.
+        let status = service.status().await;
+        assert!(
+            status
+                .archiver_error
+                .as_deref()
+                .is_some_and(|e| e.contains("did not answer within 5 s")),
+            "{:?}",
+            status.archiver_error
+        );
+        assert!(status.archiving.is_none());
         schedule.abort();
     }
 
