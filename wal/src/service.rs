@@ -2431,6 +2431,29 @@ mod tests {
             .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_string))
     }
 
+    /// On paused time: polls `done` once a (virtual) second for at most
+    /// `seconds`; whether it came true. Paused time runs ahead while file
+    /// reads are under way, so tests wait for a result, not for a fixed time.
+    async fn within(seconds: u32, done: impl Fn() -> bool) -> bool {
+        for _ in 0..seconds {
+            if done() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        done()
+    }
+
+    /// Cluster 77's archive with a verify every minute, and `extra` lines.
+    fn verifying_config(dir: &Path, pg_wal: &Path, extra: &str) -> WalConfig {
+        toml::from_str(&format!(
+            "target = \"file://{}\"\npg_wal_dir = \"{}\"\nverify_interval = \"1m\"\n{extra}",
+            dir.join("archive").display(),
+            pg_wal.display()
+        ))
+        .expect("config")
+    }
+
     /// The schedule reads PostgreSQL's archive settings every tick; a server
     /// that accepts and never answers must not stop the verifies after it,
     /// nor keep the status from answering.
@@ -2445,27 +2468,19 @@ mod tests {
             let held: Vec<_> = mute.incoming().flatten().collect();
             drop(held);
         });
-        let config: WalConfig = toml::from_str(&format!(
-            "target = \"file://{}\"\npg_wal_dir = \"{}\"\nverify_interval = \"1m\"\n\
-             postgres = \"host=127.0.0.1 port={port} user=postgres\"",
-            dir.path().join("archive").display(),
-            pg_wal.display()
-        ))
-        .expect("config");
+        let config = verifying_config(
+            dir.path(),
+            &pg_wal,
+            &format!("postgres = \"host=127.0.0.1 port={port} user=postgres\""),
+        );
         let state = dir.path().join("state");
         std::fs::create_dir_all(&state).expect("state");
         let service =
             WalService::new(config, &state, Arc::new(|_: &str, _: &str| {})).expect("service");
         let schedule = tokio::spawn(service.clone().schedule_loop());
         let verified = || service.counters.verify_unix.load(Ordering::Relaxed) > 0;
-        for _ in 0..600 {
-            if verified() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
         assert!(
-            verified(),
+            within(600, verified).await,
             "no scheduled verify within 10 minutes of a 1m schedule beside a mute PostgreSQL"
         );
         assert_eq!(
@@ -2491,12 +2506,7 @@ mod tests {
     async fn verify_runs_on_its_schedule_reports_a_planted_gap_and_keeps_it_across_a_restart() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (pg_wal, wal) = cluster_77_archive(dir.path());
-        let config: WalConfig = toml::from_str(&format!(
-            "target = \"file://{}\"\npg_wal_dir = \"{}\"\nverify_interval = \"1m\"",
-            dir.path().join("archive").display(),
-            pg_wal.display()
-        ))
-        .expect("config");
+        let config = verifying_config(dir.path(), &pg_wal, "");
         let events: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
         let sink = {
             let events = events.clone();
@@ -2520,16 +2530,8 @@ mod tests {
             metric(&service, "fleet_agent_wal_verify_interval_seconds").as_deref(),
             Some("60")
         );
-        // Paused time runs ahead while a verify's file reads are under way,
-        // so wait for its result rather than for a fixed time.
-        for _ in 0..600 {
-            if verified() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
         assert!(
-            verified(),
+            within(600, verified).await,
             "no scheduled verify within 10 minutes of a 1m schedule"
         );
         assert_eq!(
@@ -2543,12 +2545,10 @@ mod tests {
 
         // A gap, planted behind the service's back: the next scheduled verify names it.
         std::fs::remove_file(wal.join("000000010000000000000003.zst")).expect("plant a gap");
-        for _ in 0..600 {
-            if service.counters.verify_ok.load(Ordering::Relaxed) == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+        within(600, || {
+            service.counters.verify_ok.load(Ordering::Relaxed) == 0
+        })
+        .await;
         assert_eq!(
             metric(&service, "fleet_agent_wal_verify_ok").as_deref(),
             Some("0")
