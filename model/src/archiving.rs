@@ -15,8 +15,9 @@ pub const MODULE_15: &str = "/usr/lib/fleet-agent/postgresql/15/fleet_archive";
 /// What `setting` says of an archive_command that is not fleet-agent's.
 pub const NOT_SHOWN: &str = "(another tool's command, not shown)";
 
-/// The settings read from the cluster (`current_setting`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The settings read from the cluster (`current_setting`); served only as
+/// judged ([`Archiving`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ArchiveSettings {
     pub server_version_num: i32,
     pub archive_mode: String,
@@ -24,7 +25,6 @@ pub struct ArchiveSettings {
     /// Empty before PostgreSQL 15, which has no such setting.
     pub archive_library: String,
     /// As `SHOW` gives it (`0`, `1min`); `0` is off.
-    #[serde(default)]
     pub archive_timeout: String,
 }
 
@@ -76,12 +76,14 @@ fn is_fleet_module(library: &str) -> bool {
 
 /// `archive_command` runs `agentctl ... wal push`, options allowed between.
 fn calls_agentctl_push(command: &str) -> bool {
-    let mut words = command.split_whitespace();
-    let Some(at) = words.position(|w| w.rsplit('/').next() == Some("agentctl")) else {
+    let words: Vec<&str> = command.split_whitespace().collect();
+    let Some(at) = words
+        .iter()
+        .position(|w| w.rsplit('/').next() == Some("agentctl"))
+    else {
         return false;
     };
-    let rest: Vec<&str> = command.split_whitespace().skip(at + 1).collect();
-    rest.windows(2).any(|w| w == ["wal", "push"])
+    words[at + 1..].windows(2).any(|w| w == ["wal", "push"])
 }
 
 pub fn judge(settings: &ArchiveSettings, module_installed: bool) -> Archiving {
