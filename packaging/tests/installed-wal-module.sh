@@ -12,7 +12,8 @@
 # the module sends the content: served="content" counts it and the object is
 # there); `agentctl wal status` and `agentctl doctor` say PostgreSQL archives
 # through the module, warn when archive_command is set beside it and fail on
-# archive_command without %p; and a wrong fleet_archive.socket makes the
+# archive_command without %p, which fleet_agent_wal_archiving_problems on
+# fleet-agentd's /metrics counts too; and a wrong fleet_archive.socket makes the
 # archiver log the module's WARNING naming that socket, then archiving resumes
 # once it is right again.
 #
@@ -69,9 +70,10 @@ switch() {
     psql_at $pg_port 'SELECT pg_walfile_name(pg_switch_wal())'
 }
 http_get() { api_get "$api" "$1"; }
-served() { # KIND: the WAL service's count of pushes KIND served, relayed by fleet-agentd
-    sed -nE "s/^fleet_agent_wal_push_calls_total\{served=\"$1\"\} ([0-9]+)$/\1/p" <<<"$(http_get /metrics)"
+value_of() { # SERIES (an ERE): its value on fleet-agentd's /metrics (the WAL service's, relayed)
+    sed -nE "s/^$1 ([0-9]+)$/\1/p" <<<"$(http_get /metrics)"
 }
+served() { value_of "fleet_agent_wal_push_calls_total\\{served=\"$1\"\\}"; } # KIND: pushes KIND served
 sysid=$(in_ct od -An -t u8 -N 8 /var/lib/postgresql/15/main/global/pg_control | tr -d ' ')
 object() { in_ct sh -c "ls /var/backups/fleet-agent/$sysid/wal/$1.*"; }
 # fetched_equals NAME: agentctl wal fetch (as restore_command runs it, as
@@ -135,7 +137,7 @@ log "doctor: $(pg_archiving)"
 # From here on, each wait on /metrics comes before any status or doctor call,
 # so what it sees was read by the WAL service's schedule (every 10 s), with
 # no one asking: fleet_agent_wal_archiving_problems (FleetWalArchivingBroken).
-problems_metric() { sed -nE 's/^fleet_agent_wal_archiving_problems ([0-9]+)$/\1/p' <<<"$(http_get /metrics)"; }
+problems_metric() { value_of fleet_agent_wal_archiving_problems; }
 problems_are() { [ "$(problems_metric)" = "$1" ]; }
 set_archiving "archive_library = ''
 archive_command = 'agentctl wal push'"
